@@ -1,0 +1,105 @@
+"""Classify DICOM files straight from disk, without a database (``sorter classify``).
+
+Each file is read once: header and pixels come from the same data set.
+Results follow the ARCHITECTURE §6 JSON contract.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sorter.compare import compare
+from sorter.dicom.headers import header_from_dataset
+from sorter.dicom.nonimage import non_image_reason
+from sorter.dicom.pixels import DecodedImage, decode_dataset
+from sorter.dicom.reading import read_dataset
+from sorter.domain import InstanceHeader, Status
+from sorter.errors import InputError, NonImageObject
+from sorter.model.classifier import Classifier
+from sorter.taxonomy import header_label
+
+log = logging.getLogger(__name__)
+
+
+def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
+    """Files named by ``paths``, walking folders recursively in sorted order.
+
+    Symbolic links to folders are not followed, so a link loop cannot trap the walk.
+    """
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    yield Path(root) / name
+        else:
+            yield path
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A file that decoded to an image, ready for the batched forward pass."""
+
+    path: str
+    header: InstanceHeader
+    image: DecodedImage
+
+
+def decode_file(path: Path, frames: int = 1) -> Decoded | dict[str, Any]:
+    """Read one file; return a :class:`Decoded` or the contract's status object."""
+    try:
+        ds = read_dataset(path)
+        header = header_from_dataset(ds, path)
+        reason = non_image_reason(header)
+        if reason:
+            raise NonImageObject(str(path), reason)
+        return Decoded(str(path), header, decode_dataset(ds, str(path), frames=frames))
+    except InputError as exc:
+        status = Status.SKIPPED if isinstance(exc, NonImageObject) else Status.FAILED
+        log.info("%s %s: %s", status.value, path, exc)
+        return {"path": str(path), "status": status.value, "reason": exc.reason, "detail": exc.detail}
+
+
+def result_record(item: Decoded, classifier: Classifier, prediction: Any) -> dict[str, Any]:
+    """The JSON object for one classified instance (ARCHITECTURE §6)."""
+    label = header_label(item.header.modality)
+    verdict = compare(label, prediction, classifier.labels, classifier.spec.thresholds)
+    return {
+        "path": item.path,
+        "sop_instance_uid": item.header.sop_instance_uid,
+        "header_modality": item.header.modality,
+        "header_label": label.value if label else None,
+        "label": prediction.label.value,
+        "confidence": round(prediction.confidence, 4),
+        "top2": [
+            [prediction.label.value, round(prediction.confidence, 4)],
+            [prediction.second_label.value, round(prediction.second_confidence, 4)],
+        ],
+        "verdict": verdict.value,
+    }
+
+
+def classify_paths(
+    paths: Iterable[str | os.PathLike[str]], classifier: Classifier, batch_size: int = 32, frames: int = 1
+) -> Iterator[dict[str, Any]]:
+    """Yield one record per file, in input order, inferring in batches of ``batch_size``."""
+    pending: list[Decoded | dict[str, Any]] = []
+
+    def flush() -> Iterator[dict[str, Any]]:
+        decoded = [item for item in pending if isinstance(item, Decoded)]
+        predictions = iter(classifier.predict_images([item.image for item in decoded]))
+        for item in pending:
+            yield result_record(item, classifier, next(predictions)) if isinstance(item, Decoded) else item
+        pending.clear()
+
+    for path in iter_files(paths):
+        pending.append(decode_file(path, frames))
+        if sum(isinstance(item, Decoded) for item in pending) >= batch_size:
+            yield from flush()
+    yield from flush()

@@ -1,0 +1,1 @@
+"""Click commands of ``sorter``, one module each."""

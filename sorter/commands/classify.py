@@ -1,0 +1,71 @@
+"""``sorter classify``: classify files or folders and print JSON lines or a table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sorter.config import Settings
+from sorter.errors import ModelError
+
+
+def _table_row(record: dict[str, Any]) -> str:
+    if "status" in record:
+        return f"{record['status']:<9} {record['reason']:<28} {'':>6}  {record['path']}"
+    return (
+        f"{record['header_label'] or '-':<4} -> {record['label']:<4} {record['confidence']:>6.3f}  "
+        f"{record['verdict']:<11} {record['path']}"
+    )
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line (ARCHITECTURE §6).")
+@click.option(
+    "--model",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="SORTER_MODEL",
+    help="Model artefact (default: the bundled model).",
+)
+@click.option("--batch-size", type=int, envvar="SORTER_BATCH_SIZE", help="Images per forward pass.")
+@click.option(
+    "--frames",
+    type=int,
+    envvar="SORTER_FRAMES",
+    help="Frames averaged per multi-frame instance (default 1: the middle frame).",
+)
+@click.option("--device", envvar="SORTER_DEVICE", help="cpu, cuda ... (default: CUDA when available).")
+def classify(
+    paths: tuple[Path, ...],
+    as_json: bool,
+    model: Path | None,
+    batch_size: int | None,
+    frames: int | None,
+    device: str | None,
+) -> None:
+    """Classify DICOM files (or folders, recursively) by what their pixels show."""
+    # Imported here: torch is heavy, and decode processes re-import the CLI module.
+    from sorter.classify import classify_paths
+    from sorter.model.classifier import Classifier
+
+    settings = Settings.from_env(model=model, batch_size=batch_size, frames=frames, device=device)
+    try:
+        classifier = Classifier.load(settings.model, device=settings.device)
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from exc
+    readable = classified = total = 0
+    if not as_json:
+        click.echo(f"{'head':<4}    {'pix':<4} {'conf':>6}  {'verdict':<11} path")
+    for record in classify_paths(paths, classifier, settings.batch_size, settings.frames):
+        total += 1
+        classified += "status" not in record
+        readable += record.get("status") != "failed"
+        click.echo(json.dumps(record) if as_json else _table_row(record))
+    if not as_json:
+        click.echo(f"{classified} of {total} files classified", err=True)
+    if total and not readable:  # the contract: non-zero only when nothing could be read
+        sys.exit(1)

@@ -1,0 +1,182 @@
+"""Options and output shared by the database commands: the URL, and table/CSV/JSON printing."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+
+import click
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from sorter.config import Settings
+from sorter.db.session import DatabaseError, open_database
+
+if TYPE_CHECKING:
+    from sorter.metrics import Metrics
+
+F = TypeVar("F", bound=Callable[..., Any])
+FORMATS = ("table", "csv", "json")
+#: Rows used to size table columns; later rows are printed as they come.
+_TABLE_SAMPLE = 200
+
+
+def database_option(func: F) -> F:
+    """``--database-url`` (``SORTER_DATABASE_URL``; default: ``sorter.db`` here)."""
+    return click.option(
+        "--database-url",
+        envvar="SORTER_DATABASE_URL",
+        help="SQLAlchemy URL (default: sqlite:///sorter.db in the working directory).",
+    )(func)
+
+
+def command_settings(exclude: Collection[str] = ()) -> Settings:
+    """Settings from ``SORTER_`` variables, overridden by the current command's options of the same name.
+
+    An option left unset (``None``) keeps the environment's value. ``exclude``
+    names options that share a field's name but not its meaning.
+    """
+    fields_ = {f.name for f in dataclasses.fields(Settings)} - set(exclude)
+    params = click.get_current_context().params
+    return Settings.from_env(**{name: value for name, value in params.items() if name in fields_})
+
+
+def model_options(func: F) -> F:
+    """``--model``, ``--workers``, ``--batch-size`` and ``--device``: every command that runs the model."""
+    options = [
+        click.option(
+            "--model",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            envvar="SORTER_MODEL",
+            help="Model artefact (default: the bundled model).",
+        ),
+        click.option(
+            "--workers", type=int, envvar="SORTER_WORKERS", help="Decode processes (default: one per core)."
+        ),
+        click.option(
+            "--batch-size",
+            type=int,
+            envvar="SORTER_BATCH_SIZE",
+            help="Images per forward pass and per transaction.",
+        ),
+        click.option(
+            "--device", envvar="SORTER_DEVICE", help="cpu, cuda ... (default: CUDA when available)."
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def metrics_options(func: F) -> F:
+    """``--metrics-port`` and ``--metrics-bind``: the Prometheus endpoint of ``listen`` and ``watch``."""
+    func = click.option(
+        "--metrics-bind",
+        envvar="SORTER_METRICS_BIND",
+        help="Address of the metrics server (default 127.0.0.1).",
+    )(func)
+    return click.option(
+        "--metrics-port",
+        type=click.IntRange(min=0, max=65535),
+        envvar="SORTER_METRICS_PORT",
+        help="Serve Prometheus metrics on http://BIND:PORT/metrics (default 0: off).",
+    )(func)
+
+
+@contextmanager
+def metrics_server(settings: Settings) -> Iterator[Metrics | None]:
+    """A :class:`~sorter.metrics.Metrics` served over HTTP while the command runs, or ``None`` when off."""
+    if not settings.metrics_port:
+        yield None
+        return
+    from sorter.metrics import Metrics, start_metrics_server
+
+    metrics = Metrics()
+    try:
+        server = start_metrics_server(settings.metrics_port, settings.metrics_bind, metrics)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot serve metrics on {settings.metrics_bind}:{settings.metrics_port}: {exc.strerror or exc}"
+        ) from exc
+    click.echo(f"metrics on http://{settings.metrics_bind}:{settings.metrics_port}/metrics", err=True)
+    try:
+        yield metrics
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def format_option(func: F) -> F:
+    """``--format table|csv|json``."""
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(FORMATS),
+        default="table",
+        show_default=True,
+        help="Output format.",
+    )(func)
+
+
+@contextmanager
+def database(url: str | None) -> Iterator[tuple[Engine, sessionmaker[Session]]]:
+    """Open the configured database for one command; a clear error when it cannot be used."""
+    settings = Settings.from_env(database_url=url)
+    try:
+        engine, sessions = open_database(settings.database_url)
+    except DatabaseError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        yield engine, sessions
+    finally:
+        engine.dispose()
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def write_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[str], out: TextIO) -> int:
+    """Print aligned columns; returns the number of rows."""
+    iterator = iter(rows)
+    sample = [dict(r) for _, r in zip(range(_TABLE_SAMPLE), iterator, strict=False)]
+    widths = {c: max([len(c), *(len(_cell(r.get(c))) for r in sample)]) for c in columns}
+    out.write("  ".join(c.ljust(widths[c]) for c in columns).rstrip() + "\n")
+    count = 0
+    for row in [*sample, *iterator]:
+        out.write("  ".join(_cell(row.get(c)).ljust(widths[c]) for c in columns).rstrip() + "\n")
+        count += 1
+    return count
+
+
+def write_rows(
+    rows: Iterable[Mapping[str, Any]], columns: Sequence[str], fmt: str, out: TextIO | None = None
+) -> int:
+    """Print ``rows`` as a table, CSV, or a JSON array (streamed); returns the number of rows."""
+    out = out or sys.stdout
+    if fmt == "table":
+        return write_table(rows, columns, out)
+    count = 0
+    if fmt == "csv":
+        writer = csv.writer(out)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
+            count += 1
+        return count
+    out.write("[")
+    for row in rows:
+        out.write(("," if count else "") + "\n" + json.dumps({c: row.get(c) for c in columns}, default=str))
+        count += 1
+    out.write("\n]\n")
+    return count

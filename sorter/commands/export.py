@@ -1,0 +1,59 @@
+"""``sorter export``: a (balanced) training manifest from the results database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from sorter.commands.common import database, database_option
+from sorter.export import LABEL_SOURCES, selection, write_manifest
+
+
+@click.command()
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Manifest CSV to write."
+)
+@click.option("--balanced", is_flag=True, help="Keep at most --per-label instances per label.")
+@click.option("--per-label", type=click.IntRange(min=1), help="Quota per label (with --balanced).")
+@click.option("--by-source", is_flag=True, help="Spread each label's quota evenly over sources.")
+@click.option(
+    "--label-from",
+    type=click.Choice(LABEL_SOURCES),
+    default="agree",
+    show_default=True,
+    help="agree: header and pixels agree; predicted: the model's label; header: the header's label.",
+)
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.0, show_default=True)
+@database_option
+def export(
+    out: Path,
+    balanced: bool,
+    per_label: int | None,
+    by_source: bool,
+    label_from: str,
+    min_confidence: float,
+    database_url: str | None,
+) -> None:
+    """Write a manifest that sorter-train reads (paths relative to the manifest's folder)."""
+    if balanced and per_label is None:
+        raise click.UsageError("--balanced needs --per-label N")
+    if per_label is not None and not balanced:
+        raise click.UsageError("--per-label only applies with --balanced")
+    with database(database_url) as (_engine, sessions), sessions() as session:
+        rows = selection(
+            session,
+            label_from=label_from,
+            per_label=per_label,
+            by_source=by_source,
+            min_confidence=min_confidence,
+        )
+        counts = write_manifest(rows, out)
+    by_label: dict[str, int] = {}
+    for (label, _source), n in counts.items():
+        by_label[label] = by_label.get(label, 0) + n
+    click.echo(
+        f"wrote {sum(counts.values())} rows to {out}: "
+        + ", ".join(f"{label} {n}" for label, n in sorted(by_label.items())),
+        err=True,
+    )

@@ -1,0 +1,211 @@
+"""``sorter listen``: the composition root of the DICOM Storage SCP.
+
+Builds the settings, the spool worker (database, model and in-process
+executor, opened on its own thread and reopened after an outage) and the AE,
+then serves until SIGINT or SIGTERM; on either it stops accepting
+associations, registers what is queued and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+from sqlalchemy.orm import Session, sessionmaker
+
+from sorter.commands.common import (
+    command_settings,
+    database_option,
+    metrics_options,
+    metrics_server,
+    model_options,
+)
+from sorter.commands.scan import executor_for
+from sorter.config import Settings
+from sorter.db.session import open_database
+from sorter.scan import Executor
+from sorter.spool import Backend, SpoolWorker
+from sorter.summary import RunSummary
+
+if TYPE_CHECKING:
+    from sorter.listener import Sink
+    from sorter.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+def backend(settings: Settings, summary: RunSummary, metrics: Metrics | None = None) -> Backend:
+    """``(sessions, executor)`` contexts for the spool worker; entering fails while the database is away."""
+
+    @contextmanager
+    def connect() -> Iterator[tuple[sessionmaker[Session], Executor]]:
+        engine, sessions = open_database(settings.database_url)
+        observer = metrics.batch_observer(sessions) if metrics is not None else None
+        try:
+            with executor_for(settings, sessions, summary, None, observer=observer) as executor:
+                yield sessions, executor
+        finally:
+            engine.dispose()
+
+    return connect
+
+
+@click.command()
+@click.option("--ae-title", envvar="SORTER_AE_TITLE", required=True, help="Our AE title.")
+@click.option("--port", type=int, envvar="SORTER_PORT", required=True, help="TCP port to listen on.")
+@click.option("--bind", envvar="SORTER_BIND", default="0.0.0.0", show_default=True, help="Address to bind.")
+@click.option(
+    "--spool",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="SORTER_SPOOL",
+    default=Path("spool"),
+    show_default=True,
+    help="Folder received instances are written to (<study>/<series>/<sop>.dcm).",
+)
+@click.option(
+    "--allow-ae",
+    "allow_ae",
+    multiple=True,
+    envvar="SORTER_ALLOW_AE",
+    help="Calling AE title allowed to associate (repeat; env: space separated). Default: any.",
+)
+@click.option(
+    "--max-associations",
+    type=int,
+    envvar="SORTER_MAX_ASSOCIATIONS",
+    default=10,
+    show_default=True,
+    help="Concurrent associations; the next one is rejected (local limit exceeded).",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    envvar="SORTER_TIMEOUT",
+    default=30.0,
+    show_default=True,
+    help="Network, ACSE and DIMSE timeout in seconds.",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="SORTER_TLS_CERT",
+    help="Server certificate (PEM); enables TLS.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="SORTER_TLS_KEY",
+    help="Private key of --tls-cert (PEM).",
+)
+@click.option(
+    "--tls-ca",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="SORTER_TLS_CA",
+    help="CA bundle: clients must present a certificate it signed (mutual TLS).",
+)
+@click.option(
+    "--min-free-mb",
+    type=int,
+    envvar="SORTER_MIN_FREE_MB",
+    default=1024,
+    show_default=True,
+    help="Refuse associations and stores while the spool volume has less free space.",
+)
+@click.option(
+    "--source", envvar="SORTER_SOURCE", help="Source name for every instance (default: the calling AE)."
+)
+@click.option(
+    "--sweep-interval",
+    type=float,
+    envvar="SORTER_SWEEP_INTERVAL",
+    default=300.0,
+    show_default=True,
+    help="Seconds between spool sweeps that register files the queue missed.",
+)
+@model_options
+@metrics_options
+@database_option
+def listen(
+    ae_title: str,
+    port: int,
+    bind: str,
+    spool: Path,
+    allow_ae: tuple[str, ...],
+    max_associations: int,
+    timeout: float,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_ca: Path | None,
+    min_free_mb: int,
+    source: str | None,
+    model: Path | None,
+    workers: int | None,
+    batch_size: int | None,
+    device: str | None,
+    sweep_interval: float,
+    metrics_port: int | None,
+    metrics_bind: str | None,
+    database_url: str | None,
+) -> None:
+    """Receive instances by DICOM C-STORE, store them in the spool, register and classify them."""
+    from sorter import listener  # pynetdicom costs every other command a quarter of a second
+
+    settings = command_settings(exclude=("sweep_interval",))
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    if tls_ca is not None and tls_cert is None:
+        raise click.UsageError("--tls-ca needs --tls-cert and --tls-key")
+    context = listener.tls_context(tls_cert, tls_key, tls_ca) if tls_cert and tls_key else None
+    config = listener.ListenerConfig(
+        ae_title=ae_title,
+        port=port,
+        spool=spool.absolute(),
+        bind=bind,
+        allowed_aes=tuple(allow_ae),
+        max_associations=max_associations,
+        timeout_s=timeout,
+        min_free_bytes=min_free_mb * 1024 * 1024,
+        ssl_context=context,
+    )
+    with metrics_server(settings) as metrics:
+        worker = SpoolWorker(
+            config.spool,
+            backend(settings, RunSummary(), metrics),
+            source=source,
+            batch_size=settings.batch_size,
+            sweep_s=sweep_interval,
+        )
+        stop = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            worker.start()
+            try:
+                server = listener.start(config, counted(worker.offer, metrics))
+            except OSError as exc:
+                raise click.ClickException(f"cannot listen on {bind}:{port}: {exc.strerror or exc}") from exc
+            click.echo(f"listening as {ae_title} on {bind}:{port}; spool {config.spool}", err=True)
+            stop.wait()
+            click.echo("stopping: no new associations; registering what was received", err=True)
+            server.shutdown()
+        finally:
+            worker.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def counted(sink: Sink, metrics: Metrics | None) -> Sink:
+    """``sink``, counting each received instance by calling AE when ``metrics`` is on."""
+    if metrics is None:
+        return sink
+
+    def count_and_offer(path: Path, calling_ae: str) -> object:
+        metrics.received(calling_ae)
+        return sink(path, calling_ae)
+
+    return count_and_offer

@@ -1,0 +1,92 @@
+"""``sorter report``, ``sorter discrepancies`` and ``sorter find``: read the results."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from sorter import reports
+from sorter.commands.common import database, database_option, format_option, write_rows
+from sorter.domain import Label
+
+_LABELS = click.Choice([label.value for label in Label], case_sensitive=False)
+
+
+@click.command()
+@format_option
+@database_option
+def report(fmt: str, database_url: str | None) -> None:
+    """Counts by header and predicted label, discrepancy rates by source, station and calling AE, failures."""
+    with database(database_url) as (_engine, sessions), sessions() as session:
+        sections = reports.report(session)
+    if fmt == "json":
+        click.echo(json.dumps(sections, indent=2, default=str))
+        return
+    if fmt == "csv":  # one CSV: the section name, then that section's columns as key=value pairs
+        rows = [{"section": name, **row} for name, section in sections.items() for row in section]
+        columns = ["section", *dict.fromkeys(k for row in rows for k in row if k != "section")]
+        write_rows(rows, columns, "csv")
+        return
+    for name, rows in sections.items():
+        click.echo(f"\n== {name.replace('_', ' ')}")
+        if rows:
+            write_rows(rows, list(rows[0]), "table", sys.stdout)
+        else:
+            click.echo("(none)")
+
+
+@click.command()
+@click.option("--level", type=click.Choice(reports.LEVELS), default="instance", show_default=True)
+@click.option(
+    "--min-confidence",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Lowest confidence (series: mean probability) to list.",
+)
+@click.option("--limit", type=int, help="At most this many rows.")
+@format_option
+@database_option
+def discrepancies(
+    level: str, min_confidence: float, limit: int | None, fmt: str, database_url: str | None
+) -> None:
+    """Instances, series or studies whose pixels disagree with their header Modality."""
+    columns = {
+        "instance": reports.INSTANCE_FIELDS,
+        "series": reports.SERIES_FIELDS,
+        "study": reports.STUDY_FIELDS,
+    }
+    with database(database_url) as (_engine, sessions), sessions() as session:
+        write_rows(reports.discrepancies(session, level, min_confidence, limit), columns[level], fmt)
+
+
+@click.command()
+@click.option("--label", required=True, type=_LABELS, help="What the pixels show.")
+@click.option("--header", multiple=True, type=_LABELS, help="Only these header labels (repeatable).")
+@click.option("--source", multiple=True, help="Only these sources (repeatable).")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.0, show_default=True)
+@click.option("--limit", type=int, help="At most this many rows.")
+@format_option
+@database_option
+def find(
+    label: str,
+    header: tuple[str, ...],
+    source: tuple[str, ...],
+    min_confidence: float,
+    limit: int | None,
+    fmt: str,
+    database_url: str | None,
+) -> None:
+    """Find instances by what their pixels show (their latest prediction)."""
+    with database(database_url) as (_engine, sessions), sessions() as session:
+        rows = reports.find(
+            session,
+            Label(label.upper()),
+            header=[Label(h.upper()) for h in header],
+            sources=source,
+            min_confidence=min_confidence,
+            limit=limit,
+        )
+        write_rows(rows, reports.INSTANCE_FIELDS, fmt)

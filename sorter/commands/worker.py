@@ -1,0 +1,104 @@
+"""``sorter worker``: the composition root of a Celery worker that classifies queued batches.
+
+The main process checks the database schema, then forks ``--concurrency``
+processes; each opens its own engine and loads the model once (GPU when
+present) in ``worker_process_init``. Start as many workers, on as many
+machines, as the database and the broker can serve.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from sorter.commands.common import command_settings, database_option
+from sorter.db.session import DatabaseError, open_database
+
+
+@click.command()
+@click.option(
+    "--broker-url", envvar="SORTER_BROKER_URL", help="Celery broker, e.g. redis://host:6379/0 (required)."
+)
+@click.option("--queue", envvar="SORTER_QUEUE", help="Queue to consume (default: sorter).")
+@click.option(
+    "--concurrency",
+    type=int,
+    envvar="SORTER_CONCURRENCY",
+    help="Worker processes, each with its own resident model (default: 1).",
+)
+@click.option(
+    "--loglevel",
+    envvar="SORTER_LOGLEVEL",
+    default="INFO",
+    show_default=True,
+    help="Celery log level.",
+)
+@click.option(
+    "--model",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="SORTER_MODEL",
+    help="Model artefact (default: the bundled model).",
+)
+@click.option("--device", envvar="SORTER_DEVICE", help="cpu, cuda ... (default: CUDA when available).")
+@click.option(
+    "--frames", type=int, envvar="SORTER_FRAMES", help="Frames classified per multi-frame instance."
+)
+@click.option(
+    "--sweep-interval",
+    type=float,
+    envvar="SORTER_SWEEP_INTERVAL",
+    help="Seconds between sweeps for instances stuck in pending; 0: off (default: 300).",
+)
+@click.option(
+    "--sweep-age",
+    type=float,
+    envvar="SORTER_SWEEP_AGE",
+    help="Seconds an instance must have been pending before a sweep re-enqueues it (default: 900).",
+)
+@click.option(
+    "--hostname",
+    envvar="SORTER_WORKER_HOSTNAME",
+    help="Celery node name (default: celery@<host>); unique per worker on one host.",
+)
+@database_option
+def worker(
+    broker_url: str | None,
+    queue: str | None,
+    concurrency: int | None,
+    loglevel: str,
+    model: Path | None,
+    device: str | None,
+    frames: int | None,
+    sweep_interval: float | None,
+    sweep_age: float | None,
+    hostname: str | None,
+    database_url: str | None,
+) -> None:
+    """Classify batches queued by scan/listen/watch (Celery; needs SORTER_BROKER_URL)."""
+    settings = command_settings()
+    if not settings.broker_url:
+        raise click.UsageError("no broker: set --broker-url or SORTER_BROKER_URL")
+    # Fail fast on a database that cannot serve (unreachable, outdated schema); the
+    # engine is gone before the fork, so no process inherits its connections.
+    try:
+        engine, _ = open_database(settings.database_url)
+    except DatabaseError as exc:
+        raise click.ClickException(str(exc)) from exc
+    engine.dispose()
+
+    from sorter.jobs.celery_app import make_celery
+
+    app = make_celery(settings)
+    argv = [
+        "worker",
+        f"--concurrency={max(1, settings.concurrency)}",
+        f"--loglevel={loglevel}",
+        f"--queues={settings.queue}",
+        "--pool=prefork",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    app.worker_main(argv)

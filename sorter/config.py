@@ -1,0 +1,72 @@
+"""One Settings object; the only reader of ``os.environ``.
+
+Every setting has a ``SORTER_`` environment variable; CLI flags override it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DATABASE_URL = "sqlite:///sorter.db"
+
+
+def _coerce(kind: Any, text: str) -> Any:
+    if kind in (int, "int", "int | None"):
+        return int(text)
+    if kind in (float, "float", "float | None"):
+        return float(text)
+    if kind in (bool, "bool"):
+        return text.strip().lower() in ("1", "true", "yes", "on")
+    if kind in ("Path | None",):
+        return Path(text)
+    return text
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime settings for every ``sorter`` command."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    broker_url: str | None = None
+    queue: str = "sorter"  # Celery queue the producers fill and ``sorter worker`` consumes
+    concurrency: int = 1  # ``sorter worker``: worker processes (one resident model each)
+    sweep_interval: float = 300.0  # ``sorter worker``: seconds between sweeps for stuck ``pending``; 0: off
+    sweep_age: float = 900.0  # seconds an instance must have been ``pending`` before a sweep re-enqueues it
+    visibility_timeout: float = 3600.0  # seconds before Redis redelivers a task whose worker vanished
+    model: Path | None = None  # None: the bundled default model
+    device: str | None = None  # None: CUDA when available, else CPU
+    batch_size: int = 32
+    workers: int = 0  # decode processes; 0: one per core
+    frames: int = 1  # frames classified per multi-frame instance
+    inference_threads: int = 0  # CPU threads of the forward pass; 0: the cores the decode processes leave
+    after: str = "keep"  # ``sorter watch``: keep | delete | move:DIR once a file's instance is terminal
+    settle: float = 5.0  # ``sorter watch``: seconds a file's size and mtime must stay unchanged
+    rescan: float = 60.0  # ``sorter watch``: seconds between full rescans of the folder
+    metrics_port: int = 0  # ``listen``/``watch``: Prometheus /metrics port; 0: no metrics server
+    metrics_bind: str = "127.0.0.1"  # address of the metrics server
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from ``SORTER_*`` variables, then non-None ``overrides``."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for item in fields(cls):
+            text = env.get(f"SORTER_{item.name.upper()}")
+            if text not in (None, ""):
+                try:
+                    values[item.name] = _coerce(item.type, text)
+                except ValueError as exc:
+                    raise ValueError(
+                        f"SORTER_{item.name.upper()}={text!r} is not a valid {item.type}"
+                    ) from exc
+        settings = cls(**values)
+        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def decode_workers(self) -> int:
+        """Decode processes to start (``workers`` or the core count)."""
+        return self.workers or os.cpu_count() or 1

@@ -1,0 +1,162 @@
+"""Tables of the results store (ARCHITECTURE §6).
+
+``instances`` holds one row per SOP Instance UID and its life-cycle status;
+``predictions`` one row per (instance, model); ``models`` one row per model
+artefact; ``files`` is the scan ledger (path, size, mtime) that lets a re-scan
+skip unchanged files with one indexed lookup per batch.
+
+Enums are stored by value in VARCHAR columns with CHECK constraints (no native
+PostgreSQL enum types: adding a label must not need an ``ALTER TYPE``), and
+every constraint and index is named by the conventions below so that
+migrations can refer to them on every database.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from sorter.domain import Label, Status, Verdict
+
+#: Alembic's recommended conventions (alembic ``naming.rst``).
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: Probability columns of ``predictions``, one per label of the taxonomy.
+PROBABILITY_COLUMNS: dict[Label, str] = {label: f"p_{label.value.lower()}" for label in Label}
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets BIGINT
+# because an archive can outgrow 2**31 instances over the years.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+def enum_by_value(enum_class: type[enum.Enum], name: str) -> sa.Enum:
+    """A VARCHAR column type storing ``enum_class`` members by value, with a named CHECK."""
+    return sa.Enum(
+        enum_class,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        validate_strings=True,
+        values_callable=lambda members: [member.value for member in members],
+    )
+
+
+class Base(DeclarativeBase):
+    """Declarative base whose MetaData carries the naming conventions."""
+
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Model(Base):
+    """A model artefact that produced predictions, identified by its file sha256."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    arch: Mapped[str] = mapped_column(sa.String(64))
+    labels: Mapped[str] = mapped_column(sa.String(64))  # comma-separated, in output order
+    min_confidence: Mapped[float] = mapped_column(sa.Float)
+    min_margin: Mapped[float] = mapped_column(sa.Float)
+    path: Mapped[str | None] = mapped_column(sa.Text)
+    spec: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
+
+
+class Instance(Base):
+    """One DICOM instance (or one unreadable file, under a UID derived from its path)."""
+
+    __tablename__ = "instances"
+    __table_args__ = (
+        sa.Index("ix_instances_status_id", "status", "id"),
+        sa.Index("ix_instances_series_instance_uid", "series_instance_uid"),
+        sa.Index("ix_instances_study_instance_uid", "study_instance_uid"),
+        sa.Index("ix_instances_prediction_id", "prediction_id"),
+        sa.Index("ix_instances_source", "source"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(sa.String(64))
+    series_instance_uid: Mapped[str | None] = mapped_column(sa.String(64))
+    sop_class_uid: Mapped[str | None] = mapped_column(sa.String(64))
+    header_modality: Mapped[str | None] = mapped_column(sa.String(16))
+    header_label: Mapped[Label | None] = mapped_column(enum_by_value(Label, "header_label"))
+    transfer_syntax_uid: Mapped[str | None] = mapped_column(sa.String(64))
+    rows: Mapped[int | None] = mapped_column(sa.Integer)
+    columns: Mapped[int | None] = mapped_column(sa.Integer)
+    number_of_frames: Mapped[int | None] = mapped_column(sa.Integer)
+    institution_name: Mapped[str | None] = mapped_column(sa.String(128))
+    station_name: Mapped[str | None] = mapped_column(sa.String(64))
+    calling_ae: Mapped[str | None] = mapped_column(sa.String(16))
+    source: Mapped[str | None] = mapped_column(sa.String(255))
+    path: Mapped[str] = mapped_column(sa.Text)
+    status: Mapped[Status] = mapped_column(
+        enum_by_value(Status, "status"), server_default=Status.PENDING.value
+    )
+    error: Mapped[str | None] = mapped_column(sa.String(64))  # a stable reason, e.g. "truncated"
+    detail: Mapped[str | None] = mapped_column(sa.Text)
+    # The latest prediction, whichever model made it. Deliberately not a foreign
+    # key: predictions reference instances, and a cycle would make both table
+    # creation and SQLite's batch migrations awkward for no integrity gain
+    # (predictions are only ever deleted together with their instance).
+    prediction_id: Mapped[int | None] = mapped_column(BigId)
+    registered_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
+    updated_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
+
+
+class Prediction(Base):
+    """What one model saw in one instance; kept per model, re-runs replace the row."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (
+        sa.UniqueConstraint("instance_id", "model_id", name="uq_predictions_instance_id_model_id"),
+        sa.Index("ix_predictions_model_id", "model_id"),
+        sa.Index("ix_predictions_verdict_confidence", "verdict", "confidence"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(BigId, sa.ForeignKey("instances.id", ondelete="CASCADE"))
+    model_id: Mapped[int] = mapped_column(sa.Integer, sa.ForeignKey("models.id", ondelete="CASCADE"))
+    label: Mapped[Label] = mapped_column(enum_by_value(Label, "label"))
+    confidence: Mapped[float] = mapped_column(sa.Float)
+    second_label: Mapped[Label] = mapped_column(enum_by_value(Label, "second_label"))
+    second_confidence: Mapped[float] = mapped_column(sa.Float)
+    verdict: Mapped[Verdict] = mapped_column(enum_by_value(Verdict, "verdict"))
+    # One column per taxonomy label (NULL where the model lacks the label), so that
+    # series-level aggregation is a plain AVG in SQL on every database.
+    p_ct: Mapped[float | None] = mapped_column(sa.Float)
+    p_mr: Mapped[float | None] = mapped_column(sa.Float)
+    p_pt: Mapped[float | None] = mapped_column(sa.Float)
+    p_nm: Mapped[float | None] = mapped_column(sa.Float)
+    p_xr: Mapped[float | None] = mapped_column(sa.Float)
+    p_mg: Mapped[float | None] = mapped_column(sa.Float)
+    p_us: Mapped[float | None] = mapped_column(sa.Float)
+    p_ot: Mapped[float | None] = mapped_column(sa.Float)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
+
+
+class File(Base):
+    """The scan ledger: a path seen by a scan, with the size and mtime it had then."""
+
+    __tablename__ = "files"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    path: Mapped[str] = mapped_column(sa.Text, unique=True)
+    size: Mapped[int | None] = mapped_column(sa.BigInteger)
+    mtime_ns: Mapped[int | None] = mapped_column(sa.BigInteger)
+    instance_id: Mapped[int | None] = mapped_column(
+        BigId, sa.ForeignKey("instances.id", ondelete="SET NULL"), index=True
+    )
+    seen_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())

@@ -1,0 +1,321 @@
+"""Set-based reads and writes on the hot path: every helper handles a whole batch.
+
+The caller owns the session and the transaction; nothing here commits.
+Statements are dialect-aware only where the SQL differs (``INSERT ... ON
+CONFLICT`` comes from the PostgreSQL or SQLite dialect, ``FOR NO KEY UPDATE
+SKIP LOCKED`` compiles to nothing on SQLite).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from sorter.db.models import Base
+from sorter.domain import Label, Status
+
+instances = Base.metadata.tables["instances"]
+files = Base.metadata.tables["files"]
+predictions = Base.metadata.tables["predictions"]
+models = Base.metadata.tables["models"]
+
+
+def insert_for(session: Session, table: sa.Table) -> Any:
+    """An ``INSERT`` construct with ``on_conflict_*`` for the session's database."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"dicom-sorter supports PostgreSQL and SQLite, not {dialect}")
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """What the scan ledger knows about one path."""
+
+    size: int | None
+    mtime_ns: int | None
+    instance_id: int | None
+
+
+@dataclass(frozen=True)
+class ExistingInstance:
+    """The identifying columns of an instance row."""
+
+    id: int
+    sop_instance_uid: str
+    path: str
+    status: Status
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """An instance taken for classification: what the decode side needs."""
+
+    id: int
+    path: str
+    header_label: Label | None
+
+
+def ledger_lookup(session: Session, paths: Collection[str]) -> dict[str, LedgerEntry]:
+    """Ledger entries for ``paths`` (absent paths are not in the result); one query."""
+    if not paths:
+        return {}
+    rows = session.execute(
+        sa.select(files.c.path, files.c.size, files.c.mtime_ns, files.c.instance_id).where(
+            files.c.path.in_(list(paths))
+        )
+    )
+    return {row.path: LedgerEntry(row.size, row.mtime_ns, row.instance_id) for row in rows}
+
+
+def finished_files(session: Session, paths: Collection[str], statuses: Collection[str]) -> list[Any]:
+    """Rows ``(path, id, at)`` of the ledger ``paths`` whose instance has one of ``statuses``.
+
+    ``at`` is the path the instance row records (a duplicate copy's may differ); one query.
+    """
+    if not paths:
+        return []
+    return list(
+        session.execute(
+            sa.select(files.c.path, instances.c.id, instances.c.path.label("at"))
+            .join(instances, instances.c.id == files.c.instance_id)
+            .where(files.c.path.in_(list(paths)), instances.c.status.in_(list(statuses)))
+        ).all()
+    )
+
+
+def instances_by_uid(session: Session, uids: Collection[str]) -> dict[str, ExistingInstance]:
+    """Existing instance rows for ``uids``; one query."""
+    if not uids:
+        return {}
+    rows = session.execute(
+        sa.select(instances.c.id, instances.c.sop_instance_uid, instances.c.path, instances.c.status).where(
+            instances.c.sop_instance_uid.in_(list(uids))
+        )
+    )
+    return {r.sop_instance_uid: ExistingInstance(r.id, r.sop_instance_uid, r.path, r.status) for r in rows}
+
+
+def insert_instances(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert new instance rows; a UID inserted meanwhile by someone else is left as it is.
+
+    ``ON CONFLICT DO NOTHING`` takes no row lock, so registering never waits
+    for a worker that holds a claimed instance.
+    """
+    if rows:
+        stmt = insert_for(session, instances).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+        session.execute(stmt, list(rows))
+
+
+#: Columns a re-read file may change; ``b_id`` selects the row.
+_REREAD_COLUMNS = (
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_class_uid",
+    "header_modality",
+    "header_label",
+    "transfer_syntax_uid",
+    "rows",
+    "columns",
+    "number_of_frames",
+    "institution_name",
+    "station_name",
+    "calling_ae",
+    "source",
+    "path",
+    "status",
+    "error",
+    "detail",
+)
+
+
+def reset_instances(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Overwrite re-read instances (header columns and status) by id, dropping their current prediction.
+
+    Parameters
+    ----------
+    session
+        The caller's session.
+    rows
+        Dicts with ``b_id`` and every name in ``_REREAD_COLUMNS``.
+    """
+    if not rows:
+        return
+    # Column keys in the parameter dicts become the SET clause (SQLAlchemy's
+    # executemany UPDATE); the constant columns are added to every row.
+    stmt = sa.update(instances).where(instances.c.id == sa.bindparam("b_id"))
+    params = [
+        {**{name: row[name] for name in _REREAD_COLUMNS}, "b_id": row["b_id"], "prediction_id": None}
+        for row in rows
+    ]
+    session.execute(stmt.values(updated_at=sa.func.now()), params)
+
+
+def move_instances(session: Session, moves: Mapping[int, str]) -> None:
+    """Record new paths for instances whose file moved (old path gone, same SOP Instance UID)."""
+    if moves:
+        stmt = sa.update(instances).where(instances.c.id == sa.bindparam("b_id"))
+        session.execute(stmt, [{"b_id": i, "path": p} for i, p in moves.items()])
+
+
+def delete_instances(session: Session, ids: Collection[int]) -> None:
+    """Delete instances (their predictions go with them; ledger entries are unlinked)."""
+    if ids:
+        session.execute(sa.delete(instances).where(instances.c.id.in_(list(ids))))
+
+
+def upsert_files(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Insert or refresh ledger entries (``path, size, mtime_ns, instance_id``)."""
+    if not rows:
+        return
+    stmt = insert_for(session, files)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["path"],
+        set_={
+            "size": stmt.excluded.size,
+            "mtime_ns": stmt.excluded.mtime_ns,
+            "instance_id": stmt.excluded.instance_id,
+            "seen_at": sa.func.now(),
+        },
+    )
+    session.execute(stmt, list(rows))
+
+
+def model_id_for(session: Session, values: Mapping[str, Any]) -> int:
+    """The id of the model row with ``values["sha256"]``, inserting it when new."""
+    session.execute(
+        insert_for(session, models).values(**values).on_conflict_do_nothing(index_elements=["sha256"])
+    )
+    return int(
+        session.execute(sa.select(models.c.id).where(models.c.sha256 == values["sha256"])).scalar_one()
+    )
+
+
+def claim(
+    session: Session, ids: Iterable[int], statuses: Collection[Status] = (Status.PENDING,)
+) -> list[Claimed]:
+    """Lock the instances of ``ids`` that are still in ``statuses`` and nobody else holds.
+
+    On PostgreSQL the rows stay locked (``FOR NO KEY UPDATE SKIP LOCKED``) until
+    the caller's transaction ends, so concurrent workers never classify the same
+    instance, and a worker that dies releases its rows with its connection.
+    ``NO KEY`` lets ledger rows keep referencing a locked instance meanwhile.
+    SQLite has one writer and no row locks: the status re-check is the claim.
+    """
+    id_list = list(ids)
+    if not id_list:
+        return []
+    stmt = (
+        sa.select(instances.c.id, instances.c.path, instances.c.header_label)
+        .where(instances.c.id.in_(id_list), instances.c.status.in_(list(statuses)))
+        .order_by(instances.c.id)
+        .with_for_update(skip_locked=True, key_share=True, of=instances)
+    )
+    return [Claimed(r.id, r.path, r.header_label) for r in session.execute(stmt)]
+
+
+def next_ids(
+    session: Session,
+    *,
+    after: int,
+    limit: int,
+    statuses: Collection[Status],
+    under: Sequence[str] = (),
+    without_model: int | None = None,
+) -> list[int]:
+    """A page of instance ids (keyset pagination on ``id``), for resuming and reclassifying.
+
+    Parameters
+    ----------
+    session
+        The caller's session.
+    after
+        Return ids greater than this.
+    limit
+        Page size.
+    statuses
+        Only instances in these statuses.
+    under
+        Only instances whose path starts with one of these folder prefixes.
+    without_model
+        Only instances without a prediction from this model id.
+    """
+    stmt = sa.select(instances.c.id).where(instances.c.id > after, instances.c.status.in_(list(statuses)))
+    if under:
+        stmt = stmt.where(sa.or_(*(instances.c.path.startswith(prefix, autoescape=True) for prefix in under)))
+    if without_model is not None:
+        done = sa.select(predictions.c.id).where(
+            predictions.c.instance_id == instances.c.id, predictions.c.model_id == without_model
+        )
+        stmt = stmt.where(~sa.exists(done))
+    return list(session.execute(stmt.order_by(instances.c.id).limit(limit)).scalars())
+
+
+def upsert_predictions(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write predictions; a re-run of the same model on an instance replaces its row."""
+    if not rows:
+        return
+    stmt = insert_for(session, predictions)
+    replace = {
+        c.name: stmt.excluded[c.name]
+        for c in predictions.columns
+        if c.name not in ("id", "instance_id", "model_id")
+    }
+    replace["created_at"] = sa.func.now()
+    session.execute(
+        stmt.on_conflict_do_update(index_elements=["instance_id", "model_id"], set_=replace), list(rows)
+    )
+
+
+def mark_done(session: Session, ids: Collection[int], model_id: int) -> None:
+    """Set ``done`` and point each instance at its prediction from ``model_id``: one statement."""
+    if not ids:
+        return
+    latest = (
+        sa.select(predictions.c.id)
+        .where(predictions.c.instance_id == instances.c.id, predictions.c.model_id == model_id)
+        .scalar_subquery()
+    )
+    session.execute(
+        sa.update(instances)
+        .where(instances.c.id.in_(list(ids)))
+        .values(status=Status.DONE, error=None, detail=None, prediction_id=latest, updated_at=sa.func.now())
+    )
+
+
+def mark_finished(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Set a terminal status with its reason (``b_id, status, error, detail``) per instance."""
+    if rows:
+        stmt = (
+            sa.update(instances)
+            .where(instances.c.id == sa.bindparam("b_id"))
+            .values(updated_at=sa.func.now())
+        )
+        session.execute(stmt, [{k: row[k] for k in ("b_id", "status", "error", "detail")} for row in rows])
+
+
+def stale_pending(session: Session, *, older_than: datetime, limit: int) -> list[int]:
+    """Ids of instances ``pending`` since before ``older_than`` (oldest first), for the queue sweep."""
+    stmt = (
+        sa.select(instances.c.id)
+        .where(instances.c.status == Status.PENDING, instances.c.updated_at < older_than)
+        .order_by(instances.c.updated_at, instances.c.id)
+        .limit(limit)
+    )
+    return list(session.execute(stmt).scalars())
+
+
+def touch(session: Session, ids: Collection[int]) -> None:
+    """Set ``updated_at`` to now, so that a sweep re-enqueues an instance at most once per period."""
+    if ids:
+        session.execute(
+            sa.update(instances).where(instances.c.id.in_(list(ids))).values(updated_at=sa.func.now())
+        )

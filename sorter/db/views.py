@@ -1,0 +1,87 @@
+"""The SQL views (created by migration 0001) as selectable tables for queries.
+
+They are lightweight ``table()`` constructs outside ``Base.metadata`` so that
+Alembic's autogenerate never mistakes them for tables to create.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+_P = ("p_ct", "p_mr", "p_pt", "p_nm", "p_xr", "p_mg", "p_us", "p_ot")
+_INSTANCE = (
+    "instance_id",
+    "sop_instance_uid",
+    "series_instance_uid",
+    "study_instance_uid",
+    "sop_class_uid",
+    "header_modality",
+    "header_label",
+    "source",
+    "institution_name",
+    "station_name",
+    "calling_ae",
+    "path",
+    "status",
+    "prediction_id",
+    "label",
+    "confidence",
+    "second_label",
+    "second_confidence",
+    "verdict",
+    *_P,
+    "model_id",
+    "model_sha256",
+    "min_confidence",
+    "min_margin",
+    "predicted_at",
+)
+_SERIES = (
+    "series_instance_uid",
+    "study_instance_uid",
+    "source",
+    "institution_name",
+    "station_name",
+    "header_modality",
+    "header_label",
+    "n_header_labels",
+    "label",
+    "confidence",
+    "second_confidence",
+    "n_instances",
+    "n_disagree",
+    "n_uncertain",
+    "verdict",
+    *_P,
+)
+_STUDY = (
+    "study_instance_uid",
+    "source",
+    "header_labels",
+    "labels",
+    "n_series",
+    "n_instances",
+    "n_series_disagree",
+    "n_series_uncertain",
+    "n_instances_disagree",
+    "verdict",
+)
+
+
+def _view(name: str, columns: tuple[str, ...]) -> sa.TableClause:
+    return sa.table(name, *(sa.column(c) for c in columns))
+
+
+#: Every instance with its latest prediction (whichever model made it last).
+latest_predictions = _view("latest_predictions", _INSTANCE)
+#: Instance level: the latest prediction confidently disagrees with the header.
+discrepancies = _view("discrepancies", _INSTANCE)
+#: Series level: mean probabilities, their argmax and the series verdict.
+series_summary = _view("series_summary", _SERIES)
+series_discrepancies = _view("series_discrepancies", _SERIES)
+#: Study level: labels seen in the header and in the pixels, verdict counts.
+study_summary = _view("study_summary", _STUDY)
+
+SERIES_COLUMNS = _SERIES
+STUDY_COLUMNS = _STUDY
+INSTANCE_COLUMNS = _INSTANCE

@@ -1,0 +1,134 @@
+"""Read the header attributes of an instance without its pixel data.
+
+Only the elements :class:`~sorter.domain.InstanceHeader` needs are read
+(``specific_tags``); patient-identifying attributes are never read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from sorter.dicom.nonimage import MEDIA_STORAGE_DIRECTORY, non_image_reason
+from sorter.dicom.reading import read_dataset, transfer_syntax_of
+from sorter.domain import InstanceHeader
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HEADER_TAGS", "header_from_dataset", "non_image_reason", "read_header"]
+
+#: The elements a header read asks pydicom for. (0004,1130) and (0004,1200) are
+#: here only to recognise a DICOMDIR whose File Meta Information is missing.
+HEADER_TAGS: tuple[str, ...] = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "InstitutionName",
+    "StationName",
+    "FileSetID",
+    "OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity",
+)
+
+
+def _value(ds: Dataset, keyword: str) -> Any:
+    """Return the element's value, or ``None`` when it is absent or cannot be parsed."""
+    try:
+        return ds.get(keyword)
+    except Exception as exc:  # a malformed value must not cost us the rest of the header
+        logger.debug("unparseable %s: %s", keyword, exc)
+        return None
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = _value(ds, keyword)
+    if value is None:
+        return None
+    text = str(value).strip("\x00 ")
+    return text or None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = _value(ds, keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _sop_class_uid(ds: Dataset) -> str | None:
+    """SOP Class UID, else the Media Storage SOP Class UID, else DICOMDIR when it looks like one."""
+    uid = _text(ds, "SOPClassUID")
+    if uid is None:
+        meta = getattr(ds, "file_meta", None)
+        uid = _text(meta, "MediaStorageSOPClassUID") if meta is not None else None
+    if uid is None and ("FileSetID" in ds or "DirectoryRecordSequence" in ds):
+        uid = MEDIA_STORAGE_DIRECTORY
+    return uid
+
+
+def header_from_dataset(ds: Dataset, path: str | os.PathLike[str]) -> InstanceHeader:
+    """Build an :class:`~sorter.domain.InstanceHeader` from an already-read data set.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        A data set from a file or from a C-STORE request; pixel data is not touched.
+    path : str or os.PathLike
+        Where the instance is (or will be) stored.
+
+    Returns
+    -------
+    InstanceHeader
+        Missing or unparseable attributes are ``None``; a missing or invalid
+        Number of Frames counts as 1.
+    """
+    frames = _int(ds, "NumberOfFrames")
+    return InstanceHeader(
+        path=os.fspath(path),
+        sop_instance_uid=_text(ds, "SOPInstanceUID"),
+        study_instance_uid=_text(ds, "StudyInstanceUID"),
+        series_instance_uid=_text(ds, "SeriesInstanceUID"),
+        sop_class_uid=_sop_class_uid(ds),
+        modality=_text(ds, "Modality"),
+        transfer_syntax_uid=str(transfer_syntax_of(ds)),
+        rows=_int(ds, "Rows"),
+        columns=_int(ds, "Columns"),
+        number_of_frames=frames if frames is not None and frames > 0 else 1,
+        institution_name=_text(ds, "InstitutionName"),
+        station_name=_text(ds, "StationName"),
+    )
+
+
+def read_header(path: str | os.PathLike[str]) -> InstanceHeader:
+    """Read the header of a DICOM file without its pixel data.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A DICOM Part 10 file, or a data set without preamble and File Meta
+        Information (ACR-NEMA style), whose transfer syntax is then guessed.
+
+    Returns
+    -------
+    InstanceHeader
+        The identifying and routing attributes; patient attributes are never read.
+
+    Raises
+    ------
+    UnreadableFile
+        The file is missing or cannot be opened.
+    NotDicom
+        The file is not DICOM (text, PNG, empty, ...).
+    TruncatedFile
+        The file ends inside the header.
+    """
+    ds = read_dataset(path, specific_tags=HEADER_TAGS)
+    return header_from_dataset(ds, path)

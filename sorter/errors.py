@@ -1,0 +1,81 @@
+"""Typed errors. Every error about a file carries its path and a short machine reason.
+
+The ``reason`` strings are stored in the database and printed by
+``sorter classify``; keep them stable.
+"""
+
+from __future__ import annotations
+
+
+class SorterError(Exception):
+    """Base class of every error dicom-sorter raises on purpose."""
+
+    reason = "error"
+
+
+class InputError(SorterError):
+    """A problem with one input file; never fatal for a batch."""
+
+    reason = "input_error"
+
+    def __init__(self, path: str, detail: str = "") -> None:
+        self.path = str(path)
+        self.detail = detail
+        message = f"{self.path}: {self.reason}"
+        if detail:
+            message += f" ({detail})"
+        super().__init__(message)
+
+
+class NotDicom(InputError):
+    """The file is not a DICOM Part 10 file nor a readable raw data set."""
+
+    reason = "not_dicom"
+
+
+class TruncatedFile(InputError):
+    """The file ends before the data set (or its pixel data) does."""
+
+    reason = "truncated"
+
+
+class NoPixelData(InputError):
+    """An image SOP class without a Pixel Data element."""
+
+    reason = "no_pixel_data"
+
+
+class UnsupportedTransferSyntax(InputError):
+    """No installed decoder handles the transfer syntax."""
+
+    reason = "unsupported_transfer_syntax"
+
+
+class DecodeError(InputError):
+    """The pixel data is present but could not be decoded."""
+
+    reason = "decode_error"
+
+
+class NonImageObject(InputError):
+    """SR, RT*, KO, PR, SEG, waveforms, DICOMDIR ...: skipped, not failed."""
+
+    reason = "non_image"
+
+
+class UnreadableFile(InputError):
+    """The file vanished or cannot be opened (permissions, I/O error)."""
+
+    reason = "unreadable"
+
+
+class ModelError(SorterError):
+    """A model artefact that cannot be used."""
+
+    reason = "model_error"
+
+
+class IncompatibleModelError(ModelError):
+    """The artefact's format version, checksum or spec does not match this code."""
+
+    reason = "incompatible_model"

@@ -1,0 +1,204 @@
+"""Register instances in the database: idempotent on SOP Instance UID, in bulk.
+
+The scan, the watcher and the listener all come through :func:`register`. It
+takes what was learnt from one file each (a header, or the reason there is
+none) and records it with a constant number of statements per batch:
+
+- a new SOP Instance UID becomes a row (``pending``, or ``skipped`` for
+  objects without an image);
+- the same UID at the same path, when the file changed since it was last
+  seen, is re-read: header columns overwritten, back to ``pending``, current
+  prediction dropped (an unchanged re-registration changes nothing);
+- the same UID at another path is a duplicate copy: the first row stays,
+  unless its file has vanished (then the instance moved);
+- a file without a usable SOP Instance UID (not DICOM, unreadable, ...) gets
+  a UID derived from its path, so every failure has a row and a reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from sorter.db import queries
+from sorter.dicom.nonimage import non_image_reason
+from sorter.domain import InstanceHeader, Status
+from sorter.taxonomy import header_label, normalise_modality
+
+log = logging.getLogger(__name__)
+
+#: Length limits of the ``instances`` columns (PostgreSQL refuses longer values).
+_LIMITS = {"uid": 64, "modality": 16, "institution": 128, "station": 64, "ae": 16, "source": 255, "error": 64}
+
+
+def path_uid(path: str) -> str:
+    """A valid DICOM UID derived from ``path`` (the ``2.25`` UUID form, PS3.5 B.2).
+
+    Used for files that have no SOP Instance UID of their own, so that their
+    failure is recorded once, however often the archive is scanned.
+    """
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'file://' + path).int}"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What one file contributes: its header, or the reason it has none."""
+
+    path: str
+    header: InstanceHeader | None = None
+    status: Status = Status.PENDING
+    error: str | None = None
+    detail: str | None = None
+    source: str | None = None
+    calling_ae: str | None = None
+    size: int | None = None
+    mtime_ns: int | None = None
+    #: The file at this path changed since it was registered (the ledger's size or mtime differ).
+    changed: bool = False
+    #: The instance the ledger linked this path to before it changed.
+    replaces: int | None = None
+
+
+@dataclass(frozen=True)
+class Registered:
+    """The outcome of registering one file."""
+
+    path: str
+    instance_id: int
+    status: Status
+    duplicate: bool = False
+
+
+def from_header(header: InstanceHeader, **extra: Any) -> Registration:
+    """A registration for a header that was read: ``pending``, or ``skipped`` without an image."""
+    reason = non_image_reason(header)
+    if reason:
+        return Registration(header.path, header, Status.SKIPPED, "non_image", reason, **extra)
+    return Registration(header.path, header, **extra)
+
+
+def failure(
+    path: str, reason: str, detail: str | None = None, status: Status = Status.FAILED, **extra: Any
+) -> Registration:
+    """A registration for a file whose header could not be read."""
+    return Registration(path, None, status, reason, detail, **extra)
+
+
+def _text(value: str | None, limit: int) -> str | None:
+    # PostgreSQL text cannot hold NUL, and a malformed header must not fail the whole batch.
+    if value is None:
+        return None
+    cleaned = value.replace("\x00", "").strip()
+    return cleaned[:limit] or None
+
+
+def _uid(item: Registration) -> str:
+    uid = _text(item.header.sop_instance_uid if item.header else None, 1000)
+    if uid is None or len(uid) > _LIMITS["uid"]:
+        return path_uid(item.path)
+    return uid
+
+
+def _row(item: Registration) -> dict[str, Any]:
+    h = item.header
+    modality = normalise_modality(_text(h.modality, _LIMITS["modality"])) if h else None
+    return {
+        "sop_instance_uid": _uid(item),
+        "study_instance_uid": _text(h.study_instance_uid if h else None, _LIMITS["uid"]),
+        "series_instance_uid": _text(h.series_instance_uid if h else None, _LIMITS["uid"]),
+        "sop_class_uid": _text(h.sop_class_uid if h else None, _LIMITS["uid"]),
+        "header_modality": modality,
+        "header_label": header_label(modality),
+        "transfer_syntax_uid": _text(h.transfer_syntax_uid if h else None, _LIMITS["uid"]),
+        "rows": h.rows if h else None,
+        "columns": h.columns if h else None,
+        "number_of_frames": h.number_of_frames if h else None,
+        "institution_name": _text(h.institution_name if h else None, _LIMITS["institution"]),
+        "station_name": _text(h.station_name if h else None, _LIMITS["station"]),
+        "calling_ae": _text(item.calling_ae, _LIMITS["ae"]),
+        "source": _text(item.source, _LIMITS["source"]),
+        "path": item.path,
+        "status": item.status,
+        "error": _text(item.error, _LIMITS["error"]),
+        "detail": _text(item.detail, 2000),
+    }
+
+
+def register(session: Session, items: Sequence[Registration]) -> list[Registered]:
+    """Record ``items`` and their ledger entries; return one :class:`Registered` per item.
+
+    Parameters
+    ----------
+    session
+        The caller's session; the caller commits (one transaction per batch).
+    items
+        One registration per file, each path at most once.
+
+    Returns
+    -------
+    list of Registered
+        In input order. ``status`` is the instance's status after registration:
+        ``pending`` ones are the caller's to classify (after its commit).
+    """
+    rows = [_row(item) for item in items]
+    uids = {row["sop_instance_uid"] for row in rows}
+    before = queries.instances_by_uid(session, uids)
+
+    new: dict[str, dict[str, Any]] = {}
+    reread: list[dict[str, Any]] = []
+    moves: dict[int, str] = {}
+    for item, row in zip(items, rows, strict=True):
+        uid, old = row["sop_instance_uid"], before.get(row["sop_instance_uid"])
+        if old is None:
+            new.setdefault(uid, row)  # a second copy within the batch is a duplicate
+        elif old.path == row["path"]:
+            if item.changed:
+                reread.append({**row, "b_id": old.id})
+        elif not os.path.lexists(old.path):
+            moves[old.id] = row["path"]  # rare: one stat per duplicate, never per file
+    queries.insert_instances(session, list(new.values()))
+    queries.reset_instances(session, reread)
+    queries.move_instances(session, moves)
+
+    after = queries.instances_by_uid(session, uids)
+    out: list[Registered] = []
+    for row in rows:
+        found = after[row["sop_instance_uid"]]
+        duplicate = found.path != row["path"]
+        if duplicate:
+            log.info("duplicate of SOP Instance UID %s at %s", found.sop_instance_uid, row["path"])
+        out.append(Registered(row["path"], found.id, found.status, duplicate))
+    _forget_stale_path_rows(session, items, out)
+    queries.upsert_files(
+        session,
+        [
+            {"path": i.path, "size": i.size, "mtime_ns": i.mtime_ns, "instance_id": r.instance_id}
+            for i, r in zip(items, out, strict=True)
+        ],
+    )
+    return out
+
+
+def _forget_stale_path_rows(
+    session: Session, items: Sequence[Registration], out: Sequence[Registered]
+) -> None:
+    """Delete the path-derived failure row of a changed path that now holds another instance.
+
+    A file that was half-written (``truncated``) at the last scan and is complete
+    now must not keep its old failure in the reports. Real instances that were
+    overwritten by another file keep their row: their pixels were classified.
+    """
+    replaced = {
+        i.replaces: path_uid(i.path)
+        for i, r in zip(items, out, strict=True)
+        if i.replaces is not None and i.replaces != r.instance_id
+    }
+    if replaced:
+        found = queries.instances_by_uid(session, set(replaced.values()))
+        queries.delete_instances(session, [row.id for row in found.values() if row.id in replaced])

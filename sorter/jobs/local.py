@@ -1,0 +1,255 @@
+"""The in-process executor: a decode process pool feeding batched inference here.
+
+Used when no broker is configured (the embedded default). Ids arrive after
+their registration has committed; every ``batch_size`` of them become one
+batch with its own session: claimed, decoded file by file in the pool,
+classified in one forward pass in this process, written and committed in one
+transaction. At most ``max_batches`` are in flight, so memory stays flat
+however large the archive, and while one batch is inferred the next ones decode.
+
+A decoder that kills its process (a segfault in a codec, the OOM killer)
+breaks the whole pool. The pool is then restarted and the unfinished items
+are decoded again one at a time, so that only the file that kills the
+decoder a second time is failed with ``decoder_crash``.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from sorter.db.queries import Claimed
+from sorter.domain import Status
+from sorter.model.classifier import Classifier
+from sorter.model.spec import PreprocessParams
+from sorter.pipeline import (
+    Decoder,
+    Outcome,
+    Prepared,
+    claim_batch,
+    decode_one,
+    infer,
+    init_decode_process,
+    write_outcomes,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    # forkserver: children never inherit the parent's threads, database
+    # connections or CUDA state. The server preloads only the decode side: by
+    # default it would import ``__main__`` (the CLI, hence torch) into every worker.
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["sorter.pipeline"])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+@dataclass
+class _Batch:
+    session: Session
+    items: list[Claimed]
+    futures: list[Future[Prepared | Outcome]] = field(default_factory=list)
+
+
+class LocalExecutor:
+    """Classify submitted instance ids in batches, decoding in a process pool.
+
+    Parameters
+    ----------
+    sessions
+        Session factory; each batch gets its own session and transaction.
+    classifier
+        The resident model (loaded once, in this process).
+    model_id
+        The classifier's ``models`` row.
+    workers
+        Decode processes.
+    batch_size
+        Instances per forward pass and per transaction.
+    frames
+        Frames classified per multi-frame instance.
+    statuses
+        Statuses an instance must still have to be classified (``pending`` for
+        a scan; ``done`` too for a reclassification).
+    on_batch
+        Called with each committed batch's outcomes (progress, summaries).
+    observer
+        Called with each committed batch's outcomes and the seconds its
+        inference and write took (metrics); ``None``: not timed.
+    decode
+        The decode function run in the pool (a module-level function).
+    max_batches
+        Batches in flight at once.
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        classifier: Classifier,
+        model_id: int,
+        *,
+        workers: int,
+        batch_size: int,
+        frames: int = 1,
+        statuses: Collection[Status] = (Status.PENDING,),
+        on_batch: Callable[[list[Outcome]], None] | None = None,
+        observer: Callable[[list[Outcome], float], None] | None = None,
+        decode: Decoder = decode_one,
+        max_batches: int = 3,
+    ) -> None:
+        self.sessions = sessions
+        self.classifier = classifier
+        self.model_id = model_id
+        self.workers = max(1, workers)
+        self.batch_size = max(1, batch_size)
+        self.frames = frames
+        self.statuses = tuple(statuses)
+        self.on_batch = on_batch
+        self.observer = observer
+        self.decode = decode
+        self.max_batches = max(1, max_batches)
+        self._waiting: list[int] = []
+        self._in_flight: deque[_Batch] = deque()
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> LocalExecutor:
+        self._pool = self._new_pool()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # On an exception the open batches roll back: their instances stay
+        # pending and the next run picks them up.
+        while self._in_flight:
+            batch = self._in_flight.popleft()
+            for future in batch.futures:
+                future.cancel()
+            batch.session.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=kind is None, cancel_futures=True)
+            self._pool = None
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            self.workers, mp_context=_pool_context(), initializer=init_decode_process, initargs=(os.getpid(),)
+        )
+
+    def submit(self, ids: Iterable[int]) -> None:
+        """Queue committed instance ids; full batches start at once."""
+        self._waiting.extend(ids)
+        while len(self._waiting) >= self.batch_size:
+            self._start(self._waiting[: self.batch_size])
+            del self._waiting[: self.batch_size]
+
+    def drain(self) -> None:
+        """Start the partial batch and finish everything in flight."""
+        if self._waiting:
+            self._start(self._waiting)
+            self._waiting = []
+        while self._in_flight:
+            self._finish_oldest()
+
+    def _start(self, ids: Sequence[int]) -> None:
+        assert self._pool is not None, "use LocalExecutor as a context manager"
+        session = self.sessions()
+        try:
+            items = claim_batch(session, ids, self.statuses)
+        except BaseException:
+            session.close()
+            raise
+        if not items:
+            session.close()
+            return
+        batch = _Batch(session, items)
+        self._in_flight.append(batch)
+        params = self.classifier.spec.preprocess
+        try:
+            batch.futures = [self._pool.submit(self.decode, item, params, self.frames) for item in items]
+        except BrokenProcessPool:
+            # A worker died since the last batch was finished: nothing of this batch
+            # ran yet; mark it all unfinished and let the recovery decode it.
+            batch.futures = [Future() for _ in items]
+            self._recover_from_crash()
+        while len(self._in_flight) > self.max_batches:
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        batch = self._in_flight[0]
+        try:
+            decoded = self._results(batch)
+            started = time.perf_counter()
+            outcomes = infer(self.classifier, batch.items, decoded)
+            write_outcomes(batch.session, self.model_id, outcomes)
+            batch.session.commit()
+            seconds = time.perf_counter() - started
+        finally:
+            self._in_flight.popleft()
+            batch.session.close()
+        if self.on_batch is not None:
+            self.on_batch(outcomes)
+        if self.observer is not None:
+            self.observer(outcomes, seconds)
+
+    def _results(self, batch: _Batch) -> list[Prepared | Outcome]:
+        try:
+            return [future.result() for future in batch.futures]
+        except BrokenProcessPool:
+            self._recover_from_crash()
+            # Every unfinished future was replaced by a finished one.
+            return [future.result() for future in batch.futures]
+
+    def _recover_from_crash(self) -> None:
+        """Restart the pool; re-decode every unfinished item alone to find the culprit."""
+        log.warning("a decode process died; restarting the pool and isolating the file")
+        self._restart_pool()
+        params = self.classifier.spec.preprocess
+        for batch in self._in_flight:
+            for index, (item, future) in enumerate(zip(batch.items, batch.futures, strict=True)):
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    continue
+                batch.futures[index] = self._isolated(item, params)
+
+    def _restart_pool(self) -> None:
+        """A fresh pool, checked with a no-op so that a pool that cannot start at all
+        (a broken environment) stops the run instead of failing every file."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = self._new_pool()
+        try:
+            self._pool.submit(int).result()
+        except BrokenProcessPool as exc:
+            raise RuntimeError("decode processes die on start; see the errors above") from exc
+
+    def _isolated(self, item: Claimed, params: PreprocessParams) -> Future[Prepared | Outcome]:
+        assert self._pool is not None
+        future = self._pool.submit(self.decode, item, params, self.frames)
+        try:
+            future.result()
+        except BrokenProcessPool:
+            log.warning("instance %d kills the decoder; failing it", item.id)
+            self._restart_pool()
+            future = Future()
+            future.set_result(
+                Outcome(
+                    item.id,
+                    Status.FAILED,
+                    item.header_label,
+                    error="decoder_crash",
+                    detail="the decode process died on this file twice",
+                )
+            )
+        return future

@@ -1,0 +1,110 @@
+"""Celery tasks: thin wrappers around :mod:`sorter.pipeline`; reliability is declared here.
+
+``classify_ids`` claims, decodes (in this process: concurrency comes from the
+worker processes), infers and writes one batch in one transaction. Transient
+database and I/O errors are retried with exponential backoff; once the retries
+are spent, the batch's instances that are still ``pending`` are marked
+``failed`` with ``retries_exhausted`` (any other error: ``task_error``), so
+every instance reaches a terminal status.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from celery import Task, shared_task
+
+from sorter.db import queries
+from sorter.domain import Status
+from sorter.jobs.celery_app import CLASSIFY_TASK, SWEEP_TASK, worker_state
+from sorter.pipeline import classify_batch
+
+log = logging.getLogger(__name__)
+
+#: Errors worth retrying: the database or a file share went away for a while.
+TRANSIENT: tuple[type[BaseException], ...] = (sa.exc.OperationalError, sa.exc.InterfaceError, OSError)
+MAX_RETRIES = 5
+#: A batch still running after this many seconds is given up (``task_error``); a process
+#: stuck in C code past the hard limit is killed, and its instances come back by the sweep.
+SOFT_TIME_LIMIT_S = 600
+TIME_LIMIT_S = 660
+#: Ids per message when a sweep re-enqueues stuck instances; at most SWEEP_LIMIT per sweep.
+SWEEP_BATCH = 32
+SWEEP_LIMIT = 10_000
+#: Longest ``detail`` stored for a batch given up on.
+_DETAIL_MAX = 500
+
+
+def fail_pending(ids: Sequence[int], reason: str, detail: str) -> int:
+    """Mark the instances of ``ids`` still ``pending`` (and not held by a worker) ``failed``."""
+    state = worker_state()
+    with state.sessions() as session:
+        items = queries.claim(session, ids)
+        queries.mark_finished(
+            session,
+            [
+                {"b_id": item.id, "status": Status.FAILED, "error": reason, "detail": detail[:_DETAIL_MAX]}
+                for item in items
+            ],
+        )
+        session.commit()
+    return len(items)
+
+
+class ClassifyTask(Task):
+    """Gives a batch up for good: its pending instances become ``failed`` rather than stuck."""
+
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        ids = list(args[0]) if args else list(kwargs.get("ids", []))
+        reason = "retries_exhausted" if isinstance(exc, TRANSIENT) else "task_error"
+        try:
+            failed = fail_pending(ids, reason, f"{type(exc).__name__}: {exc}")
+        except Exception:  # the database is still away: the sweep re-enqueues them later
+            log.exception("task %s: could not mark %d instances failed", task_id, len(ids))
+            return
+        log.error("task %s gave up (%s): %d instances failed", task_id, reason, failed)
+
+
+@shared_task(
+    name=CLASSIFY_TASK,
+    base=ClassifyTask,
+    acks_late=True,
+    ignore_result=True,
+    autoretry_for=TRANSIENT,
+    max_retries=MAX_RETRIES,
+    retry_backoff=2,
+    retry_backoff_max=120,
+    retry_jitter=True,
+    soft_time_limit=SOFT_TIME_LIMIT_S,
+    time_limit=TIME_LIMIT_S,
+)
+def classify_ids(ids: list[int]) -> int:
+    """Classify the instances of ``ids`` that are still ``pending``; returns how many were."""
+    state = worker_state()
+    with state.sessions() as session:
+        outcomes = classify_batch(
+            session, ids, state.classifier, state.model_id, frames=state.settings.frames
+        )
+        session.commit()
+    return len(outcomes)
+
+
+@shared_task(name=SWEEP_TASK, acks_late=True, ignore_result=True)
+def sweep_pending() -> int:
+    """Re-enqueue instances ``pending`` for longer than ``sweep_age`` seconds; returns how many."""
+    state = worker_state()
+    settings = state.settings
+    cutoff = datetime.now(UTC) - timedelta(seconds=settings.sweep_age)
+    with state.sessions() as session:
+        ids = queries.stale_pending(session, older_than=cutoff, limit=SWEEP_LIMIT)
+        queries.touch(session, ids)
+        session.commit()
+    for start in range(0, len(ids), SWEEP_BATCH):
+        classify_ids.apply_async(args=[ids[start : start + SWEEP_BATCH]], queue=settings.queue)
+    if ids:
+        log.warning("sweep: re-enqueued %d instances pending since before %s", len(ids), cutoff)
+    return len(ids)

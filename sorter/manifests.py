@@ -1,0 +1,41 @@
+"""What ``sorter export`` and ``sorter-train manifest`` share: group keys and atomic CSV writes.
+
+Both write manifests that ``sorter-train`` reads, so the group of an instance
+(a hashed Study Instance UID, never a patient identifier) and the on-disk
+format must be computed in one place.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+
+def group_key(study_uid: str | None, fallback: str) -> str:
+    """16 hex digits of sha256 over the Study Instance UID (``path:<fallback>`` without one)."""
+    return hashlib.sha256((study_uid or f"path:{fallback}").encode()).hexdigest()[:16]
+
+
+def relative_path(path: str | os.PathLike[str], manifest: Path) -> str:
+    """``path`` relative to the manifest's folder, with forward slashes (the manifest convention)."""
+    return Path(os.path.relpath(path, Path(manifest).absolute().parent)).as_posix()
+
+
+def write_csv_atomic(out: Path, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Write a CSV via a temporary file and a rename: an interrupted run never leaves half a file."""
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(columns)
+            writer.writerows(rows)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,1 @@
+"""Alembic migrations of the results store, shipped inside the package."""

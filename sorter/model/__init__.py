@@ -1,0 +1,1 @@
+"""The classifier: spec, network factory, shared preprocessing, artefact and inference."""

@@ -1,0 +1,101 @@
+"""Save and load the self-describing model artefact (ARCHITECTURE §5).
+
+Layout: one ``torch.save`` file holding ``{"format": "dicom-sorter-model",
+"spec": <JSON text>, "state_dict": ...}``. The spec carries the sha256 of the
+weights so that a corrupted or hand-edited file is refused at load time, and
+it is JSON text so that ``torch.load(weights_only=True)`` can read the file
+without unpickling arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sorter.errors import IncompatibleModelError, ModelError
+from sorter.model.network import SorterNet, build_network
+from sorter.model.spec import ModelSpec
+
+MAGIC = "dicom-sorter-model"
+DEFAULT_MODEL_PATH = Path(__file__).with_name("default") / "model.pt"
+
+
+def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """Checksum of the weights: names, shapes, dtypes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of the artefact file, used as the model's identity in the database."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A network with its spec and identity."""
+
+    spec: ModelSpec
+    network: SorterNet
+    path: Path
+    sha256: str
+
+
+def save_artefact(network: SorterNet, spec: ModelSpec, path: Path) -> str:
+    """Write the artefact to ``path`` atomically and return its file sha256."""
+    state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    spec_data: dict[str, Any] = spec.to_dict()
+    spec_data["weights_sha256"] = weights_sha256(state)
+    payload = {"format": MAGIC, "spec": json.dumps(spec_data, sort_keys=True), "state_dict": state}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return file_sha256(path)
+
+
+def read_spec(path: Path) -> tuple[ModelSpec, dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and validate an artefact without building the network."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model artefact {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file; all mean the same here
+        raise IncompatibleModelError(f"{path} is not a readable dicom-sorter model: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != MAGIC:
+        raise IncompatibleModelError(f"{path} is not a dicom-sorter model artefact")
+    raw = json.loads(payload["spec"])
+    spec = ModelSpec.from_dict(raw)
+    state: dict[str, torch.Tensor] = payload["state_dict"]
+    expected = raw.get("weights_sha256")
+    if expected != weights_sha256(state):
+        raise IncompatibleModelError(f"{path}: weights checksum mismatch (file corrupted or edited)")
+    return spec, raw, state
+
+
+def load_artefact(path: Path | None = None) -> LoadedModel:
+    """Load an artefact (the bundled default when ``path`` is None) onto the CPU."""
+    path = Path(path) if path is not None else DEFAULT_MODEL_PATH
+    spec, _, state = read_spec(path)
+    network = build_network(spec)
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as exc:
+        raise IncompatibleModelError(f"{path}: weights do not match architecture {spec.arch}: {exc}") from exc
+    network.eval()
+    return LoadedModel(spec=spec, network=network, path=path, sha256=file_sha256(path))

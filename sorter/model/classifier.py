@@ -1,0 +1,104 @@
+"""Batched inference with a resident model, on CUDA when present."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sorter.dicom.pixels import DecodedImage
+from sorter.domain import Label, Prediction
+from sorter.model.artefact import LoadedModel, load_artefact
+from sorter.model.preprocess import prepare_image
+from sorter.model.spec import ModelSpec
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """``requested`` if given, else CUDA when available, else the CPU."""
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Classifier:
+    """A loaded model that turns decoded images into calibrated predictions.
+
+    Create it once per process (after any fork) and keep it: loading costs
+    far more than a batch.
+    """
+
+    def __init__(self, model: LoadedModel, device: str | None = None) -> None:
+        self.model = model
+        self.spec: ModelSpec = model.spec
+        self.device = pick_device(device)
+        self.network = model.network.to(self.device)
+        if self.device.type == "cuda":
+            self.network = self.network.to(memory_format=torch.channels_last)
+        self.network.eval()
+
+    @classmethod
+    def load(cls, path: Path | str | None = None, device: str | None = None) -> Classifier:
+        """Load ``path`` (the bundled default model when None)."""
+        return cls(load_artefact(Path(path) if path else None), device=device)
+
+    @property
+    def sha256(self) -> str:
+        """Identity of the artefact file."""
+        return self.model.sha256
+
+    @property
+    def labels(self) -> tuple[Label, ...]:
+        """Labels in output order."""
+        return self.spec.labels
+
+    def prepare(self, image: DecodedImage) -> tuple[np.ndarray, np.ndarray]:
+        """Preprocess every frame of ``image``: arrays (k, C, S, S) and (k, F)."""
+        return prepare_image(image.frames, image.colourfulness, self.spec.preprocess)
+
+    def predict_arrays(self, images: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (N, L) for preprocessed inputs."""
+        if len(images) == 0:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+            f = torch.from_numpy(np.ascontiguousarray(features)).to(self.device)
+            if self.device.type == "cuda":
+                x = x.to(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits = self.network(x, f)
+            else:
+                logits = self.network(x, f)
+            probs = torch.softmax(logits.float() / self.spec.temperature, dim=1)
+        return probs.cpu().numpy()
+
+    def predict_prepared(self, prepared: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[Prediction]:
+        """One prediction per image from :meth:`prepare` outputs; frames are averaged."""
+        if not prepared:
+            return []
+        counts = [len(p[0]) for p in prepared]
+        probs = self.predict_arrays(
+            np.concatenate([p[0] for p in prepared]), np.concatenate([p[1] for p in prepared])
+        )
+        out, start = [], 0
+        for count in counts:
+            out.append(self.to_prediction(probs[start : start + count].mean(axis=0)))
+            start += count
+        return out
+
+    def predict_images(self, images: Sequence[DecodedImage]) -> list[Prediction]:
+        """Classify decoded images in one batched forward pass."""
+        return self.predict_prepared([self.prepare(image) for image in images])
+
+    def to_prediction(self, probs: np.ndarray) -> Prediction:
+        """Top-2 view of one probability vector."""
+        order = np.argsort(-probs)
+        first, second = int(order[0]), int(order[1])
+        return Prediction(
+            label=self.labels[first],
+            confidence=float(probs[first]),
+            second_label=self.labels[second],
+            second_confidence=float(probs[second]),
+            probabilities={label: float(p) for label, p in zip(self.labels, probs, strict=True)},
+        )

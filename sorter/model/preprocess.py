@@ -1,0 +1,106 @@
+"""The one preprocessing function, shared by training and serving (ARCHITECTURE §4).
+
+Input is a decoded grey frame in physical units (Modality LUT applied,
+MONOCHROME1 inverted); output is the network's (C, S, S) float32 input plus
+the scalar feature vector. Resizing happens first, on raw values, so that the
+intensity statistics are computed on S*S pixels instead of a full radiograph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from sorter.model.spec import PreprocessParams
+
+#: Hounsfield-like window for the optional ``hu`` channel: air .. dense bone.
+_HU_LOW, _HU_HIGH = -1000.0, 2000.0
+
+
+def letterbox(frame: np.ndarray, fill: float) -> np.ndarray:
+    height, width = frame.shape
+    side = max(height, width)
+    if height == width:
+        return frame
+    out = np.full((side, side), fill, dtype=np.float32)
+    top, left = (side - height) // 2, (side - width) // 2
+    out[top : top + height, left : left + width] = frame
+    return out
+
+
+def resize(frame: np.ndarray, size: int) -> np.ndarray:
+    """Antialiased resize of a float32 frame to ``size`` x ``size``.
+
+    Pillow's 32-bit float mode resizes in C with a filter whose support grows
+    with the scale factor, i.e. with antialiasing, far faster than torch on
+    one image.
+    """
+    if frame.shape == (size, size):
+        return frame.astype(np.float32, copy=False)
+    image = Image.fromarray(np.ascontiguousarray(frame, dtype=np.float32), mode="F")
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def scale_intensity(frame: np.ndarray, params: PreprocessParams) -> np.ndarray:
+    """Map a frame to [0, 1]: per-image min-max (the paper) or a percentile clip.
+
+    A constant frame maps to zeros, never NaN.
+    """
+    if params.scaling == "minmax":
+        low, high = float(frame.min()), float(frame.max())
+    else:
+        low, high = (float(v) for v in np.percentile(frame, [params.p_low, params.p_high]))
+    span = high - low
+    if not np.isfinite(span) or span <= 1e-6:
+        return np.zeros_like(frame, dtype=np.float32)
+    return np.clip((frame - low) / span, 0.0, 1.0).astype(np.float32)
+
+
+def preprocess_frame(
+    frame: np.ndarray, colourfulness: float, params: PreprocessParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """Turn one decoded grey frame into network input.
+
+    Parameters
+    ----------
+    frame
+        (H, W) array in physical units (after the Modality LUT).
+    colourfulness
+        The source image's colourfulness in [0, 1] (0 for greyscale).
+    params
+        Preprocessing parameters from the model spec.
+
+    Returns
+    -------
+    image : np.ndarray
+        (C, S, S) float32, channels in ``params.channels`` order.
+    features : np.ndarray
+        (F,) float32, features in ``params.features`` order.
+    """
+    frame = np.nan_to_num(np.asarray(frame, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    if frame.ndim != 2:
+        raise ValueError(f"expected a 2-D grey frame, got shape {frame.shape}")
+    if params.letterbox:
+        frame = letterbox(frame, float(frame.min()) if frame.size else 0.0)
+    small = resize(frame, params.input_size)
+    channels = []
+    for name in params.channels:
+        if name == "scaled":
+            channels.append(scale_intensity(small, params))
+        else:  # "hu"
+            channels.append(np.clip((small - _HU_LOW) / (_HU_HIGH - _HU_LOW), 0.0, 1.0))
+    features = [
+        float(np.clip(colourfulness, 0.0, 1.0)) for name in params.features if name == "colourfulness"
+    ]
+    return np.stack(channels).astype(np.float32), np.asarray(features, dtype=np.float32)
+
+
+def prepare_image(
+    frames: np.ndarray, colourfulness: float, params: PreprocessParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocess every frame of one decoded instance: arrays (k, C, S, S) and (k, F).
+
+    Torch-free, so that decode processes can run it without loading the model.
+    """
+    pairs = [preprocess_frame(frame, colourfulness, params) for frame in frames]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])

@@ -1,0 +1,123 @@
+"""The model spec: everything serving needs to reproduce training's view of an image.
+
+The spec travels inside the artefact (ARCHITECTURE §5); training builds it,
+serving reads it, and no parameter lives in two places.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sorter.domain import Label
+from sorter.errors import IncompatibleModelError
+
+#: Bump when the artefact layout or the meaning of a spec field changes.
+FORMAT_VERSION = 1
+
+ARCHITECTURES = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "vgg16_bn",
+    "efficientnet_b0",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+)
+CHANNELS = ("scaled", "hu")
+FEATURES = ("colourfulness",)
+SCALINGS = ("minmax", "percentile")
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    """How a decoded grey frame becomes network input.
+
+    ``scaling`` is the paper's per-image ``minmax`` or a robust ``percentile``
+    clip between ``p_low`` and ``p_high``. ``letterbox`` pads to a square
+    before resizing so that shape (a tall mammogram, a wide panoramic) survives.
+    """
+
+    input_size: int = 128
+    scaling: str = "percentile"
+    p_low: float = 0.5
+    p_high: float = 99.5
+    letterbox: bool = True
+    channels: tuple[str, ...] = ("scaled",)
+    features: tuple[str, ...] = ("colourfulness",)
+
+    def __post_init__(self) -> None:
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, not {self.scaling!r}")
+        for name in self.channels:
+            if name not in CHANNELS:
+                raise ValueError(f"unknown input channel {name!r}; known: {CHANNELS}")
+        for name in self.features:
+            if name not in FEATURES:
+                raise ValueError(f"unknown feature {name!r}; known: {FEATURES}")
+        if not 16 <= self.input_size <= 1024:
+            raise ValueError(f"input_size {self.input_size} is outside 16..1024")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """A prediction is confident when both bounds hold (see :func:`sorter.compare.compare`)."""
+
+    min_confidence: float = 0.8
+    min_margin: float = 0.2
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Self-description of a trained classifier."""
+
+    arch: str
+    labels: tuple[Label, ...]
+    preprocess: PreprocessParams = field(default_factory=PreprocessParams)
+    temperature: float = 1.0
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.arch!r}; known: {', '.join(ARCHITECTURES)}")
+        if len(set(self.labels)) != len(self.labels) or len(self.labels) < 2:
+            raise ValueError("labels must be at least two distinct labels")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready representation (labels as strings)."""
+        data = asdict(self)
+        data["labels"] = [label.value for label in self.labels]
+        data["preprocess"]["channels"] = list(self.preprocess.channels)
+        data["preprocess"]["features"] = list(self.preprocess.features)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        """Rebuild a spec, refusing artefacts written by an incompatible format."""
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise IncompatibleModelError(
+                f"model format version {version!r} is not supported by this dicom-sorter "
+                f"(it reads version {FORMAT_VERSION}); re-export the model with a matching release"
+            )
+        try:
+            pre = dict(data.get("preprocess", {}))
+            pre["channels"] = tuple(pre.get("channels", ("scaled",)))
+            pre["features"] = tuple(pre.get("features", ()))
+            return cls(
+                arch=data["arch"],
+                labels=tuple(Label(v) for v in data["labels"]),
+                preprocess=PreprocessParams(**pre),
+                temperature=float(data.get("temperature", 1.0)),
+                thresholds=Thresholds(**data.get("thresholds", {})),
+                training=dict(data.get("training", {})),
+                metrics=dict(data.get("metrics", {})),
+                format_version=version,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IncompatibleModelError(f"model spec is malformed: {exc}") from exc

@@ -1,0 +1,227 @@
+"""Classify a batch of registered instances end to end (ARCHITECTURE §1).
+
+The same steps run under ``sorter scan`` (:mod:`sorter.jobs.local`) and in a
+queue worker: :func:`claim_batch` locks the instances that still need work,
+:func:`decode_one` turns one file into network input (in a worker process),
+:func:`infer` runs one batched forward pass and compares with the header, and
+:func:`write_outcomes` stores everything with a fixed number of statements.
+Nothing here creates a session or commits: the caller owns the transaction,
+which spans claim to write so that a crash leaves the batch ``pending``.
+
+The decode side never imports torch (the classifier is a type-only import),
+so decode processes start in a fraction of a second and stay small.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from sorter.compare import compare
+from sorter.db import queries
+from sorter.db.queries import Claimed
+from sorter.dicom.pixels import load_image
+from sorter.dicom.quiet import quiet_pydicom
+from sorter.domain import Label, Prediction, Status, Verdict
+from sorter.errors import InputError, NonImageObject
+from sorter.model.preprocess import prepare_image
+from sorter.model.spec import PreprocessParams
+
+if TYPE_CHECKING:  # torch stays out of the decode processes
+    from sqlalchemy.orm import Session
+
+    from sorter.model.classifier import Classifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Network input for one instance: frames ``(k, C, S, S)`` and features ``(k, F)``."""
+
+    instance_id: int
+    images: np.ndarray
+    features: np.ndarray
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The terminal result for one instance."""
+
+    instance_id: int
+    status: Status
+    header_label: Label | None = None
+    prediction: Prediction | None = None
+    verdict: Verdict | None = None
+    error: str | None = None
+    detail: str | None = None
+
+
+Decoder = Callable[[Claimed, PreprocessParams, int], "Prepared | Outcome"]
+
+
+def init_decode_process(parent_pid: int | None = None) -> None:
+    """Initialise a decode process: Ctrl-C is left to the parent, and the parent's death ends it.
+
+    The parent stops submitting, rolls back its open batches and shuts the pool
+    down; workers dying mid-file on the same signal would only add noise. A
+    parent killed outright (kill -9, the OOM killer) cannot shut the pool down,
+    and an idle worker would wait on its task queue for ever: a watcher thread
+    ends the worker once ``parent_pid`` is gone.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    quiet_pydicom()  # filters set in the parent do not reach a spawned or forkserver process
+    if parent_pid is not None:
+        threading.Thread(target=_exit_with, args=(parent_pid,), daemon=True, name="parent-watch").start()
+
+
+def _exit_with(parent_pid: int, interval_s: float = 1.0) -> None:
+    while True:
+        time.sleep(interval_s)
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:  # the pid was reused by someone else's process: ours is gone
+            os._exit(0)
+
+
+def decode_one(item: Claimed, params: PreprocessParams, frames: int = 1) -> Prepared | Outcome:
+    """Read, decode and preprocess one instance; never raises for a bad file.
+
+    Parameters
+    ----------
+    item
+        The claimed instance (its id and path).
+    params
+        The model's preprocessing parameters.
+    frames
+        Frames classified per multi-frame instance.
+
+    Returns
+    -------
+    Prepared or Outcome
+        The network input, or a ``failed``/``skipped`` outcome with its reason.
+    """
+    try:
+        image = load_image(item.path, frames=frames)
+        images, features = prepare_image(image.frames, image.colourfulness, params)
+    except NonImageObject as exc:
+        return Outcome(item.id, Status.SKIPPED, item.header_label, error=exc.reason, detail=exc.detail)
+    except InputError as exc:
+        return Outcome(item.id, Status.FAILED, item.header_label, error=exc.reason, detail=exc.detail)
+    except Exception as exc:  # a decoder bug on one file must not cost the batch; keep the evidence
+        log.warning("instance %d: unexpected %s while decoding", item.id, type(exc).__name__, exc_info=True)
+        return Outcome(
+            item.id,
+            Status.FAILED,
+            item.header_label,
+            error="decode_error",
+            detail=f"{type(exc).__name__}: {exc}",
+        )
+    return Prepared(item.id, images, features)
+
+
+def claim_batch(
+    session: Session, ids: Sequence[int], statuses: Collection[Status] = (Status.PENDING,)
+) -> list[Claimed]:
+    """Lock the instances of ``ids`` that still need work (see :func:`sorter.db.queries.claim`)."""
+    return queries.claim(session, ids, statuses)
+
+
+def infer(
+    classifier: Classifier, items: Sequence[Claimed], decoded: Sequence[Prepared | Outcome]
+) -> list[Outcome]:
+    """One batched forward pass over the decoded items; outcomes in ``items`` order."""
+    ready = [d for d in decoded if isinstance(d, Prepared)]
+    predictions = iter(classifier.predict_prepared([(d.images, d.features) for d in ready]))
+    thresholds = classifier.spec.thresholds
+    out: list[Outcome] = []
+    for item, result in zip(items, decoded, strict=True):
+        if isinstance(result, Outcome):
+            out.append(result)
+            continue
+        prediction = next(predictions)
+        verdict = compare(item.header_label, prediction, classifier.labels, thresholds)
+        out.append(Outcome(item.id, Status.DONE, item.header_label, prediction, verdict))
+    return out
+
+
+def _prediction_row(outcome: Outcome, model_id: int) -> dict[str, Any]:
+    p = outcome.prediction
+    assert p is not None and outcome.verdict is not None
+    row: dict[str, Any] = {
+        "instance_id": outcome.instance_id,
+        "model_id": model_id,
+        "label": p.label,
+        "confidence": p.confidence,
+        "second_label": p.second_label,
+        "second_confidence": p.second_confidence,
+        "verdict": outcome.verdict,
+    }
+    for label in Label:
+        value = p.probabilities.get(label)
+        row[f"p_{label.value.lower()}"] = None if value is None else float(value)
+    return row
+
+
+def write_outcomes(session: Session, model_id: int, outcomes: Sequence[Outcome]) -> None:
+    """Store a batch's predictions and terminal statuses: three statements, whatever its size."""
+    done = [o for o in outcomes if o.status is Status.DONE]
+    queries.upsert_predictions(session, [_prediction_row(o, model_id) for o in done])
+    queries.mark_done(session, [o.instance_id for o in done], model_id)
+    queries.mark_finished(
+        session,
+        [
+            {"b_id": o.instance_id, "status": o.status, "error": o.error, "detail": o.detail}
+            for o in outcomes
+            if o.status is not Status.DONE
+        ],
+    )
+
+
+def register_model(session: Session, classifier: Classifier) -> int:
+    """The ``models`` row id of ``classifier``, created on first use."""
+    spec = classifier.spec
+    return queries.model_id_for(
+        session,
+        {
+            "sha256": classifier.sha256,
+            "arch": spec.arch,
+            "labels": ",".join(label.value for label in classifier.labels),
+            "min_confidence": spec.thresholds.min_confidence,
+            "min_margin": spec.thresholds.min_margin,
+            "path": str(classifier.model.path),
+            "spec": spec.to_dict(),
+        },
+    )
+
+
+def classify_batch(
+    session: Session,
+    ids: Sequence[int],
+    classifier: Classifier,
+    model_id: int,
+    *,
+    frames: int = 1,
+    statuses: Collection[Status] = (Status.PENDING,),
+    decode: Decoder = decode_one,
+) -> list[Outcome]:
+    """Claim, decode (in this process), infer and write one batch; the caller commits.
+
+    This is the whole pipeline for a queue task; :mod:`sorter.jobs.local` runs
+    the same steps with decoding spread over a process pool.
+    """
+    items = claim_batch(session, ids, statuses)
+    params = classifier.spec.preprocess
+    outcomes = infer(classifier, items, [decode(item, params, frames) for item in items])
+    write_outcomes(session, model_id, outcomes)
+    return outcomes

@@ -1,0 +1,209 @@
+"""Read-only queries behind ``sorter report``, ``discrepancies`` and ``find``.
+
+Each function takes the caller's session and returns plain dicts, so the
+commands can print them as a table, CSV or JSON. Long listings stream
+(``yield_per``) instead of loading the archive into memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from sorter.db import views
+from sorter.db.queries import instances
+from sorter.domain import Label, Status, Verdict
+
+LEVELS = ("instance", "series", "study")
+_STREAM = {"yield_per": 1000}
+
+INSTANCE_FIELDS = (
+    "sop_instance_uid",
+    "series_instance_uid",
+    "study_instance_uid",
+    "source",
+    "station_name",
+    "header_modality",
+    "header_label",
+    "label",
+    "confidence",
+    "second_label",
+    "second_confidence",
+    "verdict",
+    "path",
+)
+SERIES_FIELDS = (
+    "series_instance_uid",
+    "study_instance_uid",
+    "source",
+    "station_name",
+    "header_modality",
+    "header_label",
+    "label",
+    "confidence",
+    "n_instances",
+    "n_disagree",
+    "verdict",
+)
+STUDY_FIELDS = (
+    "study_instance_uid",
+    "source",
+    "header_labels",
+    "labels",
+    "n_series",
+    "n_series_disagree",
+    "n_instances",
+    "n_instances_disagree",
+    "verdict",
+)
+
+
+def _rows(session: Session, stmt: sa.Select[Any]) -> list[dict[str, Any]]:
+    return [dict(row._mapping) for row in session.execute(stmt)]
+
+
+def _rate_by(session: Session, column: str) -> list[dict[str, Any]]:
+    lp = views.latest_predictions
+    key = lp.c[column]
+    disagree = sa.func.sum(sa.case((lp.c.verdict == Verdict.DISAGREE.value, 1), else_=0))
+    stmt = (
+        sa.select(key.label(column), sa.func.count().label("classified"), disagree.label("disagree"))
+        .group_by(key)
+        .order_by(disagree.desc(), key)
+    )
+    rows = _rows(session, stmt)
+    for row in rows:
+        row["rate"] = round(row["disagree"] / row["classified"], 4) if row["classified"] else 0.0
+    return rows
+
+
+def report(session: Session) -> dict[str, list[dict[str, Any]]]:
+    """The whole database in a few tables.
+
+    Returns
+    -------
+    dict
+        Sections, each a list of rows: ``status`` (instances by status),
+        ``labels`` (header label x predicted label), ``verdicts``, discrepancy
+        rates ``by_source``, ``by_station`` and ``by_calling_ae``, ``failures``
+        (failed and skipped by reason), ``series`` and ``studies`` (verdict counts).
+    """
+    lp, ss, st = views.latest_predictions, views.series_summary, views.study_summary
+    n = sa.func.count().label("n")
+    return {
+        "status": _rows(
+            session,
+            sa.select(instances.c.status, n).group_by(instances.c.status).order_by(instances.c.status),
+        ),
+        "labels": _rows(
+            session,
+            sa.select(lp.c.header_label, lp.c.label, n)
+            .group_by(lp.c.header_label, lp.c.label)
+            .order_by(lp.c.header_label, lp.c.label),
+        ),
+        "verdicts": _rows(session, sa.select(lp.c.verdict, n).group_by(lp.c.verdict).order_by(lp.c.verdict)),
+        "by_source": _rate_by(session, "source"),
+        "by_station": _rate_by(session, "station_name"),
+        "by_calling_ae": _rate_by(session, "calling_ae"),
+        "failures": _rows(
+            session,
+            sa.select(instances.c.status, instances.c.error, n)
+            .where(instances.c.status.in_([Status.FAILED, Status.SKIPPED]))
+            .group_by(instances.c.status, instances.c.error)
+            .order_by(instances.c.status, n.desc()),
+        ),
+        "series": _rows(session, sa.select(ss.c.verdict, n).group_by(ss.c.verdict).order_by(ss.c.verdict)),
+        "studies": _rows(session, sa.select(st.c.verdict, n).group_by(st.c.verdict).order_by(st.c.verdict)),
+    }
+
+
+def discrepancies(
+    session: Session, level: str = "instance", min_confidence: float = 0.0, limit: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """Header-versus-pixels disagreements at ``level``, most confident first.
+
+    Parameters
+    ----------
+    session
+        The caller's session.
+    level
+        ``instance``, ``series`` or ``study``. A study is listed when one of its
+        series disagrees with at least ``min_confidence``.
+    min_confidence
+        Lowest (instance or series mean) confidence to list.
+    limit
+        At most this many rows.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, not {level!r}")
+    stmt: sa.Select[Any]
+    if level == "instance":
+        d = views.discrepancies
+        stmt = (
+            sa.select(*(d.c[f] for f in INSTANCE_FIELDS))
+            .where(d.c.confidence >= min_confidence)
+            .order_by(d.c.confidence.desc(), d.c.instance_id)
+        )
+    elif level == "series":
+        s = views.series_discrepancies
+        stmt = (
+            sa.select(*(s.c[f] for f in SERIES_FIELDS))
+            .where(s.c.confidence >= min_confidence)
+            .order_by(s.c.confidence.desc(), s.c.series_instance_uid)
+        )
+    else:
+        st, sd = views.study_summary, views.series_discrepancies
+        flagged = sa.select(sd.c.study_instance_uid).where(sd.c.confidence >= min_confidence)
+        stmt = (
+            sa.select(*(st.c[f] for f in STUDY_FIELDS))
+            .where(st.c.study_instance_uid.in_(flagged))
+            .order_by(st.c.n_series_disagree.desc(), st.c.study_instance_uid)
+        )
+    if limit:
+        stmt = stmt.limit(limit)
+    for row in session.execute(stmt.execution_options(**_STREAM)):
+        yield dict(row._mapping)
+
+
+def find(
+    session: Session,
+    label: Label,
+    *,
+    header: Sequence[Label] = (),
+    sources: Sequence[str] = (),
+    min_confidence: float = 0.0,
+    limit: int | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Instances whose pixels show ``label`` (by their latest prediction).
+
+    Parameters
+    ----------
+    session
+        The caller's session.
+    label
+        What the pixels show.
+    header
+        Only instances whose header label is one of these.
+    sources
+        Only instances from these sources.
+    min_confidence
+        Lowest confidence to list.
+    limit
+        At most this many rows.
+    """
+    lp = views.latest_predictions
+    stmt = sa.select(*(lp.c[f] for f in INSTANCE_FIELDS)).where(
+        lp.c.label == label.value, lp.c.confidence >= min_confidence
+    )
+    if header:
+        stmt = stmt.where(lp.c.header_label.in_([h.value for h in header]))
+    if sources:
+        stmt = stmt.where(lp.c.source.in_(list(sources)))
+    stmt = stmt.order_by(lp.c.instance_id)
+    if limit:
+        stmt = stmt.limit(limit)
+    for row in session.execute(stmt.execution_options(**_STREAM)):
+        yield dict(row._mapping)

@@ -1,0 +1,231 @@
+"""Backfill an archive: walk, register headers in bulk, hand new work to an executor.
+
+Resumability comes from three rules. Registration commits one batch of files
+(instances and ledger together) before their ids are handed on, so a file
+is either fully registered or not at all. Each classification batch is one
+transaction, so an instance is either ``done``/``failed``/``skipped`` with
+its prediction, or still ``pending``. And a scan ends by classifying every
+``pending`` instance under its roots, which is how work cut short by Ctrl-C
+or ``kill -9`` is finished by the next run. The ledger (path, size, mtime)
+makes a re-scan of an unchanged archive read no file at all.
+
+Per batch of files the database sees a constant number of statements: one
+ledger lookup, the registration (:func:`sorter.ingest.register`) and one commit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Protocol
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from sorter.db import queries
+from sorter.dicom.headers import read_header
+from sorter.domain import Status
+from sorter.errors import InputError, UnreadableFile
+from sorter.ingest import Registration, failure, from_header, register
+from sorter.summary import RunSummary
+from sorter.walk import Entry, count_files, os_error_reason, walk
+
+log = logging.getLogger(__name__)
+
+#: Files registered per transaction.
+REGISTER_BATCH = 500
+#: Pending instances fetched per page when resuming.
+RESUME_PAGE = 2000
+
+
+class Executor(Protocol):
+    """Where committed instance ids go to be classified."""
+
+    def submit(self, ids: Iterable[int]) -> None:
+        """Queue ids (after their registration committed)."""
+
+    def drain(self) -> None:
+        """Finish everything queued."""
+
+
+class Progress(Protocol):
+    """The progress display (a tqdm bar in the CLI)."""
+
+    total: float | None
+
+    def update(self, n: float | None = 1) -> bool | None:
+        """Advance by ``n`` files."""
+
+    def refresh(self) -> None:
+        """Redraw."""
+
+
+def source_of(path: str, root: str) -> str:
+    """Default source of a file: the first folder under the scan root (the root's name for its own files)."""
+    rel = os.path.relpath(path, root)
+    parts = rel.split(os.sep)
+    if len(parts) > 1 and parts[0] not in (os.curdir, os.pardir):
+        return parts[0]
+    return os.path.basename(root.rstrip(os.sep)) or root
+
+
+def read_registration(entry: Entry, source: str | None, **extra: Any) -> Registration:
+    """Read one walked file's header into a :class:`~sorter.ingest.Registration`; never raises.
+
+    ``extra`` goes to the registration (``changed``, ``replaces``, ``calling_ae``).
+    """
+    common: dict[str, Any] = {"source": source, "size": entry.size, "mtime_ns": entry.mtime_ns, **extra}
+    if entry.reason is not None:
+        return failure(entry.path, entry.reason, entry.detail, entry.status, **common)
+    try:
+        header = read_header(entry.path)
+    except UnreadableFile as exc:
+        cause = exc.__cause__
+        reason = (
+            os_error_reason(cause, os.path.islink(entry.path)) if isinstance(cause, OSError) else exc.reason
+        )
+        return failure(entry.path, reason, exc.detail, **common)
+    except InputError as exc:
+        return failure(entry.path, exc.reason, exc.detail, **common)
+    except Exception as exc:  # one malformed header must not stop a days-long scan; record it
+        log.warning("unexpected %s reading the header of %s", type(exc).__name__, entry.path, exc_info=True)
+        return failure(entry.path, "header_error", f"{type(exc).__name__}: {exc}", **common)
+    return from_header(header, **common)
+
+
+class Scan:
+    """One scan run: owns the counters and talks to the database and the executor.
+
+    Parameters
+    ----------
+    sessions
+        Session factory (one short session per registration batch).
+    executor
+        Receives the ids of newly pending instances after each commit.
+    summary
+        Counters to update (the executor's ``on_batch`` adds classification outcomes).
+    source
+        Fixed source for every file; ``None``: the first folder under each root.
+    progress
+        Progress display, or ``None``. Without a ``total``, files are counted in a
+        background thread so that it can show an ETA.
+    exclude
+        Absolute paths never to scan (the embedded database and its journals).
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        executor: Executor,
+        summary: RunSummary,
+        *,
+        source: str | None = None,
+        progress: Progress | None = None,
+        exclude: frozenset[str] = frozenset(),
+    ) -> None:
+        self.sessions = sessions
+        self.executor = executor
+        self.summary = summary
+        self.source = source
+        self.progress = progress
+        self.exclude = exclude
+
+    def run(self, roots: Sequence[str]) -> RunSummary:
+        """Walk ``roots``, register and classify; then finish pending work left under them."""
+        started = time.monotonic()
+        roots = [os.path.abspath(r) for r in roots]
+        counter = self._start_counting(roots)
+        entries = ((entry, root) for root in roots for entry in walk([root], self.exclude))
+        for chunk in _batched(entries, REGISTER_BATCH):
+            self.register_batch(chunk)
+            if self.progress is not None:
+                if counter.done:
+                    self.progress.total = max(counter.total, self.summary.files)
+                self.progress.update(len(chunk))
+        self.executor.drain()
+        self.resume([r if not os.path.isdir(r) else r.rstrip(os.sep) + os.sep for r in roots])
+        self.summary.elapsed_s = time.monotonic() - started
+        return self.summary
+
+    def _start_counting(self, roots: Sequence[str]) -> _Counter:
+        counter = _Counter()
+        if self.progress is not None and self.progress.total is None:
+            threading.Thread(target=counter.count, args=(roots,), daemon=True, name="count-files").start()
+        return counter
+
+    def register_batch(self, chunk: list[tuple[Entry, str]]) -> None:
+        """Register one batch of walked files and hand the new pending instances to the executor.
+
+        One ledger lookup drops unchanged files, headers of the rest are read
+        without pixels, and the batch is committed before anything is queued.
+        """
+        self.summary.files += len(chunk)
+        with self.sessions() as session:
+            known = queries.ledger_lookup(session, [entry.path for entry, _ in chunk])
+            todo: list[Registration] = []
+            for entry, root in chunk:
+                old = known.get(entry.path)
+                if (
+                    old is not None
+                    and entry.reason is None
+                    and old.instance_id is not None
+                    and (old.size, old.mtime_ns) == (entry.size, entry.mtime_ns)
+                ):
+                    self.summary.unchanged += 1
+                    continue
+                source = self.source or source_of(entry.path, root)
+                replaces = old.instance_id if old is not None else None
+                todo.append(read_registration(entry, source, changed=old is not None, replaces=replaces))
+            registered = register(session, todo) if todo else []
+            session.commit()
+        pending: list[int] = []
+        for item, result in zip(todo, registered, strict=True):
+            self.summary.registered += 1
+            if result.duplicate:
+                self.summary.duplicates += 1
+            elif result.status is Status.PENDING:
+                pending.append(result.instance_id)
+            elif item.status is not Status.PENDING:
+                self.summary.count_terminal(item.status, item.error)
+        self.executor.submit(pending)  # after the commit: the ids exist for every reader
+
+    def resume(self, prefixes: Sequence[str]) -> None:
+        """Classify every instance still ``pending`` under ``prefixes`` (work cut short earlier)."""
+        after = 0
+        while True:
+            with self.sessions() as session:
+                ids = queries.next_ids(
+                    session, after=after, limit=RESUME_PAGE, statuses=[Status.PENDING], under=prefixes
+                )
+            if not ids:
+                break
+            log.info("resuming %d pending instances", len(ids))
+            self.summary.resumed += len(ids)
+            after = ids[-1]
+            self.executor.submit(ids)
+            self.executor.drain()
+
+
+class _Counter:
+    """Counts files in a background thread so the progress bar can show an ETA."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.done = False
+
+    def count(self, roots: Sequence[str]) -> None:
+        """Count, then flag completion (the thread's target)."""
+        try:
+            self.total = count_files(roots)
+        except OSError as exc:  # the ETA is a nicety; the walk reports the real problem
+            log.debug("file count failed: %s", exc)
+        self.done = True
+
+
+def _batched(items: Iterable[tuple[Entry, str]], size: int) -> Iterator[list[tuple[Entry, str]]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk

@@ -1,0 +1,283 @@
+"""Register and classify spooled instances, off the network thread (ARCHITECTURE §1, §7).
+
+The listener acknowledges a C-STORE once the file is durably in the spool and
+offers its path to :class:`SpoolWorker`, a bounded queue consumed by one
+background thread. The thread registers paths in batches (size or flush
+interval, whichever comes first) through :func:`sorter.ingest.register` with
+the scan ledger, exactly as ``sorter scan`` does, and hands the newly pending
+ids to the executor. A full queue drops the offer (never blocks the network
+thread); a database or model that cannot be reached drops the queue. Both are
+caught up by the sweep: at start-up and every ``sweep_s`` the whole spool is
+walked, and the ledger makes every already registered, unchanged file free.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from sorter.db import queries
+from sorter.dicom.storage import is_spooled_file
+from sorter.domain import Status
+from sorter.ingest import Registration, register
+from sorter.scan import Executor, read_registration
+from sorter.walk import Entry, walk
+
+log = logging.getLogger(__name__)
+
+#: Default source of instances whose calling AE is unknown (found by a sweep).
+DEFAULT_SOURCE = "dicom-listener"
+_SWEEP_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class Received:
+    """One spooled file and the AE title that sent it (``None`` when found by a sweep)."""
+
+    path: str
+    calling_ae: str | None = None
+
+
+Backend = Callable[[], AbstractContextManager[tuple[sessionmaker[Session], Executor]]]
+
+
+class SpoolIngest:
+    """Registers spool files with the ledger and classifies what became pending."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        executor: Executor,
+        spool: Path,
+        source: str | None = None,
+        grace_s: float = 0.0,
+    ) -> None:
+        self.sessions = sessions
+        self.executor = executor
+        self.spool = spool
+        self.source = source
+        self.grace_s = grace_s
+
+    def register(self, items: Sequence[Received]) -> int:
+        """Register ``items`` (one transaction), classify the new ones; returns how many were registered."""
+        unique = list({item.path: item for item in items}.values())
+        with self.sessions() as session:
+            known = queries.ledger_lookup(session, [item.path for item in unique])
+            todo: list[Registration] = []
+            for item in unique:
+                entry = _entry(item.path)
+                if entry is None:
+                    continue  # replaced or removed since: the newer copy is (or was) offered itself
+                old = known.get(item.path)
+                if (
+                    old is not None
+                    and old.instance_id is not None
+                    and (old.size, old.mtime_ns)
+                    == (
+                        entry.size,
+                        entry.mtime_ns,
+                    )
+                ):
+                    continue
+                source = self.source or item.calling_ae or DEFAULT_SOURCE
+                replaces = old.instance_id if old is not None else None
+                todo.append(
+                    read_registration(
+                        entry, source, calling_ae=item.calling_ae, changed=old is not None, replaces=replaces
+                    )
+                )
+            registered = register(session, todo) if todo else []
+            session.commit()
+        pending = [r.instance_id for r in registered if r.status is Status.PENDING and not r.duplicate]
+        self.executor.submit(pending)  # after the commit
+        self.executor.drain()
+        return len(registered)
+
+    def sweep(self) -> int:
+        """Register spool files the ledger lacks (or saw change), finish pending ones; returns the count."""
+        count = 0
+        for chunk in _chunks(self._spooled(), _SWEEP_CHUNK):
+            count += self.register(chunk)
+        self._resume()
+        if count:
+            log.info("spool sweep registered %d files", count)
+        return count
+
+    def _spooled(self) -> Iterator[Received]:
+        if not self.spool.is_dir():
+            return
+        # Files younger than the grace period are (or were just) in the queue, with their calling AE.
+        newest = time.time_ns() - int(self.grace_s * 1e9)
+        for entry in walk([self.spool]):
+            if entry.reason is not None or (entry.mtime_ns or 0) > newest:
+                continue
+            if is_spooled_file(os.path.basename(entry.path)):
+                yield Received(entry.path)
+
+    def _resume(self) -> None:
+        prefix = os.path.join(os.path.abspath(self.spool), "")
+        after = 0
+        while True:
+            with self.sessions() as session:
+                ids = queries.next_ids(
+                    session, after=after, limit=2000, statuses=[Status.PENDING], under=[prefix]
+                )
+            if not ids:
+                return
+            after = ids[-1]
+            self.executor.submit(ids)
+            self.executor.drain()
+
+
+def _entry(path: str) -> Entry | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return Entry(path, reason="unreadable", detail=exc.strerror or type(exc).__name__)
+    return Entry(path, st.st_size, st.st_mtime_ns)
+
+
+def _chunks(items: Iterator[Received], size: int) -> Iterator[list[Received]]:
+    chunk: list[Received] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class SpoolWorker:
+    """The background thread between the listener and the database.
+
+    Parameters
+    ----------
+    spool
+        The spool folder.
+    connect
+        Opens the database and the executor (a context manager factory);
+        called again after a failure, every ``retry_s``.
+    source
+        Fixed source for every instance; ``None``: the calling AE title.
+    queue_size, batch_size, flush_s
+        Bounded queue length; paths registered per transaction; longest wait for a batch to fill.
+    sweep_s, retry_s
+        Interval of the spool sweep; wait before reconnecting after a failure.
+    grace_s
+        Age a file must reach before a sweep registers it: younger ones were
+        offered to the queue with their calling AE title, and a sweep racing the
+        queue would register them without it.
+    """
+
+    def __init__(
+        self,
+        spool: Path,
+        connect: Backend,
+        *,
+        source: str | None = None,
+        queue_size: int = 10_000,
+        batch_size: int = 32,
+        flush_s: float = 1.0,
+        sweep_s: float = 300.0,
+        retry_s: float = 10.0,
+        grace_s: float = 60.0,
+    ) -> None:
+        self.spool = spool
+        self.connect = connect
+        self.source = source
+        self.batch_size = max(1, batch_size)
+        self.flush_s = flush_s
+        self.sweep_s = sweep_s
+        self.retry_s = retry_s
+        self.grace_s = grace_s
+        self._queue: queue.Queue[Received] = queue.Queue(maxsize=max(1, queue_size))
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="spool-worker", daemon=True)
+
+    def offer(self, path: Path, calling_ae: str | None) -> bool:
+        """Queue a spooled file without ever blocking; ``False`` when full (the sweep will find it)."""
+        try:
+            self._queue.put_nowait(Received(str(path), calling_ae))
+        except queue.Full:
+            log.warning("registration queue full; %s left to the next sweep", path.name)
+            return False
+        return True
+
+    def start(self) -> None:
+        """Start the thread (its first act is the start-up sweep)."""
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Register what is queued, then end the thread (when the database is reachable)."""
+        self._stopping.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                with self.connect() as (sessions, executor):
+                    self._serve(SpoolIngest(sessions, executor, self.spool, self.source, self.grace_s))
+                return
+            except Exception as exc:  # the database or the model is away; the spool keeps the files
+                log.warning(
+                    "cannot register received instances (%s: %s); they stay in the spool, retry in %.0f s",
+                    type(exc).__name__,
+                    exc,
+                    self.retry_s,
+                )
+                self._discard_queue()
+                if self._stopping.wait(self.retry_s):
+                    return
+
+    def _serve(self, ingest: SpoolIngest) -> None:
+        ingest.sweep()
+        next_sweep = time.monotonic() + self.sweep_s
+        while True:
+            batch = self._next_batch()
+            if batch:
+                ingest.register(batch)
+            elif self._stopping.is_set():
+                return
+            if time.monotonic() >= next_sweep:
+                ingest.sweep()
+                next_sweep = time.monotonic() + self.sweep_s
+
+    def _next_batch(self) -> list[Received]:
+        batch: list[Received] = []
+        deadline = time.monotonic() + self.flush_s
+        while len(batch) < self.batch_size:
+            remaining = deadline - time.monotonic()
+            if self._stopping.is_set():
+                remaining = 0.0
+            try:
+                batch.append(
+                    self._queue.get(timeout=max(remaining, 0.0))
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
+            except queue.Empty:
+                break
+        return batch
+
+    def _discard_queue(self) -> None:
+        dropped = 0
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+            dropped += 1
+        if dropped:
+            log.info("%d queued files left to the next sweep", dropped)

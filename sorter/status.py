@@ -1,0 +1,98 @@
+"""The pipeline at a glance (``sorter status``): a handful of aggregate queries, no listing.
+
+Every count is one indexed aggregate, so the command stays fast on a large
+archive. Times are UTC; SQLite stores them naive (UTC), PostgreSQL aware.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from sorter.db import views
+from sorter.db.models import Model, Prediction
+from sorter.db.queries import instances
+from sorter.domain import Status
+
+TOP_FAILURES = 10
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _bound(session: Session, value: datetime) -> datetime:
+    """``value`` as the database compares it: naive UTC on SQLite (stored as text)."""
+    return value.replace(tzinfo=None) if session.get_bind().dialect.name == "sqlite" else value
+
+
+def pipeline_status(session: Session, now: datetime | None = None) -> dict[str, Any]:
+    """Counts and ages of the pipeline's work.
+
+    Returns
+    -------
+    dict
+        ``instances`` (total and by status), ``pending`` (count, oldest
+        ``registered_at``, its age in seconds), ``failed`` (top reasons),
+        ``classified`` (last hour, last day, latest prediction time),
+        ``discrepancies`` (instances whose latest prediction disagrees) and
+        ``models`` (each model with its prediction count).
+    """
+    now = now or datetime.now(UTC)
+    n = sa.func.count()
+    by_status = {
+        (s.value if isinstance(s, Status) else str(s)): count
+        for s, count in session.execute(sa.select(instances.c.status, n).group_by(instances.c.status))
+    }
+    pending, oldest = session.execute(
+        sa.select(n, sa.func.min(instances.c.registered_at)).where(instances.c.status == Status.PENDING)
+    ).one()
+    oldest = _utc(oldest)
+    failed = [
+        {"reason": reason or "unknown", "n": count}
+        for reason, count in session.execute(
+            sa.select(instances.c.error, n)
+            .where(instances.c.status == Status.FAILED)
+            .group_by(instances.c.error)
+            .order_by(n.desc(), instances.c.error)
+            .limit(TOP_FAILURES)
+        )
+    ]
+    created = Prediction.created_at
+
+    def classified_since(delta: timedelta) -> int:
+        stmt = sa.select(n).select_from(Prediction).where(created >= _bound(session, now - delta))
+        return int(session.execute(stmt).scalar_one())
+
+    latest = _utc(session.execute(sa.select(sa.func.max(created))).scalar_one())
+    discrepancies = session.execute(sa.select(n).select_from(views.discrepancies)).scalar_one()
+    models = [
+        {"model_id": mid, "arch": arch, "sha256": sha[:12], "predictions": count, "latest": _utc(last)}
+        for mid, arch, sha, count, last in session.execute(
+            sa.select(Model.id, Model.arch, Model.sha256, sa.func.count(Prediction.id), sa.func.max(created))
+            .join(Prediction, Prediction.model_id == Model.id)
+            .group_by(Model.id, Model.arch, Model.sha256)
+            .order_by(Model.id)
+        )
+    ]
+    return {
+        "instances": {"total": sum(by_status.values()), **dict(sorted(by_status.items()))},
+        "pending": {
+            "n": int(pending),
+            "oldest_registered_at": oldest,
+            "oldest_age_s": round((now - oldest).total_seconds(), 1) if oldest else None,
+        },
+        "failed": failed,
+        "classified": {
+            "last_hour": classified_since(timedelta(hours=1)),
+            "last_day": classified_since(timedelta(days=1)),
+            "latest_prediction_at": latest,
+        },
+        "discrepancies": int(discrepancies),
+        "models": models,
+    }

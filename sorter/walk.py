@@ -1,0 +1,166 @@
+"""Walk archive folders: every regular file once, every problem as a reason, never an exception.
+
+Symbolic links are followed (archives are often stitched together with
+them), but each real folder is walked once, under its real path when it has
+one below the root: a link back to a folder already walked is reported as
+``symlink_loop`` when it points at one of its own ancestors and
+``symlink_duplicate`` otherwise. FIFOs, sockets and devices are
+reported, never opened (opening a FIFO would block the scan).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from sorter.domain import Status
+
+log = logging.getLogger(__name__)
+
+#: Reasons that mean "nothing to read here" rather than "something is broken".
+SKIP_REASONS = frozenset({"symlink_loop", "symlink_duplicate", "not_regular_file"})
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A walked path: a regular file with its size and mtime, or the reason it is not one."""
+
+    path: str
+    size: int | None = None
+    mtime_ns: int | None = None
+    reason: str | None = None
+    detail: str | None = None
+
+    @property
+    def status(self) -> Status:
+        """``failed``/``skipped`` for an entry with a reason (``pending`` otherwise)."""
+        if self.reason is None:
+            return Status.PENDING
+        return Status.SKIPPED if self.reason in SKIP_REASONS else Status.FAILED
+
+
+def os_error_reason(exc: OSError, is_link: bool = False) -> str:
+    """The stored reason for an OS error on a path."""
+    if exc.errno == errno.ELOOP:
+        return "symlink_loop"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission_denied"
+    if exc.errno == errno.ENOENT:
+        return "broken_symlink" if is_link else "vanished"
+    return "unreadable"
+
+
+def _error(path: str, exc: OSError, is_link: bool = False) -> Entry:
+    return Entry(path, reason=os_error_reason(exc, is_link), detail=exc.strerror or type(exc).__name__)
+
+
+def _is_link(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_symlink()
+    except OSError:
+        return False
+
+
+def walk(roots: Iterable[str | os.PathLike[str]], exclude: frozenset[str] = frozenset()) -> Iterator[Entry]:
+    """Yield every file under ``roots`` (files or folders), depth first in name order.
+
+    Parameters
+    ----------
+    roots
+        Files or folders; paths are made absolute, symbolic links kept as written.
+    exclude
+        Absolute paths never to yield (the embedded database and its journal).
+
+    Yields
+    ------
+    Entry
+        One per regular file, and one per path that could not be walked.
+    """
+    visited: set[tuple[int, int]] = set()
+    for root in roots:
+        path = os.path.abspath(root)
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            yield _error(path, exc, os.path.islink(path))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            visited.add((st.st_dev, st.st_ino))
+            yield from _walk_folder(path, visited, exclude)
+        else:
+            yield _file(path, st)
+
+
+def _file(path: str, st: os.stat_result) -> Entry:
+    if stat.S_ISREG(st.st_mode):
+        return Entry(path, st.st_size, st.st_mtime_ns)
+    return Entry(path, reason="not_regular_file", detail=stat.filemode(st.st_mode))
+
+
+def _walk_folder(top: str, visited: set[tuple[int, int]], exclude: frozenset[str]) -> Iterator[Entry]:
+    # Links to folders are followed only once the real folders under ``top`` are
+    # done, so that a folder reachable both ways is walked under its real path.
+    stack: list[str] = [top]
+    links: list[str] = []
+    while stack or links:
+        if not stack:
+            link = links.pop(0)
+            try:
+                st = os.stat(link)
+            except OSError as exc:
+                yield _error(link, exc, is_link=True)
+                continue
+            if (st.st_dev, st.st_ino) in visited:
+                yield _revisit(link)
+                continue
+            visited.add((st.st_dev, st.st_ino))
+            stack.append(link)
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            yield _error(folder, exc)
+            continue
+        subfolders: list[str] = []
+        for entry in entries:
+            if entry.path in exclude:
+                continue
+            try:
+                st = entry.stat()  # follows links
+            except OSError as exc:
+                yield _error(entry.path, exc, _is_link(entry))
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                yield _file(entry.path, st)
+            elif _is_link(entry):
+                links.append(entry.path)
+            elif (st.st_dev, st.st_ino) not in visited:
+                visited.add((st.st_dev, st.st_ino))
+                subfolders.append(entry.path)
+        stack.extend(reversed(subfolders))
+
+
+def _revisit(link: str) -> Entry:
+    """A link to a folder already walked: a loop when it points at an ancestor of itself."""
+    target = os.path.realpath(link)
+    here = os.path.realpath(os.path.dirname(link))
+    loop = here == target or here.startswith(target.rstrip(os.sep) + os.sep)
+    log.debug("not following %s -> %s", link, target)
+    return Entry(link, reason="symlink_loop" if loop else "symlink_duplicate", detail=f"-> {target}")
+
+
+def count_files(roots: Iterable[str | os.PathLike[str]]) -> int:
+    """Approximate number of files under ``roots`` (for the progress bar's ETA); cheap, no stat."""
+    total = 0
+    for root in roots:
+        if not os.path.isdir(root):
+            total += 1
+            continue
+        for _folder, _dirs, names in os.walk(root, followlinks=False):
+            total += len(names)
+    return total

@@ -1,0 +1,313 @@
+"""Watch a drop folder: classify every file once it has stopped changing.
+
+Three ways a file reaches the :class:`~sorter.stability.StabilityTracker`:
+watchdog events (created, modified, closed, moved into place), a startup pass
+over the folder, and a periodic rescan. Settled files are re-checked on disk
+and handed in batches to the same registration and executor that ``sorter
+scan`` uses; once their instances are ``done``/``failed``/``skipped`` in the
+database, the ``--after`` action (keep, move, delete) is applied to them.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import stat
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+from watchdog.events import FileSystemEvent, FileSystemEventHandler, FileSystemMovedEvent
+from watchdog.observers import Observer
+
+from sorter.db import queries
+from sorter.domain import Status
+from sorter.scan import Executor, Scan
+from sorter.stability import Candidate, StabilityTracker
+from sorter.summary import RunSummary
+from sorter.walk import Entry, walk
+
+log = logging.getLogger(__name__)
+
+TERMINAL = frozenset({Status.DONE, Status.FAILED, Status.SKIPPED})
+#: Names writers use while a file is still being written; they are never read.
+TEMPORARY_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", "~")
+
+
+def is_temporary(path: str) -> bool:
+    """Hidden files and names with a temporary-file suffix (renamed into place when complete)."""
+    name = os.path.basename(path)
+    return name.startswith(".") or name.lower().endswith(TEMPORARY_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class After:
+    """What to do with a file once its instance is in a terminal state."""
+
+    action: str = "keep"  # keep | move | delete
+    dest: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> After:
+        """``keep``, ``delete`` or ``move:DIR``; ``ValueError`` otherwise."""
+        if text in ("keep", "delete"):
+            return cls(text)
+        if text.startswith("move:") and text[5:]:
+            return cls("move", Path(text[5:]).expanduser().absolute())
+        raise ValueError(f"--after must be keep, delete or move:DIR, not {text!r}")
+
+
+def free_destination(dest: Path) -> Path:
+    """``dest``, or ``name-1.ext``, ``name-2.ext`` ... when it exists."""
+    candidate, n = dest, 0
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = dest.with_name(f"{dest.stem}-{n}{dest.suffix}")
+    return candidate
+
+
+def move_without_overwrite(src: Path, dest: Path) -> Path:
+    """Move ``src`` to ``dest`` or a free suffixed name beside it; never replaces a file.
+
+    ``os.rename`` silently replaces an existing destination on POSIX, so the move
+    is a hard link (which fails when the name is taken) then an unlink; across
+    file systems, an exclusive-create copy (flushed to disk) then an unlink.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        target = free_destination(dest)
+        try:
+            os.link(src, target)
+        except FileExistsError:
+            continue  # taken since we looked: try the next suffix
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP):
+                raise
+            try:
+                with open(src, "rb") as reader, open(target, "xb") as writer:
+                    shutil.copyfileobj(reader, writer)
+                    writer.flush()
+                    os.fsync(writer.fileno())
+            except FileExistsError:
+                continue
+            shutil.copystat(src, target)
+        os.unlink(src)
+        return target
+
+
+class _Events(FileSystemEventHandler):
+    """The watchdog adapter: every event becomes a stat reported to the tracker."""
+
+    def __init__(self, note: Callable[[str], None], forget: Callable[[str], None]) -> None:
+        self.note, self.forget = note, forget
+
+    def on_created(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self.note(os.fsdecode(event.src_path))
+
+    on_modified = on_created
+    on_closed = on_created
+
+    def on_moved(self, event: FileSystemMovedEvent) -> None:
+        if not event.is_directory:
+            self.forget(os.fsdecode(event.src_path))
+            self.note(os.fsdecode(event.dest_path))
+
+    def on_deleted(self, event: FileSystemEvent) -> None:
+        self.forget(os.fsdecode(event.src_path))
+
+
+class Watcher:
+    """One watched folder: tracker, observer, batches through the scan machinery, ``--after``.
+
+    Parameters
+    ----------
+    root
+        The drop folder (watched recursively).
+    sessions
+        Session factory (one short session per batch step).
+    executor
+        Where committed instance ids are classified (the in-process executor).
+    summary
+        Counters of the whole run.
+    tracker
+        The stability tracker (its settle time decides when a file is read).
+    after
+        What to do with files whose instance reached a terminal state.
+    source
+        Fixed source name; ``None``: the first folder under ``root``.
+    batch_size
+        Settled files handed on per step.
+    rescan_s
+        Seconds between full rescans of ``root``.
+    exclude
+        Absolute paths never to read (the embedded database and its journals).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        sessions: sessionmaker[Session],
+        executor: Executor,
+        summary: RunSummary,
+        *,
+        tracker: StabilityTracker,
+        after: After = After(),
+        source: str | None = None,
+        batch_size: int = 32,
+        rescan_s: float = 60.0,
+        exclude: frozenset[str] = frozenset(),
+    ) -> None:
+        self.root = os.path.abspath(root)
+        self.sessions = sessions
+        self.executor = executor
+        self.tracker = tracker
+        self.after = after
+        self.batch_size = max(1, batch_size)
+        self.rescan_s = rescan_s
+        self.exclude = exclude
+        self.scan = Scan(sessions, executor, summary, source=source, exclude=exclude)
+        self._lock = threading.Lock()  # the observer thread and the main loop share the tracker
+        self._resume_due = False
+
+    def note(self, path: str) -> None:
+        """Report the current size and mtime of ``path`` to the tracker; never raises."""
+        if path in self.exclude or is_temporary(path):
+            return
+        try:
+            st = os.stat(path)
+        except OSError as exc:  # gone already (a temp file renamed, a deletion): its own event follows
+            log.debug("cannot stat %s: %s", path, exc)
+            self.forget(path)
+            return
+        if stat.S_ISREG(st.st_mode):
+            with self._lock:
+                self.tracker.observe(path, st.st_size, st.st_mtime_ns)
+
+    def forget(self, path: str) -> None:
+        """Stop tracking ``path``."""
+        with self._lock:
+            self.tracker.forget(path)
+
+    def rescan(self) -> None:
+        """Walk the folder and report every file (the startup pass, then every ``rescan_s``)."""
+        for entry in walk([self.root], self.exclude):
+            if entry.reason is None and entry.size is not None and entry.mtime_ns is not None:
+                if not is_temporary(entry.path):
+                    with self._lock:
+                        self.tracker.observe(entry.path, entry.size, entry.mtime_ns)
+            else:
+                log.debug("rescan: %s %s", entry.path, entry.reason)
+
+    def run(self, stop: threading.Event) -> None:
+        """Watch until ``stop`` is set; the batch in progress is finished and committed first."""
+        observer = Observer()
+        observer.schedule(_Events(self.note, self.forget), self.root, recursive=True)
+        try:
+            observer.start()  # before the startup pass, so that no file falls between the two
+        except OSError as exc:  # e.g. the inotify watch limit: the rescan still finds every file
+            log.warning(
+                "no file events for %s (%s); relying on the rescan every %s s", self.root, exc, self.rescan_s
+            )
+        try:
+            self.rescan()
+            self._resume_pending()
+            # inotify drops events when its queue overflows, and network file systems
+            # (NFS, SMB) deliver none for changes made on another host: the periodic
+            # rescan finds whatever the events missed, however long it takes to notice.
+            next_rescan = time.monotonic() + self.rescan_s
+            tick = min(max(self.tracker.settle_s / 3, 0.05), 1.0)
+            while not stop.is_set():
+                with self._lock:
+                    ready = self.tracker.ready(limit=self.batch_size)
+                if ready:
+                    self.step(ready)
+                    continue
+                if time.monotonic() >= next_rescan:
+                    self.rescan()
+                    if self._resume_due:
+                        self._resume_pending()
+                    next_rescan = time.monotonic() + self.rescan_s
+                stop.wait(tick)
+        finally:
+            observer.stop()
+            if observer.is_alive():
+                observer.join()
+
+    def _resume_pending(self) -> None:
+        """Classify instances under the folder left ``pending`` (a killed run, a failed batch)."""
+        self._resume_due = False
+        try:
+            self.scan.resume([self.root.rstrip(os.sep) + os.sep])
+        except Exception:
+            log.exception("resuming pending instances failed; trying again at the next rescan")
+            self._resume_due = True
+
+    def step(self, ready: Sequence[Candidate]) -> None:
+        """Register and classify one batch of settled files, then apply ``--after``; never raises."""
+        entries: list[Entry] = []
+        for item in ready:
+            try:
+                st = os.stat(item.path)
+            except FileNotFoundError:
+                continue  # removed or renamed since it settled; a new name has its own event
+            except OSError as exc:  # recorded with its reason by the registration
+                log.warning("cannot stat %s: %s", item.path, exc)
+                entries.append(Entry(item.path, item.size, item.mtime_ns))
+                continue
+            if (st.st_size, st.st_mtime_ns) != (item.size, item.mtime_ns):
+                self.forget(item.path)
+                self.note(item.path)  # changed after its last observation: settle again
+                continue
+            entries.append(Entry(item.path, st.st_size, st.st_mtime_ns))
+        if not entries:
+            return
+        try:
+            # The same registration as ``sorter scan`` (ledger check, headers, one
+            # commit), then every submitted batch classified and committed.
+            self.scan.register_batch([(entry, self.root) for entry in entries])
+            self.executor.drain()
+            self._apply_after([entry.path for entry in entries])
+        except Exception:  # a database outage must not end the watch; the files are tried again
+            log.exception("batch of %d files failed; they will be retried", len(entries))
+            self._resume_due = True  # registered but unclassified ones are pending in the database
+            for entry in entries:
+                self.forget(entry.path)
+
+    def _apply_after(self, paths: Sequence[str]) -> None:
+        if self.after.action == "keep":
+            return
+        with self.sessions() as session:
+            rows = queries.finished_files(session, paths, TERMINAL)
+        moves: dict[int, str] = {}
+        ledger: list[dict[str, object]] = []
+        for row in rows:
+            src = Path(row.path)
+            try:
+                if self.after.action == "delete":
+                    src.unlink()
+                    continue
+                assert self.after.dest is not None
+                st = src.stat()
+                dest = move_without_overwrite(src, self.after.dest / src.relative_to(self.root))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("cannot %s %s: %s", self.after.action, src, exc)
+                continue
+            if row.at == row.path:
+                moves[row.id] = str(dest)
+            ledger.append(
+                {"path": str(dest), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "instance_id": row.id}
+            )
+        if moves or ledger:
+            # The instances follow their files, so reports and re-scans find them at the new place.
+            with self.sessions() as session:
+                queries.move_instances(session, moves)
+                queries.upsert_files(session, ledger)
+                session.commit()

@@ -1,0 +1,16 @@
+"""A decode function for the executor tests, in a module light enough for decode processes to import."""
+
+from __future__ import annotations
+
+import os
+
+from sorter.db.queries import Claimed
+from sorter.model.spec import PreprocessParams
+from sorter.pipeline import Outcome, Prepared, decode_one
+
+
+def crashing_decode(item: Claimed, params: PreprocessParams, frames: int = 1) -> Prepared | Outcome:
+    """Decode like the pipeline, but die the way a segfaulting codec does on ``boom.dcm``."""
+    if item.path.endswith("boom.dcm"):
+        os._exit(139)
+    return decode_one(item, params, frames)

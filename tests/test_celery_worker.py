@@ -1,0 +1,287 @@
+"""The queue path end to end: ``sorter scan`` with a broker, real Redis, real ``sorter worker`` processes.
+
+Each test run uses its own queue name (parallel runs never share work) and
+deletes only that queue's keys. The workers use a throwaway PostgreSQL
+database and a tiny untrained model. Skipped when Redis is unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from db_support import copy_dicom, pydicom_file, query, scalar, scan, small_archive, truncate
+from pydicom.uid import generate_uid
+
+pytest_plugins = ["db_fixtures"]
+
+REDIS_URL = os.environ.get("SORTER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+#: Short redelivery and sweep periods, so that recovery after kill -9 takes seconds.
+VISIBILITY_S = "4"
+SWEEP_INTERVAL_S = "2"
+SWEEP_AGE_S = "3"
+
+
+@pytest.fixture(scope="module")
+def queue() -> Iterator[str]:
+    """A queue name of our own on a reachable Redis; its keys are deleted afterwards."""
+    redis = pytest.importorskip("redis")
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.exceptions.RedisError as exc:
+        pytest.skip(f"Redis unreachable at {REDIS_URL} ({type(exc).__name__}); Celery worker tests skipped")
+    name = f"sorter-test-{uuid.uuid4().hex[:12]}"
+    try:
+        yield name
+    finally:
+        _forget_queue(client, name)
+        client.close()
+
+
+def _forget_queue(client: Any, name: str) -> None:
+    """Delete ``name``'s keys, and its messages in kombu's shared ``unacked`` hash (those of a
+    killed worker), which another run's worker would otherwise restore into ``name`` later."""
+    for tag, raw in client.hgetall("unacked").items():
+        try:
+            routing_key = json.loads(raw)[2]
+        except (ValueError, IndexError, TypeError):
+            continue
+        if routing_key == name:
+            client.hdel("unacked", tag)
+            client.zrem("unacked_index", tag)
+    keys = list(client.scan_iter(match=f"*{name}*"))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture()
+def pg_url(postgres_database: str) -> str:
+    truncate(postgres_database)
+    return postgres_database
+
+
+@pytest.fixture()
+def broker_env(monkeypatch: pytest.MonkeyPatch, queue: str) -> dict[str, str]:
+    """``SORTER_`` variables for the producer (this process) and the workers."""
+    env = {"SORTER_BROKER_URL": REDIS_URL, "SORTER_QUEUE": queue, "SORTER_VISIBILITY_TIMEOUT": VISIBILITY_S}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+class Worker:
+    """A ``sorter worker`` in its own process group, killed with it."""
+
+    def __init__(self, url: str, model: Path, env: dict[str, str], log: Path) -> None:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("SORTER_")}
+        self.log = log
+        command = [
+            sys.executable,
+            "-m",
+            "sorter",
+            "worker",
+            "--concurrency",
+            "1",
+            "--loglevel",
+            "INFO",
+            "--model",
+            str(model),
+            "--device",
+            "cpu",
+            "--sweep-interval",
+            SWEEP_INTERVAL_S,
+            "--sweep-age",
+            SWEEP_AGE_S,
+            "--hostname",
+            f"{uuid.uuid4().hex[:8]}@%h",
+            "--database-url",
+            url,
+        ]
+        with log.open("ab") as out:
+            self.process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, env={**clean, **env}, start_new_session=True
+            )
+
+    def kill(self) -> None:
+        """kill -9 the worker and its pool processes (a machine lost mid-batch)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def _wait_for(url: str, sql: str, predicate: object, worker: Worker, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    value = 0
+    while time.monotonic() < deadline:
+        if worker.process.poll() is not None:
+            pytest.fail(f"the worker exited ({worker.process.returncode}):\n{worker.output()}")
+        value = int(scalar(url, sql))
+        if predicate(value):  # type: ignore[operator]
+            return value
+        time.sleep(0.02)
+    pytest.fail(f"timed out waiting on {sql!r} (last {value}):\n{worker.output()}")
+
+
+def _counts(url: str) -> dict[str, int]:
+    rows = {
+        status: int(scalar(url, "SELECT count(*) FROM instances WHERE status = :s", s=status))
+        for status in ("pending", "done", "failed", "skipped")
+    }
+    rows["predictions"] = int(scalar(url, "SELECT count(*) FROM predictions"))
+    rows["duplicate_predictions"] = int(
+        scalar(
+            url,
+            "SELECT count(*) FROM (SELECT instance_id FROM predictions GROUP BY instance_id, model_id "
+            "HAVING count(*) > 1) AS d",
+        )
+    )
+    rows["given_up"] = int(
+        scalar(url, "SELECT count(*) FROM instances WHERE error IN ('retries_exhausted', 'task_error')")
+    )
+    return rows
+
+
+def test_scan_with_a_broker_flows_to_done(tmp_path, pg_url, tiny_model, broker_env):
+    small_archive(tmp_path / "archive")
+    summary = scan(pg_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
+    assert summary["classified"] == 0  # nothing classified in the producer: all of it was queued
+    assert int(scalar(pg_url, "SELECT count(*) FROM instances WHERE status = 'pending'")) == 7
+
+    worker = Worker(pg_url, tiny_model, broker_env, tmp_path / "worker.log")
+    try:
+        _wait_for(pg_url, "SELECT count(*) FROM instances WHERE status = 'pending'", lambda n: n == 0, worker)
+    finally:
+        worker.stop()
+    counts = _counts(pg_url)
+    assert counts["done"] == 7 and counts["predictions"] == 7, counts  # 3 CT, 3 MR, 1 colour
+    assert counts["duplicate_predictions"] == 0 and counts["given_up"] == 0, counts
+    assert (
+        int(scalar(pg_url, "SELECT count(*) FROM instances WHERE prediction_id IS NULL AND status = 'done'"))
+        == 0
+    )
+
+
+def test_kill_9_mid_batch_then_a_new_worker_finishes_each_instance_once(
+    tmp_path, pg_url, tiny_model, broker_env
+):
+    files = 80
+    root = tmp_path / "archive"
+    for i in range(files):
+        if i % 20 == 0:
+            series = generate_uid()
+        name = "CT_small.dcm" if i % 2 else "MR_small.dcm"
+        copy_dicom(pydicom_file(name), root / f"s{i // 20}" / f"{i:03d}.dcm", series=series)
+    scan(pg_url, tiny_model, root, tmp=tmp_path, extra=("--batch-size", "2"))
+    assert int(scalar(pg_url, "SELECT count(*) FROM instances WHERE status = 'pending'")) == files
+
+    log = tmp_path / "worker.log"
+    first = Worker(pg_url, tiny_model, broker_env, log)
+    try:
+        _wait_for(pg_url, "SELECT count(*) FROM predictions", lambda n: n >= 6, first)
+    finally:
+        first.kill()
+    left = int(scalar(pg_url, "SELECT count(*) FROM instances WHERE status = 'pending'"))
+    assert left > 0, "the worker finished everything before it could be killed"
+
+    second = Worker(pg_url, tiny_model, broker_env, log)
+    try:
+        _wait_for(pg_url, "SELECT count(*) FROM instances WHERE status = 'pending'", lambda n: n == 0, second)
+    finally:
+        second.stop()
+    counts = _counts(pg_url)
+    assert counts["done"] == files and counts["predictions"] == files, counts
+    assert counts["duplicate_predictions"] == 0 and counts["given_up"] == 0, counts
+
+
+# --- without a worker: configuration, the producer's batching, giving a batch up ---------------------
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, list[int], str]] = []
+
+    def send_task(self, name: str, args: list[list[int]], queue: str) -> None:
+        self.sent.append((name, args[0], queue))
+
+
+def test_app_is_json_only_with_late_acks_and_prefetch_one():
+    from sorter.config import Settings
+    from sorter.jobs.celery_app import make_celery
+
+    conf = make_celery(Settings(broker_url="redis://127.0.0.1:1/0", queue="q")).conf
+    assert conf.task_serializer == "json" and list(conf.accept_content) == ["json"]
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.task_ignore_result
+    assert conf.worker_prefetch_multiplier == 1 and conf.task_default_queue == "q"
+    with pytest.raises(ValueError, match="SORTER_BROKER_URL"):
+        make_celery(Settings())
+
+
+def test_executor_sends_full_batches_then_the_rest_each_id_once():
+    from sorter.jobs.celery_app import CLASSIFY_TASK
+    from sorter.jobs.queue import CeleryExecutor
+
+    app = _Recorder()
+    with CeleryExecutor(app, batch_size=3, queue="q") as executor:  # type: ignore[arg-type]
+        executor.submit([1, 2, 3, 4])
+        assert [ids for _, ids, _ in app.sent] == [[1, 2, 3]]
+        executor.submit([4, 5, 1])  # a scan's resume re-submits what it has just queued
+    assert app.sent == [(CLASSIFY_TASK, [1, 2, 3], "q"), (CLASSIFY_TASK, [4, 5], "q")]
+    assert executor.sent == 5
+
+
+def test_a_batch_given_up_on_fails_its_pending_instances(tmp_path, sqlite_url, tiny_model, monkeypatch):
+    import sqlalchemy as sa
+
+    from sorter.config import Settings
+    from sorter.jobs import celery_app
+    from sorter.jobs.tasks import MAX_RETRIES, TRANSIENT, classify_ids
+
+    assert classify_ids.acks_late and classify_ids.max_retries == MAX_RETRIES
+    assert tuple(classify_ids.autoretry_for) == TRANSIENT
+    small_archive(tmp_path / "archive")
+    scan(sqlite_url, tiny_model, tmp_path / "archive" / "siteA", tmp=tmp_path)  # in-process: all done
+    done = [int(i) for (i,) in query(sqlite_url, "SELECT id FROM instances WHERE status = 'done'")]
+    scan_pending = scalar(sqlite_url, "SELECT count(*) FROM instances WHERE status = 'pending'")
+    assert scan_pending == 0 and len(done) == 3
+    monkeypatch.setattr(celery_app, "_settings", Settings(database_url=sqlite_url, model=tiny_model))
+    monkeypatch.setattr(celery_app, "_state", None)
+    state = celery_app.worker_state()
+    try:
+        with state.sessions() as session:
+            session.execute(sa.text("UPDATE instances SET status = 'pending' WHERE id = :i"), {"i": done[0]})
+            session.commit()
+        error = sa.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+        classify_ids.on_failure(error, "task-1", ([done[0], done[1]],), {}, None)
+    finally:
+        state.engine.dispose()
+        monkeypatch.setattr(celery_app, "_state", None)
+    rows = dict(
+        query(
+            sqlite_url,
+            "SELECT id, coalesce(error, status) FROM instances WHERE id IN (:a, :b)",
+            a=done[0],
+            b=done[1],
+        )
+    )
+    assert rows == {done[0]: "retries_exhausted", done[1]: "done"}  # a finished instance is left alone

@@ -1,0 +1,107 @@
+"""``sorter classify`` on real files: the JSON contract, status objects and exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from pydicom.data import get_testdata_file
+
+from sorter.cli import main
+from sorter.domain import ALL_LABELS, Verdict
+from sorter.model.artefact import DEFAULT_MODEL_PATH, save_artefact
+from sorter.model.network import build_network
+from sorter.model.spec import ModelSpec, PreprocessParams
+
+FIELDS = {
+    "path",
+    "sop_instance_uid",
+    "header_modality",
+    "header_label",
+    "label",
+    "confidence",
+    "top2",
+    "verdict",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """An untrained artefact: enough to check the output contract, not the accuracy."""
+    spec = ModelSpec(arch="mobilenet_v3_small", labels=ALL_LABELS, preprocess=PreprocessParams(input_size=32))
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_artefact(build_network(spec), spec, path)
+    return path
+
+
+@pytest.fixture()
+def archive(tmp_path) -> Path:
+    for name in ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "SC_rgb_rle.dcm", "emri_small.dcm"):
+        shutil.copy(get_testdata_file(name), tmp_path / name)
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    shutil.copy(get_testdata_file("rtplan.dcm"), nested / "rtplan.dcm")
+    (nested / "notes.txt").write_text("not an image")
+    return tmp_path
+
+
+def _lines(output: str) -> list[dict]:
+    return [json.loads(line) for line in output.splitlines() if line.strip()]
+
+
+def test_json_contract_on_a_folder(tiny_model, archive):
+    result = CliRunner().invoke(main, ["classify", "--json", "--model", str(tiny_model), str(archive)])
+    assert result.exit_code == 0, result.output
+    records = _lines(result.stdout)
+    assert len(records) == 7
+    images = [r for r in records if "status" not in r]
+    assert len(images) == 5
+    for record in images:
+        assert set(record) == FIELDS
+        assert record["verdict"] in {v.value for v in Verdict}
+        assert len(record["top2"]) == 2 and record["top2"][0][0] == record["label"]
+        assert record["top2"][0][1] >= record["top2"][1][1]
+        assert 0 <= record["confidence"] <= 1
+    ct = next(r for r in images if r["path"].endswith("CT_small.dcm"))
+    assert ct["header_modality"] == "CT" and ct["header_label"] == "CT"
+    assert ct["sop_instance_uid"]
+    by_name = {Path(r["path"]).name: r for r in records if "status" in r}
+    assert by_name["rtplan.dcm"]["status"] == "skipped" and by_name["rtplan.dcm"]["reason"] == "non_image"
+    assert by_name["notes.txt"]["status"] == "failed" and by_name["notes.txt"]["reason"] == "not_dicom"
+
+
+def test_table_output(tiny_model, archive):
+    result = CliRunner().invoke(main, ["classify", "--model", str(tiny_model), str(archive / "CT_small.dcm")])
+    assert result.exit_code == 0, result.output
+    assert "CT_small.dcm" in result.stdout and "verdict" in result.stdout
+
+
+def test_exit_code_is_nonzero_only_when_nothing_was_readable(tiny_model, tmp_path):
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"\x00" * 10)
+    result = CliRunner().invoke(main, ["classify", "--json", "--model", str(tiny_model), str(bad)])
+    assert result.exit_code == 1
+    assert _lines(result.stdout)[0]["status"] == "failed"
+
+
+def test_mismatched_model_gives_a_clear_error(tmp_path, archive):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"junk")
+    result = CliRunner().invoke(main, ["classify", "--model", str(junk), str(archive)])
+    assert result.exit_code != 0
+    assert "not a readable dicom-sorter model" in result.output
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL_PATH.exists(), reason="no bundled model in this checkout")
+def test_bundled_model_reads_clear_cases(corpus):
+    files = [corpus / "CT/nema_wg04_ct2/CT2_J2KR.dcm", corpus / "MR/nema_wg04_mr1/MR1_J2KR.dcm"]
+    files = [f for f in files if f.exists()]
+    if len(files) < 2:
+        pytest.skip("corpus files for this check are missing")
+    result = CliRunner().invoke(main, ["classify", "--json", *map(str, files)])
+    assert result.exit_code == 0, result.output
+    labels = [r["label"] for r in _lines(result.stdout)]
+    assert labels == ["CT", "MR"]

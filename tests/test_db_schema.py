@@ -1,0 +1,124 @@
+"""Migrations on SQLite and PostgreSQL: they apply, round-trip, match the models, and name everything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+from db_support import query, sorter
+
+import sorter.db.session as db_session
+from sorter.cli import main
+from sorter.db.models import Base, Instance
+from sorter.db.session import (
+    DatabaseError,
+    alembic_config,
+    create_db_engine,
+    current_revision,
+    ensure_schema,
+    head_revision,
+    normalise_url,
+    open_database,
+)
+from sorter.domain import Status
+
+pytest_plugins = ["db_fixtures"]
+VIEWS = {"latest_predictions", "discrepancies", "series_summary", "series_discrepancies", "study_summary"}
+
+
+def test_migrations_reach_head_and_match_the_models(db_url):
+    sorter("db", "upgrade", url=db_url)
+    assert "models and migrations agree" in sorter("db", "check", url=db_url).output
+    assert f"current {head_revision()}" in sorter("db", "current", url=db_url).output
+    engine = create_db_engine(db_url)
+    inspector = sa.inspect(engine)
+    assert set(Base.metadata.tables) <= set(inspector.get_table_names())
+    assert set(inspector.get_view_names()) >= VIEWS
+    engine.dispose()
+
+
+def test_downgrade_to_nothing_and_back(db_url):
+    from alembic import command
+
+    engine = create_db_engine(db_url)
+    command.downgrade(alembic_config(engine), "base")
+    assert current_revision(engine) is None
+    assert not {"instances", "predictions"} & set(sa.inspect(engine).get_table_names())
+    command.upgrade(alembic_config(engine), "head")
+    assert current_revision(engine) == head_revision()
+    engine.dispose()
+
+
+def test_drift_between_models_and_database_fails_the_check(sqlite_url):
+    engine, _ = open_database(sqlite_url)
+    with engine.begin() as connection:
+        connection.execute(sa.text("ALTER TABLE instances ADD COLUMN stray TEXT"))
+    engine.dispose()
+    result = sorter("db", "check", url=sqlite_url, expect=1)
+    assert "stray" in result.output
+
+
+def test_constraints_are_named_and_enums_stored_by_value(db_url):
+    engine, sessions = open_database(db_url)
+    inspector = sa.inspect(engine)
+    assert inspector.get_pk_constraint("instances")["name"] in (
+        "pk_instances",
+        None,
+    )  # SQLite forgets PK names
+    assert {u["name"] for u in inspector.get_unique_constraints("instances")} == {
+        "uq_instances_sop_instance_uid"
+    }
+    assert {f["name"] for f in inspector.get_foreign_keys("predictions")} == {
+        "fk_predictions_instance_id_instances",
+        "fk_predictions_model_id_models",
+    }
+    assert {i["name"] for i in inspector.get_indexes("instances")} >= {
+        "ix_instances_status_id",
+        "ix_instances_series_instance_uid",
+        "ix_instances_study_instance_uid",
+    }
+    if engine.dialect.name == "postgresql":
+        checks = {c["name"] for c in inspector.get_check_constraints("instances")}
+        assert {"ck_instances_status", "ck_instances_header_label"} <= checks
+    with sessions() as session:
+        session.add(Instance(sop_instance_uid="1.2.3", path="/x", status=Status.SKIPPED))
+        session.commit()
+    engine.dispose()
+    assert [tuple(r) for r in query(db_url, "SELECT status FROM instances")] == [("skipped",)]
+    with pytest.raises(sa.exc.IntegrityError):
+        engine = create_db_engine(db_url)
+        try:
+            with engine.begin() as connection:
+                connection.execute(sa.text("UPDATE instances SET status = 'SKIPPED'"))
+        finally:
+            engine.dispose()
+
+
+def test_the_embedded_default_is_created_and_migrated_on_first_use(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SORTER_DATABASE_URL", raising=False)
+    result = CliRunner().invoke(main, ["report", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "sorter.db").is_file()
+    assert query(f"sqlite:///{tmp_path / 'sorter.db'}", "PRAGMA journal_mode")[0][0] == "wal"
+
+
+def test_an_outdated_postgresql_schema_is_refused_not_migrated(postgres_database, monkeypatch):
+    monkeypatch.setattr(db_session, "head_revision", lambda: "9999")
+    engine = create_db_engine(postgres_database)
+    with pytest.raises(DatabaseError, match="sorter db upgrade"):
+        ensure_schema(engine)
+    engine.dispose()
+
+
+def test_postgresql_urls_use_psycopg_3():
+    assert normalise_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalise_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert normalise_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_migrations_ship_inside_the_package():
+    assert (db_session.MIGRATIONS_DIR / "env.py").is_file()
+    assert Path(db_session.MIGRATIONS_DIR).parent.name == "sorter"

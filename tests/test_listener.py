@@ -1,0 +1,344 @@
+"""``sorter listen`` over real associations on loopback: storage, refusals, dcmtk, a database outage."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from db_support import query
+from pydicom.data import get_testdata_file
+from pydicom.uid import (
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
+from support import free_port, listen_env
+
+from sorter import listener
+from sorter.commands.listen import backend
+from sorter.config import Settings
+from sorter.dicom.storage import safe_name, store_instance
+from sorter.spool import SpoolWorker
+from sorter.summary import RunSummary
+
+pytest_plugins = ["db_fixtures"]
+
+#: Each file is sent in its own transfer syntax, compressed ones as they are.
+FILES = (
+    "CT_small.dcm",  # Explicit VR Little Endian
+    "MR_small_implicit.dcm",  # Implicit VR Little Endian
+    "MR_small_jp2klossless.dcm",  # JPEG 2000 lossless
+    "SC_rgb_rle.dcm",  # RLE lossless
+    "JPEG-LL.dcm",  # JPEG lossless SV1
+    "MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS lossless
+)
+OUR_AE = "SORTER"
+#: storescu's option proposing each compressed syntax.
+DCMTK_PROPOSE = {JPEG2000Lossless: "-xv", JPEGLosslessSV1: "-xs", JPEGLSLossless: "-xt", RLELossless: "-xr"}
+
+
+def _datasets() -> list[pydicom.Dataset]:
+    """The test files under fresh UIDs (several share the SOP Instance UID of MR_small)."""
+    out = []
+    for name in FILES:
+        ds = pydicom.dcmread(get_testdata_file(name))
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = generate_uid()
+        out.append(ds)
+    return out
+
+
+def _config(tmp_path: Path, **kw: Any) -> listener.ListenerConfig:
+    values: dict[str, Any] = {"bind": "127.0.0.1", "min_free_bytes": 0, "timeout_s": 10.0, **kw}
+    return listener.ListenerConfig(OUR_AE, free_port(), tmp_path / "spool", **values)
+
+
+@contextmanager
+def serving(config: listener.ListenerConfig, sink: listener.Sink) -> Iterator[listener.ListenerConfig]:
+    server = listener.start(config, sink)
+    try:
+        yield config
+    finally:
+        server.shutdown()
+
+
+@contextmanager
+def listening(
+    config: listener.ListenerConfig, url: str, model: Path, grace_s: float = 60.0
+) -> Iterator[SpoolWorker]:
+    """The same wiring as ``sorter listen``: spool worker (database, model, executor) and the AE."""
+    settings = Settings.from_env(database_url=url, model=model, workers=1, batch_size=8, device="cpu")
+    worker = SpoolWorker(
+        config.spool,
+        backend(settings, RunSummary()),
+        batch_size=8,
+        flush_s=0.2,
+        retry_s=0.5,
+        grace_s=grace_s,
+    )
+    worker.start()
+    try:
+        with serving(config, worker.offer):
+            yield worker
+    finally:
+        worker.stop(timeout=120)
+
+
+def _store(
+    config: listener.ListenerConfig, datasets: list[pydicom.Dataset], calling: str = "MODALITY1"
+) -> list[int]:
+    ae = AE(ae_title=calling)
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", config.port, ae_title=OUR_AE)
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def _spooled(spool: Path) -> list[Path]:
+    return sorted(spool.rglob("*.dcm"))
+
+
+def test_statuses_are_the_named_storage_statuses():
+    assert (
+        STORAGE_SERVICE_CLASS_STATUS[listener.StoreStatus.OUT_OF_RESOURCES][1] == "Refused: Out of Resources"
+    )
+    assert STORAGE_SERVICE_CLASS_STATUS[listener.StoreStatus.CANNOT_UNDERSTAND][1] == "Cannot Understand"
+
+
+def test_store_instance_is_idempotent_newer_bytes_win_and_bad_uids_are_hashed(tmp_path):
+    first = store_instance(tmp_path, b"one", "1.2.3", "1.2.3.4", "1.2.3.4.5")
+    assert first == tmp_path / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm" and first.read_bytes() == b"one"
+    inode = first.stat().st_ino
+    assert store_instance(tmp_path, b"one", "1.2.3", "1.2.3.4", "1.2.3.4.5") == first
+    assert first.stat().st_ino == inode  # identical bytes: nothing rewritten
+    store_instance(tmp_path, b"two", "1.2.3", "1.2.3.4", "1.2.3.4.5")
+    assert first.read_bytes() == b"two" and first.stat().st_ino != inode
+    evil = store_instance(tmp_path, b"x", "../../etc", "1.2/3", "01.2")
+    assert evil.resolve().is_relative_to(tmp_path.resolve())
+    assert evil.name == safe_name("01.2") + ".dcm" and evil.name.startswith("x-")
+    assert [p.name for p in tmp_path.rglob("*") if p.name.startswith(".")] == []  # no temp file left
+
+
+def test_echo_and_stores_in_every_transfer_syntax_are_spooled_as_sent_and_classified(
+    tmp_path, sqlite_url, tiny_model
+):
+    datasets = _datasets()
+    config = _config(tmp_path)
+    with listening(config, sqlite_url, tiny_model):
+        ae = AE(ae_title="MODALITY1")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", config.port, ae_title=OUR_AE)
+        assert assoc.is_established and int(assoc.send_c_echo().Status) == listener.StoreStatus.SUCCESS
+        assoc.release()
+        assert _store(config, datasets) == [listener.StoreStatus.SUCCESS] * len(FILES)
+
+    by_uid = {str(pydicom.dcmread(p).SOPInstanceUID): p for p in _spooled(config.spool)}
+    assert len(by_uid) == len(FILES)
+    for ds in datasets:
+        stored = pydicom.dcmread(by_uid[ds.SOPInstanceUID])
+        assert stored.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID  # kept as received
+        assert stored == ds
+    rows = query(sqlite_url, "SELECT status, calling_ae, source, prediction_id FROM instances")
+    assert len(rows) == len(FILES)
+    assert {(r.status, r.calling_ae, r.source) for r in rows} == {("done", "MODALITY1", "MODALITY1")}
+    assert all(r.prediction_id is not None for r in rows)
+
+
+def test_unknown_calling_ae_is_rejected_by_name(tmp_path):
+    config = _config(tmp_path, allowed_aes=("PACS",))
+    with serving(config, lambda *_: None):
+        ae = AE(ae_title="INTRUDER")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", config.port, ae_title=OUR_AE)
+        assert assoc.is_rejected
+        rj = assoc.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)  # calling AE not recognised
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", config.port, ae_title=OUR_AE)
+        assert assoc.is_established
+        assoc.release()
+
+
+def test_the_association_over_the_limit_is_rejected(tmp_path):
+    config = _config(tmp_path, max_associations=2)
+    with serving(config, lambda *_: None):
+        ae = AE(ae_title="MODALITY1")
+        ae.add_requested_context(Verification)
+        held = [ae.associate("127.0.0.1", config.port, ae_title=OUR_AE) for _ in range(2)]
+        assert all(a.is_established for a in held)
+        extra = ae.associate("127.0.0.1", config.port, ae_title=OUR_AE)
+        assert extra.is_rejected
+        rj = extra.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)  # local limit exceeded
+        for assoc in held:
+            assoc.release()
+
+
+def test_below_the_free_space_floor_associations_are_refused(tmp_path):
+    config = _config(tmp_path, min_free_bytes=1 << 62)
+    with serving(config, lambda *_: None):
+        ae = AE(ae_title="MODALITY1")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", config.port, ae_title=OUR_AE)
+        assert assoc.is_rejected
+        rj = assoc.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x01)  # temporary congestion
+
+
+def test_below_the_free_space_floor_stores_are_out_of_resources(tmp_path, monkeypatch):
+    monkeypatch.setattr(listener, "handle_requested", lambda *_: None)  # let the association through
+    received: list[Path] = []
+    config = _config(tmp_path, min_free_bytes=1 << 62)
+    with serving(config, lambda path, _ae: received.append(path)):
+        statuses = _store(config, _datasets()[:2])
+    assert statuses == [listener.StoreStatus.OUT_OF_RESOURCES] * 2
+    assert received == [] and _spooled(config.spool) == []
+
+
+@pytest.mark.skipif(
+    shutil.which("storescu") is None or shutil.which("echoscu") is None,
+    reason="dcmtk's echoscu/storescu not installed (apt-get install dcmtk)",
+)
+def test_dcmtk_echoscu_and_storescu_sending_a_folder(tmp_path):
+    # storescu proposes uncompressed syntaxes unless told otherwise (one -x option per run):
+    # the uncompressed files go as a folder, each compressed file with its own syntax's option.
+    folder = tmp_path / "outbox"
+    folder.mkdir()
+    datasets = _datasets()
+    runs: list[list[str]] = [["+sd", "+r", str(folder)]]
+    for i, ds in enumerate(datasets):
+        option = DCMTK_PROPOSE.get(ds.file_meta.TransferSyntaxUID)
+        target = folder / f"{i}.dcm" if option is None else tmp_path / f"{i}.dcm"
+        ds.save_as(target, enforce_file_format=True)
+        if option is not None:
+            runs.append([option, str(target)])
+    received: list[Path] = []
+    config = _config(tmp_path)
+    with serving(config, lambda path, _ae: received.append(path)):
+        peer = ["-aet", "DCMTK", "-aec", OUR_AE, "127.0.0.1", str(config.port)]
+        subprocess.run(["echoscu", *peer], check=True, timeout=30)
+        for args in runs:
+            subprocess.run(["storescu", *peer[:4], *args[:-1], *peer[4:], args[-1]], check=True, timeout=60)
+    stored = {str(pydicom.dcmread(p).SOPInstanceUID): pydicom.dcmread(p) for p in _spooled(config.spool)}
+    assert len(received) == len(datasets)
+    for ds in datasets:
+        got = stored[ds.SOPInstanceUID]
+        assert got.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID  # not decompressed
+        # dcmtk drops trailing padding and pads odd-length fragments while sending: compare the rest.
+        for tag in (0xFFFCFFFC, 0x7FE00010):
+            for one in (got, ds):
+                if tag in one:
+                    del one[tag]
+        assert got == ds
+
+
+def test_a_database_outage_loses_nothing_and_the_sweep_catches_up(tmp_path, sqlite_url, tiny_model):
+    datasets = _datasets()
+    config = _config(tmp_path)
+    down = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/absent"  # nothing listens there
+    with listening(config, down, tiny_model):
+        assert _store(config, datasets) == [listener.StoreStatus.SUCCESS] * len(FILES)
+    assert len(_spooled(config.spool)) == len(FILES)
+
+    # The same spool, a working database: the start-up sweep registers and classifies everything.
+    with listening(_config(tmp_path), sqlite_url, tiny_model, grace_s=0.0):
+        pass
+    rows = query(sqlite_url, "SELECT status, prediction_id FROM instances")
+    assert len(rows) == len(FILES)
+    assert all(r.status == "done" and r.prediction_id is not None for r in rows)
+
+
+def test_sorter_listen_configured_by_environment_stores_classifies_and_stops_on_sigterm(
+    tmp_path, sqlite_url, tiny_model
+):
+    port = free_port()
+    env = listen_env(OUR_AE, port, tmp_path / "spool", sqlite_url, tiny_model, "MODALITY1 OTHER")
+    process = subprocess.Popen([sys.executable, "-m", "sorter", "listen"], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert process.poll() is None and time.monotonic() < deadline, "sorter listen did not start"
+            time.sleep(0.2)
+        config = listener.ListenerConfig(OUR_AE, port, tmp_path / "spool")
+        assert _store(config, _datasets()[:2]) == [listener.StoreStatus.SUCCESS] * 2
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err.decode()
+    rows = query(sqlite_url, "SELECT status, calling_ae FROM instances")
+    assert [tuple(r) for r in rows] == [("done", "MODALITY1")] * 2
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def _pki(folder: Path) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+    folder.mkdir()
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+             "-days", "1", "-subj", "/CN=test CA", cwd=folder)  # fmt: skip
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}", cwd=folder)  # fmt: skip
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "1", "-extfile", "san.ext", cwd=folder)  # fmt: skip
+    return folder
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI needed to make test certificates")
+def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_ca(tmp_path):
+    pki = _pki(tmp_path / "pki")
+    context = listener.tls_context(pki / "server.pem", pki / "server.key", pki / "ca.pem")
+    config = _config(tmp_path, ssl_context=context)
+    with serving(config, lambda *_: None):
+        for with_cert in (True, False):
+            client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki / "ca.pem"))
+            if with_cert:
+                client.load_cert_chain(pki / "client.pem", pki / "client.key")
+            ae = AE(ae_title="MODALITY1")
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", config.port, ae_title=OUR_AE, tls_args=(client, "127.0.0.1"))
+            assert assoc.is_established is with_cert
+            if with_cert:
+                assert int(assoc.send_c_echo().Status) == listener.StoreStatus.SUCCESS
+                assoc.release()
+
+
+def test_a_full_queue_never_fails_a_store_and_the_sweep_catches_up(tmp_path, sqlite_url, tiny_model):
+    settings = Settings.from_env(database_url=sqlite_url, model=tiny_model, workers=1, device="cpu")
+    worker = SpoolWorker(tmp_path / "spool", backend(settings, RunSummary()), queue_size=1, grace_s=0.0)
+    config = _config(tmp_path)
+    with serving(config, worker.offer):  # the worker is not running yet: one offer fills its queue
+        assert _store(config, _datasets()[:3]) == [listener.StoreStatus.SUCCESS] * 3
+    worker.start()
+    worker.stop(timeout=120)
+    rows = query(sqlite_url, "SELECT status FROM instances")
+    assert [r.status for r in rows] == ["done"] * 3

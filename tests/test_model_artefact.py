@@ -1,0 +1,118 @@
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from sorter.domain import ALL_LABELS, Label
+from sorter.errors import IncompatibleModelError, ModelError
+from sorter.model.artefact import load_artefact, save_artefact
+from sorter.model.network import build_network
+from sorter.model.preprocess import preprocess_frame
+from sorter.model.spec import ARCHITECTURES, ModelSpec, PreprocessParams
+
+
+def _spec(arch: str = "mobilenet_v3_small", size: int = 64) -> ModelSpec:
+    return ModelSpec(
+        arch=arch,
+        labels=ALL_LABELS,
+        preprocess=PreprocessParams(input_size=size),
+        temperature=1.7,
+        training={"sources": 3},
+    )
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_builds_with_one_channel_stem(arch):
+    spec = replace(_spec(arch), preprocess=PreprocessParams(input_size=64, channels=("scaled",)))
+    net = build_network(spec).eval()
+    with torch.inference_mode():
+        out = net(torch.zeros(2, 1, 64, 64), torch.zeros(2, 1))
+    assert out.shape == (2, len(ALL_LABELS))
+
+
+def test_artefact_round_trip(tmp_path):
+    spec = _spec()
+    net = build_network(spec).eval()
+    path = tmp_path / "m.pt"
+    digest = save_artefact(net, spec, path)
+    loaded = load_artefact(path)
+    assert loaded.sha256 == digest and len(digest) == 64
+    assert loaded.spec.temperature == pytest.approx(1.7)
+    assert loaded.spec.labels == ALL_LABELS
+    assert loaded.spec.training == {"sources": 3}
+    x, f = torch.rand(3, 1, 64, 64), torch.rand(3, 1)
+    with torch.inference_mode():
+        assert torch.allclose(net(x, f), loaded.network(x, f))
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    spec = _spec()
+    path = tmp_path / "m.pt"
+    save_artefact(build_network(spec), spec, path)
+    payload = torch.load(path, weights_only=True)
+    name = next(iter(payload["state_dict"]))
+    payload["state_dict"][name] += 1
+    torch.save(payload, path)
+    with pytest.raises(IncompatibleModelError, match="checksum"):
+        load_artefact(path)
+
+
+def test_version_mismatch_and_garbage_are_refused(tmp_path):
+    spec = _spec()
+    path = tmp_path / "m.pt"
+    save_artefact(build_network(spec), spec, path)
+    payload = torch.load(path, weights_only=True)
+    payload["spec"] = payload["spec"].replace('"format_version": 1', '"format_version": 99')
+    torch.save(payload, path)
+    with pytest.raises(IncompatibleModelError, match="format version 99"):
+        load_artefact(path)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(IncompatibleModelError):
+        load_artefact(junk)
+    with pytest.raises(ModelError, match="does not exist"):
+        load_artefact(tmp_path / "missing.pt")
+
+
+def test_architecture_mismatch_is_refused(tmp_path):
+    small, other = _spec("mobilenet_v3_small"), _spec("resnet18")
+    path = tmp_path / "m.pt"
+    save_artefact(build_network(small), small, path)
+    payload = torch.load(path, weights_only=True)
+    payload["spec"] = payload["spec"].replace('"mobilenet_v3_small"', '"resnet18"')
+    torch.save(payload, path)
+    assert other.arch == "resnet18"
+    with pytest.raises(IncompatibleModelError, match="do not match architecture resnet18"):
+        load_artefact(path)
+
+
+def test_unknown_spec_values_are_refused():
+    with pytest.raises(ValueError, match="unknown architecture"):
+        ModelSpec(arch="alexnet", labels=ALL_LABELS)
+    with pytest.raises(ValueError, match="scaling"):
+        PreprocessParams(scaling="zscore")
+    with pytest.raises(ValueError, match="distinct"):
+        ModelSpec(arch="resnet18", labels=(Label.CT, Label.CT))
+
+
+def test_preprocess_shapes_ranges_and_constant_images():
+    params = PreprocessParams(input_size=32, channels=("scaled", "hu"))
+    ct = np.full((100, 60), -1000.0, dtype=np.float32)
+    ct[20:80, 10:50] = 40.0
+    image, feats = preprocess_frame(ct, 0.0, params)
+    assert image.shape == (2, 32, 32) and feats.shape == (1,)
+    assert image.min() >= 0 and image.max() <= 1
+    const, _ = preprocess_frame(np.full((10, 10), 7.0, np.float32), 0.0, params)
+    assert np.isfinite(const).all() and const[0].max() == 0
+    nan = np.full((8, 8), np.nan, np.float32)
+    assert np.isfinite(preprocess_frame(nan, 0.0, params)[0]).all()
+
+
+def test_minmax_matches_the_paper_definition():
+    params = PreprocessParams(input_size=16, scaling="minmax", letterbox=False, features=())
+    frame = np.arange(256, dtype=np.float32).reshape(16, 16) * 10 - 50
+    image, feats = preprocess_frame(frame, 0.3, params)
+    assert feats.shape == (0,)
+    assert image[0].min() == 0 and image[0].max() == 1
+    np.testing.assert_allclose(image[0], (frame - frame.min()) / (frame.max() - frame.min()), atol=1e-6)

@@ -1,0 +1,187 @@
+"""A real Orthanc pushes a study to ``sorter listen`` through its REST API: every instance is classified."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import sqlalchemy as sa
+from db_support import query
+from pydicom.uid import generate_uid
+from support import data_file, free_port, listen_env
+
+pytest_plugins = ["db_fixtures"]
+
+ORTHANC = shutil.which("Orthanc") or (
+    "/usr/sbin/Orthanc" if os.access("/usr/sbin/Orthanc", os.X_OK) else None
+)
+OUR_AE = "SORTER"
+ORTHANC_AE = "ORTHANC"
+#: One study: CT_small under fresh SOP Instance UIDs, sharing its Study and Series Instance UIDs.
+STUDY_COPIES = 5
+
+pytestmark = pytest.mark.skipif(
+    ORTHANC is None, reason="Orthanc not installed (apt-get install -y --no-install-recommends orthanc)"
+)
+
+
+def _wait(
+    ready: Any, process: subprocess.Popen[bytes], what: str, log: Path, timeout_s: float = 30.0
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(
+                f"{what} did not start (exit {process.poll()}):\n{log.read_text(errors='replace')[-4000:]}"
+            )
+        time.sleep(0.2)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _http(base: str, method: str, path: str, body: bytes | None = None, timeout_s: float = 30.0) -> Any:
+    request = urllib.request.Request(base + path, data=body, method=method)
+    if body is not None:
+        request.add_header(
+            "Content-Type", "application/dicom" if path == "/instances" else "application/json"
+        )
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        assert response.status == 200, f"{method} {path}: HTTP {response.status}"
+        return json.loads(response.read() or b"null")
+
+
+def _answers(base: str) -> bool:
+    try:
+        _http(base, "GET", "/system", timeout_s=2)
+        return True
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+@pytest.fixture()
+def sorter_listen(tmp_path: Path, sqlite_url: str, tiny_model: Path) -> Iterator[int]:
+    """``python -m sorter listen`` configured by environment, as in production; yields its port."""
+    port = free_port()
+    env = listen_env(OUR_AE, port, tmp_path / "spool", sqlite_url, tiny_model, ORTHANC_AE)
+    log = tmp_path / "sorter-listen.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sorter", "listen"], env=env, stdout=out, stderr=out
+        )
+    try:
+        _wait(lambda: _port_open(port), process, "sorter listen", log, timeout_s=60)
+        yield port
+    finally:
+        _stop(process)
+    assert process.returncode == 0, log.read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture()
+def orthanc(tmp_path: Path, sorter_listen: int) -> Iterator[str]:
+    """A throwaway Orthanc on loopback that knows ``sorter listen`` as modality ``sorter``; yields its URL."""
+    http_port, dicom_port = free_port(), free_port()
+    config = {
+        "Name": "dicom-sorter-test",
+        "StorageDirectory": str(tmp_path / "orthanc" / "storage"),
+        "IndexDirectory": str(tmp_path / "orthanc" / "index"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": ORTHANC_AE,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomModalities": {"sorter": [OUR_AE, "127.0.0.1", sorter_listen]},
+        "Plugins": [],
+    }
+    config_path = tmp_path / "orthanc.json"
+    config_path.write_text(json.dumps(config, indent=2))
+    log = tmp_path / "orthanc.log"
+    assert ORTHANC is not None
+    with log.open("wb") as out:
+        process = subprocess.Popen([ORTHANC, str(config_path)], cwd=tmp_path, stdout=out, stderr=out)
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        _wait(lambda: _answers(base), process, "Orthanc", log)
+        yield base
+    finally:
+        _stop(process)
+
+
+def _write_files(folder: Path) -> tuple[list[Path], list[str], str]:
+    """One study of CT_small copies (files, SOP Instance UIDs, Study Instance UID), and an MR in another."""
+    folder.mkdir()
+    study, series = generate_uid(), generate_uid()
+    files, uids = [], []
+    for i in range(STUDY_COPIES):
+        ds = pydicom.dcmread(data_file("CT_small.dcm"))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i + 1
+        files.append(folder / f"ct{i}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+        uids.append(str(ds.SOPInstanceUID))
+    other = pydicom.dcmread(data_file("MR_small_jp2klossless.dcm"))  # another study, not pushed
+    other.StudyInstanceUID, other.SeriesInstanceUID = generate_uid(), generate_uid()
+    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    files.append(folder / "mr.dcm")
+    other.save_as(files[-1], enforce_file_format=True)
+    return files, uids, str(study)
+
+
+def _done(url: str) -> list[Any]:
+    try:
+        return query(url, "SELECT sop_instance_uid, status, calling_ae, prediction_id FROM instances")
+    except sa.exc.OperationalError:  # not migrated yet, or locked for a moment
+        return []
+
+
+def test_orthanc_pushes_a_study_and_every_instance_is_classified(
+    tmp_path: Path, orthanc: str, sqlite_url: str
+) -> None:
+    files, uids, study_uid = _write_files(tmp_path / "upload")
+    parents = {_http(orthanc, "POST", "/instances", f.read_bytes())["ParentStudy"] for f in files}
+    assert len(parents) == 2
+    (found,) = _http(orthanc, "POST", "/tools/lookup", study_uid.encode())
+    study_id = found["ID"]
+    assert found["Type"] == "Study" and study_id in parents
+    assert len(_http(orthanc, "GET", f"/studies/{study_id}/instances")) == STUDY_COPIES
+
+    body = json.dumps({"Resources": [study_id], "Synchronous": True}).encode()
+    job = _http(orthanc, "POST", "/modalities/sorter/store", body, timeout_s=60)
+    assert job.get("FailedInstancesCount", 0) == 0 and job.get("InstancesCount") == STUDY_COPIES, job
+
+    deadline = time.monotonic() + 30
+    while True:
+        rows = {r.sop_instance_uid: r for r in _done(sqlite_url)}
+        if all(u in rows and rows[u].status == "done" for u in uids) or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    assert sorted(rows) == sorted(uids), "the pushed study's instances, and nothing else"
+    for uid in uids:
+        assert rows[uid].status == "done" and rows[uid].prediction_id is not None, rows[uid]
+        assert rows[uid].calling_ae == ORTHANC_AE

@@ -1,0 +1,162 @@
+"""``sorter report``, ``discrepancies``, ``find``, ``export`` and ``reclassify`` on both databases."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+from db_support import copy_dicom, pydicom_file, query, scan, small_archive, sorter, synthetic_results
+from pydicom.uid import generate_uid
+
+from train.manifest import read_manifest
+
+pytest_plugins = ["db_fixtures"]
+
+
+def test_report_counts_labels_rates_and_failures(db_url):
+    synthetic_results(db_url)
+    data = json.loads(sorter("report", "--format", "json", url=db_url).output)
+
+    labels = {(r["header_label"], r["label"]): r["n"] for r in data["labels"]}
+    assert (
+        labels == {("MR", "CT"): 3, ("CT", "CT"): 6, ("CT", "MR"): 0} | {("CT", "CT"): 9}
+        or labels[("MR", "CT")] == 3
+    )
+    assert labels[("MR", "CT")] == 3 and labels[("CT", "CT")] == 9
+    by_source = {r["source"]: r for r in data["by_source"]}
+    assert (by_source["siteA"]["classified"], by_source["siteA"]["disagree"]) == (6, 3)
+    assert by_source["siteA"]["rate"] == 0.5 and by_source["siteB"]["disagree"] == 0
+    by_station = {r["station_name"]: r["disagree"] for r in data["by_station"]}
+    assert by_station["MR1"] == 3
+    assert {r["verdict"]: r["n"] for r in data["series"]}["disagree"] == 1
+    assert {r["verdict"]: r["n"] for r in data["studies"]} == {"disagree": 1, "uncertain": 1}
+
+    table = sorter("report", url=db_url).output
+    assert "== by source" in table and "siteA" in table
+    rows = list(csv.DictReader(io.StringIO(sorter("report", "--format", "csv", url=db_url).output)))
+    assert {r["section"] for r in rows} >= {"labels", "by_source", "series"}
+
+
+def test_discrepancies_at_every_level(db_url):
+    uids = synthetic_results(db_url)
+    instance = json.loads(sorter("discrepancies", "--format", "json", url=db_url).output)
+    assert len(instance) == 3 and {r["series_instance_uid"] for r in instance} == {uids["mr_as_ct"]}
+    series = json.loads(sorter("discrepancies", "--level", "series", "--format", "json", url=db_url).output)
+    assert [(r["series_instance_uid"], r["header_label"], r["label"]) for r in series] == [
+        (uids["mr_as_ct"], "MR", "CT")
+    ]
+    study = json.loads(sorter("discrepancies", "--level", "study", "--format", "json", url=db_url).output)
+    assert [r["study_instance_uid"] for r in study] == [uids["study_bad"]]
+    strict = sorter(
+        "discrepancies", "--level", "series", "--min-confidence", "0.99", "--format", "csv", url=db_url
+    )
+    assert strict.output.strip().count("\n") == 0  # header only: 0.96 < 0.99
+    assert uids["mr_as_ct"] in sorter("discrepancies", "--level", "series", url=db_url).output
+
+
+def test_find_by_what_the_pixels_show(db_url):
+    uids = synthetic_results(db_url)
+    rows = list(
+        csv.DictReader(
+            io.StringIO(
+                sorter("find", "--label", "CT", "--header", "MR", "--format", "csv", url=db_url).output
+            )
+        )
+    )
+    assert len(rows) == 3 and {r["series_instance_uid"] for r in rows} == {uids["mr_as_ct"]}
+    everything_ct = json.loads(sorter("find", "--label", "ct", "--format", "json", url=db_url).output)
+    assert len(everything_ct) == 18  # every synthetic series looks most like CT
+    confident = json.loads(
+        sorter("find", "--label", "CT", "--min-confidence", "0.95", "--format", "json", url=db_url).output
+    )
+    assert len(confident) == 9
+    site_b = json.loads(
+        sorter("find", "--label", "CT", "--source", "siteB", "--format", "json", url=db_url).output
+    )
+    assert {r["source"] for r in site_b} == {"siteB"}
+
+
+def test_export_writes_a_balanced_manifest_that_sorter_train_reads(db_url, tiny_model, tmp_path):
+    archive = tmp_path / "archive"
+    for site in ("siteA", "siteB"):
+        for name, count in (("CT_small.dcm", 5), ("MR_small.dcm", 3)):
+            series = generate_uid()
+            for i in range(count):
+                copy_dicom(pydicom_file(name), archive / site / f"{name[:2]}{i}.dcm", series=series)
+    scan(db_url, tiny_model, archive, tmp=tmp_path)
+    out = tmp_path / "export" / "manifest.csv"
+
+    sorter(
+        "export",
+        "--balanced",
+        "--per-label",
+        "4",
+        "--by-source",
+        "--label-from",
+        "header",
+        "--out",
+        str(out),
+        url=db_url,
+    )
+    rows = read_manifest(out)
+
+    by_label = Counter(row.label.value for row in rows)
+    assert by_label == {"CT": 4, "MR": 4}
+    assert Counter((row.label.value, row.source) for row in rows) == {
+        ("CT", "siteA"): 2,
+        ("CT", "siteB"): 2,
+        ("MR", "siteA"): 2,
+        ("MR", "siteB"): 2,
+    }
+    assert all(row.path.is_file() and row.format == "dcm" for row in rows)
+    assert all(row.extra["header_modality"] == row.label.value for row in rows)
+    assert len({row.group for row in rows}) > 1
+
+    everything = tmp_path / "all.csv"
+    sorter("export", "--label-from", "header", "--out", str(everything), url=db_url)
+    assert len(read_manifest(everything)) == 16
+    agree = tmp_path / "agree.csv"
+    sorter("export", "--out", str(agree), url=db_url)  # the default: only where header and pixels agree
+    verdicts = {r.verdict for r in query(db_url, "SELECT verdict FROM latest_predictions")}
+    assert (len(read_manifest(agree)) > 0) == ("agree" in verdicts)
+
+
+def test_reclassify_keeps_predictions_per_model_and_views_show_the_latest(
+    db_url, tiny_model, tiny_model_b, tmp_path
+):
+    small_archive(tmp_path / "archive")
+    scan(db_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
+    summary = tmp_path / "reclassify.json"
+
+    sorter(
+        "reclassify",
+        "--model",
+        str(tiny_model_b),
+        "--workers",
+        "1",
+        "--no-progress",
+        "--json-summary",
+        str(summary),
+        url=db_url,
+    )
+
+    assert json.loads(summary.read_text())["classified"] == 7
+    assert query(db_url, "SELECT count(*) FROM predictions")[0][0] == 14
+    assert query(db_url, "SELECT count(DISTINCT model_sha256) FROM latest_predictions")[0][0] == 1
+    latest = query(db_url, "SELECT m.path FROM latest_predictions lp JOIN models m ON m.id = lp.model_id")
+    assert {Path(r.path).name for r in latest} == {tiny_model_b.name}
+    sorter(
+        "reclassify",
+        "--model",
+        str(tiny_model_b),
+        "--workers",
+        "1",
+        "--no-progress",
+        "--json-summary",
+        str(summary),
+        url=db_url,
+    )
+    assert json.loads(summary.read_text())["classified"] == 0  # nothing left for this model

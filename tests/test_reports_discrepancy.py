@@ -1,0 +1,89 @@
+"""Find mislabelled series with the bundled model: real CT and MR slices, some with altered headers.
+
+Copies of real files get new UIDs; on two series the header Modality is
+deliberately wrong (CT slices labelled MR, MR slices labelled CT). The views
+must flag exactly those series and their studies, and leave the honest ones
+alone. This test fails if the model cannot tell CT from MR, or if the views
+aggregate wrongly: it needs the trained model, not the untrained tiny one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from db_support import copy_dicom, query, scan, sorter
+from pydicom.uid import generate_uid
+
+from sorter.model.artefact import DEFAULT_MODEL_PATH
+
+pytest_plugins = ["db_fixtures"]
+
+#: The trained model under test (the bundled default; a candidate can be checked the same way).
+MODEL = Path(os.environ.get("SORTER_TEST_REAL_MODEL", DEFAULT_MODEL_PATH))
+PER_SERIES = 6
+#: name -> (corpus folder, header Modality written on the copies, study)
+SERIES = {
+    "ct_labelled_mr": ("CT/tcia_lidc_idri_0314", "MR", "study_x"),
+    "ct_honest": ("CT/tcia_nsclc_lung1_001", "CT", "study_y"),
+    "mr_honest": ("MR/dwv_bbmri_memprage", "MR", "study_x"),
+    "mr_labelled_ct": ("MR/fnndsc_adi_brain", "CT", "study_z"),
+}
+ALTERED = {"ct_labelled_mr", "mr_labelled_ct"}
+
+pytestmark = [
+    pytest.mark.corpus,
+    pytest.mark.skipif(
+        not MODEL.exists(), reason=f"no trained model at {MODEL} (bundled default not built yet)"
+    ),
+]
+
+
+@pytest.fixture()
+def altered_archive(corpus: Path, tmp_path: Path) -> dict[str, str]:
+    """Copy each series under new UIDs; return series name -> Series Instance UID."""
+    studies = {study: generate_uid() for _, _, study in SERIES.values()}
+    uids: dict[str, str] = {}
+    for name, (folder, modality, study) in SERIES.items():
+        uids[name] = generate_uid()
+        sources = sorted((corpus / folder).glob("*.dcm"))[:PER_SERIES]
+        assert len(sources) == PER_SERIES, f"corpus folder {folder} changed"
+        for source in sources:
+            copy_dicom(
+                source,
+                tmp_path / "archive" / name / source.name,
+                series=uids[name],
+                study=studies[study],
+                modality=modality,
+            )
+    uids.update(studies)
+    return uids
+
+
+def test_altered_series_and_their_studies_are_flagged_and_honest_ones_are_not(
+    db_url, altered_archive, tmp_path
+):
+    uids = altered_archive
+    summary = scan(db_url, MODEL, tmp_path / "archive", tmp=tmp_path)
+    assert summary["classified"] == PER_SERIES * len(SERIES)
+
+    flagged = {
+        r.series_instance_uid: (r.header_label, r.label)
+        for r in query(db_url, "SELECT * FROM series_discrepancies")
+    }
+    assert flagged == {uids["ct_labelled_mr"]: ("MR", "CT"), uids["mr_labelled_ct"]: ("CT", "MR")}
+
+    per_series = dict(
+        query(db_url, "SELECT series_instance_uid, count(*) FROM discrepancies GROUP BY series_instance_uid")
+    )
+    for name in SERIES:
+        if name in ALTERED:  # most slices are confident on their own, too
+            assert per_series.get(uids[name], 0) > PER_SERIES // 2, name
+        else:
+            assert uids[name] not in per_series, name
+
+    studies = dict(query(db_url, "SELECT study_instance_uid, verdict FROM study_summary"))
+    assert studies == {uids["study_x"]: "disagree", uids["study_y"]: "agree", uids["study_z"]: "disagree"}
+    listed = sorter("discrepancies", "--level", "study", "--format", "csv", url=db_url).output
+    assert uids["study_x"] in listed and uids["study_z"] in listed and uids["study_y"] not in listed

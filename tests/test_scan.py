@@ -1,0 +1,113 @@
+"""``sorter scan`` on real files, on SQLite and on PostgreSQL: registration, classification, re-scans."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pydicom
+from db_support import copy_dicom, pydicom_file, query, scalar, scan, small_archive
+
+pytest_plugins = ["db_fixtures"]
+
+
+def test_scan_registers_every_file_and_classifies_the_images(db_url, tiny_model, tmp_path):
+    files = small_archive(tmp_path / "archive")
+    summary = scan(db_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
+
+    assert summary["files"] == len(files) == 9
+    assert summary["classified"] == 7
+    assert summary["skipped"] == {"non_image": 1}
+    assert summary["failed"] == {"not_dicom": 1}
+    assert sum(sum(row.values()) for row in summary["confusion"].values()) == 7
+    assert set(summary["confusion"]) == {"CT", "MR", "OT"}
+
+    rows = {Path(r.path).name: r for r in query(db_url, "SELECT * FROM instances")}
+    assert len(rows) == 9
+    assert {r.status for name, r in rows.items() if name.startswith(("ct", "mr", "rgb"))} == {"done"}
+    assert rows["rtplan.dcm"].status == "skipped" and rows["rtplan.dcm"].error == "non_image"
+    assert rows["notes.txt"].status == "failed" and rows["notes.txt"].error == "not_dicom"
+    assert rows["ct0.dcm"].header_label == "CT" and rows["ct0.dcm"].source == "siteA"
+    assert rows["mr0.dcm"].source == "siteB"
+    # One prediction per classified instance, and each instance points at it.
+    assert scalar(db_url, "SELECT count(*) FROM predictions") == 7
+    assert (
+        scalar(db_url, "SELECT count(*) FROM instances i JOIN predictions p ON p.id = i.prediction_id") == 7
+    )
+    assert scalar(db_url, "SELECT count(*) FROM files") == 9
+    assert scalar(db_url, "SELECT count(*) FROM latest_predictions") == 7
+    assert scalar(db_url, "SELECT count(*) FROM series_summary") == 3
+
+
+def test_second_scan_of_an_unchanged_archive_does_no_work(db_url, tiny_model, tmp_path):
+    small_archive(tmp_path / "archive")
+    scan(db_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
+    before = query(db_url, "SELECT id, instance_id, model_id, created_at FROM predictions ORDER BY id")
+
+    again = scan(db_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
+
+    assert again["classified"] == 0 and again["registered"] == 0 and again["resumed"] == 0
+    assert again["unchanged"] == 9
+    assert (
+        query(db_url, "SELECT id, instance_id, model_id, created_at FROM predictions ORDER BY id") == before
+    )
+    assert scalar(db_url, "SELECT count(*) FROM instances") == 9
+
+
+def test_a_changed_file_at_the_same_path_is_read_again(db_url, tiny_model, tmp_path):
+    files = small_archive(tmp_path / "archive")
+    scan(db_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
+    target = files["ct1"]
+    ds = pydicom.dcmread(target)
+    ds.Modality = "MR"  # same SOP Instance UID, new header
+    ds.save_as(target, enforce_file_format=False)
+    os.utime(target, ns=(1, 1))  # make the change visible whatever the clock resolution
+
+    again = scan(db_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
+
+    assert again["registered"] == 1 and again["classified"] == 1 and again["unchanged"] == 8
+    row = query(
+        db_url, "SELECT header_modality, header_label, status FROM instances WHERE path = :p", p=str(target)
+    )
+    assert [tuple(r) for r in row] == [("MR", "MR", "done")]
+    assert scalar(db_url, "SELECT count(*) FROM instances") == 9
+    assert scalar(db_url, "SELECT count(*) FROM predictions") == 7
+
+
+def test_copies_of_one_instance_are_one_row_and_a_moved_file_keeps_its_row(db_url, tiny_model, tmp_path):
+    archive = tmp_path / "archive"
+    original = copy_dicom(pydicom_file("CT_small.dcm"), archive / "a" / "ct.dcm")
+    (archive / "b").mkdir()
+    shutil.copy(original, archive / "b" / "ct-copy.dcm")
+
+    first = scan(db_url, tiny_model, archive, tmp=tmp_path)
+    assert first["duplicates"] == 1 and first["classified"] == 1
+    assert scalar(db_url, "SELECT count(*) FROM instances") == 1
+    assert scalar(db_url, "SELECT count(*) FROM files") == 2
+
+    moved = archive / "c" / "ct.dcm"
+    moved.parent.mkdir()
+    original.rename(moved)
+    (archive / "b" / "ct-copy.dcm").unlink()
+    again = scan(db_url, tiny_model, archive, tmp=tmp_path)
+
+    assert again["classified"] == 0
+    assert [tuple(r) for r in query(db_url, "SELECT path, status FROM instances")] == [(str(moved), "done")]
+
+
+def test_a_file_completed_after_a_failed_scan_loses_its_failure(db_url, tiny_model, tmp_path):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    whole = Path(pydicom_file("CT_small.dcm")).read_bytes()
+    target = archive / "late.dcm"
+    target.write_bytes(whole[:200])  # half-written: the header is cut
+    first = scan(db_url, tiny_model, archive, tmp=tmp_path)
+    assert first["failed"] == {"truncated": 1}
+
+    target.write_bytes(whole)
+    os.utime(target, ns=(1, 1))
+    again = scan(db_url, tiny_model, archive, tmp=tmp_path)
+
+    assert again["classified"] == 1 and again["failed"] == {}
+    assert [tuple(r) for r in query(db_url, "SELECT status, error FROM instances")] == [("done", None)]

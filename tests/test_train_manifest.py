@@ -1,0 +1,159 @@
+"""Manifests: reading the shared corpus, and building one from a real DICOM tree."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+from support import CORPUS, data_file
+
+from sorter.domain import Label
+from train.manifest import FORMATS, MANIFEST_COLUMNS, build_manifest, read_manifest
+
+
+def study_hash(name: str) -> str:
+    uid = str(pydicom.dcmread(Path(data_file(name)), stop_before_pixels=True).StudyInstanceUID)
+    return hashlib.sha256(uid.encode()).hexdigest()[:16]
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Path:
+    """Two sites of real pydicom test files, one nested, plus non-image and non-DICOM files."""
+    root = tmp_path / "archive"
+    (root / "siteA" / "sub" / "deeper").mkdir(parents=True)
+    (root / "siteB").mkdir()
+    shutil.copy(Path(data_file("CT_small.dcm")), root / "siteA" / "ct.dcm")
+    shutil.copy(Path(data_file("MR_small.dcm")), root / "siteA" / "sub" / "deeper" / "mr.dcm")
+    shutil.copy(Path(data_file("rtplan.dcm")), root / "siteA" / "rtplan.dcm")
+    shutil.copy(Path(data_file("MR_small.dcm")), root / "siteB" / "IM0001")
+    (root / "siteB" / "notes.txt").write_text("Not an image; just some notes about the archive.\n")
+    # CT_small as a raw data set (no preamble, no File Meta): needs the force=True fallback.
+    ds = pydicom.dcmread(Path(data_file("CT_small.dcm")))
+    del ds.file_meta
+    ds.preamble = None
+    pydicom.dcmwrite(root / "siteB" / "ct_raw", ds, implicit_vr=True, little_endian=True,
+                     enforce_file_format=False)
+    return root.resolve()
+
+
+@pytest.mark.corpus
+def test_read_shared_corpus_manifest() -> None:
+    manifest = CORPUS / "manifest.csv"
+    if not manifest.is_file():
+        pytest.skip(f"shared corpus not found at {manifest}; it lives beside the repository checkout")
+    rows = read_manifest(manifest)
+    assert len(rows) == 711
+    missing = [row.path for row in rows if not row.path.is_file()]
+    assert not missing, f"{len(missing)} manifest paths do not exist, e.g. {missing[:3]}"
+    assert all(row.path.is_absolute() for row in rows)
+    assert {row.format for row in rows} <= FORMATS
+    assert {row.label for row in rows} <= set(Label)
+    assert all(row.source and row.group for row in rows)
+    assert "header_modality" in rows[0].extra
+
+
+def test_build_manifest_from_dicom_tree(archive: Path, tmp_path: Path) -> None:
+    out = tmp_path / "manifests" / "archive.csv"
+    summary = build_manifest(archive, out, progress=False)
+
+    assert summary.rows == 4
+    assert summary.skipped == {"non_image": 1, "not_dicom": 1}
+    assert summary.labels == {"CT": 2, "MR": 2}
+    assert summary.sources_by_label == {"CT": {"siteA": 1, "siteB": 1}, "MR": {"siteA": 1, "siteB": 1}}
+
+    text = out.read_text()
+    for patient_id in ("1CT1", "4MR1"):
+        assert patient_id not in text
+    with out.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames or ()) == MANIFEST_COLUMNS
+        records = {r["path"]: r for r in reader}
+    assert set(records) == {
+        "../archive/siteA/ct.dcm",
+        "../archive/siteA/sub/deeper/mr.dcm",
+        "../archive/siteB/IM0001",
+        "../archive/siteB/ct_raw",
+    }
+    ct = records["../archive/siteA/ct.dcm"]
+    assert (ct["label"], ct["header_modality"], ct["source"], ct["format"]) == ("CT", "CT", "siteA", "dcm")
+    assert ct["group"] == study_hash("CT_small.dcm")
+    assert records["../archive/siteB/ct_raw"]["group"] == ct["group"]
+    assert records["../archive/siteB/IM0001"]["group"] == study_hash("MR_small.dcm")
+
+    rows = read_manifest(out)
+    assert len(rows) == 4
+    assert {row.path for row in rows} == {
+        archive / "siteA" / "ct.dcm",
+        archive / "siteA" / "sub" / "deeper" / "mr.dcm",
+        archive / "siteB" / "IM0001",
+        archive / "siteB" / "ct_raw",
+    }
+    assert {row.label for row in rows} == {Label.CT, Label.MR}
+    assert all(row.format == "dcm" and row.extra["header_modality"] == row.label for row in rows)
+
+
+def test_manifest_inside_root_is_not_read_back(archive: Path) -> None:
+    out = archive / "manifest.csv"
+    first = build_manifest(archive, out, progress=False)
+    second = build_manifest(archive, out, progress=False)
+    assert first == second
+    assert read_manifest(out)[0].path.parent.parent == archive
+
+
+def test_source_from_header_keyword(archive: Path, tmp_path: Path) -> None:
+    summary = build_manifest(archive, tmp_path / "m.csv", source_from="Manufacturer", progress=False)
+    assert summary.sources_by_label == {"CT": {"GE MEDICAL SYSTEMS": 2}, "MR": {"TOSHIBA_MEC": 2}}
+    with pytest.raises(ValueError, match="DICOM keyword"):
+        build_manifest(archive, tmp_path / "m.csv", source_from="NotAKeyword", progress=False)
+
+
+def test_limit_per_series_keeps_evenly_spaced(tmp_path: Path) -> None:
+    root = tmp_path / "series"
+    root.mkdir()
+    for i in range(5):
+        shutil.copy(Path(data_file("MR_small.dcm")), root / f"mr_{i}.dcm")
+    out = tmp_path / "m.csv"
+    summary = build_manifest(root, out, limit_per_series=2, progress=False)
+    assert summary.rows == 2
+    assert summary.skipped == {"series_limit": 3}
+    assert [row.path.name for row in read_manifest(out)] == ["mr_0.dcm", "mr_4.dcm"]
+    assert summary.sources_by_label == {"MR": {"series": 2}}
+
+
+def test_read_manifest_infers_format_and_reports_bad_lines(tmp_path: Path) -> None:
+    good = tmp_path / "good.csv"
+    good.write_text(
+        "path,label,source,group,notes\n"
+        "a/vol.nii.gz,MR,s1,g1,x\n"
+        "b/photo.JPEG,OT,s2,g2,\n"
+        "c/IM0001,ct,s3,g3,y\n"
+    )
+    rows = read_manifest(good)
+    assert [r.format for r in rows] == ["nii.gz", "jpg", "dcm"]
+    assert rows[2].label is Label.CT
+    assert rows[0].path == tmp_path.resolve() / "a" / "vol.nii.gz"
+    assert rows[0].extra == {"notes": "x"}
+
+    bad_label = tmp_path / "bad_label.csv"
+    bad_label.write_text("path,label,source,group\na.dcm,CT,s,g\nb.dcm,XA,s,g\n")
+    with pytest.raises(ValueError, match=r"line 3: unknown label 'XA'"):
+        read_manifest(bad_label)
+
+    empty_group = tmp_path / "empty_group.csv"
+    empty_group.write_text("path,label,source,group,format\na.dcm,CT,s,,dcm\n")
+    with pytest.raises(ValueError, match=r"line 2: empty 'group'"):
+        read_manifest(empty_group)
+
+    bad_format = tmp_path / "bad_format.csv"
+    bad_format.write_text("path,label,source,group,format\na.gif,CT,s,g,gif\n")
+    with pytest.raises(ValueError, match=r"line 2: unknown format 'gif'"):
+        read_manifest(bad_format)
+
+    no_source = tmp_path / "no_source.csv"
+    no_source.write_text("path,label,group\na.dcm,CT,g\n")
+    with pytest.raises(ValueError, match="missing required column"):
+        read_manifest(no_source)

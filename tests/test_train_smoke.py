@@ -1,0 +1,137 @@
+"""A real (tiny) training run on the corpus, then evaluate, loso, calibrate and export through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from sorter.model.artefact import load_artefact
+from train.cli import main
+
+pytestmark = [pytest.mark.corpus, pytest.mark.slow]
+
+METRIC_KEYS = {"n", "accuracy", "balanced_accuracy", "per_class", "per_source", "confusion", "ece"}
+
+
+def _run(args: list[str]) -> str:
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def fitted(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit")
+    cache = tmp_path_factory.mktemp("cache")
+    _run(
+        [
+            "fit",
+            "--manifest",
+            str(corpus / "manifest.csv"),
+            "--out",
+            str(out),
+            "--dry-run",
+            "--val-fraction",
+            "0.3",
+            "--cache-dir",
+            str(cache),
+            "--workers",
+            "1",
+        ]
+    )
+    return out, cache
+
+
+def test_fit_writes_artefact_curves_and_resolved_config(fitted):
+    out, _ = fitted
+    for name in ("model.pt", "config.yaml", "history.json", "curves.png", "val-metrics.json"):
+        assert (out / name).stat().st_size > 0, name
+    loaded = load_artefact(out / "model.pt")
+    assert loaded.spec.preprocess.input_size == 64
+    assert loaded.spec.training["images_per_label"]
+    assert "validation" in loaded.spec.metrics
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_evaluate_writes_complete_metrics(fitted, corpus, tmp_path):
+    out, cache = fitted
+    # Every 25th row (all labels, several sources, decoded in seconds), paths made absolute
+    # because manifest paths are relative to the manifest's folder.
+    lines = (corpus / "manifest.csv").read_text().splitlines()
+    rows = [lines[0]] + [f"{corpus / r.split(',', 1)[0]},{r.split(',', 1)[1]}" for r in lines[1::25]]
+    subset = tmp_path / "manifest.csv"
+    subset.write_text("\n".join(rows) + "\n")
+    report = tmp_path / "eval"
+    _run(
+        [
+            "evaluate",
+            "--manifest",
+            str(subset),
+            "--model",
+            str(out / "model.pt"),
+            "--out",
+            str(report),
+            "--cache-dir",
+            str(cache),
+            "--workers",
+            "1",
+        ]
+    )
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert set(metrics) >= METRIC_KEYS
+    assert metrics["n"] >= 25
+    assert set(metrics["per_class"]) >= {"CT", "MR", "XR"}
+    for row in metrics["per_class"].values():
+        assert {"precision", "recall", "f1", "auroc", "support"} <= set(row)
+    assert len(metrics["confusion"]["matrix"]) == len(metrics["confusion"]["labels"])
+    assert 0 <= metrics["ece"] <= 1
+    assert (report / "confusion.png").stat().st_size > 0
+
+
+def test_loso_then_export_calibrated_artefact(fitted, corpus, tmp_path):
+    out, cache = fitted
+    loso = tmp_path / "loso"
+    _run(
+        [
+            "loso",
+            "--manifest",
+            str(corpus / "manifest.csv"),
+            "--out",
+            str(loso),
+            "--dry-run",
+            "--folds",
+            "3",
+            "--only-fold",
+            "0",
+            "--cache-dir",
+            str(cache),
+            "--workers",
+            "1",
+        ]
+    )
+    metrics = json.loads((loso / "metrics.json").read_text())
+    assert set(metrics) >= METRIC_KEYS and metrics["folds_evaluated"] == [0]
+    folds = json.loads((loso / "folds.json").read_text())
+    held = {s for s, f in folds.items() if f == 0}
+    assert set(metrics["per_source"]) <= held  # only held-out sources were predicted
+    card = tmp_path / "card.md"
+    exported = tmp_path / "model.pt"
+    _run(
+        [
+            "export",
+            "--model",
+            str(out / "model.pt"),
+            "--loso",
+            str(loso),
+            "--out",
+            str(exported),
+            "--card",
+            str(card),
+        ]
+    )
+    loaded = load_artefact(exported)
+    assert loaded.spec.temperature == pytest.approx(metrics["temperature"])
+    assert loaded.spec.metrics["leave_sources_out"]["n"] == metrics["n"]
+    assert "Accuracy on unseen sources" in card.read_text()

@@ -1,0 +1,1 @@
+"""Training pipeline for dicom-sorter: manifests, datasets, fitting, evaluation, calibration."""

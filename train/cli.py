@@ -1,0 +1,329 @@
+"""``sorter-train``: manifest, fit, evaluate, calibrate, loso, export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from sorter.dicom.quiet import quiet_pydicom
+from sorter.model.artefact import DEFAULT_MODEL_PATH, load_artefact, save_artefact
+from train.config import PRESETS, FitConfig, resolve_config, save_config
+
+
+def _config_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by ``fit`` and ``loso``; unset options keep the preset's value."""
+    options = [
+        click.option("--preset", type=click.Choice(sorted(PRESETS)), default="default", show_default=True),
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(exists=True, path_type=Path),
+            help="YAML file of FitConfig keys (applied after the preset).",
+        ),
+        click.option(
+            "--arch", help="resnet18, resnet50, vgg16_bn, efficientnet_b0, mobilenet_v3_small/large ..."
+        ),
+        click.option("--input-size", type=int),
+        click.option("--epochs", type=int),
+        click.option("--epoch-size", type=int, help="Images drawn per epoch by the balanced sampler."),
+        click.option("--batch-size", type=int),
+        click.option("--lr", type=float),
+        click.option("--seed", type=int),
+        click.option("--limit-per-label", type=int, help="Smoke runs: at most N manifest rows per label."),
+        click.option("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)."),
+        click.option("--workers", type=int, help="Decode processes."),
+        click.option("--cache-dir", help="Where decoded images are cached."),
+        click.option(
+            "--dry-run", is_flag=True, help="One tiny epoch at 64 px on 6 files per label (CI smoke)."
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _resolve(preset: str, config_file: Path | None, dry_run: bool, **overrides: Any) -> FitConfig:
+    if dry_run:
+        defaults = {
+            "epochs": 1,
+            "epoch_size": 96,
+            "batch_size": 32,
+            "input_size": 64,
+            "limit_per_label": 6,
+            "max_frames": 2,
+            "axial_slices": 4,
+            "reformat_slices": 0,
+        }
+        overrides = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
+    return resolve_config(preset, config_file, **overrides)
+
+
+def _command_line() -> str:
+    return "sorter-train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True)
+def main(verbose: bool) -> None:
+    """Train, evaluate and export dicom-sorter models."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    quiet_pydicom(verbose)
+
+
+@main.command()
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--source-from",
+    default="top_folder",
+    show_default=True,
+    help="top_folder, InstitutionName, StationName, Manufacturer or another DICOM keyword.",
+)
+@click.option("--limit-per-series", type=int, help="Keep at most N evenly spaced instances per series.")
+def manifest(root: Path, out: Path, source_from: str, limit_per_series: int | None) -> None:
+    """Build a training manifest from a DICOM tree; labels come from the header Modality."""
+    from train.manifest import build_manifest
+
+    summary = build_manifest(root, out, source_from=source_from, limit_per_series=limit_per_series)
+    click.echo(f"wrote {summary.rows} rows to {out}")
+    for label, count in sorted(summary.labels.items()):
+        click.echo(f"  {label}: {count} files from {len(summary.sources_by_label.get(label, {}))} sources")
+    for reason, count in sorted(summary.skipped.items()):
+        click.echo(f"  skipped {count}: {reason}")
+
+
+@main.command()
+@click.option("--manifest", "manifest_path", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--val-fraction", type=float, help="Fraction of each label's sources held out for validation.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
+@_config_options
+def fit(
+    manifest_path: Path,
+    out: Path,
+    val_fraction: float | None,
+    resume: bool,
+    preset: str,
+    config_file: Path | None,
+    dry_run: bool,
+    **overrides: Any,
+) -> None:
+    """Train a model on a manifest (split by source, never by slice) and save OUT/model.pt."""
+    from train.calibrate import fit_temperature
+    from train.fit import evaluate_logits, predict_logits
+    from train.fit import fit as fit_network
+    from train.metrics import plot_curves
+    from train.runs import images_for, label_indices, select_rows, training_summary, write_report
+    from train.splits import validation_sources
+
+    config = _resolve(preset, config_file, dry_run, val_fraction=val_fraction, **overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml", manifest=str(manifest_path), command=_command_line())
+    rows = select_rows(manifest_path, config)
+    held = set(config.val_sources) or validation_sources(rows, config.val_fraction, config.seed)
+    images = images_for(rows, config)
+    is_val = np.isin(images.sources, sorted(held))
+    train_set, val_set = images.subset(~is_val), (images.subset(is_val) if is_val.any() else None)
+    click.echo(
+        f"{len(train_set)} training images, {len(val_set) if val_set else 0} validation images "
+        f"from {len(held)} held-out sources; {len(images.failures)} files failed to decode"
+    )
+    network, history = fit_network(config, train_set, val_set, out, resume=resume)
+    spec = config.spec(training=training_summary(train_set, config, manifest_path))
+    if val_set is not None:
+        logits = predict_logits(network, val_set)
+        temperature = fit_temperature(logits, label_indices(val_set, spec))
+        labels = [label.value for label in spec.labels]
+        metrics = evaluate_logits(logits, val_set, labels, temperature)
+        metrics["temperature"] = temperature
+        write_report(metrics, out, "val-metrics")
+        spec = config.spec(training=spec.training, temperature=temperature, metrics={"validation": metrics})
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    plot_curves(history, out / "curves.png")
+    digest = save_artefact(network, spec, out / "model.pt")
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+    click.echo(f"saved {out / 'model.pt'} (sha256 {digest[:12]})")
+
+
+@main.command()
+@click.option("--manifest", "manifest_path", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Model artefact (default: the bundled model).",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--cache-dir", default=None)
+def evaluate(
+    manifest_path: Path, model_path: Path | None, out: Path, workers: int, cache_dir: str | None
+) -> None:
+    """Evaluate a model on a manifest: OUT/metrics.json and OUT/confusion.png."""
+    import torch
+
+    from train.fit import evaluate_logits, predict_logits
+    from train.metrics import format_metrics_table
+    from train.runs import images_for, select_rows, write_report
+
+    loaded = load_artefact(model_path)
+    config = FitConfig(
+        labels=tuple(label.value for label in loaded.spec.labels),
+        workers=workers,
+        cache_dir=cache_dir,
+        input_size=loaded.spec.preprocess.input_size,
+    )
+    images = images_for(select_rows(manifest_path, config), config, params=loaded.spec.preprocess)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    logits = predict_logits(loaded.network, images)
+    metrics = evaluate_logits(logits, images, list(config.labels), loaded.spec.temperature)
+    metrics.update(model=str(loaded.path), model_sha256=loaded.sha256, decode_failures=len(images.failures))
+    write_report(metrics, out)
+    click.echo(format_metrics_table(metrics))
+
+
+@main.command()
+@click.option(
+    "--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--manifest",
+    "manifest_path",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="Held-out images (sources the model was not trained on).",
+)
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def calibrate(model_path: Path, manifest_path: Path, out: Path) -> None:
+    """Fit the temperature on held-out sources and write a calibrated artefact."""
+    from dataclasses import replace
+
+    from train.calibrate import fit_temperature
+    from train.fit import predict_logits
+    from train.runs import images_for, label_indices, select_rows
+
+    loaded = load_artefact(model_path)
+    config = FitConfig(
+        labels=tuple(label.value for label in loaded.spec.labels),
+        input_size=loaded.spec.preprocess.input_size,
+    )
+    images = images_for(select_rows(manifest_path, config), config, params=loaded.spec.preprocess)
+    temperature = fit_temperature(predict_logits(loaded.network, images), label_indices(images, loaded.spec))
+    digest = save_artefact(loaded.network, replace(loaded.spec, temperature=temperature), out)
+    click.echo(f"temperature {temperature:.3f}; saved {out} (sha256 {digest[:12]})")
+
+
+@main.command()
+@click.option("--manifest", "manifest_path", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--folds",
+    type=int,
+    default=10,
+    show_default=True,
+    help="Source-disjoint folds; 0 = strict leave-one-source-out.",
+)
+@click.option("--only-fold", "only_folds", type=int, multiple=True, help="Run only these folds.")
+@_config_options
+def loso(
+    manifest_path: Path,
+    out: Path,
+    folds: int,
+    only_folds: tuple[int, ...],
+    preset: str,
+    config_file: Path | None,
+    dry_run: bool,
+    **overrides: Any,
+) -> None:
+    """Leave-sources-out cross-validation: every source is predicted by a model that never saw it."""
+    from train.loso import run_loso
+    from train.metrics import format_metrics_table
+
+    config = _resolve(preset, config_file, dry_run, **overrides)
+    metrics = run_loso(manifest_path, config, out, folds, list(only_folds) or None)
+    click.echo(format_metrics_table(metrics))
+    click.echo(
+        f"temperature {metrics['temperature']:.3f}; ECE {metrics['ece']:.3f} "
+        f"(uncalibrated {metrics['ece_uncalibrated']:.3f})"
+    )
+
+
+@main.command()
+@click.option(
+    "--model",
+    "model_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="OUT/model.pt of a fit run.",
+)
+@click.option(
+    "--loso",
+    "loso_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A loso run: its temperature and metrics go into the artefact.",
+)
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_MODEL_PATH, show_default=True
+)
+@click.option(
+    "--card", type=click.Path(dir_okay=False, path_type=Path), help="Write a markdown model card here."
+)
+@click.option(
+    "--speed-json",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Benchmark JSON whose numbers go into the card.",
+)
+@click.option("--reproduce", default="", help="The command line that reproduces the artefact, for the card.")
+def export(
+    model_path: Path,
+    loso_dir: Path | None,
+    out: Path,
+    card: Path | None,
+    speed_json: Path | None,
+    reproduce: str,
+) -> None:
+    """Export a trained model as the artefact ``sorter`` loads (calibrated from a loso run)."""
+    from train.export import export_model, model_card
+
+    spec, digest = export_model(model_path, out, loso_dir)
+    click.echo(f"saved {out} (sha256 {digest[:12]}, temperature {spec.temperature:.3f})")
+    if card is not None:
+        speed = json.loads(speed_json.read_text()) if speed_json else None
+        card.write_text(model_card(spec, digest, reproduce or _command_line(), speed))
+        click.echo(f"wrote {card}")
+
+
+@main.command()
+@click.argument(
+    "runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
+@click.option(
+    "--speed-json",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="tests/bench/bench_inference.py output, for the CPU img/s column.",
+)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the table here.")
+def compare(runs: tuple[Path, ...], speed_json: Path | None, out: Path | None) -> None:
+    """Compare loso runs (same manifest, folds and seed) on the folds they all evaluated."""
+    from train.compare import compare_runs, comparison_markdown
+
+    speed: dict[str, float] = {}
+    if speed_json is not None:
+        for row in json.loads(speed_json.read_text())["rows"]:
+            speed[f"{row['arch']}@{row['input']}"] = row["images_per_s"]
+    common, rows = compare_runs(list(runs))
+    table = comparison_markdown(common, rows, speed)
+    click.echo(table)
+    if out is not None:
+        out.write_text(table)

@@ -1,0 +1,78 @@
+"""Compare leave-sources-out runs on the folds they share (``sorter-train compare``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from train.calibrate import softmax_np
+from train.metrics import compute_metrics, source_macro_recall
+
+
+def _load(run: Path) -> dict[str, Any]:
+    data = np.load(run / "oof.npz")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    return {"run": run, "config": config, **{k: data[k] for k in data.files}}
+
+
+def compare_runs(runs: list[Path]) -> tuple[list[int], list[dict[str, Any]]]:
+    """Metrics of each run restricted to the folds every run evaluated.
+
+    Runs must come from the same manifest, fold count and seed, so that a
+    fold holds out the same sources in each.
+    """
+    loaded = [_load(run) for run in runs]
+    keys = {(d["config"].get("manifest"), d["config"].get("folds"), d["config"].get("seed")) for d in loaded}
+    if len(keys) != 1:
+        raise ValueError(f"runs differ in manifest, folds or seed: {sorted(map(str, keys))}")
+    common = sorted(set.intersection(*(set(np.unique(d["folds"]).tolist()) for d in loaded)))
+    rows = []
+    for d in loaded:
+        mask = np.isin(d["folds"], common)
+        labels = [str(v) for v in d["config"]["labels"]]
+        probs = softmax_np(d["logits"][mask], float(d["temperature"]))
+        y, sources = [str(v) for v in d["labels"][mask]], [str(v) for v in d["sources"][mask]]
+        metrics = compute_metrics(y, probs, labels, sources)
+        keyed = [f"{s}/{label}" for s, label in zip(sources, y, strict=True)]
+        by_source = compute_metrics(y, probs, labels, keyed)
+        macro = source_macro_recall(by_source, {k: k.rsplit("/", 1)[1] for k in keyed})
+        cfg = d["config"]
+        rows.append(
+            {
+                "run": str(d["run"]),
+                "arch": cfg["arch"],
+                "input": f"{len(cfg['channels'])}x{cfg['input_size']}x{cfg['input_size']}",
+                "scaling": cfg["scaling"],
+                "n": metrics["n"],
+                "accuracy": metrics["accuracy"],
+                "balanced_accuracy": metrics["balanced_accuracy"],
+                "source_balanced_accuracy": macro["balanced_accuracy"],
+                "ece": metrics["ece"],
+                "recall": {k: v["recall"] for k, v in metrics["per_class"].items()},
+            }
+        )
+    return common, rows
+
+
+def comparison_markdown(common: list[int], rows: list[dict[str, Any]], speed: dict[str, float]) -> str:
+    """A markdown table of :func:`compare_runs` rows, with CPU images/s where known."""
+    labels = list(rows[0]["recall"])
+    lines = [
+        f"Same source-disjoint folds {common} ({rows[0]['n']} held-out images), temperature-scaled.",
+        "",
+        "| model | input | CPU img/s | accuracy | balanced acc. | source-balanced acc. | ECE | "
+        + " | ".join(f"{label} recall" for label in labels)
+        + " |",
+        "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(labels),
+    ]
+    for r in rows:
+        rate = speed.get(f"{r['arch']}@{r['input']}")
+        lines.append(
+            f"| {r['arch']} ({r['scaling']}) | {r['input']} | {rate if rate is not None else 'n/a'} | "
+            f"{r['accuracy']:.3f} | {r['balanced_accuracy']:.3f} | {r['source_balanced_accuracy']:.3f} | "
+            f"{r['ece']:.3f} | " + " | ".join(f"{r['recall'][label]:.2f}" for label in labels) + " |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,111 @@
+"""Turn a ``fit`` run into the artefact ``sorter`` loads, and write its model card."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from sorter.model.artefact import read_spec, save_artefact
+from sorter.model.network import build_network
+from sorter.model.spec import ModelSpec
+
+
+def export_model(
+    run_model: Path, out: Path, loso_dir: Path | None = None, temperature: float | None = None
+) -> tuple[ModelSpec, str]:
+    """Re-save ``run_model`` to ``out`` with calibration and cross-validated metrics.
+
+    With ``loso_dir`` the temperature and the metrics come from its out-of-fold
+    predictions on held-out sources; ``temperature`` overrides it.
+    """
+    spec, _, state = read_spec(run_model)
+    metrics: dict[str, Any] = dict(spec.metrics)
+    if loso_dir is not None:
+        loso = json.loads((Path(loso_dir) / "metrics.json").read_text())
+        metrics = {"leave_sources_out": loso}
+        if temperature is None:
+            temperature = float(loso["temperature"])
+    spec = replace(spec, temperature=temperature or spec.temperature, metrics=metrics)
+    network = build_network(spec)
+    network.load_state_dict(state)
+    return spec, save_artefact(network, spec, out)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+def model_card(spec: ModelSpec, sha256: str, command: str, speed: dict[str, Any] | None = None) -> str:
+    """Markdown model card from the artefact's own spec (nothing typed by hand)."""
+    train = spec.training
+    loso = spec.metrics.get("leave_sources_out", {})
+    macro = loso.get("source_macro", {})
+    pre = spec.preprocess
+    lines = [
+        "# dicom-sorter default model card",
+        "",
+        f"- Architecture: `{spec.arch}`, input {len(spec.preprocess.channels)} x "
+        f"{pre.input_size} x {pre.input_size} ({', '.join(pre.channels)}), "
+        f"scalar features: {', '.join(spec.preprocess.features) or 'none'}",
+        f"- Preprocessing: {spec.preprocess.scaling} scaling"
+        + (
+            f" ({spec.preprocess.p_low}-{spec.preprocess.p_high} percentiles)"
+            if spec.preprocess.scaling == "percentile"
+            else ""
+        )
+        + (", letterboxed to a square" if spec.preprocess.letterbox else ", stretched to a square"),
+        f"- Labels: {', '.join(label.value for label in spec.labels)}",
+        f"- Temperature: {spec.temperature:.3f}; thresholds: confidence >= {spec.thresholds.min_confidence}, "
+        f"top-2 margin >= {spec.thresholds.min_margin}",
+        f"- Artefact sha256: `{sha256}`",
+        "",
+        "## Training data",
+        "",
+        f"Manifest `{train.get('manifest', '?')}`: {train.get('files', '?')} files, "
+        f"{sum(train.get('images_per_label', {}).values())} 2-D images, all sources used for the final fit.",
+        "",
+        "| label | 2-D images | sources |",
+        "|---|---:|---:|",
+    ]
+    for label, count in train.get("images_per_label", {}).items():
+        lines.append(f"| {label} | {count} | {len(train.get('sources_per_label', {}).get(label, []))} |")
+    if loso:
+        lines += [
+            "",
+            f"## Accuracy on unseen sources ({loso.get('protocol', '')})",
+            "",
+            f"n = {loso['n']} images; accuracy {_pct(loso['accuracy'])}, balanced accuracy "
+            f"{_pct(loso['balanced_accuracy'])}; ECE {loso['ece']:.3f} after temperature scaling "
+            f"(T = {loso.get('temperature', 1):.2f}; "
+            f"{loso.get('ece_uncalibrated', float('nan')):.3f} before).",
+            "",
+            "Recall per label is that label's term of the balanced accuracy. The source-averaged recall "
+            "averages each held-out source's accuracy instead of each image's, so that one 180-slice "
+            f"series does not outweigh twenty radiograph collections (mean over labels: "
+            f"{_pct(macro.get('balanced_accuracy'))}).",
+            "",
+            "| label | recall | source-averaged recall | precision | F1 | AUROC | images | sources |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for label, row in loso["per_class"].items():
+            by_source = macro.get("per_label", {}).get(label, {})
+            auroc = "n/a" if row.get("auroc") is None else f"{row['auroc']:.3f}"
+            lines.append(
+                f"| {label} | {_pct(row['recall'])} | {_pct(by_source.get('recall'))} | "
+                f"{_pct(row['precision'])} | {row['f1']:.3f} | {auroc} | {row['support']} | "
+                f"{by_source.get('sources', '')} |"
+            )
+    if speed:
+        lines += [
+            "",
+            "## CPU speed (eager PyTorch, batch 32)",
+            "",
+            "| model | input | images/s |",
+            "|---|---|---:|",
+        ]
+        lines += [f"| {r['arch']} {r['note']} | {r['input']} | {r['images_per_s']} |" for r in speed["rows"]]
+        lines += ["", f"Machine: {speed['machine']}."]
+    lines += ["", "## Reproduce", "", "```", command, "```", ""]
+    return "\n".join(lines)

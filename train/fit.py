@@ -1,0 +1,237 @@
+"""Train one network on an :class:`~train.data.ImageSet`: the loop, nothing else.
+
+Reads top to bottom like pytorch/examples' imagenet script: ``sampler()``,
+``train_one_epoch()``, ``predict_logits()``, ``fit()``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from sorter.model.network import SorterNet, build_network
+from sorter.model.spec import ModelSpec
+from train.augment import augment_batch
+from train.calibrate import softmax_np
+from train.config import FitConfig
+from train.data import ImageSet
+from train.metrics import compute_metrics
+
+log = logging.getLogger(__name__)
+
+
+def sample_weights(images: ImageSet, group_balance: float) -> np.ndarray:
+    """Weights that make every label equally likely and damp large groups.
+
+    Within a label each image weighs ``1 / n_group ** group_balance``: 0 treats
+    images equally, 1 treats patients/series equally (a 60-slice series then
+    counts as much as one radiograph).
+    """
+    weights = np.zeros(len(images), dtype=np.float64)
+    for label in np.unique(images.labels):
+        in_label = images.labels == label
+        _groups, inverse, counts = np.unique(images.groups[in_label], return_inverse=True, return_counts=True)
+        w = 1.0 / counts[inverse].astype(np.float64) ** group_balance
+        weights[in_label] = w / w.sum()
+    return weights / weights.sum()
+
+
+def make_optimizer(config: FitConfig, network: torch.nn.Module, steps: int) -> tuple[Any, Any]:
+    """Optimizer and scheduler of the configuration (AdamW+cosine or the paper's SGD+plateau)."""
+    if config.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            network.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    else:
+        opt = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.schedule == "plateau":
+        sched: Any = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=2)
+    else:
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=config.lr, total_steps=max(steps, 1), pct_start=0.15
+        )
+    return opt, sched
+
+
+def train_one_epoch(
+    network: SorterNet,
+    images: ImageSet,
+    label_index: dict[str, int],
+    config: FitConfig,
+    spec: ModelSpec,
+    opt: Any,
+    sched: Any,
+    device: torch.device,
+    gen: torch.Generator,
+    progress: bool,
+) -> float:
+    """One epoch of ``epoch_size`` images drawn by the balanced sampler; returns the mean loss."""
+    network.train()
+    weights = torch.from_numpy(sample_weights(images, config.group_balance))
+    picks = torch.multinomial(weights, config.epoch_size, replacement=True, generator=gen)
+    targets_all = torch.tensor([label_index[str(v)] for v in images.labels])
+    raw_all, feat_all = torch.from_numpy(images.raw), torch.from_numpy(images.features)
+    losses: list[float] = []
+    bar = tqdm(picks.split(config.batch_size), desc="train", unit="batch", leave=False, disable=not progress)
+    for batch in bar:
+        if len(batch) < 2:  # BatchNorm needs two samples
+            continue
+        x, f = augment_batch(raw_all[batch], feat_all[batch], spec.preprocess, gen)
+        x, f, y = x.to(device), f.to(device), targets_all[batch].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            if config.mixup > 0:
+                # Mixing images of different sources discourages source-specific shortcuts.
+                lam = float(torch.distributions.Beta(config.mixup, config.mixup).sample())
+                perm = torch.randperm(len(batch), generator=gen).to(device)
+                logits = network(lam * x + (1 - lam) * x[perm], lam * f + (1 - lam) * f[perm])
+                loss = lam * F.cross_entropy(logits, y, label_smoothing=config.label_smoothing) + (
+                    1 - lam
+                ) * F.cross_entropy(logits, y[perm], label_smoothing=config.label_smoothing)
+            else:
+                loss = F.cross_entropy(network(x, f), y, label_smoothing=config.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if config.schedule != "plateau":
+            sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def recalibrate_batchnorm(
+    network: SorterNet, images: ImageSet, config: FitConfig, gen: torch.Generator, batches: int = 40
+) -> None:
+    """Re-estimate BatchNorm statistics on serving-path inputs drawn by the balanced sampler.
+
+    Training normalises with batch statistics of augmented images; serving
+    uses running averages. Recomputing those averages (cumulative, no
+    momentum) over un-augmented inputs closes the gap that otherwise makes a
+    short from-scratch run collapse onto one class at inference.
+    """
+    norms = [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms or len(images) < 2:
+        return
+    device = next(network.parameters()).device
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    weights = torch.from_numpy(sample_weights(images, config.group_balance))
+    network.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            pick = torch.multinomial(
+                weights, min(config.batch_size, len(images)), replacement=True, generator=gen
+            )
+            x = torch.from_numpy(images.eval[pick.numpy()]).to(device)
+            f = torch.from_numpy(images.features[pick.numpy()]).to(device)
+            network(x, f)
+    for m, momentum in zip(norms, saved, strict=True):
+        m.momentum = momentum
+    network.eval()
+
+
+def predict_logits(network: SorterNet, images: ImageSet, batch: int = 256) -> np.ndarray:
+    """Logits (N, L) on the exact serving inputs of ``images``."""
+    device = next(network.parameters()).device
+    network.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch):
+            x = torch.from_numpy(images.eval[start : start + batch]).to(device)
+            f = torch.from_numpy(images.features[start : start + batch]).to(device)
+            out.append(network(x, f).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(network.head.weight)), np.float32)
+
+
+def evaluate_logits(
+    logits: np.ndarray, images: ImageSet, labels: list[str], temperature: float = 1.0
+) -> dict:
+    """Metrics of ``logits`` against the labels of ``images`` (ARCHITECTURE §6 keys)."""
+    probs = softmax_np(logits, temperature)
+    return compute_metrics(list(images.labels), probs, labels, list(images.sources))
+
+
+def fit(
+    config: FitConfig,
+    train_set: ImageSet,
+    val_set: ImageSet | None,
+    out_dir: Path,
+    progress: bool = True,
+    resume: bool = False,
+) -> tuple[SorterNet, list[dict[str, Any]]]:
+    """Train a network; checkpoints every epoch to ``out_dir/checkpoint.pt`` for ``--resume``."""
+    if config.threads or os.environ.get("OMP_NUM_THREADS") is None:
+        torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(config.seed)
+    spec = config.spec()
+    labels = [label.value for label in spec.labels]
+    label_index = {label: i for i, label in enumerate(labels)}
+    unknown = set(np.unique(train_set.labels)) - set(labels)
+    if unknown:
+        raise ValueError(f"training labels {sorted(unknown)} are not in the configured labels {labels}")
+    network = build_network(spec).to(device)
+    steps = config.epochs * (config.epoch_size // config.batch_size + 1)
+    opt, sched = make_optimizer(config, network, steps)
+    gen = torch.Generator().manual_seed(config.seed)
+    history: list[dict[str, Any]] = []
+    start_epoch = 1
+    checkpoint = out_dir / "checkpoint.pt"
+    if resume and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        network.load_state_dict(state["network"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+        log.info("resumed from %s at epoch %d", checkpoint, start_epoch)
+    for epoch in range(start_epoch, config.epochs + 1):
+        began = time.perf_counter()
+        loss = train_one_epoch(
+            network, train_set, label_index, config, spec, opt, sched, device, gen, progress
+        )
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "lr": opt.param_groups[0]["lr"]}
+        if val_set is not None and len(val_set):
+            recalibrate_batchnorm(network, train_set, config, gen)
+            logits = predict_logits(network, val_set)
+            targets = torch.tensor([label_index[str(v)] for v in val_set.labels])
+            row["val_loss"] = float(F.cross_entropy(torch.from_numpy(logits), targets))
+            metrics = evaluate_logits(logits, val_set, labels)
+            row["val_accuracy"], row["val_balanced_accuracy"] = (
+                metrics["accuracy"],
+                metrics["balanced_accuracy"],
+            )
+        if config.schedule == "plateau":
+            sched.step(row.get("val_loss", loss))
+        row["seconds"] = round(time.perf_counter() - began, 1)
+        history.append(row)
+        log.info("epoch %s", json.dumps(row))
+        if progress:
+            tqdm.write(
+                " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+            )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "network": network.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "generator": gen.get_state(),
+                "history": history,
+                "epoch": epoch,
+            },
+            checkpoint,
+        )
+    recalibrate_batchnorm(network, train_set, config, gen)
+    return network.cpu(), history

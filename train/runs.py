@@ -1,0 +1,85 @@
+"""Steps shared by the ``sorter-train`` commands: rows, images, artefacts, reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sorter.model.spec import ModelSpec, PreprocessParams
+from train.config import FitConfig
+from train.data import DecodeOptions, ImageSet, load_image_set
+from train.manifest import ManifestRow, read_manifest
+from train.metrics import format_metrics_table, plot_confusion
+
+log = logging.getLogger(__name__)
+
+
+def select_rows(manifest: Path, config: FitConfig) -> list[ManifestRow]:
+    """Manifest rows with a configured label, thinned to ``limit_per_label`` for smoke runs.
+
+    Thinning keeps evenly spaced rows of each label's group-sorted list, so a
+    small run still sees many sources.
+    """
+    rows = [row for row in read_manifest(manifest) if str(row.label) in config.labels]
+    if not config.limit_per_label:
+        return rows
+    by_label: dict[str, list[ManifestRow]] = defaultdict(list)
+    for row in rows:
+        by_label[str(row.label)].append(row)
+    kept: list[ManifestRow] = []
+    for items in by_label.values():
+        items.sort(key=lambda r: (r.source, r.group, str(r.path)))
+        step = max(1, len(items) // config.limit_per_label)
+        kept.extend(items[::step][: config.limit_per_label])
+    return kept
+
+
+def images_for(
+    rows: Sequence[ManifestRow],
+    config: FitConfig,
+    params: PreprocessParams | None = None,
+    progress: bool = True,
+) -> ImageSet:
+    """Decode ``rows`` for ``config`` (cached), reporting failures."""
+    params = params or config.preprocess()
+    options = DecodeOptions(config.max_frames, config.axial_slices, config.reformat_slices)
+    cache = Path(config.cache_dir) if config.cache_dir else None
+    images = load_image_set(rows, params, config.cache_size, options, cache, config.workers, progress)
+    if images.failures:
+        log.warning("%d of %d files could not be decoded", len(images.failures), len(rows))
+    return images
+
+
+def training_summary(images: ImageSet, config: FitConfig, manifest: Path) -> dict[str, Any]:
+    """What the model was trained on, for the artefact and the model card."""
+    sources: dict[str, set[str]] = defaultdict(set)
+    for label, source in zip(images.labels, images.sources, strict=True):
+        sources[str(label)].add(str(source))
+    return {
+        "manifest": str(manifest),
+        "images_per_label": dict(sorted(Counter(str(v) for v in images.labels).items())),
+        "files": len(np.unique(images.rows)),
+        "sources_per_label": {k: sorted(v) for k, v in sorted(sources.items())},
+        "decode_failures": len(images.failures),
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.__dict__.items()},
+    }
+
+
+def write_report(metrics: dict[str, Any], out_dir: Path, name: str = "metrics") -> None:
+    """``metrics.json``, ``confusion.png`` and a text table under ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    plot_confusion(metrics, out_dir / ("confusion.png" if name == "metrics" else f"{name}-confusion.png"))
+    (out_dir / f"{name}.txt").write_text(format_metrics_table(metrics) + "\n")
+
+
+def label_indices(images: ImageSet, spec: ModelSpec) -> np.ndarray:
+    """Integer targets of ``images`` in the order of ``spec.labels``."""
+    order = {label.value: i for i, label in enumerate(spec.labels)}
+    return np.asarray([order[str(v)] for v in images.labels], dtype=np.int64)
