@@ -28,7 +28,7 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
-from support import free_port, listen_env
+from support import free_port, listen_env, stop_process_group
 
 from sorter import listener
 from sorter.commands.listen import backend
@@ -274,7 +274,14 @@ def test_sorter_listen_configured_by_environment_stores_classifies_and_stops_on_
 ):
     port = free_port()
     env = listen_env(OUR_AE, port, tmp_path / "spool", sqlite_url, tiny_model, "MODALITY1 OTHER")
-    process = subprocess.Popen([sys.executable, "-m", "sorter", "listen"], env=env, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sorter", "listen"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -289,7 +296,7 @@ def test_sorter_listen_configured_by_environment_stores_classifies_and_stops_on_
         _, err = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
-            process.kill()
+            stop_process_group(process)
     assert process.returncode == 0, err.decode()
     rows = query(sqlite_url, "SELECT status, calling_ae FROM instances")
     assert [tuple(r) for r in rows] == [("done", "MODALITY1")] * 2

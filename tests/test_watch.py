@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from db_support import copy_dicom, pydicom_file, query, scalar
+from support import stop_process_group
 
 from sorter.cli import main
 from sorter.commands.watch import serve
@@ -260,9 +261,11 @@ def test_cli_runs_until_a_signal_and_exits_cleanly(url, tiny_model, tmp_path, si
             url,
         ],
         env=env,
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
     try:
         wait_for(lambda: terminal(url, root / "ct.dcm"), timeout=60, what="classification by the CLI")
@@ -271,8 +274,7 @@ def test_cli_runs_until_a_signal_and_exits_cleanly(url, tiny_model, tmp_path, si
         output, _ = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
-            process.kill()
-            process.wait()
+            stop_process_group(process)
     assert process.returncode == 0, output
     assert "stopped watching" in output and "1 classified" in output
 
