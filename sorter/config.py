@@ -43,10 +43,11 @@ class Settings:
     workers: int = 0  # decode processes; 0: one per core
     frames: int = 1  # frames classified per multi-frame instance
     inference_threads: int = 0  # CPU threads of the forward pass; 0: the cores the decode processes leave
+    runtime: str = "auto"  # forward pass: auto | torch | onnx (sorter.model.runtime)
     after: str = "keep"  # ``sorter watch``: keep | delete | move:DIR once a file's instance is terminal
     settle: float = 5.0  # ``sorter watch``: seconds a file's size and mtime must stay unchanged
     rescan: float = 60.0  # ``sorter watch``: seconds between full rescans of the folder
-    metrics_port: int = 0  # ``listen``/``watch``: Prometheus /metrics port; 0: no metrics server
+    metrics_port: int = 0  # ``listen``/``watch``/``worker``: Prometheus /metrics port; 0: no server
     metrics_bind: str = "127.0.0.1"  # address of the metrics server
 
     @classmethod

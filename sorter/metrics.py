@@ -1,4 +1,4 @@
-"""Prometheus metrics of a long-running ``sorter`` process (``listen``, ``watch``).
+"""Prometheus metrics of a long-running ``sorter`` process (``listen``, ``watch``, ``worker``).
 
 Every metric lives in the :class:`Metrics` object's own ``CollectorRegistry``
 (no process-wide default registry), built by the composition root and handed
@@ -6,18 +6,32 @@ to the few places that observe: the listener's sink (instances received) and
 the executor's batch observer (outcomes, batch size, inference time, queue
 latency). Labels stay low-cardinality: calling AE titles, labels and failure
 reasons, never UIDs or paths.
+
+``sorter worker`` classifies in Celery's prefork pool processes, so it uses
+prometheus_client's multiprocess mode: :func:`multiprocess_dir` points
+``PROMETHEUS_MULTIPROC_DIR`` at an empty folder before any metric exists, each
+pool process builds its own :class:`Metrics` (whose values then live in
+per-process files there), and the main process serves the sum of every
+process's files (:func:`start_multiprocess_server`), those of processes that
+have exited included, so that counters never go back when a pool process is
+replaced.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from http.server import HTTPServer
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, start_http_server
+from prometheus_client import values as prometheus_values
 
 from sorter.db.queries import instances
 from sorter.domain import Status, Verdict
@@ -130,4 +144,64 @@ def start_metrics_server(port: int, bind: str, metrics: Metrics) -> HTTPServer:
     """Serve ``metrics`` on ``http://bind:port/metrics`` in a daemon thread; stop with ``shutdown()``."""
     server, _thread = start_http_server(port, addr=bind, registry=metrics.registry)
     log.info("metrics on http://%s:%d/metrics", bind, server.server_port)
+    return server
+
+
+#: prometheus_client's multiprocess mode reads its folder from this variable.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> tuple[Path, bool]:
+    """Turn on multiprocess mode for this process and the ones it forks; ``(folder, made_here)``.
+
+    Uses ``PROMETHEUS_MULTIPROC_DIR`` when it is set (its ``*.db`` files from a
+    previous run are removed, as prometheus_client requires), else a new
+    temporary folder that the caller removes with :func:`remove_multiprocess_dir`.
+    Call it before any metric is constructed in this process: the mode is chosen
+    when the first one is.
+    """
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        folder, made = Path(given), False
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.db"):
+            stale.unlink()
+    else:
+        folder, made = Path(tempfile.mkdtemp(prefix="sorter-metrics-")), True
+        os.environ[MULTIPROC_ENV] = str(folder)
+    # prometheus_client picks its value class when it is first imported; this module
+    # imported it before the variable was set, so pick again (no metric exists yet).
+    if prometheus_values.ValueClass is prometheus_values.MutexValue:
+        prometheus_values.ValueClass = prometheus_values.get_value_class()
+    return folder, made
+
+
+def remove_multiprocess_dir(folder: Path, made: bool) -> None:
+    """Remove the folder :func:`multiprocess_dir` made (one it was given is left for the next run)."""
+    if made:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def multiprocess_enabled() -> bool:
+    """Whether metrics made in this process are written to the multiprocess folder."""
+    multiprocess_values = prometheus_values.ValueClass is not prometheus_values.MutexValue
+    return bool(os.environ.get(MULTIPROC_ENV)) and multiprocess_values
+
+
+def process_exited(pid: int) -> None:
+    """Bookkeeping for a process that exits in multiprocess mode (``mark_process_dead``).
+
+    Only live gauges keep per-process files that must go; counters and histograms
+    of the process stay, so that the totals never go back.
+    """
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)
+
+
+def start_multiprocess_server(port: int, bind: str, folder: Path) -> HTTPServer:
+    """Serve the sum of every process's metrics in ``folder`` on ``http://bind:port/metrics``."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(folder))
+    server, _thread = start_http_server(port, addr=bind, registry=registry)
+    log.info("metrics of every worker process on http://%s:%d/metrics", bind, server.server_port)
     return server

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.data import get_testdata_file
@@ -52,3 +57,35 @@ def listen_env(
         "SORTER_WORKERS": "1",
         "SORTER_DEVICE": "cpu",
     }
+
+
+def wait_for_port(
+    port: int, process: subprocess.Popen[bytes], timeout: float, log: Path | None = None
+) -> None:
+    """Wait until something accepts on 127.0.0.1:``port``; fail when ``process`` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        tail = log.read_text(errors="replace")[-4000:] if log is not None and log.exists() else ""
+        if process.poll() is not None:
+            pytest.fail(f"process exited ({process.returncode}) before listening on {port}:\n{tail}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"nothing listened on {port} after {timeout:.0f} s:\n{tail}")
+        time.sleep(0.2)
+
+
+def stop_process_group(process: subprocess.Popen[Any], timeout: float = 60.0) -> None:
+    """SIGTERM ``process`` (a clean stop), then SIGKILL the group it leads (``start_new_session=True``).
+
+    The group is killed even when its leader has already exited, so that no child
+    it forked outlives the test holding a pipe or a port.
+    """
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)

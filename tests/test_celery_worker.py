@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from db_support import copy_dicom, pydicom_file, query, scalar, scan, small_archive, truncate
 from pydicom.uid import generate_uid
+from support import free_port
 
 pytest_plugins = ["db_fixtures"]
 
@@ -82,7 +86,9 @@ def broker_env(monkeypatch: pytest.MonkeyPatch, queue: str) -> dict[str, str]:
 class Worker:
     """A ``sorter worker`` in its own process group, killed with it."""
 
-    def __init__(self, url: str, model: Path, env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, url: str, model: Path, env: dict[str, str], log: Path, extra: Sequence[str] = ()
+    ) -> None:
         clean = {k: v for k, v in os.environ.items() if not k.startswith("SORTER_")}
         self.log = log
         command = [
@@ -106,6 +112,7 @@ class Worker:
             f"{uuid.uuid4().hex[:8]}@%h",
             "--database-url",
             url,
+            *extra,
         ]
         with log.open("ab") as out:
             self.process = subprocess.Popen(
@@ -212,6 +219,60 @@ def test_kill_9_mid_batch_then_a_new_worker_finishes_each_instance_once(
     counts = _counts(pg_url)
     assert counts["done"] == files and counts["predictions"] == files, counts
     assert counts["duplicate_predictions"] == 0 and counts["given_up"] == 0, counts
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert response.status == 200
+        text: str = response.read().decode()
+    return text
+
+
+def _sample(text: str, name: str) -> float | None:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
+def test_worker_metrics_sum_the_pool_processes_and_are_scraped_over_http(
+    tmp_path, pg_url, tiny_model, broker_env
+):
+    small_archive(tmp_path / "archive")
+    scan(pg_url, tiny_model, tmp_path / "archive", tmp=tmp_path, extra=("--batch-size", "2"))
+    assert int(scalar(pg_url, "SELECT count(*) FROM instances WHERE status = 'pending'")) == 7
+
+    port = free_port()
+    folder = tmp_path / "multiproc"  # given by the deployment: wiped of a previous run's files
+    folder.mkdir()
+    (folder / "counter_1.db").write_bytes(b"stale")
+    env = {**broker_env, "PROMETHEUS_MULTIPROC_DIR": str(folder)}
+    extra = ("--concurrency", "2", "--metrics-port", str(port), "--metrics-bind", "127.0.0.1")
+    worker = Worker(pg_url, tiny_model, env, tmp_path / "worker.log", extra=extra)
+    try:
+        done = _wait_for(
+            pg_url, "SELECT count(*) FROM instances WHERE status = 'done'", lambda n: n == 7, worker
+        )
+        # A batch is observed just after its commit: poll the endpoint briefly.
+        deadline = time.monotonic() + 20
+        text = ""
+        while time.monotonic() < deadline:
+            try:
+                text = _scrape(port)
+            except (urllib.error.URLError, ConnectionError):
+                text = ""
+            if _sample(text, "sorter_instances_classified_total") == done:
+                break
+            time.sleep(0.1)
+        pids = {path.stem.split("_")[-1] for path in folder.glob("*.db")}
+    finally:
+        worker.stop()
+    assert _sample(text, "sorter_instances_classified_total") == done == 7, worker.output() + text
+    # Every instance went through exactly one observed batch (a redelivered one claims none).
+    assert _sample(text, "sorter_batch_size_sum") == 7, text
+    assert _sample(text, "sorter_inference_seconds_count") == _sample(text, "sorter_batch_size_count")
+    assert _sample(text, 'sorter_queue_latency_seconds_bucket{le="+Inf"}') == 7, text
+    assert "sorter_instances_failed_total{" not in text  # nothing failed: no labelled sample
+    assert pids and "1" not in pids, pids  # the stale file was removed; the pool processes wrote theirs
+    assert int(scalar(pg_url, "SELECT count(*) FROM predictions")) == 7
 
 
 # --- without a worker: configuration, the producer's batching, giving a batch up ---------------------

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -116,3 +120,58 @@ def test_metrics_are_off_by_default_and_the_sink_is_untouched():
     assert Settings.from_env({}).metrics_port == 0
     assert Settings.from_env({"SORTER_METRICS_PORT": "9108"}).metrics_port == 9108
     assert Settings.from_env({}).metrics_bind == "127.0.0.1"
+
+
+_MULTIPROCESS_SCRIPT = r"""
+import json, multiprocessing, os, urllib.request
+from sorter.metrics import (
+    Metrics, multiprocess_dir, multiprocess_enabled, process_exited, remove_multiprocess_dir,
+    start_multiprocess_server,
+)
+
+folder, made = multiprocess_dir()  # as ``sorter worker`` does, after prometheus_client was imported
+
+
+def child(n):
+    metrics = Metrics()  # made after the fork, as in worker_process_init
+    for _ in range(n):
+        metrics.instances_classified.inc()
+    metrics.instances_failed.labels(reason="truncated").inc()
+    process_exited(os.getpid())
+
+
+context = multiprocessing.get_context("fork")
+children = [context.Process(target=child, args=(n,)) for n in (3, 4)]
+for p in children:
+    p.start()
+for p in children:
+    p.join()
+server = start_multiprocess_server(0, "127.0.0.1", folder)
+with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=10) as response:
+    text = response.read().decode()
+server.shutdown()
+server.server_close()
+remove_multiprocess_dir(folder, made)
+print(json.dumps({"text": text, "made": made, "gone": not folder.exists(), "on": multiprocess_enabled()}))
+"""
+
+
+def test_multiprocess_mode_sums_the_counters_of_exited_processes_and_removes_its_folder():
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", _MULTIPROCESS_SCRIPT],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    out = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    assert out["on"] and out["made"] and out["gone"]
+    assert _value(out["text"], "sorter_instances_classified_total") == 7  # 3 + 4, both processes exited
+    assert _value(out["text"], "sorter_instances_failed_total", '{reason="truncated"}') == 2

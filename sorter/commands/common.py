@@ -75,7 +75,7 @@ def model_options(func: F) -> F:
 
 
 def metrics_options(func: F) -> F:
-    """``--metrics-port`` and ``--metrics-bind``: the Prometheus endpoint of ``listen`` and ``watch``."""
+    """``--metrics-port`` and ``--metrics-bind``: the Prometheus endpoint of a long-running command."""
     func = click.option(
         "--metrics-bind",
         envvar="SORTER_METRICS_BIND",

@@ -4,6 +4,11 @@ The main process checks the database schema, then forks ``--concurrency``
 processes; each opens its own engine and loads the model once (GPU when
 present) in ``worker_process_init``. Start as many workers, on as many
 machines, as the database and the broker can serve.
+
+With ``--metrics-port`` the main process serves Prometheus metrics summed over
+its pool processes (prometheus_client's multiprocess mode; see
+:mod:`sorter.metrics`), in ``PROMETHEUS_MULTIPROC_DIR`` when it is set, else in
+a temporary folder removed on exit.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from sorter.commands.common import command_settings, database_option
+from sorter.commands.common import command_settings, database_option, metrics_options
 from sorter.db.session import DatabaseError, open_database
 
 
@@ -61,6 +66,7 @@ from sorter.db.session import DatabaseError, open_database
     envvar="SORTER_WORKER_HOSTNAME",
     help="Celery node name (default: celery@<host>); unique per worker on one host.",
 )
+@metrics_options
 @database_option
 def worker(
     broker_url: str | None,
@@ -73,6 +79,8 @@ def worker(
     sweep_interval: float | None,
     sweep_age: float | None,
     hostname: str | None,
+    metrics_port: int | None,
+    metrics_bind: str | None,
     database_url: str | None,
 ) -> None:
     """Classify batches queued by scan/listen/watch (Celery; needs SORTER_BROKER_URL)."""
@@ -101,4 +109,26 @@ def worker(
     ]
     if hostname:
         argv.append(f"--hostname={hostname}")
-    app.worker_main(argv)
+    if not settings.metrics_port:
+        app.worker_main(argv)
+        return
+
+    from sorter.metrics import multiprocess_dir, remove_multiprocess_dir, start_multiprocess_server
+
+    folder, made = multiprocess_dir()  # before the fork, and before any metric exists
+    try:
+        try:
+            server = start_multiprocess_server(settings.metrics_port, settings.metrics_bind, folder)
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot serve metrics on {settings.metrics_bind}:{settings.metrics_port}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        click.echo(f"metrics on http://{settings.metrics_bind}:{settings.metrics_port}/metrics", err=True)
+        try:
+            app.worker_main(argv)
+        finally:
+            server.shutdown()
+            server.server_close()
+    finally:
+        remove_multiprocess_dir(folder, made)

@@ -19,6 +19,11 @@ Per-process resources are made after the fork, in ``worker_process_init``:
 inherited engines are disposed of without closing the parent's connections, and
 the model is loaded once per process (on the GPU when there is one) and stays
 resident. The parent never touches CUDA.
+
+Metrics (``--metrics-port``): each pool process makes its own
+:class:`~sorter.metrics.Metrics` in ``worker_process_init``, written to the
+multiprocess folder that ``sorter worker`` set up before the fork; the main
+process serves their sum.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
 from sorter.config import Settings
 
@@ -38,6 +43,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
     from sqlalchemy.orm import Session, sessionmaker
 
+    from sorter.metrics import BatchObserver, Metrics
     from sorter.model.classifier import Classifier
 
 log = logging.getLogger(__name__)
@@ -59,6 +65,9 @@ class WorkerState:
     sessions: sessionmaker[Session]
     classifier: Classifier
     model_id: int
+    #: This process's metrics, when the worker serves them (``--metrics-port``).
+    metrics: Metrics | None = None
+    observe: BatchObserver | None = None
 
 
 _settings: Settings | None = None
@@ -132,7 +141,7 @@ def _load_state(settings: Settings) -> WorkerState:
     torch.set_num_threads(settings.inference_threads or max(1, cores // max(1, settings.concurrency)))
     engine, sessions = open_database(settings.database_url)
     try:
-        classifier = Classifier.load(settings.model, device=settings.device)
+        classifier = Classifier.load(settings.model, device=settings.device, runtime=settings.runtime)
         with sessions() as session:
             model_id = register_model(session, classifier)
             session.commit()
@@ -140,13 +149,31 @@ def _load_state(settings: Settings) -> WorkerState:
         engine.dispose()
         raise
     log.info("worker process %d: model %s on %s", os.getpid(), classifier.sha256[:12], classifier.device)
-    return WorkerState(os.getpid(), settings, engine, sessions, classifier, model_id)
+    state = WorkerState(os.getpid(), settings, engine, sessions, classifier, model_id)
+    if settings.metrics_port:
+        from sorter.metrics import Metrics, multiprocess_enabled
+
+        if multiprocess_enabled():
+            state.metrics = Metrics()
+            state.observe = state.metrics.batch_observer(sessions)
+        else:  # values in this process alone would never reach the main process's endpoint
+            log.warning("worker process %d: metrics off (no multiprocess folder)", os.getpid())
+    return state
 
 
 @worker_process_init.connect
 def _init_worker_process(**_: Any) -> None:
     """Warm up after the fork: this process's engine and resident model."""
     worker_state()
+
+
+@worker_process_shutdown.connect
+def _process_exited(pid: int | None = None, **_: Any) -> None:
+    """In a pool process about to exit: the multiprocess bookkeeping of its metrics."""
+    if _state is not None and _state.metrics is not None:
+        from sorter.metrics import process_exited
+
+        process_exited(pid or os.getpid())
 
 
 @worker_ready.connect

@@ -6,11 +6,18 @@ database and I/O errors are retried with exponential backoff; once the retries
 are spent, the batch's instances that are still ``pending`` are marked
 ``failed`` with ``retries_exhausted`` (any other error: ``task_error``), so
 every instance reaches a terminal status.
+
+When the worker serves metrics, each batch that claimed anything is observed
+after its commit (outcomes by status and reason, batch size, queue latency and
+the time of the batch less its decoding, as the in-process executor measures
+it); instances given up on are counted failed by reason. Metrics never fail a
+task.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,7 +28,7 @@ from celery import Task, shared_task
 from sorter.db import queries
 from sorter.domain import Status
 from sorter.jobs.celery_app import CLASSIFY_TASK, SWEEP_TASK, worker_state
-from sorter.pipeline import classify_batch
+from sorter.pipeline import Decoder, classify_batch, decode_one
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,11 @@ def fail_pending(ids: Sequence[int], reason: str, detail: str) -> int:
             ],
         )
         session.commit()
+    if items and state.metrics is not None:
+        try:
+            state.metrics.instances_failed.labels(reason=reason).inc(len(items))
+        except Exception:
+            log.warning("failed instances not counted", exc_info=True)
     return len(items)
 
 
@@ -85,11 +97,28 @@ class ClassifyTask(Task):
 def classify_ids(ids: list[int]) -> int:
     """Classify the instances of ``ids`` that are still ``pending``; returns how many were."""
     state = worker_state()
+    decoding = [0.0]
+    decode: Decoder = decode_one
+    if state.observe is not None:
+
+        def decode(*args: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return decode_one(*args)
+            finally:
+                decoding[0] += time.perf_counter() - started
+
+    started = time.perf_counter()
     with state.sessions() as session:
         outcomes = classify_batch(
-            session, ids, state.classifier, state.model_id, frames=state.settings.frames
+            session, ids, state.classifier, state.model_id, frames=state.settings.frames, decode=decode
         )
         session.commit()
+    if state.observe is not None and outcomes:  # a redelivered batch already done claims nothing
+        try:
+            state.observe(outcomes, max(0.0, time.perf_counter() - started - decoding[0]))
+        except Exception:  # never retry a committed batch for its metrics
+            log.warning("batch not observed", exc_info=True)
     return len(outcomes)
 
 
