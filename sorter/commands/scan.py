@@ -87,7 +87,7 @@ def model_and_executor(
     spare_cores = (os.cpu_count() or 1) - settings.decode_workers
     torch.set_num_threads(settings.inference_threads or max(1, spare_cores))
     try:
-        classifier = Classifier.load(settings.model, device=settings.device)
+        classifier = Classifier.load(settings.model, device=settings.device, runtime=settings.runtime)
     except ModelError as exc:
         raise click.ClickException(str(exc)) from exc
     with sessions() as session:

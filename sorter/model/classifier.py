@@ -12,6 +12,7 @@ from sorter.dicom.pixels import DecodedImage
 from sorter.domain import Label, Prediction
 from sorter.model.artefact import LoadedModel, load_artefact
 from sorter.model.preprocess import prepare_image
+from sorter.model.runtime import Runner, make_runner
 from sorter.model.spec import ModelSpec
 
 
@@ -29,19 +30,19 @@ class Classifier:
     far more than a batch.
     """
 
-    def __init__(self, model: LoadedModel, device: str | None = None) -> None:
+    def __init__(self, model: LoadedModel, device: str | None = None, runtime: str = "auto") -> None:
         self.model = model
         self.spec: ModelSpec = model.spec
         self.device = pick_device(device)
-        self.network = model.network.to(self.device)
-        if self.device.type == "cuda":
-            self.network = self.network.to(memory_format=torch.channels_last)
-        self.network.eval()
+        self.network = model.network.to(self.device).eval()
+        self.runner: Runner = make_runner(self.network, self.spec, self.device, runtime)
 
     @classmethod
-    def load(cls, path: Path | str | None = None, device: str | None = None) -> Classifier:
-        """Load ``path`` (the bundled default model when None)."""
-        return cls(load_artefact(Path(path) if path else None), device=device)
+    def load(
+        cls, path: Path | str | None = None, device: str | None = None, runtime: str = "auto"
+    ) -> Classifier:
+        """Load ``path`` (the bundled default when None); ``runtime``: see :mod:`sorter.model.runtime`."""
+        return cls(load_artefact(Path(path) if path else None), device=device, runtime=runtime)
 
     @property
     def sha256(self) -> str:
@@ -61,17 +62,8 @@ class Classifier:
         """Calibrated probabilities (N, L) for preprocessed inputs."""
         if len(images) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-            f = torch.from_numpy(np.ascontiguousarray(features)).to(self.device)
-            if self.device.type == "cuda":
-                x = x.to(memory_format=torch.channels_last)
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    logits = self.network(x, f)
-            else:
-                logits = self.network(x, f)
-            probs = torch.softmax(logits.float() / self.spec.temperature, dim=1)
-        return probs.cpu().numpy()
+        logits = torch.from_numpy(self.runner(images, features))
+        return torch.softmax(logits / self.spec.temperature, dim=1).numpy()
 
     def predict_prepared(self, prepared: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[Prediction]:
         """One prediction per image from :meth:`prepare` outputs; frames are averaged."""
