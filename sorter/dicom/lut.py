@@ -90,6 +90,11 @@ def modality_lut(arr: np.ndarray, ds: Dataset, index: int = 0) -> np.ndarray:
     if rescale is None:
         return arr
     slope, intercept = rescale
+    exact = float(intercept).is_integer() and abs(intercept) < 2**23
+    if slope == 1 and exact and arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2:
+        # CT's usual rescale: integers that float32 holds exactly, so this gives the
+        # same values as the float64 path below at a third of the cost.
+        return arr.astype(np.float32) + np.float32(intercept)
     # The same arithmetic as pydicom's apply_modality_lut, which cannot be used here:
     # it would pick an unusable LUT sequence over a valid rescale.
     return arr.astype(np.float64) * slope + intercept

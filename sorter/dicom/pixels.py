@@ -174,7 +174,7 @@ def _decode(ds: Dataset, path: str, frames: int) -> DecodedImage:
         greys.append(grey)
         colour_scores.append(score)
     return DecodedImage(
-        frames=finite_float32(np.stack(greys)),
+        frames=np.stack(greys),  # each already finite float32 (_to_grey)
         colourfulness=float(np.mean(colour_scores)),
         n_frames_total=n_total,
         photometric=photometric,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from sorter.imageops import finite_float32
 from sorter.model.spec import PreprocessParams
 
 #: Hounsfield-like window for the optional ``hu`` channel: air .. dense bone.
@@ -77,10 +78,10 @@ def preprocess_frame(
     features : np.ndarray
         (F,) float32, features in ``params.features`` order.
     """
-    frame = np.nan_to_num(np.asarray(frame, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    frame = finite_float32(frame)  # no copy when the decoder already made it finite float32
     if frame.ndim != 2:
         raise ValueError(f"expected a 2-D grey frame, got shape {frame.shape}")
-    if params.letterbox:
+    if params.letterbox and frame.shape[0] != frame.shape[1]:
         frame = letterbox(frame, float(frame.min()) if frame.size else 0.0)
     small = resize(frame, params.input_size)
     channels = []
