@@ -130,6 +130,17 @@ def decode_one(item: Claimed, params: PreprocessParams, frames: int = 1) -> Prep
     return Prepared(item.id, images, features)
 
 
+def decode_chunk(
+    decode: Decoder, items: Sequence[Claimed], params: PreprocessParams, frames: int
+) -> list[Prepared | Outcome]:
+    """Decode several instances in one pool task (run in a decode process).
+
+    It lives here, not beside the executor, because unpickling a task imports
+    its function's module in the decode process, and this one is torch-free.
+    """
+    return [decode(item, params, frames) for item in items]
+
+
 def claim_batch(
     session: Session, ids: Sequence[int], statuses: Collection[Status] = (Status.PENDING,)
 ) -> list[Claimed]:

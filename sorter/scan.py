@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: Files registered per transaction.
 REGISTER_BATCH = 500
+#: The first transaction is smaller, so that decoding starts sooner.
+FIRST_REGISTER_BATCH = 64
 #: Pending instances fetched per page when resuming.
 RESUME_PAGE = 2000
 
@@ -139,7 +141,7 @@ class Scan:
         roots = [os.path.abspath(r) for r in roots]
         counter = self._start_counting(roots)
         entries = ((entry, root) for root in roots for entry in walk([root], self.exclude))
-        for chunk in _batched(entries, REGISTER_BATCH):
+        for chunk in _batched(entries, REGISTER_BATCH, FIRST_REGISTER_BATCH):
             self.register_batch(chunk)
             if self.progress is not None:
                 if counter.done:
@@ -225,7 +227,11 @@ class _Counter:
         self.done = True
 
 
-def _batched(items: Iterable[tuple[Entry, str]], size: int) -> Iterator[list[tuple[Entry, str]]]:
+def _batched(
+    items: Iterable[tuple[Entry, str]], size: int, first: int | None = None
+) -> Iterator[list[tuple[Entry, str]]]:
     iterator = iter(items)
+    if first is not None and (chunk := list(itertools.islice(iterator, first))):
+        yield chunk
     while chunk := list(itertools.islice(iterator, size)):
         yield chunk

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from sorter.db.queries import Claimed
+from sorter.domain import Status
 from sorter.model.spec import PreprocessParams
 from sorter.pipeline import Outcome, Prepared, decode_one
 
@@ -14,3 +15,10 @@ def crashing_decode(item: Claimed, params: PreprocessParams, frames: int = 1) ->
     if item.path.endswith("boom.dcm"):
         os._exit(139)
     return decode_one(item, params, frames)
+
+
+def report_torch(item: Claimed, params: PreprocessParams, frames: int = 1) -> Prepared | Outcome:
+    """Say in the outcome whether torch is loaded in this decode process."""
+    import sys
+
+    return Outcome(item.id, Status.SKIPPED, None, error="probe", detail=str("torch" in sys.modules))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from db_support import copy_dicom, pydicom_file, query
-from decode_faults import crashing_decode
+from decode_faults import crashing_decode, report_torch
 
 from sorter.db.session import open_database
 from sorter.jobs.local import LocalExecutor
@@ -67,3 +67,30 @@ def test_decode_one_turns_bad_files_into_outcomes(tiny_model, tmp_path):
     assert isinstance(good, Prepared) and good.images.shape == (1, 1, 32, 32)
     assert isinstance(bad, Outcome) and (bad.status.value, bad.error) == ("failed", "not_dicom")
     assert isinstance(gone, Outcome) and gone.error == "unreadable"
+
+
+def test_decode_processes_never_import_torch(sqlite_url, tiny_model, tmp_path):
+    """Torch in a decode process costs seconds at start and a GiB of memory per process."""
+    archive = tmp_path / "archive"
+    for i in range(4):
+        copy_dicom(pydicom_file("CT_small.dcm"), archive / f"ct{i}.dcm")
+    engine, sessions = open_database(sqlite_url)
+    classifier = Classifier.load(tiny_model)
+    with sessions() as session:
+        model_id = register_model(session, classifier)
+        session.commit()
+    summary = RunSummary()
+    executor = LocalExecutor(
+        sessions,
+        classifier,
+        model_id,
+        workers=2,
+        batch_size=4,
+        on_batch=summary.add_outcomes,
+        decode=report_torch,
+    )
+    with executor:
+        Scan(sessions, executor, summary).run([str(archive)])
+    engine.dispose()
+    details = {r.detail for r in query(sqlite_url, "SELECT detail FROM instances")}
+    assert details == {"False"}, "a decode process imported torch"

@@ -37,6 +37,7 @@ from sorter.pipeline import (
     Outcome,
     Prepared,
     claim_batch,
+    decode_chunk,
     decode_one,
     infer,
     init_decode_process,
@@ -142,6 +143,10 @@ class LocalExecutor:
 
     def __enter__(self) -> LocalExecutor:
         self._pool = self._new_pool()
+        # Start the decode processes now (a pool starts them on demand), so that
+        # they are ready by the time the first registered batch arrives.
+        for _ in range(self.workers):
+            self._pool.submit(int)
         return self
 
     def __exit__(
@@ -270,10 +275,3 @@ class LocalExecutor:
                 error="decoder_crash",
                 detail="the decode process died on this file twice",
             )
-
-
-def decode_chunk(
-    decode: Decoder, items: Sequence[Claimed], params: PreprocessParams, frames: int
-) -> list[Prepared | Outcome]:
-    """Decode several instances in one pool task (run in a decode process)."""
-    return [decode(item, params, frames) for item in items]

@@ -31,51 +31,20 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import sqlalchemy as sa
-from pydicom.data import get_testdata_file
 
 from sorter.db.session import open_database
 from sorter.scan import REGISTER_BATCH, Scan
 from sorter.summary import RunSummary
 
-UID_ROOT = "1.2.826.0.1.3680043.9.7433."  # example root; every placeholder has the same length
-DIGITS = 12
-
-
-def _uid(kind: int, n: int) -> str:
-    return f"{UID_ROOT}{kind}.1{n:0{DIGITS - 1}d}"
-
-
-def _template(name: str) -> tuple[bytes, dict[str, bytes]]:
-    """A real file rewritten with placeholder UIDs whose bytes can be patched in place."""
-    ds = pydicom.dcmread(get_testdata_file(name))
-    marks = {"sop": _uid(1, 0), "series": _uid(2, 0), "study": _uid(3, 0)}
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = marks["sop"]
-    ds.SeriesInstanceUID, ds.StudyInstanceUID = marks["series"], marks["study"]
-    with tempfile.NamedTemporaryFile(suffix=".dcm") as handle:
-        ds.save_as(handle.name, enforce_file_format=False)
-        data = Path(handle.name).read_bytes()
-    return data, {k: v.encode() for k, v in marks.items()}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import archive  # a sibling module of this script, not a package
 
 
 def build_archive(root: Path, files: int) -> float:
     """Write ``files`` real DICOM files under new UIDs; returns seconds taken."""
     started = time.perf_counter()
-    templates = [_template("MR_small.dcm"), _template("CT_small.dcm")]
-    for i in range(files):
-        data, marks = templates[(i // 100) % 2]
-        series, study = i // 100, i // 1000
-        for key, value in (
-            ("sop", _uid(1, i + 1)),
-            ("series", _uid(2, series + 1)),
-            ("study", _uid(3, study + 1)),
-        ):
-            data = data.replace(marks[key], value.encode())
-        folder = root / f"study{study:05d}" / f"series{series:06d}"
-        if i % 100 == 0:
-            folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{i:08d}.dcm").write_bytes(data)
+    archive.build(root, files, "small")
     return time.perf_counter() - started
 
 
