@@ -11,11 +11,34 @@ from decode_faults import crashing_decode, report_torch
 from sorter.db.session import open_database
 from sorter.jobs.local import LocalExecutor
 from sorter.model.classifier import Classifier
-from sorter.pipeline import Outcome, Prepared, decode_one, register_model
+from sorter.pipeline import Decoder, Outcome, Prepared, decode_one, register_model
 from sorter.scan import Scan
 from sorter.summary import RunSummary
 
 pytest_plugins = ["db_fixtures"]
+
+
+def _scan(url: str, model: Path, archive: Path, decode: Decoder, batch_size: int) -> RunSummary:
+    """Scan ``archive`` through a LocalExecutor with two decode processes running ``decode``."""
+    engine, sessions = open_database(url)
+    classifier = Classifier.load(model)
+    with sessions() as session:
+        model_id = register_model(session, classifier)
+        session.commit()
+    summary = RunSummary()
+    executor = LocalExecutor(
+        sessions,
+        classifier,
+        model_id,
+        workers=2,
+        batch_size=batch_size,
+        on_batch=summary.add_outcomes,
+        decode=decode,
+    )
+    with executor:
+        Scan(sessions, executor, summary).run([str(archive)])
+    engine.dispose()
+    return summary
 
 
 def test_a_file_that_kills_its_decoder_fails_alone_and_the_rest_is_classified(
@@ -26,24 +49,7 @@ def test_a_file_that_kills_its_decoder_fails_alone_and_the_rest_is_classified(
         copy_dicom(pydicom_file("CT_small.dcm"), archive / f"ct{i}.dcm")
     copy_dicom(pydicom_file("MR_small.dcm"), archive / "boom.dcm")
     torch.set_num_threads(1)  # as the scan command does next to decode processes
-    engine, sessions = open_database(sqlite_url)
-    classifier = Classifier.load(tiny_model)
-    with sessions() as session:
-        model_id = register_model(session, classifier)
-        session.commit()
-    summary = RunSummary()
-    executor = LocalExecutor(
-        sessions,
-        classifier,
-        model_id,
-        workers=2,
-        batch_size=3,
-        on_batch=summary.add_outcomes,
-        decode=crashing_decode,
-    )
-    with executor:
-        Scan(sessions, executor, summary).run([str(archive)])
-    engine.dispose()
+    summary = _scan(sqlite_url, tiny_model, archive, crashing_decode, batch_size=3)
 
     assert summary.classified == 7
     assert summary.failed == {"decoder_crash": 1}
@@ -74,23 +80,6 @@ def test_decode_processes_never_import_torch(sqlite_url, tiny_model, tmp_path):
     archive = tmp_path / "archive"
     for i in range(4):
         copy_dicom(pydicom_file("CT_small.dcm"), archive / f"ct{i}.dcm")
-    engine, sessions = open_database(sqlite_url)
-    classifier = Classifier.load(tiny_model)
-    with sessions() as session:
-        model_id = register_model(session, classifier)
-        session.commit()
-    summary = RunSummary()
-    executor = LocalExecutor(
-        sessions,
-        classifier,
-        model_id,
-        workers=2,
-        batch_size=4,
-        on_batch=summary.add_outcomes,
-        decode=report_torch,
-    )
-    with executor:
-        Scan(sessions, executor, summary).run([str(archive)])
-    engine.dispose()
+    _scan(sqlite_url, tiny_model, archive, report_torch, batch_size=4)
     details = {r.detail for r in query(sqlite_url, "SELECT detail FROM instances")}
     assert details == {"False"}, "a decode process imported torch"
