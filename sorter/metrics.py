@@ -98,6 +98,11 @@ class Metrics:
         """Count one instance stored by the listener."""
         self.instances_received.labels(calling_ae=(calling_ae or "").strip() or "-").inc()
 
+    def rejected(self, status: Status, reason: str | None) -> None:
+        """Count one file that ended ``failed``/``skipped`` at registration (not_dicom, non_image ...)."""
+        counter = self.instances_skipped if status is Status.SKIPPED else self.instances_failed
+        counter.labels(reason=reason or "unknown").inc()
+
     def observe_batch(
         self, outcomes: Sequence[Outcome], seconds: float, registered: Sequence[datetime] = ()
     ) -> None:

@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -41,6 +41,10 @@ REGISTER_BATCH = 500
 FIRST_REGISTER_BATCH = 64
 #: Pending instances fetched per page when resuming.
 RESUME_PAGE = 2000
+
+
+#: Told the status and reason of a file rejected at registration.
+Rejected = Callable[[Status, str | None], None]
 
 
 class Executor(Protocol):
@@ -116,6 +120,9 @@ class Scan:
         background thread so that it can show an ETA.
     exclude
         Absolute paths never to scan (the embedded database and its journals).
+    on_rejected
+        Called with the status and reason of each file that ends ``failed`` or
+        ``skipped`` at registration (metrics); classification outcomes go to the executor.
     """
 
     def __init__(
@@ -127,6 +134,7 @@ class Scan:
         source: str | None = None,
         progress: Progress | None = None,
         exclude: frozenset[str] = frozenset(),
+        on_rejected: Rejected | None = None,
     ) -> None:
         self.sessions = sessions
         self.executor = executor
@@ -134,6 +142,7 @@ class Scan:
         self.source = source
         self.progress = progress
         self.exclude = exclude
+        self.on_rejected = on_rejected
 
     def run(self, roots: Sequence[str]) -> RunSummary:
         """Walk ``roots``, register and classify; then finish pending work left under them."""
@@ -192,6 +201,8 @@ class Scan:
                 pending.append(result.instance_id)
             elif item.status is not Status.PENDING:
                 self.summary.count_terminal(item.status, item.error)
+                if self.on_rejected is not None:
+                    self.on_rejected(item.status, item.error)
         self.executor.submit(pending)  # after the commit: the ids exist for every reader
 
     def resume(self, prefixes: Sequence[str]) -> None:

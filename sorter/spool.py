@@ -29,7 +29,7 @@ from sorter.db import queries
 from sorter.dicom.storage import is_spooled_file
 from sorter.domain import Status
 from sorter.ingest import Registration, register
-from sorter.scan import Executor, read_registration
+from sorter.scan import Executor, Rejected, read_registration
 from sorter.walk import Entry, walk
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,14 @@ class SpoolIngest:
         spool: Path,
         source: str | None = None,
         grace_s: float = 0.0,
+        on_rejected: Rejected | None = None,
     ) -> None:
         self.sessions = sessions
         self.executor = executor
         self.spool = spool
         self.source = source
         self.grace_s = grace_s
+        self.on_rejected = on_rejected
 
     def register(self, items: Sequence[Received]) -> int:
         """Register ``items`` (one transaction), classify the new ones; returns how many were registered."""
@@ -98,6 +100,10 @@ class SpoolIngest:
             registered = register(session, todo) if todo else []
             session.commit()
         pending = [r.instance_id for r in registered if r.status is Status.PENDING and not r.duplicate]
+        if self.on_rejected is not None:
+            for registration in todo:
+                if registration.status is not Status.PENDING:
+                    self.on_rejected(registration.status, registration.error)
         self.executor.submit(pending)  # after the commit
         self.executor.drain()
         return len(registered)
@@ -179,6 +185,8 @@ class SpoolWorker:
         Age a file must reach before a sweep registers it: younger ones were
         offered to the queue with their calling AE title, and a sweep racing the
         queue would register them without it.
+    on_rejected
+        Told each file rejected at registration (metrics).
     """
 
     def __init__(
@@ -193,6 +201,7 @@ class SpoolWorker:
         sweep_s: float = 300.0,
         retry_s: float = 10.0,
         grace_s: float = 60.0,
+        on_rejected: Rejected | None = None,
     ) -> None:
         self.spool = spool
         self.connect = connect
@@ -202,6 +211,7 @@ class SpoolWorker:
         self.sweep_s = sweep_s
         self.retry_s = retry_s
         self.grace_s = grace_s
+        self.on_rejected = on_rejected
         self._queue: queue.Queue[Received] = queue.Queue(maxsize=max(1, queue_size))
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="spool-worker", daemon=True)
@@ -228,7 +238,10 @@ class SpoolWorker:
         while True:
             try:
                 with self.connect() as (sessions, executor):
-                    self._serve(SpoolIngest(sessions, executor, self.spool, self.source, self.grace_s))
+                    ingest = SpoolIngest(
+                        sessions, executor, self.spool, self.source, self.grace_s, self.on_rejected
+                    )
+                    self._serve(ingest)
                 return
             except Exception as exc:  # the database or the model is away; the spool keeps the files
                 log.warning(

@@ -27,7 +27,7 @@ from watchdog.observers import Observer
 
 from sorter.db import queries
 from sorter.domain import Status
-from sorter.scan import Executor, Scan
+from sorter.scan import Executor, Rejected, Scan
 from sorter.stability import Candidate, StabilityTracker
 from sorter.summary import RunSummary
 from sorter.walk import Entry, walk
@@ -147,6 +147,8 @@ class Watcher:
         Seconds between full rescans of ``root``.
     exclude
         Absolute paths never to read (the embedded database and its journals).
+    on_rejected
+        Told each file rejected at registration (see :class:`~sorter.scan.Scan`).
     """
 
     def __init__(
@@ -162,6 +164,7 @@ class Watcher:
         batch_size: int = 32,
         rescan_s: float = 60.0,
         exclude: frozenset[str] = frozenset(),
+        on_rejected: Rejected | None = None,
     ) -> None:
         self.root = os.path.abspath(root)
         self.sessions = sessions
@@ -171,7 +174,7 @@ class Watcher:
         self.batch_size = max(1, batch_size)
         self.rescan_s = rescan_s
         self.exclude = exclude
-        self.scan = Scan(sessions, executor, summary, source=source, exclude=exclude)
+        self.scan = Scan(sessions, executor, summary, source=source, exclude=exclude, on_rejected=on_rejected)
         self._lock = threading.Lock()  # the observer thread and the main loop share the tracker
         self._resume_due = False
 

@@ -43,9 +43,9 @@ OUR_AE = "SORTER"
 CALLING_AE = "MODALITY1"
 #: Instances sent before the outage, and during it (one association throughout).
 BEFORE, DURING = 8, 8
-#: ``sorter listen`` registers files a sweep finds only once they are this old (its
-#: fixed grace period), and reconnects to the database every 10 s.
-LISTEN_GRACE_S = 60
+#: ``sorter listen`` registers files a sweep finds only once they are this old
+#: (``--sweep-grace``), and reconnects to the database every 10 s.
+LISTEN_GRACE_S = 5
 SWEEP_INTERVAL_S = "2"
 
 
@@ -197,6 +197,7 @@ def test_a_postgres_crash_mid_push_loses_nothing_and_each_instance_is_classified
     env = {
         **listen_env(OUR_AE, port, spool, cluster.url, tiny_model, CALLING_AE),
         "SORTER_SWEEP_INTERVAL": SWEEP_INTERVAL_S,
+        "SORTER_SWEEP_GRACE": str(LISTEN_GRACE_S),
     }
     datasets = _datasets(BEFORE + DURING)
     with log.open("ab") as out:

@@ -365,3 +365,23 @@ def test_accepted_connections_send_without_delay_and_acknowledge_at_once():
                 assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
                 client.sendall(b"A-ASSOCIATE")
                 assert accepted.recv(64) == b"A-ASSOCIATE"
+
+
+def test_files_rejected_at_registration_are_reported_by_status_and_reason(tmp_path, sqlite_url, tiny_model):
+    """What ``sorter listen`` counts in its metrics besides the classified instances."""
+    spool = tmp_path / "spool"
+    (spool / "study" / "series").mkdir(parents=True)
+    (spool / "study" / "series" / "garbage.dcm").write_text("not a DICOM file")
+    (spool / "study" / "series" / "ct.dcm").write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    rejected: list[tuple[str, str | None]] = []
+    settings = Settings.from_env(database_url=sqlite_url, model=tiny_model, workers=1, device="cpu")
+    worker = SpoolWorker(
+        spool,
+        backend(settings, RunSummary()),
+        grace_s=0.0,
+        on_rejected=lambda status, reason: rejected.append((status.value, reason)),
+    )
+    worker.start()  # its start-up sweep registers the spool
+    worker.stop(timeout=120)
+    assert rejected == [("failed", "not_dicom")]
+    assert sorted(r.status for r in query(sqlite_url, "SELECT status FROM instances")) == ["done", "failed"]

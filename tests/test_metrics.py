@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from db_support import copy_dicom, pydicom_file, small_archive
+from db_support import copy_dicom, pydicom_file, query, small_archive
 
 from sorter.commands.common import database
 from sorter.commands.listen import counted
@@ -70,15 +70,20 @@ def test_a_scan_moves_the_counters_and_histograms_seen_over_http(
     with database(sqlite_url) as (engine, sessions):
         observer = metrics.batch_observer(sessions)
         with model_and_executor(settings, sessions, summary, None, observer=observer) as executor:
-            Scan(sessions, executor, summary, exclude=sqlite_files(engine)).run([str(tmp_path / "archive")])
+            Scan(
+                sessions, executor, summary, exclude=sqlite_files(engine), on_rejected=metrics.rejected
+            ).run([str(tmp_path / "archive")])
 
     text = _scrape(port)
     assert summary.classified == 7
     assert _value(text, "sorter_instances_classified_total") == 7
-    # Failures of the decoder are counted by reason; those found at registration
-    # (not_dicom, non_image) never reach a batch and are left to ``sorter status``.
+    # Failures are counted by reason, those of the decoder and those found at registration.
     assert _value(text, "sorter_instances_failed_total", '{reason="truncated"}') == 1
-    assert "not_dicom" not in text
+    rows = [(r.status, r.error) for r in query(sqlite_url, "SELECT status, error FROM instances")]
+    for status, reason in [("failed", "not_dicom"), ("skipped", "non_image")]:
+        expected = rows.count((status, reason))
+        assert expected > 0
+        assert _value(text, f"sorter_instances_{status}_total", f'{{reason="{reason}"}}') == expected
     # Every claimed instance went through a batch; every classified one got a latency sample.
     assert _value(text, "sorter_batch_size_sum") == 8
     assert _value(text, "sorter_batch_size_count") >= 2  # batches of at most 4

@@ -128,6 +128,14 @@ def backend(settings: Settings, summary: RunSummary, metrics: Metrics | None = N
     show_default=True,
     help="Seconds between spool sweeps that register files the queue missed.",
 )
+@click.option(
+    "--sweep-grace",
+    type=float,
+    envvar="SORTER_SWEEP_GRACE",
+    default=60.0,
+    show_default=True,
+    help="Age a spool file must reach before a sweep registers it (younger ones are in the queue).",
+)
 @model_options
 @metrics_options
 @database_option
@@ -149,6 +157,7 @@ def listen(
     batch_size: int | None,
     device: str | None,
     sweep_interval: float,
+    sweep_grace: float,
     metrics_port: int | None,
     metrics_bind: str | None,
     database_url: str | None,
@@ -180,6 +189,8 @@ def listen(
             source=source,
             batch_size=settings.batch_size,
             sweep_s=sweep_interval,
+            grace_s=sweep_grace,
+            on_rejected=metrics.rejected if metrics is not None else None,
         )
         stop = threading.Event()
         previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
