@@ -22,9 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from db_support import copy_dicom, pydicom_file, query, scalar, scan, small_archive, truncate
 from pydicom.uid import generate_uid
 from support import free_port
+
+from sorter.db.session import create_db_engine
 
 pytest_plugins = ["db_fixtures"]
 
@@ -187,6 +190,40 @@ def test_scan_with_a_broker_flows_to_done(tmp_path, pg_url, tiny_model, broker_e
         int(scalar(pg_url, "SELECT count(*) FROM instances WHERE prediction_id IS NULL AND status = 'done'"))
         == 0
     )
+
+
+def test_tried_instances_are_retried_alone_and_failed_after_the_last_attempt(
+    tmp_path, pg_url, tiny_model, broker_env
+):
+    """What a poison file (its decoder hangs or kills the worker) leaves behind, replayed."""
+    from sorter.jobs.tasks import MAX_ATTEMPTS
+
+    small_archive(tmp_path / "archive")
+    scan(pg_url, tiny_model, tmp_path / "archive", tmp=tmp_path)  # queued: one batch of 7
+    ids = [r.id for r in query(pg_url, "SELECT id FROM instances WHERE status = 'pending' ORDER BY id")]
+    poison, survivor = ids[0], ids[1]
+    engine = create_db_engine(pg_url)
+    with engine.begin() as connection:  # as if earlier tries had died on them
+        connection.execute(
+            sa.text("UPDATE instances SET attempts = :n WHERE id = :i"), {"n": MAX_ATTEMPTS, "i": poison}
+        )
+        connection.execute(sa.text("UPDATE instances SET attempts = 1 WHERE id = :i"), {"i": survivor})
+    engine.dispose()
+
+    worker = Worker(pg_url, tiny_model, broker_env, tmp_path / "worker.log")
+    try:
+        _wait_for(pg_url, "SELECT count(*) FROM instances WHERE status = 'pending'", lambda n: n == 0, worker)
+    finally:
+        worker.stop()
+    rows = {r.id: r for r in query(pg_url, "SELECT id, status, error, attempts FROM instances")}
+    assert (rows[poison].status, rows[poison].error, rows[poison].attempts) == (
+        "failed",
+        "attempts_exhausted",
+        MAX_ATTEMPTS,
+    )
+    assert (rows[survivor].status, rows[survivor].attempts) == ("done", 2)  # retried alone, counted
+    assert {(rows[i].status, rows[i].attempts) for i in ids[2:]} == {("done", 1)}
+    assert _counts(pg_url)["duplicate_predictions"] == 0
 
 
 def test_kill_9_mid_batch_then_a_new_worker_finishes_each_instance_once(

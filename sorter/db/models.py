@@ -107,6 +107,9 @@ class Instance(Base):
     )
     error: Mapped[str | None] = mapped_column(sa.String(64))  # a stable reason, e.g. "truncated"
     detail: Mapped[str | None] = mapped_column(sa.Text)
+    # Queue tasks that took this instance (committed before each try, so a try that
+    # hangs or kills its process still counts); bounds the retries of a poison file.
+    attempts: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
     # The latest prediction, whichever model made it. Deliberately not a foreign
     # key: predictions reference instances, and a cycle would make both table
     # creation and SQLite's batch migrations awkward for no integrity gain

@@ -153,7 +153,12 @@ def reset_instances(session: Session, rows: Sequence[Mapping[str, Any]]) -> None
     # executemany UPDATE); the constant columns are added to every row.
     stmt = sa.update(instances).where(instances.c.id == sa.bindparam("b_id"))
     params = [
-        {**{name: row[name] for name in _REREAD_COLUMNS}, "b_id": row["b_id"], "prediction_id": None}
+        {
+            **{name: row[name] for name in _REREAD_COLUMNS},
+            "b_id": row["b_id"],
+            "prediction_id": None,
+            "attempts": 0,
+        }
         for row in rows
     ]
     session.execute(stmt.values(updated_at=sa.func.now()), params)
@@ -220,6 +225,58 @@ def claim(
         .with_for_update(skip_locked=True, key_share=True, of=instances)
     )
     return [Claimed(r.id, r.path, r.header_label) for r in session.execute(stmt)]
+
+
+@dataclass(frozen=True)
+class Attempts:
+    """How :func:`take_attempts` sorted a queue batch."""
+
+    fresh: list[int]  # never tried: counted, to be classified by this task
+    retried: list[int]  # tried before and still pending: to be tried again one by one
+    exhausted: list[int]  # tried ``max_attempts`` times: now failed
+
+
+def take_attempts(session: Session, ids: Iterable[int], max_attempts: int) -> Attempts:
+    """Count a queue task's try on the ``pending`` instances of ``ids`` that nobody holds.
+
+    Instances tried ``max_attempts`` times already are failed (``attempts_exhausted``)
+    instead. The caller commits before classifying, so that a try that hangs or
+    kills its process still counts; rows another worker holds are skipped, as
+    :func:`claim` would skip them.
+    """
+    id_list = list(ids)
+    if not id_list:
+        return Attempts([], [], [])
+    rows = session.execute(
+        sa.select(instances.c.id, instances.c.attempts)
+        .where(instances.c.id.in_(id_list), instances.c.status == Status.PENDING)
+        .order_by(instances.c.id)
+        .with_for_update(skip_locked=True, key_share=True, of=instances)
+    ).all()
+    exhausted = [r.id for r in rows if r.attempts >= max_attempts]
+    retried = [r.id for r in rows if 0 < r.attempts < max_attempts]
+    fresh = [r.id for r in rows if r.attempts == 0]
+    if len(rows) == 1:  # a batch of one is the isolated retry itself
+        fresh, retried = fresh + retried, []
+    if exhausted:
+        session.execute(
+            sa.update(instances)
+            .where(instances.c.id.in_(exhausted))
+            .values(
+                status=Status.FAILED,
+                error="attempts_exhausted",
+                detail=f"taken by {max_attempts} queue tasks that never finished (a decoder that hangs "
+                "or kills its worker process)",
+                updated_at=sa.func.now(),
+            )
+        )
+    if fresh:
+        session.execute(
+            sa.update(instances)
+            .where(instances.c.id.in_(fresh))
+            .values(attempts=instances.c.attempts + 1, updated_at=sa.func.now())
+        )
+    return Attempts(fresh, retried, exhausted)
 
 
 def next_ids(

@@ -39,6 +39,10 @@ MAX_RETRIES = 5
 #: stuck in C code past the hard limit is killed, and its instances come back by the sweep.
 SOFT_TIME_LIMIT_S = 600
 TIME_LIMIT_S = 660
+#: Queue tasks that may take an instance before it is failed with ``attempts_exhausted``:
+#: a file whose decoder hangs or kills the worker process would otherwise come back for ever
+#: (redelivered when its process dies, re-enqueued by every sweep when it hangs).
+MAX_ATTEMPTS = 3
 #: Ids per message when a sweep re-enqueues stuck instances; at most SWEEP_LIMIT per sweep.
 SWEEP_BATCH = 32
 SWEEP_LIMIT = 10_000
@@ -95,8 +99,25 @@ class ClassifyTask(Task):
     time_limit=TIME_LIMIT_S,
 )
 def classify_ids(ids: list[int]) -> int:
-    """Classify the instances of ``ids`` that are still ``pending``; returns how many were."""
+    """Classify the instances of ``ids`` that are still ``pending``; returns how many were.
+
+    Each try is counted (and committed) first. Instances tried before come back
+    as tasks of their own, so that one poison file cannot take its batch down
+    with it again; those tried ``MAX_ATTEMPTS`` times are failed.
+    """
     state = worker_state()
+    with state.sessions() as session:
+        taken = queries.take_attempts(session, ids, MAX_ATTEMPTS)
+        session.commit()
+    for instance_id in taken.retried:
+        classify_ids.apply_async(args=[[instance_id]], queue=state.settings.queue)
+    if taken.exhausted:
+        log.warning("instances %s failed: %d tries never finished", taken.exhausted, MAX_ATTEMPTS)
+        if state.metrics is not None:
+            state.metrics.instances_failed.labels(reason="attempts_exhausted").inc(len(taken.exhausted))
+    if not taken.fresh:
+        return 0
+    ids = taken.fresh
     decoding = [0.0]
     decode: Decoder = decode_one
     if state.observe is not None:
