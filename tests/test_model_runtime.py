@@ -61,3 +61,18 @@ def test_unknown_runtime_and_onnx_off_the_cpu_are_refused_with_a_reason():
         make_runner(network, spec, torch.device("cpu"), "tensorrt")
     with pytest.raises(ValueError, match="CPU only"):
         make_runner(network, spec, torch.device("cuda"), "onnx")
+
+
+def test_auto_falls_back_to_torch_with_a_warning_when_onnxruntime_cannot_be_used(monkeypatch, caplog):
+    import sorter.model.runtime as runtime
+
+    def broken(*_args, **_kwargs):
+        raise ImportError("No module named 'onnxruntime'")
+
+    monkeypatch.setattr(runtime, "OnnxRunner", broken)
+    spec = ModelSpec(arch="mobilenet_v3_small", labels=ALL_LABELS, preprocess=PreprocessParams(input_size=32))
+    runner = make_runner(build_network(spec), spec, torch.device("cpu"), "auto")
+    assert runner.name == "torch"
+    assert "ONNX Runtime unavailable (ImportError" in caplog.text
+    with pytest.raises(ImportError):  # asked for by name, it is an error
+        make_runner(build_network(spec), spec, torch.device("cpu"), "onnx")
