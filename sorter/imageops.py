@@ -25,9 +25,12 @@ def finite_float32(a: np.ndarray) -> np.ndarray:
         A float32 array of the same shape with only finite values. A new
         array is returned unless `a` already was finite float32.
     """
+    arr = np.asarray(a)
+    if arr.dtype.kind in "biu":  # every integer is finite in float32 (its range reaches 3.4e38)
+        return arr.astype(np.float32, copy=False)
     # Values beyond float32's range become inf on the cast; they are caught below.
     with np.errstate(over="ignore", invalid="ignore"):
-        out = np.asarray(a).astype(np.float32, copy=False)
+        out = arr.astype(np.float32, copy=False)
     finite = np.isfinite(out)
     if finite.all():
         return out

@@ -127,3 +127,26 @@ def test_finite_float32_passes_clean_float32_through() -> None:
     out = finite_float32(ints)
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, [0, 1, 2, 3])
+
+
+def test_integers_become_float32_without_a_finiteness_pass():
+    for dtype in (np.uint8, np.int16, np.uint16, np.int32, np.int64, np.bool_):
+        a = np.arange(12, dtype=dtype).reshape(3, 4) if dtype is not np.bool_ else np.ones((3, 4), dtype)
+        out = finite_float32(a)
+        assert out.dtype == np.float32 and np.array_equal(out, a.astype(np.float32))
+
+
+def test_percentiles_match_numpy_bit_for_bit():
+    from sorter.model.preprocess import percentiles
+
+    rng = np.random.default_rng(7)
+    for trial in range(300):
+        n = int(rng.integers(1, 5000))
+        values = [
+            rng.random(n).astype(np.float32),
+            rng.integers(-1024, 3000, n).astype(np.float32),
+            rng.normal(size=n) * 1e3,
+        ][trial % 3]
+        qs = (0.5, 99.5) if trial % 2 else (float(rng.uniform(0, 100)), float(rng.uniform(0, 100)))
+        expected = tuple(float(v) for v in np.percentile(values, qs))
+        assert percentiles(values, qs) == expected

@@ -42,6 +42,26 @@ def resize(frame: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
+def percentiles(values: np.ndarray, qs: tuple[float, float]) -> tuple[float, float]:
+    """``np.percentile(values, qs)`` (its default "linear" method), bit for bit, at about half the cost.
+
+    One partition for both percentiles, and numpy's own interpolation formula
+    (``_lerp``: ``a + (b - a) * t``, from the upper side when ``t >= 0.5``).
+    """
+    flat = values.ravel()
+    if flat.size == 0:
+        raise ValueError("percentiles of an empty array")
+    index = np.asarray(qs, dtype=np.float64) / 100.0 * (flat.size - 1)
+    below = np.floor(index).astype(np.intp)
+    above = np.minimum(below + 1, flat.size - 1)
+    t = index - below
+    part = np.partition(flat, np.unique(np.concatenate([below, above])))
+    a, b = part[below], part[above]
+    diff = b - a
+    out = np.where(t >= 0.5, b - diff * (1 - t), a + diff * t)
+    return float(out[0]), float(out[1])
+
+
 def scale_intensity(frame: np.ndarray, params: PreprocessParams) -> np.ndarray:
     """Map a frame to [0, 1]: per-image min-max (the paper) or a percentile clip.
 
@@ -50,7 +70,7 @@ def scale_intensity(frame: np.ndarray, params: PreprocessParams) -> np.ndarray:
     if params.scaling == "minmax":
         low, high = float(frame.min()), float(frame.max())
     else:
-        low, high = (float(v) for v in np.percentile(frame, [params.p_low, params.p_high]))
+        low, high = percentiles(frame, (params.p_low, params.p_high))
     span = high - low
     if not np.isfinite(span) or span <= 1e-6:
         return np.zeros_like(frame, dtype=np.float32)
