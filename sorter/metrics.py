@@ -98,10 +98,14 @@ class Metrics:
         """Count one instance stored by the listener."""
         self.instances_received.labels(calling_ae=(calling_ae or "").strip() or "-").inc()
 
-    def rejected(self, status: Status, reason: str | None) -> None:
-        """Count one file that ended ``failed``/``skipped`` at registration (not_dicom, non_image ...)."""
+    def unclassified(self, status: Status, reason: str | None, n: int = 1) -> None:
+        """Count ``n`` instances that ended ``failed`` or ``skipped`` with ``reason``.
+
+        Batch outcomes come here, and so do files rejected at registration
+        (not_dicom, non_image ...: the ``on_rejected`` hook of scan, watch and listen).
+        """
         counter = self.instances_skipped if status is Status.SKIPPED else self.instances_failed
-        counter.labels(reason=reason or "unknown").inc()
+        counter.labels(reason=reason or "unknown").inc(n)
 
     def observe_batch(
         self, outcomes: Sequence[Outcome], seconds: float, registered: Sequence[datetime] = ()
@@ -115,10 +119,8 @@ class Metrics:
                 if outcome.verdict is Verdict.DISAGREE:
                     header = outcome.header_label.value if outcome.header_label else "-"
                     self.discrepancies.labels(header_label=header, label=outcome.prediction.label.value).inc()
-            elif outcome.status is Status.SKIPPED:
-                self.instances_skipped.labels(reason=outcome.error or "unknown").inc()
             else:
-                self.instances_failed.labels(reason=outcome.error or "unknown").inc()
+                self.unclassified(outcome.status, outcome.error)
         now = datetime.now(UTC)
         for at in registered:
             aware = at if at.tzinfo is not None else at.replace(tzinfo=UTC)  # SQLite: naive UTC

@@ -71,7 +71,7 @@ def test_a_scan_moves_the_counters_and_histograms_seen_over_http(
         observer = metrics.batch_observer(sessions)
         with model_and_executor(settings, sessions, summary, None, observer=observer) as executor:
             Scan(
-                sessions, executor, summary, exclude=sqlite_files(engine), on_rejected=metrics.rejected
+                sessions, executor, summary, exclude=sqlite_files(engine), on_rejected=metrics.unclassified
             ).run([str(tmp_path / "archive")])
 
     text = _scrape(port)

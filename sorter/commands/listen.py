@@ -190,7 +190,7 @@ def listen(
             batch_size=settings.batch_size,
             sweep_s=sweep_interval,
             grace_s=sweep_grace,
-            on_rejected=metrics.rejected if metrics is not None else None,
+            on_rejected=metrics.unclassified if metrics is not None else None,
         )
         stop = threading.Event()
         previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -72,7 +72,7 @@ def serve(
                 batch_size=settings.batch_size,
                 rescan_s=settings.rescan,
                 exclude=sqlite_files(engine),
-                on_rejected=metrics.rejected if metrics is not None else None,
+                on_rejected=metrics.unclassified if metrics is not None else None,
             ).run(stop)
     return summary
 

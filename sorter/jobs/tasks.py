@@ -63,12 +63,18 @@ def fail_pending(ids: Sequence[int], reason: str, detail: str) -> int:
             ],
         )
         session.commit()
-    if items and state.metrics is not None:
-        try:
-            state.metrics.instances_failed.labels(reason=reason).inc(len(items))
-        except Exception:
-            log.warning("failed instances not counted", exc_info=True)
+    _count_failed(reason, len(items))
     return len(items)
+
+
+def _count_failed(reason: str, n: int) -> None:
+    """Count instances this process failed outside a batch, when it serves metrics; never raises."""
+    metrics = worker_state().metrics
+    if n and metrics is not None:
+        try:
+            metrics.unclassified(Status.FAILED, reason, n)
+        except Exception:  # metrics never fail a task
+            log.warning("failed instances not counted", exc_info=True)
 
 
 class ClassifyTask(Task):
@@ -113,8 +119,7 @@ def classify_ids(ids: list[int]) -> int:
         classify_ids.apply_async(args=[[instance_id]], queue=state.settings.queue)
     if taken.exhausted:
         log.warning("instances %s failed: %d tries never finished", taken.exhausted, MAX_ATTEMPTS)
-        if state.metrics is not None:
-            state.metrics.instances_failed.labels(reason="attempts_exhausted").inc(len(taken.exhausted))
+        _count_failed("attempts_exhausted", len(taken.exhausted))
     if not taken.fresh:
         return 0
     ids = taken.fresh

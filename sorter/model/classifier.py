@@ -34,8 +34,7 @@ class Classifier:
         self.model = model
         self.spec: ModelSpec = model.spec
         self.device = pick_device(device)
-        self.network = model.network.to(self.device).eval()
-        self.runner: Runner = make_runner(self.network, self.spec, self.device, runtime)
+        self.runner: Runner = make_runner(model.network, self.spec, self.device, runtime)
 
     @classmethod
     def load(

@@ -2,7 +2,7 @@
 
 ``auto`` (the default) picks what measured fastest (tests/bench/bench_throughput.py):
 on CUDA, eager torch in bfloat16 with channels-last memory; on the CPU, ONNX
-Runtime on a graph exported from the loaded network at start-up (about 2.4x
+Runtime on a graph exported from the loaded network at start-up (about 2.5x
 eager torch for the default model on 2 cores), falling back to eager torch
 when onnxruntime is missing or the export fails. Every runtime returns float32
 logits for the same weights; the exported graph agrees with torch to about
@@ -62,7 +62,7 @@ class TorchRunner:
 
 
 class OnnxRunner:
-    """ONNX Runtime on the CPU, on a graph exported in memory from the loaded network.
+    """ONNX Runtime on the CPU, on a graph exported from the loaded network at start-up.
 
     Parameters
     ----------
@@ -110,7 +110,6 @@ class OnnxRunner:
         self.session = ort.InferenceSession(
             model_bytes, options, providers=["CPUExecutionProvider"]
         )
-        self.with_features = len(spec.preprocess.features) > 0
         self.inputs = {i.name for i in self.session.get_inputs()}
 
     def __call__(self, images: np.ndarray, features: np.ndarray) -> np.ndarray:
@@ -133,7 +132,9 @@ def make_runner(
         raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if runtime == "torch" or device.type != "cpu":
         if runtime == "onnx":
-            raise ValueError("the onnx runtime runs on the CPU only; use --device cpu or --runtime torch")
+            raise ValueError(
+                "the onnx runtime runs on the CPU only: use --device cpu or SORTER_RUNTIME=torch"
+            )
         return TorchRunner(network, device)
     try:
         return OnnxRunner(network, spec, torch.get_num_threads())
