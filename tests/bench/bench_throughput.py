@@ -237,7 +237,7 @@ def _run_case(network: Any, spec: Any, x: Any, f: Any, runtime: str, seconds: fl
     return _images_per_s(run, batch, seconds)
 
 
-def stage_db(url: str, rows: int) -> dict[str, Any]:
+def stage_db(url: str, rows: int, template: Path) -> dict[str, Any]:
     """Bulk registration (500 per transaction) and prediction writes (32 and 256 per transaction)."""
     from sorter.db import queries
     from sorter.db.session import open_database
@@ -247,7 +247,7 @@ def stage_db(url: str, rows: int) -> dict[str, Any]:
     from sorter.pipeline import Outcome, write_outcomes
 
     engine, sessions = open_database(url)
-    header = read_header(archive.archive_files(Path(ROOTS["ct512"]))[0])
+    header = read_header(template)  # one real header, copied under new paths and UIDs
     tag = f"{time.time_ns()}"
     registrations = [
         from_header(
@@ -407,8 +407,6 @@ def stage_baseline(files: list[Path]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- driver
 
-ROOTS: dict[str, str] = {}
-
 
 def _sample(files: list[Path], n: int) -> list[Path]:
     step = max(1, len(files) // n)
@@ -488,7 +486,6 @@ def main(argv: Iterable[str] | None = None) -> None:
                 result["archives"].append(built)
                 print(f"built {root.name}: {built['seconds']} s", flush=True)
             archives[f"{kind}-{size}"] = root
-        ROOTS["ct512"] = str(archives[f"ct512-{sizes[0]}"])
         samples = {
             kind: _sample(archive.archive_files(archives[name]), args.sample)
             for kind, name in (("ct512", f"ct512-{sizes[0]}"), ("mixed", f"mixed-{max(args.sample, 1000)}"))
@@ -503,9 +500,10 @@ def main(argv: Iterable[str] | None = None) -> None:
         if "inference" not in args.skip:
             stages["inference"] = stage_inference("compile" not in args.skip, args.seconds)
         if "db" not in args.skip:
-            stages["db"] = [stage_db(_fresh_sqlite(work, "db-stage"), args.db_rows)]
+            template = samples["ct512"][0]
+            stages["db"] = [stage_db(_fresh_sqlite(work, "db-stage"), args.db_rows, template)]
             if postgres:
-                stages["db"].append(stage_db(_fresh_postgres(postgres), args.db_rows))
+                stages["db"].append(stage_db(_fresh_postgres(postgres), args.db_rows, template))
             print(f"db: {stages['db']}", flush=True)
         if "scan" not in args.skip:
             runs = []
