@@ -12,6 +12,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from sorter.dicom import lean
 from sorter.dicom.nonimage import MEDIA_STORAGE_DIRECTORY, non_image_reason
 from sorter.dicom.reading import read_dataset, transfer_syntax_of
 from sorter.domain import InstanceHeader
@@ -130,5 +131,8 @@ def read_header(path: str | os.PathLike[str]) -> InstanceHeader:
     TruncatedFile
         The file ends inside the header.
     """
+    common = lean.read_header(os.fspath(path))
+    if common is not None:  # the common case, without pydicom: the same header at a fifth of the cost
+        return common
     ds = read_dataset(path, specific_tags=HEADER_TAGS)
     return header_from_dataset(ds, path)

@@ -83,13 +83,30 @@ def modality_lut(arr: np.ndarray, ds: Dataset, index: int = 0) -> np.ndarray:
     """
     if _usable_lut(ds):
         return apply_modality_lut(arr, ds)
-    rescale = _rescale(ds)
-    if rescale is None:
+    rescale_pair = _rescale(ds)
+    if rescale_pair is None:
         item = _functional_group_item(ds, index)
-        rescale = _rescale(item) if item is not None else None
-    if rescale is None:
+        rescale_pair = _rescale(item) if item is not None else None
+    if rescale_pair is None:
         return arr
-    slope, intercept = rescale
+    return rescale(arr, *rescale_pair)
+
+
+def rescale(arr: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """``arr * slope + intercept`` as pydicom's ``apply_modality_lut`` computes it (float64).
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        Stored values.
+    slope, intercept : float
+        (0028,1053) Rescale Slope and (0028,1052) Rescale Intercept.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, or float32 when that holds the same values exactly.
+    """
     exact = float(intercept).is_integer() and abs(intercept) < 2**23
     if slope == 1 and exact and arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2:
         # CT's usual rescale: integers that float32 holds exactly, so this gives the

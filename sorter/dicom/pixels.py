@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import as_pixel_options, get_decoder
 from pydicom.pixels.decoders.base import Decoder
 
-from sorter.dicom import gdcm_frame
+from sorter.dicom import gdcm_frame, lean
 from sorter.dicom.colour import RGB_LIKE, palette_to_rgb, to_rgb255
 from sorter.dicom.headers import header_from_dataset
 from sorter.dicom.lut import invert_monochrome1, modality_lut
@@ -78,6 +78,9 @@ def select_frames(n_total: int, k: int) -> list[int]:
 def load_image(path: str | os.PathLike[str], frames: int = 1) -> DecodedImage:
     """Read a DICOM file and decode `frames` evenly spaced frames to grey float32.
 
+    Uncompressed little-endian greyscale files take :mod:`sorter.dicom.lean`,
+    everything else pydicom; both give the same values.
+
     Parameters
     ----------
     path : str or os.PathLike
@@ -96,7 +99,13 @@ def load_image(path: str | os.PathLike[str], frames: int = 1) -> DecodedImage:
     NoPixelData, NonImageObject, UnsupportedTransferSyntax, DecodeError
         From decoding (:func:`decode_dataset`).
     """
-    return decode_dataset(read_dataset(path), os.fspath(path), frames)
+    name = os.fspath(path)
+    if frames < 1:
+        raise ValueError(f"frames must be at least 1, got {frames}")
+    common = lean.load_frames(name, lambda n_total: select_frames(n_total, frames))
+    if common is not None:
+        return DecodedImage(common.frames, 0.0, common.n_frames_total, common.photometric)
+    return decode_dataset(read_dataset(name), name, frames)
 
 
 def decode_dataset(ds: Dataset, path: str, frames: int = 1) -> DecodedImage:
