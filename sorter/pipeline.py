@@ -32,6 +32,7 @@ from sorter.dicom.pixels import load_image
 from sorter.dicom.quiet import quiet_pydicom
 from sorter.domain import Label, Prediction, Status, Verdict
 from sorter.errors import InputError, NonImageObject
+from sorter.model.ort import OrtSession
 from sorter.model.preprocess import prepare_image
 from sorter.model.spec import PreprocessParams
 
@@ -45,11 +46,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Prepared:
-    """Network input for one instance: frames ``(k, C, S, S)`` and features ``(k, F)``."""
+    """Network input for one instance: frames ``(k, C, S, S)`` and features ``(k, F)``.
+
+    ``logits`` (k, L) is set instead when the decode process ran the model
+    (:func:`init_decode_process` with a graph); the images are then dropped.
+    """
 
     instance_id: int
     images: np.ndarray
     features: np.ndarray
+    logits: np.ndarray | None = None
+
+
+#: The model in this decode process, when the scanning process handed one over.
+_model: OrtSession | None = None
 
 
 @dataclass(frozen=True)
@@ -68,8 +78,11 @@ class Outcome:
 Decoder = Callable[[Claimed, PreprocessParams, int], "Prepared | Outcome"]
 
 
-def init_decode_process(parent_pid: int | None = None) -> None:
+def init_decode_process(parent_pid: int | None = None, graph: bytes | None = None) -> None:
     """Initialise a decode process: Ctrl-C is left to the parent, and the parent's death ends it.
+
+    With ``graph`` (an exported ONNX model) the process also runs the model on
+    what it decoded (one thread), and sends back logits instead of images.
 
     The parent stops submitting, rolls back its open batches and shuts the pool
     down; workers dying mid-file on the same signal would only add noise. A
@@ -81,6 +94,9 @@ def init_decode_process(parent_pid: int | None = None) -> None:
     quiet_pydicom()  # filters set in the parent do not reach a spawned or forkserver process
     if parent_pid is not None:
         threading.Thread(target=_exit_with, args=(parent_pid,), daemon=True, name="parent-watch").start()
+    if graph is not None:
+        global _model
+        _model = OrtSession(graph, threads=1)
 
 
 def _exit_with(parent_pid: int, interval_s: float = 1.0) -> None:
@@ -138,7 +154,23 @@ def decode_chunk(
     It lives here, not beside the executor, because unpickling a task imports
     its function's module in the decode process, and this one is torch-free.
     """
-    return [decode(item, params, frames) for item in items]
+    results = [decode(item, params, frames) for item in items]
+    return results if _model is None else run_model(_model, results)
+
+
+def run_model(
+    model: Callable[[np.ndarray, np.ndarray], np.ndarray], results: list[Prepared | Outcome]
+) -> list[Prepared | Outcome]:
+    """Replace every :class:`Prepared`'s images by its logits, in one forward pass."""
+    ready = [r for r in results if isinstance(r, Prepared)]
+    if not ready:
+        return results
+    logits = model(np.concatenate([r.images for r in ready]), np.concatenate([r.features for r in ready]))
+    parts = iter(np.split(logits, np.cumsum([len(r.images) for r in ready])[:-1]))
+    empty = np.zeros(0, dtype=np.float32)
+    return [
+        Prepared(r.instance_id, empty, empty, next(parts)) if isinstance(r, Prepared) else r for r in results
+    ]
 
 
 def claim_batch(
@@ -153,7 +185,11 @@ def infer(
 ) -> list[Outcome]:
     """One batched forward pass over the decoded items; outcomes in ``items`` order."""
     ready = [d for d in decoded if isinstance(d, Prepared)]
-    predictions = iter(classifier.predict_prepared([(d.images, d.features) for d in ready]))
+    # Decode processes may have run the model already; the rest (all of them under a
+    # queue worker or on CUDA) go through one forward pass here.
+    missing = iter(classifier.logits_prepared([(d.images, d.features) for d in ready if d.logits is None]))
+    logits = [d.logits if d.logits is not None else next(missing) for d in ready]
+    predictions = iter(classifier.predict_logits(logits))
     thresholds = classifier.spec.thresholds
     out: list[Outcome] = []
     for item, result in zip(items, decoded, strict=True):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 import torch
 from db_support import copy_dicom, pydicom_file, query
@@ -18,10 +21,17 @@ from sorter.summary import RunSummary
 pytest_plugins = ["db_fixtures"]
 
 
-def _scan(url: str, model: Path, archive: Path, decode: Decoder, batch_size: int) -> RunSummary:
+def _scan(
+    url: str,
+    model: Path | Classifier,
+    archive: Path,
+    decode: Decoder,
+    batch_size: int,
+    model_in_workers: bool = True,
+) -> RunSummary:
     """Scan ``archive`` through a LocalExecutor with two decode processes running ``decode``."""
     engine, sessions = open_database(url)
-    classifier = Classifier.load(model)
+    classifier = model if isinstance(model, Classifier) else Classifier.load(model)
     with sessions() as session:
         model_id = register_model(session, classifier)
         session.commit()
@@ -34,6 +44,7 @@ def _scan(url: str, model: Path, archive: Path, decode: Decoder, batch_size: int
         batch_size=batch_size,
         on_batch=summary.add_outcomes,
         decode=decode,
+        model_in_workers=model_in_workers,
     )
     with executor:
         Scan(sessions, executor, summary).run([str(archive)])
@@ -83,3 +94,39 @@ def test_decode_processes_never_import_torch(sqlite_url, tiny_model, tmp_path):
     _scan(sqlite_url, tiny_model, archive, report_torch, batch_size=4)
     details = {r.detail for r in query(sqlite_url, "SELECT detail FROM instances")}
     assert details == {"False"}, "a decode process imported torch"
+
+
+class _CountingRunner:
+    """The classifier's runner, counting the images this process ran the model on."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner, self.images = runner, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runner, name)
+
+    def __call__(self, images: Any, features: Any) -> Any:
+        self.images += len(images)
+        return self.runner(images, features)
+
+
+def test_the_model_in_the_decode_processes_predicts_what_it_predicts_here(tiny_model, tmp_path):
+    archive = tmp_path / "archive"
+    for i, name in enumerate(["CT_small.dcm", "MR_small.dcm", "emri_small.dcm", "JPEG2000.dcm"] * 3):
+        copy_dicom(pydicom_file(name), archive / f"{i:02d}-{name}")
+    columns = "i.path, p.label, p.verdict, " + ", ".join(f"p.p_{label}" for label in ("ct", "mr", "xr", "us"))
+    sql = f"SELECT {columns} FROM predictions p JOIN instances i ON i.id = p.instance_id ORDER BY i.path"
+    results = {}
+    for in_workers in (True, False):
+        url = f"sqlite:///{tmp_path / f'in-workers-{in_workers}.db'}"
+        classifier = Classifier.load(tiny_model)
+        assert classifier.runner.name == "onnxruntime"
+        counting = classifier.runner = _CountingRunner(classifier.runner)
+        summary = _scan(url, classifier, archive, decode_one, batch_size=5, model_in_workers=in_workers)
+        assert summary.classified == 12
+        # In the decode processes the model ran there: none of it here.
+        assert counting.images == (0 if in_workers else 12)
+        results[in_workers] = [tuple(row) for row in query(url, sql)]
+    here, there = results[False], results[True]
+    assert [r[:3] for r in there] == [r[:3] for r in here]
+    assert np.allclose([r[3:] for r in there], [r[3:] for r in here], rtol=0, atol=1e-6)

@@ -232,7 +232,7 @@ def scan(buf: bytes, size: int) -> LeanFile | None:
         return None
     try:
         meta, pos = _read_meta(buf)
-        syntax = text(meta.get("TransferSyntaxUID"))
+        syntax = _text(meta.get("TransferSyntaxUID"))
         if syntax not in (IMPLICIT_LE, EXPLICIT_LE):
             return None
         if syntax == IMPLICIT_LE and buf[pos + 4 : pos + 6] in _VRS:
@@ -253,7 +253,7 @@ def scan(buf: bytes, size: int) -> LeanFile | None:
     return found
 
 
-def text(raw: bytes | None) -> str | None:
+def _text(raw: bytes | None) -> str | None:
     """A single-valued ASCII text value, stripped of padding; ``None`` when empty or absent.
 
     Raises ``_Decline`` for what pydicom would interpret: other character
@@ -275,7 +275,7 @@ def _us(raw: bytes | None) -> int | None:
 
 
 def _integer_string(raw: bytes | None) -> int | None:
-    value = text(raw)
+    value = _text(raw)
     if value is None:
         return None
     try:
@@ -285,7 +285,7 @@ def _integer_string(raw: bytes | None) -> int | None:
 
 
 def _decimal_string(raw: bytes | None) -> float | None:
-    value = text(raw)
+    value = _text(raw)
     if value is None:
         return None
     try:
@@ -304,7 +304,8 @@ def _read(path: str, limit: int) -> tuple[bytes, int] | None:
             size = os.fstat(fp.fileno()).st_size
             if size > MAX_FILE_BYTES:
                 return None
-            return fp.read(limit), size
+            # read() to the end when it all fits: read(n) allocates n bytes up front
+            return (fp.read() if size <= limit else fp.read(limit)), size
     except OSError:
         return None
 
@@ -319,23 +320,23 @@ def read_header(path: str) -> InstanceHeader | None:
         return None
     v = found.values
     try:
-        sop_class = text(v.get("SOPClassUID"))
+        sop_class = _text(v.get("SOPClassUID"))
         if sop_class is None:
             return None  # pydicom looks further: Media Storage SOP Class, DICOMDIR
         frames = _integer_string(v.get("NumberOfFrames"))
         return InstanceHeader(
             path=path,
-            sop_instance_uid=text(v.get("SOPInstanceUID")),
-            study_instance_uid=text(v.get("StudyInstanceUID")),
-            series_instance_uid=text(v.get("SeriesInstanceUID")),
+            sop_instance_uid=_text(v.get("SOPInstanceUID")),
+            study_instance_uid=_text(v.get("StudyInstanceUID")),
+            series_instance_uid=_text(v.get("SeriesInstanceUID")),
             sop_class_uid=sop_class,
-            modality=text(v.get("Modality")),
+            modality=_text(v.get("Modality")),
             transfer_syntax_uid=found.transfer_syntax,
             rows=_us(v.get("Rows")),
             columns=_us(v.get("Columns")),
             number_of_frames=frames if frames is not None and frames > 0 else 1,
-            institution_name=text(v.get("InstitutionName")),
-            station_name=text(v.get("StationName")),
+            institution_name=_text(v.get("InstitutionName")),
+            station_name=_text(v.get("StationName")),
         )
     except _Decline:
         return None
@@ -375,7 +376,7 @@ def load_frames(path: str, select: Callable[[int], Sequence[int]]) -> LeanImage 
         return None
     v = found.values
     try:
-        samples, photometric = _us(v.get("SamplesPerPixel")), text(v.get("PhotometricInterpretation"))
+        samples, photometric = _us(v.get("SamplesPerPixel")), _text(v.get("PhotometricInterpretation"))
         allocated, stored = _us(v.get("BitsAllocated")), _us(v.get("BitsStored"))
         signed, rows, columns = _us(v.get("PixelRepresentation")), _us(v.get("Rows")), _us(v.get("Columns"))
         frames = _integer_string(v.get("NumberOfFrames"))

@@ -112,6 +112,12 @@ class LocalExecutor:
         pool busy while this process reads the next registration batch's headers
         (3 left the pool idle about 10 % of a 512 x 512 CT scan; 8 did not). Each
         holds a database connection: keep it below the engine's pool (5 + 10 overflow).
+    model_in_workers
+        When the model runs on ONNX Runtime on the CPU, run it in the decode
+        processes on what they decoded: they send back logits instead of
+        images (no 128 KiB per file through a pipe) and this process no longer
+        competes with them for the cores. On CUDA, or with torch, the model
+        stays here.
     """
 
     def __init__(
@@ -128,6 +134,7 @@ class LocalExecutor:
         observer: Callable[[list[Outcome], float], None] | None = None,
         decode: Decoder = decode_one,
         max_batches: int = 8,
+        model_in_workers: bool = True,
     ) -> None:
         self.sessions = sessions
         self.classifier = classifier
@@ -140,6 +147,7 @@ class LocalExecutor:
         self.observer = observer
         self.decode = decode
         self.max_batches = max(1, max_batches)
+        self._graph: bytes | None = getattr(classifier.runner, "graph", None) if model_in_workers else None
         self._waiting: list[int] = []
         self._in_flight: deque[_Batch] = deque()
         self._pool: ProcessPoolExecutor | None = None
@@ -168,7 +176,10 @@ class LocalExecutor:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
-            self.workers, mp_context=_pool_context(), initializer=init_decode_process, initargs=(os.getpid(),)
+            self.workers,
+            mp_context=_pool_context(),
+            initializer=init_decode_process,
+            initargs=(os.getpid(), self._graph),
         )
 
     def submit(self, ids: Iterable[int]) -> None:

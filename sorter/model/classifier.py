@@ -61,22 +61,35 @@ class Classifier:
         """Calibrated probabilities (N, L) for preprocessed inputs."""
         if len(images) == 0:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
-        logits = torch.from_numpy(self.runner(images, features))
-        return torch.softmax(logits / self.spec.temperature, dim=1).numpy()
+        return self.calibrate(self.runner(images, features))
+
+    def calibrate(self, logits: np.ndarray) -> np.ndarray:
+        """Temperature-scaled softmax of logits (N, L)."""
+        return torch.softmax(torch.from_numpy(logits) / self.spec.temperature, dim=1).numpy()
+
+    def logits_prepared(self, prepared: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """Logits (k, L) per instance from :meth:`prepare` outputs, in one forward pass."""
+        if not prepared:
+            return []
+        logits = self.runner(
+            np.concatenate([p[0] for p in prepared]), np.concatenate([p[1] for p in prepared])
+        )
+        return np.split(logits, np.cumsum([len(p[0]) for p in prepared])[:-1])
+
+    def predict_logits(self, logits: Sequence[np.ndarray]) -> list[Prediction]:
+        """One prediction per instance from its frames' logits (k, L); frames are averaged."""
+        if not logits:
+            return []
+        probs = self.calibrate(np.concatenate(logits))
+        out, start = [], 0
+        for frames in logits:
+            out.append(self.to_prediction(probs[start : start + len(frames)].mean(axis=0)))
+            start += len(frames)
+        return out
 
     def predict_prepared(self, prepared: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[Prediction]:
         """One prediction per image from :meth:`prepare` outputs; frames are averaged."""
-        if not prepared:
-            return []
-        counts = [len(p[0]) for p in prepared]
-        probs = self.predict_arrays(
-            np.concatenate([p[0] for p in prepared]), np.concatenate([p[1] for p in prepared])
-        )
-        out, start = [], 0
-        for count in counts:
-            out.append(self.to_prediction(probs[start : start + count].mean(axis=0)))
-            start += count
-        return out
+        return self.predict_logits(self.logits_prepared(prepared))
 
     def predict_images(self, images: Sequence[DecodedImage]) -> list[Prediction]:
         """Classify decoded images in one batched forward pass."""

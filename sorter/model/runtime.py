@@ -15,12 +15,13 @@ import logging
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from sorter.model.network import SorterNet
+from sorter.model.ort import OrtSession
 from sorter.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class OnnxRunner:
     name = "onnxruntime"
 
     def __init__(self, network: SorterNet, spec: ModelSpec, threads: int) -> None:
-        import onnxruntime as ort  # optional: only this runtime needs it
+        import onnxruntime  # noqa: F401  # optional: fail before exporting when it is missing
 
         size = spec.preprocess.input_size
         example = (
@@ -101,28 +102,19 @@ class OnnxRunner:
                     opset_version=17,
                     dynamo=False,
                 )
-            model_bytes = graph.read_bytes()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, threads)
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            model_bytes, options, providers=["CPUExecutionProvider"]
-        )
-        self.inputs = {i.name for i in self.session.get_inputs()}
+            graph_bytes = graph.read_bytes()
+        self.session = OrtSession(graph_bytes, threads)
+
+    @property
+    def graph(self) -> bytes:
+        """The exported ONNX graph: decode processes build the same session from it."""
+        return self.session.graph
 
     def __call__(self, images: np.ndarray, features: np.ndarray) -> np.ndarray:
-        feeds: dict[str, Any] = {"images": np.ascontiguousarray(images, dtype=np.float32)}
-        if "features" in self.inputs:  # a model without scalar features exports without the input
-            feeds["features"] = np.ascontiguousarray(features, dtype=np.float32)
-        (logits,) = self.session.run(["logits"], feeds)
-        return np.asarray(logits, dtype=np.float32)
+        return self.session(images, features)
 
 
-def make_runner(
-    network: SorterNet, spec: ModelSpec, device: torch.device, runtime: str = "auto"
-) -> Runner:
+def make_runner(network: SorterNet, spec: ModelSpec, device: torch.device, runtime: str = "auto") -> Runner:
     """The runner for ``runtime`` (``auto``, ``torch`` or ``onnx``) on ``device``.
 
     ``onnx`` is CPU only and raises when it cannot be built; ``auto`` falls back

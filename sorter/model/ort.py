@@ -1,0 +1,45 @@
+"""An ONNX Runtime session on the CPU, torch-free so that decode processes can run the model.
+
+:class:`sorter.model.runtime.OnnxRunner` exports the graph (which needs torch)
+once, in the scanning process; the graph's bytes are all a decode process
+needs to build the same session here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+class OrtSession:
+    """A CPU session over an exported graph: images (N, C, S, S) and features (N, F) in, logits out.
+
+    Parameters
+    ----------
+    graph
+        The ONNX model's bytes.
+    threads
+        Intra-op threads. Spinning is off: on a machine whose other cores
+        decode, a thread pool that spins while waiting steals their time.
+    """
+
+    def __init__(self, graph: bytes, threads: int) -> None:
+        import onnxruntime as ort  # optional: only this runtime needs it
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, threads)
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        self.graph = graph
+        self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+
+    def __call__(self, images: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """Float32 logits (N, L) for one batch."""
+        feeds: dict[str, Any] = {"images": np.ascontiguousarray(images, dtype=np.float32)}
+        if "features" in self.inputs:  # a model without scalar features exports without the input
+            feeds["features"] = np.ascontiguousarray(features, dtype=np.float32)
+        (logits,) = self.session.run(["logits"], feeds)
+        return np.asarray(logits, dtype=np.float32)
