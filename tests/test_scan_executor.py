@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import torch
 from db_support import copy_dicom, pydicom_file, query
 from decode_faults import crashing_decode, report_torch
