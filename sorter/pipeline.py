@@ -32,7 +32,7 @@ from sorter.dicom.pixels import load_image
 from sorter.dicom.quiet import quiet_pydicom
 from sorter.domain import Label, Prediction, Status, Verdict
 from sorter.errors import InputError, NonImageObject
-from sorter.model.ort import OrtSession
+from sorter.model.ort import Forward, OrtSession, logits_per_instance
 from sorter.model.preprocess import prepare_image
 from sorter.model.spec import PreprocessParams
 
@@ -158,15 +158,10 @@ def decode_chunk(
     return results if _model is None else run_model(_model, results)
 
 
-def run_model(
-    model: Callable[[np.ndarray, np.ndarray], np.ndarray], results: list[Prepared | Outcome]
-) -> list[Prepared | Outcome]:
+def run_model(model: Forward, results: list[Prepared | Outcome]) -> list[Prepared | Outcome]:
     """Replace every :class:`Prepared`'s images by its logits, in one forward pass."""
     ready = [r for r in results if isinstance(r, Prepared)]
-    if not ready:
-        return results
-    logits = model(np.concatenate([r.images for r in ready]), np.concatenate([r.features for r in ready]))
-    parts = iter(np.split(logits, np.cumsum([len(r.images) for r in ready])[:-1]))
+    parts = iter(logits_per_instance(model, [r.images for r in ready], [r.features for r in ready]))
     empty = np.zeros(0, dtype=np.float32)
     return [
         Prepared(r.instance_id, empty, empty, next(parts)) if isinstance(r, Prepared) else r for r in results

@@ -116,3 +116,21 @@ def test_minmax_matches_the_paper_definition():
     assert feats.shape == (0,)
     assert image[0].min() == 0 and image[0].max() == 1
     np.testing.assert_allclose(image[0], (frame - frame.min()) / (frame.max() - frame.min()), atol=1e-6)
+
+
+def test_reduce_resize_is_a_block_mean_and_old_specs_keep_bilinear():
+    rng = np.random.default_rng(0)
+    frame = rng.normal(0, 500, (512, 512)).astype(np.float32)
+    params = PreprocessParams(input_size=128, resize="reduce", channels=("hu",), features=())
+    image, _ = preprocess_frame(frame, 0.0, params)
+    block_mean = frame.reshape(128, 4, 128, 4).mean(axis=(1, 3))
+    np.testing.assert_allclose(image[0], np.clip((block_mean + 1000) / 3000, 0, 1), atol=1e-6)
+    # A spec written before the field existed (the bundled 0.1 model) still resizes bilinearly.
+    spec = ModelSpec(arch="mobilenet_v3_small", labels=ALL_LABELS)
+    data = spec.to_dict()
+    del data["preprocess"]["resize"]
+    assert ModelSpec.from_dict(data).preprocess.resize == "bilinear"
+    bilinear, _ = preprocess_frame(frame, 0.0, replace(params, resize="bilinear"))
+    assert not np.allclose(bilinear, image, atol=1e-4)
+    with pytest.raises(ValueError, match="resize"):
+        PreprocessParams(resize="nearest")

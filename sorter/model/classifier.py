@@ -11,6 +11,7 @@ import torch
 from sorter.dicom.pixels import DecodedImage
 from sorter.domain import Label, Prediction
 from sorter.model.artefact import LoadedModel, load_artefact
+from sorter.model.ort import logits_per_instance
 from sorter.model.preprocess import prepare_image
 from sorter.model.runtime import Runner, make_runner
 from sorter.model.spec import ModelSpec
@@ -69,12 +70,7 @@ class Classifier:
 
     def logits_prepared(self, prepared: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         """Logits (k, L) per instance from :meth:`prepare` outputs, in one forward pass."""
-        if not prepared:
-            return []
-        logits = self.runner(
-            np.concatenate([p[0] for p in prepared]), np.concatenate([p[1] for p in prepared])
-        )
-        return np.split(logits, np.cumsum([len(p[0]) for p in prepared])[:-1])
+        return logits_per_instance(self.runner, [p[0] for p in prepared], [p[1] for p in prepared])
 
     def predict_logits(self, logits: Sequence[np.ndarray]) -> list[Prediction]:
         """One prediction per instance from its frames' logits (k, L); frames are averaged."""

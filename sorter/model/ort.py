@@ -7,9 +7,26 @@ needs to build the same session here.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+#: A forward pass: images (N, C, S, S) and features (N, F) in, logits (N, L) out.
+Forward = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def logits_per_instance(
+    forward: Forward, images: Sequence[np.ndarray], features: Sequence[np.ndarray]
+) -> list[np.ndarray]:
+    """One forward pass over several instances' frames; logits (k, L) per instance.
+
+    Torch-free, for decode processes and the classifier alike.
+    """
+    if not images:
+        return []
+    logits = forward(np.concatenate(images), np.concatenate(features))
+    return np.split(logits, np.cumsum([len(frames) for frames in images])[:-1])
 
 
 class OrtSession:

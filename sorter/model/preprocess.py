@@ -29,17 +29,21 @@ def letterbox(frame: np.ndarray, fill: float) -> np.ndarray:
     return out
 
 
-def resize(frame: np.ndarray, size: int) -> np.ndarray:
+def resize(frame: np.ndarray, size: int, method: str = "bilinear") -> np.ndarray:
     """Antialiased resize of a float32 frame to ``size`` x ``size``.
 
-    Pillow's 32-bit float mode resizes in C with a filter whose support grows
-    with the scale factor, i.e. with antialiasing, far faster than torch on
-    one image.
+    Pillow's 32-bit float mode resizes in C. ``bilinear`` uses a filter whose
+    support grows with the scale factor (antialiasing over the whole
+    reduction); ``reduce`` first averages blocks by the largest integer factor
+    (a box filter, itself antialiasing: 512 -> 128 is exactly a 4 x 4 mean),
+    then resizes the rest bilinearly, at about a quarter of the cost.
     """
     if frame.shape == (size, size):
         return frame.astype(np.float32, copy=False)
     image = Image.fromarray(np.ascontiguousarray(frame, dtype=np.float32), mode="F")
-    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+    gap = 1.0 if method == "reduce" else None
+    resized = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=gap)
+    return np.asarray(resized, dtype=np.float32)
 
 
 def percentiles(values: np.ndarray, qs: tuple[float, float]) -> tuple[float, float]:
@@ -103,7 +107,7 @@ def preprocess_frame(
         raise ValueError(f"expected a 2-D grey frame, got shape {frame.shape}")
     if params.letterbox and frame.shape[0] != frame.shape[1]:
         frame = letterbox(frame, float(frame.min()) if frame.size else 0.0)
-    small = resize(frame, params.input_size)
+    small = resize(frame, params.input_size, params.resize)
     channels = []
     for name in params.channels:
         if name == "scaled":

@@ -27,6 +27,10 @@ ARCHITECTURES = (
 CHANNELS = ("scaled", "hu")
 FEATURES = ("colourfulness",)
 SCALINGS = ("minmax", "percentile")
+#: ``bilinear``: Pillow's antialiased bilinear filter over the whole reduction (the
+#: models up to 0.1); ``reduce``: box-average by the largest integer factor first
+#: (Pillow's ``reducing_gap=1``), then bilinear for the rest, about 4x cheaper.
+RESIZES = ("bilinear", "reduce")
 
 
 @dataclass(frozen=True)
@@ -45,10 +49,13 @@ class PreprocessParams:
     letterbox: bool = True
     channels: tuple[str, ...] = ("scaled",)
     features: tuple[str, ...] = ("colourfulness",)
+    resize: str = "bilinear"  # artefacts written before the field existed used bilinear
 
     def __post_init__(self) -> None:
         if self.scaling not in SCALINGS:
             raise ValueError(f"scaling must be one of {SCALINGS}, not {self.scaling!r}")
+        if self.resize not in RESIZES:
+            raise ValueError(f"resize must be one of {RESIZES}, not {self.resize!r}")
         for name in self.channels:
             if name not in CHANNELS:
                 raise ValueError(f"unknown input channel {name!r}; known: {CHANNELS}")
