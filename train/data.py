@@ -110,7 +110,7 @@ def _decode_one(
             continue
         image, feature = preprocess_frame(frame, colour, params)
         boxed = letterbox(frame, float(frame.min())) if params.letterbox else frame
-        raws.append(resize(boxed, cache_size).astype(np.float32))
+        raws.append(resize(boxed, cache_size, params.resize).astype(np.float32))
         evals.append(image)
         feats.append(feature)
     return index, raws, evals, feats, None if raws else "no usable 2-D frame"

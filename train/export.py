@@ -55,7 +55,12 @@ def model_card(spec: ModelSpec, sha256: str, command: str, speed: dict[str, Any]
             if spec.preprocess.scaling == "percentile"
             else ""
         )
-        + (", letterboxed to a square" if spec.preprocess.letterbox else ", stretched to a square"),
+        + (", letterboxed to a square" if spec.preprocess.letterbox else ", stretched to a square")
+        + (
+            ", resized by an integer block mean then bilinear"
+            if spec.preprocess.resize == "reduce"
+            else ", resized bilinear (antialiased)"
+        ),
         f"- Labels: {', '.join(label.value for label in spec.labels)}",
         f"- Temperature: {spec.temperature:.3f}; thresholds: confidence >= {spec.thresholds.min_confidence}, "
         f"top-2 margin >= {spec.thresholds.min_margin}",
