@@ -63,7 +63,9 @@ def rgb_to_grey(rgb: np.ndarray) -> np.ndarray:
     if arr.ndim < 3 or arr.shape[-1] != 3:
         raise ValueError(f"expected an array of shape (..., H, W, 3), got {arr.shape}")
     weights = np.asarray(BT601_LUMA, dtype=np.float32)
-    return finite_float32(arr.astype(np.float32, copy=False) @ weights)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf become 0 just below
+        grey = arr.astype(np.float32, copy=False) @ weights
+    return finite_float32(grey)
 
 
 def colourfulness(rgb: np.ndarray) -> float:
