@@ -40,6 +40,11 @@ def finite_float32(a: np.ndarray) -> np.ndarray:
     return out
 
 
+def stack_frames(frames: list[np.ndarray]) -> np.ndarray:
+    """``np.stack(frames)``, without copying a single frame (a view with a new first axis)."""
+    return frames[0][np.newaxis] if len(frames) == 1 else np.stack(frames)
+
+
 def rgb_to_grey(rgb: np.ndarray) -> np.ndarray:
     """Convert RGB to grey with the ITU-R BT.601 luma weights.
 

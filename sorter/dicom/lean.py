@@ -27,7 +27,7 @@ import numpy as np
 
 from sorter.dicom.lut import invert_monochrome1, rescale
 from sorter.domain import InstanceHeader
-from sorter.imageops import finite_float32
+from sorter.imageops import finite_float32, stack_frames
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -407,5 +407,6 @@ def load_frames(path: str, select: Callable[[int], Sequence[int]]) -> LeanImage 
         values: np.ndarray = arr if slope is None or intercept is None else rescale(arr, slope, intercept)
         if photometric == "MONOCHROME1":
             values = invert_monochrome1(values)
-        greys.append(finite_float32(values))
-    return LeanImage(np.stack(greys), n_total, photometric)
+        # float32 from integers here can only come from the exact integer rescale: finite
+        greys.append(values if values.dtype == np.float32 else finite_float32(values))
+    return LeanImage(stack_frames(greys), n_total, photometric)

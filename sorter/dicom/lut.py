@@ -111,7 +111,9 @@ def rescale(arr: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     if slope == 1 and exact and arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2:
         # CT's usual rescale: integers that float32 holds exactly, so this gives the
         # same values as the float64 path below at a third of the cost.
-        return arr.astype(np.float32) + np.float32(intercept)
+        out = arr.astype(np.float32)
+        out += np.float32(intercept)  # in place: one 1 MiB allocation per 512 x 512 slice, not two
+        return out
     # The same arithmetic as pydicom's apply_modality_lut, which cannot be used here:
     # it would pick an unusable LUT sequence over a valid rescale.
     return arr.astype(np.float64) * slope + intercept

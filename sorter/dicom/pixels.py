@@ -34,7 +34,7 @@ from sorter.errors import (
     TruncatedFile,
     UnsupportedTransferSyntax,
 )
-from sorter.imageops import colourfulness, finite_float32, rgb_to_grey
+from sorter.imageops import colourfulness, finite_float32, rgb_to_grey, stack_frames
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def _decode(ds: Dataset, path: str, frames: int) -> DecodedImage:
         greys.append(grey)
         colour_scores.append(score)
     return DecodedImage(
-        frames=np.stack(greys),  # each already finite float32 (_to_grey)
+        frames=stack_frames(greys),  # each already finite float32 (_to_grey)
         colourfulness=float(np.mean(colour_scores)),
         n_frames_total=n_total,
         photometric=photometric,

@@ -82,7 +82,7 @@ def scale_intensity(frame: np.ndarray, params: PreprocessParams) -> np.ndarray:
 
 
 def preprocess_frame(
-    frame: np.ndarray, colourfulness: float, params: PreprocessParams
+    frame: np.ndarray, colourfulness: float, params: PreprocessParams, *, finite: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Turn one decoded grey frame into network input.
 
@@ -94,6 +94,9 @@ def preprocess_frame(
         The source image's colourfulness in [0, 1] (0 for greyscale).
     params
         Preprocessing parameters from the model spec.
+    finite
+        The caller guarantees finite float32 (a :class:`~sorter.dicom.DecodedImage`):
+        no pass to check it.
 
     Returns
     -------
@@ -102,7 +105,8 @@ def preprocess_frame(
     features : np.ndarray
         (F,) float32, features in ``params.features`` order.
     """
-    frame = finite_float32(frame)  # no copy when the decoder already made it finite float32
+    if not (finite and frame.dtype == np.float32):
+        frame = finite_float32(frame)
     if frame.ndim != 2:
         raise ValueError(f"expected a 2-D grey frame, got shape {frame.shape}")
     if params.letterbox and frame.shape[0] != frame.shape[1]:
@@ -125,7 +129,8 @@ def prepare_image(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Preprocess every frame of one decoded instance: arrays (k, C, S, S) and (k, F).
 
+    ``frames`` are a :class:`~sorter.dicom.DecodedImage`'s: finite float32.
     Torch-free, so that decode processes can run it without loading the model.
     """
-    pairs = [preprocess_frame(frame, colourfulness, params) for frame in frames]
+    pairs = [preprocess_frame(frame, colourfulness, params, finite=True) for frame in frames]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
