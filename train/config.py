@@ -22,7 +22,7 @@ class FitConfig:
     letterbox: bool = True
     channels: tuple[str, ...] = ("scaled", "hu")
     features: tuple[str, ...] = ("colourfulness",)
-    resize: str = "bilinear"  # or "reduce" (about 4x cheaper); see sorter.model.spec.RESIZES and the README
+    resize: str = "bilinear"  # or "reduce" (2.5x cheaper); see sorter.model.spec.RESIZES and the README
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 3e-3
     momentum: float = 0.9

@@ -36,7 +36,7 @@ def resize(frame: np.ndarray, size: int, method: str = "bilinear") -> np.ndarray
     support grows with the scale factor (antialiasing over the whole
     reduction); ``reduce`` first averages blocks by the largest integer factor
     (a box filter, itself antialiasing: 512 -> 128 is exactly a 4 x 4 mean),
-    then resizes the rest bilinearly, at about a quarter of the cost.
+    then resizes the rest bilinearly, at less than half the cost.
     """
     if frame.shape == (size, size):
         return frame.astype(np.float32, copy=False)
