@@ -297,15 +297,19 @@ def _decimal_string(raw: bytes | None) -> float | None:
     return number
 
 
-def _read(path: str, limit: int) -> tuple[bytes, int] | None:
-    """Up to ``limit`` bytes of the file and its size; ``None`` on any OS error (pydicom reports it)."""
+def _read(path: str, limit: int | None = None) -> tuple[bytes, int] | None:
+    """The first ``limit`` bytes of the file (all of it when ``None``) and its size.
+
+    ``None`` on any OS error (pydicom reports it), and for a whole read of a
+    file over :data:`MAX_FILE_BYTES` (pydicom then reads only the frames asked for).
+    """
     try:
         with open(path, "rb") as fp:
             size = os.fstat(fp.fileno()).st_size
-            if size > MAX_FILE_BYTES:
+            if limit is None and size > MAX_FILE_BYTES:
                 return None
             # read() to the end when it all fits: read(n) allocates n bytes up front
-            return (fp.read() if size <= limit else fp.read(limit)), size
+            return (fp.read() if limit is None or size <= limit else fp.read(limit)), size
     except OSError:
         return None
 
@@ -351,9 +355,9 @@ class LeanImage:
     photometric: str
 
 
-def _trailer_ok(buf: bytes, pos: int, explicit: bool) -> bool:
+def _trailer_ok(buf: bytes, pos: int, transfer_syntax: str) -> bool:
     """True when what follows the pixel data is whole elements (pydicom would flag a cut one)."""
-    found = LeanFile({}, EXPLICIT_LE if explicit else IMPLICIT_LE)
+    found = LeanFile({}, transfer_syntax)
     try:
         return _walk_top(buf, pos, len(buf), found) == len(buf)
     except _Decline:
@@ -367,7 +371,7 @@ def load_frames(path: str, select: Callable[[int], Sequence[int]]) -> LeanImage 
     cleared (pydicom's ``correct_unused_bits``), then the rescale, then the
     MONOCHROME1 inversion.
     """
-    got = _read(path, MAX_FILE_BYTES)
+    got = _read(path)
     if got is None:
         return None
     buf, size = got
@@ -394,7 +398,7 @@ def load_frames(path: str, select: Callable[[int], Sequence[int]]) -> LeanImage 
     end = found.pixel_offset + found.pixel_length
     if found.pixel_length < frame_bytes * n_total or end > len(buf):
         return None
-    if end < len(buf) and not _trailer_ok(buf, end, found.transfer_syntax == EXPLICIT_LE):
+    if end < len(buf) and not _trailer_ok(buf, end, found.transfer_syntax):
         return None
     dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
     greys = []
