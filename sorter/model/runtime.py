@@ -72,8 +72,7 @@ class OnnxRunner:
     spec
         Gives the input shape for the export.
     threads
-        Intra-op threads. Spinning is off: on a machine whose other cores
-        decode, a thread pool that spins while waiting steals their time.
+        Intra-op threads of the session (:class:`sorter.model.ort.OrtSession`).
     """
 
     name = "onnxruntime"
