@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,11 @@ class RunSummary:
     skipped: Counter[str] = field(default_factory=Counter)
     failed: Counter[str] = field(default_factory=Counter)
     elapsed_s: float = 0.0
+    # Where the classifying process spent its time (LocalExecutor.stage_seconds),
+    # and what ran the model: the way to see which stage bounds a run.
+    stage_s: dict[str, float] = field(default_factory=dict)
+    model_runtime: str | None = None
+    model_images_here: int = 0
 
     def count_terminal(self, status: Status, reason: str | None) -> None:
         """Count one ``failed``/``skipped`` instance under its reason."""
@@ -41,6 +47,13 @@ class RunSummary:
                 self.confusion[(header, outcome.prediction.label.value)] += 1
             else:
                 self.count_terminal(outcome.status, outcome.error)
+
+    def add_stages(self, stage_seconds: Mapping[str, float], images_here: int, runtime: str) -> None:
+        """Record an executor's time per stage, the images its process ran, and what ran them."""
+        for name, seconds in stage_seconds.items():
+            self.stage_s[name] = self.stage_s.get(name, 0.0) + seconds
+        self.model_images_here += images_here
+        self.model_runtime = runtime
 
     @property
     def discrepancies(self) -> int:
@@ -66,4 +79,24 @@ class RunSummary:
             "failed": dict(sorted(self.failed.items())),
             "elapsed_s": round(self.elapsed_s, 3),
             "files_per_s": round(self.files / self.elapsed_s, 1) if self.elapsed_s > 0 else None,
+            "model_runtime": self.model_runtime,
+            "model_images_here": self.model_images_here,
+            "stage_s": {name: round(s, 3) for name, s in sorted(self.stage_s.items())},
         }
+
+    def stage_line(self) -> str | None:
+        """One line on what bounded the run, or ``None`` when no model ran in this process's executor.
+
+        ``model`` is the share of the run this process spent in forward passes (on
+        CUDA: the GPU's share, as each pass ends in a copy back); ``decode_wait``
+        the share it sat waiting for decoded files. A GPU is the bottleneck only
+        when ``model`` approaches 100 % while ``decode_wait`` is near 0.
+        """
+        if self.model_runtime is None or self.elapsed_s <= 0:
+            return None
+        where = f"{self.model_images_here} images" if self.model_images_here else "in the decode processes"
+        shares = ", ".join(
+            f"{name} {self.stage_s.get(name, 0.0):.1f} s ({self.stage_s.get(name, 0.0) / self.elapsed_s:.0%})"
+            for name in ("model", "decode_wait", "write")
+        )
+        return f"stages: {shares} of {self.elapsed_s:.1f} s; model {self.model_runtime}, {where}"

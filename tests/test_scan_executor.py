@@ -47,6 +47,7 @@ def _scan(
     )
     with executor:
         Scan(sessions, executor, summary).run([str(archive)])
+    summary.add_stages(executor.stage_seconds, executor.images_here, f"{classifier.runner.name} on cpu")
     engine.dispose()
     return summary
 
@@ -125,7 +126,15 @@ def test_the_model_in_the_decode_processes_predicts_what_it_predicts_here(tiny_m
         assert summary.classified == 12
         # In the decode processes the model ran there: none of it here.
         assert counting.images == (0 if in_workers else 12)
+        # ... and the summary says so, with the time each stage took in this process.
+        assert summary.model_images_here == counting.images
+        assert set(summary.stage_s) == {"decode_wait", "model", "write"}
+        assert all(0 <= s < summary.elapsed_s for s in summary.stage_s.values())
+        line = summary.stage_line()
+        assert line is not None and "onnxruntime on cpu" in line
+        assert ("in the decode processes" in line) == in_workers
         results[in_workers] = [tuple(row) for row in query(url, sql)]
     here, there = results[False], results[True]
     assert [r[:3] for r in there] == [r[:3] for r in here]
     assert np.allclose([r[3:] for r in there], [r[3:] for r in here], rtol=0, atol=1e-6)
+

@@ -109,8 +109,12 @@ def model_and_executor(
         on_batch=on_batch,
         **kw,
     )
-    with executor:
-        yield executor
+    try:
+        with executor:
+            yield executor
+    finally:
+        runtime = f"{classifier.runner.name} on {classifier.device}"
+        summary.add_stages(executor.stage_seconds, executor.images_here, runtime)
 
 
 @contextmanager
@@ -165,6 +169,9 @@ def print_summary(summary: RunSummary, json_path: Path | None) -> None:
     for title, counter in (("skipped", summary.skipped), ("failed", summary.failed)):
         if counter:
             click.echo(f"{title}: " + ", ".join(f"{reason} {n}" for reason, n in counter.most_common()))
+    stages = summary.stage_line()
+    if stages:
+        click.echo(stages)
     if json_path is not None:
         json_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 

@@ -19,7 +19,7 @@ import logging
 import multiprocessing
 import os
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -148,6 +148,12 @@ class LocalExecutor:
         self.decode = decode
         self.max_batches = max(1, max_batches)
         self._graph: bytes | None = getattr(classifier.runner, "graph", None) if model_in_workers else None
+        #: Seconds this process spent per stage: ``decode_wait`` (blocked on the pool),
+        #: ``model`` (forward passes, calibration and verdicts), ``write`` (insert and
+        #: commit). With the model in the decode processes ``model`` holds the verdicts only.
+        self.stage_seconds: defaultdict[str, float] = defaultdict(float)
+        #: Images this process ran through the model (0 when the decode processes did).
+        self.images_here = 0
         self._waiting: list[int] = []
         self._in_flight: deque[_Batch] = deque()
         self._pool: ProcessPoolExecutor | None = None
@@ -230,19 +236,27 @@ class LocalExecutor:
     def _finish_oldest(self) -> None:
         batch = self._in_flight[0]
         try:
-            decoded = self._results(batch)
             started = time.perf_counter()
+            decoded = self._results(batch)
+            decoded_at = time.perf_counter()
             outcomes = infer(self.classifier, batch.items, decoded)
+            inferred_at = time.perf_counter()
             write_outcomes(batch.session, self.model_id, outcomes)
             batch.session.commit()
-            seconds = time.perf_counter() - started
+            done_at = time.perf_counter()
         finally:
             self._in_flight.popleft()
             batch.session.close()
+        self.stage_seconds["decode_wait"] += decoded_at - started
+        self.stage_seconds["model"] += inferred_at - decoded_at
+        self.stage_seconds["write"] += done_at - inferred_at
+        self.images_here += sum(
+            len(d.images) for d in decoded if isinstance(d, Prepared) and d.logits is None
+        )
         if self.on_batch is not None:
             self.on_batch(outcomes)
         if self.observer is not None:
-            self.observer(outcomes, seconds)
+            self.observer(outcomes, done_at - decoded_at)
 
     def _results(self, batch: _Batch) -> list[Prepared | Outcome]:
         try:

@@ -126,7 +126,14 @@ def make_runner(network: SorterNet, spec: ModelSpec, device: torch.device, runti
             raise ValueError(
                 "the onnx runtime runs on the CPU only: use --device cpu or SORTER_RUNTIME=torch"
             )
-        return TorchRunner(network, device)
+        runner = TorchRunner(network, device)
+        if runner.cuda:
+            # The first CUDA call loads kernels and sets up the context (seconds):
+            # paid here, at start-up, instead of by the first batch of a scan.
+            params = spec.preprocess
+            images = np.zeros((32, len(params.channels), params.input_size, params.input_size), np.float32)
+            runner(images, np.zeros((32, len(params.features)), np.float32))
+        return runner
     try:
         return OnnxRunner(network, spec, torch.get_num_threads())
     except Exception as exc:  # ImportError, or an operator the exporter cannot write

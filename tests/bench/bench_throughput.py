@@ -160,6 +160,10 @@ def inference_cases(with_compile: bool) -> list[dict[str, Any]]:
                 cases.append(
                     {"arch": default.arch, "spec": default, "batch": batch, "runtime": f"cuda-{dtype}"}
                 )
+        for arch, size, channels in (("resnet18", 224, 1), ("resnet50", 224, 1), ("resnet18", 128, 2)):
+            cases.append(
+                {"arch": arch, "size": size, "channels": channels, "batch": 256, "runtime": "cuda-bf16"}
+            )
     return cases
 
 
@@ -369,6 +373,12 @@ def stage_scan(root: Path, url: str, work: Path) -> dict[str, Any]:
         "files_per_s_wall": rate(data["files"], wall),
         "us_per_file": round(data["elapsed_s"] / data["files"] * 1e6, 1),
         "peak_tree_rss_mb": round(peak, 1),
+        # What bounded the scan (sorter.summary.RunSummary.stage_line): on CUDA,
+        # model_share near 1 with decode_wait_share near 0 would mean the GPU is.
+        "model_runtime": data.get("model_runtime"),
+        "stage_s": data.get("stage_s"),
+        "model_share": round(data.get("stage_s", {}).get("model", 0.0) / data["elapsed_s"], 3),
+        "decode_wait_share": round(data.get("stage_s", {}).get("decode_wait", 0.0) / data["elapsed_s"], 3),
     }
 
 
