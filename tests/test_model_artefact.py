@@ -109,6 +109,21 @@ def test_preprocess_shapes_ranges_and_constant_images():
     assert np.isfinite(preprocess_frame(nan, 0.0, params)[0]).all()
 
 
+def test_matrix_and_aspect_features_describe_the_frame_before_the_letterbox():
+    params = PreprocessParams(input_size=16, features=("aspect", "colourfulness", "matrix"))
+    for shape, matrix, aspect in (
+        ((512, 512), 0.5, 1.0),
+        ((64, 256), 2 / 6, 0.25),
+        ((3000, 4096), 1.0, 3000 / 4096),
+    ):
+        _, feats = preprocess_frame(np.ones(shape, np.float32), 0.25, params)
+        np.testing.assert_allclose(feats, [aspect, 0.25, matrix], rtol=1e-6)
+    _, feats = preprocess_frame(np.ones((8, 32), np.float32), 0.0, params)
+    assert feats[2] == 0.0  # below 64 px clips to 0; above 4 096 px to 1
+    with pytest.raises(ValueError, match="unknown feature"):
+        PreprocessParams(features=("size",))
+
+
 def test_minmax_matches_the_paper_definition():
     params = PreprocessParams(input_size=16, scaling="minmax", letterbox=False, features=())
     frame = np.arange(256, dtype=np.float32).reshape(16, 16) * 10 - 50

@@ -109,7 +109,8 @@ def preprocess_frame(
         frame = finite_float32(frame)
     if frame.ndim != 2:
         raise ValueError(f"expected a 2-D grey frame, got shape {frame.shape}")
-    if params.letterbox and frame.shape[0] != frame.shape[1]:
+    height, width = frame.shape
+    if params.letterbox and height != width:
         frame = letterbox(frame, float(frame.min()) if frame.size else 0.0)
     small = resize(frame, params.input_size, params.resize)
     channels = []
@@ -118,9 +119,12 @@ def preprocess_frame(
             channels.append(scale_intensity(small, params))
         else:  # "hu"
             channels.append(np.clip((small - _HU_LOW) / (_HU_HIGH - _HU_LOW), 0.0, 1.0))
-    features = [
-        float(np.clip(colourfulness, 0.0, 1.0)) for name in params.features if name == "colourfulness"
-    ]
+    values = {
+        "colourfulness": float(np.clip(colourfulness, 0.0, 1.0)),
+        "matrix": float(np.clip((np.log2(max(height, width, 1)) - 6.0) / 6.0, 0.0, 1.0)),
+        "aspect": min(height, width) / max(height, width, 1),
+    }
+    features = [values[name] for name in params.features]
     return np.stack(channels).astype(np.float32), np.asarray(features, dtype=np.float32)
 
 

@@ -25,7 +25,10 @@ ARCHITECTURES = (
     "mobilenet_v3_large",
 )
 CHANNELS = ("scaled", "hu")
-FEATURES = ("colourfulness",)
+#: Scalar inputs beside the image: ``colourfulness`` (0 for greyscale), ``matrix``
+#: (the frame's larger side, log2-scaled from 64 px = 0 to 4 096 px = 1) and
+#: ``aspect`` (shorter side / longer side): the letterboxed, resized image loses both.
+FEATURES = ("colourfulness", "matrix", "aspect")
 SCALINGS = ("minmax", "percentile")
 #: ``bilinear``: Pillow's antialiased bilinear filter over the whole reduction (the
 #: models up to 0.1); ``reduce``: box-average by the largest integer factor first
