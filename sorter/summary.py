@@ -87,10 +87,12 @@ class RunSummary:
     def stage_line(self) -> str | None:
         """One line on what bounded the run, or ``None`` when no model ran in this process's executor.
 
-        ``model`` is the share of the run this process spent in forward passes (on
-        CUDA: the GPU's share, as each pass ends in a copy back); ``decode_wait``
-        the share it sat waiting for decoded files. A GPU is the bottleneck only
-        when ``model`` approaches 100 % while ``decode_wait`` is near 0.
+        ``model`` is the share of the run this process spent in forward passes
+        (each ends in a copy back, so on CUDA it includes the GPU's time);
+        ``decode_wait`` the share it sat waiting for decoded files. ``model``
+        near 100 % with ``decode_wait`` near 0 means the model stage bounds the
+        run; whether that is the GPU or the CPU launching its kernels, the GPU's
+        utilisation tells (README, Performance).
         """
         if self.model_runtime is None or self.elapsed_s <= 0:
             return None

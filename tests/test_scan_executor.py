@@ -137,4 +137,3 @@ def test_the_model_in_the_decode_processes_predicts_what_it_predicts_here(tiny_m
     here, there = results[False], results[True]
     assert [r[:3] for r in there] == [r[:3] for r in here]
     assert np.allclose([r[3:] for r in there], [r[3:] for r in here], rtol=0, atol=1e-6)
-

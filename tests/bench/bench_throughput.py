@@ -373,8 +373,8 @@ def stage_scan(root: Path, url: str, work: Path) -> dict[str, Any]:
         "files_per_s_wall": rate(data["files"], wall),
         "us_per_file": round(data["elapsed_s"] / data["files"] * 1e6, 1),
         "peak_tree_rss_mb": round(peak, 1),
-        # What bounded the scan (sorter.summary.RunSummary.stage_line): on CUDA,
-        # model_share near 1 with decode_wait_share near 0 would mean the GPU is.
+        # What bounded the scan (sorter.summary.RunSummary.stage_line): model_share
+        # near 1 with decode_wait_share near 0 means the model stage did.
         "model_runtime": data.get("model_runtime"),
         "stage_s": data.get("stage_s"),
         "model_share": round(data.get("stage_s", {}).get("model", 0.0) / data["elapsed_s"], 3),
