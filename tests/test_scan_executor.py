@@ -119,7 +119,7 @@ def test_the_model_in_the_decode_processes_predicts_what_it_predicts_here(tiny_m
     results = {}
     for in_workers in (True, False):
         url = f"sqlite:///{tmp_path / f'in-workers-{in_workers}.db'}"
-        classifier = Classifier.load(tiny_model)
+        classifier = Classifier.load(tiny_model, device="cpu")  # ONNX Runtime runs on the CPU only
         assert classifier.runner.name == "onnxruntime"
         counting = classifier.runner = _CountingRunner(classifier.runner)
         summary = _scan(url, classifier, archive, decode_one, batch_size=5, model_in_workers=in_workers)
