@@ -47,7 +47,9 @@ def _scan(
     )
     with executor:
         Scan(sessions, executor, summary).run([str(archive)])
-    summary.add_stages(executor.stage_seconds, executor.images_here, f"{classifier.runner.name} on cpu")
+    summary.add_stages(
+        executor.stage_seconds, executor.images_here, f"{classifier.runner.name} on {classifier.device}"
+    )
     engine.dispose()
     return summary
 

@@ -8,6 +8,8 @@ intensity statistics are computed on S*S pixels instead of a full radiograph.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from PIL import Image
 
@@ -119,13 +121,20 @@ def preprocess_frame(
             channels.append(scale_intensity(small, params))
         else:  # "hu"
             channels.append(np.clip((small - _HU_LOW) / (_HU_HIGH - _HU_LOW), 0.0, 1.0))
-    values = {
-        "colourfulness": float(np.clip(colourfulness, 0.0, 1.0)),
-        "matrix": float(np.clip((np.log2(max(height, width, 1)) - 6.0) / 6.0, 0.0, 1.0)),
-        "aspect": min(height, width) / max(height, width, 1),
-    }
-    features = [values[name] for name in params.features]
+    features = [_feature(name, colourfulness, height, width) for name in params.features]
     return np.stack(channels).astype(np.float32), np.asarray(features, dtype=np.float32)
+
+
+def _feature(name: str, colourfulness: float, height: int, width: int) -> float:
+    """One scalar input (see :data:`sorter.model.spec.FEATURES`); only those a model asks for are computed."""
+    side = max(height, width, 1)
+    if name == "colourfulness":
+        value = colourfulness
+    elif name == "matrix":
+        value = (math.log2(side) - 6.0) / 6.0
+    else:  # "aspect"
+        value = min(height, width) / side
+    return min(max(float(value), 0.0), 1.0)
 
 
 def prepare_image(
