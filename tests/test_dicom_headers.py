@@ -30,7 +30,6 @@ from sorter.errors import NotDicom, TruncatedFile, UnreadableFile
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-
 def header(sop_class_uid: str | None, modality: str | None = None) -> InstanceHeader:
     return InstanceHeader(
         path="x.dcm",

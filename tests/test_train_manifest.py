@@ -35,8 +35,9 @@ def archive(tmp_path: Path) -> Path:
     ds = pydicom.dcmread(Path(data_file("CT_small.dcm")))
     del ds.file_meta
     ds.preamble = None
-    pydicom.dcmwrite(root / "siteB" / "ct_raw", ds, implicit_vr=True, little_endian=True,
-                     enforce_file_format=False)
+    pydicom.dcmwrite(
+        root / "siteB" / "ct_raw", ds, implicit_vr=True, little_endian=True, enforce_file_format=False
+    )
     return root.resolve()
 
 

@@ -131,10 +131,22 @@ def test_plots_written(tmp_path: Path) -> None:
     assert confusion.stat().st_size > 1000
 
     history = [
-        {"epoch": 1, "train_loss": 1.2, "val_loss": 1.0, "val_accuracy": 0.5, "val_balanced_accuracy": 0.4,
-         "lr": 1e-3},
-        {"epoch": 2, "train_loss": 0.8, "val_loss": 0.9, "val_accuracy": 0.6, "val_balanced_accuracy": 0.55,
-         "lr": 5e-4},
+        {
+            "epoch": 1,
+            "train_loss": 1.2,
+            "val_loss": 1.0,
+            "val_accuracy": 0.5,
+            "val_balanced_accuracy": 0.4,
+            "lr": 1e-3,
+        },
+        {
+            "epoch": 2,
+            "train_loss": 0.8,
+            "val_loss": 0.9,
+            "val_accuracy": 0.6,
+            "val_balanced_accuracy": 0.55,
+            "lr": 5e-4,
+        },
     ]
     curves = tmp_path / "curves.png"
     plot_curves(history, curves)
