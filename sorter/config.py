@@ -44,6 +44,7 @@ class Settings:
     frames: int = 1  # frames classified per multi-frame instance
     inference_threads: int = 0  # CPU threads of the forward pass; 0: the cores the decode processes leave
     runtime: str = "auto"  # forward pass: auto | torch | onnx (sorter.model.runtime)
+    cache_dir: Path | None = None  # exported ONNX graphs (sorter.model.graph_cache); None: the user cache
     after: str = "keep"  # ``sorter watch``: keep | delete | move:DIR once a file's instance is terminal
     settle: float = 5.0  # ``sorter watch``: seconds a file's size and mtime must stay unchanged
     rescan: float = 60.0  # ``sorter watch``: seconds between full rescans of the folder
@@ -66,6 +67,14 @@ class Settings:
                     ) from exc
         settings = cls(**values)
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def graph_cache_dir(self) -> Path:
+        """Where exported ONNX graphs are kept: ``cache_dir``, else ``$XDG_CACHE_HOME/dicom-sorter/onnx``."""
+        if self.cache_dir is not None:
+            return self.cache_dir
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return Path(base) / "dicom-sorter" / "onnx"
 
     @property
     def decode_workers(self) -> int:

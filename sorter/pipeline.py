@@ -241,7 +241,7 @@ def register_model(session: Session, classifier: Classifier) -> int:
             "labels": ",".join(label.value for label in classifier.labels),
             "min_confidence": spec.thresholds.min_confidence,
             "min_margin": spec.thresholds.min_margin,
-            "path": str(classifier.model.path),
+            "path": str(classifier.path),
             "spec": spec.to_dict(),
         },
     )

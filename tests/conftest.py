@@ -4,6 +4,10 @@ The session also adopts every process the tests start, however deep (Linux
 child subreaper), and kills what is still running when the run ends: a
 listener, worker or decode process that outlived its test would keep CI's
 output pipe open and hold the whole run until its time limit.
+
+Exported model graphs go to a cache folder of the run's own (every command
+and process the tests start inherits ``SORTER_CACHE_DIR``), not to the
+user's cache, and are removed at the end.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,8 +35,13 @@ def corpus() -> Path:
     return CORPUS
 
 
+_CACHE_DIR = tempfile.mkdtemp(prefix="sorter-test-cache-")
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    """Become the subreaper of every process the tests start (Linux only; elsewhere a no-op)."""
+    """Give the run its own graph cache; become the subreaper of every process the tests start
+    (Linux only; elsewhere a no-op)."""
+    os.environ["SORTER_CACHE_DIR"] = _CACHE_DIR
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
@@ -56,7 +67,14 @@ def _children() -> dict[int, tuple[str, str]]:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    """Kill and reap whatever the tests left running, and say which processes they were."""
+    """Kill and reap whatever the tests left running, and say which processes they were; remove the cache."""
+    try:
+        _kill_leftovers()
+    finally:
+        shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+def _kill_leftovers() -> None:
     if not Path("/proc/self/stat").exists():
         return
     # multiprocessing's forkserver and resource tracker end by themselves when

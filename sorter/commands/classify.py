@@ -54,7 +54,7 @@ def classify(
 
     settings = Settings.from_env(model=model, batch_size=batch_size, frames=frames, device=device)
     try:
-        classifier = Classifier.load(settings.model, device=settings.device, runtime=settings.runtime)
+        classifier = Classifier.from_settings(settings, threads=settings.inference_threads or None)
     except ModelError as exc:
         raise click.ClickException(str(exc)) from exc
     readable = classified = total = 0

@@ -74,10 +74,8 @@ def model_and_executor(
     settings: Settings, sessions: sessionmaker[Session], summary: RunSummary, bar: tqdm[Any] | None, **kw: Any
 ) -> Iterator[LocalExecutor]:
     """Load the model, register it, and run an in-process executor that counts into ``summary``."""
-    # torch is imported here, not at module level: decode processes started by
-    # a console script re-import its __main__ (the CLI), and must not pay for torch.
-    import torch
-
+    # Imported here, not at module level: decode processes started by a console
+    # script re-import its __main__ (the CLI), and must not pay for the model's imports.
     from sorter.jobs.local import LocalExecutor
     from sorter.model.classifier import Classifier
 
@@ -85,9 +83,8 @@ def model_and_executor(
     # wide as the machine on top of them slows every forward pass many times
     # over (threads wait on each other at each layer), so it gets what is left.
     spare_cores = (os.cpu_count() or 1) - settings.decode_workers
-    torch.set_num_threads(settings.inference_threads or max(1, spare_cores))
     try:
-        classifier = Classifier.load(settings.model, device=settings.device, runtime=settings.runtime)
+        classifier = Classifier.from_settings(settings, settings.inference_threads or max(1, spare_cores))
     except ModelError as exc:
         raise click.ClickException(str(exc)) from exc
     with sessions() as session:

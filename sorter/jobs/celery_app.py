@@ -129,19 +129,18 @@ def worker_state() -> WorkerState:
 
 
 def _load_state(settings: Settings) -> WorkerState:
-    # torch and the model are imported here, in the worker process, never in the parent.
-    import torch
-
+    # The model (and torch, unless a cached graph spares it) is loaded here, in the
+    # worker process, never in the parent.
     from sorter.db.session import open_database
     from sorter.model.classifier import Classifier
     from sorter.pipeline import register_model
 
     # One inference thread pool per process, sharing the cores with the others.
     cores = os.cpu_count() or 1
-    torch.set_num_threads(settings.inference_threads or max(1, cores // max(1, settings.concurrency)))
+    threads = settings.inference_threads or max(1, cores // max(1, settings.concurrency))
     engine, sessions = open_database(settings.database_url)
     try:
-        classifier = Classifier.load(settings.model, device=settings.device, runtime=settings.runtime)
+        classifier = Classifier.from_settings(settings, threads)
         with sessions() as session:
             model_id = register_model(session, classifier)
             session.commit()

@@ -5,6 +5,10 @@ Layout: one ``torch.save`` file holding ``{"format": "dicom-sorter-model",
 weights so that a corrupted or hand-edited file is refused at load time, and
 it is JSON text so that ``torch.load(weights_only=True)`` can read the file
 without unpickling arbitrary objects.
+
+torch is imported inside the functions that need it: the model's identity
+(:func:`file_sha256`) and the default path are all that a CPU run on a
+cached graph (:mod:`sorter.model.graph_cache`) needs from here.
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from sorter.errors import IncompatibleModelError, ModelError
-from sorter.model.network import SorterNet, build_network
 from sorter.model.spec import ModelSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from sorter.model.network import SorterNet
 
 MAGIC = "dicom-sorter-model"
 DEFAULT_MODEL_PATH = Path(__file__).with_name("default") / "model.pt"
@@ -27,6 +33,8 @@ DEFAULT_MODEL_PATH = Path(__file__).with_name("default") / "model.pt"
 
 def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     """Checksum of the weights: names, shapes, dtypes and bytes, in name order."""
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().cpu().contiguous()
@@ -56,6 +64,8 @@ class LoadedModel:
 
 def save_artefact(network: SorterNet, spec: ModelSpec, path: Path) -> str:
     """Write the artefact to ``path`` atomically and return its file sha256."""
+    import torch
+
     state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
     spec_data: dict[str, Any] = spec.to_dict()
     spec_data["weights_sha256"] = weights_sha256(state)
@@ -70,6 +80,8 @@ def save_artefact(network: SorterNet, spec: ModelSpec, path: Path) -> str:
 
 def read_spec(path: Path) -> tuple[ModelSpec, dict[str, Any], dict[str, torch.Tensor]]:
     """Read and validate an artefact without building the network."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"model artefact {path} does not exist")
@@ -90,6 +102,8 @@ def read_spec(path: Path) -> tuple[ModelSpec, dict[str, Any], dict[str, torch.Te
 
 def load_artefact(path: Path | None = None) -> LoadedModel:
     """Load an artefact (the bundled default when ``path`` is None) onto the CPU."""
+    from sorter.model.network import build_network
+
     path = Path(path) if path is not None else DEFAULT_MODEL_PATH
     spec, _, state = read_spec(path)
     network = build_network(spec)

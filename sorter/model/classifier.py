@@ -2,52 +2,120 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from sorter.dicom.pixels import DecodedImage
 from sorter.domain import Label, Prediction
-from sorter.model.artefact import LoadedModel, load_artefact
-from sorter.model.ort import logits_per_instance
+from sorter.errors import ModelError
+from sorter.model.artefact import DEFAULT_MODEL_PATH, file_sha256
+from sorter.model.graph_cache import GraphCache
+from sorter.model.ort import OnnxRunner, logits_per_instance
 from sorter.model.preprocess import prepare_image
-from sorter.model.runtime import Runner, make_runner
 from sorter.model.spec import ModelSpec
 
+if TYPE_CHECKING:
+    from sorter.config import Settings
+    from sorter.model.runtime import Runner
 
-def pick_device(requested: str | None = None) -> torch.device:
-    """``requested`` if given, else CUDA when available, else the CPU."""
+log = logging.getLogger(__name__)
+
+#: Device nodes of the GPU drivers torch can use (NVIDIA, AMD ROCm, WSL 2): with
+#: none of them CUDA cannot be available, and asking torch would cost its import.
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+
+
+def pick_device(requested: str | None = None) -> str:
+    """``requested`` if given, else ``cuda`` when available, else ``cpu``."""
+    if requested == "cpu":
+        return requested
+    if not requested and "torch" not in sys.modules and not any(map(os.path.exists, GPU_DEVICE_NODES)):
+        return "cpu"
+    import torch
+
     if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return str(torch.device(requested))
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class Classifier:
     """A loaded model that turns decoded images into calibrated predictions.
 
     Create it once per process (after any fork) and keep it: loading costs
-    far more than a batch.
+    far more than a batch. :meth:`load` builds one from an artefact file.
+
+    Parameters
+    ----------
+    spec
+        The model's self-description.
+    runner
+        Its forward pass (:mod:`sorter.model.runtime`).
+    device
+        Where the forward pass runs (``cpu``, ``cuda``, ``cuda:1`` ...).
+    path, sha256
+        The artefact file and its sha256, the model's identity in the database.
     """
 
-    def __init__(self, model: LoadedModel, device: str | None = None, runtime: str = "auto") -> None:
-        self.model = model
-        self.spec: ModelSpec = model.spec
-        self.device = pick_device(device)
-        self.runner: Runner = make_runner(model.network, self.spec, self.device, runtime)
+    def __init__(self, spec: ModelSpec, runner: Runner, *, device: str, path: Path, sha256: str) -> None:
+        self.spec = spec
+        self.runner = runner
+        self.device = device
+        self.path = path
+        self.sha256 = sha256
 
     @classmethod
     def load(
-        cls, path: Path | str | None = None, device: str | None = None, runtime: str = "auto"
+        cls,
+        path: Path | str | None = None,
+        device: str | None = None,
+        runtime: str = "auto",
+        *,
+        threads: int | None = None,
+        cache: GraphCache | None = None,
     ) -> Classifier:
-        """Load ``path`` (the bundled default when None); ``runtime``: see :mod:`sorter.model.runtime`."""
-        return cls(load_artefact(Path(path) if path else None), device=device, runtime=runtime)
+        """Load ``path`` (the bundled default when None) to run on ``device`` (default: CUDA when available).
 
-    @property
-    def sha256(self) -> str:
-        """Identity of the artefact file."""
-        return self.model.sha256
+        ``runtime``: see :mod:`sorter.model.runtime`. ``threads``: CPU threads
+        of the forward pass (default: all cores). With a ``cache``, a CPU run on
+        ONNX Runtime takes the exported graph from it, and then does not import
+        torch at all; a run that exports stores its graph there.
+        """
+        path = Path(path) if path else DEFAULT_MODEL_PATH
+        if not path.is_file():
+            raise ModelError(f"model artefact {path} does not exist")
+        device = pick_device(device)
+        if cache is not None and device == "cpu" and runtime in ("auto", "onnx"):
+            cached = _from_cache(cache, file_sha256(path), threads)
+            if cached is not None:
+                spec, onnx, sha256 = cached
+                return cls(spec, onnx, device=device, path=path, sha256=sha256)
+        import torch
+
+        from sorter.model.artefact import load_artefact
+        from sorter.model.runtime import make_runner
+
+        model = load_artefact(path)
+        runner = make_runner(model.network, model.spec, torch.device(device), runtime, threads)
+        if cache is not None and isinstance(runner, OnnxRunner):
+            cache.put(model.sha256, model.spec.to_dict(), runner.graph)
+        return cls(model.spec, runner, device=device, path=path, sha256=model.sha256)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, threads: int | None = None) -> Classifier:
+        """The model, device and runtime ``settings`` name, with the user's graph cache."""
+        return cls.load(
+            settings.model,
+            settings.device,
+            settings.runtime,
+            threads=threads,
+            cache=GraphCache(settings.graph_cache_dir),
+        )
 
     @property
     def labels(self) -> tuple[Label, ...]:
@@ -65,8 +133,10 @@ class Classifier:
         return self.calibrate(self.runner(images, features))
 
     def calibrate(self, logits: np.ndarray) -> np.ndarray:
-        """Temperature-scaled softmax of logits (N, L)."""
-        return torch.softmax(torch.from_numpy(logits) / self.spec.temperature, dim=1).numpy()
+        """Temperature-scaled softmax of logits (N, L), in float32."""
+        scaled = np.asarray(logits, dtype=np.float32) / np.float32(self.spec.temperature)
+        exp = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+        return exp / exp.sum(axis=1, keepdims=True)
 
     def logits_prepared(self, prepared: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         """Logits (k, L) per instance from :meth:`prepare` outputs, in one forward pass."""
@@ -102,3 +172,20 @@ class Classifier:
             second_confidence=float(probs[second]),
             probabilities={label: float(p) for label, p in zip(self.labels, probs, strict=True)},
         )
+
+
+def _from_cache(
+    cache: GraphCache, sha256: str, threads: int | None
+) -> tuple[ModelSpec, OnnxRunner, str] | None:
+    """The spec and an ONNX Runtime runner from a cached graph, or ``None`` (then the caller exports)."""
+    entry = cache.get(sha256)
+    if entry is None:
+        return None
+    try:
+        runner = OnnxRunner(entry.graph, threads or os.cpu_count() or 1)
+    except ImportError:  # no onnxruntime: the export path falls back to torch, and says so
+        return None
+    except Exception as exc:  # ONNX Runtime refuses the graph: export a fresh one
+        log.warning("cached graph for model %s refused (%s); exporting again", sha256[:12], exc)
+        return None
+    return entry.spec, runner, sha256

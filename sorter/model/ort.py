@@ -1,8 +1,8 @@
-"""An ONNX Runtime session on the CPU, torch-free so that decode processes can run the model.
+"""ONNX Runtime on the CPU, torch-free: for decode processes, and for runs on a cached graph.
 
-:class:`sorter.model.runtime.OnnxRunner` exports the graph (which needs torch)
-once, in the scanning process; the graph's bytes are all a decode process
-needs to build the same session here.
+:func:`sorter.model.runtime.export_onnx` exports the graph (which needs torch)
+once; the graph's bytes are all a decode process, or a later run that finds
+them in :mod:`sorter.model.graph_cache`, needs to build the same session here.
 """
 
 from __future__ import annotations
@@ -60,3 +60,29 @@ class OrtSession:
             feeds["features"] = np.ascontiguousarray(features, dtype=np.float32)
         (logits,) = self.session.run(["logits"], feeds)
         return np.asarray(logits, dtype=np.float32)
+
+
+class OnnxRunner:
+    """The CPU runtime: an :class:`OrtSession` under the runner interface of :mod:`sorter.model.runtime`.
+
+    Parameters
+    ----------
+    graph
+        The exported ONNX graph (the network's weights are baked into it).
+    threads
+        Intra-op threads of the session.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, graph: bytes, threads: int) -> None:
+        self.session = OrtSession(graph, threads)
+
+    @property
+    def graph(self) -> bytes:
+        """The exported ONNX graph: decode processes build the same session from it."""
+        return self.session.graph
+
+    def __call__(self, images: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """Float32 logits (N, L) for one batch."""
+        return self.session(images, features)

@@ -2,9 +2,10 @@
 
 ``auto`` (the default) picks what measured fastest (tests/bench/bench_throughput.py):
 on CUDA, eager torch in bfloat16 with channels-last memory; on the CPU, ONNX
-Runtime on a graph exported from the loaded network at start-up (about 2.5x
-eager torch for the default model on 2 cores), falling back to eager torch
-when onnxruntime is missing or the export fails. Every runtime returns float32
+Runtime on a graph exported from the loaded network (about 2.5x eager torch
+for the default model on 2 cores; :mod:`sorter.model.graph_cache` keeps the
+export for the next run), falling back to eager torch when onnxruntime is
+missing or the export fails. Every runtime returns float32
 logits for the same weights; the exported graph agrees with torch to about
 1e-5 in the logits.
 """
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from sorter.model.network import SorterNet
-from sorter.model.ort import OrtSession
+from sorter.model.ort import OnnxRunner
 from sorter.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -62,63 +63,47 @@ class TorchRunner:
             return logits.float().cpu().numpy()
 
 
-class OnnxRunner:
-    """ONNX Runtime on the CPU, on a graph exported from the loaded network at start-up.
-
-    Parameters
-    ----------
-    network
-        The loaded network (its weights are baked into the graph).
-    spec
-        Gives the input shape for the export.
-    threads
-        Intra-op threads of the session (:class:`sorter.model.ort.OrtSession`).
-    """
-
-    name = "onnxruntime"
-
-    def __init__(self, network: SorterNet, spec: ModelSpec, threads: int) -> None:
-        import onnxruntime  # noqa: F401  # optional: fail before exporting when it is missing
-
-        size = spec.preprocess.input_size
-        example = (
-            torch.zeros(1, len(spec.preprocess.channels), size, size),
-            torch.zeros(1, len(spec.preprocess.features)),
-        )
-        with tempfile.TemporaryDirectory(prefix="sorter-onnx-") as folder:
-            graph = Path(folder) / "model.onnx"
-            # The TorchScript exporter is deprecated upstream but needs no onnxscript; torch is
-            # pinned (pyproject.toml), and a failed export falls back to torch under ``auto``.
-            with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                torch.onnx.export(
-                    network.cpu().eval(),
-                    example,
-                    graph,
-                    input_names=["images", "features"],
-                    output_names=["logits"],
-                    dynamic_axes={"images": {0: "n"}, "features": {0: "n"}, "logits": {0: "n"}},
-                    opset_version=17,
-                    dynamo=False,
-                )
-            graph_bytes = graph.read_bytes()
-        self.session = OrtSession(graph_bytes, threads)
-
-    @property
-    def graph(self) -> bytes:
-        """The exported ONNX graph: decode processes build the same session from it."""
-        return self.session.graph
-
-    def __call__(self, images: np.ndarray, features: np.ndarray) -> np.ndarray:
-        return self.session(images, features)
+def export_onnx(network: SorterNet, spec: ModelSpec) -> bytes:
+    """The network as an ONNX graph (opset 17, any batch size): what :class:`OnnxRunner` runs."""
+    size = spec.preprocess.input_size
+    example = (
+        torch.zeros(1, len(spec.preprocess.channels), size, size),
+        torch.zeros(1, len(spec.preprocess.features)),
+    )
+    with tempfile.TemporaryDirectory(prefix="sorter-onnx-") as folder:
+        graph = Path(folder) / "model.onnx"
+        # The TorchScript exporter is deprecated upstream but needs no onnxscript; torch is
+        # pinned (pyproject.toml), and a failed export falls back to torch under ``auto``.
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                network.cpu().eval(),
+                example,
+                graph,
+                input_names=["images", "features"],
+                output_names=["logits"],
+                dynamic_axes={"images": {0: "n"}, "features": {0: "n"}, "logits": {0: "n"}},
+                opset_version=17,
+                dynamo=False,
+            )
+        return graph.read_bytes()
 
 
-def make_runner(network: SorterNet, spec: ModelSpec, device: torch.device, runtime: str = "auto") -> Runner:
+def make_runner(
+    network: SorterNet,
+    spec: ModelSpec,
+    device: torch.device,
+    runtime: str = "auto",
+    threads: int | None = None,
+) -> Runner:
     """The runner for ``runtime`` (``auto``, ``torch`` or ``onnx``) on ``device``.
 
     ``onnx`` is CPU only and raises when it cannot be built; ``auto`` falls back
-    to torch with a warning that says why.
+    to torch with a warning that says why. ``threads``: the CPU threads of the
+    forward pass (default: torch's current setting).
     """
+    if threads:
+        torch.set_num_threads(threads)
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if runtime == "torch" or device.type != "cpu":
@@ -135,7 +120,9 @@ def make_runner(network: SorterNet, spec: ModelSpec, device: torch.device, runti
             runner(images, np.zeros((32, len(params.features)), np.float32))
         return runner
     try:
-        return OnnxRunner(network, spec, torch.get_num_threads())
+        import onnxruntime  # noqa: F401  # optional: fail before exporting when it is missing
+
+        return OnnxRunner(export_onnx(network, spec), torch.get_num_threads())
     except Exception as exc:  # ImportError, or an operator the exporter cannot write
         if runtime == "onnx":
             raise
