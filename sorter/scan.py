@@ -37,7 +37,10 @@ log = logging.getLogger(__name__)
 
 #: Files registered per transaction.
 REGISTER_BATCH = 500
-#: The first transaction is smaller, so that decoding starts sooner.
+#: The first transaction is smaller, so that decoding starts sooner; each next one
+#: doubles up to REGISTER_BATCH, so that the decode processes are fed while the
+#: pipeline fills (1 000 CT files, 6 alternating runs: median 2.2 s against 2.5 s
+#: with 64 then 500).
 FIRST_REGISTER_BATCH = 64
 #: Pending instances fetched per page when resuming.
 RESUME_PAGE = 2000
@@ -242,7 +245,7 @@ def _batched(
     items: Iterable[tuple[Entry, str]], size: int, first: int | None = None
 ) -> Iterator[list[tuple[Entry, str]]]:
     iterator = iter(items)
-    if first is not None and (chunk := list(itertools.islice(iterator, first))):
+    step = min(first or size, size)
+    while chunk := list(itertools.islice(iterator, step)):
         yield chunk
-    while chunk := list(itertools.islice(iterator, size)):
-        yield chunk
+        step = min(size, step * 2)

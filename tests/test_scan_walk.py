@@ -55,3 +55,12 @@ def test_excluded_paths_are_never_yielded_and_roots_may_be_files(tmp_path):
 def test_the_default_source_is_the_first_folder_under_the_root():
     assert source_of("/archive/siteA/2020/x.dcm", "/archive") == "siteA"
     assert source_of("/archive/x.dcm", "/archive") == "archive"
+
+
+def test_registration_batches_start_small_and_double_up_to_the_full_size():
+    from sorter.scan import _batched
+
+    sizes = [len(chunk) for chunk in _batched(((i, "root") for i in range(2000)), 500, 64)]  # type: ignore[misc]
+    assert sizes == [64, 128, 256, 500, 500, 500, 52]
+    assert [len(c) for c in _batched(((i, "r") for i in range(3)), 500, 64)] == [3]  # type: ignore[misc]
+    assert list(_batched(iter([]), 500, 64)) == []
