@@ -91,9 +91,10 @@ class Classifier:
             raise ModelError(f"model artefact {path} does not exist")
         device = pick_device(device)
         if cache is not None and device == "cpu" and runtime in ("auto", "onnx"):
-            cached = _from_cache(cache, file_sha256(path), threads)
+            sha256 = file_sha256(path)
+            cached = _from_cache(cache, sha256, threads)
             if cached is not None:
-                spec, onnx, sha256 = cached
+                spec, onnx = cached
                 return cls(spec, onnx, device=device, path=path, sha256=sha256)
         import torch
 
@@ -174,9 +175,7 @@ class Classifier:
         )
 
 
-def _from_cache(
-    cache: GraphCache, sha256: str, threads: int | None
-) -> tuple[ModelSpec, OnnxRunner, str] | None:
+def _from_cache(cache: GraphCache, sha256: str, threads: int | None) -> tuple[ModelSpec, OnnxRunner] | None:
     """The spec and an ONNX Runtime runner from a cached graph, or ``None`` (then the caller exports)."""
     entry = cache.get(sha256)
     if entry is None:
@@ -188,4 +187,4 @@ def _from_cache(
     except Exception as exc:  # ONNX Runtime refuses the graph: export a fresh one
         log.warning("cached graph for model %s refused (%s); exporting again", sha256[:12], exc)
         return None
-    return entry.spec, runner, sha256
+    return entry.spec, runner
