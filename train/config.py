@@ -34,6 +34,7 @@ class FitConfig:
     label_smoothing: float = 0.05
     mixup: float = 0.0  # Beta(alpha, alpha) mixing of image pairs; 0 = off
     group_balance: float = 0.5  # 0: every image equal in its label; 1: every group equal
+    source_balance: float = 0.0  # 0: sources weigh by their (group-damped) size; 1: every source equal
     val_fraction: float = 0.0  # fraction of each label's sources held out for validation
     val_sources: tuple[str, ...] = ()
     seed: int = 0

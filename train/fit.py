@@ -29,18 +29,24 @@ from train.metrics import compute_metrics
 log = logging.getLogger(__name__)
 
 
-def sample_weights(images: ImageSet, group_balance: float) -> np.ndarray:
-    """Weights that make every label equally likely and damp large groups.
+def sample_weights(images: ImageSet, group_balance: float, source_balance: float = 0.0) -> np.ndarray:
+    """Weights that make every label equally likely and damp large groups and sources.
 
     Within a label each image weighs ``1 / n_group ** group_balance``: 0 treats
     images equally, 1 treats patients/series equally (a 60-slice series then
-    counts as much as one radiograph).
+    counts as much as one radiograph). ``source_balance`` then divides each
+    source's share by its total weight to that power: 1 makes every source of
+    a label equally likely, which is how leave-sources-out accuracy counts.
     """
     weights = np.zeros(len(images), dtype=np.float64)
     for label in np.unique(images.labels):
         in_label = images.labels == label
         _groups, inverse, counts = np.unique(images.groups[in_label], return_inverse=True, return_counts=True)
         w = 1.0 / counts[inverse].astype(np.float64) ** group_balance
+        if source_balance:
+            _sources, s_inverse = np.unique(images.sources[in_label], return_inverse=True)
+            mass = np.bincount(s_inverse, weights=w)
+            w = w / mass[s_inverse] ** source_balance
         weights[in_label] = w / w.sum()
     return weights / weights.sum()
 
@@ -76,7 +82,7 @@ def train_one_epoch(
 ) -> float:
     """One epoch of ``epoch_size`` images drawn by the balanced sampler; returns the mean loss."""
     network.train()
-    weights = torch.from_numpy(sample_weights(images, config.group_balance))
+    weights = torch.from_numpy(sample_weights(images, config.group_balance, config.source_balance))
     picks = torch.multinomial(weights, config.epoch_size, replacement=True, generator=gen)
     targets_all = torch.tensor([label_index[str(v)] for v in images.labels])
     raw_all, feat_all = torch.from_numpy(images.raw), torch.from_numpy(images.features)
@@ -126,7 +132,7 @@ def recalibrate_batchnorm(
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    weights = torch.from_numpy(sample_weights(images, config.group_balance))
+    weights = torch.from_numpy(sample_weights(images, config.group_balance, config.source_balance))
     network.train()
     with torch.no_grad():
         for _ in range(batches):
