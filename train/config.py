@@ -34,7 +34,7 @@ class FitConfig:
     label_smoothing: float = 0.05
     mixup: float = 0.0  # Beta(alpha, alpha) mixing of image pairs; 0 = off
     group_balance: float = 0.5  # 0: every image equal in its label; 1: every group equal
-    source_balance: float = 0.0  # 0: sources weigh by their (group-damped) size; 1: every source equal
+    source_balance: float = 1.0  # 1: every source of a label equally likely; 0: by their (damped) size
     val_fraction: float = 0.0  # fraction of each label's sources held out for validation
     val_sources: tuple[str, ...] = ()
     seed: int = 0
@@ -93,6 +93,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "schedule": "plateau",
         "label_smoothing": 0.0,
         "group_balance": 0.0,
+        "source_balance": 0.0,
     },
 }
 
