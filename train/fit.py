@@ -29,7 +29,7 @@ from train.metrics import compute_metrics
 log = logging.getLogger(__name__)
 
 
-def sample_weights(images: ImageSet, group_balance: float, source_balance: float = 0.0) -> np.ndarray:
+def sample_weights(images: ImageSet, group_balance: float, source_balance: float) -> np.ndarray:
     """Weights that make every label equally likely and damp large groups and sources.
 
     Within a label each image weighs ``1 / n_group ** group_balance``: 0 treats
