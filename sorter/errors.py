@@ -6,6 +6,17 @@ The ``reason`` strings are stored in the database and printed by
 
 from __future__ import annotations
 
+#: What stops the program on purpose. Anything else raised while one file is read or decoded
+#: is that file's fault, ``BaseException`` subclasses included: a Rust codec (pylibjpeg-rle,
+#: through PyO3) panics with ``pyo3_runtime.PanicException``, which ``except Exception`` misses
+#: and which cannot be pickled back from a decode process.
+INTERRUPTS: tuple[type[BaseException], ...] = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message``, the one-line form of an unexpected error stored as a ``detail``."""
+    return f"{type(exc).__name__}: {exc}"
+
 
 class SorterError(Exception):
     """Base class of every error dicom-sorter raises on purpose."""

@@ -31,7 +31,7 @@ from sorter.db.queries import Claimed
 from sorter.dicom.pixels import load_image
 from sorter.dicom.quiet import quiet_pydicom
 from sorter.domain import Label, Prediction, Status, Verdict
-from sorter.errors import InputError, NonImageObject
+from sorter.errors import INTERRUPTS, InputError, NonImageObject, describe
 from sorter.model.ort import Forward, OrtSession, logits_per_instance
 from sorter.model.preprocess import prepare_image
 from sorter.model.spec import PreprocessParams
@@ -127,6 +127,10 @@ def decode_one(item: Claimed, params: PreprocessParams, frames: int = 1) -> Prep
     Prepared or Outcome
         The network input, or a ``failed``/``skipped`` outcome with its reason.
     """
+    return run_decoder(_prepare, item, params, frames)
+
+
+def _prepare(item: Claimed, params: PreprocessParams, frames: int) -> Prepared | Outcome:
     try:
         image = load_image(item.path, frames=frames)
         images, features = prepare_image(image.frames, image.colourfulness, params)
@@ -134,28 +138,44 @@ def decode_one(item: Claimed, params: PreprocessParams, frames: int = 1) -> Prep
         return Outcome(item.id, Status.SKIPPED, item.header_label, error=exc.reason, detail=exc.detail)
     except InputError as exc:
         return Outcome(item.id, Status.FAILED, item.header_label, error=exc.reason, detail=exc.detail)
-    except Exception as exc:  # a decoder bug on one file must not cost the batch; keep the evidence
-        log.warning("instance %d: unexpected %s while decoding", item.id, type(exc).__name__, exc_info=True)
-        return Outcome(
-            item.id,
-            Status.FAILED,
-            item.header_label,
-            error="decode_error",
-            detail=f"{type(exc).__name__}: {exc}",
-        )
     return Prepared(item.id, images, features)
+
+
+def run_decoder(decode: Decoder, item: Claimed, params: PreprocessParams, frames: int) -> Prepared | Outcome:
+    """``decode(item, params, frames)``, with anything it raises turned into ``failed/decode_error``.
+
+    Every decode goes through here (in the decode processes, in a queue worker),
+    so that a decoder bug, or a codec's panic, costs one file and never its
+    batch, and what crosses a process boundary is always a plain, picklable
+    :class:`Outcome`. Interrupts (Ctrl-C, ``SystemExit``) still stop the run.
+    """
+    try:
+        return decode(item, params, frames)
+    except INTERRUPTS:
+        raise
+    except BaseException as exc:  # keep the evidence in the log, the one-line reason in the database
+        log.warning("instance %d: unexpected %s while decoding", item.id, type(exc).__name__, exc_info=True)
+        return Outcome(item.id, Status.FAILED, item.header_label, error="decode_error", detail=describe(exc))
 
 
 def decode_chunk(
     decode: Decoder, items: Sequence[Claimed], params: PreprocessParams, frames: int
 ) -> list[Prepared | Outcome]:
-    """Decode several instances in one pool task (run in a decode process).
+    """Decode several instances in one pool task (run in a decode process); never raises for a bad file.
 
     It lives here, not beside the executor, because unpickling a task imports
     its function's module in the decode process, and this one is torch-free.
     """
-    results = [decode(item, params, frames) for item in items]
-    return results if _model is None else run_model(_model, results)
+    results = [run_decoder(decode, item, params, frames) for item in items]
+    if _model is None:
+        return results
+    try:
+        return run_model(_model, results)
+    except INTERRUPTS:
+        raise
+    except BaseException as exc:  # the parent runs the model on the images instead
+        log.warning("model in the decode process failed (%s); sending images back", describe(exc))
+        return results
 
 
 def run_model(model: Forward, results: list[Prepared | Outcome]) -> list[Prepared | Outcome]:
@@ -264,6 +284,6 @@ def classify_batch(
     """
     items = claim_batch(session, ids, statuses)
     params = classifier.spec.preprocess
-    outcomes = infer(classifier, items, [decode(item, params, frames) for item in items])
+    outcomes = infer(classifier, items, [run_decoder(decode, item, params, frames) for item in items])
     write_outcomes(session, model_id, outcomes)
     return outcomes

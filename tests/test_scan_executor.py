@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 from db_support import copy_dicom, pydicom_file, query
-from decode_faults import crashing_decode, report_torch
+from decode_faults import crashing_decode, panicking_decode, report_torch
 
 from sorter.db.session import open_database
 from sorter.jobs.local import LocalExecutor
@@ -65,13 +65,42 @@ def test_a_file_that_kills_its_decoder_fails_alone_and_the_rest_is_classified(
     summary = _scan(sqlite_url, tiny_model, archive, crashing_decode, batch_size=3)
 
     assert summary.classified == 7
-    assert summary.failed == {"decoder_crash": 1}
+    assert summary.failed == {"decode_error": 1}
     rows = {
-        Path(r.path).name: (r.status, r.error)
-        for r in query(sqlite_url, "SELECT path, status, error FROM instances")
+        Path(r.path).name: (r.status, r.error, r.detail)
+        for r in query(sqlite_url, "SELECT path, status, error, detail FROM instances")
     }
-    assert rows["boom.dcm"] == ("failed", "decoder_crash")
-    assert {v for k, v in rows.items() if k != "boom.dcm"} == {("done", None)}
+    assert rows["boom.dcm"] == (
+        "failed",
+        "decode_error",
+        "decoder crashed: the decode process died on this file twice",
+    )
+    assert {v for k, v in rows.items() if k != "boom.dcm"} == {("done", None, None)}
+
+
+def test_a_decoder_panic_fails_its_file_alone_and_the_rest_of_its_batch_is_classified(
+    sqlite_url, tiny_model, tmp_path
+):
+    """A Rust codec's panic is a BaseException that cannot be pickled: it must not cross the pool."""
+    archive = tmp_path / "archive"
+    for i in range(7):
+        copy_dicom(pydicom_file("CT_small.dcm"), archive / f"ct{i}.dcm")
+    copy_dicom(pydicom_file("MR_small_RLE.dcm"), archive / "panic.dcm")
+    torch.set_num_threads(1)
+    summary = _scan(sqlite_url, tiny_model, archive, panicking_decode, batch_size=8)
+
+    assert summary.classified == 7
+    assert summary.failed == {"decode_error": 1}
+    rows = {
+        Path(r.path).name: (r.status, r.error, r.detail)
+        for r in query(sqlite_url, "SELECT path, status, error, detail FROM instances")
+    }
+    assert rows.pop("panic.dcm") == (
+        "failed",
+        "decode_error",
+        "FakePanic: index out of bounds: the len is 8192 but the index is 8192",
+    )
+    assert set(rows.values()) == {("done", None, None)}
 
 
 def test_decode_one_turns_bad_files_into_outcomes(tiny_model, tmp_path):

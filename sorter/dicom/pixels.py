@@ -27,12 +27,14 @@ from sorter.dicom.lut import invert_monochrome1, modality_lut
 from sorter.dicom.nonimage import non_image_reason
 from sorter.dicom.reading import PIXEL_TAGS, read_dataset, transfer_syntax_of
 from sorter.errors import (
+    INTERRUPTS,
     DecodeError,
     InputError,
     NonImageObject,
     NoPixelData,
     TruncatedFile,
     UnsupportedTransferSyntax,
+    describe,
 )
 from sorter.imageops import colourfulness, finite_float32, rgb_to_grey, stack_frames
 
@@ -144,8 +146,10 @@ def decode_dataset(ds: Dataset, path: str, frames: int = 1) -> DecodedImage:
         return _decode(ds, path, frames)
     except InputError:
         raise
-    except Exception as exc:  # a malformed data set can trip pydicom anywhere; one file must not stop a batch
-        raise DecodeError(path, f"{type(exc).__name__}: {exc}") from exc
+    except INTERRUPTS:
+        raise
+    except BaseException as exc:  # a malformed data set can trip pydicom (or panic a codec) anywhere
+        raise DecodeError(path, describe(exc)) from exc
 
 
 def _decode(ds: Dataset, path: str, frames: int) -> DecodedImage:
@@ -248,12 +252,14 @@ def _decode_frame(
     # as_rgb: YBR_FULL(_422) comes back as RGB, and `props` says what the array holds.
     options: dict[str, Any] = {"as_rgb": True, **overrides}
     failures: list[str] = []
-    last: Exception | None = None
+    last: BaseException | None = None
     for plugin in list(plugins):
         try:
             arr, props = decoder.as_array(ds, index=index, validate=True, decoding_plugin=plugin, **options)
-        except Exception as exc:  # every plugin raises its own types; the next one may succeed
-            failures.append(f"{plugin or 'native'}: {type(exc).__name__}: {exc}")
+        except INTERRUPTS:
+            raise
+        except BaseException as exc:  # every plugin raises its own types, a Rust one panics; try the next
+            failures.append(f"{plugin or 'native'}: {describe(exc)}")
             last = exc
             continue
         if plugins[0] != plugin:
@@ -265,7 +271,7 @@ def _decode_frame(
         try:
             arr = gdcm_frame.decode_frame(ds, index, decoder.UID, opts)
         except Exception as exc:  # GDCM's SWIG layer raises assorted types
-            raise DecodeError(path, f"{detail}; gdcm (direct): {type(exc).__name__}: {exc}") from last
+            raise DecodeError(path, f"{detail}; gdcm (direct): {describe(exc)}") from last
         logger.info("%s: frame %d decoded by GDCM directly after: %s", path, index, detail)
         return arr, {"photometric_interpretation": opts.get("photometric_interpretation")}
     if not decoder.is_available:

@@ -10,7 +10,9 @@ however large the archive, and while one batch is inferred the next ones decode.
 A decoder that kills its process (a segfault in a codec, the OOM killer)
 breaks the whole pool. The pool is then restarted and the unfinished items
 are decoded again one at a time, so that only the file that kills the
-decoder a second time is failed with ``decoder_crash``.
+decoder a second time is failed (``decode_error``, "decoder crashed: ...").
+A chunk whose result cannot come back for another reason is decoded again
+one file at a time too: no error of a decode process ever stops a scan.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sorter.db.queries import Claimed
 from sorter.domain import Status
+from sorter.errors import describe
 from sorter.model.classifier import Classifier
 from sorter.model.spec import PreprocessParams
 from sorter.pipeline import (
@@ -41,6 +44,7 @@ from sorter.pipeline import (
     decode_one,
     infer,
     init_decode_process,
+    run_decoder,
     write_outcomes,
 )
 
@@ -259,12 +263,18 @@ class LocalExecutor:
             self.observer(outcomes, done_at - decoded_at)
 
     def _results(self, batch: _Batch) -> list[Prepared | Outcome]:
-        try:
-            return [result for chunk in batch.chunks for result in chunk.future.result()]
-        except BrokenProcessPool:
-            self._recover_from_crash()
-            # Every unfinished future was replaced by a finished one.
-            return [result for chunk in batch.chunks for result in chunk.future.result()]
+        results: list[Prepared | Outcome] = []
+        for chunk in batch.chunks:
+            try:
+                results += chunk.future.result()
+            except BrokenProcessPool:
+                self._recover_from_crash()  # every unfinished future is replaced by a finished one
+                results += chunk.future.result()
+            except Exception as exc:  # the chunk's result could not come back (say, unpicklable)
+                log.warning("a decode task failed (%s); decoding its files one at a time", describe(exc))
+                params = self.classifier.spec.preprocess
+                results += [self._isolated(item, params) for item in chunk.items]
+        return results
 
     def _recover_from_crash(self) -> None:
         """Restart the pool; re-decode every item of an unfinished chunk alone to find the culprit."""
@@ -292,14 +302,12 @@ class LocalExecutor:
     def _isolated(self, item: Claimed, params: PreprocessParams) -> Prepared | Outcome:
         assert self._pool is not None
         try:
-            return self._pool.submit(self.decode, item, params, self.frames).result()
+            return self._pool.submit(run_decoder, self.decode, item, params, self.frames).result()
         except BrokenProcessPool:
             log.warning("instance %d kills the decoder; failing it", item.id)
             self._restart_pool()
-            return Outcome(
-                item.id,
-                Status.FAILED,
-                item.header_label,
-                error="decoder_crash",
-                detail="the decode process died on this file twice",
-            )
+            detail = "decoder crashed: the decode process died on this file twice"
+        except Exception as exc:  # the result could not come back; the file is the one to blame
+            log.warning("instance %d: decoding failed in the pool (%s); failing it", item.id, describe(exc))
+            detail = describe(exc)
+        return Outcome(item.id, Status.FAILED, item.header_label, error="decode_error", detail=detail)
