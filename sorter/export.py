@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from sorter.db import views
 from sorter.domain import Verdict
+from sorter.fspath import decode_path, is_utf8
 from sorter.manifests import group_key, relative_path, write_csv_atomic
 
 LABEL_SOURCES = ("agree", "predicted", "header")
@@ -115,20 +117,33 @@ def selection(
         yield dict(row._mapping)
 
 
-def write_manifest(rows: Iterator[dict[str, Any]], out: Path) -> Counter[tuple[str, str]]:
-    """Write ``rows`` as a manifest at ``out`` atomically; return counts by (label, source)."""
-    counts: Counter[tuple[str, str]] = Counter()
+@dataclass
+class Written:
+    """What :func:`write_manifest` wrote: rows by (label, source), and rows it had to leave out."""
+
+    counts: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: Files whose names are not valid UTF-8: a manifest is UTF-8 text and cannot name them.
+    not_utf8: int = 0
+
+
+def write_manifest(rows: Iterator[dict[str, Any]], out: Path) -> Written:
+    """Write ``rows`` as a manifest at ``out`` atomically; return what was written."""
+    written = Written()
 
     def lines() -> Iterator[list[str]]:
         for row in rows:
+            path = decode_path(row["path"])
+            if not is_utf8(path):
+                written.not_utf8 += 1
+                continue
             label, source = str(row["export_label"]), str(row["export_source"])
             confidence = "" if row["confidence"] is None else f"{row['confidence']:.4f}"
-            counts[(label, source)] += 1
+            written.counts[(label, source)] += 1
             yield [
-                relative_path(row["path"], out),
+                relative_path(path, out),
                 label,
                 source,
-                group_key(row["study_instance_uid"], row["path"]),
+                group_key(row["study_instance_uid"], path),
                 "dcm",
                 row["header_modality"] or "",
                 row["sop_instance_uid"],
@@ -136,4 +151,4 @@ def write_manifest(rows: Iterator[dict[str, Any]], out: Path) -> Counter[tuple[s
             ]
 
     write_csv_atomic(out, COLUMNS, lines())
-    return counts
+    return written

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 from sorter.db import queries
 from sorter.dicom.nonimage import non_image_reason
 from sorter.domain import InstanceHeader, Status
+from sorter.fspath import encode_path
 from sorter.taxonomy import header_label, normalise_modality
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,9 @@ def path_uid(path: str) -> str:
     Used for files that have no SOP Instance UID of their own, so that their
     failure is recorded once, however often the archive is scanned.
     """
-    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'file://' + path).int}"
+    # The stored form of the path: the path itself when it is valid UTF-8 (as ever), and
+    # encodable when it is not.
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'file://' + encode_path(path)).int}"
 
 
 @dataclass(frozen=True)

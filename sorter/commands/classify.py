@@ -11,14 +11,15 @@ import click
 
 from sorter.config import Settings
 from sorter.errors import ModelError
+from sorter.fspath import display_path
 
 
 def _table_row(record: dict[str, Any]) -> str:
     if "status" in record:
-        return f"{record['status']:<9} {record['reason']:<28} {'':>6}  {record['path']}"
+        return f"{record['status']:<9} {record['reason']:<28} {'':>6}  {display_path(record['path'])}"
     return (
         f"{record['header_label'] or '-':<4} -> {record['label']:<4} {record['confidence']:>6.3f}  "
-        f"{record['verdict']:<11} {record['path']}"
+        f"{record['verdict']:<11} {display_path(record['path'])}"
     )
 
 

@@ -48,12 +48,18 @@ def export(
             by_source=by_source,
             min_confidence=min_confidence,
         )
-        counts = write_manifest(rows, out)
+        written = write_manifest(rows, out)
     by_label: dict[str, int] = {}
-    for (label, _source), n in counts.items():
+    for (label, _source), n in written.counts.items():
         by_label[label] = by_label.get(label, 0) + n
     click.echo(
-        f"wrote {sum(counts.values())} rows to {out}: "
+        f"wrote {sum(written.counts.values())} rows to {out}: "
         + ", ".join(f"{label} {n}" for label, n in sorted(by_label.items())),
         err=True,
     )
+    if written.not_utf8:
+        click.echo(
+            f"left out {written.not_utf8} instances whose file names are not valid UTF-8 "
+            "(a manifest is UTF-8 text): rename them to export them",
+            err=True,
+        )

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sorter.domain import Label, Status, Verdict
+from sorter.fspath import decode_path, encode_path, readable
 
 #: Alembic's recommended conventions (alembic ``naming.rst``).
 NAMING_CONVENTION: dict[str, str] = {
@@ -37,6 +38,57 @@ PROBABILITY_COLUMNS: dict[Label, str] = {label: f"p_{label.value.lower()}" for l
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets BIGINT
 # because an archive can outgrow 2**31 instances over the years.
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+class FsPath(sa.types.TypeDecorator[str]):
+    """A file-system path in a TEXT column, stored by :func:`sorter.fspath.encode_path`.
+
+    Names that are not valid UTF-8 cannot go into a text column as they are;
+    this keeps every path the code handles a plain ``os`` path and every stored
+    value valid text. Comparisons bind through it too (``path IN (...)``);
+    prefix matches must go through :func:`sorter.db.queries.path_under`, since
+    an escaped path changes its prefix.
+    """
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: sa.Dialect) -> str | None:
+        """The stored form of a path."""
+        return None if value is None else encode_path(value)
+
+    def process_result_value(self, value: str | None, dialect: sa.Dialect) -> str | None:
+        """The path a stored value stands for."""
+        return None if value is None else decode_path(value)
+
+
+class _Readable(sa.types.TypeDecorator[str]):
+    """Free text (a failure's detail, a source name) that may quote an undecodable file name.
+
+    Such bytes are written as ``\\xe9`` (:func:`sorter.fspath.readable`): the text
+    is for people, and a lone surrogate would fail the whole batch's statement.
+    """
+
+    impl: type[sa.types.TypeEngine[str]] = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: sa.Dialect) -> str | None:
+        """``value`` with undecodable bytes escaped."""
+        return None if value is None else readable(value)
+
+
+class ReadableText(_Readable):
+    """Free text in a ``TEXT`` column (see :class:`_Readable`)."""
+
+    impl = sa.Text
+    cache_ok = True
+
+
+class ReadableString(_Readable):
+    """Free text in a ``VARCHAR(n)`` column (see :class:`_Readable`)."""
+
+    impl = sa.String
+    cache_ok = True
 
 
 def enum_by_value(enum_class: type[enum.Enum], name: str) -> sa.Enum:
@@ -100,13 +152,13 @@ class Instance(Base):
     institution_name: Mapped[str | None] = mapped_column(sa.String(128))
     station_name: Mapped[str | None] = mapped_column(sa.String(64))
     calling_ae: Mapped[str | None] = mapped_column(sa.String(16))
-    source: Mapped[str | None] = mapped_column(sa.String(255))
-    path: Mapped[str] = mapped_column(sa.Text)
+    source: Mapped[str | None] = mapped_column(ReadableString(255))
+    path: Mapped[str] = mapped_column(FsPath)
     status: Mapped[Status] = mapped_column(
         enum_by_value(Status, "status"), server_default=Status.PENDING.value
     )
     error: Mapped[str | None] = mapped_column(sa.String(64))  # a stable reason, e.g. "truncated"
-    detail: Mapped[str | None] = mapped_column(sa.Text)
+    detail: Mapped[str | None] = mapped_column(ReadableText)
     # Queue tasks that took this instance (committed before each try, so a try that
     # hangs or kills its process still counts); bounds the retries of a poison file.
     attempts: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
@@ -156,7 +208,7 @@ class File(Base):
     __tablename__ = "files"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    path: Mapped[str] = mapped_column(sa.Text, unique=True)
+    path: Mapped[str] = mapped_column(FsPath, unique=True)
     size: Mapped[int | None] = mapped_column(sa.BigInteger)
     mtime_ns: Mapped[int | None] = mapped_column(sa.BigInteger)
     instance_id: Mapped[int | None] = mapped_column(

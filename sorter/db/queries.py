@@ -19,11 +19,23 @@ from sqlalchemy.orm import Session
 
 from sorter.db.models import Base
 from sorter.domain import Label, Status
+from sorter.fspath import stored_prefixes
 
 instances = Base.metadata.tables["instances"]
 files = Base.metadata.tables["files"]
 predictions = Base.metadata.tables["predictions"]
 models = Base.metadata.tables["models"]
+
+
+def path_under(column: sa.ColumnElement[str], prefixes: Iterable[str]) -> sa.ColumnElement[bool]:
+    """``column`` (an :class:`~sorter.db.models.FsPath`) starts with one of ``prefixes``.
+
+    Compared as stored text: a path that had to be escaped is stored under
+    another prefix (:func:`sorter.fspath.stored_prefixes`).
+    """
+    text = sa.type_coerce(column, sa.Text)
+    forms = dict.fromkeys(form for prefix in prefixes for form in stored_prefixes(prefix))
+    return sa.or_(*(text.startswith(form, autoescape=True) for form in forms))
 
 
 def insert_for(session: Session, table: sa.Table) -> Any:
@@ -307,7 +319,7 @@ def next_ids(
     """
     stmt = sa.select(instances.c.id).where(instances.c.id > after, instances.c.status.in_(list(statuses)))
     if under:
-        stmt = stmt.where(sa.or_(*(instances.c.path.startswith(prefix, autoescape=True) for prefix in under)))
+        stmt = stmt.where(path_under(instances.c.path, under))
     if without_model is not None:
         done = sa.select(predictions.c.id).where(
             predictions.c.instance_id == instances.c.id, predictions.c.model_id == without_model
