@@ -54,7 +54,8 @@ def os_error_reason(exc: OSError, is_link: bool = False) -> str:
     return "unreadable"
 
 
-def _error(path: str, exc: OSError, is_link: bool = False) -> Entry:
+def error_entry(path: str, exc: OSError, is_link: bool = False) -> Entry:
+    """The entry for a path an OS call failed on, with its reason."""
     return Entry(path, reason=os_error_reason(exc, is_link), detail=exc.strerror or type(exc).__name__)
 
 
@@ -86,16 +87,17 @@ def walk(roots: Iterable[str | os.PathLike[str]], exclude: frozenset[str] = froz
         try:
             st = os.stat(path)
         except OSError as exc:
-            yield _error(path, exc, os.path.islink(path))
+            yield error_entry(path, exc, os.path.islink(path))
             continue
         if stat.S_ISDIR(st.st_mode):
             visited.add((st.st_dev, st.st_ino))
             yield from _walk_folder(path, visited, exclude)
         else:
-            yield _file(path, st)
+            yield file_entry(path, st)
 
 
-def _file(path: str, st: os.stat_result) -> Entry:
+def file_entry(path: str, st: os.stat_result) -> Entry:
+    """The entry for a stat'ed path: a regular file, or ``not_regular_file`` (FIFO, socket, device)."""
     if stat.S_ISREG(st.st_mode):
         return Entry(path, st.st_size, st.st_mtime_ns)
     return Entry(path, reason="not_regular_file", detail=stat.filemode(st.st_mode))
@@ -112,7 +114,7 @@ def _walk_folder(top: str, visited: set[tuple[int, int]], exclude: frozenset[str
             try:
                 st = os.stat(link)
             except OSError as exc:
-                yield _error(link, exc, is_link=True)
+                yield error_entry(link, exc, is_link=True)
                 continue
             if (st.st_dev, st.st_ino) in visited:
                 yield _revisit(link)
@@ -124,7 +126,7 @@ def _walk_folder(top: str, visited: set[tuple[int, int]], exclude: frozenset[str
             with os.scandir(folder) as listing:
                 entries = sorted(listing, key=lambda e: e.name)
         except OSError as exc:
-            yield _error(folder, exc)
+            yield error_entry(folder, exc)
             continue
         subfolders: list[str] = []
         for entry in entries:
@@ -133,10 +135,10 @@ def _walk_folder(top: str, visited: set[tuple[int, int]], exclude: frozenset[str
             try:
                 st = entry.stat()  # follows links
             except OSError as exc:
-                yield _error(entry.path, exc, _is_link(entry))
+                yield error_entry(entry.path, exc, _is_link(entry))
                 continue
             if not stat.S_ISDIR(st.st_mode):
-                yield _file(entry.path, st)
+                yield file_entry(entry.path, st)
             elif _is_link(entry):
                 links.append(entry.path)
             elif (st.st_dev, st.st_ino) not in visited:

@@ -14,7 +14,6 @@ import errno
 import logging
 import os
 import shutil
-import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +29,7 @@ from sorter.domain import Status
 from sorter.scan import Executor, Rejected, Scan
 from sorter.stability import Candidate, StabilityTracker
 from sorter.summary import RunSummary
-from sorter.walk import Entry, walk
+from sorter.walk import Entry, error_entry, file_entry, walk
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +176,11 @@ class Watcher:
         self.scan = Scan(sessions, executor, summary, source=source, exclude=exclude, on_rejected=on_rejected)
         self._lock = threading.Lock()  # the observer thread and the main loop share the tracker
         self._resume_due = False
+        #: Paths that are no readable file (a broken or looping link, a FIFO, an unreadable
+        #: folder ...), waiting to be recorded with their reason, as ``sorter scan`` records them.
+        self._problems: dict[str, Entry] = {}
+        #: The reason recorded for each such path in this run: a rescan does not record it again.
+        self._recorded: dict[str, str] = {}
 
     def note(self, path: str) -> None:
         """Report the current size and mtime of ``path`` to the tracker; never raises."""
@@ -184,28 +188,46 @@ class Watcher:
             return
         try:
             st = os.stat(path)
-        except OSError as exc:  # gone already (a temp file renamed, a deletion): its own event follows
-            log.debug("cannot stat %s: %s", path, exc)
-            self.forget(path)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT and not os.path.lexists(path):
+                # Gone already (a temp file renamed, a deletion): its own event follows.
+                log.debug("cannot stat %s: %s", path, exc)
+                self.forget(path)
+            else:  # a dangling or looping link, a file we may not read
+                self._problem(error_entry(path, exc, os.path.islink(path)))
             return
-        if stat.S_ISREG(st.st_mode):
-            with self._lock:
-                self.tracker.observe(path, st.st_size, st.st_mtime_ns)
+        entry = file_entry(path, st)
+        if entry.reason is not None:
+            self._problem(entry)  # a FIFO, socket or device: never opened
+            return
+        with self._lock:
+            self._problems.pop(path, None)
+            self._recorded.pop(path, None)
+            self.tracker.observe(path, st.st_size, st.st_mtime_ns)
 
     def forget(self, path: str) -> None:
         """Stop tracking ``path``."""
         with self._lock:
             self.tracker.forget(path)
+            self._problems.pop(path, None)
+
+    def _problem(self, entry: Entry) -> None:
+        assert entry.reason is not None
+        with self._lock:
+            self.tracker.forget(entry.path)
+            if self._recorded.get(entry.path) != entry.reason:
+                self._problems[entry.path] = entry
 
     def rescan(self) -> None:
         """Walk the folder and report every file (the startup pass, then every ``rescan_s``)."""
         for entry in walk([self.root], self.exclude):
-            if entry.reason is None and entry.size is not None and entry.mtime_ns is not None:
-                if not is_temporary(entry.path):
-                    with self._lock:
-                        self.tracker.observe(entry.path, entry.size, entry.mtime_ns)
-            else:
-                log.debug("rescan: %s %s", entry.path, entry.reason)
+            if is_temporary(entry.path):
+                continue
+            if entry.reason is not None:
+                self._problem(entry)
+            elif entry.size is not None and entry.mtime_ns is not None:
+                with self._lock:
+                    self.tracker.observe(entry.path, entry.size, entry.mtime_ns)
 
     def run(self, stop: threading.Event) -> None:
         """Watch until ``stop`` is set; the batch in progress is finished and committed first."""
@@ -230,6 +252,9 @@ class Watcher:
                     ready = self.tracker.ready(limit=self.batch_size)
                 if ready:
                     self.step(ready)
+                    continue
+                if self._problems:
+                    self.record_problems()
                     continue
                 if time.monotonic() >= next_rescan:
                     self.rescan()
@@ -281,6 +306,28 @@ class Watcher:
             self._resume_due = True  # registered but unclassified ones are pending in the database
             for entry in entries:
                 self.forget(entry.path)
+
+    def record_problems(self) -> None:
+        """Record each path that is no readable file with its reason (``failed``/``skipped``); never raises.
+
+        They are never moved or deleted by ``--after``: a FIFO or a link is not the watcher's to touch.
+        """
+        with self._lock:
+            entries = list(self._problems.values())[: self.batch_size]
+        try:
+            self.scan.register_batch([(entry, self.root) for entry in entries])
+        except Exception:  # a database outage must not end the watch; the next rescan finds them again
+            log.exception("recording %d unreadable paths failed; they will be retried", len(entries))
+            with self._lock:
+                for entry in entries:
+                    self._problems.pop(entry.path, None)
+            return
+        with self._lock:
+            for entry in entries:
+                assert entry.reason is not None
+                if self._problems.get(entry.path) is entry:
+                    del self._problems[entry.path]
+                self._recorded[entry.path] = entry.reason
 
     def _apply_after(self, paths: Sequence[str]) -> None:
         if self.after.action == "keep":
