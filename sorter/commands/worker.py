@@ -9,11 +9,16 @@ With ``--metrics-port`` the main process serves Prometheus metrics summed over
 its pool processes (prometheus_client's multiprocess mode; see
 :mod:`sorter.metrics`), in ``PROMETHEUS_MULTIPROC_DIR`` when it is set, else in
 a temporary folder removed on exit.
+
+The command exits with the Celery worker's status: 0 after a shutdown asked for
+(SIGTERM), non-zero when the worker stopped on an error, so that a supervisor
+(systemd ``Restart=on-failure``, compose ``restart:``) starts it again.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -110,7 +115,7 @@ def worker(
     if hostname:
         argv.append(f"--hostname={hostname}")
     if not settings.metrics_port:
-        app.worker_main(argv)
+        _run(app, argv)
         return
 
     from sorter.metrics import multiprocess_dir, remove_multiprocess_dir, start_multiprocess_server
@@ -126,9 +131,24 @@ def worker(
             ) from exc
         click.echo(f"metrics on http://{settings.metrics_bind}:{settings.metrics_port}/metrics", err=True)
         try:
-            app.worker_main(argv)
+            _run(app, argv)
         finally:
             server.shutdown()
             server.server_close()
     finally:
         remove_multiprocess_dir(folder, made)
+
+
+def _run(app: Any, argv: list[str]) -> None:
+    """Run the Celery worker until it stops; exit with its status when that is not 0.
+
+    Celery returns normally even from a worker stopped by an error ("Unrecoverable
+    error", status 1): exiting 0 then would look like a clean stop to
+    ``Restart=on-failure``, which would leave the worker down.
+    """
+    from sorter.jobs.celery_app import worker_exit_status
+
+    app.worker_main(argv)
+    status = worker_exit_status()
+    if status:
+        raise click.exceptions.Exit(status)

@@ -20,6 +20,14 @@ inherited engines are disposed of without closing the parent's connections, and
 the model is loaded once per process (on the GPU when there is one) and stays
 resident. The parent never touches CUDA.
 
+Losing Redis: the consumer reconnects (``broker_connection_retry``) and the batches
+in flight go on; their acknowledgements reach the restarted Redis, or their
+messages come back after ``visibility_timeout`` and claim nothing. Broker
+connections use :class:`GuardedRedisChannel`, without which kombu stopped the
+worker while tearing the broken connection down with a batch in flight; a worker
+that stops on an error anyway makes ``sorter worker`` exit with its non-zero
+status (:func:`worker_exit_status`), for the supervisor to restart it.
+
 Metrics (``--metrics-port``): each pool process makes its own
 :class:`~sorter.metrics.Metrics` in ``worker_process_init``, written to the
 multiprocess folder that ``sorter worker`` set up before the fork; the main
@@ -32,10 +40,21 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from queue import Empty
 from typing import TYPE_CHECKING, Any
 
+import redis.exceptions
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
+from celery.app.amqp import AMQP
+from celery.signals import (
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
+from kombu import Connection
+from kombu.transport import redis as kombu_redis
 
 from sorter.config import Settings
 
@@ -73,6 +92,73 @@ class WorkerState:
 _settings: Settings | None = None
 _state: WorkerState | None = None
 _stop_sweeps = threading.Event()
+#: This process's Celery worker (``WorkController``), whose ``exitcode`` ``sorter worker`` exits with.
+_controller: Any = None
+
+
+class GuardedRedisChannel(kombu_redis.Channel):
+    """kombu's Redis channel, made safe to close after Redis vanished while a batch was in flight.
+
+    When the broker dies, Celery closes the consumer's connection twice: ``collect()``
+    closes its channels and then detaches the transport (``transport.client = None``),
+    then ``close()`` closes them again. kombu's ``Channel.close`` first reads the reply
+    of a pending ``BRPOP`` and lets a connection error escape from it, so a channel
+    that holds an unacknowledged message *and* waits on ``BRPOP`` (a pool process is
+    free) stayed half-closed through ``collect()``. The second close then restored its
+    unacknowledged message through a new connection pool built from the detached
+    transport: ``AttributeError: 'NoneType' object has no attribute 'hostname'``,
+    which no caller expects, and Celery stopped the worker ("Unrecoverable error").
+    """
+
+    def close(self) -> None:
+        """Close, even when the pending ``BRPOP`` reply can no longer be read."""
+        if self._in_poll and not self.closed:
+            try:
+                self._brpop_read()
+            except Empty:
+                pass
+            except self.connection_errors:
+                # The BRPOP socket went with Redis: nothing is left to read, and the rest of
+                # the close (pools, unacknowledged messages) must still happen now, while the
+                # transport can still make the connection pool that restoring needs.
+                pass
+        super().close()
+
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        # A connection pool for a channel whose transport has been detached (any late
+        # restore or ack after the broker was lost): report the lost broker the way the
+        # callers expect (a connection error: "Couldn't ack", restore skipped) instead
+        # of an AttributeError that stops the worker.
+        if self.connection.client is None:
+            raise redis.exceptions.ConnectionError("the broker connection of this channel was closed")
+        params: dict[str, Any] = super()._connparams(asynchronous=asynchronous)
+        return params
+
+
+class GuardedRedisTransport(kombu_redis.Transport):
+    """kombu's Redis transport with :class:`GuardedRedisChannel`."""
+
+    Channel = GuardedRedisChannel
+
+
+class GuardedConnection(Connection):
+    """A kombu connection that uses :class:`GuardedRedisTransport` where kombu would use its Redis one.
+
+    The URL keeps its ``redis://`` or ``rediss://`` scheme (and so kombu's TLS handling,
+    and the address Celery logs); only the class behind it changes.
+    """
+
+    def get_transport_cls(self) -> type[Any]:
+        """The transport class: kombu's own, except the guarded one for Redis."""
+        cls: type[Any] = super().get_transport_cls()
+        return GuardedRedisTransport if cls is kombu_redis.Transport else cls
+
+
+class SorterAMQP(AMQP):
+    """Celery's broker glue, making every broker connection a :class:`GuardedConnection`."""
+
+    Connection = GuardedConnection
+    BrokerConnection = GuardedConnection
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -94,7 +180,13 @@ def make_celery(settings: Settings) -> Celery:
         raise ValueError("SORTER_BROKER_URL is not set: there is no queue to use")
     global _settings
     _settings = settings
-    app = Celery("sorter", broker=settings.broker_url, include=["sorter.jobs.tasks"], set_as_current=True)
+    app = Celery(
+        "sorter",
+        broker=settings.broker_url,
+        include=["sorter.jobs.tasks"],
+        set_as_current=True,
+        amqp=SorterAMQP,
+    )
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -110,6 +202,11 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue=settings.queue,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=True,
+        # Celery 6 turns this on: on a broker outage it would kill the batches in flight,
+        # and each kill counts as a try (MAX_ATTEMPTS), so a few outages would fail healthy
+        # files. A batch that finishes during an outage commits; its message, if its ack is
+        # lost, comes back after visibility_timeout and claims nothing.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )
@@ -158,6 +255,25 @@ def _load_state(settings: Settings) -> WorkerState:
         else:  # values in this process alone would never reach the main process's endpoint
             log.warning("worker process %d: metrics off (no multiprocess folder)", os.getpid())
     return state
+
+
+@worker_init.connect
+def _remember_worker(sender: Any = None, **_: Any) -> None:
+    """In the worker's main process: keep the worker, to read its exit status once it stopped."""
+    global _controller
+    _controller = sender
+
+
+def worker_exit_status() -> int:
+    """The status this process's Celery worker stopped with: 0 unless it stopped on an error.
+
+    Celery sets it (1 after an "Unrecoverable error") but ``Celery.worker_main`` and
+    ``Celery.start`` drop it, so without this ``sorter worker`` always exited 0.
+    """
+    code = getattr(_controller, "exitcode", None)
+    if not code:
+        return 0
+    return code if isinstance(code, int) else 1
 
 
 @worker_process_init.connect
