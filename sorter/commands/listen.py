@@ -89,7 +89,8 @@ def backend(settings: Settings, summary: RunSummary, metrics: Metrics | None = N
     envvar="SORTER_TIMEOUT",
     default=30.0,
     show_default=True,
-    help="Network, ACSE and DIMSE timeout in seconds.",
+    help="Network, ACSE and DIMSE timeout in seconds; also the most a whole PDU may take to arrive "
+    "(the association request: from the connection, TLS handshake included).",
 )
 @click.option(
     "--tls-cert",
@@ -134,7 +135,10 @@ def backend(settings: Settings, summary: RunSummary, metrics: Metrics | None = N
     envvar="SORTER_SWEEP_GRACE",
     default=60.0,
     show_default=True,
-    help="Age a spool file must reach before a sweep registers it (younger ones are in the queue).",
+    help=(
+        "Age a spool file without its calling AE in its meta (written by an older version) must reach"
+        " before a sweep registers it; files that record it are registered at once."
+    ),
 )
 @model_options
 @metrics_options
