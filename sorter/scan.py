@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sorter.db import queries
 from sorter.dicom.headers import read_header
+from sorter.dicom.storage import is_temporary_name
 from sorter.domain import Status
 from sorter.errors import InputError, UnreadableFile
 from sorter.ingest import Registration, failure, from_header, register
@@ -152,7 +153,12 @@ class Scan:
         started = time.monotonic()
         roots = [os.path.abspath(r) for r in roots]
         counter = self._start_counting(roots)
-        entries = ((entry, root) for root in roots for entry in walk([root], self.exclude))
+        entries = (
+            (entry, root)
+            for root in roots
+            for entry in walk([root], self.exclude)
+            if not is_temporary_name(os.path.basename(entry.path))  # a listener's write in flight
+        )
         for chunk in _batched(entries, REGISTER_BATCH, FIRST_REGISTER_BATCH):
             self.register_batch(chunk)
             if self.progress is not None:

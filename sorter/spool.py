@@ -7,8 +7,16 @@ interval, whichever comes first) through :func:`sorter.ingest.register` with
 the scan ledger, exactly as ``sorter scan`` does, and hands the newly pending
 ids to the executor. A full queue drops the offer (never blocks the network
 thread); a database or model that cannot be reached drops the queue. Both are
-caught up by the sweep: at start-up and every ``sweep_s`` the whole spool is
-walked, and the ledger makes every already registered, unchanged file free.
+caught up by the sweep: at start-up, at each reconnection and every ``sweep_s``
+the whole spool is walked, and the ledger makes every already registered,
+unchanged file free. What the queue held is not lost with it: each file
+records its calling AE title in its own meta (:func:`sorter.dicom.storage.source_ae`),
+so the sweep registers it at once, with its sender, whether the queue was
+dropped by an outage or died with the process (``kill -9``).
+
+The worker also removes temporary files that interrupted writes left in the
+spool (:func:`sorter.dicom.storage.remove_stale_temporaries`), at start-up and
+then hourly.
 """
 
 from __future__ import annotations
@@ -26,7 +34,12 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from sorter.db import queries
-from sorter.dicom.storage import is_spooled_file
+from sorter.dicom.storage import (
+    STALE_TEMPORARY_S,
+    is_spooled_file,
+    remove_stale_temporaries,
+    source_ae,
+)
 from sorter.domain import Status
 from sorter.ingest import Registration, register
 from sorter.scan import Executor, Rejected, read_registration
@@ -70,8 +83,13 @@ class SpoolIngest:
         self.on_rejected = on_rejected
 
     def register(self, items: Sequence[Received]) -> int:
-        """Register ``items`` (one transaction), classify the new ones; returns how many were registered."""
+        """Register ``items`` (one transaction), classify the new ones; returns how many were registered.
+
+        An item without a calling AE (found by a sweep) takes the one recorded in
+        its file's meta; a file without one waits until it is ``grace_s`` old.
+        """
         unique = list({item.path: item for item in items}.values())
+        newest = time.time_ns() - int(self.grace_s * 1e9)
         with self.sessions() as session:
             known = queries.ledger_lookup(session, [item.path for item in unique])
             todo: list[Registration] = []
@@ -90,11 +108,15 @@ class SpoolIngest:
                     )
                 ):
                     continue
-                source = self.source or item.calling_ae or DEFAULT_SOURCE
+                # Read for files to register only (the ledger skipped the rest): a few hundred bytes.
+                calling_ae = item.calling_ae or source_ae(item.path)
+                if calling_ae is None and (entry.mtime_ns or 0) > newest:
+                    continue  # written without its sender (an older version): it may be in the queue, with it
+                source = self.source or calling_ae or DEFAULT_SOURCE
                 replaces = old.instance_id if old is not None else None
                 todo.append(
                     read_registration(
-                        entry, source, calling_ae=item.calling_ae, changed=old is not None, replaces=replaces
+                        entry, source, calling_ae=calling_ae, changed=old is not None, replaces=replaces
                     )
                 )
             registered = register(session, todo) if todo else []
@@ -121,12 +143,10 @@ class SpoolIngest:
     def _spooled(self) -> Iterator[Received]:
         if not self.spool.is_dir():
             return
-        # Files younger than the grace period are (or were just) in the queue, with their calling AE.
-        newest = time.time_ns() - int(self.grace_s * 1e9)
+        # Young files too: those the queue lost must not wait for the next sweep, and
+        # their calling AE is in their meta (register() holds back those without).
         for entry in walk([self.spool]):
-            if entry.reason is not None or (entry.mtime_ns or 0) > newest:
-                continue
-            if is_spooled_file(os.path.basename(entry.path)):
+            if entry.reason is None and is_spooled_file(os.path.basename(entry.path)):
                 yield Received(entry.path)
 
     def _resume(self) -> None:
@@ -182,11 +202,14 @@ class SpoolWorker:
     sweep_s, retry_s
         Interval of the spool sweep; wait before reconnecting after a failure.
     grace_s
-        Age a file must reach before a sweep registers it: younger ones were
-        offered to the queue with their calling AE title, and a sweep racing the
-        queue would register them without it.
+        Age a file without its calling AE title in its meta (written by an older
+        version) must reach before a sweep registers it: a younger one may still
+        be in the queue with its sender. Files that record it are registered at once.
     on_rejected
         Told each file rejected at registration (metrics).
+    stale_s
+        Age of a temporary file left by an interrupted write before it is removed
+        (at start-up, then every ``stale_s``); see :data:`~sorter.dicom.storage.STALE_TEMPORARY_S`.
     """
 
     def __init__(
@@ -202,6 +225,7 @@ class SpoolWorker:
         retry_s: float = 10.0,
         grace_s: float = 60.0,
         on_rejected: Rejected | None = None,
+        stale_s: float = STALE_TEMPORARY_S,
     ) -> None:
         self.spool = spool
         self.connect = connect
@@ -212,6 +236,8 @@ class SpoolWorker:
         self.retry_s = retry_s
         self.grace_s = grace_s
         self.on_rejected = on_rejected
+        self.stale_s = stale_s
+        self._next_tidy = 0.0
         self._queue: queue.Queue[Received] = queue.Queue(maxsize=max(1, queue_size))
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="spool-worker", daemon=True)
@@ -226,7 +252,7 @@ class SpoolWorker:
         return True
 
     def start(self) -> None:
-        """Start the thread (its first act is the start-up sweep)."""
+        """Start the thread (its first acts: removing stale temporary files, then the start-up sweep)."""
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
@@ -236,6 +262,7 @@ class SpoolWorker:
 
     def _run(self) -> None:
         while True:
+            self._tidy()  # also while the database is away: it needs the disk only
             try:
                 with self.connect() as (sessions, executor):
                     ingest = SpoolIngest(
@@ -250,6 +277,8 @@ class SpoolWorker:
                     exc,
                     self.retry_s,
                 )
+                # Dropped: the sweep at reconnection registers these files at once, with the
+                # sender from their meta, so a queue kept through the outage would only be re-checked.
                 self._discard_queue()
                 if self._stopping.wait(self.retry_s):
                     return
@@ -264,8 +293,19 @@ class SpoolWorker:
             elif self._stopping.is_set():
                 return
             if time.monotonic() >= next_sweep:
+                self._tidy()
                 ingest.sweep()
                 next_sweep = time.monotonic() + self.sweep_s
+
+    def _tidy(self) -> None:
+        """Remove stale temporary files, at most once per ``stale_s``; never raises."""
+        if time.monotonic() < self._next_tidy:
+            return
+        self._next_tidy = time.monotonic() + self.stale_s
+        try:
+            remove_stale_temporaries(self.spool, self.stale_s)
+        except Exception:  # disk space only: it must not stop registration
+            log.exception("cannot remove stale temporary files from the spool")
 
     def _next_batch(self) -> list[Received]:
         batch: list[Received] = []
@@ -293,4 +333,4 @@ class SpoolWorker:
                 break
             dropped += 1
         if dropped:
-            log.info("%d queued files left to the next sweep", dropped)
+            log.info("%d queued files left to the sweep at reconnection", dropped)
