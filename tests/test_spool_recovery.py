@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -33,12 +32,13 @@ from db_support import query, scan, truncate
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from support import data_file, free_port, listen_env, stop_process_group, wait_for_port
-from test_db_outage import Cluster, _skip_reason
+
+# The crashable PostgreSQL cluster of the outage tests (fixture ``cluster``).
+from test_db_outage import Cluster, cluster  # noqa: F401
 
 from sorter import listener
 from sorter.commands.listen import backend
 from sorter.config import Settings
-from sorter.db.session import create_db_engine, upgrade
 from sorter.dicom.storage import is_temporary_name, store_instance
 from sorter.spool import SpoolWorker
 from sorter.summary import RunSummary
@@ -139,26 +139,6 @@ def _temporary(folder: Path, final: str, age_s: float = 0.0, data: bytes = b"par
 
 
 @pytest.fixture()
-def pg_cluster() -> Iterator[Cluster]:
-    """A migrated PostgreSQL cluster of our own (it is crashed and restarted); always removed."""
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    cluster = Cluster(Path(tempfile.mkdtemp(prefix="sorter-pg-")), free_port())
-    try:
-        cluster.init()
-        cluster.start()
-        engine = create_db_engine(cluster.url)
-        try:
-            upgrade(engine)
-        finally:
-            engine.dispose()
-        yield cluster
-    finally:
-        cluster.destroy()
-
-
-@pytest.fixture()
 def pg_url(postgres_database: str) -> str:
     """The session's PostgreSQL database, emptied."""
     truncate(postgres_database)
@@ -232,40 +212,40 @@ def test_after_a_kill_9_the_restart_registers_what_was_unregistered_at_once_with
 
 
 def test_after_a_postgres_crash_files_received_during_it_are_registered_at_reconnect_with_their_ae(
-    tmp_path: Path, pg_cluster: Cluster, tiny_model: Path
+    tmp_path: Path,
+    cluster: Cluster,  # noqa: F811 (the fixture imported above)
+    tiny_model: Path,
 ) -> None:
     before, during = 4, 10
     spool = tmp_path / "spool"
     log = tmp_path / "listen.log"
     port = free_port()
-    env = {**listen_env(OUR_AE, port, spool, pg_cluster.url, tiny_model, CALLING_AE), **SWEEP_ENV}
+    env = {**listen_env(OUR_AE, port, spool, cluster.url, tiny_model, CALLING_AE), **SWEEP_ENV}
     datasets = _datasets(before + during)
     process = _listen(env, log)
     try:
         wait_for_port(port, process, timeout=90, log=log)
         assert _send(port, datasets[:before]) == [0] * before
-        _wait_count(pg_cluster.url, "SELECT count(*) FROM instances", before, 60, log)
-        pg_cluster.crash()
+        _wait_count(cluster.url, "SELECT count(*) FROM instances", before, 60, log)
+        cluster.crash()
         assert _send(port, datasets[before:]) == [0] * during  # stored while the database is down
         time.sleep(2)  # the listener's registration fails: it drops its queue and retries
-        pg_cluster.start()
-        delay = _wait_count(
-            pg_cluster.url, "SELECT count(*) FROM instances", before + during, RECOVERY_S, log
-        )
+        cluster.start()
+        delay = _wait_count(cluster.url, "SELECT count(*) FROM instances", before + during, RECOVERY_S, log)
         done = "SELECT count(*) FROM instances WHERE status = 'done' AND prediction_id IS NOT NULL"
-        _wait_count(pg_cluster.url, done, before + during, RECOVERY_S, log)
+        _wait_count(cluster.url, done, before + during, RECOVERY_S, log)
     finally:
         stop_process_group(process)
     print(f"registered {delay:.1f} s after the database came back")
     assert process.returncode == 0, log.read_text(errors="replace")[-4000:]
-    rows = query(pg_cluster.url, "SELECT sop_instance_uid, calling_ae, source FROM instances")
+    rows = query(cluster.url, "SELECT sop_instance_uid, calling_ae, source FROM instances")
     assert sorted(r.sop_instance_uid for r in rows) == sorted(str(ds.SOPInstanceUID) for ds in datasets)
     assert {(r.calling_ae, r.source) for r in rows} == {(CALLING_AE, CALLING_AE)}
     twice = (
         "SELECT count(*) FROM (SELECT instance_id FROM predictions GROUP BY instance_id"
         " HAVING count(*) > 1) AS d"
     )
-    assert _count(pg_cluster.url, twice) == 0
+    assert _count(cluster.url, twice) == 0
 
 
 def test_a_sweep_still_waits_for_young_files_without_a_recorded_calling_ae(
