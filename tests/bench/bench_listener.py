@@ -72,8 +72,7 @@ def build_round(root: Path, files: int, parts: int) -> tuple[list[Path], set[str
 
 
 def wait_for_listener(process: subprocess.Popen[bytes], port: int, timeout_s: float = 120.0) -> float:
-    """Seconds until a C-ECHO succeeds. A bare TCP probe would leave an acceptor thread waiting
-    for an association request (up to the network timeout), counted against the association limit."""
+    """Seconds until a C-ECHO succeeds (a bare TCP probe would only prove the port is open)."""
     started = time.monotonic()
     while True:
         echo = subprocess.run(
