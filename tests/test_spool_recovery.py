@@ -31,10 +31,10 @@ import sqlalchemy as sa
 from db_support import query, scan, truncate
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from support import data_file, free_port, listen_env, stop_process_group, wait_for_port
+from support import free_port, listen_env, stop_process_group, wait_for_port
 
 # The crashable PostgreSQL cluster of the outage tests (fixture ``cluster``).
-from test_db_outage import Cluster, cluster  # noqa: F401
+from test_db_outage import Cluster, _datasets, cluster  # noqa: F401
 
 from sorter import listener
 from sorter.commands.listen import backend
@@ -53,17 +53,6 @@ SWEEP_ENV = {"SORTER_SWEEP_INTERVAL": "300", "SORTER_SWEEP_GRACE": "60"}
 #: the listener retries the database every 10 s, then loads the model; far below the 300 s sweep.
 RECOVERY_S = 45.0
 HOUR_NS = 3600 * 10**9
-
-
-def _datasets(count: int) -> list[pydicom.Dataset]:
-    """Real small CT and MR files under fresh UIDs."""
-    out: list[pydicom.Dataset] = []
-    for i in range(count):
-        ds = pydicom.dcmread(data_file("CT_small.dcm" if i % 2 else "MR_small.dcm"))
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.SeriesInstanceUID = generate_uid()
-        out.append(ds)
-    return out
 
 
 def _send(port: int, datasets: list[pydicom.Dataset], calling: str = CALLING_AE) -> list[int]:

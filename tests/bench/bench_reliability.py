@@ -64,6 +64,19 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _listen_env(port: int, spool: Path, url: str, **extra: str) -> dict[str, str]:
+    """The environment of a ``sorter listen`` on loopback ``port`` (any calling AE, a 1 MB floor)."""
+    return _env(
+        SORTER_AE_TITLE=OUR_AE,
+        SORTER_PORT=str(port),
+        SORTER_BIND="127.0.0.1",
+        SORTER_SPOOL=str(spool),
+        SORTER_MIN_FREE_MB="1",
+        SORTER_DATABASE_URL=url,
+        **extra,
+    )
+
+
 def _datasets(root: Path, files: int) -> list[Path]:
     template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     root.mkdir(parents=True, exist_ok=True)
@@ -271,15 +284,8 @@ def push(
     spool, port = work / "spool", _free_port()
     work.mkdir(parents=True)
     url = broker["SORTER_DATABASE_URL"] if broker else f"sqlite:///{work / 'sorter.db'}"
-    env = _env(
-        SORTER_AE_TITLE=OUR_AE,
-        SORTER_PORT=str(port),
-        SORTER_BIND="127.0.0.1",
-        SORTER_SPOOL=str(spool),
-        SORTER_MIN_FREE_MB="1",
-        SORTER_DATABASE_URL=url,
-        SORTER_MAX_ASSOCIATIONS=str(max(10, associations + 2)),
-        SORTER_SWEEP_GRACE="1",
+    env = _listen_env(
+        port, spool, url, SORTER_MAX_ASSOCIATIONS=str(max(10, associations + 2)), SORTER_SWEEP_GRACE="1"
     )
     env.update(broker or {})
     paths = _datasets(work / "send", files)
@@ -417,18 +423,7 @@ def zoo_cstore(work: Path) -> dict[str, Any]:
         paths.append(panic)
     spool, port = work / "spool", _free_port()
     url = f"sqlite:///{work / 'sorter.db'}"
-    listener = Listener(
-        work,
-        port,
-        _env(
-            SORTER_AE_TITLE=OUR_AE,
-            SORTER_PORT=str(port),
-            SORTER_BIND="127.0.0.1",
-            SORTER_SPOOL=str(spool),
-            SORTER_MIN_FREE_MB="1",
-            SORTER_DATABASE_URL=url,
-        ),
-    )
+    listener = Listener(work, port, _listen_env(port, spool, url))
     listener.start()
     acked: dict[str, int] = {}
     started = time.monotonic()
