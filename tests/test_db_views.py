@@ -45,3 +45,69 @@ def test_the_latest_prediction_wins_per_instance(db_url):
     synthetic_results(db_url)
     assert query(db_url, "SELECT count(*) FROM latest_predictions")[0][0] == 18
     assert query(db_url, "SELECT count(DISTINCT model_sha256) FROM latest_predictions")[0][0] == 1
+
+
+def _series(url: str, header: str, votes: list[tuple[str, float, str]]) -> tuple[str, str]:
+    """One series (alone in its study) under ``header`` whose instances say ``(label, confidence,
+    verdict)``; its UID and its study's."""
+    from pydicom.uid import generate_uid
+
+    from sorter.db.queries import model_id_for
+    from sorter.db.session import open_database
+    from sorter.domain import InstanceHeader, Label, Prediction, Status, Verdict
+    from sorter.ingest import from_header, register
+    from sorter.pipeline import Outcome, write_outcomes
+
+    series, study = generate_uid(), generate_uid()
+    engine, sessions = open_database(url)
+    with sessions() as session:
+        model_id = model_id_for(
+            session,
+            {
+                "sha256": "e" * 64,
+                "arch": "x",
+                "labels": "CT,MR,PT,NM",
+                "min_confidence": 0.8,
+                "min_margin": 0.2,
+            },
+        )
+        outcomes = []
+        for i, (label, p, verdict) in enumerate(votes):
+            header_ = InstanceHeader(
+                path=f"/archive/{series}/{i}.dcm",
+                sop_instance_uid=generate_uid(),
+                study_instance_uid=study,
+                series_instance_uid=series,
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.128",
+                modality=header,
+            )
+            [registered] = register(session, [from_header(header_, source="site")])
+            rest = round((1 - p) / 3, 6)
+            probs = {
+                lab: (p if lab.value == label else rest) for lab in (Label.CT, Label.MR, Label.PT, Label.NM)
+            }
+            second = next(lab for lab in probs if lab.value != label)
+            prediction = Prediction(Label(label), p, second, rest, probs)
+            outcomes.append(
+                Outcome(registered.instance_id, Status.DONE, Label(header), prediction, Verdict(verdict))
+            )
+        write_outcomes(session, model_id, outcomes)
+        session.commit()
+    engine.dispose()
+    return series, study
+
+
+def test_a_series_most_of_whose_instances_disagree_is_a_discrepancy(db_url):
+    """The issue's case: 8 of 10 images say NM at 0.84 under a PT header; the mean (0.68) is unsure."""
+    lutetium, lutetium_study = _series(
+        db_url, "PT", [("NM", 0.84, "disagree")] * 8 + [("PT", 0.9, "agree")] * 2
+    )
+    half, _ = _series(db_url, "PT", [("NM", 0.84, "disagree")] * 5 + [("PT", 0.9, "agree")] * 5)
+    rows = {r.series_instance_uid: r for r in query(db_url, "SELECT * FROM series_summary")}
+    assert rows[lutetium].confidence < 0.8  # the mean alone would say uncertain
+    assert (rows[lutetium].label, rows[lutetium].n_disagree, rows[lutetium].verdict) == ("NM", 8, "disagree")
+    assert rows[half].verdict == "uncertain"  # no majority: the mean decides
+    discrepant = {r.series_instance_uid for r in query(db_url, "SELECT * FROM series_discrepancies")}
+    assert discrepant == {lutetium}
+    studies = {r.study_instance_uid: r.verdict for r in query(db_url, "SELECT * FROM study_summary")}
+    assert studies[lutetium_study] == "disagree"
