@@ -10,7 +10,6 @@ they have not associated (they hold no slot), once they are closed when they hav
 from __future__ import annotations
 
 import math
-import select
 import shutil
 import socket
 import ssl
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hostile_sockets import closed_after
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.pdu import A_ASSOCIATE_RQ
@@ -172,33 +172,8 @@ def _closed_after(
     """Seconds from ``since`` until the listener closed each socket (``math.inf``: still open after
     TIMEOUT + SLACK), and what it sent on each before closing. With ``trickle``, one more byte of it
     goes to every open socket each ``every_s`` seconds (a slowloris)."""
-    closed: dict[socket.socket, float] = {}
-    received = {sock: b"" for sock in socks}
-    for sock in socks:
-        sock.setblocking(False)
-    until, sent, next_byte = since + TIMEOUT + SLACK, 0, time.monotonic()
-    while len(closed) < len(socks) and time.monotonic() < until:
-        still_open = [s for s in socks if s not in closed]
-        if trickle and sent < len(trickle) and time.monotonic() >= next_byte:
-            for sock in still_open:
-                try:
-                    sock.send(trickle[sent : sent + 1])
-                except OSError:
-                    closed[sock] = time.monotonic() - since
-            sent, next_byte = sent + 1, time.monotonic() + every_s
-        wait = max(0.0, min(until, next_byte if trickle else until) - time.monotonic())
-        readable, _, _ = select.select([s for s in socks if s not in closed], [], [], wait)
-        for sock in readable:
-            try:
-                data = sock.recv(65536)
-            except (BlockingIOError, ssl.SSLWantReadError):  # a TLS record without data (a ticket)
-                continue
-            except OSError:
-                data = b""
-            received[sock] += data
-            if not data:
-                closed[sock] = time.monotonic() - since
-    return [closed.get(s, math.inf) for s in socks], [received[s] for s in socks]
+    seconds, received = closed_after(socks, since, since + TIMEOUT + SLACK, trickle, every_s)
+    return [math.inf if s is None else s for s in seconds], received
 
 
 def _rss() -> int:

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import select
 import shutil
 import signal
 import socket
@@ -55,6 +54,9 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: hostile_sockets
+import hostile_sockets
 
 OUR_AE = "SORTER"
 ALLOWED = "BENCH"
@@ -250,35 +252,9 @@ def stream(sock: socket.socket, header: bytes, megabytes: int) -> int:
 def closed_after(
     socks: list[socket.socket], since: float, until: float, trickle: bytes = b"", every_s: float = 1.0
 ) -> tuple[list[float | None], list[bytes]]:
-    """Seconds from ``since`` until each socket was closed by the listener (None: open at ``until``) and
-    what it sent first; with ``trickle``, one more byte of it to every open socket each ``every_s``."""
-    closed: dict[socket.socket, float] = {}
-    received = {s: b"" for s in socks}
-    for s in socks:
-        s.setblocking(False)
-    sent, next_byte = 0, time.monotonic()
-    while len(closed) < len(socks) and time.monotonic() < until:
-        if trickle and sent < len(trickle) and time.monotonic() >= next_byte:
-            for s in socks:
-                if s not in closed:
-                    try:
-                        s.send(trickle[sent : sent + 1])
-                    except OSError:
-                        closed[s] = time.monotonic() - since
-            sent, next_byte = sent + 1, time.monotonic() + every_s
-        wait = max(0.0, min(until, next_byte if trickle else until) - time.monotonic())
-        readable, _, _ = select.select([s for s in socks if s not in closed], [], [], wait)
-        for s in readable:
-            try:
-                data = s.recv(65536)
-            except (BlockingIOError, ssl.SSLWantReadError):
-                continue
-            except OSError:
-                data = b""
-            received[s] += data
-            if not data:
-                closed[s] = time.monotonic() - since
-    return [round(closed[s], 2) if s in closed else None for s in socks], [received[s] for s in socks]
+    """:func:`hostile_sockets.closed_after`, the seconds rounded to 10 ms."""
+    seconds, received = hostile_sockets.closed_after(socks, since, until, trickle, every_s)
+    return [None if s is None else round(s, 2) for s in seconds], received
 
 
 def run_scenario(
