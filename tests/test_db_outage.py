@@ -158,6 +158,19 @@ def cluster() -> Iterator[Cluster]:
         cluster.destroy()
 
 
+def listen(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``sorter listen`` with ``env`` in a session of its own, its output appended to ``log``."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "sorter", "listen"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def _datasets(count: int) -> list[pydicom.Dataset]:
     """Real small CT and MR files under fresh UIDs."""
     out: list[pydicom.Dataset] = []
@@ -200,15 +213,7 @@ def test_a_postgres_crash_mid_push_loses_nothing_and_each_instance_is_classified
         "SORTER_SWEEP_GRACE": str(LISTEN_GRACE_S),
     }
     datasets = _datasets(BEFORE + DURING)
-    with log.open("ab") as out:
-        listener = subprocess.Popen(
-            [sys.executable, "-m", "sorter", "listen"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    listener = listen(env, log)
     try:
         wait_for_port(port, listener, timeout=90, log=log)
         ae = AE(ae_title=CALLING_AE)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +32,7 @@ from pynetdicom import AE
 from support import free_port, listen_env, stop_process_group, wait_for_port
 
 # The crashable PostgreSQL cluster of the outage tests (fixture ``cluster``).
-from test_db_outage import Cluster, _datasets, cluster  # noqa: F401
+from test_db_outage import Cluster, _datasets, cluster, listen  # noqa: F401
 
 from sorter import listener
 from sorter.commands.listen import backend
@@ -104,18 +102,6 @@ def _recorded_ae(path: Path) -> str | None:
     return pydicom.dcmread(path, stop_before_pixels=True).file_meta.get("SourceApplicationEntityTitle")
 
 
-def _listen(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "sorter", "listen"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
 def _temporary(folder: Path, final: str, age_s: float = 0.0, data: bytes = b"partial") -> Path:
     """A temporary file named as ``store_instance`` names them (``.<final>.XXXXXXXX.part``)."""
     fd, name = tempfile.mkstemp(prefix=f".{final}.", suffix=".part", dir=folder)
@@ -174,7 +160,7 @@ def test_after_a_kill_9_the_restart_registers_what_was_unregistered_at_once_with
     port = free_port()
     unreachable = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/absent"
     env = {**listen_env(OUR_AE, port, spool, unreachable, tiny_model, CALLING_AE), **SWEEP_ENV}
-    process = _listen(env, log)
+    process = listen(env, log)
     try:
         wait_for_port(port, process, timeout=90, log=log)
         assert _send(port, _datasets(6)) == [0] * 6  # stored; registration cannot happen
@@ -187,7 +173,7 @@ def test_after_a_kill_9_the_restart_registers_what_was_unregistered_at_once_with
         then = time.time() - 7200
         os.utime(path, (then, then))
 
-    process = _listen({**env, "SORTER_DATABASE_URL": pg_url}, log)
+    process = listen({**env, "SORTER_DATABASE_URL": pg_url}, log)
     try:
         delay = _wait_count(pg_url, "SELECT count(*) FROM instances", 6, RECOVERY_S, log)
         done = "SELECT count(*) FROM instances WHERE status = 'done'"
@@ -211,7 +197,7 @@ def test_after_a_postgres_crash_files_received_during_it_are_registered_at_recon
     port = free_port()
     env = {**listen_env(OUR_AE, port, spool, cluster.url, tiny_model, CALLING_AE), **SWEEP_ENV}
     datasets = _datasets(before + during)
-    process = _listen(env, log)
+    process = listen(env, log)
     try:
         wait_for_port(port, process, timeout=90, log=log)
         assert _send(port, datasets[:before]) == [0] * before
