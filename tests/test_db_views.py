@@ -47,9 +47,22 @@ def test_the_latest_prediction_wins_per_instance(db_url):
     assert query(db_url, "SELECT count(DISTINCT model_sha256) FROM latest_predictions")[0][0] == 1
 
 
-def _series(url: str, header: str, votes: list[tuple[str, float, str]]) -> tuple[str, str]:
-    """One series (alone in its study) under ``header`` whose instances say ``(label, confidence,
-    verdict)``; its UID and its study's."""
+_LABELS = ("CT", "MR", "PT", "NM")
+#: A model of the older rule: confident (0.8, margin 0.2) argmax against the header.
+_ARGMAX_MODEL = {
+    "sha256": "e" * 64,
+    "arch": "x",
+    "labels": ",".join(_LABELS),
+    "min_confidence": 0.8,
+    "min_margin": 0.2,
+}
+
+
+def _series_of(
+    url: str, header: str, votes: list[tuple[dict[str, float], str]], model: dict | None = None
+) -> tuple[str, str]:
+    """One series (alone in its study) under ``header`` whose instances have these probabilities and
+    verdicts, predicted by ``model`` (a ``models`` row); its UID and its study's."""
     from pydicom.uid import generate_uid
 
     from sorter.db.queries import model_id_for
@@ -61,18 +74,9 @@ def _series(url: str, header: str, votes: list[tuple[str, float, str]]) -> tuple
     series, study = generate_uid(), generate_uid()
     engine, sessions = open_database(url)
     with sessions() as session:
-        model_id = model_id_for(
-            session,
-            {
-                "sha256": "e" * 64,
-                "arch": "x",
-                "labels": "CT,MR,PT,NM",
-                "min_confidence": 0.8,
-                "min_margin": 0.2,
-            },
-        )
+        model_id = model_id_for(session, model or _ARGMAX_MODEL)
         outcomes = []
-        for i, (label, p, verdict) in enumerate(votes):
+        for i, (values, verdict) in enumerate(votes):
             header_ = InstanceHeader(
                 path=f"/archive/{series}/{i}.dcm",
                 sop_instance_uid=generate_uid(),
@@ -82,12 +86,9 @@ def _series(url: str, header: str, votes: list[tuple[str, float, str]]) -> tuple
                 modality=header,
             )
             [registered] = register(session, [from_header(header_, source="site")])
-            rest = round((1 - p) / 3, 6)
-            probs = {
-                lab: (p if lab.value == label else rest) for lab in (Label.CT, Label.MR, Label.PT, Label.NM)
-            }
-            second = next(lab for lab in probs if lab.value != label)
-            prediction = Prediction(Label(label), p, second, rest, probs)
+            probs = {Label(k): v for k, v in values.items()}
+            first, second = sorted(probs, key=probs.__getitem__, reverse=True)[:2]
+            prediction = Prediction(first, probs[first], second, probs[second], probs)
             outcomes.append(
                 Outcome(registered.instance_id, Status.DONE, Label(header), prediction, Verdict(verdict))
             )
@@ -95,6 +96,16 @@ def _series(url: str, header: str, votes: list[tuple[str, float, str]]) -> tuple
         session.commit()
     engine.dispose()
     return series, study
+
+
+def _series(url: str, header: str, votes: list[tuple[str, float, str]]) -> tuple[str, str]:
+    """As :func:`_series_of`, each instance saying ``(label, confidence, verdict)`` with the other
+    labels sharing the rest."""
+    spread = []
+    for label, p, verdict in votes:
+        rest = round((1 - p) / 3, 6)
+        spread.append(({lab: (p if lab == label else rest) for lab in _LABELS}, verdict))
+    return _series_of(url, header, spread)
 
 
 def test_a_series_most_of_whose_instances_disagree_is_a_discrepancy(db_url):
@@ -111,3 +122,34 @@ def test_a_series_most_of_whose_instances_disagree_is_a_discrepancy(db_url):
     assert discrepant == {lutetium}
     studies = {r.study_instance_uid: r.verdict for r in query(db_url, "SELECT * FROM study_summary")}
     assert studies[lutetium_study] == "disagree"
+
+
+def test_series_verdicts_of_a_header_test_model(db_url):
+    """A model with agree_at / disagree_at: the series' mean probability of its header label decides."""
+    model = {**_ARGMAX_MODEL, "sha256": "f" * 64, "agree_at": 0.2, "disagree_at": 0.01}
+    plausible, _ = _series_of(
+        db_url, "PT", [({"NM": 0.6, "PT": 0.3, "CT": 0.05, "MR": 0.05}, "agree")] * 3, model
+    )
+    refuted, study = _series_of(
+        db_url, "PT", [({"NM": 0.55, "CT": 0.44, "PT": 0.005, "MR": 0.005}, "disagree")] * 3, model
+    )
+    between, _ = _series_of(
+        db_url, "PT", [({"NM": 0.85, "PT": 0.05, "CT": 0.05, "MR": 0.05}, "uncertain")] * 3, model
+    )
+    # Two of three instances refuted: 0003's majority rule still holds under the header test.
+    mostly, _ = _series_of(
+        db_url,
+        "PT",
+        [({"NM": 0.99, "PT": 0.004, "CT": 0.003, "MR": 0.003}, "disagree")] * 2
+        + [({"PT": 0.9, "NM": 0.05, "CT": 0.03, "MR": 0.02}, "agree")],
+        model,
+    )
+    rows = {r.series_instance_uid: r for r in query(db_url, "SELECT * FROM series_summary")}
+    assert rows[plausible].label == "NM" and rows[plausible].verdict == "agree"
+    assert rows[refuted].verdict == "disagree"
+    assert rows[between].verdict == "uncertain"
+    assert rows[mostly].p_pt > 0.2 and rows[mostly].verdict == "disagree"
+    latest = query(db_url, "SELECT DISTINCT agree_at, disagree_at FROM latest_predictions")
+    assert [tuple(r) for r in latest] == [(0.2, 0.01)]
+    studies = {r.study_instance_uid: r.verdict for r in query(db_url, "SELECT * FROM study_summary")}
+    assert studies[study] == "disagree"

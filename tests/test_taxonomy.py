@@ -84,3 +84,55 @@ def test_compare_thresholds_come_from_the_model():
     pred = _pred(Label.CT, 0.7, Label.MR, 0.2)
     assert compare(Label.MR, pred, ALL_LABELS, Thresholds(0.8, 0.2)) == Verdict.UNCERTAIN
     assert compare(Label.MR, pred, ALL_LABELS, Thresholds(0.6, 0.2)) == Verdict.DISAGREE
+
+
+def _probs(**values: float) -> Prediction:
+    """A prediction with its full probability vector (labels not named share the rest)."""
+    rest = [label for label in ALL_LABELS if label.name not in values]
+    left = (1.0 - sum(values.values())) / len(rest)
+    probs = {label: values.get(label.name, left) for label in ALL_LABELS}
+    ranked = sorted(probs, key=probs.__getitem__, reverse=True)
+    return Prediction(ranked[0], probs[ranked[0]], ranked[1], probs[ranked[1]], probs)
+
+
+HEADER_TEST = Thresholds(agree_at=0.2, disagree_at=0.01)
+
+
+@pytest.mark.parametrize(
+    ("header", "pred", "verdict"),
+    [
+        (Label.CT, _probs(CT=0.97, MR=0.02), Verdict.AGREE),
+        # The argmax is another label, but the pixels do not rule the header out.
+        (Label.MR, _probs(CT=0.70, MR=0.25), Verdict.AGREE),
+        (Label.MR, _probs(CT=0.90, MR=0.05), Verdict.UNCERTAIN),
+        (Label.MR, _probs(CT=0.97, MR=0.005), Verdict.DISAGREE),
+        # Refuted without a confident alternative: a Lu-177 SPECT stored as PT, NM and OT split.
+        (Label.PT, _probs(NM=0.55, OT=0.40, PT=0.004), Verdict.DISAGREE),
+        (None, _probs(CT=0.99), Verdict.NO_HEADER),
+    ],
+)
+def test_header_test_verdicts(header, pred, verdict):
+    assert compare(header, pred, ALL_LABELS, HEADER_TEST) == verdict
+
+
+def test_header_test_without_the_probability_vector_uses_the_top_two():
+    assert compare(Label.CT, _pred(Label.CT, 0.9, Label.MR, 0.05), ALL_LABELS, HEADER_TEST) == Verdict.AGREE
+    assert (
+        compare(Label.MR, _pred(Label.CT, 0.9, Label.MR, 0.05), ALL_LABELS, HEADER_TEST) == Verdict.UNCERTAIN
+    )
+    # Neither of the top two: its probability is at most the runner-up's.
+    assert (
+        compare(Label.US, _pred(Label.CT, 0.995, Label.MR, 0.004), ALL_LABELS, HEADER_TEST)
+        == Verdict.DISAGREE
+    )
+    assert (
+        compare(Label.US, _pred(Label.CT, 0.9, Label.MR, 0.05), ALL_LABELS, HEADER_TEST) == Verdict.UNCERTAIN
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"agree_at": 0.5}, {"disagree_at": 0.1}, {"agree_at": 0.1, "disagree_at": 0.2}]
+)
+def test_header_test_thresholds_are_validated(kwargs):
+    with pytest.raises(ValueError, match="agree_at"):
+        Thresholds(**kwargs)

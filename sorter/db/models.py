@@ -121,6 +121,9 @@ class Model(Base):
     labels: Mapped[str] = mapped_column(sa.String(64))  # comma-separated, in output order
     min_confidence: Mapped[float] = mapped_column(sa.Float)
     min_margin: Mapped[float] = mapped_column(sa.Float)
+    # The header test's operating point (sorter.model.spec.Thresholds); NULL for older models.
+    agree_at: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
+    disagree_at: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
     path: Mapped[str | None] = mapped_column(sa.Text)
     spec: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())

@@ -34,6 +34,8 @@ _INSTANCE = (
     "model_sha256",
     "min_confidence",
     "min_margin",
+    "agree_at",
+    "disagree_at",
     "predicted_at",
 )
 _SERIES = (

@@ -72,10 +72,37 @@ class PreprocessParams:
 
 @dataclass(frozen=True)
 class Thresholds:
-    """A prediction is confident when both bounds hold (see :func:`sorter.compare.compare`)."""
+    """The verdict's operating point (see :func:`sorter.compare.compare`).
+
+    With ``agree_at`` and ``disagree_at`` set (models since the header test) the
+    verdict tests the header: ``agree`` when the calibrated probability of the
+    header's label is at least ``agree_at``, ``disagree`` when it is at most
+    ``disagree_at``, ``uncertain`` in between; both are chosen on leave-sources-out
+    predictions (``train/operating_point.py``). Without them (older artefacts) a
+    prediction must be confident (both bounds below hold) and its argmax decides.
+    """
 
     min_confidence: float = 0.8
     min_margin: float = 0.2
+    agree_at: float | None = None
+    disagree_at: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.agree_at is None) != (self.disagree_at is None):
+            raise ValueError("agree_at and disagree_at are set together or not at all")
+        if (
+            self.agree_at is not None
+            and self.disagree_at is not None
+            and not 0.0 <= self.disagree_at < self.agree_at <= 1.0
+        ):
+            raise ValueError(
+                f"need 0 <= disagree_at < agree_at <= 1, got {self.disagree_at} and {self.agree_at}"
+            )
+
+    @property
+    def header_test(self) -> bool:
+        """True when the verdict tests the header's probability (see the class docstring)."""
+        return self.agree_at is not None
 
 
 @dataclass(frozen=True)
