@@ -2,16 +2,26 @@
 
 Geometry: random resized crop, small rotation, horizontal flip (mirror images
 exist in every modality). Intensity: gamma, contrast, noise, blur and 8-bit
-quantisation, applied to the scaled channel. Nothing here inverts grey levels
-or adds colour: those would turn one modality into the look of another.
+quantisation, applied to the scaled channel. Nothing here adds colour.
+
+Acquisition shift (``shift``, 0 = off): how archives really differ from one
+another, applied in physical units before the channels are made, so the ``hu``
+channel sees them too: reduced resolution, MONOCHROME1 mistakes (inverted grey
+levels), collimation and black borders, burned-in text and annotations, and
+8-bit windowed exports (PNG, JPEG) with lossy re-compression. Without the last
+one, "8-bit values" identifies the sources that were exported as pictures
+(several MG and OT collections) and a chest radiograph saved as PNG becomes OT.
 """
 
 from __future__ import annotations
 
+import io
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from sorter.model.spec import PreprocessParams
 
@@ -67,11 +77,113 @@ def _intensity(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
+#: Probability of each acquisition-shift augmentation at ``shift=1``.
+SHIFT_RATES = {"lowres": 0.15, "invert": 0.08, "border": 0.2, "text": 0.3, "export8": 0.3, "jpeg": 0.5}
+
+
+def _uniform(low: float, high: float, gen: torch.Generator) -> float:
+    return float(torch.empty(1).uniform_(low, high, generator=gen))
+
+
+def _randint(low: int, high: int, gen: torch.Generator) -> int:
+    """An integer in [low, high]."""
+    return int(torch.randint(low, high + 1, (1,), generator=gen))
+
+
+def _lowres(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    size = x.shape[-1]
+    small = max(8, round(size * _uniform(0.25, 0.6, gen)))
+    down = F.interpolate(x[None, None], size=(small, small), mode="area")
+    return F.interpolate(down, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+
+
+def _border(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Collimation or a black frame: one or two bands at the image's minimum or maximum."""
+    size, out = x.shape[-1], x.clone()
+    value = x.min() if torch.rand(1, generator=gen) < 0.6 else x.max()
+    for _ in range(_randint(1, 2, gen)):
+        width = max(1, round(size * _uniform(0.03, 0.2, gen)))
+        side = _randint(0, 3, gen)
+        if side == 0:
+            out[:width] = value
+        elif side == 1:
+            out[-width:] = value
+        elif side == 2:
+            out[:, :width] = value
+        else:
+            out[:, -width:] = value
+    return out
+
+
+def _text(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Burned-in text and markers: a few thin bright strokes, mostly near the edges."""
+    size, out = x.shape[-1], x.clone()
+    value = x.max()
+    for _ in range(_randint(1, 5, gen)):
+        h = _randint(1, max(2, size // 40), gen)
+        w = _randint(size // 16, size // 3, gen)
+        top = (
+            _randint(0, size // 5, gen)
+            if torch.rand(1, generator=gen) < 0.5
+            else _randint(4 * size // 5, size - h, gen)
+        )
+        left = _randint(0, size - w, gen)
+        # A dashed stroke reads as glyphs at this resolution.
+        stroke = (torch.rand(w, generator=gen) < 0.7).to(x.dtype)
+        out[top : top + h, left : left + w] = torch.where(
+            stroke > 0, value, out[top : top + h, left : left + w]
+        )
+    return out
+
+
+def _export8(x: torch.Tensor, gen: torch.Generator, jpeg: float) -> torch.Tensor:
+    """A windowed 8-bit export (values 0-255 from here on), sometimes JPEG-compressed."""
+    q = torch.tensor([_uniform(0.0, 0.05, gen), _uniform(0.95, 1.0, gen)], dtype=x.dtype)
+    low, high = torch.quantile(x.flatten(), q)
+    if high - low < 1e-6:
+        return x
+    v = ((x - low) / (high - low)).clamp(0, 1).mul(255).round()
+    if torch.rand(1, generator=gen) < jpeg:
+        # Pillow's libjpeg (torchvision's JPEG codec is deprecated since 0.29).
+        buffer = io.BytesIO()
+        Image.fromarray(v.to(torch.uint8).numpy()).save(buffer, "JPEG", quality=_randint(25, 95, gen))
+        v = torch.from_numpy(np.asarray(Image.open(buffer), dtype=np.float32)).to(x.dtype)
+    return v
+
+
+def acquisition_shift(x: torch.Tensor, gen: torch.Generator, shift: float) -> torch.Tensor:
+    """Apply the acquisition-shift augmentations to frames (B, S, S) in physical units."""
+    if shift <= 0:
+        return x
+    out = []
+    for frame in x:
+
+        def fires(name: str) -> bool:
+            return bool(torch.rand(1, generator=gen) < SHIFT_RATES[name] * shift)
+
+        if fires("lowres"):
+            frame = _lowres(frame, gen)
+        if fires("invert"):
+            frame = frame.max() + frame.min() - frame
+        if fires("border"):
+            frame = _border(frame, gen)
+        if fires("text"):
+            frame = _text(frame, gen)
+        if fires("export8"):
+            frame = _export8(frame, gen, min(1.0, SHIFT_RATES["jpeg"] * shift))
+        out.append(frame)
+    return torch.stack(out)
+
+
 def augment_batch(
-    raw: torch.Tensor, features: torch.Tensor, params: PreprocessParams, gen: torch.Generator
+    raw: torch.Tensor,
+    features: torch.Tensor,
+    params: PreprocessParams,
+    gen: torch.Generator,
+    shift: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment cached frames (B, R, R) in physical units into network input (B, C, S, S)."""
-    small = _geometry(raw.float(), params.input_size, gen)
+    small = acquisition_shift(_geometry(raw.float(), params.input_size, gen), gen, shift)
     channels = []
     for name in params.channels:
         if name == "scaled":

@@ -259,6 +259,17 @@ def loso(
     )
 
 
+@main.command("operating-point")
+@click.argument("loso_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def operating_point_command(loso_dir: Path) -> None:
+    """Choose the verdict's thresholds on a loso run's out-of-fold predictions and report them."""
+    from train.operating_point import operating_point, shares_markdown
+
+    point = operating_point(loso_dir)
+    (loso_dir / "operating-point.json").write_text(json.dumps(point, indent=1))
+    click.echo(shares_markdown(point))
+
+
 @main.command()
 @click.option(
     "--model",
@@ -271,7 +282,7 @@ def loso(
     "--loso",
     "loso_dir",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="A loso run: its temperature and metrics go into the artefact.",
+    help="A loso run: its temperature, metrics and verdict thresholds go into the artefact.",
 )
 @click.option(
     "--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_MODEL_PATH, show_default=True

@@ -36,6 +36,9 @@ class FitConfig:
     epoch_size: int = 2048  # images drawn per epoch by the balanced sampler
     batch_size: int = 64
     label_smoothing: float = 0.05
+    # Acquisition-shift augmentation (8-bit exports, JPEG, text, borders, inversion, resolution;
+    # train/augment.py): 0 = off, 1 = the rates in augment.SHIFT_RATES.
+    shift_augment: float = 0.0
     mixup: float = 0.0  # Beta(alpha, alpha) mixing of image pairs; 0 = off
     group_balance: float = 0.5  # 0: every image equal in its label; 1: every group equal
     source_balance: float = 1.0  # 1: every source of a label equally likely; 0: by their (damped) size

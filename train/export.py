@@ -10,6 +10,7 @@ from typing import Any
 from sorter.model.artefact import read_spec, save_artefact
 from sorter.model.network import build_network
 from sorter.model.spec import ModelSpec
+from train.operating_point import operating_point, shares_markdown
 
 
 def export_model(
@@ -22,12 +23,16 @@ def export_model(
     """
     spec, _, state = read_spec(run_model)
     metrics: dict[str, Any] = dict(spec.metrics)
+    thresholds = spec.thresholds
     if loso_dir is not None:
         loso = json.loads((Path(loso_dir) / "metrics.json").read_text())
-        metrics = {"leave_sources_out": loso}
         if temperature is None:
             temperature = float(loso["temperature"])
-    spec = replace(spec, temperature=temperature or spec.temperature, metrics=metrics)
+        # The header test's thresholds, chosen on the same out-of-fold predictions.
+        point = operating_point(Path(loso_dir), temperature)
+        metrics = {"leave_sources_out": loso, "operating_point": point}
+        thresholds = replace(thresholds, agree_at=point["agree_at"], disagree_at=point["disagree_at"])
+    spec = replace(spec, temperature=temperature or spec.temperature, metrics=metrics, thresholds=thresholds)
     network = build_network(spec)
     network.load_state_dict(state)
     return spec, save_artefact(network, spec, out)
@@ -47,6 +52,15 @@ def _initialisation(pretrained: dict[str, Any] | None) -> list[str]:
         f"`{pretrained['file']}`, sha256 `{pretrained['sha256']}`; stem: {pretrained.get('stem', '')}; "
         "new classifier head; all layers fine-tuned"
     ]
+
+
+def _verdict_rule(spec: ModelSpec) -> str:
+    t = spec.thresholds
+    if t.agree_at is not None:
+        return (
+            f"verdict: header label's probability >= {t.agree_at:.4g} agree, <= {t.disagree_at:.4g} disagree"
+        )
+    return f"thresholds: confidence >= {t.min_confidence}, top-2 margin >= {t.min_margin}"
 
 
 def model_card(spec: ModelSpec, sha256: str, command: str, speed: dict[str, Any] | None = None) -> str:
@@ -74,8 +88,7 @@ def model_card(spec: ModelSpec, sha256: str, command: str, speed: dict[str, Any]
             else ", resized bilinear (antialiased)"
         ),
         f"- Labels: {', '.join(label.value for label in spec.labels)}",
-        f"- Temperature: {spec.temperature:.3f}; thresholds: confidence >= {spec.thresholds.min_confidence}, "
-        f"top-2 margin >= {spec.thresholds.min_margin}",
+        f"- Temperature: {spec.temperature:.3f}; " + _verdict_rule(spec),
         f"- Artefact sha256: `{sha256}`",
         *_initialisation(train.get("pretrained")),
         "",
@@ -115,6 +128,14 @@ def model_card(spec: ModelSpec, sha256: str, command: str, speed: dict[str, Any]
                 f"{_pct(row['precision'])} | {row['f1']:.3f} | {auroc} | {row['support']} | "
                 f"{by_source.get('sources', '')} |"
             )
+    point = spec.metrics.get("operating_point")
+    if point:
+        lines += [
+            "",
+            "## Operating point: the verdict on unseen sources",
+            "",
+            shares_markdown(point).rstrip(),
+        ]
     if speed:
         lines += [
             "",

@@ -107,7 +107,7 @@ def train_one_epoch(
     for batch in bar:
         if len(batch) < 2:  # BatchNorm needs two samples
             continue
-        x, f = augment_batch(raw_all[batch], feat_all[batch], spec.preprocess, gen)
+        x, f = augment_batch(raw_all[batch], feat_all[batch], spec.preprocess, gen, config.shift_augment)
         x, f, y = x.to(device), f.to(device), targets_all[batch].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             if config.mixup > 0:

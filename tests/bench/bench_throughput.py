@@ -346,14 +346,17 @@ def _tree_rss_mb(root: int) -> float:
     return total * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def stage_scan(root: Path, url: str, work: Path) -> dict[str, Any]:
-    """``python -m sorter scan`` with the bundled model: files/s and the peak RSS of its process tree."""
+def stage_scan(root: Path, url: str, work: Path, model: Path | None = None) -> dict[str, Any]:
+    """``python -m sorter scan`` with the bundled model (or ``model``): files/s and the peak RSS of
+    its process tree."""
     for path in archive.archive_files(root):  # a warm page cache: the scan is measured, not the disk
         path.read_bytes()
     summary = work / f"summary-{root.name}-{url.split(':')[0]}.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SORTER_")}
     env["SORTER_CACHE_DIR"] = str(work / "graph-cache")  # warmed by warm_graph_cache()
     command = [sys.executable, "-m", "sorter", "scan", "--no-progress", "--json-summary", str(summary)]
+    if model is not None:
+        command += ["--model", str(model)]
     started = time.perf_counter()
     process = subprocess.Popen(
         [*command, "--database-url", url, str(root)],
@@ -371,6 +374,7 @@ def stage_scan(root: Path, url: str, work: Path) -> dict[str, Any]:
     data = json.loads(summary.read_text())
     return {
         "archive": root.name,
+        "model": str(model) if model is not None else "bundled",
         "database": url.split(":")[0].split("+")[0],
         "files": data["files"],
         "classified": data["classified"],
@@ -389,8 +393,8 @@ def stage_scan(root: Path, url: str, work: Path) -> dict[str, Any]:
     }
 
 
-def warm_graph_cache(work: Path) -> None:
-    """Export the bundled model's graph into the scans' cache, as any earlier run would have.
+def warm_graph_cache(work: Path, model: Path | None = None) -> None:
+    """Export the bundled model's (or ``model``'s) graph into the scans' cache, as any earlier run would have.
 
     Only a model's first CPU run exports it (and imports torch: seconds of
     start-up, outside the scan's own elapsed time); every scan measured here is
@@ -399,7 +403,7 @@ def warm_graph_cache(work: Path) -> None:
     from sorter.model.classifier import Classifier
     from sorter.model.graph_cache import GraphCache
 
-    Classifier.load(device="cpu", cache=GraphCache(work / "graph-cache"))
+    Classifier.load(model, device="cpu", cache=GraphCache(work / "graph-cache"))
 
 
 def median_run(measure: Callable[[], dict[str, Any]], repeat: int) -> dict[str, Any]:
@@ -508,6 +512,13 @@ def main(argv: Iterable[str] | None = None) -> None:
     )
     parser.add_argument("--postgres-url", default="postgresql+psycopg://127.0.0.1:5432/test")
     parser.add_argument("--skip", action="append", default=[], choices=STAGES)
+    parser.add_argument(
+        "--model",
+        type=Path,
+        action="append",
+        default=[],
+        help="a candidate artefact: it also scans the smallest ct512 archive (--repeat runs, median)",
+    )
     parser.add_argument("--work", type=Path, help="work folder, kept (default: a temporary one, removed)")
     parser.add_argument("--out", type=Path, default=Path("bench-throughput.json"))
     args = parser.parse_args(list(argv) if argv is not None else None)
@@ -574,6 +585,20 @@ def main(argv: Iterable[str] | None = None) -> None:
                 runs.append(stage_scan(archives[f"ct512-{sizes[0]}"], _fresh_postgres(postgres), work))
                 print(f"scan: {runs[-1]}", flush=True)
             stages["scan"] = runs
+            candidates = []
+            for model in args.model:
+                warm_graph_cache(work, model)
+                root = archives[f"ct512-{sizes[0]}"]
+                candidates.append(
+                    median_run(
+                        lambda root=root, model=model: stage_scan(
+                            root, _fresh_sqlite(work, "scan-candidate"), work, model
+                        ),
+                        args.repeat,
+                    )
+                )
+                print(f"scan: {candidates[-1]}", flush=True)
+            stages["candidate_scans"] = candidates
         if "baseline" not in args.skip:
             files = archive.archive_files(archives[f"ct512-{sizes[0]}"])[:1000]
             stages["baseline"] = median_run(lambda: stage_baseline(files), args.repeat)
@@ -598,6 +623,10 @@ def ratios(stages: dict[str, Any]) -> dict[str, Any]:
         best = scans[-1]
         out["scan_vs_baseline"] = round(best["files_per_s"] / stages["baseline"]["files_per_s"], 2)
         out["scan_wall_vs_baseline"] = round(best["files_per_s_wall"] / stages["baseline"]["files_per_s"], 2)
+    for scan in stages.get("candidate_scans", []):
+        if "baseline" in stages:
+            ratio = round(scan["files_per_s"] / stages["baseline"]["files_per_s"], 2)
+            out.setdefault("candidate_scan_vs_baseline", {})[scan["model"]] = ratio
     if scans and "decode" in stages:
         out["scan_vs_pure_decode"] = round(
             scans[-1]["files_per_s"] / stages["decode"]["ct512"]["files_per_s_pool"], 3
