@@ -113,6 +113,7 @@ def test_loso_then_export_calibrated_artefact(fitted, corpus, tmp_path):
     )
     metrics = json.loads((loso / "metrics.json").read_text())
     assert set(metrics) >= METRIC_KEYS and metrics["folds_evaluated"] == [0]
+    assert load_artefact(loso / "fold-0" / "model.pt").spec.preprocess.input_size == 64
     folds = json.loads((loso / "folds.json").read_text())
     held = {s for s, f in folds.items() if f == 0}
     assert set(metrics["per_source"]) <= held  # only held-out sources were predicted
@@ -143,3 +144,21 @@ def test_loso_then_export_calibrated_artefact(fitted, corpus, tmp_path):
         point["disagree_at"],
     )
     assert point["n"] == metrics["n"] and "Operating point" in card.read_text()
+
+
+def test_a_student_learns_from_the_teacher_of_its_own_fold(fitted, corpus, tmp_path):
+    """Distillation under leave-sources-out: fold N's student learns from fold N's teacher."""
+    _, cache = fitted
+    common = ["--manifest", str(corpus / "manifest.csv"), "--dry-run", "--folds", "3", "--only-fold", "1"]
+    common += ["--cache-dir", str(cache), "--workers", "1"]
+    _run(["loso", *common, "--out", str(tmp_path / "teacher")])
+    student = tmp_path / "student.yaml"
+    student.write_text(f"teacher: {tmp_path / 'teacher'}\nshift_augment: 1.0\ndistill_weight: 0.7\n")
+    _run(["loso", *common, "--out", str(tmp_path / "student"), "--config", str(student)])
+    metrics = json.loads((tmp_path / "student" / "metrics.json").read_text())
+    assert metrics["folds_evaluated"] == [1]
+    # Another seed deals other folds: that teacher's networks saw the student's held-out sources.
+    result = CliRunner().invoke(
+        main, ["loso", *common, "--out", str(tmp_path / "other"), "--config", str(student), "--seed", "7"]
+    )
+    assert result.exit_code != 0 and "dealt other folds" in str(result.exception)

@@ -39,6 +39,11 @@ class FitConfig:
     # Acquisition-shift augmentation (8-bit exports, JPEG, text, borders, inversion, resolution;
     # train/augment.py): 0 = off, 1 = the rates in augment.SHIFT_RATES.
     shift_augment: float = 0.0
+    # Knowledge distillation: a teacher artefact (fit), or a loso run whose fold-N/model.pt teaches
+    # fold N (loso; same manifest, folds and seed). Its inputs must be this configuration's.
+    teacher: str | None = None
+    distill_weight: float = 0.5  # share of the loss that follows the teacher
+    distill_temperature: float = 2.0
     mixup: float = 0.0  # Beta(alpha, alpha) mixing of image pairs; 0 = off
     group_balance: float = 0.5  # 0: every image equal in its label; 1: every group equal
     source_balance: float = 1.0  # 1: every source of a label equally likely; 0: by their (damped) size

@@ -95,8 +95,13 @@ def train_one_epoch(
     device: torch.device,
     gen: torch.Generator,
     progress: bool,
+    teacher: SorterNet | None = None,
 ) -> float:
-    """One epoch of ``epoch_size`` images drawn by the balanced sampler; returns the mean loss."""
+    """One epoch of ``epoch_size`` images drawn by the balanced sampler; returns the mean loss.
+
+    With a ``teacher`` the loss also pulls the network's softened outputs towards the teacher's
+    on the very same augmented inputs (knowledge distillation, Hinton et al., 2015).
+    """
     network.train()
     weights = torch.from_numpy(sample_weights(images, config.group_balance, config.source_balance))
     picks = torch.multinomial(weights, config.epoch_size, replacement=True, generator=gen)
@@ -114,12 +119,18 @@ def train_one_epoch(
                 # Mixing images of different sources discourages source-specific shortcuts.
                 lam = float(torch.distributions.Beta(config.mixup, config.mixup).sample())
                 perm = torch.randperm(len(batch), generator=gen).to(device)
-                logits = network(lam * x + (1 - lam) * x[perm], lam * f + (1 - lam) * f[perm])
+                x, f = lam * x + (1 - lam) * x[perm], lam * f + (1 - lam) * f[perm]
+                logits = network(x, f)
                 loss = lam * F.cross_entropy(logits, y, label_smoothing=config.label_smoothing) + (
                     1 - lam
                 ) * F.cross_entropy(logits, y[perm], label_smoothing=config.label_smoothing)
             else:
-                loss = F.cross_entropy(network(x, f), y, label_smoothing=config.label_smoothing)
+                logits = network(x, f)
+                loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+            if teacher is not None:
+                loss = (1 - config.distill_weight) * loss + config.distill_weight * distillation_loss(
+                    logits, teacher(x, f), config.distill_temperature
+                )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -128,6 +139,31 @@ def train_one_epoch(
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return float(np.mean(losses)) if losses else float("nan")
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL divergence of the softened teacher from the softened student, scaled by T^2 so that its
+    gradients keep their size whatever the temperature (Hinton et al., 2015)."""
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(student.float() / t, dim=1),
+        F.log_softmax(teacher.detach().float() / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
+
+
+def load_teacher(path: Path, spec: ModelSpec, device: torch.device) -> SorterNet:
+    """A teacher artefact, frozen on ``device``; it must see the same inputs as the student."""
+    from sorter.model.artefact import load_artefact
+
+    loaded = load_artefact(path)
+    if loaded.spec.preprocess != spec.preprocess or loaded.spec.labels != spec.labels:
+        raise ValueError(f"teacher {path} has other inputs or labels than this configuration")
+    teacher = loaded.network.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def recalibrate_batchnorm(
@@ -191,8 +227,12 @@ def fit(
     out_dir: Path,
     progress: bool = True,
     resume: bool = False,
+    teacher_path: Path | None = None,
 ) -> tuple[SorterNet, list[dict[str, Any]]]:
-    """Train a network; checkpoints every epoch to ``out_dir/checkpoint.pt`` for ``--resume``."""
+    """Train a network; checkpoints every epoch to ``out_dir/checkpoint.pt`` for ``--resume``.
+
+    ``teacher_path`` (default: ``config.teacher``) distils that artefact into the network.
+    """
     if config.threads or os.environ.get("OMP_NUM_THREADS") is None:
         torch.set_num_threads(config.threads or os.cpu_count() or 1)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -209,6 +249,8 @@ def fit(
         # never needs the weights package.
         log.info("backbone initialised from %s", json.dumps(load_pretrained(network, spec)))
     network = network.to(device)
+    teacher_path = teacher_path or (Path(config.teacher) if config.teacher else None)
+    teacher = load_teacher(teacher_path, spec, device) if teacher_path else None
     steps = config.epochs * (config.epoch_size // config.batch_size + 1)
     opt, sched = make_optimizer(config, network, steps)
     gen = torch.Generator().manual_seed(config.seed)
@@ -226,7 +268,7 @@ def fit(
     for epoch in range(start_epoch, config.epochs + 1):
         began = time.perf_counter()
         loss = train_one_epoch(
-            network, train_set, label_index, config, spec, opt, sched, device, gen, progress
+            network, train_set, label_index, config, spec, opt, sched, device, gen, progress, teacher
         )
         row: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "lr": opt.param_groups[0]["lr"]}
         if val_set is not None and len(val_set):

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from sorter.model.artefact import save_artefact
 from train.calibrate import fit_temperature
 from train.config import FitConfig, save_config
 from train.fit import evaluate_logits, fit, predict_logits
@@ -37,6 +38,17 @@ def per_label_summary(metrics: dict[str, Any], images_sources: dict[str, set[str
         }
         for label, row in metrics["per_class"].items()
     }
+
+
+def _fold_teacher(config: FitConfig, fold_of: dict[str, int], fold: int) -> Path | None:
+    """The teacher of one fold: ``config.teacher`` itself, or that loso run's network of this fold,
+    which never saw this fold's sources either."""
+    if not config.teacher or not Path(config.teacher).is_dir():
+        return Path(config.teacher) if config.teacher else None
+    run = Path(config.teacher)
+    if json.loads((run / "folds.json").read_text()) != fold_of:
+        raise ValueError(f"teacher run {run} dealt other folds (manifest, folds and seed must match)")
+    return run / f"fold-{fold}" / "model.pt"
 
 
 def run_loso(
@@ -72,9 +84,16 @@ def run_loso(
             logits[held] = np.load(fold_file)["logits"]
             continue
         network, history = fit(
-            config, images.subset(~held), None, out_dir / f"fold-{fold}", progress=progress
+            config,
+            images.subset(~held),
+            None,
+            out_dir / f"fold-{fold}",
+            progress=progress,
+            teacher_path=_fold_teacher(config, fold_of, fold),
         )
         fold_logits = predict_logits(network, images.subset(held))
+        # The fold's network stays, as an artefact: a distilled student's fold learns from it.
+        save_artefact(network, spec, out_dir / f"fold-{fold}" / "model.pt")
         np.savez(fold_file, logits=fold_logits)
         (out_dir / f"fold-{fold}" / "checkpoint.pt").unlink(missing_ok=True)
         (out_dir / f"fold-{fold}" / "history.json").write_text(json.dumps(history, indent=1))

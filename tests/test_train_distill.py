@@ -1,0 +1,21 @@
+"""Knowledge distillation's loss: zero when the student matches the teacher, and it pulls towards it."""
+
+from __future__ import annotations
+
+import torch
+
+from train.fit import distillation_loss
+
+
+def test_distillation_loss_is_zero_only_at_the_teacher():
+    teacher = torch.tensor([[3.0, 1.0, -2.0], [0.0, 2.0, 0.5]])
+    assert distillation_loss(teacher.clone(), teacher, 2.0).item() < 1e-6
+    assert distillation_loss(torch.zeros_like(teacher), teacher, 2.0).item() > 0.1
+
+
+def test_its_gradient_moves_the_student_towards_the_teacher():
+    teacher = torch.tensor([[4.0, 0.0, 0.0]])
+    student = torch.zeros(1, 3, requires_grad=True)
+    distillation_loss(student, teacher, 2.0).backward()
+    assert student.grad is not None
+    assert student.grad[0, 0] < 0 < student.grad[0, 1]  # raise the teacher's class, lower the others
