@@ -31,10 +31,10 @@ def compare(
     -------
     Verdict
         ``no_header`` without a header label; ``unsupported`` when the model
-        cannot emit the header label. With the header test (``agree_at`` and
-        ``disagree_at`` set): ``agree`` when the header label's probability is at
-        least ``agree_at``, ``disagree`` when at most ``disagree_at``, otherwise
-        ``uncertain``. Without it: ``uncertain`` when the prediction is below
+        cannot emit the header label. With the header test (thresholds for the
+        header's label): ``agree`` when the header label's probability is at
+        least its ``agree_at``, ``disagree`` when at most its ``disagree_at``,
+        otherwise ``uncertain``. Without it: ``uncertain`` when the prediction is below
         the confidence threshold or its top-2 margin is too small; otherwise
         ``agree`` or ``disagree`` by the argmax.
     """
@@ -43,24 +43,24 @@ def compare(
         return Verdict.NO_HEADER
     if header not in supported:
         return Verdict.UNSUPPORTED
-    if limits.agree_at is not None and limits.disagree_at is not None:
+    bounds = limits.bounds(header)
+    if bounds is not None:
         # The header test: refuting a header needs only that its label is implausible, not
         # that the model knows the right one (an NM series stored as PT is refuted while NM
         # and OT share the rest).
+        agree_at, disagree_at = bounds
         p_header = prediction.probabilities.get(header)
         if p_header is None:
             # Only the top two are known; any other label's probability is at most the runner-up's.
-            top = {
-                prediction.label: prediction.confidence,
-                prediction.second_label: prediction.second_confidence,
-            }
+            top = {prediction.label: prediction.confidence}
+            top.setdefault(prediction.second_label, prediction.second_confidence)
             if header not in top:
-                refuted = prediction.second_confidence <= limits.disagree_at
+                refuted = prediction.second_confidence <= disagree_at
                 return Verdict.DISAGREE if refuted else Verdict.UNCERTAIN
             p_header = top[header]
-        if p_header >= limits.agree_at:
+        if p_header >= agree_at:
             return Verdict.AGREE
-        return Verdict.DISAGREE if p_header <= limits.disagree_at else Verdict.UNCERTAIN
+        return Verdict.DISAGREE if p_header <= disagree_at else Verdict.UNCERTAIN
     if prediction.confidence < limits.min_confidence or prediction.margin < limits.min_margin:
         return Verdict.UNCERTAIN
     return Verdict.AGREE if prediction.label == header else Verdict.DISAGREE

@@ -261,10 +261,12 @@ def register_model(session: Session, classifier: Classifier) -> int:
             "labels": ",".join(label.value for label in classifier.labels),
             "min_confidence": spec.thresholds.min_confidence,
             "min_margin": spec.thresholds.min_margin,
-            "agree_at": spec.thresholds.agree_at,
-            "disagree_at": spec.thresholds.disagree_at,
             "path": str(classifier.path),
             "spec": spec.to_dict(),
+        },
+        {
+            label: (spec.thresholds.agree_at[label], spec.thresholds.disagree_at[label])
+            for label in spec.thresholds.agree_at
         },
     )
 

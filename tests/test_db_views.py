@@ -59,10 +59,15 @@ _ARGMAX_MODEL = {
 
 
 def _series_of(
-    url: str, header: str, votes: list[tuple[dict[str, float], str]], model: dict | None = None
+    url: str,
+    header: str,
+    votes: list[tuple[dict[str, float], str]],
+    model: dict | None = None,
+    thresholds: dict[str, tuple[float, float]] | None = None,
 ) -> tuple[str, str]:
     """One series (alone in its study) under ``header`` whose instances have these probabilities and
-    verdicts, predicted by ``model`` (a ``models`` row); its UID and its study's."""
+    verdicts, predicted by ``model`` (a ``models`` row, with these header-test thresholds); its UID
+    and its study's."""
     from pydicom.uid import generate_uid
 
     from sorter.db.queries import model_id_for
@@ -74,7 +79,7 @@ def _series_of(
     series, study = generate_uid(), generate_uid()
     engine, sessions = open_database(url)
     with sessions() as session:
-        model_id = model_id_for(session, model or _ARGMAX_MODEL)
+        model_id = model_id_for(session, model or _ARGMAX_MODEL, thresholds)
         outcomes = []
         for i, (values, verdict) in enumerate(votes):
             header_ = InstanceHeader(
@@ -125,31 +130,32 @@ def test_a_series_most_of_whose_instances_disagree_is_a_discrepancy(db_url):
 
 
 def test_series_verdicts_of_a_header_test_model(db_url):
-    """A model with agree_at / disagree_at: the series' mean probability of its header label decides."""
-    model = {**_ARGMAX_MODEL, "sha256": "f" * 64, "agree_at": 0.2, "disagree_at": 0.01}
-    plausible, _ = _series_of(
-        db_url, "PT", [({"NM": 0.6, "PT": 0.3, "CT": 0.05, "MR": 0.05}, "agree")] * 3, model
-    )
-    refuted, study = _series_of(
-        db_url, "PT", [({"NM": 0.55, "CT": 0.44, "PT": 0.005, "MR": 0.005}, "disagree")] * 3, model
-    )
-    between, _ = _series_of(
-        db_url, "PT", [({"NM": 0.85, "PT": 0.05, "CT": 0.05, "MR": 0.05}, "uncertain")] * 3, model
-    )
+    """A model with per-label agree_at / disagree_at: the series' mean probability of its header
+    label decides, against that label's thresholds."""
+    model = {**_ARGMAX_MODEL, "sha256": "f" * 64}
+    op = {"PT": (0.2, 0.01), "CT": (0.9, 0.5), "MR": (0.5, 0.1), "NM": (0.3, 0.02)}
+
+    def series(header: str, votes: list[tuple[dict[str, float], str]]) -> tuple[str, str]:
+        return _series_of(db_url, header, votes, model, op)
+
+    plausible, _ = series("PT", [({"NM": 0.6, "PT": 0.3, "CT": 0.05, "MR": 0.05}, "agree")] * 3)
+    refuted, study = series("PT", [({"NM": 0.55, "CT": 0.44, "PT": 0.005, "MR": 0.005}, "disagree")] * 3)
+    between, _ = series("PT", [({"NM": 0.85, "PT": 0.05, "CT": 0.05, "MR": 0.05}, "uncertain")] * 3)
+    # The same probabilities under a CT header meet CT's own, stricter thresholds.
+    ct_refuted, _ = series("CT", [({"NM": 0.55, "CT": 0.44, "PT": 0.005, "MR": 0.005}, "disagree")] * 3)
     # Two of three instances refuted: 0003's majority rule still holds under the header test.
-    mostly, _ = _series_of(
-        db_url,
+    mostly, _ = series(
         "PT",
         [({"NM": 0.99, "PT": 0.004, "CT": 0.003, "MR": 0.003}, "disagree")] * 2
         + [({"PT": 0.9, "NM": 0.05, "CT": 0.03, "MR": 0.02}, "agree")],
-        model,
     )
     rows = {r.series_instance_uid: r for r in query(db_url, "SELECT * FROM series_summary")}
     assert rows[plausible].label == "NM" and rows[plausible].verdict == "agree"
     assert rows[refuted].verdict == "disagree"
     assert rows[between].verdict == "uncertain"
+    assert rows[ct_refuted].verdict == "disagree"
     assert rows[mostly].p_pt > 0.2 and rows[mostly].verdict == "disagree"
-    latest = query(db_url, "SELECT DISTINCT agree_at, disagree_at FROM latest_predictions")
-    assert [tuple(r) for r in latest] == [(0.2, 0.01)]
+    latest = query(db_url, "SELECT DISTINCT header_label, agree_at, disagree_at FROM latest_predictions")
+    assert sorted(tuple(r) for r in latest) == [("CT", 0.9, 0.5), ("PT", 0.2, 0.01)]
     studies = {r.study_instance_uid: r.verdict for r in query(db_url, "SELECT * FROM study_summary")}
     assert studies[study] == "disagree"

@@ -95,7 +95,10 @@ def _probs(**values: float) -> Prediction:
     return Prediction(ranked[0], probs[ranked[0]], ranked[1], probs[ranked[1]], probs)
 
 
-HEADER_TEST = Thresholds(agree_at=0.2, disagree_at=0.01)
+HEADER_TEST = Thresholds(
+    agree_at={label.value: 0.2 for label in ALL_LABELS},
+    disagree_at={label.value: 0.01 for label in ALL_LABELS},
+)
 
 
 @pytest.mark.parametrize(
@@ -130,8 +133,22 @@ def test_header_test_without_the_probability_vector_uses_the_top_two():
     )
 
 
+def test_header_test_thresholds_are_per_header_label():
+    per_label = Thresholds(agree_at={"CT": 0.9, "NM": 0.2}, disagree_at={"CT": 0.5, "NM": 0.01})
+    pred = _probs(PT=0.55, CT=0.3, NM=0.1)
+    assert compare(Label.CT, pred, ALL_LABELS, per_label) == Verdict.DISAGREE  # 0.3 <= 0.5
+    assert compare(Label.NM, pred, ALL_LABELS, per_label) == Verdict.UNCERTAIN  # 0.01 < 0.1 < 0.2
+    # A label without thresholds falls back to the confidence rule: PT 0.55 is not confident.
+    assert compare(Label.MR, pred, ALL_LABELS, per_label) == Verdict.UNCERTAIN
+
+
 @pytest.mark.parametrize(
-    "kwargs", [{"agree_at": 0.5}, {"disagree_at": 0.1}, {"agree_at": 0.1, "disagree_at": 0.2}]
+    "kwargs",
+    [
+        {"agree_at": {"CT": 0.5}},
+        {"disagree_at": {"CT": 0.1}},
+        {"agree_at": {"CT": 0.1}, "disagree_at": {"CT": 0.2}},
+    ],
 )
 def test_header_test_thresholds_are_validated(kwargs):
     with pytest.raises(ValueError, match="agree_at"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import yaml
 
 from train.calibrate import softmax_np
 from train.metrics import compute_metrics, source_macro_recall
+from train.operating_point import by_header_label, choose, header_shares
 
 
 def _load(run: Path) -> dict[str, Any]:
@@ -39,6 +41,11 @@ def compare_runs(runs: list[Path]) -> tuple[list[int], list[dict[str, Any]]]:
         keyed = [f"{s}/{label}" for s, label in zip(sources, y, strict=True)]
         by_source = compute_metrics(y, probs, labels, keyed)
         macro = source_macro_recall(by_source, {k: k.rsplit("/", 1)[1] for k in keyed})
+        index = {label: i for i, label in enumerate(labels)}
+        targets = np.asarray([index[label] for label in y])
+        agree_at, disagree_at = choose(probs, targets)
+        shares = header_shares(probs, targets, agree_at, disagree_at)
+        per_label = by_header_label(probs, targets, agree_at, disagree_at, labels)
         cfg = d["config"]
         rows.append(
             {
@@ -52,6 +59,10 @@ def compare_runs(runs: list[Path]) -> tuple[list[int], list[dict[str, Any]]]:
                 "source_balanced_accuracy": macro["balanced_accuracy"],
                 "ece": metrics["ece"],
                 "recall": {k: v["recall"] for k, v in metrics["per_class"].items()},
+                "operating_point": {
+                    **asdict(shares),
+                    "caught_by_header": {k: v["caught"] for k, v in per_label.items()},
+                },
             }
         )
     return common, rows
@@ -74,5 +85,23 @@ def comparison_markdown(common: list[int], rows: list[dict[str, Any]], speed: di
             f"| {r['arch']} ({r['scaling']}) | {r['input']} | {rate if rate is not None else 'n/a'} | "
             f"{r['accuracy']:.3f} | {r['balanced_accuracy']:.3f} | {r['source_balanced_accuracy']:.3f} | "
             f"{r['ece']:.3f} | " + " | ".join(f"{r['recall'][label]:.2f}" for label in labels) + " |"
+        )
+    lines += [
+        "",
+        "Header test at each run's own operating point (train/operating_point.py): right headers "
+        "called agree / disagree, relabelled copies called disagree / agree, per image.",
+        "",
+        "| model | right: agree | right: disagree | relabelled: disagree | relabelled: agree | "
+        + " | ".join(f"relabelled {label}: disagree" for label in labels)
+        + " |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(labels),
+    ]
+    for r in rows:
+        op = r["operating_point"]
+        lines.append(
+            f"| {r['run']} | {op['agree']:.3f} | {op['false_disagree']:.3f} | {op['caught']:.3f} | "
+            f"{op['false_agree']:.3f} | "
+            + " | ".join(f"{op['caught_by_header'][label]:.2f}" for label in labels)
+            + " |"
         )
     return "\n".join(lines) + "\n"

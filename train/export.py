@@ -54,12 +54,23 @@ def _initialisation(pretrained: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _teacher(teacher: dict[str, Any] | None) -> list[str]:
+    """The card's line on knowledge distillation (none for a model trained on labels alone)."""
+    if not teacher or "sha256" not in teacher:
+        return []
+    origin = " (ImageNet-initialised)" if teacher.get("pretrained") else ""
+    return [
+        f"- Distilled from a `{teacher['arch']}` teacher{origin} trained on the same data, artefact sha256 "
+        f"`{teacher['sha256']}`; loss {1 - teacher['distill_weight']:.2g} x labels + "
+        f"{teacher['distill_weight']:.2g} x the teacher's outputs softened at "
+        f"T = {teacher['distill_temperature']:g}"
+    ]
+
+
 def _verdict_rule(spec: ModelSpec) -> str:
     t = spec.thresholds
-    if t.agree_at is not None:
-        return (
-            f"verdict: header label's probability >= {t.agree_at:.4g} agree, <= {t.disagree_at:.4g} disagree"
-        )
+    if t.header_test:
+        return "verdict: the header test, per-label thresholds under Operating point"
     return f"thresholds: confidence >= {t.min_confidence}, top-2 margin >= {t.min_margin}"
 
 
@@ -91,6 +102,7 @@ def model_card(spec: ModelSpec, sha256: str, command: str, speed: dict[str, Any]
         f"- Temperature: {spec.temperature:.3f}; " + _verdict_rule(spec),
         f"- Artefact sha256: `{sha256}`",
         *_initialisation(train.get("pretrained")),
+        *_teacher(train.get("teacher")),
         "",
         "## Training data",
         "",

@@ -34,6 +34,10 @@ from train.calibrate import softmax_np
 TARGETS = {"agree": 0.90, "false_disagree": 0.01, "caught": 0.80}
 #: At most this share of relabelled copies may be confirmed as ``agree``.
 MAX_FALSE_AGREE = 0.05
+#: A header label keeping at least even odds is never refuted, whatever the out-of-fold evidence.
+MAX_DISAGREE_AT = 0.5
+#: No label may bear more than this share of its own right headers refuted.
+MAX_LABEL_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -46,29 +50,41 @@ class HeaderShares:
     false_agree: float  # relabelled copies called agree
 
 
-def _shares(probs: np.ndarray, y: np.ndarray, agree_at: float, disagree_at: float) -> np.ndarray:
-    """Per image: the four shares of :class:`HeaderShares` (N, 4)."""
+def _shares(probs: np.ndarray, y: np.ndarray, agree_at: np.ndarray, disagree_at: np.ndarray) -> np.ndarray:
+    """Per image: the four shares of :class:`HeaderShares` (N, 4), thresholds per header label."""
     n, k = probs.shape
-    p_true = probs[np.arange(n), y]
+    rows = np.arange(n)
+    p_true = probs[rows, y]
     other = np.ones((n, k), dtype=bool)
-    other[np.arange(n), y] = False
-    p_other = probs[other].reshape(n, k - 1)
+    other[rows, y] = False
+    refuted = probs <= disagree_at[None, :]
+    confirmed = probs >= agree_at[None, :]
     return np.stack(
         [
-            p_true >= agree_at,
-            p_true <= disagree_at,
-            (p_other <= disagree_at).mean(axis=1),
-            (p_other >= agree_at).mean(axis=1),
+            p_true >= agree_at[y],
+            p_true <= disagree_at[y],
+            (refuted & other).sum(axis=1) / (k - 1),
+            (confirmed & other).sum(axis=1) / (k - 1),
         ],
         axis=1,
     ).astype(np.float64)
 
 
 def header_shares(
-    probs: np.ndarray, y: np.ndarray, agree_at: float, disagree_at: float, groups: np.ndarray | None = None
+    probs: np.ndarray,
+    y: np.ndarray,
+    agree_at: np.ndarray | float,
+    disagree_at: np.ndarray | float,
+    groups: np.ndarray | None = None,
 ) -> HeaderShares:
-    """The shares over images, or averaged over ``groups`` (each group's mean counts once)."""
-    per_image = _shares(probs, y, agree_at, disagree_at)
+    """The shares over images, or averaged over ``groups`` (each group's mean counts once).
+
+    Thresholds are per header label (one per column of ``probs``) or one for all.
+    """
+    k = probs.shape[1]
+    high = np.broadcast_to(np.asarray(agree_at, dtype=np.float64), (k,))
+    low = np.broadcast_to(np.asarray(disagree_at, dtype=np.float64), (k,))
+    per_image = _shares(probs, y, high, low)
     if groups is None:
         means = per_image.mean(axis=0)
     else:
@@ -79,32 +95,92 @@ def header_shares(
     return HeaderShares(*(float(v) for v in means))
 
 
+def _greedy(gains: list[np.ndarray], budget: int, limits: list[int]) -> list[int]:
+    """Spend ``budget`` unit costs over labels, at most ``limits[h]`` on label h; ``gains[h][u]`` is
+    label h's cumulative gain after spending u. Each step takes the spend with the best gain per
+    unit (looking ahead, since the gains are steps, not a concave curve)."""
+    spent = [0] * len(gains)
+    left = budget
+    while left > 0:
+        best: tuple[float, int, int] | None = None
+        for h, g in enumerate(gains):
+            reach = min(left, limits[h] - spent[h])
+            ahead = g[spent[h] + 1 : spent[h] + 1 + reach] - g[spent[h]]
+            if not len(ahead) or ahead.max() <= 0:
+                continue
+            ratio = ahead / np.arange(1, len(ahead) + 1)
+            step = int(np.argmax(ratio)) + 1
+            if best is None or ratio[step - 1] > best[0]:
+                best = (float(ratio[step - 1]), h, step)
+        if best is None:
+            break
+        _, h, step = best
+        spent[h] += step
+        left -= step
+    return spent
+
+
 def choose(
     probs: np.ndarray,
     y: np.ndarray,
     max_false_disagree: float = TARGETS["false_disagree"],
     max_false_agree: float = MAX_FALSE_AGREE,
-) -> tuple[float, float]:
-    """``(agree_at, disagree_at)``: refute as much as the false-disagree budget allows,
-    then confirm as much as the false-agree budget allows.
+    cap: float = MAX_DISAGREE_AT,
+    label_budget: float = MAX_LABEL_SHARE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(agree_at, disagree_at)`` per header label.
 
-    ``disagree_at`` is the largest probability of a right header's label that
-    keeps the share of right headers refuted within ``max_false_disagree``;
-    ``agree_at`` the smallest one (not below ``disagree_at``) that keeps the
-    share of relabelled copies confirmed within ``max_false_agree``.
+    ``disagree_at[h]`` sits just below a right header's probability so that at most
+    ``max_false_disagree`` of all right headers are refuted, that budget spent on the labels
+    where it catches the most relabelled copies, but never more than ``label_budget`` of one
+    label's right headers and never above ``cap`` (a header keeping even odds is never refuted).
+    ``agree_at[h]`` is the lowest value, above ``disagree_at[h]``, at which at most
+    ``max_false_agree`` of the copies relabelled ``h`` are confirmed: every label's ``agree``
+    is held to the same standard.
     """
-    n = len(y)
-    p_true = np.sort(probs[np.arange(n), y])
-    allowed = int(np.floor(max_false_disagree * n))
-    # Strictly below the (allowed+1)-th smallest right-header probability.
-    disagree_at = float(np.nextafter(p_true[allowed], 0)) if allowed < n else 1.0
-    disagree_at = min(max(disagree_at, 0.0), 0.5)
-    other = np.ones(probs.shape, dtype=bool)
-    other[np.arange(n), y] = False
-    p_other = np.sort(probs[other])[::-1]
-    cap = int(np.floor(max_false_agree * len(p_other)))
-    agree_at = float(np.nextafter(p_other[cap], 1)) if cap < len(p_other) else 0.0
-    return max(agree_at, np.nextafter(disagree_at, 1)), disagree_at
+    n, k = probs.shape
+    right = [np.sort(probs[y == h, h]) for h in range(k)]
+    wrong = [np.sort(probs[y != h, h]) for h in range(k)]
+
+    def below(h: int, u: int) -> float:  # refutes the u smallest right headers of label h
+        return min(float(np.nextafter(right[h][u], 0)), cap) if u < len(right[h]) else cap
+
+    caught = [
+        np.asarray([np.searchsorted(wrong[h], below(h, u), side="right") for u in range(len(right[h]) + 1)])
+        for h in range(k)
+    ]
+    limits = [int(np.floor(label_budget * len(r))) for r in right]
+    used = _greedy(caught, int(np.floor(max_false_disagree * n)), limits)
+    disagree_at = np.asarray([below(h, used[h]) if len(right[h]) else 0.0 for h in range(k)])
+    agree_at = np.ones(k)
+    for h in range(k):
+        allowed = int(np.floor(max_false_agree * len(wrong[h])))
+        if allowed < len(wrong[h]):  # just above the (allowed + 1)-th largest relabelled copy
+            agree_at[h] = float(np.nextafter(wrong[h][-allowed - 1], 1))
+        else:
+            agree_at[h] = 0.0
+    agree_at = np.minimum(np.maximum(agree_at, np.nextafter(disagree_at, 1)), 1.0)
+    return agree_at, disagree_at
+
+
+def by_header_label(
+    probs: np.ndarray, y: np.ndarray, agree_at: np.ndarray, disagree_at: np.ndarray, labels: list[str]
+) -> dict[str, dict[str, float]]:
+    """Per header label h: its thresholds, the shares of right h headers called agree and disagree,
+    and of the other labels' images relabelled h called disagree and agree."""
+    out = {}
+    for h, label in enumerate(labels):
+        p_right, p_copy = probs[y == h, h], probs[y != h, h]
+        out[label] = {
+            "agree_at": round(float(agree_at[h]), 6),
+            "disagree_at": round(float(disagree_at[h]), 6),
+            "right": len(p_right),
+            "agree": float(np.mean(p_right >= agree_at[h])) if len(p_right) else float("nan"),
+            "false_disagree": float(np.mean(p_right <= disagree_at[h])) if len(p_right) else float("nan"),
+            "caught": float(np.mean(p_copy <= disagree_at[h])),
+            "false_agree": float(np.mean(p_copy >= agree_at[h])),
+        }
+    return out
 
 
 def operating_point(run: Path, temperature: float | None = None) -> dict[str, Any]:
@@ -117,14 +193,10 @@ def operating_point(run: Path, temperature: float | None = None) -> dict[str, An
     y = np.asarray([index[str(v)] for v in data["labels"]])
     groups = np.asarray([f"{s}/{lab}" for s, lab in zip(data["sources"], data["labels"], strict=True)])
     agree_at, disagree_at = choose(probs, y)
-    per_label = {}
-    for label, i in index.items():
-        mask = y == i
-        if mask.any():
-            per_label[label] = asdict(header_shares(probs[mask], y[mask], agree_at, disagree_at))
+    per_label = by_header_label(probs, y, agree_at, disagree_at, labels)
     return {
-        "agree_at": round(agree_at, 6),
-        "disagree_at": round(disagree_at, 6),
+        "agree_at": {label: row["agree_at"] for label, row in per_label.items()},
+        "disagree_at": {label: row["disagree_at"] for label, row in per_label.items()},
         "temperature": t,
         "n": len(y),
         "images": asdict(header_shares(probs, y, agree_at, disagree_at)),
@@ -136,26 +208,45 @@ def operating_point(run: Path, temperature: float | None = None) -> dict[str, An
 
 
 def shares_markdown(point: dict[str, Any]) -> str:
-    """The operating point's shares as the markdown table of the model card."""
+    """The operating point's shares as the markdown tables of the model card."""
     lines = [
-        f"Header confirmed (`agree`) when p(header label) >= {point['agree_at']:.4g}, refuted "
-        f"(`disagree`) when <= {point['disagree_at']:.4g}, `uncertain` in between; chosen on "
-        f"{point['n']} out-of-fold images so that at most {TARGETS['false_disagree']:.0%} of right "
-        f"headers are refuted and at most {point['max_false_agree']:.0%} of relabelled copies confirmed.",
+        "A header is confirmed (`agree`) when the calibrated probability of its label is at least that "
+        "label's `agree_at`, refuted (`disagree`) when at most its `disagree_at`, `uncertain` in between. "
+        f"Chosen on {point['n']} out-of-fold images so that at most {TARGETS['false_disagree']:.0%} of "
+        f"right headers are refuted and at most {point['max_false_agree']:.0%} of relabelled copies "
+        "(every image once under each other label's header) confirmed, each budget spent where it "
+        "does the most.",
         "",
         "| | right header: agree | right header: disagree | relabelled: disagree | relabelled: agree |",
         "|---|---:|---:|---:|---:|",
         f"| target | >= {TARGETS['agree']:.2f} | <= {TARGETS['false_disagree']:.2f} | "
         f">= {TARGETS['caught']:.2f} | |",
     ]
-    rows = [("per image", point["images"]), ("per source", point["sources"])]
-    rows += [(f"{label} (per image)", s) for label, s in point["per_label"].items()]
-    for name, s in rows:
+    for name, s in (("per image", point["images"]), ("per source", point["sources"])):
         lines.append(
             f"| {name} | {s['agree']:.3f} | {s['false_disagree']:.3f} | {s['caught']:.3f} | "
             f"{s['false_agree']:.3f} |"
         )
+    lines += [
+        "",
+        "| header label | agree_at | disagree_at | right headers | agree | disagree | "
+        "relabelled to it: disagree | relabelled: agree |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, r in point["per_label"].items():
+        lines.append(
+            f"| {label} | {r['agree_at']:.4g} | {r['disagree_at']:.4g} | {r['right']} | {r['agree']:.3f} | "
+            f"{r['false_disagree']:.3f} | {r['caught']:.3f} | {r['false_agree']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["TARGETS", "HeaderShares", "choose", "header_shares", "operating_point", "shares_markdown"]
+__all__ = [
+    "TARGETS",
+    "HeaderShares",
+    "by_header_label",
+    "choose",
+    "header_shares",
+    "operating_point",
+    "shares_markdown",
+]

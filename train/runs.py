@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from sorter.model.artefact import file_sha256, read_spec
 from sorter.model.spec import ModelSpec, PreprocessParams
 from train.config import FitConfig
 from train.data import DecodeOptions, ImageSet, load_image_set
@@ -68,6 +69,22 @@ def training_summary(images: ImageSet, config: FitConfig, manifest: Path) -> dic
         "sources_per_label": {k: sorted(v) for k, v in sorted(sources.items())},
         "decode_failures": len(images.failures),
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.__dict__.items()},
+        **({"teacher": teacher_record(Path(config.teacher), config)} if config.teacher else {}),
+    }
+
+
+def teacher_record(path: Path, config: FitConfig) -> dict[str, Any]:
+    """What a distilled model learned from, for its card (a loso run's folds are not recorded)."""
+    if path.is_dir():
+        return {"loso_run": str(path)}
+    spec, _, _ = read_spec(path)
+    return {
+        "path": str(path),
+        "sha256": file_sha256(path),
+        "arch": spec.arch,
+        "pretrained": spec.training.get("pretrained"),
+        "distill_weight": config.distill_weight,
+        "distill_temperature": config.distill_temperature,
     }
 
 

@@ -121,12 +121,23 @@ class Model(Base):
     labels: Mapped[str] = mapped_column(sa.String(64))  # comma-separated, in output order
     min_confidence: Mapped[float] = mapped_column(sa.Float)
     min_margin: Mapped[float] = mapped_column(sa.Float)
-    # The header test's operating point (sorter.model.spec.Thresholds); NULL for older models.
-    agree_at: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
-    disagree_at: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
     path: Mapped[str | None] = mapped_column(sa.Text)
     spec: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
+
+
+class ModelThreshold(Base):
+    """The header test's operating point of one model for headers of one label
+    (:class:`sorter.model.spec.Thresholds`); older models have no rows."""
+
+    __tablename__ = "model_thresholds"
+
+    model_id: Mapped[int] = mapped_column(
+        sa.Integer, sa.ForeignKey("models.id", ondelete="CASCADE"), primary_key=True
+    )
+    label: Mapped[Label] = mapped_column(enum_by_value(Label, "label"), primary_key=True)
+    agree_at: Mapped[float] = mapped_column(sa.Float)
+    disagree_at: Mapped[float] = mapped_column(sa.Float)
 
 
 class Instance(Base):

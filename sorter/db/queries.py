@@ -25,6 +25,7 @@ instances = Base.metadata.tables["instances"]
 files = Base.metadata.tables["files"]
 predictions = Base.metadata.tables["predictions"]
 models = Base.metadata.tables["models"]
+model_thresholds = Base.metadata.tables["model_thresholds"]
 
 
 def path_under(column: sa.ColumnElement[str], prefixes: Iterable[str]) -> sa.ColumnElement[bool]:
@@ -206,14 +207,28 @@ def upsert_files(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
     session.execute(stmt, list(rows))
 
 
-def model_id_for(session: Session, values: Mapping[str, Any]) -> int:
-    """The id of the model row with ``values["sha256"]``, inserting it when new."""
+def model_id_for(
+    session: Session, values: Mapping[str, Any], thresholds: Mapping[str, tuple[float, float]] | None = None
+) -> int:
+    """The id of the model row with ``values["sha256"]``, inserting it (and its header-test
+    ``thresholds``, label -> (agree_at, disagree_at)) when new."""
     session.execute(
         insert_for(session, models).values(**values).on_conflict_do_nothing(index_elements=["sha256"])
     )
-    return int(
+    model_id = int(
         session.execute(sa.select(models.c.id).where(models.c.sha256 == values["sha256"])).scalar_one()
     )
+    if thresholds:
+        rows = [
+            {"model_id": model_id, "label": Label(label), "agree_at": high, "disagree_at": low}
+            for label, (high, low) in thresholds.items()
+        ]
+        session.execute(
+            insert_for(session, model_thresholds)
+            .values(rows)
+            .on_conflict_do_nothing(index_elements=["model_id", "label"])
+        )
+    return model_id
 
 
 def claim(

@@ -74,35 +74,39 @@ class PreprocessParams:
 class Thresholds:
     """The verdict's operating point (see :func:`sorter.compare.compare`).
 
-    With ``agree_at`` and ``disagree_at`` set (models since the header test) the
-    verdict tests the header: ``agree`` when the calibrated probability of the
-    header's label is at least ``agree_at``, ``disagree`` when it is at most
-    ``disagree_at``, ``uncertain`` in between; both are chosen on leave-sources-out
-    predictions (``train/operating_point.py``). Without them (older artefacts) a
+    With ``agree_at`` and ``disagree_at`` (per header label; models since the
+    header test) the verdict tests the header: ``agree`` when the calibrated
+    probability of the header's label is at least ``agree_at[label]``,
+    ``disagree`` when it is at most ``disagree_at[label]``, ``uncertain`` in
+    between. They are chosen on leave-sources-out predictions
+    (``train/operating_point.py``), per label because the model refutes a CT
+    header far more safely than an NM one. Without them (older artefacts) a
     prediction must be confident (both bounds below hold) and its argmax decides.
     """
 
     min_confidence: float = 0.8
     min_margin: float = 0.2
-    agree_at: float | None = None
-    disagree_at: float | None = None
+    agree_at: dict[str, float] = field(default_factory=dict)
+    disagree_at: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if (self.agree_at is None) != (self.disagree_at is None):
-            raise ValueError("agree_at and disagree_at are set together or not at all")
-        if (
-            self.agree_at is not None
-            and self.disagree_at is not None
-            and not 0.0 <= self.disagree_at < self.agree_at <= 1.0
-        ):
-            raise ValueError(
-                f"need 0 <= disagree_at < agree_at <= 1, got {self.disagree_at} and {self.agree_at}"
-            )
+        if set(self.agree_at) != set(self.disagree_at):
+            raise ValueError("agree_at and disagree_at must name the same labels")
+        for label, high in self.agree_at.items():
+            low = self.disagree_at[label]
+            if not 0.0 <= low < high <= 1.0:
+                raise ValueError(f"{label}: need 0 <= disagree_at < agree_at <= 1, not {low}, {high}")
 
     @property
     def header_test(self) -> bool:
         """True when the verdict tests the header's probability (see the class docstring)."""
-        return self.agree_at is not None
+        return bool(self.agree_at)
+
+    def bounds(self, label: Label) -> tuple[float, float] | None:
+        """``(agree_at, disagree_at)`` for a header of ``label``, or ``None`` without the header test."""
+        if label.value not in self.agree_at:
+            return None
+        return self.agree_at[label.value], self.disagree_at[label.value]
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,13 @@
-"""models.agree_at / disagree_at: the header test, at the series level too.
+"""model_thresholds: the header test's operating point per model and header label.
 
-Models since the header test store the operating point they were chosen at
-(see :class:`sorter.model.spec.Thresholds`): an instance's header is confirmed
-when its label's probability is at least ``agree_at`` and refuted when at most
-``disagree_at``. The series view applies the same test to the series' mean
-probability of its header label, after 0003's majority rule; a model without
-the columns (NULL) keeps the earlier confidence and margin rule.
-``latest_predictions`` gains both columns, so every view is recreated.
+Models since the header test store, per header label, the thresholds they were
+chosen at (see :class:`sorter.model.spec.Thresholds`): an instance's header is
+confirmed when its label's probability is at least ``agree_at`` and refuted
+when at most ``disagree_at``. ``latest_predictions`` gains both columns (for
+the instance's header label), and the series view applies the same test to the
+series' mean probability of its header label, after 0003's majority rule. A
+model without rows keeps the earlier confidence and margin rule. Every view is
+recreated, since all are built on ``latest_predictions``.
 
 Revision ID: 0004
 Revises: 0003
@@ -26,22 +27,32 @@ down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-_LATEST_BEFORE = "m.min_confidence, m.min_margin,"
-_LATEST_AFTER = "m.min_confidence, m.min_margin, m.agree_at, m.disagree_at,"
-_AGG_BEFORE = "MAX(min_confidence) AS min_confidence, MAX(min_margin) AS min_margin,"
-# The strictest operating point of the models in the series, as for the older thresholds.
-_AGG_AFTER = _AGG_BEFORE + " MAX(agree_at) AS agree_at, MIN(disagree_at) AS disagree_at,"
-_RULE_AFTER = "    WHEN 2 * n_disagree > n_instances AND label <> header_label THEN 'disagree'\n"
+LABELS = ("CT", "MR", "PT", "NM", "XR", "MG", "US", "OT")
+
+_LATEST_COLUMNS = "m.min_confidence, m.min_margin,"
+_LATEST_JOIN = "JOIN models m ON m.id = p.model_id"
+_AGG = "MAX(min_confidence) AS min_confidence, MAX(min_margin) AS min_margin,"
+_MAJORITY = "    WHEN 2 * n_disagree > n_instances AND label <> header_label THEN 'disagree'\n"
 _HEADER_TEST = (
     "    WHEN agree_at IS NOT NULL AND p_header >= agree_at THEN 'agree'\n"
     "    WHEN agree_at IS NOT NULL AND p_header <= disagree_at THEN 'disagree'\n"
     "    WHEN agree_at IS NOT NULL THEN 'uncertain'\n"
 )
-
-
-def _once(sql: str, old: str, new: str) -> str:
-    assert sql.count(old) == 1, f"the view SQL this revision edits has changed: {old!r}"
-    return sql.replace(old, new)
+_EDITS = {
+    "latest_predictions": [
+        (_LATEST_COLUMNS, _LATEST_COLUMNS + " t.agree_at, t.disagree_at,"),
+        (
+            _LATEST_JOIN,
+            _LATEST_JOIN
+            + "\nLEFT JOIN model_thresholds t ON t.model_id = p.model_id AND t.label = i.header_label",
+        ),
+    ],
+    # The strictest operating point among the series' instances, as for the older thresholds.
+    "series_summary": [
+        (_AGG, _AGG + " MAX(agree_at) AS agree_at, MIN(disagree_at) AS disagree_at,"),
+        (_MAJORITY, _MAJORITY + _HEADER_TEST),
+    ],
+}
 
 
 def _views(header_test: bool) -> list[tuple[str, str]]:
@@ -52,10 +63,9 @@ def _views(header_test: bool) -> list[tuple[str, str]]:
     out = []
     for name, sql in initial._views(op.get_context().dialect.name):
         sql = series.get(name, sql)
-        if header_test and name == "latest_predictions":
-            sql = _once(sql, _LATEST_BEFORE, _LATEST_AFTER)
-        if header_test and name == "series_summary":
-            sql = _once(_once(sql, _AGG_BEFORE, _AGG_AFTER), _RULE_AFTER, _RULE_AFTER + _HEADER_TEST)
+        for old, new in _EDITS.get(name, []) if header_test else []:
+            assert sql.count(old) == 1, f"the {name} SQL this revision edits has changed: {old!r}"
+            sql = sql.replace(old, new)
         out.append((name, sql))
     return out
 
@@ -66,19 +76,30 @@ def _drop_views() -> None:
 
 
 def upgrade() -> None:
-    """Add the two columns (NULL for existing models) and recreate the views."""
+    """Create the table and recreate the views."""
     _drop_views()
-    op.add_column("models", sa.Column("agree_at", sa.Float(), nullable=True))
-    op.add_column("models", sa.Column("disagree_at", sa.Float(), nullable=True))
+    op.create_table(
+        "model_thresholds",
+        sa.Column("model_id", sa.Integer(), nullable=False),
+        sa.Column(
+            "label",
+            sa.Enum(*LABELS, name="label", native_enum=False, create_constraint=True, length=16),
+            nullable=False,
+        ),
+        sa.Column("agree_at", sa.Float(), nullable=False),
+        sa.Column("disagree_at", sa.Float(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["model_id"], ["models.id"], name=op.f("fk_model_thresholds_model_id_models"), ondelete="CASCADE"
+        ),
+        sa.PrimaryKeyConstraint("model_id", "label", name=op.f("pk_model_thresholds")),
+    )
     for name, sql in _views(header_test=True):
         op.execute(f"CREATE VIEW {name} AS {sql}")
 
 
 def downgrade() -> None:
-    """Recreate the views as 0003 left them and drop the columns."""
+    """Recreate the views as 0003 left them and drop the table."""
     _drop_views()
-    with op.batch_alter_table("models") as batch:
-        batch.drop_column("disagree_at")
-        batch.drop_column("agree_at")
+    op.drop_table("model_thresholds")
     for name, sql in _views(header_test=False):
         op.execute(f"CREATE VIEW {name} AS {sql}")
