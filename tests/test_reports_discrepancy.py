@@ -9,13 +9,16 @@ aggregate wrongly: it needs the trained model, not the untrained tiny one.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
-from db_support import copy_dicom, query, scan, sorter, truncate
+from click.testing import CliRunner
+from db_support import copy_dicom, pydicom_file, query, scan, sorter, truncate
 from pydicom.uid import generate_uid
 
+from sorter.cli import main
 from sorter.model.artefact import DEFAULT_MODEL_PATH
 
 pytest_plugins = ["db_fixtures"]
@@ -109,3 +112,16 @@ def test_the_readme_recipes_run_and_find_what_they_promise(postgres_database, al
     assert {r.series_instance_uid for r in results[mr_as_ct]} == {uids["ct_labelled_mr"]}
     [studies] = [sql for sql in blocks if "FROM study_summary" in sql]
     assert {r.study_instance_uid for r in results[studies]} == {uids["study_x"], uids["study_z"]}
+
+
+def test_a_ct_slice_relabelled_mr_is_refuted_and_the_honest_one_confirmed(tmp_path):
+    """The issue's example: pydicom's CT_small.dcm with MR written in was `uncertain` at 0.66."""
+
+    honest = copy_dicom(pydicom_file("CT_small.dcm"), tmp_path / "ct.dcm")
+    relabelled = copy_dicom(pydicom_file("CT_small.dcm"), tmp_path / "ct-as-mr.dcm", modality="MR")
+    result = CliRunner().invoke(
+        main, ["classify", "--json", "--model", str(MODEL), str(honest), str(relabelled)]
+    )
+    assert result.exit_code == 0, result.output
+    verdicts = {Path(r["path"]).name: r["verdict"] for r in map(json.loads, result.output.splitlines())}
+    assert verdicts == {"ct.dcm": "agree", "ct-as-mr.dcm": "disagree"}

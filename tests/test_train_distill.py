@@ -19,3 +19,17 @@ def test_its_gradient_moves_the_student_towards_the_teacher():
     distillation_loss(student, teacher, 2.0).backward()
     assert student.grad is not None
     assert student.grad[0, 0] < 0 < student.grad[0, 1]  # raise the teacher's class, lower the others
+
+
+def test_the_shipped_recipes_resolve():
+    """train/recipes/*.yaml hold only known keys and valid values (the model card cites them)."""
+    from pathlib import Path
+
+    from train.config import resolve_config
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "train" / "recipes").glob("*.yaml"))
+    assert len(recipes) == 3
+    configs = {path.stem: resolve_config("default", path) for path in recipes}
+    assert configs["teacher"].pretrained and configs["teacher"].arch == "efficientnet_lite0"
+    assert configs["student"].teacher and configs["student"].arch == "mobilenet_v3_small"
+    assert configs["student"].preprocess() == configs["teacher"].preprocess()  # the same inputs

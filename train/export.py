@@ -151,12 +151,16 @@ def model_card(spec: ModelSpec, sha256: str, command: str, speed: dict[str, Any]
     if speed:
         lines += [
             "",
-            "## CPU speed (eager PyTorch, batch 32)",
+            f"## CPU speed (batch {speed.get('batch', 32)}; tests/bench/bench_inference.py)",
             "",
-            "| model | input | images/s |",
-            "|---|---|---:|",
+            "| model | input | runtime | threads | images/s |",
+            "|---|---|---|---:|---:|",
         ]
-        lines += [f"| {r['arch']} {r['note']} | {r['input']} | {r['images_per_s']} |" for r in speed["rows"]]
+        lines += [
+            f"| {r['arch']} {r.get('note', '')} | {r['input']} | {r.get('runtime', 'torch')} | "
+            f"{r.get('threads', '')} | {r['images_per_s']} |"
+            for r in speed["rows"]
+        ]
         lines += ["", f"Machine: {speed['machine']}."]
     lines += ["", "## Reproduce", "", "```", command, "```", ""]
     return "\n".join(lines)
