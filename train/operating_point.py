@@ -172,8 +172,9 @@ def by_header_label(
     for h, label in enumerate(labels):
         p_right, p_copy = probs[y == h, h], probs[y != h, h]
         out[label] = {
-            "agree_at": round(float(agree_at[h]), 6),
-            "disagree_at": round(float(disagree_at[h]), 6),
+            # Unrounded: agree_at may sit one float above disagree_at.
+            "agree_at": float(agree_at[h]),
+            "disagree_at": float(disagree_at[h]),
             "right": len(p_right),
             "agree": float(np.mean(p_right >= agree_at[h])) if len(p_right) else float("nan"),
             "false_disagree": float(np.mean(p_right <= disagree_at[h])) if len(p_right) else float("nan"),
