@@ -86,6 +86,7 @@ def test_scan_records_every_fuzzed_file_and_finishes(fuzzed, sqlite_url, tiny_mo
 def test_watch_records_every_fuzzed_file(fuzzed, sqlite_url, tiny_model, tmp_path):
     root, _ = fuzzed
     drop = tmp_path / "drop"
+    drop.mkdir()  # before the watcher starts: a missing folder gets no file events, only rescans
     from sorter.db.session import open_database
 
     engine, _ = open_database(sqlite_url)
