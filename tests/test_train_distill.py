@@ -28,8 +28,9 @@ def test_the_shipped_recipes_resolve():
     from train.config import resolve_config
 
     recipes = sorted((Path(__file__).resolve().parents[1] / "train" / "recipes").glob("*.yaml"))
-    assert len(recipes) == 3
+    assert len(recipes) == 4
     configs = {path.stem: resolve_config("default", path) for path in recipes}
-    assert configs["teacher"].pretrained and configs["teacher"].arch == "efficientnet_lite0"
+    assert configs["pretrained"].pretrained and configs["pretrained"].arch == "efficientnet_lite0"
+    assert configs["pretrained-shift"].shift_augment > 0
     assert configs["student"].teacher and configs["student"].arch == "mobilenet_v3_small"
-    assert configs["student"].preprocess() == configs["teacher"].preprocess()  # the same inputs
+    assert configs["student"].preprocess() == configs["pretrained"].preprocess()  # the same inputs

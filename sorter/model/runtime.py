@@ -76,6 +76,9 @@ def export_onnx(network: SorterNet, spec: ModelSpec) -> bytes:
         # pinned (pyproject.toml), and a failed export falls back to torch under ``auto``.
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
+            # EfficientNet's padding slices are exported unfolded; the exporter says so on every
+            # first run, and a user can do nothing about it.
+            warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
             torch.onnx.export(
                 network.cpu().eval(),
                 example,
