@@ -55,6 +55,15 @@ def test_fit_writes_artefact_curves_and_resolved_config(fitted):
     assert not (out / "checkpoint.pt").exists()
 
 
+def test_fit_refuses_to_overwrite_a_finished_run(fitted, corpus):
+    out, cache = fitted
+    before = (out / "model.pt").stat().st_mtime_ns
+    args = ["fit", "--manifest", str(corpus / "manifest.csv"), "--out", str(out), "--dry-run"]
+    result = CliRunner().invoke(main, [*args, "--cache-dir", str(cache)])
+    assert result.exit_code == 2 and "already holds a finished run" in result.output
+    assert (out / "model.pt").stat().st_mtime_ns == before
+
+
 def test_evaluate_writes_complete_metrics(fitted, corpus, tmp_path):
     out, cache = fitted
     # Every 25th row (all labels, several sources, decoded in seconds), paths made absolute
@@ -132,6 +141,11 @@ def test_loso_then_export_calibrated_artefact(fitted, corpus, tmp_path):
             str(card),
         ]
     )
+    # An artefact or card is never overwritten by accident.
+    again = ["export", "--model", str(out / "model.pt"), "--out", str(exported), "--card", str(card)]
+    refused = CliRunner().invoke(main, again)
+    assert refused.exit_code == 2 and "pass --force" in refused.output
+    _run([*again, "--loso", str(loso), "--force"])
     loaded = load_artefact(exported)
     assert loaded.spec.temperature == pytest.approx(metrics["temperature"])
     assert loaded.spec.metrics["leave_sources_out"]["n"] == metrics["n"]

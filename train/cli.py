@@ -14,7 +14,7 @@ import click
 import numpy as np
 
 from sorter.dicom.quiet import quiet_pydicom
-from sorter.model.artefact import DEFAULT_MODEL_PATH, load_artefact, save_artefact
+from sorter.model.artefact import load_artefact, save_artefact
 from train.config import PRESETS, FitConfig, resolve_config, save_config
 
 
@@ -108,12 +108,14 @@ def manifest(root: Path, out: Path, source_from: str, limit_per_series: int | No
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--val-fraction", type=float, help="Fraction of each label's sources held out for validation.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
+@click.option("--force", is_flag=True, help="Overwrite a finished run in OUT.")
 @_config_options
 def fit(
     manifest_path: Path,
     out: Path,
     val_fraction: float | None,
     resume: bool,
+    force: bool,
     preset: str,
     config_file: Path | None,
     dry_run: bool,
@@ -128,6 +130,8 @@ def fit(
     from train.splits import validation_sources
 
     config = _resolve(preset, config_file, dry_run, val_fraction=val_fraction, **overrides)
+    if (out / "model.pt").exists() and not (force or resume):
+        raise click.UsageError(f"{out} already holds a finished run (model.pt); pass --force to overwrite it")
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml", manifest=str(manifest_path), command=_command_line())
     rows = select_rows(manifest_path, config)
@@ -285,8 +289,12 @@ def operating_point_command(loso_dir: Path) -> None:
     help="A loso run: its temperature, metrics and verdict thresholds go into the artefact.",
 )
 @click.option(
-    "--out", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_MODEL_PATH, show_default=True
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Artefact to write (the bundled model is sorter/model/default/model.pt).",
 )
+@click.option("--force", is_flag=True, help="Overwrite an existing artefact or card.")
 @click.option(
     "--card", type=click.Path(dir_okay=False, path_type=Path), help="Write a markdown model card here."
 )
@@ -300,6 +308,7 @@ def export(
     model_path: Path,
     loso_dir: Path | None,
     out: Path,
+    force: bool,
     card: Path | None,
     speed_json: Path | None,
     reproduce: str,
@@ -307,6 +316,9 @@ def export(
     """Export a trained model as the artefact ``sorter`` loads (calibrated from a loso run)."""
     from train.export import export_model, model_card
 
+    for path in (out, card):
+        if path is not None and path.exists() and not force:
+            raise click.UsageError(f"{path} exists; pass --force to overwrite it")
     spec, digest = export_model(model_path, out, loso_dir)
     click.echo(f"saved {out} (sha256 {digest[:12]}, temperature {spec.temperature:.3f})")
     if card is not None:
