@@ -141,6 +141,9 @@ def test_loso_then_export_calibrated_artefact(fitted, corpus, tmp_path):
             str(card),
         ]
     )
+    # A folder that is not a finished loso run is refused in one line.
+    wrong = CliRunner().invoke(main, ["operating-point", str(out)])
+    assert wrong.exit_code == 2 and "is not a finished `sorter-train loso` run" in wrong.output
     # An artefact or card is never overwritten by accident.
     again = ["export", "--model", str(out / "model.pt"), "--out", str(exported), "--card", str(card)]
     refused = CliRunner().invoke(main, again)

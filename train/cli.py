@@ -66,6 +66,19 @@ def _resolve(preset: str, config_file: Path | None, dry_run: bool, **overrides: 
     return resolve_config(preset, config_file, **overrides)
 
 
+def _loso_run(_ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+    """Accept only a finished ``sorter-train loso`` run: one line instead of a traceback."""
+    if value is not None:
+        missing = [
+            name for name in ("config.yaml", "metrics.json", "oof.npz") if not (value / name).is_file()
+        ]
+        if missing:
+            raise click.BadParameter(
+                f"{value} is not a finished `sorter-train loso` run (no {', '.join(missing)})"
+            )
+    return value
+
+
 def _command_line() -> str:
     return "sorter-train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -264,7 +277,7 @@ def loso(
 
 
 @main.command("operating-point")
-@click.argument("loso_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("loso_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), callback=_loso_run)
 def operating_point_command(loso_dir: Path) -> None:
     """Choose the verdict's thresholds on a loso run's out-of-fold predictions and report them."""
     from train.operating_point import operating_point, shares_markdown
@@ -286,6 +299,7 @@ def operating_point_command(loso_dir: Path) -> None:
     "--loso",
     "loso_dir",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
+    callback=_loso_run,
     help="A loso run: its temperature, metrics and verdict thresholds go into the artefact.",
 )
 @click.option(
