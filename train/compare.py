@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import yaml
 
 from train.calibrate import softmax_np
 from train.metrics import compute_metrics, source_macro_recall
-from train.operating_point import by_header_label, choose, header_shares
+from train.operating_point import point_for
 
 
 def _load(run: Path) -> dict[str, Any]:
@@ -43,9 +42,7 @@ def compare_runs(runs: list[Path]) -> tuple[list[int], list[dict[str, Any]]]:
         macro = source_macro_recall(by_source, {k: k.rsplit("/", 1)[1] for k in keyed})
         index = {label: i for i, label in enumerate(labels)}
         targets = np.asarray([index[label] for label in y])
-        agree_at, disagree_at = choose(probs, targets)
-        shares = header_shares(probs, targets, agree_at, disagree_at)
-        per_label = by_header_label(probs, targets, agree_at, disagree_at, labels)
+        point = point_for(probs, targets, labels, np.asarray(keyed), float(d["temperature"]))
         cfg = d["config"]
         rows.append(
             {
@@ -60,8 +57,8 @@ def compare_runs(runs: list[Path]) -> tuple[list[int], list[dict[str, Any]]]:
                 "ece": metrics["ece"],
                 "recall": {k: v["recall"] for k, v in metrics["per_class"].items()},
                 "operating_point": {
-                    **asdict(shares),
-                    "caught_by_header": {k: v["caught"] for k, v in per_label.items()},
+                    **point["images"],
+                    "caught_by_header": {k: v["caught"] for k, v in point["per_label"].items()},
                 },
             }
         )

@@ -32,7 +32,7 @@ from train.calibrate import softmax_np
 
 #: Targets of the issue that introduced the header test (model card and README quote them).
 TARGETS = {"agree": 0.90, "false_disagree": 0.01, "caught": 0.80}
-#: At most this share of relabelled copies may be confirmed as ``agree``.
+#: At most this share of the copies relabelled to any one label may be confirmed as ``agree``.
 MAX_FALSE_AGREE = 0.05
 #: A header label keeping at least even odds is never refuted, whatever the out-of-fold evidence.
 MAX_DISAGREE_AT = 0.5
@@ -184,21 +184,17 @@ def by_header_label(
     return out
 
 
-def operating_point(run: Path, temperature: float | None = None) -> dict[str, Any]:
-    """Choose the operating point on a ``sorter-train loso`` run and report its shares."""
-    data = np.load(run / "oof.npz")
-    labels = [str(v) for v in yaml.safe_load((run / "config.yaml").read_text())["labels"]]
-    t = float(data["temperature"]) if temperature is None else temperature
-    probs = softmax_np(data["logits"], t)
-    index = {label: i for i, label in enumerate(labels)}
-    y = np.asarray([index[str(v)] for v in data["labels"]])
-    groups = np.asarray([f"{s}/{lab}" for s, lab in zip(data["sources"], data["labels"], strict=True)])
+def point_for(
+    probs: np.ndarray, y: np.ndarray, labels: list[str], groups: np.ndarray, temperature: float
+) -> dict[str, Any]:
+    """Choose the operating point on calibrated out-of-fold ``probs`` and report its shares, per
+    image, averaged over ``groups`` (source/label) and per header label."""
     agree_at, disagree_at = choose(probs, y)
     per_label = by_header_label(probs, y, agree_at, disagree_at, labels)
     return {
         "agree_at": {label: row["agree_at"] for label, row in per_label.items()},
         "disagree_at": {label: row["disagree_at"] for label, row in per_label.items()},
-        "temperature": t,
+        "temperature": temperature,
         "n": len(y),
         "images": asdict(header_shares(probs, y, agree_at, disagree_at)),
         "sources": asdict(header_shares(probs, y, agree_at, disagree_at, groups)),
@@ -208,15 +204,26 @@ def operating_point(run: Path, temperature: float | None = None) -> dict[str, An
     }
 
 
+def operating_point(run: Path, temperature: float | None = None) -> dict[str, Any]:
+    """:func:`point_for` on a ``sorter-train loso`` run (at its own temperature by default)."""
+    data = np.load(run / "oof.npz")
+    labels = [str(v) for v in yaml.safe_load((run / "config.yaml").read_text())["labels"]]
+    t = float(data["temperature"]) if temperature is None else temperature
+    index = {label: i for i, label in enumerate(labels)}
+    y = np.asarray([index[str(v)] for v in data["labels"]])
+    groups = np.asarray([f"{s}/{lab}" for s, lab in zip(data["sources"], data["labels"], strict=True)])
+    return point_for(softmax_np(data["logits"], t), y, labels, groups, t)
+
+
 def shares_markdown(point: dict[str, Any]) -> str:
     """The operating point's shares as the markdown tables of the model card."""
     lines = [
         "A header is confirmed (`agree`) when the calibrated probability of its label is at least that "
         "label's `agree_at`, refuted (`disagree`) when at most its `disagree_at`, `uncertain` in between. "
         f"Chosen on {point['n']} out-of-fold images so that at most {TARGETS['false_disagree']:.0%} of "
-        f"right headers are refuted and at most {point['max_false_agree']:.0%} of relabelled copies "
-        "(every image once under each other label's header) confirmed, each budget spent where it "
-        "does the most.",
+        "right headers are refuted, that budget spent on the labels where it catches the most "
+        "relabelled copies (every image once under each other label's header), and at most "
+        f"{point['max_false_agree']:.0%} of the copies relabelled to any one label are confirmed.",
         "",
         "| | right header: agree | right header: disagree | relabelled: disagree | relabelled: agree |",
         "|---|---:|---:|---:|---:|",
@@ -249,5 +256,6 @@ __all__ = [
     "choose",
     "header_shares",
     "operating_point",
+    "point_for",
     "shares_markdown",
 ]
