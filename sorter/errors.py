@@ -90,3 +90,21 @@ class IncompatibleModelError(ModelError):
     """The artefact's format version, checksum or spec does not match this code."""
 
     reason = "incompatible_model"
+
+
+class QueueUnavailable(SorterError):
+    """Registered instances could not be sent to the broker; they stay ``pending``.
+
+    Nothing is lost: the next scan, a listener's reconnection sweep or a worker's
+    sweep (``SORTER_SWEEP_AGE``) sends them. Raised so that the message names the
+    broker, not the registration, as what failed.
+    """
+
+    reason = "queue_unavailable"
+
+    def __init__(self, count: int, cause: BaseException) -> None:
+        self.count = count
+        super().__init__(
+            f"cannot send {count} registered instances to the queue ({type(cause).__name__}: {cause}); "
+            "they stay pending and are sent once the broker is back"
+        )

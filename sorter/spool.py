@@ -41,6 +41,7 @@ from sorter.dicom.storage import (
     source_ae,
 )
 from sorter.domain import Status
+from sorter.errors import QueueUnavailable
 from sorter.ingest import Registration, register
 from sorter.scan import Executor, Rejected, read_registration
 from sorter.walk import Entry, walk
@@ -270,13 +271,17 @@ class SpoolWorker:
                     )
                     self._serve(ingest)
                 return
-            except Exception as exc:  # the database or the model is away; the spool keeps the files
-                log.warning(
-                    "cannot register received instances (%s: %s); they stay in the spool, retry in %.0f s",
-                    type(exc).__name__,
-                    exc,
-                    self.retry_s,
-                )
+            except Exception as exc:  # database, model or broker away; the spool keeps the files
+                if isinstance(exc, QueueUnavailable):  # registered, only the enqueue failed
+                    log.warning("%s; retry in %.0f s", exc, self.retry_s)
+                else:
+                    log.warning(
+                        "cannot register received instances (%s: %s); they stay in the spool, "
+                        "retry in %.0f s",
+                        type(exc).__name__,
+                        exc,
+                        self.retry_s,
+                    )
                 # Dropped: the sweep at reconnection registers these files at once, with the
                 # sender from their meta, so a queue kept through the outage would only be re-checked.
                 self._discard_queue()

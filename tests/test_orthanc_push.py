@@ -99,7 +99,7 @@ def sorter_listen(tmp_path: Path, sqlite_url: str, tiny_model: Path) -> Iterator
         yield port
     finally:
         _stop(process)
-    assert process.returncode == 0, log.read_text(errors="replace")[-4000:]
+    assert process.returncode == 143, log.read_text(errors="replace")[-4000:]  # clean SIGTERM stop
 
 
 @pytest.fixture()

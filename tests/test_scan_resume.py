@@ -118,11 +118,14 @@ def test_kill_9_mid_scan_then_rerun_finishes_everything_exactly_once(
     assert scan(db_url, tiny_model, big_archive, tmp=tmp_path)["classified"] == 0
 
 
-def test_ctrl_c_rolls_back_cleanly_and_the_next_run_resumes(sqlite_url, tiny_model, big_archive, tmp_path):
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_rolls_back_cleanly_and_the_next_run_resumes(
+    sqlite_url, tiny_model, big_archive, tmp_path, signum, status
+):
     process = _start(sqlite_url, tiny_model, big_archive)
-    _interrupt_when_predictions_exist(process, sqlite_url, signal.SIGINT)
+    _interrupt_when_predictions_exist(process, sqlite_url, signum)
     output = process.stdout.read().decode() if process.stdout else ""
-    assert process.returncode == 130, output
+    assert process.returncode == status, output  # 128 + the signal
     assert "run the same command again to resume" in output
 
     summary = scan(sqlite_url, tiny_model, big_archive, tmp=tmp_path)

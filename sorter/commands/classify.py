@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from sorter.commands.common import device_option
 from sorter.config import Settings
 from sorter.errors import ModelError
 from sorter.fspath import display_path
@@ -39,7 +40,7 @@ def _table_row(record: dict[str, Any]) -> str:
     envvar="SORTER_FRAMES",
     help="Frames averaged per multi-frame instance (default 1: the middle frame).",
 )
-@click.option("--device", envvar="SORTER_DEVICE", help="cpu, cuda ... (default: CUDA when available).")
+@device_option
 def classify(
     paths: tuple[Path, ...],
     as_json: bool,

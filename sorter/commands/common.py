@@ -47,6 +47,23 @@ def command_settings(exclude: Collection[str] = ()) -> Settings:
     return Settings.from_env(**{name: value for name, value in params.items() if name in fields_})
 
 
+def _check_device(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    from sorter.commands.preflight import require_device
+
+    require_device(value)
+    return value
+
+
+#: ``--device``, refused at start when this host cannot run on it (no traceback, no worker that
+#: reports ready and then fails every task).
+device_option = click.option(
+    "--device",
+    envvar="SORTER_DEVICE",
+    callback=_check_device,
+    help="cpu, cuda, cuda:N (default: CUDA when available, else CPU).",
+)
+
+
 def model_options(func: F) -> F:
     """``--model``, ``--workers``, ``--batch-size`` and ``--device``: every command that runs the model."""
     options = [
@@ -65,9 +82,7 @@ def model_options(func: F) -> F:
             envvar="SORTER_BATCH_SIZE",
             help="Images per forward pass and per transaction.",
         ),
-        click.option(
-            "--device", envvar="SORTER_DEVICE", help="cpu, cuda ... (default: CUDA when available)."
-        ),
+        device_option,
     ]
     for option in reversed(options):
         func = option(func)

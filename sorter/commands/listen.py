@@ -3,7 +3,7 @@
 Builds the settings, the spool worker (database, model and in-process
 executor, opened on its own thread and reopened after an outage) and the AE,
 then serves until SIGINT or SIGTERM; on either it stops accepting
-associations, registers what is queued and exits 0.
+associations, registers what is queued and exits 0 (Ctrl-C) or 143 (SIGTERM).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from sorter.commands.common import (
     metrics_server,
     model_options,
 )
+from sorter.commands.preflight import exit_for_signal, validate_ae_title
 from sorter.commands.scan import executor_for
 from sorter.config import Settings
 from sorter.db.session import open_database
@@ -57,8 +58,20 @@ def backend(settings: Settings, summary: RunSummary, metrics: Metrics | None = N
 
 
 @click.command()
-@click.option("--ae-title", envvar="SORTER_AE_TITLE", required=True, help="Our AE title.")
-@click.option("--port", type=int, envvar="SORTER_PORT", required=True, help="TCP port to listen on.")
+@click.option(
+    "--ae-title",
+    envvar="SORTER_AE_TITLE",
+    required=True,
+    callback=validate_ae_title,
+    help="Our AE title (at most 16 characters).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    envvar="SORTER_PORT",
+    required=True,
+    help="TCP port to listen on.",
+)
 @click.option("--bind", envvar="SORTER_BIND", default="0.0.0.0", show_default=True, help="Address to bind.")
 @click.option(
     "--spool",
@@ -73,6 +86,7 @@ def backend(settings: Settings, summary: RunSummary, metrics: Metrics | None = N
     "allow_ae",
     multiple=True,
     envvar="SORTER_ALLOW_AE",
+    callback=validate_ae_title,
     help="Calling AE title allowed to associate (repeat; env: space separated). Default: any.",
 )
 @click.option(
@@ -175,6 +189,7 @@ def listen(
     if tls_ca is not None and tls_cert is None:
         raise click.UsageError("--tls-ca needs --tls-cert and --tls-key")
     context = listener.tls_context(tls_cert, tls_key, tls_ca) if tls_cert and tls_key else None
+    require_spool(spool)
     config = listener.ListenerConfig(
         ae_title=ae_title,
         port=port,
@@ -197,7 +212,13 @@ def listen(
             on_rejected=metrics.unclassified if metrics is not None else None,
         )
         stop = threading.Event()
-        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        received: list[int] = []
+
+        def request_stop(signum: int, _frame: object) -> None:
+            received.append(signum)
+            stop.set()
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             worker.start()
             try:
@@ -212,6 +233,22 @@ def listen(
             worker.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+    exit_for_signal(received)
+
+
+def require_spool(spool: Path) -> None:
+    """Create the spool folder and prove it writable, or exit with one line that names the problem
+    (left to the listener, it surfaced as "cannot listen on ...: Not a directory")."""
+    import tempfile
+
+    try:
+        spool.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=spool):
+            pass
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot use the spool folder {spool}: {exc.strerror or exc}; choose another with --spool"
+        ) from exc
 
 
 def counted(sink: Sink, metrics: Metrics | None) -> Sink:

@@ -2,7 +2,7 @@
 
 Each builds the database, the model and the in-process executor, runs, and
 prints a summary. Ctrl-C (or SIGTERM) rolls back the batches in flight and
-exits with 130; re-running the same command resumes.
+exits with 130 (143 for SIGTERM); re-running the same command resumes.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tqdm import tqdm
 
 from sorter.commands.common import command_settings, database, database_option, model_options
+from sorter.commands.preflight import require_broker
 from sorter.config import Settings
 from sorter.domain import Label
 from sorter.errors import ModelError
@@ -65,8 +66,12 @@ def classify_options(func: F) -> F:
     return func
 
 
-def _raise_interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same rollback runs, but ending with status 143."""
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated(f"signal {signum}")
 
 
 @contextmanager
@@ -175,15 +180,15 @@ def print_summary(summary: RunSummary, json_path: Path | None) -> None:
 
 @contextmanager
 def interruptible() -> Iterator[None]:
-    """Turn SIGTERM into Ctrl-C, and Ctrl-C into a short message and exit status 130."""
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    """Turn Ctrl-C and SIGTERM into a short message and exit status 130 and 143 (128 + the signal)."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         click.echo(
             "\ninterrupted: committed batches are kept; run the same command again to resume", err=True
         )
-        sys.exit(130)
+        sys.exit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT))
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -217,6 +222,7 @@ def scan(
 ) -> None:
     """Register and classify every DICOM file under PATH... (resumable; re-runs skip finished files)."""
     settings = command_settings()
+    require_broker(settings.broker_url)
     summary = RunSummary()
     with interruptible(), database(settings.database_url) as (engine, sessions):
         bar = progress_bar(progress, "scan")

@@ -3,7 +3,8 @@
 Builds the database, the model, the in-process executor and the
 :class:`~sorter.watch.Watcher`, then runs until SIGINT or SIGTERM. A signal
 only sets a flag: the batch in progress is classified and committed, the
-observer thread is stopped and joined, and the command exits with status 0.
+observer thread is stopped and joined, and the command exits with status 0
+after Ctrl-C, 143 after SIGTERM (128 + 15, what a shell reports for it).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sorter.commands.common import (
     metrics_server,
     model_options,
 )
+from sorter.commands.preflight import exit_for_signal, require_broker
 from sorter.commands.scan import executor_for, print_summary, sqlite_files
 from sorter.config import Settings
 from sorter.stability import StabilityTracker
@@ -124,10 +126,13 @@ def watch(
         # With a broker the files are classified later by `sorter worker`; the watcher cannot
         # know when a file is finished, so moving or deleting it could lose an instance.
         raise click.UsageError("--after move/delete needs in-process classification: unset SORTER_BROKER_URL")
+    require_broker(settings.broker_url)
     stop = threading.Event()
+    received: list[int] = []
 
     def request_stop(signum: int, _frame: object) -> None:
         click.echo(f"\nsignal {signum}: finishing the current batch", err=True)
+        received.append(signum)
         stop.set()
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -139,3 +144,4 @@ def watch(
             signal.signal(sig, handler)
     print_summary(summary, None)
     click.echo(f"stopped watching {os.path.abspath(directory)}")
+    exit_for_signal(received)

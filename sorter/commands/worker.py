@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from sorter.commands.common import command_settings, database_option, metrics_options
+from sorter.commands.common import command_settings, database_option, device_option, metrics_options
 from sorter.db.session import DatabaseError, open_database
 
 
@@ -50,7 +50,7 @@ from sorter.db.session import DatabaseError, open_database
     envvar="SORTER_MODEL",
     help="Model artefact (default: the bundled model).",
 )
-@click.option("--device", envvar="SORTER_DEVICE", help="cpu, cuda ... (default: CUDA when available).")
+@device_option
 @click.option(
     "--frames", type=int, envvar="SORTER_FRAMES", help="Frames classified per multi-frame instance."
 )

@@ -19,6 +19,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -77,7 +78,22 @@ def create_db_engine(url: str) -> Engine:
         connections are pinged before use so that a restarted server does
         not fail the next batch, and statements are planned afresh each time.
     """
-    url = normalise_url(url)
+    try:
+        return _create_engine(normalise_url(url))
+    except sa.exc.ArgumentError as exc:
+        raise DatabaseError(
+            f"{url!r} is not a database URL: {exc}; use sqlite:///FILE or postgresql://USER@HOST/DB"
+        ) from exc
+    except (ImportError, sa.exc.NoSuchModuleError) as exc:
+        backend = make_url(normalise_url(url)).get_backend_name()
+        hint = "pip install 'dicom-sorter[postgres]'" if backend == "postgresql" else "install its driver"
+        raise DatabaseError(
+            f"cannot use {make_url(url).render_as_string()}: the {backend} driver is not installed "
+            f"({exc}); {hint}"
+        ) from exc
+
+
+def _create_engine(url: str) -> Engine:
     if make_url(url).get_backend_name() == "sqlite":
         engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         sa.event.listen(engine, "connect", _sqlite_pragmas)
@@ -122,9 +138,38 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
+def known_revision(revision: str) -> bool:
+    """Whether the packaged migrations hold ``revision``."""
+    try:
+        return ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Apply migrations up to ``revision``."""
     command.upgrade(alembic_config(engine), revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Revert migrations down to ``revision`` (``base``: no tables left)."""
+    command.downgrade(alembic_config(engine), revision)
+
+
+def stamp(engine: Engine, revision: str) -> None:
+    """Record ``revision`` as the database's revision without running migrations."""
+    command.stamp(alembic_config(engine), revision)
+
+
+def revisions() -> list[tuple[str, str | None, str]]:
+    """``(revision, down_revision, first line of its message)`` of each packaged migration, newest first."""
+    out = []
+    for script in ScriptDirectory.from_config(alembic_config()).walk_revisions():
+        down = script.down_revision
+        after = down if isinstance(down, str) or down is None else ",".join(down)
+        doc = (script.doc or "").strip().splitlines()
+        out.append((script.revision, after, doc[0] if doc else ""))
+    return out
 
 
 def check(engine: Engine) -> None:
@@ -155,6 +200,12 @@ def ensure_schema(engine: Engine) -> None:
     current, head = current_revision(engine), head_revision()
     if current == head:
         return
+    if current is not None and not known_revision(current):
+        raise DatabaseError(
+            f"the database is at revision {current}, which this sorter does not know (its newest is "
+            f"{head}): it was migrated by a newer dicom-sorter or is another application's; upgrade "
+            "dicom-sorter, or point --database-url at another database"
+        )
     if is_sqlite(engine) or current is None:
         log.info("migrating %s database from %s to %s", engine.dialect.name, current, head)
         upgrade(engine)
@@ -177,7 +228,7 @@ def open_database(url: str) -> tuple[Engine, sessionmaker[Session]]:
     tuple
         ``(engine, session_factory)``; the caller disposes of the engine.
     """
-    engine = create_db_engine(url)
+    engine = create_db_engine(url)  # a missing driver or a malformed URL raises DatabaseError
     try:
         ensure_schema(engine)
     except sa.exc.OperationalError as exc:

@@ -14,6 +14,7 @@ from types import TracebackType
 
 from celery import Celery
 
+from sorter.errors import QueueUnavailable
 from sorter.jobs.celery_app import CLASSIFY_TASK
 
 log = logging.getLogger(__name__)
@@ -73,5 +74,8 @@ class CeleryExecutor:
             self._waiting = []
 
     def _send(self, ids: Sequence[int]) -> None:
-        self.app.send_task(CLASSIFY_TASK, args=[list(ids)], queue=self.queue)
+        try:
+            self.app.send_task(CLASSIFY_TASK, args=[list(ids)], queue=self.queue)
+        except Exception as exc:  # kombu's OperationalError, redis' ConnectionError ...
+            raise QueueUnavailable(len(ids), exc) from exc
         self.sent += len(ids)

@@ -1,0 +1,197 @@
+"""Every command checks its inputs and dependencies at start: one line that says what to do, a
+non-zero status, no traceback (issue 13, "Errors a user can act on")."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from pydicom.data import get_testdata_file
+from support import free_port
+
+from sorter.cli import main
+from sorter.config import Settings
+from sorter.errors import QueueUnavailable
+
+
+def _run(args: list[str], env: dict[str, str] | None = None) -> Result:
+    # SORTER_ variables of the developer's shell must not change what is tested.
+    clean: dict[str, str | None] = {name: None for name in os.environ if name.startswith("SORTER_")}
+    return CliRunner().invoke(main, args, env={**clean, **(env or {})})
+
+
+def _one_line_error(result: Result, status: int, *fragments: str) -> str:
+    """The result failed with ``status`` and a single ``Error:`` line holding every fragment."""
+    assert result.exit_code == status, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture()
+def archive(tmp_path: Path) -> Path:
+    folder = tmp_path / "archive" / "site"
+    folder.mkdir(parents=True)
+    shutil.copy(get_testdata_file("CT_small.dcm"), folder / "ct.dcm")
+    return tmp_path / "archive"
+
+
+def _instances(db: Path) -> int:
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as connection:
+        tables = {r[0] for r in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "instances" not in tables:
+            return 0
+        return int(connection.execute("SELECT count(*) FROM instances").fetchone()[0])
+
+
+# -- the broker -------------------------------------------------------------------------------
+
+
+def test_scan_with_the_broker_down_says_so_and_registers_nothing(archive, tmp_path):
+    db = tmp_path / "s.db"
+    broker = f"redis://:secret@127.0.0.1:{free_port()}/0"
+    result = _run(["scan", str(archive), "--database-url", f"sqlite:///{db}"], {"SORTER_BROKER_URL": broker})
+    line = _one_line_error(result, 1, "cannot reach the broker", "unset SORTER_BROKER_URL")
+    assert "secret" not in line  # the password is masked
+    assert _instances(db) == 0
+
+
+def test_watch_with_the_broker_down_says_so(tmp_path):
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    result = _run(
+        ["watch", str(drop), "--database-url", f"sqlite:///{tmp_path / 'w.db'}"],
+        {"SORTER_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"},
+    )
+    _one_line_error(result, 1, "cannot reach the broker")
+
+
+def test_an_enqueue_that_fails_is_named_as_such_not_as_a_registration(tmp_path):
+    """The listener logged "cannot register" when only the broker was away."""
+    from sorter.jobs.celery_app import make_celery
+    from sorter.jobs.queue import CeleryExecutor
+
+    app = make_celery(Settings(broker_url=f"redis://127.0.0.1:{free_port()}/0"))
+    app.conf.broker_connection_timeout = 1
+    executor = CeleryExecutor(app, batch_size=2, queue="sorter-test")
+    with pytest.raises(QueueUnavailable, match="cannot send 2 registered instances to the queue"):
+        executor.submit([1, 2])
+    assert executor.sent == 0
+
+
+# -- the device -------------------------------------------------------------------------------
+
+
+def _skip_with_cuda() -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this host has a CUDA GPU: --device cuda is valid here")
+
+
+@pytest.mark.parametrize("command", ["classify", "scan"])
+def test_device_cuda_without_a_gpu_is_refused_at_start(command, archive, tmp_path):
+    _skip_with_cuda()
+    db = tmp_path / "d.db"
+    extra = ["--database-url", f"sqlite:///{db}"] if command == "scan" else []
+    result = _run([command, str(archive), "--device", "cuda", *extra])
+    _one_line_error(result, 1, "--device cuda: no CUDA GPU", "--device cpu")
+    assert _instances(db) == 0
+
+
+def test_the_worker_refuses_a_device_it_cannot_use_instead_of_failing_every_task():
+    _skip_with_cuda()
+    result = _run(["worker", "--device", "cuda:0", "--broker-url", f"redis://127.0.0.1:{free_port()}/0"])
+    _one_line_error(result, 1, "no CUDA GPU")
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x"])
+def test_a_device_that_is_no_device_is_refused(device, archive):
+    result = _run(["classify", str(archive), "--device", device])
+    _one_line_error(result, 1, f"--device '{device}' is not a device", "cpu, cuda or cuda:N")
+
+
+# -- the listener -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "why"),
+    [
+        ("--ae-title", "A_TITLE_OF_17_CHR", "at most 16"),
+        ("--ae-title", "   ", "empty"),
+        ("--allow-ae", "PACS\\01", "no backslash"),
+    ],
+)
+def test_an_ae_title_dicom_does_not_allow_is_refused(option, value, why, tmp_path):
+    args = ["listen", "--port", str(free_port()), "--spool", str(tmp_path / "spool")]
+    args += ["--ae-title", "SORTER"] if option != "--ae-title" else []
+    result = _run([*args, option, value])
+    _one_line_error(result, 2, "is not a DICOM AE title", why)
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "-1"])
+def test_a_port_out_of_range_is_refused(port, tmp_path):
+    result = _run(["listen", "--ae-title", "SORTER", "--port", port, "--spool", str(tmp_path / "s")])
+    _one_line_error(result, 2, "'--port'", "1<=x<=65535")
+
+
+def test_a_spool_that_cannot_be_a_folder_is_named_as_the_problem(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = _run(
+        ["listen", "--ae-title", "SORTER", "--port", str(free_port()), "--spool", str(blocker / "spool")],
+        {"SORTER_DATABASE_URL": f"sqlite:///{tmp_path / 'l.db'}"},
+    )
+    line = _one_line_error(result, 1, "cannot use the spool folder", "--spool")
+    assert "cannot listen" not in line
+
+
+# -- the database -----------------------------------------------------------------------------
+
+
+def test_a_postgresql_url_without_its_driver_says_what_to_install(archive):
+    # pg8000 is not a dependency: the same path as psycopg missing from a lean install.
+    result = _run(["scan", str(archive), "--database-url", "postgresql+pg8000://sorter@127.0.0.1/test"])
+    _one_line_error(result, 1, "driver is not installed", "dicom-sorter[postgres]")
+
+
+def test_a_url_that_is_no_url_is_refused(archive):
+    result = _run(["report", "--database-url", "not a url"])
+    _one_line_error(result, 1, "is not a database URL", "sqlite:///")
+
+
+def test_a_database_at_a_revision_this_sorter_does_not_know_is_refused(archive, tmp_path):
+    db = tmp_path / "future.db"
+    url = f"sqlite:///{db}"
+    assert _run(["db", "upgrade", "--database-url", url]).exit_code == 0
+    with sqlite3.connect(db) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = '9999_from_the_future'")
+    result = _run(["scan", str(archive), "--database-url", url])
+    _one_line_error(result, 1, "revision 9999_from_the_future", "does not know", "upgrade dicom-sorter")
+    result = _run(["db", "upgrade", "--database-url", url])
+    _one_line_error(result, 1, "9999_from_the_future", "sorter db history")
+
+
+def test_db_history_downgrade_and_stamp(tmp_path):
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    history = _run(["db", "history"])
+    assert history.exit_code == 0, history.output
+    revisions = [line.split()[0] for line in history.output.splitlines()]
+    assert revisions[-1] == "0001" and len(revisions) >= 4
+    head = revisions[0]
+    assert _run(["db", "upgrade", "--database-url", url]).exit_code == 0
+    down = _run(["db", "downgrade", revisions[1], "--database-url", url])
+    assert down.exit_code == 0 and f"database at revision {revisions[1]}" in down.output, down.output
+    stamped = _run(["db", "stamp", head, "--database-url", url])
+    assert stamped.exit_code == 0 and f"stamped at revision {head}" in stamped.output, stamped.output
+    assert f"current {head}, head {head}" in _run(["db", "current", "--database-url", url]).output
+    _one_line_error(_run(["db", "downgrade", "nope", "--database-url", url]), 1, "nope")
