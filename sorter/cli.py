@@ -12,7 +12,7 @@ from sorter.commands.db import db_group
 from sorter.commands.export import export
 from sorter.commands.listen import listen
 from sorter.commands.reclassify import reclassify
-from sorter.commands.report import discrepancies, find, report
+from sorter.commands.report import discrepancies, failures, find, report
 from sorter.commands.scan import scan
 from sorter.commands.status import status
 from sorter.commands.watch import watch
@@ -44,6 +44,7 @@ main.add_command(db_group)
 main.add_command(report)
 main.add_command(discrepancies)
 main.add_command(find)
+main.add_command(failures)
 main.add_command(export)
 main.add_command(reclassify)
 main.add_command(listen)

@@ -62,6 +62,8 @@ class Registration:
     calling_ae: str | None = None
     size: int | None = None
     mtime_ns: int | None = None
+    ctime_ns: int | None = None
+    mode: int | None = None
     #: The file at this path changed since it was registered (the ledger's size or mtime differ).
     changed: bool = False
     #: The instance the ledger linked this path to before it changed.
@@ -181,7 +183,14 @@ def register(session: Session, items: Sequence[Registration]) -> list[Registered
     queries.upsert_files(
         session,
         [
-            {"path": i.path, "size": i.size, "mtime_ns": i.mtime_ns, "instance_id": r.instance_id}
+            {
+                "path": i.path,
+                "size": i.size,
+                "mtime_ns": i.mtime_ns,
+                "ctime_ns": i.ctime_ns,
+                "mode": i.mode,
+                "instance_id": r.instance_id,
+            }
             for i, r in zip(items, out, strict=True)
         ],
     )

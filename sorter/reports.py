@@ -1,4 +1,4 @@
-"""Read-only queries behind ``sorter report``, ``discrepancies`` and ``find``.
+"""Read-only queries behind ``sorter report``, ``discrepancies``, ``find`` and ``failures``.
 
 Each function takes the caller's session and returns plain dicts, so the
 commands can print them as a table, CSV or JSON. Long listings stream
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from sorter.db import views
-from sorter.db.queries import instances
+from sorter.db.queries import instances, path_under
 from sorter.domain import Label, Status, Verdict
 
 LEVELS = ("instance", "series", "study")
@@ -48,6 +48,7 @@ SERIES_FIELDS = (
     "n_disagree",
     "verdict",
 )
+FAILURE_FIELDS = ("status", "reason", "detail", "source", "sop_instance_uid", "updated_at", "path")
 STUDY_FIELDS = (
     "study_instance_uid",
     "source",
@@ -207,3 +208,43 @@ def find(
         stmt = stmt.limit(limit)
     for row in session.execute(stmt.execution_options(**_STREAM)):
         yield dict(row._mapping)
+
+
+def failures(
+    session: Session,
+    *,
+    reasons: Sequence[str] = (),
+    statuses: Sequence[Status] = (Status.FAILED,),
+    under: Sequence[str] = (),
+    limit: int | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Instances that ``failed`` (or were ``skipped``): path, reason and detail, oldest first.
+
+    Parameters
+    ----------
+    session
+        The caller's session.
+    reasons
+        Only these reasons (``permission_denied``, ``decode_error`` ...).
+    statuses
+        ``failed`` by default; ``skipped`` lists what was set aside on purpose.
+    under
+        Only paths under these folder prefixes.
+    limit
+        At most this many rows.
+    """
+    i = instances.c
+    stmt = sa.select(
+        i.status, i.error.label("reason"), i.detail, i.source, i.sop_instance_uid, i.updated_at, i.path
+    ).where(i.status.in_(list(statuses)))
+    if reasons:
+        stmt = stmt.where(i.error.in_(list(reasons)))
+    if under:
+        stmt = stmt.where(path_under(i.path, under))
+    stmt = stmt.order_by(i.id)
+    if limit:
+        stmt = stmt.limit(limit)
+    for row in session.execute(stmt.execution_options(**_STREAM)):
+        record = dict(row._mapping)
+        record["status"] = getattr(record["status"], "value", record["status"])
+        yield record

@@ -26,11 +26,12 @@ from typing import Any, Protocol
 from sqlalchemy.orm import Session, sessionmaker
 
 from sorter.db import queries
+from sorter.db.queries import LedgerEntry
 from sorter.dicom.headers import read_header
 from sorter.dicom.storage import is_temporary_name
 from sorter.domain import Status
 from sorter.errors import InputError, UnreadableFile
-from sorter.ingest import Registration, failure, from_header, register
+from sorter.ingest import Registered, Registration, failure, from_header, register
 from sorter.summary import RunSummary
 from sorter.walk import Entry, count_files, os_error_reason, walk
 
@@ -87,7 +88,14 @@ def read_registration(entry: Entry, source: str | None, **extra: Any) -> Registr
 
     ``extra`` goes to the registration (``changed``, ``replaces``, ``calling_ae``).
     """
-    common: dict[str, Any] = {"source": source, "size": entry.size, "mtime_ns": entry.mtime_ns, **extra}
+    common: dict[str, Any] = {
+        "source": source,
+        "size": entry.size,
+        "mtime_ns": entry.mtime_ns,
+        "ctime_ns": entry.ctime_ns,
+        "mode": entry.mode,
+        **extra,
+    }
     if entry.reason is not None:
         return failure(entry.path, entry.reason, entry.detail, entry.status, **common)
     try:
@@ -104,6 +112,44 @@ def read_registration(entry: Entry, source: str | None, **extra: Any) -> Registr
         log.warning("unexpected %s reading the header of %s", type(exc).__name__, entry.path, exc_info=True)
         return failure(entry.path, "header_error", f"{type(exc).__name__}: {exc}", **common)
     return from_header(header, **common)
+
+
+#: Failure reasons that can heal without the file's content changing: a permission or mount
+#: fixed, a file back in place, a codec plugin installed. A failed instance with one of these is
+#: re-read when its file's ctime or mode changed (chmod, chown, a restore), or with
+#: ``--retry-failed``. Content problems (``not_dicom``, ``truncated`` ...) wait for new content.
+RETRYABLE = frozenset(
+    {
+        "permission_denied",
+        "vanished",
+        "unreadable",
+        "broken_symlink",
+        "decode_error",
+        "unsupported_transfer_syntax",
+        "retries_exhausted",
+        "task_error",
+    }
+)
+
+
+def path_entry(path: str) -> Entry:
+    """The walk's entry for one path: its stat, or the reason there is none."""
+    return next(iter(walk([path])), None) or Entry(path, reason="vanished", detail="not found")
+
+
+def unchanged(old: LedgerEntry, entry: Entry, retry_failed: bool = False) -> bool:
+    """Whether the ledger's record of a path still holds, so the file needs no reading.
+
+    A path that could not be stat'ed, changed in size or mtime, or whose instance failed for a
+    :data:`RETRYABLE` reason since fixed (ctime or mode changed, or ``retry_failed``) is read again.
+    """
+    if entry.reason is not None or old.instance_id is None:
+        return False
+    if (old.size, old.mtime_ns) != (entry.size, entry.mtime_ns):
+        return False
+    if old.status == Status.FAILED.value and old.error in RETRYABLE:
+        return not retry_failed and (old.ctime_ns, old.mode) == (entry.ctime_ns, entry.mode)
+    return True
 
 
 class Scan:
@@ -127,6 +173,8 @@ class Scan:
     on_rejected
         Called with the status and reason of each file that ends ``failed`` or
         ``skipped`` at registration (metrics); classification outcomes go to the executor.
+    retry_failed
+        Re-read every unchanged file whose instance failed for a :data:`RETRYABLE` reason.
     """
 
     def __init__(
@@ -139,7 +187,9 @@ class Scan:
         progress: Progress | None = None,
         exclude: frozenset[str] = frozenset(),
         on_rejected: Rejected | None = None,
+        retry_failed: bool = False,
     ) -> None:
+        self.retry_failed = retry_failed
         self.sessions = sessions
         self.executor = executor
         self.summary = summary
@@ -188,12 +238,7 @@ class Scan:
             todo: list[Registration] = []
             for entry, root in chunk:
                 old = known.get(entry.path)
-                if (
-                    old is not None
-                    and entry.reason is None
-                    and old.instance_id is not None
-                    and (old.size, old.mtime_ns) == (entry.size, entry.mtime_ns)
-                ):
+                if old is not None and unchanged(old, entry, self.retry_failed):
                     self.summary.unchanged += 1
                     continue
                 source = self.source or source_of(entry.path, root)
@@ -201,6 +246,35 @@ class Scan:
                 todo.append(read_registration(entry, source, changed=old is not None, replaces=replaces))
             registered = register(session, todo) if todo else []
             session.commit()
+        self._committed(todo, registered)
+
+    def reread_failed(self) -> None:
+        """Read every ``failed`` instance's file again from its header on, whatever the reason.
+
+        ``sorter reclassify --include-failed``: a file that failed before its header was read
+        (permissions, a vanished mount) must get its header, series and header label, not only
+        pixels. What reads now is classified; what still fails keeps a fresh reason.
+        """
+        after = 0
+        while True:
+            with self.sessions() as session:
+                rows = queries.failed_instances(session, after=after, limit=RESUME_PAGE)
+            if not rows:
+                return
+            after = rows[-1].id
+            self.summary.files += len(rows)
+            todo = [
+                read_registration(path_entry(row.path), row.source, changed=True, replaces=row.id)
+                for row in rows
+            ]
+            with self.sessions() as session:
+                registered = register(session, todo)
+                session.commit()
+            self._committed(todo, registered)
+            self.executor.drain()
+
+    def _committed(self, todo: Sequence[Registration], registered: Sequence[Registered]) -> None:
+        """Count a committed registration batch and hand its new pending instances to the executor."""
         pending: list[int] = []
         for item, result in zip(todo, registered, strict=True):
             self.summary.registered += 1

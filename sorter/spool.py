@@ -43,8 +43,8 @@ from sorter.dicom.storage import (
 from sorter.domain import Status
 from sorter.errors import QueueUnavailable
 from sorter.ingest import Registration, register
-from sorter.scan import Executor, Rejected, read_registration
-from sorter.walk import Entry, walk
+from sorter.scan import Executor, Rejected, read_registration, unchanged
+from sorter.walk import Entry, file_entry, walk
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +99,7 @@ class SpoolIngest:
                 if entry is None:
                     continue  # replaced or removed since: the newer copy is (or was) offered itself
                 old = known.get(item.path)
-                if (
-                    old is not None
-                    and old.instance_id is not None
-                    and (old.size, old.mtime_ns)
-                    == (
-                        entry.size,
-                        entry.mtime_ns,
-                    )
-                ):
+                if old is not None and unchanged(old, entry):
                     continue
                 # Read for files to register only (the ledger skipped the rest): a few hundred bytes.
                 calling_ae = item.calling_ae or source_ae(item.path)
@@ -172,7 +164,7 @@ def _entry(path: str) -> Entry | None:
         return None
     except OSError as exc:
         return Entry(path, reason="unreadable", detail=exc.strerror or type(exc).__name__)
-    return Entry(path, st.st_size, st.st_mtime_ns)
+    return file_entry(path, st)
 
 
 def _chunks(items: Iterator[Received], size: int) -> Iterator[list[Received]]:

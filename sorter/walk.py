@@ -34,6 +34,8 @@ class Entry:
     mtime_ns: int | None = None
     reason: str | None = None
     detail: str | None = None
+    ctime_ns: int | None = None
+    mode: int | None = None
 
     @property
     def status(self) -> Status:
@@ -99,7 +101,7 @@ def walk(roots: Iterable[str | os.PathLike[str]], exclude: frozenset[str] = froz
 def file_entry(path: str, st: os.stat_result) -> Entry:
     """The entry for a stat'ed path: a regular file, or ``not_regular_file`` (FIFO, socket, device)."""
     if stat.S_ISREG(st.st_mode):
-        return Entry(path, st.st_size, st.st_mtime_ns)
+        return Entry(path, st.st_size, st.st_mtime_ns, ctime_ns=st.st_ctime_ns, mode=st.st_mode)
     return Entry(path, reason="not_regular_file", detail=stat.filemode(st.st_mode))
 
 

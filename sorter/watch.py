@@ -292,7 +292,7 @@ class Watcher:
                 self.forget(item.path)
                 self.note(item.path)  # changed after its last observation: settle again
                 continue
-            entries.append(Entry(item.path, st.st_size, st.st_mtime_ns))
+            entries.append(file_entry(item.path, st))
         if not entries:
             return
         try:
@@ -353,7 +353,14 @@ class Watcher:
             if row.at == row.path:
                 moves[row.id] = str(dest)
             ledger.append(
-                {"path": str(dest), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "instance_id": row.id}
+                {
+                    "path": str(dest),
+                    "size": st.st_size,
+                    "mtime_ns": st.st_mtime_ns,
+                    "ctime_ns": st.st_ctime_ns,
+                    "mode": st.st_mode,
+                    "instance_id": row.id,
+                }
             )
         if moves or ledger:
             # The instances follow their files, so reports and re-scans find them at the new place.

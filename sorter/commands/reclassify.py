@@ -22,13 +22,18 @@ from sorter.commands.scan import (
 )
 from sorter.db import queries
 from sorter.domain import Status
+from sorter.scan import Scan
 from sorter.summary import RunSummary
 
 PAGE = 2000
 
 
 @click.command()
-@click.option("--include-failed", is_flag=True, help="Also retry instances that failed to decode.")
+@click.option(
+    "--include-failed",
+    is_flag=True,
+    help="Also read every failed instance's file again, header first, and classify what now reads.",
+)
 @classify_options
 def reclassify(
     include_failed: bool,
@@ -43,13 +48,17 @@ def reclassify(
 ) -> None:
     """Classify stored instances again with --model (default: the bundled model)."""
     settings = command_settings()
-    statuses = [Status.DONE, Status.FAILED] if include_failed else [Status.DONE]
+    statuses = [Status.DONE]
     summary = RunSummary()
     started = time.monotonic()
     with interruptible(), database(settings.database_url) as (_engine, sessions):
         bar = progress_bar(progress, "reclassify")
         try:
-            with model_and_executor(settings, sessions, summary, bar, statuses=statuses) as executor:
+            # PENDING too: what --include-failed re-reads is registered pending, then classified here.
+            claimable = [*statuses, Status.PENDING]
+            with model_and_executor(settings, sessions, summary, bar, statuses=claimable) as executor:
+                if include_failed:  # headers first: a file that failed before its header was read
+                    Scan(sessions, executor, summary).reread_failed()
                 after = 0
                 while True:
                     with sessions() as session:

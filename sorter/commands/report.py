@@ -1,15 +1,16 @@
-"""``sorter report``, ``sorter discrepancies`` and ``sorter find``: read the results."""
+"""``sorter report``, ``discrepancies``, ``find`` and ``failures``: read the results."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
 
 from sorter import reports
 from sorter.commands.common import database, database_option, format_option, write_rows
-from sorter.domain import Label
+from sorter.domain import Label, Status
 
 _LABELS = click.Choice([label.value for label in Label], case_sensitive=False)
 
@@ -90,3 +91,38 @@ def find(
             limit=limit,
         )
         write_rows(rows, reports.INSTANCE_FIELDS, fmt)
+
+
+@click.command()
+@click.option("--reason", multiple=True, help="Only this reason, e.g. permission_denied (repeatable).")
+@click.option("--skipped", is_flag=True, help="List skipped instances (non-images, links ...) instead.")
+@click.option(
+    "--under",
+    multiple=True,
+    type=click.Path(path_type=str),
+    help="Only files under this folder (repeatable).",
+)
+@click.option("--limit", type=int, help="At most this many rows.")
+@format_option
+@database_option
+def failures(
+    reason: tuple[str, ...],
+    skipped: bool,
+    under: tuple[str, ...],
+    limit: int | None,
+    fmt: str,
+    database_url: str | None,
+) -> None:
+    """Files that failed, with their reason: fix them, then `sorter scan` retries what can heal."""
+    prefixes = [os.path.abspath(u).rstrip(os.sep) + os.sep for u in under]
+    with database(database_url) as (_engine, sessions), sessions() as session:
+        rows = reports.failures(
+            session,
+            reasons=reason,
+            statuses=[Status.SKIPPED if skipped else Status.FAILED],
+            under=prefixes,
+            limit=limit,
+        )
+        count = write_rows(rows, reports.FAILURE_FIELDS, fmt)
+    if fmt == "table":
+        click.echo(f"{count} {'skipped' if skipped else 'failed'}", err=True)

@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 
 F = Callable[..., Any]
 log = logging.getLogger(__name__)
+
+
+#: ``--fail-on`` choices and their exit statuses (1 and 2 are click's errors, 130/143 signals).
+FAIL_ON = {"failed": 3, "discrepancy": 4}
 
 
 def classify_options(func: F) -> F:
@@ -207,10 +211,26 @@ def progress_bar(enabled: bool | None, desc: str, total: int | None = None) -> t
     envvar="SORTER_SOURCE",
     help="Source name for every file (default: the first folder under each PATH).",
 )
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    help="Read again unchanged files that failed for a reason that can heal (permissions, a "
+    "vanished file, a missing codec); without it they are retried once their mode or ctime changes.",
+)
+@click.option(
+    "--fail-on",
+    "fail_on",
+    multiple=True,
+    type=click.Choice(FAIL_ON),
+    help="Exit 3 when a file of this run failed, 4 when one disagrees with its header (repeatable; "
+    "for cron and CI).",
+)
 @classify_options
 def scan(
     paths: tuple[Path, ...],
     source: str | None,
+    retry_failed: bool,
+    fail_on: tuple[str, ...],
     model: Path | None,
     workers: int | None,
     batch_size: int | None,
@@ -222,6 +242,11 @@ def scan(
 ) -> None:
     """Register and classify every DICOM file under PATH... (resumable; re-runs skip finished files)."""
     settings = command_settings()
+    if "discrepancy" in fail_on and settings.broker_url:
+        raise click.UsageError(
+            "--fail-on discrepancy needs in-process classification: with SORTER_BROKER_URL the "
+            "workers classify after the scan has ended"
+        )
     require_broker(settings.broker_url)
     summary = RunSummary()
     with interruptible(), database(settings.database_url) as (engine, sessions):
@@ -229,9 +254,27 @@ def scan(
         try:
             with executor_for(settings, sessions, summary, bar) as executor:
                 Scan(
-                    sessions, executor, summary, source=source, progress=bar, exclude=sqlite_files(engine)
+                    sessions,
+                    executor,
+                    summary,
+                    source=source,
+                    progress=bar,
+                    exclude=sqlite_files(engine),
+                    retry_failed=retry_failed,
                 ).run([str(p) for p in paths])
         finally:
             if bar is not None:
                 bar.close()
     print_summary(summary, json_summary)
+    exit_for_outcome(summary, fail_on)
+
+
+def exit_for_outcome(summary: RunSummary, fail_on: Collection[str]) -> None:
+    """Exit with ``FAIL_ON``'s status for the first outcome asked for that this run had."""
+    failed = sum(summary.failed.values())
+    if "failed" in fail_on and failed:
+        click.echo(f"{failed} files failed: `sorter failures` lists them", err=True)
+        raise click.exceptions.Exit(FAIL_ON["failed"])
+    if "discrepancy" in fail_on and summary.discrepancies:
+        click.echo(f"{summary.discrepancies} instances disagree: `sorter discrepancies` lists them", err=True)
+        raise click.exceptions.Exit(FAIL_ON["discrepancy"])

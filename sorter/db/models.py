@@ -217,7 +217,7 @@ class Prediction(Base):
 
 
 class File(Base):
-    """The scan ledger: a path seen by a scan, with the size and mtime it had then."""
+    """The scan ledger: a path seen by a scan, with the size, mtime, ctime and mode it had then."""
 
     __tablename__ = "files"
 
@@ -228,4 +228,7 @@ class File(Base):
     instance_id: Mapped[int | None] = mapped_column(
         BigId, sa.ForeignKey("instances.id", ondelete="SET NULL"), index=True
     )
+    # chmod/chown change these, not the mtime: a failure they fix is retried (migration 0005).
+    ctime_ns: Mapped[int | None] = mapped_column(sa.BigInteger)
+    mode: Mapped[int | None] = mapped_column(sa.Integer)
     seen_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())

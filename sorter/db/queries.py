@@ -56,6 +56,11 @@ class LedgerEntry:
     size: int | None
     mtime_ns: int | None
     instance_id: int | None
+    ctime_ns: int | None = None
+    mode: int | None = None
+    #: The linked instance's status and failure reason (``None`` without an instance).
+    status: str | None = None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -82,11 +87,31 @@ def ledger_lookup(session: Session, paths: Collection[str]) -> dict[str, LedgerE
     if not paths:
         return {}
     rows = session.execute(
-        sa.select(files.c.path, files.c.size, files.c.mtime_ns, files.c.instance_id).where(
-            files.c.path.in_(list(paths))
+        sa.select(
+            files.c.path,
+            files.c.size,
+            files.c.mtime_ns,
+            files.c.instance_id,
+            files.c.ctime_ns,
+            files.c.mode,
+            instances.c.status,
+            instances.c.error,
         )
+        .select_from(files.outerjoin(instances, instances.c.id == files.c.instance_id))
+        .where(files.c.path.in_(list(paths)))
     )
-    return {row.path: LedgerEntry(row.size, row.mtime_ns, row.instance_id) for row in rows}
+    return {
+        row.path: LedgerEntry(
+            row.size,
+            row.mtime_ns,
+            row.instance_id,
+            row.ctime_ns,
+            row.mode,
+            row.status.value if isinstance(row.status, Status) else row.status,
+            row.error,
+        )
+        for row in rows
+    }
 
 
 def finished_files(session: Session, paths: Collection[str], statuses: Collection[str]) -> list[Any]:
@@ -191,7 +216,7 @@ def delete_instances(session: Session, ids: Collection[int]) -> None:
 
 
 def upsert_files(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Insert or refresh ledger entries (``path, size, mtime_ns, instance_id``)."""
+    """Insert or refresh ledger entries (``path, size, mtime_ns, ctime_ns, mode, instance_id``)."""
     if not rows:
         return
     stmt = insert_for(session, files)
@@ -200,6 +225,8 @@ def upsert_files(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
         set_={
             "size": stmt.excluded.size,
             "mtime_ns": stmt.excluded.mtime_ns,
+            "ctime_ns": stmt.excluded.ctime_ns,
+            "mode": stmt.excluded.mode,
             "instance_id": stmt.excluded.instance_id,
             "seen_at": sa.func.now(),
         },
@@ -341,6 +368,26 @@ def next_ids(
         )
         stmt = stmt.where(~sa.exists(done))
     return list(session.execute(stmt.order_by(instances.c.id).limit(limit)).scalars())
+
+
+@dataclass(frozen=True)
+class FailedInstance:
+    """A failed instance's id, path and source (what a re-read needs)."""
+
+    id: int
+    path: str
+    source: str | None
+
+
+def failed_instances(session: Session, *, after: int, limit: int) -> list[FailedInstance]:
+    """A page of ``failed`` instances (keyset pagination on ``id``)."""
+    rows = session.execute(
+        sa.select(instances.c.id, instances.c.path, instances.c.source)
+        .where(instances.c.id > after, instances.c.status == Status.FAILED)
+        .order_by(instances.c.id)
+        .limit(limit)
+    )
+    return [FailedInstance(row.id, row.path, row.source) for row in rows]
 
 
 def upsert_predictions(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
