@@ -11,6 +11,7 @@ from sorter.commands.classify import classify
 from sorter.commands.db import db_group
 from sorter.commands.export import export
 from sorter.commands.listen import listen
+from sorter.commands.models import models_group
 from sorter.commands.reclassify import reclassify
 from sorter.commands.report import discrepancies, failures, find, report
 from sorter.commands.scan import scan
@@ -41,6 +42,7 @@ def main(verbose: int, log_format: str) -> None:
 main.add_command(classify)
 main.add_command(scan)
 main.add_command(db_group)
+main.add_command(models_group)
 main.add_command(report)
 main.add_command(discrepancies)
 main.add_command(find)
@@ -51,3 +53,15 @@ main.add_command(listen)
 main.add_command(watch)
 main.add_command(status)
 main.add_command(worker)
+
+
+def _show_envvars(command: click.Command) -> None:
+    """Every option's ``--help`` names its ``SORTER_`` variable (click's ``show_envvar``)."""
+    for param in command.params:
+        if isinstance(param, click.Option) and param.envvar:
+            param.show_envvar = True
+    for sub in getattr(command, "commands", {}).values():
+        _show_envvars(sub)
+
+
+_show_envvars(main)

@@ -45,6 +45,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import Status
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from sorter.associations import SPOOL_FULL, AssociationTracker
 from sorter.dicom.storage import has_free_space, store_instance
 
 log = logging.getLogger(__name__)
@@ -119,13 +120,17 @@ def handle_echo(event: Event) -> int:
     return int(StoreStatus.SUCCESS)
 
 
-def handle_requested(event: Event, spool: Path, floor: int) -> None:
+def handle_requested(
+    event: Event, spool: Path, floor: int, tracker: AssociationTracker | None = None
+) -> None:
     """A-ASSOCIATE request: refuse (transient) while the spool volume is below its floor."""
     try:
         if has_free_space(spool, floor):
             return
         calling = getattr(event.assoc.requestor.primitive, "calling_ae_title", "?")
         log.warning("association from %s refused: spool below its free-space floor", calling)
+        if tracker is not None:
+            tracker.reject(event, SPOOL_FULL)
         # As pynetdicom's own ACSE rejects: send A-ASSOCIATE-RJ, then end the association.
         event.assoc.acse.send_reject(_RJ_TRANSIENT, _RJ_SOURCE_PRESENTATION, _RJ_TEMPORARY_CONGESTION)
         event.assoc.kill()
@@ -133,8 +138,17 @@ def handle_requested(event: Event, spool: Path, floor: int) -> None:
         log.exception("free-space check at association failed")
 
 
-def handle_store(event: Event, spool: Path, floor: int, sink: Sink) -> int:
+def handle_store(
+    event: Event, spool: Path, floor: int, sink: Sink, tracker: AssociationTracker | None = None
+) -> int:
     """C-STORE: write the bytes as received, durably, then hand the path on; never raises."""
+    status = _store(event, spool, floor, sink)
+    if tracker is not None:
+        tracker.stored(event, status == StoreStatus.SUCCESS)
+    return status
+
+
+def _store(event: Event, spool: Path, floor: int, sink: Sink) -> int:
     sop_uid = "?"
     try:
         request = event.request
@@ -413,14 +427,21 @@ class GuardedRequestHandler(RequestHandler):
         return assoc
 
 
-def start(config: ListenerConfig, sink: Sink) -> ThreadedAssociationServer:
-    """Start serving in background threads; the caller ends it with ``server.shutdown()``."""
+def start(
+    config: ListenerConfig, sink: Sink, tracker: AssociationTracker | None = None
+) -> ThreadedAssociationServer:
+    """Start serving in background threads; the caller ends it with ``server.shutdown()``.
+
+    ``tracker`` (default: one that only logs) gathers each association into one log line.
+    """
     config.spool.mkdir(parents=True, exist_ok=True)
     ae = build_ae(config)
+    tracker = tracker or AssociationTracker()
     handlers: list[EventHandlerType] = [
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [config.spool, config.min_free_bytes, sink]),
-        (evt.EVT_REQUESTED, handle_requested, [config.spool, config.min_free_bytes]),
+        (evt.EVT_C_STORE, handle_store, [config.spool, config.min_free_bytes, sink, tracker]),
+        (evt.EVT_REQUESTED, handle_requested, [config.spool, config.min_free_bytes, tracker]),
+        *tracker.handlers(),
     ]
     if config.ssl_context is not None:
         config.ssl_context.sslsocket_class = QuickAckSSLSocket

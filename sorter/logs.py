@@ -39,6 +39,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, default=str)
 
 
+def json_logs() -> bool:
+    """Whether the root logger writes JSON (``--log-format json``)."""
+    return any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)
+
+
 def configure_logging(level: int, fmt: str = "text") -> None:
     """Send records at ``level`` and above to stderr as ``fmt`` (``text`` or ``json``)."""
     if fmt not in FORMATS:

@@ -19,18 +19,31 @@ replaced.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from http.server import HTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any, cast
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import sqlalchemy as sa
-from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    make_wsgi_app,
+    multiprocess,
+    start_http_server,
+)
 from prometheus_client import values as prometheus_values
 
 from sorter.db.queries import instances
@@ -39,6 +52,7 @@ from sorter.domain import Status, Verdict
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
+    from sorter.associations import AssociationRecord
     from sorter.pipeline import Outcome
 
 log = logging.getLogger(__name__)
@@ -147,11 +161,108 @@ class Metrics:
         return observe
 
 
-def start_metrics_server(port: int, bind: str, metrics: Metrics) -> HTTPServer:
-    """Serve ``metrics`` on ``http://bind:port/metrics`` in a daemon thread; stop with ``shutdown()``."""
-    server, _thread = start_http_server(port, addr=bind, registry=metrics.registry)
-    log.info("metrics on http://%s:%d/metrics", bind, server.server_port)
+class ListenerMetrics:
+    """What a PACS admin alerts on for ``sorter listen``, in the same registry as ``metrics``.
+
+    Separate from :class:`Metrics`, whose families the worker's pool processes also build (in
+    multiprocess mode, where gauges need a merge mode these do not have).
+    """
+
+    def __init__(self, metrics: Metrics, spool: Path) -> None:
+        r = metrics.registry
+        self.spool_free = Gauge(
+            "sorter_spool_free_bytes", "Free bytes on the spool's volume (at scrape time).", registry=r
+        )
+        self.spool_free.set_function(lambda: _free_bytes(spool))
+        self.pending = Gauge(
+            "sorter_pending_instances",
+            "Instances registered and not yet classified (NaN while the database is away).",
+            registry=r,
+        )
+        self.oldest_pending = Gauge(
+            "sorter_oldest_pending_age_seconds",
+            "Age of the oldest pending instance (0 when none; NaN while the database is away).",
+            registry=r,
+        )
+        self.last_store = Gauge(
+            "sorter_last_store_timestamp_seconds",
+            "Unix time of the last instance stored (0: none since start).",
+            registry=r,
+        )
+        self.associations = Counter(
+            "sorter_associations",
+            "Associations by result (accepted, released, aborted, rejected) and rejection reason.",
+            ["result", "reason"],
+            registry=r,
+        )
+        self.pending.set(float("nan"))
+        self.oldest_pending.set(float("nan"))
+
+    def stored(self) -> None:
+        """One instance stored now."""
+        self.last_store.set_to_current_time()
+
+    def association(self, record: AssociationRecord) -> None:
+        """Count one finished association."""
+        self.associations.labels(result=record.result, reason=record.reason or "").inc()
+
+    def backlog(self, pending: int | None, oldest_age_s: float | None) -> None:
+        """The database's backlog; ``None``: unknown (the database is away)."""
+        self.pending.set(float("nan") if pending is None else pending)
+        self.oldest_pending.set(float("nan") if oldest_age_s is None else oldest_age_s)
+
+
+def _free_bytes(path: Path) -> float:
+    try:
+        return float(shutil.disk_usage(path).free)
+    except OSError:
+        return float("nan")
+
+
+HealthCheck = Callable[[], dict[str, Any]]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes every 15 s must not fill the log."""
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+def start_metrics_server(
+    port: int, bind: str, metrics: Metrics, health: HealthCheck | None = None
+) -> WSGIServer:
+    """Serve ``metrics`` on ``http://bind:port/metrics`` and ``health`` on ``/healthz`` in a daemon
+    thread; stop with ``shutdown()``.
+
+    ``/healthz`` answers 200 with ``health()``'s JSON when its ``ok`` is true, else 503 (no check:
+    always 200, the process answering is the check).
+    """
+    metrics_app = make_wsgi_app(metrics.registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/healthz":
+            return cast(Iterable[bytes], metrics_app(environ, start_response))
+        try:
+            report = health() if health is not None else {"ok": True}
+        except Exception as exc:  # a failing check is an unhealthy answer, not a 500
+            report = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        body = json.dumps(report, default=str).encode()
+        status = "200 OK" if report.get("ok") else "503 Service Unavailable"
+        start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    server_class = type("MetricsServer", (_Server,), {"address_family": _family(bind)})
+    server: WSGIServer = make_server(bind, port, app, server_class, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    log.info("metrics on http://%s:%d/metrics, health on /healthz", bind, server.server_port)
     return server
+
+
+def _family(bind: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in bind else socket.AF_INET
 
 
 #: prometheus_client's multiprocess mode reads its folder from this variable.

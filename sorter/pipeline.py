@@ -27,6 +27,7 @@ import numpy as np
 
 from sorter.compare import compare
 from sorter.db import queries
+from sorter.db.catalogue import activate_if_none
 from sorter.db.queries import Claimed
 from sorter.dicom.pixels import load_image
 from sorter.dicom.quiet import quiet_pydicom
@@ -251,9 +252,10 @@ def write_outcomes(session: Session, model_id: int, outcomes: Sequence[Outcome])
 
 
 def register_model(session: Session, classifier: Classifier) -> int:
-    """The ``models`` row id of ``classifier``, created on first use."""
+    """The ``models`` row id of ``classifier``, created on first use (the database's first model
+    becomes its active one)."""
     spec = classifier.spec
-    return queries.model_id_for(
+    model_id = queries.model_id_for(
         session,
         {
             "sha256": classifier.sha256,
@@ -269,6 +271,8 @@ def register_model(session: Session, classifier: Classifier) -> int:
             for label in spec.thresholds.agree_at
         },
     )
+    activate_if_none(session, model_id)
+    return model_id
 
 
 def classify_batch(

@@ -175,6 +175,10 @@ class Scan:
         ``skipped`` at registration (metrics); classification outcomes go to the executor.
     retry_failed
         Re-read every unchanged file whose instance failed for a :data:`RETRYABLE` reason.
+    unseen_by
+        A model id: also classify the ``done`` instances under the roots that this model has not
+        classified (a scan with ``--model`` on an unchanged archive); the executor must be able to
+        claim ``done`` instances.
     """
 
     def __init__(
@@ -188,8 +192,10 @@ class Scan:
         exclude: frozenset[str] = frozenset(),
         on_rejected: Rejected | None = None,
         retry_failed: bool = False,
+        unseen_by: int | None = None,
     ) -> None:
         self.retry_failed = retry_failed
+        self.unseen_by = unseen_by
         self.sessions = sessions
         self.executor = executor
         self.summary = summary
@@ -216,7 +222,10 @@ class Scan:
                     self.progress.total = max(counter.total, self.summary.files)
                 self.progress.update(len(chunk))
         self.executor.drain()
-        self.resume([r if not os.path.isdir(r) else r.rstrip(os.sep) + os.sep for r in roots])
+        prefixes = [r if not os.path.isdir(r) else r.rstrip(os.sep) + os.sep for r in roots]
+        self.resume(prefixes)
+        if self.unseen_by is not None:
+            self.resume(prefixes, Status.DONE, self.unseen_by)
         self.summary.elapsed_s = time.monotonic() - started
         return self.summary
 
@@ -288,18 +297,27 @@ class Scan:
                     self.on_rejected(item.status, item.error)
         self.executor.submit(pending)  # after the commit: the ids exist for every reader
 
-    def resume(self, prefixes: Sequence[str]) -> None:
-        """Classify every instance still ``pending`` under ``prefixes`` (work cut short earlier)."""
+    def resume(
+        self, prefixes: Sequence[str], status: Status = Status.PENDING, without_model: int | None = None
+    ) -> None:
+        """Classify every instance still ``pending`` under ``prefixes`` (work cut short earlier), or
+        with ``status`` DONE and ``without_model``, those that model has not classified yet."""
         after = 0
         while True:
             with self.sessions() as session:
                 ids = queries.next_ids(
-                    session, after=after, limit=RESUME_PAGE, statuses=[Status.PENDING], under=prefixes
+                    session,
+                    after=after,
+                    limit=RESUME_PAGE,
+                    statuses=[status],
+                    under=prefixes,
+                    without_model=without_model,
                 )
             if not ids:
                 break
-            log.info("resuming %d pending instances", len(ids))
-            self.summary.resumed += len(ids)
+            log.info("classifying %d %s instances", len(ids), status.value)
+            if status is Status.PENDING:
+                self.summary.resumed += len(ids)
             after = ids[-1]
             self.executor.submit(ids)
             self.executor.drain()

@@ -29,11 +29,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
+import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from sorter.db import queries
+from sorter.db.queries import instances
 from sorter.dicom.storage import (
     STALE_TEMPORARY_S,
     is_spooled_file,
@@ -43,6 +46,8 @@ from sorter.dicom.storage import (
 from sorter.domain import Status
 from sorter.errors import QueueUnavailable
 from sorter.ingest import Registration, register
+from sorter.retention import BATCH as RETENTION_BATCH
+from sorter.retention import KEEP, Retention, apply_retention
 from sorter.scan import Executor, Rejected, read_registration, unchanged
 from sorter.walk import Entry, file_entry, walk
 
@@ -133,6 +138,30 @@ class SpoolIngest:
             log.info("spool sweep registered %d files", count)
         return count
 
+    def retain(self, policy: Retention) -> int:
+        """Delete what ``policy`` lets go from the spool; returns how many files went."""
+        total = 0
+        while True:
+            with self.sessions() as session:
+                deleted = apply_retention(session, str(os.path.abspath(self.spool)), policy)
+                session.commit()
+            total += deleted
+            if deleted < RETENTION_BATCH:
+                return total
+
+    def backlog(self) -> tuple[int, float]:
+        """The database's pending instances, and the age in seconds of the oldest (0 when none)."""
+        with self.sessions() as session:
+            count, oldest = session.execute(
+                sa.select(sa.func.count(), sa.func.min(instances.c.registered_at)).where(
+                    instances.c.status == Status.PENDING
+                )
+            ).one()
+        if oldest is None:
+            return int(count), 0.0
+        aware = oldest if oldest.tzinfo is not None else oldest.replace(tzinfo=UTC)  # SQLite: naive UTC
+        return int(count), max(0.0, (datetime.now(UTC) - aware).total_seconds())
+
     def _spooled(self) -> Iterator[Received]:
         if not self.spool.is_dir():
             return
@@ -203,6 +232,12 @@ class SpoolWorker:
     stale_s
         Age of a temporary file left by an interrupted write before it is removed
         (at start-up, then every ``stale_s``); see :data:`~sorter.dicom.storage.STALE_TEMPORARY_S`.
+    retention
+        What may be deleted from the spool once the database knows it (:mod:`sorter.retention`),
+        applied every ``tick_s``.
+    on_backlog
+        Told the database's pending count and the oldest pending instance's age every
+        ``tick_s``, and ``(None, None)`` while the database is away (metrics).
     """
 
     def __init__(
@@ -219,7 +254,15 @@ class SpoolWorker:
         grace_s: float = 60.0,
         on_rejected: Rejected | None = None,
         stale_s: float = STALE_TEMPORARY_S,
+        retention: Retention = KEEP,
+        on_backlog: Callable[[int | None, float | None], None] | None = None,
+        tick_s: float = 15.0,
     ) -> None:
+        self.retention = retention
+        self.on_backlog = on_backlog
+        self.tick_s = tick_s
+        #: Whether the database is connected now (``/healthz``).
+        self.connected = False
         self.spool = spool
         self.connect = connect
         self.source = source
@@ -261,7 +304,11 @@ class SpoolWorker:
                     ingest = SpoolIngest(
                         sessions, executor, self.spool, self.source, self.grace_s, self.on_rejected
                     )
-                    self._serve(ingest)
+                    self.connected = True
+                    try:
+                        self._serve(ingest)
+                    finally:
+                        self.connected = False
                 return
             except Exception as exc:  # database, model or broker away; the spool keeps the files
                 if isinstance(exc, QueueUnavailable):  # registered, only the enqueue failed
@@ -277,12 +324,15 @@ class SpoolWorker:
                 # Dropped: the sweep at reconnection registers these files at once, with the
                 # sender from their meta, so a queue kept through the outage would only be re-checked.
                 self._discard_queue()
+                if self.on_backlog is not None:
+                    self.on_backlog(None, None)
                 if self._stopping.wait(self.retry_s):
                     return
 
     def _serve(self, ingest: SpoolIngest) -> None:
         ingest.sweep()
         next_sweep = time.monotonic() + self.sweep_s
+        next_tick = 0.0
         while True:
             batch = self._next_batch()
             if batch:
@@ -293,6 +343,17 @@ class SpoolWorker:
                 self._tidy()
                 ingest.sweep()
                 next_sweep = time.monotonic() + self.sweep_s
+            if time.monotonic() >= next_tick:
+                self._tick(ingest)
+                next_tick = time.monotonic() + self.tick_s
+
+    def _tick(self, ingest: SpoolIngest) -> None:
+        """Retention and the backlog gauges; a database error here surfaces in the next batch."""
+        deleted = ingest.retain(self.retention)
+        if deleted:
+            log.info("spool retention (%s) deleted %d files", self.retention, deleted)
+        if self.on_backlog is not None:
+            self.on_backlog(*ingest.backlog())
 
     def _tidy(self) -> None:
         """Remove stale temporary files, at most once per ``stale_s``; never raises."""

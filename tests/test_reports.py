@@ -124,39 +124,20 @@ def test_export_writes_a_balanced_manifest_that_sorter_train_reads(db_url, tiny_
     assert (len(read_manifest(agree)) > 0) == ("agree" in verdicts)
 
 
-def test_reclassify_keeps_predictions_per_model_and_views_show_the_latest(
+def test_reclassify_keeps_predictions_per_model_and_views_stay_on_the_active_model(
     db_url, tiny_model, tiny_model_b, tmp_path
 ):
     small_archive(tmp_path / "archive")
     scan(db_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
     summary = tmp_path / "reclassify.json"
+    args = ("reclassify", "--model", str(tiny_model_b), "--workers", "1", "--no-progress")
 
-    sorter(
-        "reclassify",
-        "--model",
-        str(tiny_model_b),
-        "--workers",
-        "1",
-        "--no-progress",
-        "--json-summary",
-        str(summary),
-        url=db_url,
-    )
+    result = sorter(*args, "--json-summary", str(summary), url=db_url)
 
     assert json.loads(summary.read_text())["classified"] == 7
+    assert "the views still show the active model tiny.pt" in result.output
     assert query(db_url, "SELECT count(*) FROM predictions")[0][0] == 14
-    assert query(db_url, "SELECT count(DISTINCT model_sha256) FROM latest_predictions")[0][0] == 1
     latest = query(db_url, "SELECT m.path FROM latest_predictions lp JOIN models m ON m.id = lp.model_id")
-    assert {Path(r.path).name for r in latest} == {tiny_model_b.name}
-    sorter(
-        "reclassify",
-        "--model",
-        str(tiny_model_b),
-        "--workers",
-        "1",
-        "--no-progress",
-        "--json-summary",
-        str(summary),
-        url=db_url,
-    )
+    assert {Path(r.path).name for r in latest} == {tiny_model.name}  # no switch behind the user's back
+    sorter(*args, "--json-summary", str(summary), url=db_url)
     assert json.loads(summary.read_text())["classified"] == 0  # nothing left for this model

@@ -19,7 +19,7 @@ from sorter.config import Settings
 from sorter.db.session import DatabaseError, open_database
 
 if TYPE_CHECKING:
-    from sorter.metrics import Metrics
+    from sorter.metrics import HealthCheck, Metrics
 
 F = TypeVar("F", bound=Callable[..., Any])
 FORMATS = ("table", "csv", "json")
@@ -100,13 +100,14 @@ def metrics_options(func: F) -> F:
         "--metrics-port",
         type=click.IntRange(min=0, max=65535),
         envvar="SORTER_METRICS_PORT",
-        help="Serve Prometheus metrics on http://BIND:PORT/metrics (default 0: off).",
+        help="Serve Prometheus metrics on http://BIND:PORT/metrics and health on /healthz (default 0: off).",
     )(func)
 
 
 @contextmanager
-def metrics_server(settings: Settings) -> Iterator[Metrics | None]:
-    """A :class:`~sorter.metrics.Metrics` served over HTTP while the command runs, or ``None`` when off."""
+def metrics_server(settings: Settings, health: HealthCheck | None = None) -> Iterator[Metrics | None]:
+    """A :class:`~sorter.metrics.Metrics` served over HTTP while the command runs (with ``health``
+    on ``/healthz``), or ``None`` when off."""
     if not settings.metrics_port:
         yield None
         return
@@ -114,7 +115,7 @@ def metrics_server(settings: Settings) -> Iterator[Metrics | None]:
 
     metrics = Metrics()
     try:
-        server = start_metrics_server(settings.metrics_port, settings.metrics_bind, metrics)
+        server = start_metrics_server(settings.metrics_port, settings.metrics_bind, metrics, health)
     except OSError as exc:
         raise click.ClickException(
             f"cannot serve metrics on {settings.metrics_bind}:{settings.metrics_port}: {exc.strerror or exc}"
@@ -195,3 +196,32 @@ def write_rows(
         count += 1
     out.write("\n]\n")
     return count
+
+
+def view_model_option(func: F) -> F:
+    """``--model NAME|SHA`` on a query command: show that model's predictions, not the active one's."""
+    return click.option(
+        "--model",
+        "model_ref",
+        metavar="NAME|SHA",
+        help="Show this model's predictions (a name or sha256 prefix from `sorter models`) "
+        "instead of the active model's.",
+    )(func)
+
+
+def show_model(session: Session, ref: str | None) -> None:
+    """Within ``session``'s transaction, make ``ref`` the model the views show; the session must be
+    closed without a commit, which rolls the switch back.
+
+    The same statement as ``sorter models use``, so every view (instance, series, study) answers for
+    that model exactly as it would once active. On PostgreSQL it holds row locks on the instances
+    that model classified until the query ends.
+    """
+    if ref is None:
+        return
+    from sorter.db import catalogue
+
+    try:
+        catalogue.activate(session, catalogue.resolve(session, ref).id)
+    except catalogue.UnknownModel as exc:
+        raise click.ClickException(str(exc)) from exc

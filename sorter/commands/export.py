@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from sorter.commands.common import database, database_option
+from sorter.commands.common import database, database_option, show_model, view_model_option
+from sorter.domain import Label
 from sorter.export import LABEL_SOURCES, selection, write_manifest
 
 
@@ -25,6 +26,7 @@ from sorter.export import LABEL_SOURCES, selection, write_manifest
     help="agree: header and pixels agree; predicted: the model's label; header: the header's label.",
 )
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.0, show_default=True)
+@view_model_option
 @database_option
 def export(
     out: Path,
@@ -33,6 +35,7 @@ def export(
     by_source: bool,
     label_from: str,
     min_confidence: float,
+    model_ref: str | None,
     database_url: str | None,
 ) -> None:
     """Write a manifest that sorter-train reads (paths relative to the manifest's folder)."""
@@ -41,6 +44,7 @@ def export(
     if per_label is not None and not balanced:
         raise click.UsageError("--per-label only applies with --balanced")
     with database(database_url) as (_engine, sessions), sessions() as session:
+        show_model(session, model_ref)
         rows = selection(
             session,
             label_from=label_from,
@@ -57,6 +61,18 @@ def export(
         + ", ".join(f"{label} {n}" for label, n in sorted(by_label.items())),
         err=True,
     )
+    if per_label is not None:
+        short = {label: n for label, n in sorted(by_label.items()) if n < per_label}
+        missing = [label.value for label in Label if label.value not in by_label]
+        if short or missing:
+            click.echo(
+                f"short of --per-label {per_label}: "
+                + ", ".join([f"{label} {n}" for label, n in short.items()] + [f"{m} 0" for m in missing])
+                + f" (only what exists with --label-from {label_from}"
+                + (f" and confidence >= {min_confidence:g}" if min_confidence else "")
+                + "); lower --per-label or --min-confidence, or classify more",
+                err=True,
+            )
     if written.not_utf8:
         click.echo(
             f"left out {written.not_utf8} instances whose file names are not valid UTF-8 "

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,13 +30,15 @@ from sorter.commands.preflight import exit_for_signal, validate_ae_title
 from sorter.commands.scan import executor_for
 from sorter.config import Settings
 from sorter.db.session import open_database
+from sorter.dicom.storage import has_free_space
+from sorter.retention import Retention, parse_retention
 from sorter.scan import Executor
 from sorter.spool import Backend, SpoolWorker
 from sorter.summary import RunSummary
 
 if TYPE_CHECKING:
     from sorter.listener import Sink
-    from sorter.metrics import Metrics
+    from sorter.metrics import ListenerMetrics, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,13 @@ def backend(settings: Settings, summary: RunSummary, metrics: Metrics | None = N
             engine.dispose()
 
     return connect
+
+
+def _retention(_ctx: click.Context, _param: click.Parameter, value: str) -> Retention:
+    try:
+        return parse_retention(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
 
 
 @click.command()
@@ -154,6 +163,16 @@ def backend(settings: Settings, summary: RunSummary, metrics: Metrics | None = N
         " before a sweep registers it; files that record it are registered at once."
     ),
 )
+@click.option(
+    "--spool-retention",
+    envvar="SORTER_SPOOL_RETENTION",
+    default="keep",
+    show_default=True,
+    callback=_retention,
+    help="keep, delete-after-classify, or age:N[s|m|h|d]: delete spool files the database knows "
+    "(classified, skipped, or failed for good), at once or at that age. Pending and retryable "
+    "files are never deleted.",
+)
 @model_options
 @metrics_options
 @database_option
@@ -176,12 +195,15 @@ def listen(
     device: str | None,
     sweep_interval: float,
     sweep_grace: float,
+    spool_retention: Retention,
     metrics_port: int | None,
     metrics_bind: str | None,
     database_url: str | None,
 ) -> None:
     """Receive instances by DICOM C-STORE, store them in the spool, register and classify them."""
     from sorter import listener  # pynetdicom costs every other command a quarter of a second
+    from sorter.associations import AssociationTracker
+    from sorter.metrics import ListenerMetrics
 
     settings = command_settings(exclude=("sweep_interval",))
     if (tls_cert is None) != (tls_key is None):
@@ -201,7 +223,24 @@ def listen(
         min_free_bytes=min_free_mb * 1024 * 1024,
         ssl_context=context,
     )
-    with metrics_server(settings) as metrics:
+    stop = threading.Event()
+    state: dict[str, Any] = {}
+
+    def health() -> dict[str, Any]:
+        """Ready while accepting and above the free-space floor; the database is reported, not
+        required: the spool keeps what arrives during an outage."""
+        spool_ok = has_free_space(config.spool, config.min_free_bytes)
+        accepting = "server" in state and not stop.is_set()
+        connected = bool(state.get("worker") and state["worker"].connected)
+        return {
+            "ok": accepting and spool_ok,
+            "accepting": accepting,
+            "spool_above_floor": spool_ok,
+            "database": "connected" if connected else "unavailable",
+        }
+
+    with metrics_server(settings, health) as metrics:
+        gauges = ListenerMetrics(metrics, config.spool) if metrics is not None else None
         worker = SpoolWorker(
             config.spool,
             backend(settings, RunSummary(), metrics),
@@ -210,8 +249,11 @@ def listen(
             sweep_s=sweep_interval,
             grace_s=sweep_grace,
             on_rejected=metrics.unclassified if metrics is not None else None,
+            retention=spool_retention,
+            on_backlog=gauges.backlog if gauges is not None else None,
         )
-        stop = threading.Event()
+        state["worker"] = worker
+        tracker = AssociationTracker(gauges.association if gauges is not None else None)
         received: list[int] = []
 
         def request_stop(signum: int, _frame: object) -> None:
@@ -222,10 +264,15 @@ def listen(
         try:
             worker.start()
             try:
-                server = listener.start(config, counted(worker.offer, metrics))
+                server = listener.start(config, counted(worker.offer, metrics, gauges), tracker)
             except OSError as exc:
                 raise click.ClickException(f"cannot listen on {bind}:{port}: {exc.strerror or exc}") from exc
-            click.echo(f"listening as {ae_title} on {bind}:{port}; spool {config.spool}", err=True)
+            state["server"] = server
+            click.echo(
+                f"listening as {ae_title} on {bind}:{port}; spool {config.spool} "
+                f"(retention: {spool_retention})",
+                err=True,
+            )
             stop.wait()
             click.echo("stopping: no new associations; registering what was received", err=True)
             server.shutdown()
@@ -251,13 +298,15 @@ def require_spool(spool: Path) -> None:
         ) from exc
 
 
-def counted(sink: Sink, metrics: Metrics | None) -> Sink:
+def counted(sink: Sink, metrics: Metrics | None, gauges: ListenerMetrics | None = None) -> Sink:
     """``sink``, counting each received instance by calling AE when ``metrics`` is on."""
     if metrics is None:
         return sink
 
     def count_and_offer(path: Path, calling_ae: str) -> object:
         metrics.received(calling_ae)
+        if gauges is not None:
+            gauges.stored()
         return sink(path, calling_ae)
 
     return count_and_offer

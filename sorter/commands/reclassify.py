@@ -1,12 +1,15 @@
 """``sorter reclassify``: run stored instances through another model.
 
-Predictions are kept per model; the views show each instance's latest. The
-work list is "instances without a prediction from this model", so the
-command is resumable and a second run with the same model does nothing.
+Predictions are kept per model; the views show the active model's (``sorter
+models use``), so classifying with another model never switches them. The work
+list is "instances without a prediction from this model" (narrowed by the same
+filters as ``find``), so the command is resumable and a second run with the
+same model does nothing.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -20,12 +23,13 @@ from sorter.commands.scan import (
     print_summary,
     progress_bar,
 )
-from sorter.db import queries
-from sorter.domain import Status
+from sorter.db import catalogue, queries
+from sorter.domain import Label, Status, Verdict
 from sorter.scan import Scan
 from sorter.summary import RunSummary
 
 PAGE = 2000
+_LABELS = click.Choice([label.value for label in Label], case_sensitive=False)
 
 
 @click.command()
@@ -34,9 +38,29 @@ PAGE = 2000
     is_flag=True,
     help="Also read every failed instance's file again, header first, and classify what now reads.",
 )
+@click.option("--label", multiple=True, type=_LABELS, help="Only instances the views label so (repeatable).")
+@click.option("--header", multiple=True, type=_LABELS, help="Only these header labels (repeatable).")
+@click.option("--source", multiple=True, help="Only these sources (repeatable).")
+@click.option(
+    "--verdict",
+    multiple=True,
+    type=click.Choice([v.value for v in Verdict]),
+    help="Only instances whose shown verdict is this (repeatable), e.g. uncertain.",
+)
+@click.option(
+    "--under",
+    multiple=True,
+    type=click.Path(path_type=str),
+    help="Only files under this folder (repeatable).",
+)
 @classify_options
 def reclassify(
     include_failed: bool,
+    label: tuple[str, ...],
+    header: tuple[str, ...],
+    source: tuple[str, ...],
+    verdict: tuple[str, ...],
+    under: tuple[str, ...],
     model: Path | None,
     workers: int | None,
     batch_size: int | None,
@@ -48,14 +72,20 @@ def reclassify(
 ) -> None:
     """Classify stored instances again with --model (default: the bundled model)."""
     settings = command_settings()
-    statuses = [Status.DONE]
+    only = queries.InstanceFilter(
+        labels=tuple(Label(x.upper()) for x in label),
+        headers=tuple(Label(x.upper()) for x in header),
+        sources=source,
+        verdicts=tuple(Verdict(v) for v in verdict),
+        under=tuple(os.path.abspath(u).rstrip(os.sep) + os.sep for u in under),
+    )
     summary = RunSummary()
     started = time.monotonic()
     with interruptible(), database(settings.database_url) as (_engine, sessions):
         bar = progress_bar(progress, "reclassify")
         try:
             # PENDING too: what --include-failed re-reads is registered pending, then classified here.
-            claimable = [*statuses, Status.PENDING]
+            claimable = [Status.DONE, Status.PENDING]
             with model_and_executor(settings, sessions, summary, bar, statuses=claimable) as executor:
                 if include_failed:  # headers first: a file that failed before its header was read
                     Scan(sessions, executor, summary).reread_failed()
@@ -66,8 +96,9 @@ def reclassify(
                             session,
                             after=after,
                             limit=PAGE,
-                            statuses=statuses,
+                            statuses=[Status.DONE],
                             without_model=executor.model_id,
+                            only=only,
                         )
                     if not ids:
                         break
@@ -77,8 +108,17 @@ def reclassify(
                     if bar is not None:
                         bar.update(len(ids))
                 executor.drain()
+                model_id = executor.model_id
         finally:
             if bar is not None:
                 bar.close()
+        with sessions() as session:
+            active = next((r for r in catalogue.list_models(session) if r.active), None)
     summary.elapsed_s = time.monotonic() - started
     print_summary(summary, json_summary)
+    if active is not None and active.id != model_id:
+        click.echo(
+            f"\nthe views still show the active model {active.name} ({active.sha256[:12]}); "
+            "`sorter models use` switches them (`sorter models` lists the models)",
+            err=True,
+        )

@@ -9,18 +9,27 @@ import sys
 import click
 
 from sorter import reports
-from sorter.commands.common import database, database_option, format_option, write_rows
+from sorter.commands.common import (
+    database,
+    database_option,
+    format_option,
+    show_model,
+    view_model_option,
+    write_rows,
+)
 from sorter.domain import Label, Status
 
 _LABELS = click.Choice([label.value for label in Label], case_sensitive=False)
 
 
 @click.command()
+@view_model_option
 @format_option
 @database_option
-def report(fmt: str, database_url: str | None) -> None:
+def report(model_ref: str | None, fmt: str, database_url: str | None) -> None:
     """Counts by header and predicted label, discrepancy rates by source, station and calling AE, failures."""
     with database(database_url) as (_engine, sessions), sessions() as session:
+        show_model(session, model_ref)
         sections = reports.report(session)
     if fmt == "json":
         click.echo(json.dumps(sections, indent=2, default=str))
@@ -48,10 +57,16 @@ def report(fmt: str, database_url: str | None) -> None:
     help="Lowest confidence (series: mean probability) to list.",
 )
 @click.option("--limit", type=int, help="At most this many rows.")
+@view_model_option
 @format_option
 @database_option
 def discrepancies(
-    level: str, min_confidence: float, limit: int | None, fmt: str, database_url: str | None
+    level: str,
+    min_confidence: float,
+    limit: int | None,
+    model_ref: str | None,
+    fmt: str,
+    database_url: str | None,
 ) -> None:
     """Instances, series or studies whose pixels disagree with their header Modality."""
     columns = {
@@ -60,6 +75,7 @@ def discrepancies(
         "study": reports.STUDY_FIELDS,
     }
     with database(database_url) as (_engine, sessions), sessions() as session:
+        show_model(session, model_ref)
         write_rows(reports.discrepancies(session, level, min_confidence, limit), columns[level], fmt)
 
 
@@ -69,6 +85,7 @@ def discrepancies(
 @click.option("--source", multiple=True, help="Only these sources (repeatable).")
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.0, show_default=True)
 @click.option("--limit", type=int, help="At most this many rows.")
+@view_model_option
 @format_option
 @database_option
 def find(
@@ -77,11 +94,13 @@ def find(
     source: tuple[str, ...],
     min_confidence: float,
     limit: int | None,
+    model_ref: str | None,
     fmt: str,
     database_url: str | None,
 ) -> None:
-    """Find instances by what their pixels show (their latest prediction)."""
+    """Find instances by what their pixels show (the active model's prediction)."""
     with database(database_url) as (_engine, sessions), sessions() as session:
+        show_model(session, model_ref)
         rows = reports.find(
             session,
             Label(label.upper()),

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from sorter.commands.common import command_settings, database, database_option, model_options
 from sorter.commands.preflight import require_broker
 from sorter.config import Settings
-from sorter.domain import Label
+from sorter.domain import Label, Status
 from sorter.errors import ModelError
 from sorter.pipeline import Outcome, register_model
 from sorter.scan import Executor, Scan
@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 F = Callable[..., Any]
 log = logging.getLogger(__name__)
 
+
+#: What a scan's executor may claim: new work, and ``done`` instances its model has not classified.
+CLAIMABLE = (Status.PENDING, Status.DONE)
 
 #: ``--fail-on`` choices and their exit statuses (1 and 2 are click's errors, 130/143 signals).
 FAIL_ON = {"failed": 3, "discrepancy": 4}
@@ -155,14 +158,20 @@ def sqlite_files(engine: Engine) -> frozenset[str]:
     return frozenset({base, base + "-wal", base + "-shm", base + "-journal"})
 
 
+def plural(n: int, one: str, many: str | None = None) -> str:
+    """``1 file``, ``2 files``."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
 def print_summary(summary: RunSummary, json_path: Path | None) -> None:
     """The final tables: header label x predicted label, verdicts, skipped and failed by reason."""
     data = summary.to_dict()
-    rate = f"{data['files_per_s']} files/s" if data["files_per_s"] else ""
+    rate = f" ({data['files_per_s']} files/s)" if data["files_per_s"] else ""
     click.echo(
-        f"\n{summary.files} files in {summary.elapsed_s:.1f} s {rate}: {summary.registered} registered, "
-        f"{summary.unchanged} unchanged, {summary.duplicates} duplicates, {summary.resumed} resumed, "
-        f"{summary.classified} classified, {summary.discrepancies} discrepancies"
+        f"\n{plural(summary.files, 'file')} in {summary.elapsed_s:.1f} s{rate}: "
+        f"{summary.registered} registered, {summary.unchanged} unchanged, "
+        f"{plural(summary.duplicates, 'duplicate')}, {summary.resumed} resumed, "
+        f"{summary.classified} classified, {plural(summary.discrepancies, 'discrepancy', 'discrepancies')}"
     )
     if summary.confusion:
         headers = sorted({h for h, _ in summary.confusion})
@@ -252,7 +261,7 @@ def scan(
     with interruptible(), database(settings.database_url) as (engine, sessions):
         bar = progress_bar(progress, "scan")
         try:
-            with executor_for(settings, sessions, summary, bar) as executor:
+            with executor_for(settings, sessions, summary, bar, statuses=CLAIMABLE) as executor:
                 Scan(
                     sessions,
                     executor,
@@ -261,6 +270,8 @@ def scan(
                     progress=bar,
                     exclude=sqlite_files(engine),
                     retry_failed=retry_failed,
+                    # In process: what this model has not classified under PATH is classified too.
+                    unseen_by=getattr(executor, "model_id", None),
                 ).run([str(p) for p in paths])
         finally:
             if bar is not None:

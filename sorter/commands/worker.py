@@ -24,6 +24,7 @@ import click
 
 from sorter.commands.common import command_settings, database_option, device_option, metrics_options
 from sorter.db.session import DatabaseError, open_database
+from sorter.logs import json_logs
 
 
 @click.command()
@@ -114,6 +115,8 @@ def worker(
     ]
     if hostname:
         argv.append(f"--hostname={hostname}")
+    if json_logs():
+        argv.append("--quiet")  # Celery's banner is text on stdout: JSON logs only, one object per line
     if not settings.metrics_port:
         _run(app, argv)
         return

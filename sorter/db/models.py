@@ -124,6 +124,9 @@ class Model(Base):
     path: Mapped[str | None] = mapped_column(sa.Text)
     spec: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
+    # Stamped by `sorter models use` (and for the first model a database sees): the latest is the
+    # active model, whose predictions the views show (migration 0006).
+    activated_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
 
 
 class ModelThreshold(Base):

@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from sorter.db.models import Base
-from sorter.domain import Label, Status
+from sorter.domain import Label, Status, Verdict
 from sorter.fspath import stored_prefixes
 
 instances = Base.metadata.tables["instances"]
@@ -333,6 +333,38 @@ def take_attempts(session: Session, ids: Iterable[int], max_attempts: int) -> At
     return Attempts(fresh, retried, exhausted)
 
 
+@dataclass(frozen=True)
+class InstanceFilter:
+    """Which instances a command works on; an empty field does not filter.
+
+    ``labels`` and ``verdicts`` are those of the prediction the views show.
+    """
+
+    labels: Sequence[Label] = ()
+    headers: Sequence[Label] = ()
+    sources: Sequence[str] = ()
+    verdicts: Sequence[Verdict] = ()
+    under: Sequence[str] = ()
+
+    def apply(self, stmt: sa.Select[Any]) -> sa.Select[Any]:
+        """``stmt`` (a select over ``instances``) narrowed to the instances this filter keeps."""
+        i = instances.c
+        if self.headers:
+            stmt = stmt.where(i.header_label.in_(list(self.headers)))
+        if self.sources:
+            stmt = stmt.where(i.source.in_(list(self.sources)))
+        if self.under:
+            stmt = stmt.where(path_under(i.path, self.under))
+        if self.labels or self.verdicts:
+            shown = sa.select(predictions.c.id).where(predictions.c.id == i.prediction_id)
+            if self.labels:
+                shown = shown.where(predictions.c.label.in_(list(self.labels)))
+            if self.verdicts:
+                shown = shown.where(predictions.c.verdict.in_(list(self.verdicts)))
+            stmt = stmt.where(sa.exists(shown))
+        return stmt
+
+
 def next_ids(
     session: Session,
     *,
@@ -341,6 +373,7 @@ def next_ids(
     statuses: Collection[Status],
     under: Sequence[str] = (),
     without_model: int | None = None,
+    only: InstanceFilter | None = None,
 ) -> list[int]:
     """A page of instance ids (keyset pagination on ``id``), for resuming and reclassifying.
 
@@ -358,8 +391,12 @@ def next_ids(
         Only instances whose path starts with one of these folder prefixes.
     without_model
         Only instances without a prediction from this model id.
+    only
+        Further filters (``reclassify``'s options).
     """
     stmt = sa.select(instances.c.id).where(instances.c.id > after, instances.c.status.in_(list(statuses)))
+    if only is not None:
+        stmt = only.apply(stmt)
     if under:
         stmt = stmt.where(path_under(instances.c.path, under))
     if without_model is not None:
@@ -406,19 +443,39 @@ def upsert_predictions(session: Session, rows: Sequence[Mapping[str, Any]]) -> N
     )
 
 
-def mark_done(session: Session, ids: Collection[int], model_id: int) -> None:
-    """Set ``done`` and point each instance at its prediction from ``model_id``: one statement."""
-    if not ids:
-        return
-    latest = (
+def active_model() -> sa.ScalarSelect[Any]:
+    """The active model's id as a scalar subquery: the one ``sorter models use`` stamped last."""
+    return (
+        sa.select(models.c.id)
+        .where(models.c.activated_at.is_not(None))
+        .order_by(models.c.activated_at.desc(), models.c.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
+def _prediction_of(model_id: Any) -> sa.ScalarSelect[Any]:
+    return (
         sa.select(predictions.c.id)
         .where(predictions.c.instance_id == instances.c.id, predictions.c.model_id == model_id)
         .scalar_subquery()
     )
+
+
+def mark_done(session: Session, ids: Collection[int], model_id: int) -> None:
+    """Set ``done`` and point each instance at the prediction the views show: one statement.
+
+    That is the active model's prediction when the instance has one, else this one from
+    ``model_id``: classifying with another model (``reclassify --model``) stores its predictions
+    without switching the views, which only ``sorter models use`` does.
+    """
+    if not ids:
+        return
+    shown = sa.func.coalesce(_prediction_of(active_model()), _prediction_of(model_id))
     session.execute(
         sa.update(instances)
         .where(instances.c.id.in_(list(ids)))
-        .values(status=Status.DONE, error=None, detail=None, prediction_id=latest, updated_at=sa.func.now())
+        .values(status=Status.DONE, error=None, detail=None, prediction_id=shown, updated_at=sa.func.now())
     )
 
 

@@ -74,9 +74,10 @@ def _view(name: str, columns: tuple[str, ...]) -> sa.TableClause:
     return sa.table(name, *(sa.column(c) for c in columns))
 
 
-#: Every instance with its latest prediction (whichever model made it last).
+#: Every classified instance with the prediction it shows: the active model's when it has one,
+#: else the latest (see :mod:`sorter.db.catalogue`).
 latest_predictions = _view("latest_predictions", _INSTANCE)
-#: Instance level: the latest prediction confidently disagrees with the header.
+#: Instance level: the shown prediction disagrees with the header.
 discrepancies = _view("discrepancies", _INSTANCE)
 #: Series level: mean probabilities, their argmax and the series verdict.
 series_summary = _view("series_summary", _SERIES)

@@ -208,7 +208,9 @@ def make_celery(settings: Settings) -> Celery:
         # lost, comes back after visibility_timeout and claims nothing.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
+        # Flower (in deploy/docker-compose.yml) and `celery events` see tasks only with events on.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
     )
     return app
 

@@ -1,0 +1,72 @@
+"""Smaller things a user trips over (issue 13): variables in --help, the documented Python API,
+summaries in plain English, an export that says what it is short of."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from click.testing import CliRunner
+from db_support import scan, small_archive, sorter
+from pydicom.data import get_testdata_file
+
+from sorter.cli import main
+from sorter.domain import ALL_LABELS
+from sorter.logs import configure_logging, json_logs
+
+pytest_plugins = ["db_fixtures"]
+ALL_LABEL_VALUES = {label.value for label in ALL_LABELS}
+
+
+def test_help_names_each_option_s_environment_variable():
+    for command in (["scan"], ["listen"], ["worker"], ["watch"]):
+        result = CliRunner().invoke(main, [*command, "--help"])
+        assert result.exit_code == 0
+        assert "env var: SORTER_DATABASE_URL" in " ".join(result.output.split()), command
+
+
+def test_the_documented_python_api(tiny_model, tmp_path):
+    from sorter import Classifier, classify_paths
+
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "ct.dcm")
+    (tmp_path / "notes.txt").write_text("not an image")
+    records = list(classify_paths([tmp_path], Classifier.load(tiny_model, device="cpu")))
+    by_name = {Path(r["path"]).name: r for r in records}
+    assert sorted(by_name) == ["ct.dcm", "notes.txt"]
+    assert by_name["ct.dcm"]["header_label"] == "CT" and by_name["ct.dcm"]["label"] in ALL_LABEL_VALUES
+    assert by_name["notes.txt"]["status"] in {"failed", "skipped"} and "label" not in by_name["notes.txt"]
+
+
+def test_summaries_count_in_english(tiny_model, sqlite_url, tmp_path):
+    archive = tmp_path / "a"
+    archive.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), archive / "ct.dcm")
+    result = sorter("scan", "--model", str(tiny_model), "--workers", "1", str(archive), url=sqlite_url)
+    assert "\n1 file in " in result.output and "0 duplicates" in result.output
+    assert " s (" in result.output or " s:" in result.output  # no "2.4 s :"
+
+
+def test_export_says_which_labels_fall_short(db_url, tiny_model, tmp_path):
+    small_archive(tmp_path / "archive")
+    scan(db_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
+    out = tmp_path / "m.csv"
+    result = sorter(
+        "export", "--balanced", "--per-label", "500", "--label-from", "header", "--out", str(out), url=db_url
+    )
+    assert "short of --per-label 500: CT 3, MR 3" in result.output, result.output
+    assert "lower --per-label" in result.output
+
+
+def test_json_logs_are_detected_so_the_worker_can_quiet_celery_s_banner():
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    try:
+        root.handlers = []
+        configure_logging(logging.INFO, "json")
+        assert json_logs()
+        root.handlers = []
+        configure_logging(logging.INFO, "text")
+        assert not json_logs()
+    finally:
+        root.handlers = saved

@@ -1,0 +1,121 @@
+"""``sorter models``: the active model decides what every view and query shows; ``use`` switches
+and rolls back without inference; ``--model`` asks about another one; ``reclassify`` takes filters
+(issue 13, model selection). On SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from db_support import query, scan, small_archive, sorter
+
+pytest_plugins = ["db_fixtures"]
+
+
+def _shown(url: str) -> set[str]:
+    rows = query(url, "SELECT DISTINCT m.path FROM latest_predictions lp JOIN models m ON m.id = lp.model_id")
+    return {Path(r.path).name for r in rows}
+
+
+def _models(url: str) -> dict[str, dict[str, str]]:
+    rows = csv.DictReader(io.StringIO(sorter("models", "list", "--format", "csv", url=url).output))
+    return {row["name"]: row for row in rows}
+
+
+def _sha(url: str, model: Path) -> str:
+    return str(query(url, "SELECT sha256 FROM models WHERE path = :p", p=str(model))[0][0])
+
+
+@pytest.fixture()
+def two_models(db_url, tiny_model, tiny_model_b, tmp_path) -> str:
+    """The small archive scanned with model A, then reclassified with model B."""
+    small_archive(tmp_path / "archive")
+    scan(db_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
+    sorter("reclassify", "--model", str(tiny_model_b), "--workers", "1", "--no-progress", url=db_url)
+    return db_url
+
+
+def test_the_first_model_is_active_and_use_switches_and_rolls_back(two_models, tiny_model, tiny_model_b):
+    url = two_models
+    listed = _models(url)
+    assert listed[tiny_model.name]["active"] == "*" and listed[tiny_model_b.name]["active"] == ""
+    assert listed[tiny_model.name]["predictions"] == "7" == listed[tiny_model_b.name]["predictions"]
+    assert (listed[tiny_model.name]["shown"], listed[tiny_model_b.name]["shown"]) == ("7", "0")
+    assert _shown(url) == {tiny_model.name}
+
+    switched = sorter("models", "use", _sha(url, tiny_model_b)[:10], url=url)
+    assert "7 instances show its predictions" in switched.output
+    assert _shown(url) == {tiny_model_b.name}
+    assert _models(url)[tiny_model_b.name]["active"] == "*"
+
+    sorter("models", "use", tiny_model.name, url=url)  # rollback, by name
+    assert _shown(url) == {tiny_model.name}
+    table = sorter("models", url=url).output  # the group alone lists
+    assert tiny_model.name in table and tiny_model_b.name in table
+
+
+def test_query_commands_answer_for_another_model_without_switching(two_models, tiny_model_b):
+    url = two_models
+    sha_b = _sha(url, tiny_model_b)[:12]
+    asked = {
+        args: sorter(*args, "--model", sha_b, "--format", "json", url=url).output
+        for args in (("find", "--label", "CT"), ("discrepancies", "--level", "series"), ("report",))
+    }
+    assert _shown(url) == {Path(_models(url)["tiny.pt"]["path"]).name}  # nothing committed
+    sorter("models", "use", sha_b, url=url)
+    for args, output in asked.items():
+        assert json.loads(output) == json.loads(sorter(*args, "--format", "json", url=url).output), args
+
+
+def test_an_unknown_model_is_one_line(two_models):
+    result = sorter("find", "--label", "CT", "--model", "nope", url=two_models, expect=1)
+    assert "no model 'nope' in this database; known: tiny.pt" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_reclassify_takes_filters(db_url, tiny_model, tiny_model_b, tmp_path):
+    small_archive(tmp_path / "archive")
+    scan(db_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
+    summary = tmp_path / "r.json"
+    args = ("reclassify", "--model", str(tiny_model_b), "--workers", "1", "--no-progress")
+    sorter(*args, "--source", "siteA", "--json-summary", str(summary), url=db_url)
+    assert json.loads(summary.read_text())["classified"] == 3  # siteA's three CT slices
+    sorter(
+        *args,
+        "--header",
+        "MR",
+        "--under",
+        str(tmp_path / "archive" / "siteB"),
+        "--json-summary",
+        str(summary),
+        url=db_url,
+    )
+    assert json.loads(summary.read_text())["classified"] == 3
+    b = query(
+        db_url,
+        "SELECT i.source, i.header_label FROM predictions p JOIN instances i ON i.id = p.instance_id "
+        "JOIN models m ON m.id = p.model_id WHERE m.path = :p",
+        p=str(tiny_model_b),
+    )
+    assert sorted((r.source, r.header_label) for r in b) == [("siteA", "CT")] * 3 + [("siteB", "MR")] * 3
+
+
+def test_a_scan_with_another_model_on_an_unchanged_archive_classifies_what_it_has_not_seen(
+    db_url, tiny_model, tiny_model_b, tmp_path
+):
+    small_archive(tmp_path / "archive")
+    scan(db_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
+    again = scan(db_url, tiny_model_b, tmp_path / "archive", tmp=tmp_path)
+    assert again["registered"] == 0 and again["classified"] == 7, again
+    assert scan(db_url, tiny_model_b, tmp_path / "archive", tmp=tmp_path)["classified"] == 0
+    assert _shown(db_url) == {tiny_model.name}  # classified, not switched
+
+
+def test_migration_0006_keeps_the_views_on_the_model_they_showed(two_models, tiny_model):
+    url = two_models
+    sorter("db", "downgrade", "0005", url=url)
+    sorter("db", "upgrade", url=url)
+    assert _models(url)[tiny_model.name]["active"] == "*"
