@@ -36,7 +36,7 @@ class AssociationRecord:
 
     calling_ae: str
     address: str
-    result: str = "requested"  # accepted, rejected, released, aborted
+    result: str = "requested"  # then accepted; at the end rejected, released, aborted or closed
     reason: str | None = None  # why it was rejected
     stored: int = 0
     failed: int = 0
@@ -130,6 +130,8 @@ class AssociationTracker:
             record = self._records.pop(id(event.assoc), None)
         if record is None or (record.result == "requested" and not record.calling_ae):
             return  # a connection that never sent an association request: nothing to report
+        if record.result == "accepted":
+            record.result = "closed"  # the peer dropped the connection without release or abort
         log.info(record.line())
         if self.observer is not None:
             try:

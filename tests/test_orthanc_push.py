@@ -185,3 +185,70 @@ def test_orthanc_pushes_a_study_and_every_instance_is_classified(
     for uid in uids:
         assert rows[uid].status == "done" and rows[uid].prediction_id is not None, rows[uid]
         assert rows[uid].calling_ae == ORTHANC_AE
+
+
+def _received(url: str) -> set[str]:
+    return {r.sop_instance_uid for r in _done(url)}
+
+
+AUTOROUTE = Path(__file__).resolve().parent.parent / "deploy" / "orthanc" / "autoroute.lua"
+
+
+def test_the_shipped_autoroute_forwards_and_retries_while_the_listener_is_down(
+    tmp_path: Path, sqlite_url: str, tiny_model: Path
+) -> None:
+    """deploy/orthanc/autoroute.lua in a real Orthanc: a store that fails while sorter listen is
+    down is resubmitted once it is back (on Orthanc < 1.11.1, which has no heartbeat, when the
+    next instance arrives), and nothing is lost."""
+    port, http_port = free_port(), free_port()
+    config = {
+        "Name": "dicom-sorter-autoroute",
+        "StorageDirectory": str(tmp_path / "orthanc" / "storage"),
+        "IndexDirectory": str(tmp_path / "orthanc" / "index"),
+        "HttpPort": http_port,
+        "DicomPort": free_port(),
+        "DicomAet": ORTHANC_AE,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomModalities": {"sorter": [OUR_AE, "127.0.0.1", port]},
+        "Plugins": [],
+        "LuaScripts": [str(AUTOROUTE)],
+        "LuaHeartBeatPeriod": 1,
+        "JobsHistorySize": 100,
+        "SorterRetryDelay": 1,
+    }
+    (tmp_path / "orthanc.json").write_text(json.dumps(config))
+    files, uids, _study = _write_files(tmp_path / "upload")
+    olog, slog = tmp_path / "orthanc.log", tmp_path / "sorter-listen.log"
+    assert ORTHANC is not None
+    with olog.open("wb") as out:
+        orthanc = subprocess.Popen(
+            [ORTHANC, str(tmp_path / "orthanc.json")], cwd=tmp_path, stdout=out, stderr=out
+        )
+    base = f"http://127.0.0.1:{http_port}"
+    listener = None
+    try:
+        _wait(lambda: _answers(base), orthanc, "Orthanc", olog)
+        _http(base, "POST", "/instances", files[0].read_bytes())  # the listener is not running yet
+
+        def failed() -> bool:
+            jobs = _http(base, "GET", "/jobs?expand")
+            return any(j["Type"] == "DicomModalityStore" and j["State"] == "Failure" for j in jobs)
+
+        _wait(failed, orthanc, "a failed store job", olog)
+        env = listen_env(OUR_AE, port, tmp_path / "spool", sqlite_url, tiny_model, ORTHANC_AE)
+        with slog.open("wb") as out:
+            listener = subprocess.Popen(
+                [sys.executable, "-m", "sorter", "listen"], env=env, stdout=out, stderr=out
+            )
+        _wait(lambda: _port_open(port), listener, "sorter listen", slog, timeout_s=60)
+        time.sleep(1.5)  # past SorterRetryDelay
+        _http(base, "POST", "/instances", files[1].read_bytes())  # a new arrival also triggers retries
+        deadline = time.monotonic() + 60
+        while _received(sqlite_url) != set(uids[:2]) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert _received(sqlite_url) == set(uids[:2]), olog.read_text()[-3000:]
+    finally:
+        _stop(orthanc)
+        if listener is not None:
+            _stop(listener)

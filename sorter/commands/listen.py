@@ -251,6 +251,7 @@ def listen(
             on_rejected=metrics.unclassified if metrics is not None else None,
             retention=spool_retention,
             on_backlog=gauges.backlog if gauges is not None else None,
+            tick_s=min(15.0, sweep_interval or 15.0),  # retention and backlog: at least every sweep
         )
         state["worker"] = worker
         tracker = AssociationTracker(gauges.association if gauges is not None else None)

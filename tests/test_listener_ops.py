@@ -1,0 +1,206 @@
+"""What a PACS admin runs the listener by (issue 13): one log line per association, Prometheus
+gauges and counters, /healthz, and a spool retention policy that never deletes what is not yet
+classified. A real ``sorter listen`` process, real associations on loopback."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+from db_support import query
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from support import free_port, listen_env, stop_process_group, wait_for_port
+
+from sorter.retention import KEEP, Retention, parse_retention
+
+pytest_plugins = ["db_fixtures"]
+
+OUR_AE = "SORTER"
+
+
+def _dataset() -> pydicom.Dataset:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    return ds
+
+
+def _associate(port: int, calling: str, datasets: list[pydicom.Dataset]) -> list[int] | None:
+    ae = AE(ae_title=calling)
+    for ds in datasets or [_dataset()]:
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title=OUR_AE)
+    if not assoc.is_established:
+        return None
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _wait(check: Callable[[], bool], what: str, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} after {timeout:.0f} s:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.3)
+
+
+def _metric(text: str, name: str, **labels: str) -> float | None:
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        match = re.fullmatch(rf"{re.escape(name)}(\{{(.*)\}})? (\S+)", line)
+        if not match:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+        if found == labels:
+            return float(match.group(3))
+    return None
+
+
+def test_associations_metrics_health_and_retention(tmp_path, sqlite_url, tiny_model):
+    port, metrics_port = free_port(), free_port()
+    spool = tmp_path / "spool"
+    env = listen_env(OUR_AE, port, spool, sqlite_url, tiny_model, "MODALITY1")
+    env |= {
+        "SORTER_METRICS_PORT": str(metrics_port),
+        "SORTER_SPOOL_RETENTION": "delete-after-classify",
+        "SORTER_SWEEP_INTERVAL": "1",
+    }
+    log = tmp_path / "listen.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sorter", "listen"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{metrics_port}"
+    try:
+        wait_for_port(port, process, 90, log)
+        wait_for_port(metrics_port, process, 30, log)
+        assert _associate(port, "MODALITY1", [_dataset(), _dataset()]) == [0, 0]
+        assert _associate(port, "INTRUDER", [_dataset()]) is None  # not in --allow-ae
+
+        status, body = _get(f"{base}/healthz")
+        assert status == 200, body
+        health = json.loads(body)
+        assert health["ok"] and health["accepting"] and health["spool_above_floor"]
+
+        done = "SELECT count(*) FROM instances WHERE status = 'done'"
+        _wait(lambda: query(sqlite_url, done)[0][0] == 2, "not classified", log)
+        # delete-after-classify: the classified files leave the spool; rows and predictions stay.
+        _wait(lambda: not list(spool.rglob("*.dcm")), "the spool still holds classified files", log)
+        assert query(sqlite_url, "SELECT count(*) FROM predictions")[0][0] == 2
+        assert query(sqlite_url, "SELECT count(*) FROM files")[0][0] == 0
+
+        def pending_reported() -> bool:
+            return _metric(_get(f"{base}/metrics")[1], "sorter_pending_instances") == 0.0
+
+        _wait(pending_reported, "the backlog gauge never reported", log)
+        text = _get(f"{base}/metrics")[1]
+        assert _metric(text, "sorter_associations_total", reason="", result="released") == 1
+        refused = {"reason": "calling_ae_not_allowed", "result": "rejected"}
+        assert _metric(text, "sorter_associations_total", **refused) == 1
+        assert (_metric(text, "sorter_last_store_timestamp_seconds") or 0) > time.time() - 300
+        assert (_metric(text, "sorter_spool_free_bytes") or 0) > 0
+        assert _metric(text, "sorter_oldest_pending_age_seconds") == 0.0
+    finally:
+        stop_process_group(process)
+    output = log.read_text(errors="replace")
+    assert process.returncode == 143, output
+    peer = r"at 127\.0\.0\.1:\d+"
+    assert re.search(rf"association from MODALITY1 {peer}: released, stored 2, failed 0", output)
+    assert re.search(rf"association from INTRUDER {peer}: rejected \(calling_ae_not_allowed\)", output)
+    assert "retention: delete-after-classify" in output
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("keep", KEEP),
+        ("delete-after-classify", Retention(keep=False)),
+        ("age:7d", Retention(keep=False, min_age_s=7 * 86400)),
+        ("AGE:90m", Retention(keep=False, min_age_s=5400)),
+    ],
+)
+def test_retention_policies_parse(text, expected):
+    assert parse_retention(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "age:", "age:7w", "delete", "7d"])
+def test_a_policy_that_is_no_policy_is_refused(text):
+    with pytest.raises(ValueError, match="keep, delete-after-classify or age:N"):
+        parse_retention(text)
+
+
+def test_retention_never_deletes_pending_or_retryable_files(db_url, tmp_path):
+    """Only finished instances' files go, and with age:N only old enough ones."""
+    import os
+
+    from sorter.db.session import open_database
+    from sorter.domain import Status
+    from sorter.ingest import Registration, register
+    from sorter.retention import apply_retention
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    cases = {
+        "done": (Status.DONE, None),
+        "pending": (Status.PENDING, None),
+        "denied": (Status.FAILED, "permission_denied"),
+        "notdicom": (Status.FAILED, "not_dicom"),
+        "skipped": (Status.SKIPPED, "non_image"),
+    }
+    paths = {}
+    for name in cases:
+        paths[name] = spool / f"{name}.dcm"
+        paths[name].write_bytes(b"x")
+    old = spool / "old.dcm"
+    old.write_bytes(b"x")
+    os.utime(old, ns=(time.time_ns() - 10 * 86400 * 10**9,) * 2)
+    engine, sessions = open_database(db_url)
+    try:
+        with sessions() as session:
+            items = [
+                Registration(str(paths[n]), None, Status.FAILED, "x", size=1, mtime_ns=time.time_ns())
+                for n in cases
+            ] + [Registration(str(old), None, Status.FAILED, "x", size=1, mtime_ns=old.stat().st_mtime_ns)]
+            ids = {Path(r.path).stem: r.instance_id for r in register(session, items)}
+            from sorter.db.queries import instances
+
+            for name, (status, error) in [*cases.items(), ("old", (Status.DONE, None))]:
+                session.execute(
+                    instances.update().where(instances.c.id == ids[name]).values(status=status, error=error)
+                )
+            session.commit()
+        with sessions() as session:
+            assert apply_retention(session, str(spool), parse_retention("age:7d")) == 1
+            session.commit()
+        assert not old.exists() and paths["done"].exists()
+        with sessions() as session:
+            assert apply_retention(session, str(spool), parse_retention("delete-after-classify")) == 3
+            session.commit()
+    finally:
+        engine.dispose()
+    assert sorted(p.stem for p in spool.iterdir()) == ["denied", "pending"]
