@@ -12,7 +12,7 @@ import pytest
 from support import CORPUS, data_file
 
 from sorter.domain import Label
-from train.manifest import FORMATS, MANIFEST_COLUMNS, build_manifest, read_manifest
+from train.manifest import FORMATS, MANIFEST_COLUMNS, build_manifest, read_manifest, source_problems
 
 
 def study_hash(name: str) -> str:
@@ -159,3 +159,40 @@ def test_read_manifest_infers_format_and_reports_bad_lines(tmp_path: Path) -> No
     no_source.write_text("path,label,group\na.dcm,CT,g\n")
     with pytest.raises(ValueError, match="missing required column"):
         read_manifest(no_source)
+
+
+def test_source_problems_name_the_labels_leave_sources_out_cannot_measure() -> None:
+    assert source_problems({"CT": {"a": 5, "b": 1, "c": 1}}) == []
+    (few,) = source_problems({"CT": {"a": 5, "b": 1, "c": 1}, "MR": {"MR": 40}})
+    assert few.startswith("MR: 1 source (MR), fewer than 3") and "--source-from StationName" in few
+    (unknown,) = source_problems({"CT": {"unknown": 114, "h1": 3, "h2": 2, "h3": 1}})
+    assert unknown.startswith("CT: 114 of 120 files have no source (`unknown`)")
+
+
+def test_a_tree_sorted_by_modality_is_flagged_and_loso_refuses_it(archive: Path, tmp_path: Path) -> None:
+    """The default source (the top folder) of a tree sorted by modality is one source per label."""
+    from click.testing import CliRunner
+
+    from train.cli import main
+
+    by_modality = tmp_path / "by-modality"
+    for label, name in (("CT", "CT_small.dcm"), ("MR", "MR_small.dcm")):
+        (by_modality / label).mkdir(parents=True)
+        shutil.copy(Path(data_file(name)), by_modality / label / "1.dcm")
+    out = tmp_path / "m.csv"
+    built = CliRunner().invoke(main, ["manifest", str(by_modality), "--out", str(out)])
+    assert built.exit_code == 0, built.output
+    assert "warning: CT: 1 source (CT), fewer than 3" in built.output
+    assert "warning: MR: 1 source (MR)" in built.output
+    refused = CliRunner().invoke(main, ["loso", "--manifest", str(out), "--out", str(tmp_path / "loso")])
+    assert refused.exit_code == 2, refused.output
+    assert "error: CT: 1 source" in refused.output and "pass --force to run anyway" in refused.output
+    assert not (tmp_path / "loso").exists()
+
+
+def test_cards_say_which_model_they_describe() -> None:
+    from sorter.model.artefact import DEFAULT_MODEL_PATH, load_artefact
+    from train.export import model_card
+
+    card = model_card(load_artefact(DEFAULT_MODEL_PATH).spec, "ab" * 32, "cmd", name="mine.pt")
+    assert card.startswith("# Model card: mine.pt (sha256 abababababab)")

@@ -128,7 +128,7 @@ def test_loso_then_export_calibrated_artefact(fitted, corpus, tmp_path):
     assert set(metrics["per_source"]) <= held  # only held-out sources were predicted
     card = tmp_path / "card.md"
     exported = tmp_path / "model.pt"
-    _run(
+    said = _run(
         [
             "export",
             "--model",
@@ -141,6 +141,9 @@ def test_loso_then_export_calibrated_artefact(fitted, corpus, tmp_path):
             str(card),
         ]
     )
+    # A one-epoch network is worse on unseen sources than the bundled model, and export says so.
+    assert "is below the bundled model's" in said
+    assert card.read_text().startswith("# Model card: model.pt (sha256 ")
     # A folder that is not a finished loso run is refused in one line.
     wrong = CliRunner().invoke(main, ["operating-point", str(out)])
     assert wrong.exit_code == 2 and "is not a finished `sorter-train loso` run" in wrong.output

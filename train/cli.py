@@ -106,14 +106,19 @@ def main(verbose: bool) -> None:
 @click.option("--limit-per-series", type=int, help="Keep at most N evenly spaced instances per series.")
 def manifest(root: Path, out: Path, source_from: str, limit_per_series: int | None) -> None:
     """Build a training manifest from a DICOM tree; labels come from the header Modality."""
-    from train.manifest import build_manifest
+    from train.manifest import build_manifest, source_problems
 
     summary = build_manifest(root, out, source_from=source_from, limit_per_series=limit_per_series)
     click.echo(f"wrote {summary.rows} rows to {out}")
     for label, count in sorted(summary.labels.items()):
-        click.echo(f"  {label}: {count} files from {len(summary.sources_by_label.get(label, {}))} sources")
+        sources = summary.sources_by_label.get(label, {})
+        top = ", ".join(f"{s} {n}" for s, n in sorted(sources.items(), key=lambda kv: -kv[1])[:5])
+        more = f", +{len(sources) - 5} more" if len(sources) > 5 else ""
+        click.echo(f"  {label}: {count} files from {len(sources)} sources ({top}{more})")
     for reason, count in sorted(summary.skipped.items()):
         click.echo(f"  skipped {count}: {reason}")
+    for problem in source_problems(summary.sources_by_label):
+        click.echo(f"warning: {problem}", err=True)
 
 
 @main.command()
@@ -252,12 +257,16 @@ def calibrate(model_path: Path, manifest_path: Path, out: Path) -> None:
     help="Source-disjoint folds; 0 = strict leave-one-source-out.",
 )
 @click.option("--only-fold", "only_folds", type=int, multiple=True, help="Run only these folds.")
+@click.option(
+    "--force", is_flag=True, help="Run even when a label has fewer than 3 sources or mostly unknown ones."
+)
 @_config_options
 def loso(
     manifest_path: Path,
     out: Path,
     folds: int,
     only_folds: tuple[int, ...],
+    force: bool,
     preset: str,
     config_file: Path | None,
     dry_run: bool,
@@ -265,8 +274,17 @@ def loso(
 ) -> None:
     """Leave-sources-out cross-validation: every source is predicted by a model that never saw it."""
     from train.loso import run_loso
+    from train.manifest import read_manifest, source_problems, sources_of
     from train.metrics import format_metrics_table
 
+    problems = source_problems(sources_of(read_manifest(manifest_path)))
+    for problem in problems:
+        click.echo(f"{'warning' if force else 'error'}: {problem}", err=True)
+    if problems and not force:
+        raise click.UsageError(
+            f"{len(problems)} labels cannot be measured on unseen sources (above); fix the sources "
+            "(sorter-train manifest --source-from ...) or pass --force to run anyway"
+        )
     config = _resolve(preset, config_file, dry_run, **overrides)
     metrics = run_loso(manifest_path, config, out, folds, list(only_folds) or None)
     click.echo(format_metrics_table(metrics))
@@ -333,12 +351,42 @@ def export(
     for path in (out, card):
         if path is not None and path.exists() and not force:
             raise click.UsageError(f"{path} exists; pass --force to overwrite it")
+    bundled = _bundled_balanced_accuracy()  # before a bundled model is overwritten
     spec, digest = export_model(model_path, out, loso_dir)
     click.echo(f"saved {out} (sha256 {digest[:12]}, temperature {spec.temperature:.3f})")
+    mine = spec.metrics.get("leave_sources_out", {}).get("balanced_accuracy")
+    if mine is not None and bundled is not None and mine < bundled:
+        click.echo(
+            f"warning: this model's leave-sources-out balanced accuracy {mine:.3f} is below the bundled "
+            f"model's {bundled:.3f} (each on its own manifest and folds: compare on the same ones with "
+            "`sorter-train compare`)",
+            err=True,
+        )
+    elif mine is None:
+        click.echo("note: no --loso run: the artefact and its card carry no unseen-source accuracy", err=True)
     if card is not None:
         speed = json.loads(speed_json.read_text()) if speed_json else None
-        card.write_text(model_card(spec, digest, reproduce or _command_line(), speed))
+        name = "the bundled model" if out.resolve() == _bundled_path().resolve() else out.name
+        card.write_text(model_card(spec, digest, reproduce or _command_line(), speed, name=name))
         click.echo(f"wrote {card}")
+
+
+def _bundled_path() -> Path:
+    from sorter.model.artefact import DEFAULT_MODEL_PATH
+
+    return Path(DEFAULT_MODEL_PATH)
+
+
+def _bundled_balanced_accuracy() -> float | None:
+    """The bundled model's leave-sources-out balanced accuracy, from its spec (None if unknown)."""
+    from sorter.model.artefact import load_artefact
+
+    try:
+        metrics = load_artefact(_bundled_path()).spec.metrics
+    except Exception:  # a missing or older bundled artefact: nothing to compare with
+        return None
+    value = metrics.get("leave_sources_out", {}).get("balanced_accuracy")
+    return float(value) if value is not None else None
 
 
 @main.command()

@@ -74,14 +74,17 @@ def _verdict_rule(spec: ModelSpec) -> str:
     return f"thresholds: confidence >= {t.min_confidence}, top-2 margin >= {t.min_margin}"
 
 
-def model_card(spec: ModelSpec, sha256: str, command: str, speed: dict[str, Any] | None = None) -> str:
-    """Markdown model card from the artefact's own spec (nothing typed by hand)."""
+def model_card(
+    spec: ModelSpec, sha256: str, command: str, speed: dict[str, Any] | None = None, name: str = ""
+) -> str:
+    """Markdown model card from the artefact's own spec (nothing typed by hand); ``name``: the
+    artefact's file, so that a card never passes for another model's."""
     train = spec.training
     loso = spec.metrics.get("leave_sources_out", {})
     macro = loso.get("source_macro", {})
     pre = spec.preprocess
     lines = [
-        "# dicom-sorter default model card",
+        f"# Model card: {name or 'dicom-sorter model'} (sha256 {sha256[:12]})",
         "",
         f"- Architecture: `{spec.arch}`, input {len(spec.preprocess.channels)} x "
         f"{pre.input_size} x {pre.input_size} ({', '.join(pre.channels)}), "

@@ -15,6 +15,7 @@ import csv
 import logging
 import os
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,7 +145,7 @@ def _entry(path: Path, root: Path, ds: Dataset, source_from: str) -> _Entry | st
     if source_from == "top_folder":
         source = rel.parts[0] if len(rel.parts) > 1 else root.name
     else:
-        source = _text_of(ds, source_from) or "unknown"
+        source = _text_of(ds, source_from) or UNKNOWN
     # Study first (the unit that must not straddle splits); PatientID only hashed, never written.
     key = _text_of(ds, "StudyInstanceUID") or _text_of(ds, "PatientID")
     group = group_key(key, rel.as_posix())
@@ -254,6 +255,46 @@ def build_manifest(
     )
     logger.info("wrote %d rows to %s; skipped %s", summary.rows, out_csv, summary.skipped)
     return summary
+
+
+#: Fewer sources than this for a label and leave-sources-out cannot say how it does on a new one.
+MIN_SOURCES = 3
+#: Attributes that tell scanners apart when InstitutionName is anonymised or the tree is by modality.
+SOURCE_HINTS = "StationName, Manufacturer, ManufacturerModelName or DeviceSerialNumber"
+UNKNOWN = "unknown"
+
+
+def source_problems(sources_by_label: dict[str, dict[str, int]]) -> list[str]:
+    """Why leave-sources-out over these sources would measure little, one line per label.
+
+    A label with fewer than :data:`MIN_SOURCES` sources cannot be tested on an unseen one, and a
+    label more than half of whose files have no source (``unknown``) puts them all in one "source".
+    """
+    problems = []
+    for label, sources in sorted(sources_by_label.items()):
+        total = sum(sources.values())
+        unknown = sources.get(UNKNOWN, 0)
+        if 2 * unknown > total:
+            problems.append(
+                f"{label}: {unknown} of {total} files have no source (`{UNKNOWN}`): the attribute is "
+                f"empty or anonymised; try --source-from {SOURCE_HINTS}"
+            )
+        elif len(sources) < MIN_SOURCES:
+            problems.append(
+                f"{label}: {len(sources)} source{'s' if len(sources) != 1 else ''} "
+                f"({', '.join(sorted(sources))}), fewer than {MIN_SOURCES}: leave-sources-out cannot "
+                f"measure {label} on an unseen source; a tree sorted by modality gives one per label: "
+                f"try --source-from {SOURCE_HINTS}, or the sending calling AE"
+            )
+    return problems
+
+
+def sources_of(rows: Sequence[ManifestRow]) -> dict[str, dict[str, int]]:
+    """Files per source, per label, of manifest ``rows``."""
+    out: dict[str, Counter[str]] = defaultdict(Counter)
+    for row in rows:
+        out[row.label.value][row.source or UNKNOWN] += 1
+    return {label: dict(c) for label, c in out.items()}
 
 
 def _parse_row(record: dict[str | None, object], base: Path, line: int, where: Path) -> ManifestRow:
