@@ -371,6 +371,18 @@ def export(
         click.echo(f"wrote {card}")
 
 
+@main.command()
+@click.argument("model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def graph(model_path: Path) -> None:
+    """Write MODEL's ONNX graph beside it, so that CPU nodes serve it without PyTorch."""
+    from sorter.model.artefact import load_artefact
+    from train.export import write_graph
+
+    loaded = load_artefact(model_path)
+    written = write_graph(loaded.network, loaded.spec, model_path, loaded.sha256)
+    click.echo(f"wrote {written} ({written.stat().st_size / 1e6:.1f} MB) and its .json")
+
+
 def _bundled_path() -> Path:
     from sorter.model.artefact import DEFAULT_MODEL_PATH
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sorter.model.artefact import read_spec, save_artefact
+from sorter.model.artefact import file_sha256, read_spec, save_artefact
 from sorter.model.network import build_network
 from sorter.model.spec import ModelSpec
 from train.operating_point import operating_point, shares_markdown
@@ -35,7 +35,30 @@ def export_model(
     spec = replace(spec, temperature=temperature or spec.temperature, metrics=metrics, thresholds=thresholds)
     network = build_network(spec)
     network.load_state_dict(state)
-    return spec, save_artefact(network, spec, out)
+    previous = file_sha256(out) if Path(out).is_file() else None
+    digest = save_artefact(network, spec, out)
+    write_graph(network, spec, out, digest)
+    if previous is not None and previous != digest:  # the overwritten artefact's graph goes with it
+        for suffix in (".onnx", ".json"):
+            (Path(out).parent / f"{previous}{suffix}").unlink(missing_ok=True)
+    return spec, digest
+
+
+def write_graph(network: Any, spec: ModelSpec, artefact: Path, digest: str) -> Path:
+    """Export the network's ONNX graph beside the artefact (``<sha256>.onnx`` and ``.json``), where
+    ``sorter`` finds it: CPU serving then needs neither torch nor an export at start."""
+    import torch
+
+    from sorter.model.graph_cache import GraphCache
+    from sorter.model.runtime import make_runner
+
+    runner = make_runner(network.eval(), spec, torch.device("cpu"), "onnx", threads=1)
+    graph: bytes = runner.graph  # type: ignore[attr-defined]
+    folder = Path(artefact).parent
+    GraphCache(folder).put(digest, spec.to_dict(), graph)
+    for suffix in (".onnx", ".json"):  # readable by the service user, like the artefact
+        (folder / f"{digest}{suffix}").chmod(0o644)
+    return folder / f"{digest}.onnx"
 
 
 def _pct(value: float | None) -> str:

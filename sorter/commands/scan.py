@@ -103,10 +103,18 @@ def model_and_executor(
         model_id = register_model(session, classifier)
         session.commit()
 
+    # A second bar under the walk's: the walk reaches 100 % while batches are still classified.
+    classified_bar = (
+        tqdm(desc="classify", unit="inst", position=1, dynamic_ncols=True, smoothing=0.05, leave=True)
+        if bar is not None
+        else None
+    )
+
     def on_batch(outcomes: list[Outcome]) -> None:
         summary.add_outcomes(outcomes)
-        if bar is not None:
-            bar.set_postfix(classified=summary.classified, disagree=summary.discrepancies, refresh=False)
+        if classified_bar is not None:
+            classified_bar.set_postfix(disagree=summary.discrepancies, failed=sum(summary.failed.values()))
+            classified_bar.update(len(outcomes))
 
     executor = LocalExecutor(
         sessions,
@@ -122,6 +130,8 @@ def model_and_executor(
         with executor:
             yield executor
     finally:
+        if classified_bar is not None:
+            classified_bar.close()
         runtime = f"{classifier.runner.name} on {classifier.device}"
         summary.add_stages(executor.stage_seconds, executor.images_here, runtime)
 

@@ -90,13 +90,23 @@ class Classifier:
         if not path.is_file():
             raise ModelError(f"model artefact {path} does not exist")
         device = pick_device(device)
-        if cache is not None and device == "cpu" and runtime in ("auto", "onnx"):
+        if device == "cpu" and runtime in ("auto", "onnx"):
             sha256 = file_sha256(path)
-            cached = _from_cache(cache, sha256, threads)
-            if cached is not None:
-                spec, onnx = cached
-                return cls(spec, onnx, device=device, path=path, sha256=sha256)
-        import torch
+            # The graph shipped beside the artefact (`sorter-train export` writes it; the bundled
+            # model's is in the package), then the user's cache: a CPU node needs no torch at all.
+            for graphs in (GraphCache(path.parent, read_only=True), cache):
+                cached = _from_cache(graphs, sha256, threads) if graphs is not None else None
+                if cached is not None:
+                    spec, onnx = cached
+                    return cls(spec, onnx, device=device, path=path, sha256=sha256)
+        try:
+            import torch
+        except ImportError as exc:
+            raise ModelError(
+                f"{path} has no ONNX graph beside it and PyTorch is not installed: install it "
+                "(pip install 'dicom-sorter[gpu]'), or export the model with `sorter-train export`, "
+                "which writes the graph next to the artefact"
+            ) from exc
 
         from sorter.model.artefact import load_artefact
         from sorter.model.runtime import make_runner

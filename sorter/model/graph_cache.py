@@ -45,7 +45,8 @@ class CachedGraph:
 class GraphCache:
     """Exported graphs in ``folder``, keyed by the sha256 of the artefact file they came from."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, read_only: bool = False) -> None:
+        self.read_only = read_only
         self.folder = Path(folder)
 
     def _paths(self, artefact_sha256: str) -> tuple[Path, Path]:
@@ -79,6 +80,8 @@ class GraphCache:
 
     def put(self, artefact_sha256: str, spec: dict[str, Any], graph: bytes) -> None:
         """Store an artefact's spec (as in the artefact) and graph; a failure is logged, not raised."""
+        if self.read_only:  # the graph shipped beside an artefact: written by `sorter-train export` only
+            return
         graph_path, meta_path = self._paths(artefact_sha256)
         meta = {
             "format": CACHE_FORMAT,
