@@ -51,3 +51,5 @@ def configure_logging(level: int, fmt: str = "text") -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler])
+    # Library warnings (warnings.warn) as log records: in JSON mode every line is one JSON object.
+    logging.captureWarnings(True)

@@ -70,3 +70,53 @@ def test_json_logs_are_detected_so_the_worker_can_quiet_celery_s_banner():
         assert not json_logs()
     finally:
         root.handlers = saved
+
+
+def test_a_json_logging_worker_prints_json_only(tmp_path):
+    """No Celery banner, no bare warnings: a log shipper parses every line."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from support import stop_process_group
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SORTER_")}
+    out = tmp_path / "worker.log"
+    with out.open("wb") as sink:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sorter",
+                "--log-format",
+                "json",
+                "worker",
+                "--broker-url",
+                "redis://127.0.0.1:6379/11",
+                "--database-url",
+                f"sqlite:///{tmp_path / 'w.db'}",
+                "--device",
+                "cpu",
+                "--sweep-interval",
+                "0",
+            ],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while b" ready." not in out.read_bytes() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        stop_process_group(process)
+    lines = [line for line in out.read_text().splitlines() if line.strip()]
+    assert any("ready" in line for line in lines), lines[-5:]
+    for line in lines:
+        assert line.startswith("{") and isinstance(json.loads(line), dict), line

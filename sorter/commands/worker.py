@@ -116,7 +116,10 @@ def worker(
     if hostname:
         argv.append(f"--hostname={hostname}")
     if json_logs():
-        argv.append("--quiet")  # Celery's banner is text on stdout: JSON logs only, one object per line
+        # Celery's banner is text on stdout: JSON logs only, one object per line. A global option,
+        # so before the sub-command.
+        argv.insert(0, "--quiet")
+        _say_through_logging()
     if not settings.metrics_port:
         _run(app, argv)
         return
@@ -140,6 +143,22 @@ def worker(
             server.server_close()
     finally:
         remove_multiprocess_dir(folder, made)
+
+
+def _say_through_logging() -> None:
+    """Celery's signal handlers print "worker: Warm shutdown" and the like straight to the
+    terminal (``celery.apps.worker.safe_say``), whatever the logging setup: in JSON mode they
+    must be log records too. Celery has no setting for it, hence the replacement."""
+    import logging
+
+    import celery.apps.worker as celery_worker
+
+    say = logging.getLogger("celery.apps.worker")
+
+    def safe_say(msg: str, f: Any = None) -> None:
+        say.warning("%s", msg)
+
+    celery_worker.safe_say = safe_say
 
 
 def _run(app: Any, argv: list[str]) -> None:
