@@ -119,6 +119,29 @@ def test_postgresql_urls_use_psycopg_3():
     assert normalise_url("sqlite:///x.db") == "sqlite:///x.db"
 
 
-def test_migrations_ship_inside_the_package():
-    assert (db_session.MIGRATIONS_DIR / "env.py").is_file()
-    assert Path(db_session.MIGRATIONS_DIR).parent.name == "sorter"
+def test_the_wheel_ships_the_migrations_and_the_bundled_model_with_its_graph(tmp_path):
+    """What `pip install` (not -e) relies on: a wheel built from the repository holds every
+    migration, the bundled artefact and its ONNX graph (package-data in pyproject.toml)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from sorter.model.artefact import DEFAULT_MODEL_PATH, file_sha256
+
+    root = Path(__file__).resolve().parent.parent
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    built = subprocess.run(
+        [*pip_wheel, "-w", str(tmp_path), str(root)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = tmp_path.glob("dicom_sorter-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    revisions = {p.name for p in (db_session.MIGRATIONS_DIR / "versions").glob("0*.py")}
+    assert revisions and {f"sorter/migrations/versions/{r}" for r in revisions} <= names
+    assert "sorter/migrations/env.py" in names
+    sha = file_sha256(DEFAULT_MODEL_PATH)
+    model = "sorter/model/default/"
+    assert {f"{model}model.pt", f"{model}{sha}.onnx", f"{model}{sha}.json"} <= names

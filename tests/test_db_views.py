@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from db_support import query, synthetic_results
+from db_support import query, scan, small_archive, sorter, synthetic_results
 
 pytest_plugins = ["db_fixtures"]
 
@@ -41,10 +41,25 @@ def test_instance_and_study_views(db_url):
     assert good.verdict == "uncertain" and good.n_series_disagree == 0
 
 
-def test_the_latest_prediction_wins_per_instance(db_url):
-    synthetic_results(db_url)
-    assert query(db_url, "SELECT count(*) FROM latest_predictions")[0][0] == 18
-    assert query(db_url, "SELECT count(DISTINCT model_sha256) FROM latest_predictions")[0][0] == 1
+def test_each_instance_shows_one_prediction_the_active_model_s_when_it_has_one(
+    db_url, tiny_model, tiny_model_b, tmp_path
+):
+    """Two models' predictions for the same instances: one row per instance, from the active model
+    (the first one), until another is made active; a later run of another model never takes over."""
+    small_archive(tmp_path / "archive")
+    scan(db_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
+    assert query(db_url, "SELECT count(*) FROM latest_predictions")[0][0] == 7
+    (first,) = query(db_url, "SELECT DISTINCT model_sha256 FROM latest_predictions")
+    sorter("reclassify", "--model", str(tiny_model_b), "--workers", "1", "--no-progress", url=db_url)
+    assert query(db_url, "SELECT count(*) FROM predictions")[0][0] == 14  # both models' rows exist
+    assert query(db_url, "SELECT count(*) FROM latest_predictions")[0][0] == 7
+    assert query(db_url, "SELECT DISTINCT model_sha256 FROM latest_predictions") == [first]
+    second = query(db_url, "SELECT sha256 FROM models WHERE path = :p", p=str(tiny_model_b))[0][0]
+    sorter("models", "use", second[:12], url=db_url)
+    assert [tuple(r) for r in query(db_url, "SELECT DISTINCT model_sha256 FROM latest_predictions")] == [
+        (second,)
+    ]
+    assert query(db_url, "SELECT count(*) FROM latest_predictions")[0][0] == 7
 
 
 _LABELS = ("CT", "MR", "PT", "NM")

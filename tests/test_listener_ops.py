@@ -84,7 +84,7 @@ def test_associations_metrics_health_and_retention(tmp_path, sqlite_url, tiny_mo
     env |= {
         "SORTER_METRICS_PORT": str(metrics_port),
         "SORTER_SPOOL_RETENTION": "delete-after-classify",
-        "SORTER_SWEEP_INTERVAL": "1",
+        "SORTER_SPOOL_SWEEP_INTERVAL": "1",
     }
     log = tmp_path / "listen.log"
     with log.open("wb") as out:
@@ -204,3 +204,23 @@ def test_retention_never_deletes_pending_or_retryable_files(db_url, tmp_path):
     finally:
         engine.dispose()
     assert sorted(p.stem for p in spool.iterdir()) == ["denied", "pending"]
+
+
+def test_the_listener_s_old_sweep_variable_still_works_and_warns():
+    """SORTER_SWEEP_INTERVAL set both sweeps; the listener now reads SORTER_SPOOL_SWEEP_INTERVAL."""
+    from click.testing import CliRunner
+
+    from sorter.commands.listen import listen
+
+    unset = {"SORTER_SWEEP_INTERVAL": None, "SORTER_SPOOL_SWEEP_INTERVAL": None}
+    cases = (
+        ({"SORTER_SWEEP_INTERVAL": "42"}, 42.0, True),
+        ({"SORTER_SPOOL_SWEEP_INTERVAL": "7", "SORTER_SWEEP_INTERVAL": "42"}, 7.0, False),
+        ({}, 300.0, False),
+    )
+    for env, expected, warned in cases:
+        with CliRunner().isolation(env={**unset, **env}) as (_out, err, _log):
+            # Parsing only: the options and their callbacks, without starting anything.
+            ctx = listen.make_context("listen", ["--ae-title", "SORTER", "--port", "11112"])
+            assert ctx.params["sweep_interval"] == expected, env
+            assert ("deprecated" in err.getvalue().decode()) is warned, env

@@ -21,10 +21,6 @@ def test_report_counts_labels_rates_and_failures(db_url):
     data = json.loads(sorter("report", "--format", "json", url=db_url).output)
 
     labels = {(r["header_label"], r["label"]): r["n"] for r in data["labels"]}
-    assert (
-        labels == {("MR", "CT"): 3, ("CT", "CT"): 6, ("CT", "MR"): 0} | {("CT", "CT"): 9}
-        or labels[("MR", "CT")] == 3
-    )
     assert labels[("MR", "CT")] == 3 and labels[("CT", "CT")] == 9
     by_source = {r["source"]: r for r in data["by_source"]}
     assert (by_source["siteA"]["classified"], by_source["siteA"]["disagree"]) == (6, 3)

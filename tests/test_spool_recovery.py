@@ -46,7 +46,7 @@ pytest_plugins = ["db_fixtures"]
 OUR_AE = "SORTER"
 CALLING_AE = "MODALITY1"
 #: The production defaults, set explicitly: a sweep every 5 minutes, 60 s of grace.
-SWEEP_ENV = {"SORTER_SWEEP_INTERVAL": "300", "SORTER_SWEEP_GRACE": "60"}
+SWEEP_ENV = {"SORTER_SPOOL_SWEEP_INTERVAL": "300", "SORTER_SWEEP_GRACE": "60"}
 #: How long after the database is back (or the listener restarted) everything must be registered:
 #: the listener retries the database every 10 s, then loads the model; far below the 300 s sweep.
 RECOVERY_S = 45.0

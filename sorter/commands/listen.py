@@ -9,6 +9,7 @@ associations, registers what is queued and exits 0 (Ctrl-C) or 143 (SIGTERM).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -57,6 +58,23 @@ def backend(settings: Settings, summary: RunSummary, metrics: Metrics | None = N
             engine.dispose()
 
     return connect
+
+
+def _spool_sweep_interval(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """SORTER_SWEEP_INTERVAL used to set this too; it is the workers' re-queue sweep now."""
+    source = ctx.get_parameter_source(param.name or "")
+    old = os.environ.get("SORTER_SWEEP_INTERVAL")
+    if source is click.core.ParameterSource.DEFAULT and old is not None:
+        click.echo(
+            "warning: SORTER_SWEEP_INTERVAL for the listener is deprecated (it also sets the workers' "
+            "re-queue sweep): set SORTER_SPOOL_SWEEP_INTERVAL",
+            err=True,
+        )
+        try:
+            return float(old)
+        except ValueError as exc:
+            raise click.BadParameter(f"SORTER_SWEEP_INTERVAL={old!r} is not a number of seconds") from exc
+    return value
 
 
 def _retention(_ctx: click.Context, _param: click.Parameter, value: str) -> Retention:
@@ -145,11 +163,14 @@ def _retention(_ctx: click.Context, _param: click.Parameter, value: str) -> Rete
     "--source", envvar="SORTER_SOURCE", help="Source name for every instance (default: the calling AE)."
 )
 @click.option(
-    "--sweep-interval",
+    "--spool-sweep-interval",
+    "--sweep-interval",  # the earlier name, kept
+    "sweep_interval",
     type=float,
-    envvar="SORTER_SWEEP_INTERVAL",
+    envvar="SORTER_SPOOL_SWEEP_INTERVAL",
     default=300.0,
     show_default=True,
+    callback=_spool_sweep_interval,
     help="Seconds between spool sweeps that register files the queue missed.",
 )
 @click.option(
