@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,9 +74,17 @@ def save_artefact(network: SorterNet, spec: ModelSpec, path: Path) -> str:
     payload = {"format": MAGIC, "spec": json.dumps(spec_data, sort_keys=True), "state_dict": state}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    # A name of its own per save: two concurrent saves to one path (two exports, a fold and a
+    # resume) must not write into each other's temporary file; the last rename wins whole.
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        torch.save(payload, tmp)
+        tmp.chmod(0o644)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return file_sha256(path)
 
 

@@ -1,0 +1,59 @@
+"""``sorter-train compare``: runs are compared on the folds they all evaluated, and only runs dealt
+the same folds can be compared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from train.compare import compare_runs, comparison_markdown
+
+LABELS = ["CT", "MR"]
+
+
+def _run(folder: Path, folds: list[int], right: float, seed: int = 0) -> Path:
+    """A loso run's outputs: 8 images per fold, ``right`` of them predicted right (confidently)."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    n = 8 * len(folds)
+    labels = np.array(["CT", "MR"] * (n // 2))
+    truth = np.array([LABELS.index(label) for label in labels])
+    hit = rng.random(n) < right
+    predicted = np.where(hit, truth, 1 - truth)
+    logits = np.full((n, 2), -3.0)
+    logits[np.arange(n), predicted] = 3.0
+    np.savez(
+        folder / "oof.npz",
+        logits=logits,
+        labels=labels,
+        sources=np.array([f"s{i % 4}" for i in range(n)]),
+        folds=np.repeat(folds, 8),
+        temperature=1.0,
+    )
+    config = {"manifest": "m.csv", "folds": 5, "seed": seed, "labels": LABELS, "arch": folder.name}
+    config |= {"channels": ["scaled", "hu"], "input_size": 128, "scaling": "percentile"}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+def test_runs_are_compared_on_the_folds_every_run_evaluated(tmp_path):
+    good = _run(tmp_path / "good", [0, 1, 2], right=1.0)
+    poor = _run(tmp_path / "poor", [1, 2, 3], right=0.5)
+    common, rows = compare_runs([good, poor])
+    assert common == [1, 2]
+    assert [r["n"] for r in rows] == [16, 16]
+    assert rows[0]["accuracy"] == 1.0 and rows[0]["balanced_accuracy"] == 1.0
+    assert rows[1]["accuracy"] < 1.0
+    table = comparison_markdown(common, rows, {"good@2x128x128": 500.0})
+    assert "| good (percentile) | 2x128x128 | 500.0 | 1.000 | 1.000 |" in table
+    assert "Same source-disjoint folds [1, 2] (16 held-out images)" in table
+
+
+def test_runs_dealt_other_folds_are_refused(tmp_path):
+    first = _run(tmp_path / "a", [0, 1], right=1.0, seed=0)
+    other = _run(tmp_path / "b", [0, 1], right=1.0, seed=7)
+    with pytest.raises(ValueError, match="differ in manifest, folds or seed"):
+        compare_runs([first, other])
