@@ -46,9 +46,10 @@ from sorter.dicom.storage import (
 from sorter.domain import Status
 from sorter.errors import QueueUnavailable
 from sorter.ingest import Registration, register
+from sorter.jobs.executor import Executor, submit_pending
 from sorter.retention import BATCH as RETENTION_BATCH
 from sorter.retention import KEEP, Retention, apply_retention
-from sorter.scan import Executor, Rejected, read_registration, unchanged
+from sorter.scan import Rejected, read_registration, unchanged
 from sorter.walk import Entry, file_entry, walk
 
 log = logging.getLogger(__name__)
@@ -172,18 +173,7 @@ class SpoolIngest:
                 yield Received(entry.path)
 
     def _resume(self) -> None:
-        prefix = os.path.join(os.path.abspath(self.spool), "")
-        after = 0
-        while True:
-            with self.sessions() as session:
-                ids = queries.next_ids(
-                    session, after=after, limit=2000, statuses=[Status.PENDING], under=[prefix]
-                )
-            if not ids:
-                return
-            after = ids[-1]
-            self.executor.submit(ids)
-            self.executor.drain()
+        submit_pending(self.sessions, self.executor, under=[os.path.join(os.path.abspath(self.spool), "")])
 
 
 def _entry(path: str) -> Entry | None:

@@ -26,7 +26,8 @@ from watchdog.observers import Observer
 
 from sorter.db import queries
 from sorter.domain import Status
-from sorter.scan import Executor, Rejected, Scan
+from sorter.jobs.executor import Executor
+from sorter.scan import Rejected, Scan
 from sorter.stability import Candidate, StabilityTracker
 from sorter.summary import RunSummary
 from sorter.walk import Entry, error_entry, file_entry, walk

@@ -15,8 +15,9 @@ from db_support import copy_dicom, pydicom_file, query, small_archive
 
 from sorter.commands.common import database
 from sorter.commands.listen import counted
-from sorter.commands.scan import model_and_executor, sqlite_files
+from sorter.commands.runs import sqlite_files
 from sorter.config import Settings
+from sorter.jobs.executor import open_local_executor
 from sorter.metrics import Metrics, start_metrics_server
 from sorter.scan import Scan
 from sorter.summary import RunSummary
@@ -69,7 +70,7 @@ def test_a_scan_moves_the_counters_and_histograms_seen_over_http(
 
     with database(sqlite_url) as (engine, sessions):
         observer = metrics.batch_observer(sessions)
-        with model_and_executor(settings, sessions, summary, None, observer=observer) as executor:
+        with open_local_executor(settings, sessions, summary, observer=observer) as executor:
             Scan(
                 sessions, executor, summary, exclude=sqlite_files(engine), on_rejected=metrics.unclassified
             ).run([str(tmp_path / "archive")])

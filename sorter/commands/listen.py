@@ -28,12 +28,12 @@ from sorter.commands.common import (
     model_options,
 )
 from sorter.commands.preflight import exit_for_signal, validate_ae_title
-from sorter.commands.scan import executor_for
+from sorter.commands.runs import executor_for
 from sorter.config import Settings
 from sorter.db.session import open_database
 from sorter.dicom.storage import has_free_space
+from sorter.jobs.executor import Executor
 from sorter.retention import Retention, parse_retention
-from sorter.scan import Executor
 from sorter.spool import Backend, SpoolWorker
 from sorter.summary import RunSummary
 

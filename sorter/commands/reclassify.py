@@ -16,19 +16,19 @@ from pathlib import Path
 import click
 
 from sorter.commands.common import command_settings, database
-from sorter.commands.scan import (
+from sorter.commands.runs import (
     classify_options,
+    executor_for,
     interruptible,
-    model_and_executor,
     print_summary,
     progress_bar,
 )
 from sorter.db import catalogue, queries
 from sorter.domain import Label, Status, Verdict
+from sorter.jobs.executor import submit_pending
 from sorter.scan import Scan
 from sorter.summary import RunSummary
 
-PAGE = 2000
 _LABELS = click.Choice([label.value for label in Label], case_sensitive=False)
 
 
@@ -86,27 +86,25 @@ def reclassify(
         try:
             # PENDING too: what --include-failed re-reads is registered pending, then classified here.
             claimable = [Status.DONE, Status.PENDING]
-            with model_and_executor(settings, sessions, summary, bar, statuses=claimable) as executor:
+            with executor_for(settings, sessions, summary, bar, local=True, statuses=claimable) as executor:
                 if include_failed:  # headers first: a file that failed before its header was read
                     Scan(sessions, executor, summary).reread_failed()
-                after = 0
-                while True:
-                    with sessions() as session:
-                        ids = queries.next_ids(
-                            session,
-                            after=after,
-                            limit=PAGE,
-                            statuses=[Status.DONE],
-                            without_model=executor.model_id,
-                            only=only,
-                        )
-                    if not ids:
-                        break
-                    after = ids[-1]
+
+                def count(ids: list[int]) -> None:
                     summary.files += len(ids)
-                    executor.submit(ids)
                     if bar is not None:
                         bar.update(len(ids))
+
+                # One drain at the end: pages keep the decode processes fed meanwhile.
+                submit_pending(
+                    sessions,
+                    executor,
+                    statuses=[Status.DONE],
+                    without_model=executor.model_id,
+                    only=only,
+                    drain_each_page=False,
+                    on_page=count,
+                )
                 executor.drain()
                 model_id = executor.model_id
         finally:

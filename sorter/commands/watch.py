@@ -26,7 +26,7 @@ from sorter.commands.common import (
     model_options,
 )
 from sorter.commands.preflight import exit_for_signal, require_broker
-from sorter.commands.scan import executor_for, print_summary, sqlite_files
+from sorter.commands.runs import executor_for, print_summary, sqlite_files
 from sorter.config import Settings
 from sorter.stability import StabilityTracker
 from sorter.summary import RunSummary
