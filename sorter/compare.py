@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from sorter.domain import Label, Prediction, Verdict
-from sorter.model.spec import Thresholds
+from sorter.domain import Label, Prediction, Thresholds, Verdict
 
 
 def compare(

@@ -77,3 +77,86 @@ class Prediction:
     def margin(self) -> float:
         """Top-1 minus top-2 probability."""
         return self.confidence - self.second_confidence
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """An instance taken for classification: what the decode side needs."""
+
+    id: int
+    path: str
+    header_label: Label | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The terminal result for one instance."""
+
+    instance_id: int
+    status: Status
+    header_label: Label | None = None
+    prediction: Prediction | None = None
+    verdict: Verdict | None = None
+    error: str | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The verdict's operating point (see :func:`sorter.compare.compare`).
+
+    With ``agree_at`` and ``disagree_at`` (per header label; models since the
+    header test) the verdict tests the header: ``agree`` when the calibrated
+    probability of the header's label is at least ``agree_at[label]``,
+    ``disagree`` when it is at most ``disagree_at[label]``, ``uncertain`` in
+    between. They are chosen on leave-sources-out predictions
+    (``train/operating_point.py``), per label because the model refutes a CT
+    header far more safely than an NM one. Without them (older artefacts) a
+    prediction must be confident (both bounds below hold) and its argmax decides.
+    """
+
+    min_confidence: float = 0.8
+    min_margin: float = 0.2
+    agree_at: dict[str, float] = field(default_factory=dict)
+    disagree_at: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if set(self.agree_at) != set(self.disagree_at):
+            raise ValueError("agree_at and disagree_at must name the same labels")
+        for label, high in self.agree_at.items():
+            low = self.disagree_at[label]
+            if not 0.0 <= low < high <= 1.0:
+                raise ValueError(f"{label}: need 0 <= disagree_at < agree_at <= 1, not {low}, {high}")
+
+    @property
+    def header_test(self) -> bool:
+        """True when the verdict tests the header's probability (see the class docstring)."""
+        return bool(self.agree_at)
+
+    def bounds(self, label: Label) -> tuple[float, float] | None:
+        """``(agree_at, disagree_at)`` for a header of ``label``, or ``None`` without the header test."""
+        if label.value not in self.agree_at:
+            return None
+        return self.agree_at[label.value], self.disagree_at[label.value]
+
+
+class FailureReason(enum.StrEnum):
+    """Why an instance ended ``failed`` or ``skipped``: stored in ``instances.error`` and printed by
+    ``sorter classify``, so the values are stable. (Not every module uses the enum yet; the values
+    are the strings they write.)"""
+
+    NOT_DICOM = "not_dicom"
+    TRUNCATED = "truncated"
+    NO_PIXEL_DATA = "no_pixel_data"
+    UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"
+    DECODE_ERROR = "decode_error"
+    NON_IMAGE = "non_image"
+    UNREADABLE = "unreadable"
+    PERMISSION_DENIED = "permission_denied"
+    VANISHED = "vanished"
+    BROKEN_SYMLINK = "broken_symlink"
+    SYMLINK_LOOP = "symlink_loop"
+    NOT_REGULAR_FILE = "not_regular_file"
+    HEADER_ERROR = "header_error"
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    TASK_ERROR = "task_error"

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
     from sorter.associations import AssociationRecord
-    from sorter.pipeline import Outcome
+    from sorter.domain import Outcome
 
 log = logging.getLogger(__name__)
 

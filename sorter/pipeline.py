@@ -28,10 +28,9 @@ import numpy as np
 from sorter.compare import compare
 from sorter.db import queries
 from sorter.db.catalogue import activate_if_none
-from sorter.db.queries import Claimed
 from sorter.dicom.pixels import load_image
 from sorter.dicom.quiet import quiet_pydicom
-from sorter.domain import Label, Prediction, Status, Verdict
+from sorter.domain import Claimed, Label, Outcome, Status
 from sorter.errors import INTERRUPTS, InputError, NonImageObject, describe
 from sorter.model.ort import Forward, OrtSession, logits_per_instance
 from sorter.model.preprocess import prepare_image
@@ -61,19 +60,6 @@ class Prepared:
 
 #: The model in this decode process, when the scanning process handed one over.
 _model: OrtSession | None = None
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """The terminal result for one instance."""
-
-    instance_id: int
-    status: Status
-    header_label: Label | None = None
-    prediction: Prediction | None = None
-    verdict: Verdict | None = None
-    error: str | None = None
-    detail: str | None = None
 
 
 Decoder = Callable[[Claimed, PreprocessParams, int], "Prepared | Outcome"]

@@ -29,7 +29,7 @@ from sorter.db import queries
 from sorter.db.queries import LedgerEntry
 from sorter.dicom.headers import read_header
 from sorter.dicom.storage import is_temporary_name
-from sorter.domain import Status
+from sorter.domain import FailureReason, Status
 from sorter.errors import InputError, UnreadableFile
 from sorter.ingest import Registered, Registration, failure, from_header, register
 from sorter.jobs.executor import PAGE, Executor, submit_pending
@@ -108,14 +108,14 @@ def read_registration(entry: Entry, source: str | None, **extra: Any) -> Registr
 #: ``--retry-failed``. Content problems (``not_dicom``, ``truncated`` ...) wait for new content.
 RETRYABLE = frozenset(
     {
-        "permission_denied",
-        "vanished",
-        "unreadable",
-        "broken_symlink",
-        "decode_error",
-        "unsupported_transfer_syntax",
-        "retries_exhausted",
-        "task_error",
+        FailureReason.PERMISSION_DENIED,
+        FailureReason.VANISHED,
+        FailureReason.UNREADABLE,
+        FailureReason.BROKEN_SYMLINK,
+        FailureReason.DECODE_ERROR,
+        FailureReason.UNSUPPORTED_TRANSFER_SYNTAX,
+        FailureReason.RETRIES_EXHAUSTED,
+        FailureReason.TASK_ERROR,
     }
 )
 

@@ -7,8 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sorter.domain import Status
-from sorter.pipeline import Outcome
+from sorter.domain import Outcome, Status
 
 
 @dataclass

@@ -26,7 +26,7 @@ from sorter.jobs.executor import open_executor, open_local_executor
 from sorter.summary import RunSummary
 
 if TYPE_CHECKING:
-    from sorter.pipeline import Outcome
+    from sorter.domain import Outcome
 
 F = Callable[..., Any]
 

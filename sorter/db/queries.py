@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from sorter.db.models import Base
-from sorter.domain import Label, Status, Verdict
+from sorter.domain import Claimed, Label, Status, Verdict
 from sorter.fspath import stored_prefixes
 
 instances = Base.metadata.tables["instances"]
@@ -71,15 +71,6 @@ class ExistingInstance:
     sop_instance_uid: str
     path: str
     status: Status
-
-
-@dataclass(frozen=True)
-class Claimed:
-    """An instance taken for classification: what the decode side needs."""
-
-    id: int
-    path: str
-    header_label: Label | None
 
 
 def ledger_lookup(session: Session, paths: Collection[str]) -> dict[str, LedgerEntry]:

@@ -24,8 +24,8 @@ from sorter.domain import Status
 from sorter.summary import RunSummary
 
 if TYPE_CHECKING:
+    from sorter.domain import Outcome
     from sorter.jobs.local import LocalExecutor
-    from sorter.pipeline import Outcome
 
 log = logging.getLogger(__name__)
 

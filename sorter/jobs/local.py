@@ -30,8 +30,7 @@ from types import TracebackType
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from sorter.db.queries import Claimed
-from sorter.domain import Status
+from sorter.domain import Claimed, Status
 from sorter.errors import describe
 from sorter.model.classifier import Classifier
 from sorter.model.spec import PreprocessParams

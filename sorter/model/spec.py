@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sorter.domain import Label
+from sorter.domain import Label, Thresholds
 from sorter.errors import IncompatibleModelError
 
 #: Bump when the artefact layout or the meaning of a spec field changes.
@@ -68,45 +68,6 @@ class PreprocessParams:
                 raise ValueError(f"unknown feature {name!r}; known: {FEATURES}")
         if not 16 <= self.input_size <= 1024:
             raise ValueError(f"input_size {self.input_size} is outside 16..1024")
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """The verdict's operating point (see :func:`sorter.compare.compare`).
-
-    With ``agree_at`` and ``disagree_at`` (per header label; models since the
-    header test) the verdict tests the header: ``agree`` when the calibrated
-    probability of the header's label is at least ``agree_at[label]``,
-    ``disagree`` when it is at most ``disagree_at[label]``, ``uncertain`` in
-    between. They are chosen on leave-sources-out predictions
-    (``train/operating_point.py``), per label because the model refutes a CT
-    header far more safely than an NM one. Without them (older artefacts) a
-    prediction must be confident (both bounds below hold) and its argmax decides.
-    """
-
-    min_confidence: float = 0.8
-    min_margin: float = 0.2
-    agree_at: dict[str, float] = field(default_factory=dict)
-    disagree_at: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if set(self.agree_at) != set(self.disagree_at):
-            raise ValueError("agree_at and disagree_at must name the same labels")
-        for label, high in self.agree_at.items():
-            low = self.disagree_at[label]
-            if not 0.0 <= low < high <= 1.0:
-                raise ValueError(f"{label}: need 0 <= disagree_at < agree_at <= 1, not {low}, {high}")
-
-    @property
-    def header_test(self) -> bool:
-        """True when the verdict tests the header's probability (see the class docstring)."""
-        return bool(self.agree_at)
-
-    def bounds(self, label: Label) -> tuple[float, float] | None:
-        """``(agree_at, disagree_at)`` for a header of ``label``, or ``None`` without the header test."""
-        if label.value not in self.agree_at:
-            return None
-        return self.agree_at[label.value], self.disagree_at[label.value]
 
 
 @dataclass(frozen=True)
