@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -31,8 +31,9 @@ from sorter.dicom.headers import read_header
 from sorter.dicom.storage import is_temporary_name
 from sorter.domain import FailureReason, Status
 from sorter.errors import InputError, UnreadableFile
-from sorter.ingest import Registered, Registration, failure, from_header, register
+from sorter.ingest import Registration, failure, from_header
 from sorter.jobs.executor import PAGE, Executor, submit_pending
+from sorter.registrar import Describe, Registrar, Rejected
 from sorter.summary import RunSummary
 from sorter.walk import Entry, count_files, os_error_reason, walk
 
@@ -45,9 +46,6 @@ REGISTER_BATCH = 500
 #: pipeline fills (1 000 CT files, 6 alternating runs: median 2.2 s against 2.5 s
 #: with 64 then 500).
 FIRST_REGISTER_BATCH = 64
-
-#: Told the status and reason of a file rejected at registration.
-Rejected = Callable[[Status, str | None], None]
 
 
 class Progress(Protocol):
@@ -224,26 +222,15 @@ class Scan:
         return counter
 
     def register_batch(self, chunk: list[tuple[Entry, str]]) -> None:
-        """Register one batch of walked files and hand the new pending instances to the executor.
+        """Register one batch of walked files and hand the new pending instances to the executor
+        (:class:`~sorter.registrar.Registrar`: the source is fixed, or the first folder under the
+        root each file was found under)."""
+        roots = {entry.path: root for entry, root in chunk}
 
-        One ledger lookup drops unchanged files, headers of the rest are read
-        without pixels, and the batch is committed before anything is queued.
-        """
-        self.summary.files += len(chunk)
-        with self.sessions() as session:
-            known = queries.ledger_lookup(session, [entry.path for entry, _ in chunk])
-            todo: list[Registration] = []
-            for entry, root in chunk:
-                old = known.get(entry.path)
-                if old is not None and unchanged(old, entry, self.retry_failed):
-                    self.summary.unchanged += 1
-                    continue
-                source = self.source or source_of(entry.path, root)
-                replaces = old.instance_id if old is not None else None
-                todo.append(read_registration(entry, source, changed=old is not None, replaces=replaces))
-            registered = register(session, todo) if todo else []
-            session.commit()
-        self._committed(todo, registered)
+        def describe(entry: Entry, _old: LedgerEntry | None) -> dict[str, Any]:
+            return {"source": self.source or source_of(entry.path, roots[entry.path])}
+
+        self._registrar(describe).register([entry for entry, _ in chunk])
 
     def reread_failed(self) -> None:
         """Read every ``failed`` instance's file again from its header on, whatever the reason.
@@ -252,6 +239,7 @@ class Scan:
         (permissions, a vanished mount) must get its header, series and header label, not only
         pixels. What reads now is classified; what still fails keeps a fresh reason.
         """
+        registrar = self._registrar(lambda _entry, _old: {})
         after = 0
         while True:
             with self.sessions() as session:
@@ -259,31 +247,17 @@ class Scan:
             if not rows:
                 return
             after = rows[-1].id
-            self.summary.files += len(rows)
-            todo = [
-                read_registration(path_entry(row.path), row.source, changed=True, replaces=row.id)
-                for row in rows
-            ]
-            with self.sessions() as session:
-                registered = register(session, todo)
-                session.commit()
-            self._committed(todo, registered)
-            self.executor.drain()
+            registrar.reregister([(path_entry(row.path), row.source, row.id) for row in rows])
 
-    def _committed(self, todo: Sequence[Registration], registered: Sequence[Registered]) -> None:
-        """Count a committed registration batch and hand its new pending instances to the executor."""
-        pending: list[int] = []
-        for item, result in zip(todo, registered, strict=True):
-            self.summary.registered += 1
-            if result.duplicate:
-                self.summary.duplicates += 1
-            elif result.status is Status.PENDING:
-                pending.append(result.instance_id)
-            elif item.status is not Status.PENDING:
-                self.summary.count_terminal(item.status, item.error)
-                if self.on_rejected is not None:
-                    self.on_rejected(item.status, item.error)
-        self.executor.submit(pending)  # after the commit: the ids exist for every reader
+    def _registrar(self, describe: Describe) -> Registrar:
+        return Registrar(
+            self.sessions,
+            self.executor,
+            describe,
+            summary=self.summary,
+            on_rejected=self.on_rejected,
+            retry_failed=self.retry_failed,
+        )
 
     def resume(
         self, prefixes: Sequence[str], status: Status = Status.PENDING, without_model: int | None = None

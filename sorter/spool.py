@@ -31,12 +31,12 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from sorter.db import queries
-from sorter.db.queries import instances
+from sorter.db.queries import LedgerEntry, instances
 from sorter.dicom.storage import (
     STALE_TEMPORARY_S,
     is_spooled_file,
@@ -45,11 +45,10 @@ from sorter.dicom.storage import (
 )
 from sorter.domain import Status
 from sorter.errors import QueueUnavailable
-from sorter.ingest import Registration, register
 from sorter.jobs.executor import Executor, submit_pending
+from sorter.registrar import Registrar, Rejected
 from sorter.retention import BATCH as RETENTION_BATCH
 from sorter.retention import KEEP, Retention, apply_retention
-from sorter.scan import Rejected, read_registration, unchanged
 from sorter.walk import Entry, file_entry, walk
 
 log = logging.getLogger(__name__)
@@ -97,37 +96,22 @@ class SpoolIngest:
         """
         unique = list({item.path: item for item in items}.values())
         newest = time.time_ns() - int(self.grace_s * 1e9)
-        with self.sessions() as session:
-            known = queries.ledger_lookup(session, [item.path for item in unique])
-            todo: list[Registration] = []
-            for item in unique:
-                entry = _entry(item.path)
-                if entry is None:
-                    continue  # replaced or removed since: the newer copy is (or was) offered itself
-                old = known.get(item.path)
-                if old is not None and unchanged(old, entry):
-                    continue
-                # Read for files to register only (the ledger skipped the rest): a few hundred bytes.
-                calling_ae = item.calling_ae or source_ae(item.path)
-                if calling_ae is None and (entry.mtime_ns or 0) > newest:
-                    continue  # written without its sender (an older version): it may be in the queue, with it
-                source = self.source or calling_ae or DEFAULT_SOURCE
-                replaces = old.instance_id if old is not None else None
-                todo.append(
-                    read_registration(
-                        entry, source, calling_ae=calling_ae, changed=old is not None, replaces=replaces
-                    )
-                )
-            registered = register(session, todo) if todo else []
-            session.commit()
-        pending = [r.instance_id for r in registered if r.status is Status.PENDING and not r.duplicate]
-        if self.on_rejected is not None:
-            for registration in todo:
-                if registration.status is not Status.PENDING:
-                    self.on_rejected(registration.status, registration.error)
-        self.executor.submit(pending)  # after the commit
-        self.executor.drain()
-        return len(registered)
+        senders = {item.path: item.calling_ae for item in unique}
+
+        def describe(entry: Entry, _old: LedgerEntry | None) -> dict[str, Any] | None:
+            # Read for files to register only (the ledger skipped the rest): a few hundred bytes.
+            calling_ae = senders[entry.path] or source_ae(entry.path)
+            if calling_ae is None and (entry.mtime_ns or 0) > newest:
+                return None  # written without its sender (an older version): it may be in the queue, with it
+            return {"source": self.source or calling_ae or DEFAULT_SOURCE, "calling_ae": calling_ae}
+
+        # A file replaced or removed since it was offered is left out: the newer copy is (or was)
+        # offered itself.
+        entries = [entry for entry in map(_entry, senders) if entry is not None]
+        registrar = Registrar(
+            self.sessions, self.executor, describe, on_rejected=self.on_rejected, drain=True
+        )
+        return registrar.register(entries).registered
 
     def sweep(self) -> int:
         """Register spool files the ledger lacks (or saw change), finish pending ones; returns the count."""
