@@ -62,6 +62,15 @@ STUDY_FIELDS = (
 )
 
 
+def _stream(session: Session, stmt: sa.Select[Any], limit: int | None) -> Iterator[dict[str, Any]]:
+    """Rows of ``stmt`` as dicts, at most ``limit``, fetched in chunks (an archive's worth never
+    sits in memory)."""
+    if limit:
+        stmt = stmt.limit(limit)
+    for row in session.execute(stmt.execution_options(**_STREAM)):
+        yield dict(row._mapping)
+
+
 def _rows(session: Session, stmt: sa.Select[Any]) -> list[dict[str, Any]]:
     return [dict(row._mapping) for row in session.execute(stmt)]
 
@@ -163,10 +172,7 @@ def discrepancies(
             .where(st.c.study_instance_uid.in_(flagged))
             .order_by(st.c.n_series_disagree.desc(), st.c.study_instance_uid)
         )
-    if limit:
-        stmt = stmt.limit(limit)
-    for row in session.execute(stmt.execution_options(**_STREAM)):
-        yield dict(row._mapping)
+    yield from _stream(session, stmt, limit)
 
 
 def find(
@@ -178,7 +184,7 @@ def find(
     min_confidence: float = 0.0,
     limit: int | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Instances whose pixels show ``label`` (by their latest prediction).
+    """Instances whose pixels show ``label`` (by the prediction the views show: the active model's).
 
     Parameters
     ----------
@@ -204,10 +210,7 @@ def find(
     if sources:
         stmt = stmt.where(lp.c.source.in_(list(sources)))
     stmt = stmt.order_by(lp.c.instance_id)
-    if limit:
-        stmt = stmt.limit(limit)
-    for row in session.execute(stmt.execution_options(**_STREAM)):
-        yield dict(row._mapping)
+    yield from _stream(session, stmt, limit)
 
 
 def failures(
@@ -242,9 +245,6 @@ def failures(
     if under:
         stmt = stmt.where(path_under(i.path, under))
     stmt = stmt.order_by(i.id)
-    if limit:
-        stmt = stmt.limit(limit)
-    for row in session.execute(stmt.execution_options(**_STREAM)):
-        record = dict(row._mapping)
+    for record in _stream(session, stmt, limit):
         record["status"] = getattr(record["status"], "value", record["status"])
         yield record

@@ -179,7 +179,8 @@ class Instance(Base):
     # Queue tasks that took this instance (committed before each try, so a try that
     # hangs or kills its process still counts); bounds the retries of a poison file.
     attempts: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
-    # The latest prediction, whichever model made it. Deliberately not a foreign
+    # The prediction the views show: the active model's when it has one, else the latest
+    # (sorter.db.queries.mark_done, sorter.db.catalogue). Deliberately not a foreign
     # key: predictions reference instances, and a cycle would make both table
     # creation and SQLite's batch migrations awkward for no integrity gain
     # (predictions are only ever deleted together with their instance).
