@@ -10,9 +10,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from sorter.fsutil import atomic_file
 
 
 def group_key(study_uid: str | None, fallback: str) -> str:
@@ -29,13 +30,7 @@ def write_csv_atomic(out: Path, columns: Sequence[str], rows: Iterable[Sequence[
     """Write a CSV via a temporary file and a rename: an interrupted run never leaves half a file."""
     out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(columns)
-            writer.writerows(rows)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(out, "w", prefix=f".{out.name}.", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        writer.writerows(rows)

@@ -28,6 +28,7 @@ import numpy as np
 from sorter.compare import compare
 from sorter.db import queries
 from sorter.db.catalogue import activate_if_none
+from sorter.db.models import PROBABILITY_COLUMNS
 from sorter.dicom.pixels import load_image
 from sorter.dicom.quiet import quiet_pydicom
 from sorter.domain import Claimed, Label, Outcome, Status
@@ -218,7 +219,7 @@ def _prediction_row(outcome: Outcome, model_id: int) -> dict[str, Any]:
     }
     for label in Label:
         value = p.probabilities.get(label)
-        row[f"p_{label.value.lower()}"] = None if value is None else float(value)
+        row[PROBABILITY_COLUMNS[label]] = None if value is None else float(value)
     return row
 
 

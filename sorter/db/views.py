@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-_P = ("p_ct", "p_mr", "p_pt", "p_nm", "p_xr", "p_mg", "p_us", "p_ot")
+from sorter.db.models import PROBABILITY_COLUMNS
+
+_P = tuple(PROBABILITY_COLUMNS.values())  # p_ct ... p_ot, in label order
 _INSTANCE = (
     "instance_id",
     "sop_instance_uid",

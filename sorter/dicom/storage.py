@@ -37,9 +37,10 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 import time
 from pathlib import Path
+
+from sorter.fsutil import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -282,17 +283,9 @@ def store_instance(
     folder.mkdir(parents=True, exist_ok=True)
     for new in created:  # a new folder's entry in its parent must be durable too
         _fsync_dir(new.parent)
-    fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX + target.name + ".", suffix=_TEMP_SUFFIX, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(head)
-            out.write(data_set)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_file(target, prefix=_TEMP_PREFIX + target.name + ".", suffix=_TEMP_SUFFIX, fsync=True) as out:
+        out.write(head)
+        out.write(data_set)
     _fsync_dir(folder)
     if existed:
         log.warning(

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sorter.errors import IncompatibleModelError, ModelError
+from sorter.fsutil import atomic_file
 from sorter.model.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -76,15 +75,8 @@ def save_artefact(network: SorterNet, spec: ModelSpec, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     # A name of its own per save: two concurrent saves to one path (two exports, a fold and a
     # resume) must not write into each other's temporary file; the last rename wins whole.
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(handle)
-    tmp = Path(name)
-    try:
-        torch.save(payload, tmp)
-        tmp.chmod(0o644)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path, permissions=0o644) as out:
+        torch.save(payload, out)
     return file_sha256(path)
 
 

@@ -19,13 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sorter.errors import IncompatibleModelError
+from sorter.fsutil import atomic_file
 from sorter.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -100,11 +99,5 @@ class GraphCache:
 def _write_atomic(path: Path, data: bytes) -> None:
     # Concurrent writers (several worker processes starting at once) each
     # rename a complete file of the same content: the last rename wins.
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as out:
+        out.write(data)
