@@ -26,8 +26,9 @@ from watchdog.observers import Observer
 
 from sorter.db import queries
 from sorter.domain import Status
-from sorter.jobs.executor import Executor
-from sorter.scan import Rejected, Scan
+from sorter.jobs.executor import Executor, submit_pending
+from sorter.registrar import Registrar, Rejected
+from sorter.scan import source_of
 from sorter.stability import Candidate, StabilityTracker
 from sorter.summary import RunSummary
 from sorter.walk import Entry, error_entry, file_entry, walk
@@ -174,7 +175,16 @@ class Watcher:
         self.batch_size = max(1, batch_size)
         self.rescan_s = rescan_s
         self.exclude = exclude
-        self.scan = Scan(sessions, executor, summary, source=source, exclude=exclude, on_rejected=on_rejected)
+        self.summary = summary
+        # The scan's registration (sorter.registrar): the source is fixed, or the first folder
+        # under the watched one.
+        self.registrar = Registrar(
+            sessions,
+            executor,
+            lambda entry, _old: {"source": source or source_of(entry.path, self.root)},
+            summary=summary,
+            on_rejected=on_rejected,
+        )
         self._lock = threading.Lock()  # the observer thread and the main loop share the tracker
         self._resume_due = False
         #: Paths that are no readable file (a broken or looping link, a FIFO, an unreadable
@@ -272,10 +282,18 @@ class Watcher:
         """Classify instances under the folder left ``pending`` (a killed run, a failed batch)."""
         self._resume_due = False
         try:
-            self.scan.resume([self.root.rstrip(os.sep) + os.sep])
+            submit_pending(
+                self.sessions,
+                self.executor,
+                under=[self.root.rstrip(os.sep) + os.sep],
+                on_page=self._count_resumed,
+            )
         except Exception:
             log.exception("resuming pending instances failed; trying again at the next rescan")
             self._resume_due = True
+
+    def _count_resumed(self, ids: list[int]) -> None:
+        self.summary.resumed += len(ids)
 
     def step(self, ready: Sequence[Candidate]) -> None:
         """Register and classify one batch of settled files, then apply ``--after``; never raises."""
@@ -299,7 +317,7 @@ class Watcher:
         try:
             # The same registration as ``sorter scan`` (ledger check, headers, one
             # commit), then every submitted batch classified and committed.
-            self.scan.register_batch([(entry, self.root) for entry in entries])
+            self.registrar.register(entries)
             self.executor.drain()
             self._apply_after([entry.path for entry in entries])
         except Exception:  # a database outage must not end the watch; the files are tried again
@@ -316,7 +334,7 @@ class Watcher:
         with self._lock:
             entries = list(self._problems.values())[: self.batch_size]
         try:
-            self.scan.register_batch([(entry, self.root) for entry in entries])
+            self.registrar.register(entries)
         except Exception:  # a database outage must not end the watch; the next rescan finds them again
             log.exception("recording %d unreadable paths failed; they will be retried", len(entries))
             with self._lock:
