@@ -365,9 +365,12 @@ def test_a_batch_given_up_on_fails_its_pending_instances(tmp_path, sqlite_url, t
     done = [int(i) for (i,) in query(sqlite_url, "SELECT id FROM instances WHERE status = 'done'")]
     scan_pending = scalar(sqlite_url, "SELECT count(*) FROM instances WHERE status = 'pending'")
     assert scan_pending == 0 and len(done) == 3
-    monkeypatch.setattr(celery_app, "_settings", Settings(database_url=sqlite_url, model=tiny_model))
-    monkeypatch.setattr(celery_app, "_state", None)
-    state = celery_app.worker_state()
+    # The worker's state lives on its app (made current by make_celery), not in module globals.
+    app = celery_app.make_celery(
+        Settings(database_url=sqlite_url, model=tiny_model, broker_url="redis://127.0.0.1:1/0")
+    )
+    state = celery_app.worker_state(app)
+    assert celery_app.worker_state() is state  # the current app's
     try:
         with state.sessions() as session:
             session.execute(sa.text("UPDATE instances SET status = 'pending' WHERE id = :i"), {"i": done[0]})
@@ -376,7 +379,6 @@ def test_a_batch_given_up_on_fails_its_pending_instances(tmp_path, sqlite_url, t
         classify_ids.on_failure(error, "task-1", ([done[0], done[1]],), {}, None)
     finally:
         state.engine.dispose()
-        monkeypatch.setattr(celery_app, "_state", None)
     rows = dict(
         query(
             sqlite_url,

@@ -171,6 +171,6 @@ def _run(app: Any, argv: list[str]) -> None:
     from sorter.jobs.celery_app import worker_exit_status
 
     app.worker_main(argv)
-    status = worker_exit_status()
+    status = worker_exit_status(app)
     if status:
         raise click.exceptions.Exit(status)

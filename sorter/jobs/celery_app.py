@@ -89,11 +89,49 @@ class WorkerState:
     observe: BatchObserver | None = None
 
 
-_settings: Settings | None = None
-_state: WorkerState | None = None
-_stop_sweeps = threading.Event()
-#: This process's Celery worker (``WorkController``), whose ``exitcode`` ``sorter worker`` exits with.
-_controller: Any = None
+class WorkerContext:
+    """What one Celery app's worker keeps: its settings, each pool process's resident resources
+    (made after each fork), the sweep thread's stop flag and the worker (``WorkController``) whose
+    ``exitcode`` ``sorter worker`` exits with. It lives on the app (:func:`context`), not in
+    module globals, so that tests and several apps in one process do not share it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stop_sweeps = threading.Event()
+        self.controller: Any = None
+        self._state: WorkerState | None = None
+
+    def state(self) -> WorkerState:
+        """This process's resources, made on first use after a fork (and again after the next one)."""
+        if self._state is not None and self._state.pid == os.getpid():
+            return self._state
+        if self._state is not None:  # inherited across a fork: never close the parent's connections
+            self._state.engine.dispose(close=False)
+            self._state = None
+        self._state = _load_state(self.settings)
+        return self._state
+
+    @property
+    def loaded(self) -> WorkerState | None:
+        """This process's resources if already made (never makes them)."""
+        return self._state if self._state is not None and self._state.pid == os.getpid() else None
+
+
+#: The attribute of a Celery app that holds its :class:`WorkerContext`.
+_CONTEXT = "sorter_context"
+
+
+def context(app: Celery | None = None) -> WorkerContext:
+    """The :class:`WorkerContext` of ``app`` (default: the current app); one from the
+    environment's settings for an app that :func:`make_celery` did not make."""
+    from celery import current_app
+
+    target = app if app is not None else current_app
+    found = getattr(target, _CONTEXT, None)
+    if not isinstance(found, WorkerContext):
+        found = WorkerContext(Settings.from_env())
+        setattr(target, _CONTEXT, found)
+    return found
 
 
 class GuardedRedisChannel(kombu_redis.Channel):
@@ -178,8 +216,6 @@ def make_celery(settings: Settings) -> Celery:
     """
     if not settings.broker_url:
         raise ValueError("SORTER_BROKER_URL is not set: there is no queue to use")
-    global _settings
-    _settings = settings
     app = Celery(
         "sorter",
         broker=settings.broker_url,
@@ -212,19 +248,13 @@ def make_celery(settings: Settings) -> Celery:
         worker_send_task_events=True,
         task_send_sent_event=True,
     )
+    setattr(app, _CONTEXT, WorkerContext(settings))
     return app
 
 
-def worker_state() -> WorkerState:
-    """This process's resources, made on first use after a fork (and again after the next one)."""
-    global _state
-    if _state is not None and _state.pid == os.getpid():
-        return _state
-    if _state is not None:  # inherited across a fork: never close the parent's connections
-        _state.engine.dispose(close=False)
-        _state = None
-    _state = _load_state(_settings or Settings.from_env())
-    return _state
+def worker_state(app: Celery | None = None) -> WorkerState:
+    """This process's resources for ``app`` (default: the current app); see :class:`WorkerContext`."""
+    return context(app).state()
 
 
 def _load_state(settings: Settings) -> WorkerState:
@@ -262,17 +292,17 @@ def _load_state(settings: Settings) -> WorkerState:
 @worker_init.connect
 def _remember_worker(sender: Any = None, **_: Any) -> None:
     """In the worker's main process: keep the worker, to read its exit status once it stopped."""
-    global _controller
-    _controller = sender
+    if sender is not None:
+        context(sender.app).controller = sender
 
 
-def worker_exit_status() -> int:
+def worker_exit_status(app: Celery | None = None) -> int:
     """The status this process's Celery worker stopped with: 0 unless it stopped on an error.
 
     Celery sets it (1 after an "Unrecoverable error") but ``Celery.worker_main`` and
     ``Celery.start`` drop it, so without this ``sorter worker`` always exited 0.
     """
-    code = getattr(_controller, "exitcode", None)
+    code = getattr(context(app).controller, "exitcode", None)
     if not code:
         return 0
     return code if isinstance(code, int) else 1
@@ -287,7 +317,8 @@ def _init_worker_process(**_: Any) -> None:
 @worker_process_shutdown.connect
 def _process_exited(pid: int | None = None, **_: Any) -> None:
     """In a pool process about to exit: the multiprocess bookkeeping of its metrics."""
-    if _state is not None and _state.metrics is not None:
+    state = context().loaded
+    if state is not None and state.metrics is not None:
         from sorter.metrics import process_exited
 
         process_exited(pid or os.getpid())
@@ -296,23 +327,26 @@ def _process_exited(pid: int | None = None, **_: Any) -> None:
 @worker_ready.connect
 def _start_sweeps(sender: Any = None, **_: Any) -> None:
     """In the worker's main process: send a sweep now and every ``sweep_interval`` seconds."""
-    settings = _settings
-    if settings is None or settings.sweep_interval <= 0 or sender is None:
+    if sender is None:
         return
     app = sender.app
-    _stop_sweeps.clear()
+    owned = context(app)
+    settings, stop = owned.settings, owned.stop_sweeps
+    if settings.sweep_interval <= 0:
+        return
+    stop.clear()
 
     def loop() -> None:
-        while not _stop_sweeps.is_set():
+        while not stop.is_set():
             try:
                 app.send_task(SWEEP_TASK, queue=settings.queue)
             except Exception:  # the broker is away; the next tick tries again
                 log.warning("could not send the pending sweep", exc_info=True)
-            _stop_sweeps.wait(settings.sweep_interval)
+            stop.wait(settings.sweep_interval)
 
     threading.Thread(target=loop, daemon=True, name="pending-sweep").start()
 
 
 @worker_shutdown.connect
-def _stop_sweeping(**_: Any) -> None:
-    _stop_sweeps.set()
+def _stop_sweeping(sender: Any = None, **_: Any) -> None:
+    context(sender.app if sender is not None else None).stop_sweeps.set()
