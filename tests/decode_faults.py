@@ -6,9 +6,9 @@ import os
 import pickle
 
 from sorter.db.queries import Claimed
-from sorter.domain import Status
+from sorter.decode import Prepared, decode_one
+from sorter.domain import Outcome, Status
 from sorter.model.spec import PreprocessParams
-from sorter.pipeline import Outcome, Prepared, decode_one
 
 
 def crashing_decode(item: Claimed, params: PreprocessParams, frames: int = 1) -> Prepared | Outcome:

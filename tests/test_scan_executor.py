@@ -11,9 +11,11 @@ from db_support import copy_dicom, pydicom_file, query
 from decode_faults import crashing_decode, panicking_decode, report_torch
 
 from sorter.db.session import open_database
+from sorter.decode import Decoder, Prepared, decode_one
+from sorter.domain import Outcome
 from sorter.jobs.local import LocalExecutor
 from sorter.model.classifier import Classifier
-from sorter.pipeline import Decoder, Outcome, Prepared, decode_one, register_model
+from sorter.pipeline import register_model
 from sorter.scan import Scan
 from sorter.summary import RunSummary
 

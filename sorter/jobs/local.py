@@ -30,22 +30,12 @@ from types import TracebackType
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from sorter.domain import Claimed, Status
+from sorter.decode import Decoder, Prepared, decode_chunk, decode_one, init_decode_process, run_decoder
+from sorter.domain import Claimed, Outcome, Status
 from sorter.errors import describe
 from sorter.model.classifier import Classifier
 from sorter.model.spec import PreprocessParams
-from sorter.pipeline import (
-    Decoder,
-    Outcome,
-    Prepared,
-    claim_batch,
-    decode_chunk,
-    decode_one,
-    infer,
-    init_decode_process,
-    run_decoder,
-    write_outcomes,
-)
+from sorter.pipeline import claim_batch, infer, write_outcomes
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +46,7 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     # default it would import ``__main__`` (the CLI, hence torch) into every worker.
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["sorter.pipeline"])
+        context.set_forkserver_preload(["sorter.decode"])
         return context
     return multiprocessing.get_context("spawn")
 

@@ -98,8 +98,8 @@ def _params() -> Any:
 
 def stage_decode(files: list[Path]) -> dict[str, Any]:
     """Read + decode + preprocess on one core, then on a pool of one process per core."""
+    from sorter.decode import Prepared, decode_one, init_decode_process
     from sorter.jobs.local import _pool_context
-    from sorter.pipeline import Prepared, decode_one, init_decode_process
 
     items, params = _items(files), _params()
 
