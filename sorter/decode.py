@@ -20,7 +20,7 @@ import numpy as np
 
 from sorter.dicom.pixels import load_image
 from sorter.dicom.quiet import quiet_pydicom
-from sorter.domain import Claimed, Outcome, Status
+from sorter.domain import Claimed, FailureReason, Outcome, Status
 from sorter.errors import INTERRUPTS, InputError, NonImageObject, describe
 from sorter.model.ort import Forward, OrtSession, logits_per_instance
 from sorter.model.preprocess import prepare_image
@@ -127,7 +127,9 @@ def run_decoder(decode: Decoder, item: Claimed, params: PreprocessParams, frames
         raise
     except BaseException as exc:  # keep the evidence in the log, the one-line reason in the database
         log.warning("instance %d: unexpected %s while decoding", item.id, type(exc).__name__, exc_info=True)
-        return Outcome(item.id, Status.FAILED, item.header_label, error="decode_error", detail=describe(exc))
+        return Outcome(
+            item.id, Status.FAILED, item.header_label, error=FailureReason.DECODE_ERROR, detail=describe(exc)
+        )
 
 
 def decode_chunk(

@@ -142,8 +142,8 @@ class Thresholds:
 
 class FailureReason(enum.StrEnum):
     """Why an instance ended ``failed`` or ``skipped``: stored in ``instances.error`` and printed by
-    ``sorter classify``, so the values are stable. (Not every module uses the enum yet; the values
-    are the strings they write.)"""
+    ``sorter classify``, so the values are stable. A StrEnum: each member is its string (SQL
+    parameters, JSON and comparisons with stored values see the string)."""
 
     NOT_DICOM = "not_dicom"
     TRUNCATED = "truncated"
@@ -158,5 +158,7 @@ class FailureReason(enum.StrEnum):
     SYMLINK_LOOP = "symlink_loop"
     NOT_REGULAR_FILE = "not_regular_file"
     HEADER_ERROR = "header_error"
+    SYMLINK_DUPLICATE = "symlink_duplicate"
     RETRIES_EXHAUSTED = "retries_exhausted"
     TASK_ERROR = "task_error"
+    ATTEMPTS_EXHAUSTED = "attempts_exhausted"

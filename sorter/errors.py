@@ -6,6 +6,8 @@ The ``reason`` strings are stored in the database and printed by
 
 from __future__ import annotations
 
+from sorter.domain import FailureReason
+
 #: What stops the program on purpose. Anything else raised while one file is read or decoded
 #: is that file's fault, ``BaseException`` subclasses included: a Rust codec (pylibjpeg-rle,
 #: through PyO3) panics with ``pyo3_runtime.PanicException``, which ``except Exception`` misses
@@ -41,43 +43,43 @@ class InputError(SorterError):
 class NotDicom(InputError):
     """The file is not a DICOM Part 10 file nor a readable raw data set."""
 
-    reason = "not_dicom"
+    reason = FailureReason.NOT_DICOM
 
 
 class TruncatedFile(InputError):
     """The file ends before the data set (or its pixel data) does."""
 
-    reason = "truncated"
+    reason = FailureReason.TRUNCATED
 
 
 class NoPixelData(InputError):
     """An image SOP class without a Pixel Data element."""
 
-    reason = "no_pixel_data"
+    reason = FailureReason.NO_PIXEL_DATA
 
 
 class UnsupportedTransferSyntax(InputError):
     """No installed decoder handles the transfer syntax."""
 
-    reason = "unsupported_transfer_syntax"
+    reason = FailureReason.UNSUPPORTED_TRANSFER_SYNTAX
 
 
 class DecodeError(InputError):
     """The pixel data is present but could not be decoded."""
 
-    reason = "decode_error"
+    reason = FailureReason.DECODE_ERROR
 
 
 class NonImageObject(InputError):
     """SR, RT*, KO, PR, SEG, waveforms, DICOMDIR ...: skipped, not failed."""
 
-    reason = "non_image"
+    reason = FailureReason.NON_IMAGE
 
 
 class UnreadableFile(InputError):
     """The file vanished or cannot be opened (permissions, I/O error)."""
 
-    reason = "unreadable"
+    reason = FailureReason.UNREADABLE
 
 
 class ModelError(SorterError):

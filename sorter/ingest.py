@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from sorter.db import queries
 from sorter.dicom.nonimage import non_image_reason
-from sorter.domain import InstanceHeader, Status
+from sorter.domain import FailureReason, InstanceHeader, Status
 from sorter.fspath import encode_path
 from sorter.taxonomy import header_label, normalise_modality
 
@@ -84,7 +84,7 @@ def from_header(header: InstanceHeader, **extra: Any) -> Registration:
     """A registration for a header that was read: ``pending``, or ``skipped`` without an image."""
     reason = non_image_reason(header)
     if reason:
-        return Registration(header.path, header, Status.SKIPPED, "non_image", reason, **extra)
+        return Registration(header.path, header, Status.SKIPPED, FailureReason.NON_IMAGE, reason, **extra)
     return Registration(header.path, header, **extra)
 
 

@@ -96,7 +96,7 @@ def read_registration(entry: Entry, source: str | None, **extra: Any) -> Registr
         return failure(entry.path, exc.reason, exc.detail, **common)
     except Exception as exc:  # one malformed header must not stop a days-long scan; record it
         log.warning("unexpected %s reading the header of %s", type(exc).__name__, entry.path, exc_info=True)
-        return failure(entry.path, "header_error", f"{type(exc).__name__}: {exc}", **common)
+        return failure(entry.path, FailureReason.HEADER_ERROR, f"{type(exc).__name__}: {exc}", **common)
     return from_header(header, **common)
 
 
@@ -120,7 +120,7 @@ RETRYABLE = frozenset(
 
 def path_entry(path: str) -> Entry:
     """The walk's entry for one path: its stat, or the reason there is none."""
-    return next(iter(walk([path])), None) or Entry(path, reason="vanished", detail="not found")
+    return next(iter(walk([path])), None) or Entry(path, reason=FailureReason.VANISHED, detail="not found")
 
 
 def unchanged(old: LedgerEntry, entry: Entry, retry_failed: bool = False) -> bool:

@@ -43,7 +43,7 @@ from sorter.dicom.storage import (
     remove_stale_temporaries,
     source_ae,
 )
-from sorter.domain import Status
+from sorter.domain import FailureReason, Status
 from sorter.errors import QueueUnavailable
 from sorter.jobs.executor import Executor, submit_pending
 from sorter.registrar import Registrar, Rejected
@@ -166,7 +166,7 @@ def _entry(path: str) -> Entry | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        return Entry(path, reason="unreadable", detail=exc.strerror or type(exc).__name__)
+        return Entry(path, reason=FailureReason.UNREADABLE, detail=exc.strerror or type(exc).__name__)
     return file_entry(path, st)
 
 

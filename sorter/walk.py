@@ -17,12 +17,14 @@ import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from sorter.domain import Status
+from sorter.domain import FailureReason, Status
 
 log = logging.getLogger(__name__)
 
 #: Reasons that mean "nothing to read here" rather than "something is broken".
-SKIP_REASONS = frozenset({"symlink_loop", "symlink_duplicate", "not_regular_file"})
+SKIP_REASONS = frozenset(
+    {FailureReason.SYMLINK_LOOP, FailureReason.SYMLINK_DUPLICATE, FailureReason.NOT_REGULAR_FILE}
+)
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,12 @@ class Entry:
 def os_error_reason(exc: OSError, is_link: bool = False) -> str:
     """The stored reason for an OS error on a path."""
     if exc.errno == errno.ELOOP:
-        return "symlink_loop"
+        return FailureReason.SYMLINK_LOOP
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return "permission_denied"
+        return FailureReason.PERMISSION_DENIED
     if exc.errno == errno.ENOENT:
-        return "broken_symlink" if is_link else "vanished"
-    return "unreadable"
+        return FailureReason.BROKEN_SYMLINK if is_link else FailureReason.VANISHED
+    return FailureReason.UNREADABLE
 
 
 def error_entry(path: str, exc: OSError, is_link: bool = False) -> Entry:
@@ -102,7 +104,7 @@ def file_entry(path: str, st: os.stat_result) -> Entry:
     """The entry for a stat'ed path: a regular file, or ``not_regular_file`` (FIFO, socket, device)."""
     if stat.S_ISREG(st.st_mode):
         return Entry(path, st.st_size, st.st_mtime_ns, ctime_ns=st.st_ctime_ns, mode=st.st_mode)
-    return Entry(path, reason="not_regular_file", detail=stat.filemode(st.st_mode))
+    return Entry(path, reason=FailureReason.NOT_REGULAR_FILE, detail=stat.filemode(st.st_mode))
 
 
 def _walk_folder(top: str, visited: set[tuple[int, int]], exclude: frozenset[str]) -> Iterator[Entry]:
@@ -155,7 +157,11 @@ def _revisit(link: str) -> Entry:
     here = os.path.realpath(os.path.dirname(link))
     loop = here == target or here.startswith(target.rstrip(os.sep) + os.sep)
     log.debug("not following %s -> %s", link, target)
-    return Entry(link, reason="symlink_loop" if loop else "symlink_duplicate", detail=f"-> {target}")
+    return Entry(
+        link,
+        reason=FailureReason.SYMLINK_LOOP if loop else FailureReason.SYMLINK_DUPLICATE,
+        detail=f"-> {target}",
+    )
 
 
 def count_files(roots: Iterable[str | os.PathLike[str]]) -> int:

@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from sorter.db.models import Base
-from sorter.domain import Claimed, Label, Status, Verdict
+from sorter.domain import Claimed, FailureReason, Label, Status, Verdict
 from sorter.fspath import stored_prefixes
 
 instances = Base.metadata.tables["instances"]
@@ -309,7 +309,7 @@ def take_attempts(session: Session, ids: Iterable[int], max_attempts: int) -> At
             .where(instances.c.id.in_(exhausted))
             .values(
                 status=Status.FAILED,
-                error="attempts_exhausted",
+                error=FailureReason.ATTEMPTS_EXHAUSTED,
                 detail=f"taken by {max_attempts} queue tasks that never finished (a decoder that hangs "
                 "or kills its worker process)",
                 updated_at=sa.func.now(),

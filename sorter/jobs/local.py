@@ -31,7 +31,7 @@ from types import TracebackType
 from sqlalchemy.orm import Session, sessionmaker
 
 from sorter.decode import Decoder, Prepared, decode_chunk, decode_one, init_decode_process, run_decoder
-from sorter.domain import Claimed, Outcome, Status
+from sorter.domain import Claimed, FailureReason, Outcome, Status
 from sorter.errors import describe
 from sorter.model.classifier import Classifier
 from sorter.model.spec import PreprocessParams
@@ -299,4 +299,6 @@ class LocalExecutor:
         except Exception as exc:  # the result could not come back; the file is the one to blame
             log.warning("instance %d: decoding failed in the pool (%s); failing it", item.id, describe(exc))
             detail = describe(exc)
-        return Outcome(item.id, Status.FAILED, item.header_label, error="decode_error", detail=detail)
+        return Outcome(
+            item.id, Status.FAILED, item.header_label, error=FailureReason.DECODE_ERROR, detail=detail
+        )

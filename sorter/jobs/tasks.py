@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from celery import Task, shared_task
 
 from sorter.db import queries
-from sorter.domain import Status
+from sorter.domain import FailureReason, Status
 from sorter.jobs.celery_app import CLASSIFY_TASK, SWEEP_TASK, worker_state
 from sorter.pipeline import Decoder, classify_batch, decode_one
 
@@ -82,7 +82,7 @@ class ClassifyTask(Task):
 
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         ids = list(args[0]) if args else list(kwargs.get("ids", []))
-        reason = "retries_exhausted" if isinstance(exc, TRANSIENT) else "task_error"
+        reason = FailureReason.RETRIES_EXHAUSTED if isinstance(exc, TRANSIENT) else FailureReason.TASK_ERROR
         try:
             failed = fail_pending(ids, reason, f"{type(exc).__name__}: {exc}")
         except Exception:  # the database is still away: the sweep re-enqueues them later
@@ -119,7 +119,7 @@ def classify_ids(ids: list[int]) -> int:
         classify_ids.apply_async(args=[[instance_id]], queue=state.settings.queue)
     if taken.exhausted:
         log.warning("instances %s failed: %d tries never finished", taken.exhausted, MAX_ATTEMPTS)
-        _count_failed("attempts_exhausted", len(taken.exhausted))
+        _count_failed(FailureReason.ATTEMPTS_EXHAUSTED, len(taken.exhausted))
     if not taken.fresh:
         return 0
     ids = taken.fresh
