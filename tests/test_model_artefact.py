@@ -149,3 +149,23 @@ def test_reduce_resize_is_a_block_mean_and_old_specs_keep_bilinear():
     assert not np.allclose(bilinear, image, atol=1e-4)
     with pytest.raises(ValueError, match="resize"):
         PreprocessParams(resize="nearest")
+
+
+def test_the_hu_window_is_part_of_the_spec_and_old_specs_keep_today_s():
+    """ARCHITECTURE §4: the window is model spec, not a constant in two modules."""
+    from sorter.model.spec import HU_WINDOW
+
+    arch = "mobilenet_v3_small"
+    spec = ModelSpec(arch=arch, labels=ALL_LABELS, preprocess=PreprocessParams(channels=("hu",)))
+    data = spec.to_dict()
+    assert "hu_low" not in data["preprocess"]  # the default stays implicit: older releases read it
+    assert ModelSpec.from_dict(data).preprocess.hu_low == HU_WINDOW[0]
+    narrow = PreprocessParams(channels=("hu",), hu_low=-100.0, hu_high=100.0, input_size=16)
+    again = ModelSpec.from_dict(ModelSpec(arch=arch, labels=ALL_LABELS, preprocess=narrow).to_dict())
+    assert (again.preprocess.hu_low, again.preprocess.hu_high) == (-100.0, 100.0)
+    frame = np.full((16, 16), 0.0, dtype=np.float32)  # water
+    default_hu = preprocess_frame(frame, 0.0, PreprocessParams(channels=("hu",), input_size=16))[0]
+    narrow_hu = preprocess_frame(frame, 0.0, narrow)[0]
+    assert np.allclose(default_hu, 1000.0 / 3000.0) and np.allclose(narrow_hu, 0.5)
+    with pytest.raises(ValueError, match="hu window must rise"):
+        PreprocessParams(hu_low=10.0, hu_high=-10.0)

@@ -25,8 +25,6 @@ from PIL import Image
 
 from sorter.model.spec import PreprocessParams
 
-_HU_LOW, _HU_HIGH = -1000.0, 2000.0
-
 
 def _scale(x: torch.Tensor, params: PreprocessParams) -> torch.Tensor:
     flat = x.flatten(1)
@@ -189,7 +187,8 @@ def augment_batch(
         if name == "scaled":
             channels.append(_intensity(_scale(small, params), gen))
         else:
-            channels.append(((small - _HU_LOW) / (_HU_HIGH - _HU_LOW)).clamp(0, 1))
+            low, high = params.hu_low, params.hu_high
+            channels.append(((small - low) / (high - low)).clamp(0, 1))
     feats = features.clone()
     if feats.shape[1]:
         keep = (torch.rand(feats.shape[0], 1, generator=gen) > 0.1).float()

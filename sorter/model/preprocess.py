@@ -16,9 +16,6 @@ from PIL import Image
 from sorter.imageops import finite_float32
 from sorter.model.spec import PreprocessParams
 
-#: Hounsfield-like window for the optional ``hu`` channel: air .. dense bone.
-_HU_LOW, _HU_HIGH = -1000.0, 2000.0
-
 
 def letterbox(frame: np.ndarray, fill: float) -> np.ndarray:
     height, width = frame.shape
@@ -120,7 +117,8 @@ def preprocess_frame(
         if name == "scaled":
             channels.append(scale_intensity(small, params))
         else:  # "hu"
-            channels.append(np.clip((small - _HU_LOW) / (_HU_HIGH - _HU_LOW), 0.0, 1.0))
+            low, high = params.hu_low, params.hu_high
+            channels.append(np.clip((small - low) / (high - low), 0.0, 1.0))
     features = [_feature(name, colourfulness, height, width) for name in params.features]
     return np.stack(channels).astype(np.float32), np.asarray(features, dtype=np.float32)
 

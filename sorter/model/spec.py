@@ -37,6 +37,10 @@ SCALINGS = ("minmax", "percentile")
 RESIZES = ("bilinear", "reduce")
 
 
+#: The default ``hu`` window; every artefact without ``hu_low``/``hu_high`` in its spec used it.
+HU_WINDOW = (-1000.0, 2000.0)
+
+
 @dataclass(frozen=True)
 class PreprocessParams:
     """How a decoded grey frame becomes network input.
@@ -54,8 +58,15 @@ class PreprocessParams:
     channels: tuple[str, ...] = ("scaled",)
     features: tuple[str, ...] = ("colourfulness",)
     resize: str = "bilinear"  # artefacts written before the field existed used bilinear
+    # The ``hu`` channel's window (values after the Modality LUT): air .. dense bone. Part of the
+    # spec, so that serving and training read it from one place; artefacts written before the
+    # fields existed used exactly this window.
+    hu_low: float = HU_WINDOW[0]
+    hu_high: float = HU_WINDOW[1]
 
     def __post_init__(self) -> None:
+        if not self.hu_low < self.hu_high:
+            raise ValueError(f"hu window must rise: {self.hu_low} .. {self.hu_high}")
         if self.scaling not in SCALINGS:
             raise ValueError(f"scaling must be one of {SCALINGS}, not {self.scaling!r}")
         if self.resize not in RESIZES:
@@ -97,6 +108,10 @@ class ModelSpec:
         data["labels"] = [label.value for label in self.labels]
         data["preprocess"]["channels"] = list(self.preprocess.channels)
         data["preprocess"]["features"] = list(self.preprocess.features)
+        if (self.preprocess.hu_low, self.preprocess.hu_high) == HU_WINDOW:
+            # The default window stays implicit, so that releases before the fields still read
+            # the artefacts this one writes.
+            del data["preprocess"]["hu_low"], data["preprocess"]["hu_high"]
         return data
 
     @classmethod
