@@ -102,22 +102,28 @@ def sorter_listen(tmp_path: Path, sqlite_url: str, tiny_model: Path) -> Iterator
     assert process.returncode == 143, log.read_text(errors="replace")[-4000:]  # clean SIGTERM stop
 
 
-@pytest.fixture()
-def orthanc(tmp_path: Path, sorter_listen: int) -> Iterator[str]:
-    """A throwaway Orthanc on loopback that knows ``sorter listen`` as modality ``sorter``; yields its URL."""
-    http_port, dicom_port = free_port(), free_port()
-    config = {
+def _orthanc_config(tmp_path: Path, http_port: int, sorter_port: int) -> dict[str, Any]:
+    """A throwaway Orthanc on loopback (storage under ``tmp_path``) that knows ``sorter listen``
+    on ``sorter_port`` as modality ``sorter``."""
+    return {
         "Name": "dicom-sorter-test",
         "StorageDirectory": str(tmp_path / "orthanc" / "storage"),
         "IndexDirectory": str(tmp_path / "orthanc" / "index"),
         "HttpPort": http_port,
-        "DicomPort": dicom_port,
+        "DicomPort": free_port(),
         "DicomAet": ORTHANC_AE,
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
-        "DicomModalities": {"sorter": [OUR_AE, "127.0.0.1", sorter_listen]},
+        "DicomModalities": {"sorter": [OUR_AE, "127.0.0.1", sorter_port]},
         "Plugins": [],
     }
+
+
+@pytest.fixture()
+def orthanc(tmp_path: Path, sorter_listen: int) -> Iterator[str]:
+    """A throwaway Orthanc on loopback that knows ``sorter listen`` as modality ``sorter``; yields its URL."""
+    http_port = free_port()
+    config = _orthanc_config(tmp_path, http_port, sorter_listen)
     config_path = tmp_path / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
     log = tmp_path / "orthanc.log"
@@ -201,17 +207,7 @@ def test_the_shipped_autoroute_forwards_and_retries_while_the_listener_is_down(
     down is resubmitted once it is back (on Orthanc < 1.11.1, which has no heartbeat, when the
     next instance arrives), and nothing is lost."""
     port, http_port = free_port(), free_port()
-    config = {
-        "Name": "dicom-sorter-autoroute",
-        "StorageDirectory": str(tmp_path / "orthanc" / "storage"),
-        "IndexDirectory": str(tmp_path / "orthanc" / "index"),
-        "HttpPort": http_port,
-        "DicomPort": free_port(),
-        "DicomAet": ORTHANC_AE,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomModalities": {"sorter": [OUR_AE, "127.0.0.1", port]},
-        "Plugins": [],
+    config = _orthanc_config(tmp_path, http_port, port) | {
         "LuaScripts": [str(AUTOROUTE)],
         "LuaHeartBeatPeriod": 1,
         "JobsHistorySize": 100,
