@@ -46,7 +46,7 @@ from prometheus_client import (
 )
 from prometheus_client import values as prometheus_values
 
-from sorter.db.queries import instances
+from sorter.db.queries import as_utc, instances
 from sorter.domain import Status, Verdict
 
 if TYPE_CHECKING:
@@ -137,8 +137,7 @@ class Metrics:
                 self.unclassified(outcome.status, outcome.error)
         now = datetime.now(UTC)
         for at in registered:
-            aware = at if at.tzinfo is not None else at.replace(tzinfo=UTC)  # SQLite: naive UTC
-            self.queue_latency.observe(max(0.0, (now - aware).total_seconds()))
+            self.queue_latency.observe(max(0.0, (now - as_utc(at)).total_seconds()))
 
     def batch_observer(self, sessions: sessionmaker[Session]) -> BatchObserver:
         """An executor ``observer`` that also reads the classified instances' registration times.

@@ -9,7 +9,7 @@ policy (``--spool-retention``) then frees the disk:
 - ``age:7d`` (``s``, ``m``, ``h``, ``d``): the same, once the file is that old.
 
 A file whose instance is ``pending``, or ``failed`` for a reason that can heal
-(:data:`sorter.scan.RETRYABLE`), is never deleted: a worker or a retry still needs it. The
+(:data:`sorter.registrar.RETRYABLE`), is never deleted: a worker or a retry still needs it. The
 instance row keeps its path and prediction; its ledger row goes with the file, which is how a
 deleted file is never looked at again.
 """
@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from sorter.db.queries import files, instances, path_under
 from sorter.domain import Status
-from sorter.scan import RETRYABLE
+from sorter.registrar import RETRYABLE
 
 log = logging.getLogger(__name__)
 

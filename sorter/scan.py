@@ -27,15 +27,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sorter.db import queries
 from sorter.db.queries import LedgerEntry
-from sorter.dicom.headers import read_header
 from sorter.dicom.storage import is_temporary_name
-from sorter.domain import FailureReason, Status
-from sorter.errors import InputError, UnreadableFile
-from sorter.ingest import Registration, failure, from_header
+from sorter.domain import Status
 from sorter.jobs.executor import PAGE, Executor, submit_pending
-from sorter.registrar import Describe, Registrar, Rejected
+from sorter.registrar import Describe, Registrar, Rejected, path_entry
 from sorter.summary import RunSummary
-from sorter.walk import Entry, count_files, os_error_reason, walk
+from sorter.walk import Entry, count_files, walk
 
 log = logging.getLogger(__name__)
 
@@ -67,75 +64,6 @@ def source_of(path: str, root: str) -> str:
     if len(parts) > 1 and parts[0] not in (os.curdir, os.pardir):
         return parts[0]
     return os.path.basename(root.rstrip(os.sep)) or root
-
-
-def read_registration(entry: Entry, source: str | None, **extra: Any) -> Registration:
-    """Read one walked file's header into a :class:`~sorter.ingest.Registration`; never raises.
-
-    ``extra`` goes to the registration (``changed``, ``replaces``, ``calling_ae``).
-    """
-    common: dict[str, Any] = {
-        "source": source,
-        "size": entry.size,
-        "mtime_ns": entry.mtime_ns,
-        "ctime_ns": entry.ctime_ns,
-        "mode": entry.mode,
-        **extra,
-    }
-    if entry.reason is not None:
-        return failure(entry.path, entry.reason, entry.detail, entry.status, **common)
-    try:
-        header = read_header(entry.path)
-    except UnreadableFile as exc:
-        cause = exc.__cause__
-        reason = (
-            os_error_reason(cause, os.path.islink(entry.path)) if isinstance(cause, OSError) else exc.reason
-        )
-        return failure(entry.path, reason, exc.detail, **common)
-    except InputError as exc:
-        return failure(entry.path, exc.reason, exc.detail, **common)
-    except Exception as exc:  # one malformed header must not stop a days-long scan; record it
-        log.warning("unexpected %s reading the header of %s", type(exc).__name__, entry.path, exc_info=True)
-        return failure(entry.path, FailureReason.HEADER_ERROR, f"{type(exc).__name__}: {exc}", **common)
-    return from_header(header, **common)
-
-
-#: Failure reasons that can heal without the file's content changing: a permission or mount
-#: fixed, a file back in place, a codec plugin installed. A failed instance with one of these is
-#: re-read when its file's ctime or mode changed (chmod, chown, a restore), or with
-#: ``--retry-failed``. Content problems (``not_dicom``, ``truncated`` ...) wait for new content.
-RETRYABLE = frozenset(
-    {
-        FailureReason.PERMISSION_DENIED,
-        FailureReason.VANISHED,
-        FailureReason.UNREADABLE,
-        FailureReason.BROKEN_SYMLINK,
-        FailureReason.DECODE_ERROR,
-        FailureReason.UNSUPPORTED_TRANSFER_SYNTAX,
-        FailureReason.RETRIES_EXHAUSTED,
-        FailureReason.TASK_ERROR,
-    }
-)
-
-
-def path_entry(path: str) -> Entry:
-    """The walk's entry for one path: its stat, or the reason there is none."""
-    return next(iter(walk([path])), None) or Entry(path, reason=FailureReason.VANISHED, detail="not found")
-
-
-def unchanged(old: LedgerEntry, entry: Entry, retry_failed: bool = False) -> bool:
-    """Whether the ledger's record of a path still holds, so the file needs no reading.
-
-    A path that could not be stat'ed, changed in size or mtime, or whose instance failed for a
-    :data:`RETRYABLE` reason since fixed (ctime or mode changed, or ``retry_failed``) is read again.
-    """
-    if entry.reason is not None or old.instance_id is None:
-        return False
-    if (old.size, old.mtime_ns) != (entry.size, entry.mtime_ns):
-        return False
-    if old.status == Status.FAILED.value and old.error in RETRYABLE:
-        return not retry_failed and (old.ctime_ns, old.mode) == (entry.ctime_ns, entry.mode)
-    return True
 
 
 class Scan:

@@ -33,17 +33,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from sorter.db.queries import LedgerEntry, instances
+from sorter.db.queries import LedgerEntry, pending_backlog
 from sorter.dicom.storage import (
     STALE_TEMPORARY_S,
     is_spooled_file,
     remove_stale_temporaries,
     source_ae,
 )
-from sorter.domain import FailureReason, Status
+from sorter.domain import FailureReason
 from sorter.errors import QueueUnavailable
 from sorter.jobs.executor import Executor, submit_pending
 from sorter.registrar import Registrar, Rejected
@@ -94,9 +93,8 @@ class SpoolIngest:
         An item without a calling AE (found by a sweep) takes the one recorded in
         its file's meta; a file without one waits until it is ``grace_s`` old.
         """
-        unique = list({item.path: item for item in items}.values())
         newest = time.time_ns() - int(self.grace_s * 1e9)
-        senders = {item.path: item.calling_ae for item in unique}
+        senders = {item.path: item.calling_ae for item in items}  # one per path: the last offer
 
         def describe(entry: Entry, _old: LedgerEntry | None) -> dict[str, Any] | None:
             # Read for files to register only (the ledger skipped the rest): a few hundred bytes.
@@ -137,15 +135,10 @@ class SpoolIngest:
     def backlog(self) -> tuple[int, float]:
         """The database's pending instances, and the age in seconds of the oldest (0 when none)."""
         with self.sessions() as session:
-            count, oldest = session.execute(
-                sa.select(sa.func.count(), sa.func.min(instances.c.registered_at)).where(
-                    instances.c.status == Status.PENDING
-                )
-            ).one()
+            count, oldest = pending_backlog(session)
         if oldest is None:
-            return int(count), 0.0
-        aware = oldest if oldest.tzinfo is not None else oldest.replace(tzinfo=UTC)  # SQLite: naive UTC
-        return int(count), max(0.0, (datetime.now(UTC) - aware).total_seconds())
+            return count, 0.0
+        return count, max(0.0, (datetime.now(UTC) - oldest).total_seconds())
 
     def _spooled(self) -> Iterator[Received]:
         if not self.spool.is_dir():

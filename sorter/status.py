@@ -14,16 +14,10 @@ from sqlalchemy.orm import Session
 
 from sorter.db import views
 from sorter.db.models import Model, Prediction
-from sorter.db.queries import instances
+from sorter.db.queries import as_utc, instances, pending_backlog
 from sorter.domain import Status
 
 TOP_FAILURES = 10
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _bound(session: Session, value: datetime) -> datetime:
@@ -49,10 +43,7 @@ def pipeline_status(session: Session, now: datetime | None = None) -> dict[str, 
         (s.value if isinstance(s, Status) else str(s)): count
         for s, count in session.execute(sa.select(instances.c.status, n).group_by(instances.c.status))
     }
-    pending, oldest = session.execute(
-        sa.select(n, sa.func.min(instances.c.registered_at)).where(instances.c.status == Status.PENDING)
-    ).one()
-    oldest = _utc(oldest)
+    pending, oldest = pending_backlog(session)
     failed = [
         {"reason": reason or "unknown", "n": count}
         for reason, count in session.execute(
@@ -69,10 +60,10 @@ def pipeline_status(session: Session, now: datetime | None = None) -> dict[str, 
         stmt = sa.select(n).select_from(Prediction).where(created >= _bound(session, now - delta))
         return int(session.execute(stmt).scalar_one())
 
-    latest = _utc(session.execute(sa.select(sa.func.max(created))).scalar_one())
+    latest = as_utc(session.execute(sa.select(sa.func.max(created))).scalar_one())
     discrepancies = session.execute(sa.select(n).select_from(views.discrepancies)).scalar_one()
     models = [
-        {"model_id": mid, "arch": arch, "sha256": sha[:12], "predictions": count, "latest": _utc(last)}
+        {"model_id": mid, "arch": arch, "sha256": sha[:12], "predictions": count, "latest": as_utc(last)}
         for mid, arch, sha, count, last in session.execute(
             sa.select(Model.id, Model.arch, Model.sha256, sa.func.count(Prediction.id), sa.func.max(created))
             .join(Prediction, Prediction.model_id == Model.id)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from db_support import copy_dicom, pydicom_file, query, scan
 
-import sorter.scan
+import sorter.registrar
 from sorter.errors import UnreadableFile
 
 pytest_plugins = ["db_fixtures"]
@@ -65,7 +65,7 @@ def bad_archive(tmp_path: Path) -> Path:
 @pytest.fixture()
 def hostile_os(monkeypatch: pytest.MonkeyPatch, bad_archive: Path) -> None:
     """Permission denied on one folder and one file, and a file deleted between listing and reading."""
-    real_scandir, real_read_header = os.scandir, sorter.scan.read_header
+    real_scandir, real_read_header = os.scandir, sorter.registrar.read_header
 
     def scandir(path):  # type: ignore[no-untyped-def]
         if Path(path) == bad_archive / "locked":
@@ -82,7 +82,7 @@ def hostile_os(monkeypatch: pytest.MonkeyPatch, bad_archive: Path) -> None:
         return real_read_header(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    monkeypatch.setattr(sorter.scan, "read_header", read_header)
+    monkeypatch.setattr(sorter.registrar, "read_header", read_header)
 
 
 def test_every_bad_input_is_recorded_with_its_reason(db_url, tiny_model, bad_archive, hostile_os, tmp_path):

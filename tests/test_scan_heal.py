@@ -23,7 +23,7 @@ import pytest
 from db_support import copy_dicom, pydicom_file
 
 from sorter.db.queries import LedgerEntry
-from sorter.scan import RETRYABLE, unchanged
+from sorter.registrar import RETRYABLE, unchanged
 from sorter.walk import Entry
 
 #: linux/prctl.h and linux/capability.h

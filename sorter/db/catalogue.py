@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from sorter.db.queries import active_model, instances, models, predictions
+from sorter.db.queries import active_model, instances, models, predicted_by, predictions
 from sorter.domain import Status
 
 #: Where the bundled artefact lies inside the package, whatever the install location.
@@ -140,12 +140,8 @@ def activate(session: Session, model_id: int) -> tuple[int, int]:
     has not classified (they keep showing another model's until it does). The caller commits.
     """
     session.execute(sa.update(models).where(models.c.id == model_id).values(activated_at=sa.func.now()))
-    theirs = (
-        sa.select(predictions.c.id)
-        .where(predictions.c.instance_id == instances.c.id, predictions.c.model_id == model_id)
-        .scalar_subquery()
-    )
-    has = sa.exists().where(predictions.c.instance_id == instances.c.id, predictions.c.model_id == model_id)
+    theirs = predicted_by(model_id).scalar_subquery()
+    has = sa.exists(predicted_by(model_id))
     result = session.execute(sa.update(instances).where(has).values(prediction_id=theirs))
     shown = getattr(result, "rowcount", 0)  # a CursorResult for an UPDATE
     missing = session.execute(

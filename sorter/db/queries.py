@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, overload
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -26,6 +26,27 @@ files = Base.metadata.tables["files"]
 predictions = Base.metadata.tables["predictions"]
 models = Base.metadata.tables["models"]
 model_thresholds = Base.metadata.tables["model_thresholds"]
+
+
+@overload
+def as_utc(value: datetime) -> datetime: ...
+@overload
+def as_utc(value: None) -> None: ...
+def as_utc(value: datetime | None) -> datetime | None:
+    """A timestamp read from the database, timezone-aware: SQLite returns naive UTC."""
+    if value is None:
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def pending_backlog(session: Session) -> tuple[int, datetime | None]:
+    """How many instances are ``pending``, and when the oldest of them was registered (aware)."""
+    count, oldest = session.execute(
+        sa.select(sa.func.count(), sa.func.min(instances.c.registered_at)).where(
+            instances.c.status == Status.PENDING
+        )
+    ).one()
+    return int(count), as_utc(oldest)
 
 
 def path_under(column: sa.ColumnElement[str], prefixes: Iterable[str]) -> sa.ColumnElement[bool]:
@@ -391,10 +412,7 @@ def next_ids(
     if under:
         stmt = stmt.where(path_under(instances.c.path, under))
     if without_model is not None:
-        done = sa.select(predictions.c.id).where(
-            predictions.c.instance_id == instances.c.id, predictions.c.model_id == without_model
-        )
-        stmt = stmt.where(~sa.exists(done))
+        stmt = stmt.where(~sa.exists(predicted_by(without_model)))
     return list(session.execute(stmt.order_by(instances.c.id).limit(limit)).scalars())
 
 
@@ -445,11 +463,12 @@ def active_model() -> sa.ScalarSelect[Any]:
     )
 
 
-def _prediction_of(model_id: Any) -> sa.ScalarSelect[Any]:
-    return (
-        sa.select(predictions.c.id)
-        .where(predictions.c.instance_id == instances.c.id, predictions.c.model_id == model_id)
-        .scalar_subquery()
+def predicted_by(model_id: Any) -> sa.Select[Any]:
+    """The id of the current instance's prediction from ``model_id`` (a model id or a scalar
+    subquery), correlated with ``instances``: ``.scalar_subquery()`` for the id, ``sa.exists()``
+    for whether there is one."""
+    return sa.select(predictions.c.id).where(
+        predictions.c.instance_id == instances.c.id, predictions.c.model_id == model_id
     )
 
 
@@ -462,7 +481,9 @@ def mark_done(session: Session, ids: Collection[int], model_id: int) -> None:
     """
     if not ids:
         return
-    shown = sa.func.coalesce(_prediction_of(active_model()), _prediction_of(model_id))
+    shown = sa.func.coalesce(
+        predicted_by(active_model()).scalar_subquery(), predicted_by(model_id).scalar_subquery()
+    )
     session.execute(
         sa.update(instances)
         .where(instances.c.id.in_(list(ids)))

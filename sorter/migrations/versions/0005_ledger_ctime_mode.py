@@ -4,7 +4,7 @@ The ledger skipped a path whose size and mtime were unchanged, so a file that
 failed with ``permission_denied`` stayed failed after ``chmod`` (which changes
 the inode's ctime and mode, never the mtime). With both recorded, a scan re-reads
 a path whose instance failed for a reason that can heal (see
-``sorter.scan.RETRYABLE``) once its ctime or mode changed. Rows written before
+``sorter.registrar.RETRYABLE``) once its ctime or mode changed. Rows written before
 this revision have neither: such a failure is retried once.
 
 Revision ID: 0005
