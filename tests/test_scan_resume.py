@@ -17,7 +17,8 @@ from sorter.db.session import create_db_engine
 
 pytest_plugins = ["db_fixtures"]
 
-FILES = 240
+#: Enough that a scan (at several hundred files/s) is still running when the signal lands.
+FILES = 1000
 
 
 @pytest.fixture(scope="module")

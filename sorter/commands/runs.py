@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from tqdm import tqdm
 
+from sorter import interrupts
 from sorter.commands.common import database_option, model_options
 from sorter.config import Settings
 from sorter.domain import Label
@@ -57,14 +58,6 @@ def classify_options(func: F) -> F:
     ):
         func = option(func)
     return func
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that the same rollback runs, but ending with status 143."""
-
-
-def _raise_terminated(signum: int, _frame: object) -> None:
-    raise Terminated(f"signal {signum}")
 
 
 @contextmanager
@@ -147,17 +140,16 @@ def print_summary(summary: RunSummary, json_path: Path | None) -> None:
 
 @contextmanager
 def interruptible() -> Iterator[None]:
-    """Turn Ctrl-C and SIGTERM into a short message and exit status 130 and 143 (128 + the signal)."""
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    """Turn Ctrl-C and SIGTERM into a short message and exit status 130 and 143 (128 + the signal).
+    Neither is raised inside a database commit (:mod:`sorter.interrupts`)."""
     try:
-        yield
+        with interrupts.handled():
+            yield
     except KeyboardInterrupt as exc:
         click.echo(
             "\ninterrupted: committed batches are kept; run the same command again to resume", err=True
         )
-        sys.exit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        sys.exit(128 + (signal.SIGTERM if isinstance(exc, interrupts.Terminated) else signal.SIGINT))
 
 
 def progress_bar(enabled: bool | None, desc: str, total: int | None = None) -> tqdm[Any] | None:

@@ -24,6 +24,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from sorter.errors import SorterError
+from sorter.interrupts import InterruptSafeSession
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,9 @@ def _create_engine(url: str) -> Engine:
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
-    """Sessions bound to ``engine``; objects stay readable after commit."""
-    return sessionmaker(bind=engine, expire_on_commit=False)
+    """Sessions bound to ``engine``; objects stay readable after commit, and a Ctrl-C never
+    lands inside a commit (:class:`~sorter.interrupts.InterruptSafeSession`)."""
+    return sessionmaker(bind=engine, expire_on_commit=False, class_=InterruptSafeSession)
 
 
 def alembic_config(engine: Engine | None = None) -> Config:
