@@ -48,7 +48,7 @@ def test_runs_are_compared_on_the_folds_every_run_evaluated(tmp_path):
     assert rows[0]["accuracy"] == 1.0 and rows[0]["balanced_accuracy"] == 1.0
     assert rows[1]["accuracy"] < 1.0
     table = comparison_markdown(common, rows, {"good@2x128x128": 500.0})
-    assert "| good (percentile) | 2x128x128 | 500.0 | 1.000 | 1.000 |" in table
+    assert "| good: good (percentile) | 2x128x128 | 500.0 | 1.000 | 1.000 |" in table
     assert "Same source-disjoint folds [1, 2] (16 held-out images)" in table
 
 
