@@ -14,6 +14,7 @@ from sorter.commands.listen import listen
 from sorter.commands.models import models_group
 from sorter.commands.reclassify import reclassify
 from sorter.commands.report import discrepancies, failures, find, report
+from sorter.commands.rules import rules_group
 from sorter.commands.scan import scan
 from sorter.commands.status import status
 from sorter.commands.watch import watch
@@ -43,6 +44,7 @@ main.add_command(classify)
 main.add_command(scan)
 main.add_command(db_group)
 main.add_command(models_group)
+main.add_command(rules_group)
 main.add_command(report)
 main.add_command(discrepancies)
 main.add_command(find)

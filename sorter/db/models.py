@@ -236,3 +236,22 @@ class File(Base):
     ctime_ns: Mapped[int | None] = mapped_column(sa.BigInteger)
     mode: Mapped[int | None] = mapped_column(sa.Integer)
     seen_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
+
+
+class RuleAction(Base):
+    """What one rule's action did for one instance (``sorter/rules``): the ledger that keeps a re-run
+    or a retry from acting twice. ``done`` is final; ``failed`` is tried again by the next run."""
+
+    __tablename__ = "rule_actions"
+    __table_args__ = (sa.UniqueConstraint("instance_id", "rule", "action", name="uq_rule_actions_once"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(BigId, sa.ForeignKey("instances.id", ondelete="CASCADE"))
+    rule: Mapped[str] = mapped_column(sa.String(64))
+    action: Mapped[str] = mapped_column(sa.String(16))
+    status: Mapped[str] = mapped_column(sa.String(16))  # pending | done | failed
+    target: Mapped[str | None] = mapped_column(FsPath)
+    error: Mapped[str | None] = mapped_column(sa.String(64))
+    detail: Mapped[str | None] = mapped_column(ReadableText)
+    attempts: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
+    updated_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())

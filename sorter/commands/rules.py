@@ -1,0 +1,109 @@
+"""``sorter rules``: check a rules file, explain what it does to one instance, apply it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import sqlalchemy as sa
+
+from sorter.commands.common import database, database_option
+from sorter.db.models import Instance, RuleAction
+from sorter.rules.engine import apply_rules, facts_for, why_not
+from sorter.rules.spec import RulesError, RuleSet, load_rules
+
+RULES_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def read_rules(path: Path) -> RuleSet:
+    """``path`` as a :class:`RuleSet`, or every problem on its own line and exit status 2."""
+    try:
+        return load_rules(path)
+    except RulesError as exc:
+        for problem in exc.problems:
+            click.echo(f"error: {problem}", err=True)
+        raise click.exceptions.Exit(2) from exc
+
+
+@click.group("rules")
+def rules_group() -> None:
+    """Rules that file instances by what the pixels show (see README "Rules")."""
+
+
+@rules_group.command("check")
+@click.argument("file", type=RULES_FILE)
+def check(file: Path) -> None:
+    """Check FILE: every problem with its line, exit status 2 when there is one."""
+    rules = read_rules(file)
+    click.echo(f"{file}: {len(rules.rules)} rules, mode {rules.mode}: ok")
+    for rule in rules.rules:
+        conditions = ", ".join(f"{k}={v}" for k, v in rule.match.items()) or "every classified instance"
+        actions = "; ".join(f"{a.kind} ({a.how}) to {a.to}" for a in rule.actions)
+        click.echo(f"  {rule.name} (line {rule.line}): when {conditions}: {actions}")
+
+
+@rules_group.command("explain")
+@click.argument("instance")
+@click.option("--rules", "rules_file", required=True, type=RULES_FILE, help="The rules file.")
+@database_option
+def explain(instance: str, rules_file: Path, database_url: str | None) -> None:
+    """What each rule of --rules does to INSTANCE (a SOP Instance UID or an instance id), and why."""
+    rules = read_rules(rules_file)
+    with database(database_url) as (_engine, sessions), sessions() as session:
+        column = Instance.id if instance.isdigit() else Instance.sop_instance_uid
+        found = session.scalars(
+            sa.select(Instance).where(column == (int(instance) if instance.isdigit() else instance))
+        )
+        record = found.first()
+        if record is None:
+            raise click.ClickException(f"no instance {instance} in this database")
+        facts = facts_for(session, [record.id]).get(record.id)
+        ledger = {
+            (row.rule, row.action): row
+            for row in session.scalars(sa.select(RuleAction).where(RuleAction.instance_id == record.id))
+        }
+    if facts is None:
+        raise click.ClickException(
+            f"instance {record.sop_instance_uid} is {record.status}, not classified: no rule applies"
+        )
+    click.echo(
+        f"instance {record.sop_instance_uid}: {facts['label']} at {facts['confidence']:.3f}, header "
+        f"{facts['header_label'] or 'none'}, verdict {facts['verdict']}, series {facts['series_verdict']}, "
+        f"study {facts['study_verdict']}"
+    )
+    acting = True
+    for rule in rules.rules:
+        reason = why_not(rule, facts)
+        if reason is not None:
+            click.echo(f"  {rule.name}: no match: {reason}")
+            continue
+        if not acting:
+            click.echo(f"  {rule.name}: matches, but mode is first and an earlier rule acts")
+            continue
+        acting = rules.mode == "all"
+        for action in rule.actions:
+            entry = ledger.get((rule.name, action.kind))
+            state = (
+                "not yet" if entry is None else entry.status + (f" ({entry.error})" if entry.error else "")
+            )
+            click.echo(
+                f"  {rule.name}: matches: {action.kind} ({action.how}) to {action.target(facts)}: {state}"
+            )
+
+
+@rules_group.command("apply")
+@click.argument("file", type=RULES_FILE)
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@database_option
+def apply(file: Path, paths: tuple[Path, ...], database_url: str | None) -> None:
+    """Apply FILE to the classified instances (under PATHS, or all); what a rule did already is
+    skipped, what failed is tried again. Exit status 3 when an action failed."""
+    rules = read_rules(file)
+    with database(database_url) as (_engine, sessions):
+        report = apply_rules(sessions, rules, under=[str(p) for p in paths])
+    click.echo(report.line())
+    if sum(report.failed.values()):
+        click.echo(
+            "some actions failed: `sorter rules explain SOP_INSTANCE_UID --rules FILE` says why", err=True
+        )
+        raise click.exceptions.Exit(3)

@@ -1,0 +1,292 @@
+"""A rules file: what to match and what to do, read from TOML and checked line by line.
+
+::
+
+    mode = "all"                    # every rule that matches acts ("first": only the first)
+
+    [[rule]]
+    name = "file-by-label"
+    [rule.match]                    # all conditions hold; a list means any of its values
+    verdict = ["agree", "disagree"]
+    min_confidence = 0.5
+    [rule.file]
+    to = "$SORTER_FILE_ROOT/{label}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
+    how = "copy"                    # copy | link (hard link) | move
+
+TOML because Python reads it without a dependency (:mod:`tomllib`) and its syntax errors carry
+a line; the checks here find the line of every other mistake themselves (tomllib keeps none).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import string
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sorter.domain import Label, Verdict
+from sorter.errors import SorterError
+
+#: Conditions on one value each; a string or a list of strings (any of them). Labels and verdicts
+#: are checked against their names; the others are shell-style patterns (``"CT_*"``).
+LABEL_FIELDS = {"label": "predicted label", "header": "header label", "series_label": "series' label"}
+VERDICT_FIELDS = {"verdict": "instance", "series_verdict": "series", "study_verdict": "study"}
+PATTERN_FIELDS = {
+    "calling_ae": "calling AE title",
+    "station": "station name",
+    "institution": "institution name",
+    "source": "source",
+    "sop_class": "SOP Class UID",
+    "modality": "header Modality (0008,0060)",
+}
+RANGE_FIELDS = {"min_confidence", "max_confidence"}
+MATCH_FIELDS = (*LABEL_FIELDS, *VERDICT_FIELDS, *PATTERN_FIELDS, *RANGE_FIELDS)
+
+#: What a ``file`` target may name: values the database holds, never a patient identifier.
+TEMPLATE_FIELDS = {
+    "label",
+    "header_label",
+    "verdict",
+    "series_verdict",
+    "modality",
+    "source",
+    "station",
+    "calling_ae",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+}
+FILE_MODES = ("copy", "link", "move")
+ACTIONS = ("file",)
+RULE_KEYS = ("name", "match", *ACTIONS)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class RulesError(SorterError):
+    """A rules file that cannot be used; ``problems`` holds one ``FILE:LINE: message`` each."""
+
+    reason = "bad_rules"
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class FileAction:
+    """Put the instance's file at ``to`` (a template), by copy, hard link or move."""
+
+    to: str
+    how: str = "copy"
+    kind: str = "file"
+
+    def target(self, facts: dict[str, Any]) -> Path:
+        """The target path for one instance: every field made safe as one path component."""
+        values = {name: _component(facts.get(name)) for name in TEMPLATE_FIELDS}
+        return Path(self.to.format(**values))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: every condition in ``match`` holds, then each action acts."""
+
+    name: str
+    match: dict[str, Any] = field(default_factory=dict)
+    actions: tuple[FileAction, ...] = ()
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """The rules of one file, and whether only the first that matches acts."""
+
+    path: Path
+    mode: str
+    rules: tuple[Rule, ...]
+
+
+def _component(value: Any) -> str:
+    """A value as one safe path component: no separators, no ``..``, never empty."""
+    text = re.sub(r"[^A-Za-z0-9._-]", "_", str(value)) if value not in (None, "") else "unknown"
+    return text if text.strip(".") else "unknown"
+
+
+class _Lines:
+    """Where a rule and its keys are in the file, for messages (tomllib keeps no positions)."""
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+        self.starts = [i + 1 for i, line in enumerate(self.lines) if re.match(r"\s*\[\[\s*rule\s*\]\]", line)]
+
+    def of_rule(self, index: int) -> int:
+        return self.starts[index] if index < len(self.starts) else 0
+
+    def of_key(self, index: int, key: str) -> int:
+        start = self.of_rule(index) if index >= 0 else 1
+        end = self.starts[index + 1] if 0 <= index < len(self.starts) - 1 else len(self.lines) + 1
+        if index < 0:
+            end = self.starts[0] if self.starts else len(self.lines) + 1
+        pattern = re.compile(rf"\s*(\[\s*rule\.)?{re.escape(key)}\s*(=|\])")
+        for number in range(max(start, 1), end):
+            if pattern.match(self.lines[number - 1]):
+                return number
+        return start
+
+
+def load_rules(path: Path) -> RuleSet:
+    """Read and check a rules file; :class:`RulesError` lists every problem with its line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RulesError([f"{path}: cannot read: {exc.strerror or exc}"]) from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RulesError([f"{path}: not valid TOML: {exc}"]) from exc
+    lines = _Lines(text)
+    problems: list[str] = []
+
+    def problem(line: int, message: str) -> None:
+        problems.append(f"{path}:{line}: {message}")
+
+    for key in data:
+        if key not in ("mode", "rule"):
+            problem(
+                lines.of_key(-1, key), f"unknown setting {key!r}; the file has `mode` and [[rule]] tables"
+            )
+    mode = data.get("mode")
+    if mode not in ("all", "first"):
+        problem(
+            lines.of_key(-1, "mode"),
+            'state the mode: mode = "all" (every rule that matches acts) or "first" (only the first)',
+        )
+    raw_rules = data.get("rule", [])
+    if not isinstance(raw_rules, list) or not raw_rules:
+        problem(1, "no rules: add a [[rule]] table")
+        raw_rules = []
+    rules, names = [], set()
+    for index, raw in enumerate(raw_rules):
+        name = raw.get("name") if isinstance(raw, dict) else None
+        if isinstance(name, str) and name in names:
+            problem(lines.of_key(index, "name"), f"a second rule is named {name!r}; names must be unique")
+        names.add(name)
+        rule = _check_rule(index, raw if isinstance(raw, dict) else {}, lines, problem)
+        if rule is not None:
+            rules.append(rule)
+    if problems:
+        raise RulesError(problems)
+    return RuleSet(Path(path), str(mode), tuple(rules))
+
+
+def _check_rule(
+    index: int, raw: dict[str, Any], lines: _Lines, problem: Callable[[int, str], None]
+) -> Rule | None:
+    at = lines.of_rule(index)
+    ok = True
+
+    def bad(key: str, message: str) -> None:
+        nonlocal ok
+        ok = False
+        problem(lines.of_key(index, key), message)
+
+    for key in raw:
+        if key not in RULE_KEYS:
+            bad(key, f"unknown key {key!r} in a rule; a rule has {', '.join(RULE_KEYS)}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        bad("name", "every rule needs a name: letters, digits, '.', '_' and '-', at most 64")
+        name = f"rule-{index + 1}"
+    match = raw.get("match", {})
+    if not isinstance(match, dict):
+        bad("match", "[rule.match] must be a table of conditions")
+        match = {}
+    checked: dict[str, Any] = {}
+    for key, value in match.items():
+        message = _check_condition(key, value)
+        if message:
+            bad(key, message)
+        else:
+            checked[key] = value if key in RANGE_FIELDS or isinstance(value, list) else [value]
+    if checked.get("min_confidence", 0.0) > checked.get("max_confidence", 1.0):
+        bad("min_confidence", "min_confidence is above max_confidence: the rule can never match")
+    actions: list[FileAction] = []
+    for kind in ACTIONS:
+        if kind in raw:
+            action = _check_file(raw[kind], bad)
+            if action is not None:
+                actions.append(action)
+    if not actions and not any(key in raw for key in ACTIONS):
+        bad(
+            "name", f"rule {name!r} does nothing: add an action ({', '.join(f'[rule.{a}]' for a in ACTIONS)})"
+        )
+    return Rule(str(name), checked, tuple(actions), at) if ok else None
+
+
+def _check_condition(key: str, value: Any) -> str | None:
+    if key not in MATCH_FIELDS:
+        return f"unknown condition {key!r}; conditions: {', '.join(MATCH_FIELDS)}"
+    if key in RANGE_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            return f"{key} must be a number from 0 to 1"
+        if math.isnan(value):
+            return f"{key} must be a number from 0 to 1"
+        return None
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, str) and v for v in values):
+        return f"{key} must be a non-empty string or a list of them"
+    if key in LABEL_FIELDS:
+        unknown = [v for v in values if v not in Label.__members__]
+        if unknown:
+            return f"{key}: unknown label {unknown[0]!r}; labels: {', '.join(Label)}"
+    if key in VERDICT_FIELDS:
+        known = {v.value for v in Verdict}
+        unknown = [v for v in values if v not in known]
+        if unknown:
+            return f"{key}: unknown verdict {unknown[0]!r}; verdicts: {', '.join(sorted(known))}"
+    return None
+
+
+def _check_file(raw: Any, bad: Callable[[str, str], None]) -> FileAction | None:
+    if not isinstance(raw, dict):
+        bad("file", "[rule.file] must be a table with `to` and `how`")
+        return None
+    problems = 0
+
+    def fail(key: str, message: str) -> None:
+        nonlocal problems
+        problems += 1
+        bad(key, message)
+
+    for key in raw:
+        if key not in ("to", "how"):
+            fail(key, f"unknown key {key!r} in [rule.file]; it has `to` and `how`")
+    how = raw.get("how", "copy")
+    if how not in FILE_MODES:
+        fail("how", f"how must be one of {', '.join(FILE_MODES)}")
+    to = raw.get("to")
+    if not isinstance(to, str) or not to:
+        fail("to", "[rule.file] needs `to`, the target path template")
+        return None
+    expanded = os.path.expandvars(to)
+    unset = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(expanded) if f is not None}
+    except ValueError as exc:
+        fail("to", f"`to` is not a valid template: {exc}")
+        return None
+    unknown = sorted(fields - TEMPLATE_FIELDS)
+    if unset:
+        fail("to", f"environment variable {unset[0]} is not set (it is used in `to`)")
+    elif not os.path.isabs(expanded):
+        fail("to", f"`to` must be an absolute path once expanded (it is {expanded!r})")
+    if unknown:
+        fail("to", f"`to` names {{{unknown[0]}}}; it may name {', '.join(sorted(TEMPLATE_FIELDS))}")
+    elif "SOPInstanceUID" not in fields:
+        fail("to", "`to` must name {SOPInstanceUID}, or two instances would compete for one file")
+    return None if problems else FileAction(expanded, how)

@@ -1,0 +1,221 @@
+"""Rules that file instances by what the pixels show: the file's checks, and real scans that act."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from db_support import query, scan, small_archive, sorter
+
+from sorter.cli import main
+from sorter.rules.spec import RulesError, load_rules
+
+pytest_plugins = ["db_fixtures"]
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "rules"
+
+BAD = """\
+[[rule]]
+name = "one"
+[rule.match]
+lable = "CT"
+verdict = "disagreee"
+min_confidence = 1.5
+[rule.file]
+to = "/x/{PatientName}/{SOPInstanceUID}.dcm"
+
+[[rule]]
+name = "one"
+[rule.file]
+to = "$SORTER_TEST_UNSET_ROOT/{SOPInstanceUID}.dcm"
+how = "rename"
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "rules.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_every_problem_of_a_rules_file_is_reported_with_its_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("SORTER_TEST_UNSET_ROOT", raising=False)
+    path = _write(tmp_path, BAD)
+    with pytest.raises(RulesError) as caught:
+        load_rules(path)
+    lines = {p.split(":")[1]: p.split(": ", 1)[1] for p in caught.value.problems}
+    assert "state the mode" in lines["1"]
+    assert "unknown condition 'lable'" in lines["4"]
+    assert "unknown verdict 'disagreee'" in lines["5"]
+    assert "from 0 to 1" in lines["6"]
+    assert "{PatientName}" in lines["8"]  # a patient identifier can never name a folder
+    assert "second rule is named 'one'" in lines["11"]
+    assert "SORTER_TEST_UNSET_ROOT is not set" in lines["13"]
+    assert "how must be one of copy, link, move" in lines["14"]
+
+    result = CliRunner().invoke(main, ["rules", "check", str(path)])
+    assert result.exit_code == 2
+    assert f"error: {path}:4: unknown condition 'lable'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_toml_syntax_errors_name_their_line(tmp_path):
+    path = _write(tmp_path, 'mode = "all"\n[[rule]\nname = "x"\n')
+    with pytest.raises(RulesError, match=r"not valid TOML: .*line 2"):
+        load_rules(path)
+
+
+def test_a_rule_without_an_action_and_a_relative_target_are_refused(tmp_path):
+    text = (
+        'mode = "first"\n[[rule]]\nname = "idle"\n'
+        '[[rule]]\nname = "rel"\n[rule.file]\nto = "out/{SOPInstanceUID}"\n'
+    )
+    with pytest.raises(RulesError) as caught:
+        load_rules(_write(tmp_path, text))
+    assert any(":3: rule 'idle' does nothing" in p for p in caught.value.problems)
+    assert any(":7: `to` must be an absolute path" in p for p in caught.value.problems)
+
+
+def test_the_shipped_rule_files_check(monkeypatch, tmp_path):
+    monkeypatch.setenv("SORTER_FILE_ROOT", str(tmp_path))
+    for path in DEPLOY.glob("*.toml"):
+        result = CliRunner().invoke(main, ["rules", "check", str(path)])
+        assert result.exit_code == 0, result.output
+        assert ": ok" in result.output
+
+
+def _instances(url: str) -> list[tuple[str, str, str, str, str]]:
+    return query(
+        url,
+        "SELECT i.sop_instance_uid, i.study_instance_uid, i.series_instance_uid, p.label, i.path "
+        "FROM instances i JOIN predictions p ON p.id = i.prediction_id WHERE i.status = 'done'",
+    )
+
+
+def test_scan_files_a_mixed_drop_folder_by_predicted_label_once(db_url, tiny_model, tmp_path, monkeypatch):
+    drop = tmp_path / "drop"
+    files = small_archive(drop)
+    sorted_root = tmp_path / "sorted"
+    monkeypatch.setenv("SORTER_FILE_ROOT", str(sorted_root))
+    rules = str(DEPLOY / "file-by-label.toml")
+
+    scan(db_url, tiny_model, drop, tmp=tmp_path, extra=("--apply-rules", rules))
+
+    classified = _instances(db_url)
+    assert len(classified) == 7  # 3 CT, 3 MR, 1 RGB; the RT plan and the text file are not images
+    filed = sorted(p for p in sorted_root.rglob("*") if p.is_file())
+    assert len(filed) == 7
+    for sop, study, series, label, path in classified:
+        target = sorted_root / label / study / series / f"{sop}.dcm"
+        assert target.read_bytes() == Path(path).read_bytes()
+        assert Path(path).exists()  # copied, not moved
+    assert not any("rtplan" in str(p) or "notes" in str(p) for p in filed)
+    rows = query(db_url, "SELECT rule, action, status, attempts FROM rule_actions")
+    assert sorted(rows) == [("file-by-label", "file", "done", 1)] * 7
+
+    # A re-run, and the standalone command, never file twice.
+    result = sorter("rules", "apply", rules, str(drop), url=db_url)
+    assert "file-by-label: 0 done, 7 already done" in result.output
+    assert query(db_url, "SELECT DISTINCT attempts FROM rule_actions") == [(1,)]
+    assert len([p for p in sorted_root.rglob("*") if p.is_file()]) == 7
+    assert files["ct0"].exists()
+
+
+def test_a_different_file_at_the_target_is_never_overwritten_and_heals(sqlite_url, tiny_model, tmp_path):
+    drop = tmp_path / "drop"
+    small_archive(drop)
+    scan(sqlite_url, tiny_model, drop, tmp=tmp_path)
+    sop, _study, _series, label, _path = sorted(_instances(sqlite_url))[0]
+    root = tmp_path / "sorted"
+    rules = _write(
+        tmp_path,
+        f'mode = "all"\n[[rule]]\nname = "tree"\n'
+        f'[rule.file]\nto = "{root}/{{label}}/{{SOPInstanceUID}}.dcm"\n',
+    )
+    squatter = root / label / f"{sop}.dcm"
+    squatter.parent.mkdir(parents=True)
+    squatter.write_bytes(b"someone else's file")
+
+    result = sorter("rules", "apply", str(rules), url=sqlite_url, expect=3)
+    assert "tree: 6 done, 1 failed" in result.output
+    assert squatter.read_bytes() == b"someone else's file"
+    [(error, detail)] = query(sqlite_url, "SELECT error, detail FROM rule_actions WHERE status = 'failed'")
+    assert error == "target_exists" and "not overwritten" in detail
+    explained = sorter("rules", "explain", sop, "--rules", str(rules), url=sqlite_url)
+    assert (
+        "tree: matches: file (copy) to" in explained.output and "failed (target_exists)" in explained.output
+    )
+
+    squatter.unlink()  # the admin moves it away: the next run files the instance
+    result = sorter("rules", "apply", str(rules), url=sqlite_url)
+    assert "tree: 1 done, 6 already done" in result.output
+    assert query(
+        sqlite_url,
+        "SELECT status, attempts FROM rule_actions WHERE instance_id = "
+        "(SELECT id FROM instances WHERE sop_instance_uid = :s)",
+        s=sop,
+    ) == [("done", 2)]
+
+
+def test_first_match_conditions_link_and_move(sqlite_url, tiny_model, tmp_path):
+    drop = tmp_path / "drop"
+    files = small_archive(drop)
+    scan(sqlite_url, tiny_model, drop, tmp=tmp_path)
+    out = tmp_path / "out"
+    rules = _write(
+        tmp_path,
+        f"""mode = "first"
+[[rule]]
+name = "never"
+[rule.match]
+calling_ae = "NO_SUCH_AE"
+[rule.file]
+to = "{out}/never/{{SOPInstanceUID}}.dcm"
+
+[[rule]]
+name = "site-a"
+[rule.match]
+source = "site?"
+modality = "CT"
+[rule.file]
+to = "{out}/links/{{source}}/{{SOPInstanceUID}}.dcm"
+how = "link"
+
+[[rule]]
+name = "the-rest"
+[rule.match]
+max_confidence = 1.0
+[rule.file]
+to = "{out}/moved/{{modality}}/{{SOPInstanceUID}}.dcm"
+how = "move"
+""",
+    )
+    result = sorter("rules", "apply", str(rules), url=sqlite_url)
+    assert "site-a: 3 done" in result.output and "the-rest: 4 done" in result.output
+    assert "never" not in result.output
+    assert not (out / "never").exists()
+    links = sorted((out / "links" / "siteA").iterdir())
+    assert len(links) == 3 and all(os.stat(p).st_nlink == 2 for p in links)  # hard links, no copy
+    assert files["ct0"].exists()
+    moved = sorted(p.name for p in (out / "moved").rglob("*.dcm"))
+    assert len(moved) == 4 and not files["mr0"].exists() and not files["rgb"].exists()
+    # The ledger holds one action per instance: mode "first" stopped at the first rule that matched.
+    assert query(sqlite_url, "SELECT count(*), count(DISTINCT instance_id) FROM rule_actions") == [(7, 7)]
+
+
+def test_explain_says_which_condition_failed(sqlite_url, tiny_model, tmp_path):
+    drop = tmp_path / "drop"
+    small_archive(drop)
+    scan(sqlite_url, tiny_model, drop, tmp=tmp_path)
+    sop = _instances(sqlite_url)[0][0]
+    rules = _write(
+        tmp_path,
+        f'mode = "all"\n[[rule]]\nname = "odd"\n[rule.match]\nstation = "NOWHERE"\n'
+        f'[rule.file]\nto = "{tmp_path}/x/{{SOPInstanceUID}}"\n',
+    )
+    result = sorter("rules", "explain", sop, "--rules", str(rules), url=sqlite_url)
+    assert "odd: no match: station is" in result.output and "the rule wants NOWHERE" in result.output
+    missing = sorter("rules", "explain", "1.2.3.4", "--rules", str(rules), url=sqlite_url, expect=1)
+    assert "no instance 1.2.3.4" in missing.output
