@@ -13,16 +13,11 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from sorter.db import views
-from sorter.db.models import Model, Prediction
-from sorter.db.queries import as_utc, instances, pending_backlog
+from sorter.db.models import Model, Prediction, RuleAction
+from sorter.db.queries import as_utc, db_time, instances, pending_backlog
 from sorter.domain import Status
 
 TOP_FAILURES = 10
-
-
-def _bound(session: Session, value: datetime) -> datetime:
-    """``value`` as the database compares it: naive UTC on SQLite (stored as text)."""
-    return value.replace(tzinfo=None) if session.get_bind().dialect.name == "sqlite" else value
 
 
 def pipeline_status(session: Session, now: datetime | None = None) -> dict[str, Any]:
@@ -34,8 +29,9 @@ def pipeline_status(session: Session, now: datetime | None = None) -> dict[str, 
         ``instances`` (total and by status), ``pending`` (count, oldest
         ``registered_at``, its age in seconds), ``failed`` (top reasons),
         ``classified`` (last hour, last day, latest prediction time),
-        ``discrepancies`` (instances whose latest prediction disagrees) and
-        ``models`` (each model with its prediction count).
+        ``discrepancies`` (instances whose latest prediction disagrees),
+        ``models`` (each model with its prediction count) and ``rule_actions``
+        (what rules did, by action and status: ``dead`` forwards are the dead letters).
     """
     now = now or datetime.now(UTC)
     n = sa.func.count()
@@ -57,7 +53,7 @@ def pipeline_status(session: Session, now: datetime | None = None) -> dict[str, 
     created = Prediction.created_at
 
     def classified_since(delta: timedelta) -> int:
-        stmt = sa.select(n).select_from(Prediction).where(created >= _bound(session, now - delta))
+        stmt = sa.select(n).select_from(Prediction).where(created >= db_time(session, now - delta))
         return int(session.execute(stmt).scalar_one())
 
     latest = as_utc(session.execute(sa.select(sa.func.max(created))).scalar_one())
@@ -86,4 +82,12 @@ def pipeline_status(session: Session, now: datetime | None = None) -> dict[str, 
         },
         "discrepancies": int(discrepancies),
         "models": models,
+        "rule_actions": [
+            {"action": action, "status": state, "n": count}
+            for action, state, count in session.execute(
+                sa.select(RuleAction.action, RuleAction.status, n)
+                .group_by(RuleAction.action, RuleAction.status)
+                .order_by(RuleAction.action, RuleAction.status)
+            )
+        ],
     }

@@ -80,10 +80,32 @@ def test_a_rule_without_an_action_and_a_relative_target_are_refused(tmp_path):
 
 def test_the_shipped_rule_files_check(monkeypatch, tmp_path):
     monkeypatch.setenv("SORTER_FILE_ROOT", str(tmp_path))
+    for label in ("CT", "MR", "PT", "NM", "XR", "MG", "US", "OT"):
+        monkeypatch.setenv(f"SORTER_ROUTE_{label}_AE", f"{label}_ARCHIVE")
+        monkeypatch.setenv(f"SORTER_ROUTE_{label}_HOST", "pacs.example.org")
+        monkeypatch.setenv(f"SORTER_ROUTE_{label}_PORT", "11112")
     for path in DEPLOY.glob("*.toml"):
         result = CliRunner().invoke(main, ["rules", "check", str(path)])
         assert result.exit_code == 0, result.output
         assert ": ok" in result.output
+
+
+def test_forward_destinations_are_checked(tmp_path, monkeypatch):
+    monkeypatch.delenv("SORTER_TEST_UNSET_HOST", raising=False)
+    text = """mode = "all"
+[[rule]]
+name = "bad-forward"
+[rule.forward]
+ae_title = "A_TITLE_LONGER_THAN_16"
+host = "$SORTER_TEST_UNSET_HOST"
+port = 70000
+"""
+    with pytest.raises(RulesError) as caught:
+        load_rules(_write(tmp_path, text))
+    problems = "\n".join(caught.value.problems)
+    assert ":5: ae_title must be 1 to 16 printable ASCII" in problems
+    assert ":6: environment variable SORTER_TEST_UNSET_HOST is not set" in problems
+    assert ":7: port must be a number from 1 to 65535" in problems
 
 
 def _instances(url: str) -> list[tuple[str, str, str, str, str]]:

@@ -9,6 +9,7 @@ import sqlalchemy as sa
 
 from sorter.commands.common import database, database_option
 from sorter.db.models import Instance, RuleAction
+from sorter.db.queries import as_utc
 from sorter.rules.engine import apply_rules, facts_for, why_not
 from sorter.rules.spec import RulesError, RuleSet, load_rules
 
@@ -86,6 +87,8 @@ def explain(instance: str, rules_file: Path, database_url: str | None) -> None:
             state = (
                 "not yet" if entry is None else entry.status + (f" ({entry.error})" if entry.error else "")
             )
+            if entry is not None and entry.status == "failed" and entry.next_attempt_at is not None:
+                state += f", next try {as_utc(entry.next_attempt_at):%Y-%m-%d %H:%M:%S} UTC"
             click.echo(
                 f"  {rule.name}: matches: {action.kind} ({action.how}) to {action.target(facts)}: {state}"
             )
@@ -94,15 +97,21 @@ def explain(instance: str, rules_file: Path, database_url: str | None) -> None:
 @rules_group.command("apply")
 @click.argument("file", type=RULES_FILE)
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "--retry-now",
+    is_flag=True,
+    help="Send failed forwards now, without waiting for their backoff, and dead-lettered ones once more.",
+)
 @database_option
-def apply(file: Path, paths: tuple[Path, ...], database_url: str | None) -> None:
-    """Apply FILE to the classified instances (under PATHS, or all); what a rule did already is
-    skipped, what failed is tried again. Exit status 3 when an action failed."""
+def apply(file: Path, paths: tuple[Path, ...], retry_now: bool, database_url: str | None) -> None:
+    """Apply FILE to the classified instances (under PATHS, or all) and send the forwards that are
+    due; what a rule did already is skipped, what failed is tried again. Run it from cron to keep
+    retrying a destination that was down. Exit status 3 when an action failed."""
     rules = read_rules(file)
     with database(database_url) as (_engine, sessions):
-        report = apply_rules(sessions, rules, under=[str(p) for p in paths])
+        report = apply_rules(sessions, rules, under=[str(p) for p in paths], retry_now=retry_now)
     click.echo(report.line())
-    if sum(report.failed.values()):
+    if sum(report.failed.values()) + sum(report.dead.values()):
         click.echo(
             "some actions failed: `sorter rules explain SOP_INSTANCE_UID --rules FILE` says why", err=True
         )

@@ -36,13 +36,16 @@ def flatten(status: dict[str, Any]) -> Iterator[dict[str, Any]]:
         name = f"model.{model['arch']}.{model['sha256']}"
         yield {"metric": f"{name}.predictions", "value": model["predictions"]}
         yield {"metric": f"{name}.latest", "value": _when(model["latest"])}
+    for row in status["rule_actions"]:
+        yield {"metric": f"rules.{row['action']}.{row['status']}", "value": row["n"]}
 
 
 @click.command()
 @format_option
 @database_option
 def status(fmt: str, database_url: str | None) -> None:
-    """Instances by status, pending backlog and its age, failures, recent throughput, models in use."""
+    """Instances by status, pending backlog and its age, failures, recent throughput, models in use,
+    and what rules did (``rules.forward.dead``: forwards that gave up, see `sorter rules apply`)."""
     with database(database_url) as (_engine, sessions), sessions() as session:
         result = pipeline_status(session)
     if fmt == "json":

@@ -240,18 +240,24 @@ class File(Base):
 
 class RuleAction(Base):
     """What one rule's action did for one instance (``sorter/rules``): the ledger that keeps a re-run
-    or a retry from acting twice. ``done`` is final; ``failed`` is tried again by the next run."""
+    or a retry from acting twice. ``done`` is final; ``failed`` is tried again by the next run (a
+    forward once ``next_attempt_at`` has passed); ``pending`` is a queued forward; ``dead`` a forward
+    that failed :data:`sorter.rules.forward.MAX_ATTEMPTS` times."""
 
     __tablename__ = "rule_actions"
-    __table_args__ = (sa.UniqueConstraint("instance_id", "rule", "action", name="uq_rule_actions_once"),)
+    __table_args__ = (
+        sa.UniqueConstraint("instance_id", "rule", "action", name="uq_rule_actions_once"),
+        sa.Index("ix_rule_actions_due", "action", "status", "next_attempt_at"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     instance_id: Mapped[int] = mapped_column(BigId, sa.ForeignKey("instances.id", ondelete="CASCADE"))
     rule: Mapped[str] = mapped_column(sa.String(64))
     action: Mapped[str] = mapped_column(sa.String(16))
-    status: Mapped[str] = mapped_column(sa.String(16))  # pending | done | failed
+    status: Mapped[str] = mapped_column(sa.String(16))  # pending | done | failed | dead
     target: Mapped[str | None] = mapped_column(FsPath)
     error: Mapped[str | None] = mapped_column(sa.String(64))
     detail: Mapped[str | None] = mapped_column(ReadableText)
     attempts: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
+    next_attempt_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())

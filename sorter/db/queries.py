@@ -49,6 +49,11 @@ def pending_backlog(session: Session) -> tuple[int, datetime | None]:
     return int(count), as_utc(oldest)
 
 
+def db_time(session: Session, value: datetime) -> datetime:
+    """``value`` as the database compares it: naive UTC on SQLite (stored as text)."""
+    return value.replace(tzinfo=None) if session.get_bind().dialect.name == "sqlite" else value
+
+
 def path_under(column: sa.ColumnElement[str], prefixes: Iterable[str]) -> sa.ColumnElement[bool]:
     """``column`` (an :class:`~sorter.db.models.FsPath`) starts with one of ``prefixes``.
 

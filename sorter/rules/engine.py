@@ -22,11 +22,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sorter.db import views
 from sorter.db.models import Base, RuleAction
-from sorter.db.queries import insert_for, instances, path_under
+from sorter.db.queries import db_time, insert_for, instances, path_under
 from sorter.domain import Status
 from sorter.fspath import decode_path
 from sorter.rules.filing import file_instance
-from sorter.rules.spec import PATTERN_FIELDS, RANGE_FIELDS, Rule, RuleSet
+from sorter.rules.forward import MAX_ATTEMPTS, ForwardAction, Item, Sent, next_try, send
+from sorter.rules.spec import PATTERN_FIELDS, RANGE_FIELDS, FileAction, Rule, RuleSet
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +45,20 @@ class RulesReport:
     done: Counter[str] = field(default_factory=Counter)
     already: Counter[str] = field(default_factory=Counter)
     failed: Counter[str] = field(default_factory=Counter)
+    dead: Counter[str] = field(default_factory=Counter)
     instances: int = 0
 
     def line(self) -> str:
         """One line for the command's summary."""
         parts = [f"{self.instances} classified instances checked"]
-        for rule in sorted(set(self.done) | set(self.already) | set(self.failed)):
+        for rule in sorted(set(self.done) | set(self.already) | set(self.failed) | set(self.dead)):
             bits = [f"{self.done[rule]} done"]
             if self.already[rule]:
                 bits.append(f"{self.already[rule]} already done")
             if self.failed[rule]:
                 bits.append(f"{self.failed[rule]} failed")
+            if self.dead[rule]:
+                bits.append(f"{self.dead[rule]} dead-lettered")
             parts.append(f"{rule}: {', '.join(bits)}")
         return "rules: " + "; ".join(parts)
 
@@ -162,9 +166,12 @@ def apply_rules(
     rules: RuleSet,
     under: Iterable[str] = (),
     ids: Iterable[int] | None = None,
+    retry_now: bool = False,
 ) -> RulesReport:
     """Act on every classified instance (under ``under``, or among ``ids``) that a rule matches
-    and that rule has not already acted on; failed actions are tried again."""
+    and that rule has not already acted on: file now, queue forwards, then send the forwards that
+    are due. Failed actions are tried again (forwards after their backoff, unless ``retry_now``,
+    which also gives dead-lettered forwards one more try)."""
     report = RulesReport()
     with sessions() as session:
         chunks: Iterable[list[int]]
@@ -174,46 +181,136 @@ def apply_rules(
         else:
             chunks = classified_ids(session, under)
         for chunk in chunks:
-            facts = facts_for(session, chunk)
-            done = {
-                (row.instance_id, row.rule, row.action)
-                for row in session.execute(
-                    sa.select(RuleAction.instance_id, RuleAction.rule, RuleAction.action).where(
-                        RuleAction.instance_id.in_(chunk), RuleAction.status == "done"
-                    )
-                )
-            }
-            for instance_id, item in facts.items():
-                report.instances += 1
-                for rule in matching(rules, item):
-                    for action in rule.actions:
-                        if (instance_id, rule.name, action.kind) in done:
-                            report.already[rule.name] += 1
-                            continue
-                        filed = file_instance(Path(item["path"]), action.target(item), action.how)
-                        status = "done" if filed.error is None else "failed"
-                        _record(
-                            session,
-                            instance_id,
-                            rule.name,
-                            action.kind,
-                            {
-                                "status": status,
-                                "target": str(filed.target),
-                                "error": filed.error,
-                                "detail": filed.detail,
-                            },
-                        )
-                        if filed.error is None:
-                            report.done[rule.name] += 1
-                        else:
-                            report.failed[rule.name] += 1
-                            log.warning(
-                                "rule %s could not file instance %s (%s): %s",
-                                rule.name,
-                                item["SOPInstanceUID"],
-                                filed.error,
-                                filed.detail,
-                            )
+            _act_on(session, rules, chunk, report)
             session.commit()
+        _deliver(session, rules, report, retry_now)
     return report
+
+
+def _act_on(session: Session, rules: RuleSet, chunk: list[int], report: RulesReport) -> None:
+    facts = facts_for(session, chunk)
+    seen = {
+        (row.instance_id, row.rule, row.action): row.status
+        for row in session.execute(
+            sa.select(RuleAction.instance_id, RuleAction.rule, RuleAction.action, RuleAction.status).where(
+                RuleAction.instance_id.in_(chunk)
+            )
+        )
+    }
+    for instance_id, item in facts.items():
+        report.instances += 1
+        for rule in matching(rules, item):
+            for action in rule.actions:
+                status = seen.get((instance_id, rule.name, action.kind))
+                if status == "done":
+                    report.already[rule.name] += 1
+                elif isinstance(action, ForwardAction):
+                    if status is None:  # queued; _deliver sends it
+                        _queue(session, instance_id, rule.name, action)
+                else:
+                    _file(session, instance_id, rule.name, action, item, report)
+
+
+def _file(
+    session: Session,
+    instance_id: int,
+    rule: str,
+    action: FileAction,
+    item: dict[str, Any],
+    report: RulesReport,
+) -> None:
+    filed = file_instance(Path(item["path"]), action.target(item), action.how)
+    status = "done" if filed.error is None else "failed"
+    values = {"status": status, "target": str(filed.target), "error": filed.error, "detail": filed.detail}
+    _record(session, instance_id, rule, action.kind, values)
+    if filed.error is None:
+        report.done[rule] += 1
+    else:
+        report.failed[rule] += 1
+        log.warning(
+            "rule %s could not file instance %s (%s): %s",
+            rule,
+            item["SOPInstanceUID"],
+            filed.error,
+            filed.detail,
+        )
+
+
+def _queue(session: Session, instance_id: int, rule: str, action: ForwardAction) -> None:
+    statement = insert_for(session, rule_actions).values(
+        instance_id=instance_id,
+        rule=rule,
+        action=action.kind,
+        status="pending",
+        target=action.to,
+        attempts=0,
+        updated_at=datetime.now(UTC),
+    )
+    session.execute(statement.on_conflict_do_nothing(index_elements=["instance_id", "rule", "action"]))
+
+
+def _deliver(session: Session, rules: RuleSet, report: RulesReport, retry_now: bool) -> None:
+    """Send every due forward of ``rules``: one association per destination, in series order."""
+    now = datetime.now(UTC)
+    for rule in rules.rules:
+        for action in rule.actions:
+            if not isinstance(action, ForwardAction):
+                continue
+            last = 0  # an id cursor: each item is tried at most once per run
+            while items := _due(session, rule.name, now, retry_now, last):
+                for sent in send(action, items):
+                    _settle(session, rule.name, sent, now, report)
+                session.commit()
+                last = max(item.row_id for item in items)
+
+
+def _due(session: Session, rule: str, now: datetime, retry_now: bool, after: int) -> list[Item]:
+    ra, i = rule_actions.c, instances.c
+    retryable = ["pending", "failed", "dead"] if retry_now else ["pending", "failed"]
+    query = (
+        sa.select(
+            ra.id,
+            ra.attempts,
+            i.path,
+            i.sop_instance_uid,
+            i.sop_class_uid,
+            i.transfer_syntax_uid,
+            i.series_instance_uid,
+        )
+        .join(instances, i.id == ra.instance_id)
+        .where(ra.action == "forward", ra.rule == rule, ra.status.in_(retryable), ra.id > after)
+        .order_by(ra.id)
+        .limit(_CHUNK)
+    )
+    if not retry_now:
+        query = query.where(sa.or_(ra.next_attempt_at.is_(None), ra.next_attempt_at <= db_time(session, now)))
+    return [Item(*row) for row in session.execute(query)]
+
+
+def _settle(session: Session, rule: str, sent: Sent, now: datetime, report: RulesReport) -> None:
+    attempts = sent.item.attempts + 1
+    if sent.error is None:
+        values: dict[str, Any] = {"status": "done", "error": None, "detail": None, "next_attempt_at": None}
+        report.done[rule] += 1
+    else:
+        dead = attempts >= MAX_ATTEMPTS
+        values = {
+            "status": "dead" if dead else "failed",
+            "error": sent.error,
+            "detail": sent.detail,
+            "next_attempt_at": None if dead else next_try(attempts, now),
+        }
+        (report.dead if dead else report.failed)[rule] += 1
+        log.warning(
+            "rule %s could not forward instance %s (%s, try %d): %s",
+            rule,
+            sent.item.sop_instance_uid,
+            sent.error,
+            attempts,
+            sent.detail,
+        )
+    session.execute(
+        sa.update(rule_actions)
+        .where(rule_actions.c.id == sent.item.row_id)
+        .values(attempts=attempts, updated_at=now, **values)
+    )

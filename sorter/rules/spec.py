@@ -12,6 +12,10 @@
     [rule.file]
     to = "$SORTER_FILE_ROOT/{label}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
     how = "copy"                    # copy | link (hard link) | move
+    [rule.forward]                  # C-STORE, queued and retried (sorter.rules.forward)
+    ae_title = "PACS"
+    host = "$PACS_HOST"
+    port = 104
 
 TOML because Python reads it without a dependency (:mod:`tomllib`) and its syntax errors carry
 a line; the checks here find the line of every other mistake themselves (tomllib keeps none).
@@ -31,6 +35,7 @@ from typing import Any
 
 from sorter.domain import Label, Verdict
 from sorter.errors import SorterError
+from sorter.rules.forward import ForwardAction
 
 #: Conditions on one value each; a string or a list of strings (any of them). Labels and verdicts
 #: are checked against their names; the others are shell-style patterns (``"CT_*"``).
@@ -63,7 +68,7 @@ TEMPLATE_FIELDS = {
     "SOPClassUID",
 }
 FILE_MODES = ("copy", "link", "move")
-ACTIONS = ("file",)
+ACTIONS = ("file", "forward")
 RULE_KEYS = ("name", "match", *ACTIONS)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -92,13 +97,16 @@ class FileAction:
         return Path(self.to.format(**values))
 
 
+Action = FileAction | ForwardAction
+
+
 @dataclass(frozen=True)
 class Rule:
     """One rule: every condition in ``match`` holds, then each action acts."""
 
     name: str
     match: dict[str, Any] = field(default_factory=dict)
-    actions: tuple[FileAction, ...] = ()
+    actions: tuple[Action, ...] = ()
     line: int = 0
 
 
@@ -215,10 +223,10 @@ def _check_rule(
             checked[key] = value if key in RANGE_FIELDS or isinstance(value, list) else [value]
     if checked.get("min_confidence", 0.0) > checked.get("max_confidence", 1.0):
         bad("min_confidence", "min_confidence is above max_confidence: the rule can never match")
-    actions: list[FileAction] = []
-    for kind in ACTIONS:
+    actions: list[Action] = []
+    for kind, checker in (("file", _check_file), ("forward", _check_forward)):
         if kind in raw:
-            action = _check_file(raw[kind], bad)
+            action = checker(raw[kind], bad)
             if action is not None:
                 actions.append(action)
     if not actions and not any(key in raw for key in ACTIONS):
@@ -290,3 +298,43 @@ def _check_file(raw: Any, bad: Callable[[str, str], None]) -> FileAction | None:
     elif "SOPInstanceUID" not in fields:
         fail("to", "`to` must name {SOPInstanceUID}, or two instances would compete for one file")
     return None if problems else FileAction(expanded, how)
+
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII but backslash, 16 at most
+
+
+def _check_forward(raw: Any, bad: Callable[[str, str], None]) -> ForwardAction | None:
+    if not isinstance(raw, dict):
+        bad("forward", "[rule.forward] must be a table with ae_title, host and port")
+        return None
+    problems = 0
+
+    def fail(key: str, message: str) -> None:
+        nonlocal problems
+        problems += 1
+        bad(key, message)
+
+    for key in raw:
+        if key not in ("ae_title", "host", "port", "calling_ae"):
+            fail(key, f"unknown key {key!r} in [rule.forward]; it has ae_title, host, port, calling_ae")
+    values: dict[str, str] = {}
+    for key in ("ae_title", "host", "port", "calling_ae"):
+        value = raw.get(key, "DICOM_SORTER" if key == "calling_ae" else None)
+        if value is None:
+            fail(key if key in raw else "forward", f"[rule.forward] needs {key}")
+            continue
+        text = os.path.expandvars(str(value)).strip()
+        unset = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", text)
+        if unset:
+            fail(key, f"environment variable {unset[0]} is not set (it is used in {key})")
+            continue
+        values[key] = text
+    for key in ("ae_title", "calling_ae"):
+        if key in values and not _AE_TITLE.match(values[key]):
+            fail(key, f"{key} must be 1 to 16 printable ASCII characters without a backslash")
+    port = values.get("port", "")
+    if "port" in values and not (port.isdigit() and 0 < int(port) < 65536):
+        fail("port", f"port must be a number from 1 to 65535 (it is {port!r})")
+    if problems or len(values) < 4:
+        return None
+    return ForwardAction(values["ae_title"], values["host"], int(port), values["calling_ae"])

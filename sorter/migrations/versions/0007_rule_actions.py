@@ -1,6 +1,8 @@
 """rule_actions: the ledger of what rules did, so that a re-run or a retry never acts twice.
 
-One row per instance, rule and action (unique); ``done`` is final, ``failed`` is tried again.
+One row per instance, rule and action (unique); ``done`` is final, ``failed`` is tried again
+(forwards once ``next_attempt_at`` has passed), ``pending`` is a queued forward, ``dead`` a
+forward that failed too often.
 
 Revision ID: 0007
 Revises: 0006
@@ -34,9 +36,11 @@ def upgrade() -> None:
         sa.Column("error", sa.String(64), nullable=True),
         sa.Column("detail", sa.Text(), nullable=True),
         sa.Column("attempts", sa.Integer(), server_default=sa.text("0"), nullable=False),
+        sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
         sa.UniqueConstraint("instance_id", "rule", "action", name="uq_rule_actions_once"),
     )
+    op.create_index("ix_rule_actions_due", "rule_actions", ["action", "status", "next_attempt_at"])
 
 
 def downgrade() -> None:

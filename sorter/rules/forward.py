@@ -1,0 +1,150 @@
+"""The ``forward`` action: C-STORE an instance to a DICOM destination, queued, retried, dead-lettered.
+
+A matching rule queues the instance (``rule_actions`` status ``pending``); :func:`deliver` sends
+what is due, one association per destination for all of it (a series goes over one association,
+in series order), each file in the transfer syntax it is stored in. A destination that refuses
+or is down leaves its items ``failed`` with the next try after an exponential backoff; after
+:data:`MAX_ATTEMPTS` an item is ``dead`` (the dead letters ``sorter status`` counts) until
+``sorter rules apply --retry-now`` gives it one more try.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from sorter.errors import describe
+
+log = logging.getLogger(__name__)
+
+#: Tries before an item is dead-lettered; with :data:`BACKOFF_S` doubling, the last waits ~2 h.
+MAX_ATTEMPTS = 10
+BACKOFF_S = 15.0
+BACKOFF_MAX_S = 6 * 3600.0
+#: Success, and the C-STORE warnings (coercion, elements discarded, data set mismatch): stored.
+STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+#: pynetdicom requests at most 128 presentation contexts per association.
+MAX_CONTEXTS = 128
+
+
+@dataclass(frozen=True)
+class ForwardAction:
+    """C-STORE to ``ae_title`` at ``host:port``, calling as ``calling_ae``."""
+
+    ae_title: str
+    host: str
+    port: int
+    calling_ae: str = "DICOM_SORTER"
+    kind: str = "forward"
+    how: str = "c-store"
+
+    @property
+    def to(self) -> str:
+        """The destination, as messages and ``sorter rules check`` show it."""
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+    def target(self, _facts: dict[str, Any]) -> str:
+        """Where the instance goes (the same for every instance)."""
+        return self.to
+
+
+@dataclass(frozen=True)
+class Item:
+    """One queued C-STORE: the ledger row and the instance it sends."""
+
+    row_id: int
+    attempts: int
+    path: str
+    sop_instance_uid: str
+    sop_class_uid: str | None
+    transfer_syntax_uid: str | None
+    series_instance_uid: str | None
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What became of one item: ``error`` is ``None`` once the destination has stored it."""
+
+    item: Item
+    error: str | None = None
+    detail: str | None = None
+
+
+def next_try(attempts: int, now: datetime | None = None) -> datetime:
+    """When an item that has failed ``attempts`` times is tried again."""
+    delay = min(BACKOFF_S * 2 ** max(0, attempts - 1), BACKOFF_MAX_S)
+    return (now or datetime.now(UTC)) + timedelta(seconds=delay)
+
+
+def _contexts(ae: AE, items: Iterable[Item]) -> None:
+    syntaxes: dict[str, list[str]] = defaultdict(list)
+    for item in items:
+        if item.sop_class_uid:
+            ts = [
+                item.transfer_syntax_uid or ExplicitVRLittleEndian,
+                ExplicitVRLittleEndian,
+                ImplicitVRLittleEndian,
+            ]
+            syntaxes[item.sop_class_uid] += [t for t in ts if t not in syntaxes[item.sop_class_uid]]
+    for sop_class, ts in list(syntaxes.items())[:MAX_CONTEXTS]:
+        ae.add_requested_context(sop_class, ts)
+
+
+def send(action: ForwardAction, items: list[Item], timeout_s: float = 30.0) -> list[Sent]:
+    """C-STORE ``items`` over one association (in series order); one :class:`Sent` per item."""
+    if not items:
+        return []
+    ae = AE(ae_title=action.calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    _contexts(ae, items)
+    try:
+        assoc = ae.associate(action.host, action.port, ae_title=action.ae_title)
+    except OSError as exc:  # a name that does not resolve, say
+        return [Sent(i, "destination_unreachable", describe(exc)) for i in items]
+    if not assoc.is_established:
+        why = "rejected the association" if assoc.is_rejected else "could not be reached"
+        reason = "association_rejected" if assoc.is_rejected else "destination_unreachable"
+        return [Sent(i, reason, f"{action.to} {why}") for i in items]
+    results: list[Sent] = []
+    try:
+        for item in sorted(items, key=lambda i: (i.series_instance_uid or "", i.row_id)):
+            results.append(_store(assoc, action, item))
+            if not assoc.is_established:  # aborted or released by the peer: the rest waits
+                done = {r.item.row_id for r in results}
+                results += [
+                    Sent(i, "association_lost", f"{action.to} ended the association")
+                    for i in items
+                    if i.row_id not in done
+                ]
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return results
+
+
+def _store(assoc: Any, action: ForwardAction, item: Item) -> Sent:
+    try:
+        dataset = dcmread(item.path)
+    except FileNotFoundError as exc:
+        return Sent(item, "source_missing", describe(exc))
+    except Exception as exc:  # the file changed since it was classified
+        return Sent(item, "unreadable", describe(exc))
+    try:
+        status = assoc.send_c_store(dataset)
+    except (ValueError, RuntimeError) as exc:  # no accepted context for its class or syntax
+        return Sent(item, "no_presentation_context", describe(exc))
+    code = int(getattr(status, "Status", -1)) if status else -1
+    if code in STORED:
+        return Sent(item)
+    if code == -1:
+        return Sent(item, "no_response", f"{action.to} did not answer the C-STORE")
+    return Sent(item, "store_refused", f"{action.to} answered C-STORE status 0x{code:04X}")

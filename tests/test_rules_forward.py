@@ -1,0 +1,141 @@
+"""Forward rules against a real dcmtk storescp on loopback: down, then up, delivered exactly once."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from db_support import query, scan, small_archive, sorter
+from pydicom import dcmread
+from support import free_port, stop_process_group, wait_for_port
+
+from sorter.rules.forward import next_try
+
+pytest_plugins = ["db_fixtures"]
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("storescp") is None, reason="dcmtk's storescp not installed (apt-get install dcmtk)"
+)
+
+
+def _rules(tmp_path: Path, port: int, extra: str = "") -> Path:
+    path = tmp_path / "forward.toml"
+    path.write_text(
+        f"""mode = "all"
+[[rule]]
+name = "to-storescp"
+[rule.match]
+{extra}
+[rule.forward]
+ae_title = "STORESCP"
+host = "127.0.0.1"
+port = "{port}"
+calling_ae = "SORTER_TEST"
+"""
+    )
+    return path
+
+
+def _storescp(port: int, out: Path, log: Path) -> subprocess.Popen[bytes]:
+    out.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            ["storescp", "-aet", "STORESCP", "+xa", "-od", str(out), str(port)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    wait_for_port(port, process, 30, log)
+    return process
+
+
+def _received(out: Path) -> list[str]:
+    return sorted(
+        str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in out.iterdir() if p.is_file()
+    )
+
+
+def test_a_destination_down_then_up_gets_every_instance_exactly_once(db_url, tiny_model, tmp_path):
+    drop = tmp_path / "drop"
+    small_archive(drop)
+    port = free_port()
+    rules = _rules(tmp_path, port, 'modality = ["CT", "MR"]')
+
+    # Down: the scan classifies, queues 6 forwards (CT and MR headers), and cannot send them.
+    scan(db_url, tiny_model, drop, tmp=tmp_path, extra=("--apply-rules", str(rules)))
+    rows = query(db_url, "SELECT status, error, attempts, next_attempt_at IS NOT NULL FROM rule_actions")
+    assert sorted(rows) == [("failed", "destination_unreachable", 1, True)] * 6
+    status = sorter("status", "--format", "csv", url=db_url).output
+    assert "rules.forward.failed,6" in status
+    # Their backoff has not passed: another run does not try again.
+    again = sorter("rules", "apply", str(rules), url=db_url)
+    assert "to-storescp" not in again.output.split("checked", 1)[1]
+    assert query(db_url, "SELECT DISTINCT attempts FROM rule_actions") == [(1,)]
+
+    out = tmp_path / "received"
+    process = _storescp(port, out, tmp_path / "storescp.log")
+    try:
+        result = sorter("rules", "apply", "--retry-now", str(rules), url=db_url)
+        assert "to-storescp: 6 done" in result.output
+        # Once delivered, never again: neither a re-run nor a retry sends a second copy.
+        sorter("rules", "apply", "--retry-now", str(rules), url=db_url)
+        scan(db_url, tiny_model, drop, tmp=tmp_path, extra=("--apply-rules", str(rules)))
+    finally:
+        stop_process_group(process)
+    expected = sorted(
+        uid
+        for (uid,) in query(
+            db_url, "SELECT sop_instance_uid FROM instances WHERE header_modality IN ('CT', 'MR')"
+        )
+    )
+    assert _received(out) == expected  # each once: storescp names files by SOP Instance UID, see the count
+    assert len(list(out.iterdir())) == 6
+    assert query(db_url, "SELECT DISTINCT status, attempts FROM rule_actions") == [("done", 2)]
+
+
+def test_forwards_are_sent_in_the_transfer_syntax_they_are_stored_in(sqlite_url, tiny_model, tmp_path):
+    drop = tmp_path / "drop"
+    files = small_archive(drop)  # the RGB image is RLE Lossless
+    port = free_port()
+    rules = _rules(tmp_path, port, 'label = ["CT", "MR", "PT", "NM", "XR", "MG", "US", "OT"]')
+    out = tmp_path / "received"
+    process = _storescp(port, out, tmp_path / "storescp.log")
+    try:
+        scan(sqlite_url, tiny_model, drop, tmp=tmp_path, extra=("--apply-rules", str(rules)))
+    finally:
+        stop_process_group(process)
+    rgb_uid = str(dcmread(files["rgb"], stop_before_pixels=True).SOPInstanceUID)
+    [received] = [p for p in out.iterdir() if dcmread(p, stop_before_pixels=True).SOPInstanceUID == rgb_uid]
+    sent = dcmread(received)
+    original = dcmread(files["rgb"])
+    assert sent.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+    assert sent.PixelData == original.PixelData
+    assert len(list(out.iterdir())) == 7
+
+
+def test_a_refusing_destination_dead_letters_after_the_last_try(
+    sqlite_url, tiny_model, tmp_path, monkeypatch
+):
+    drop = tmp_path / "drop"
+    small_archive(drop)
+    port = free_port()
+    rules = _rules(tmp_path, port, 'modality = "CT"')
+    monkeypatch.setattr("sorter.rules.engine.MAX_ATTEMPTS", 2)
+    scan(sqlite_url, tiny_model, drop, tmp=tmp_path, extra=("--apply-rules", str(rules)))
+    result = sorter("rules", "apply", "--retry-now", str(rules), url=sqlite_url, expect=3)
+    assert "3 dead-lettered" in result.output
+    assert query(sqlite_url, "SELECT DISTINCT status, attempts FROM rule_actions") == [("dead", 2)]
+    assert "rules.forward.dead,3" in sorter("status", "--format", "csv", url=sqlite_url).output
+    # Dead letters wait for an admin: a plain run leaves them alone.
+    sorter("rules", "apply", str(rules), url=sqlite_url)
+    assert query(sqlite_url, "SELECT DISTINCT attempts FROM rule_actions") == [(2,)]
+
+
+def test_backoff_doubles_and_is_capped():
+    from datetime import UTC, datetime
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    delays = [(next_try(n, now) - now).total_seconds() for n in (1, 2, 3, 20)]
+    assert delays[:3] == [15.0, 30.0, 60.0] and delays[3] == 6 * 3600.0
