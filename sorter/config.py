@@ -48,6 +48,7 @@ class Settings:
     after: str = "keep"  # ``sorter watch``: keep | delete | move:DIR once a file's instance is terminal
     settle: float = 5.0  # ``sorter watch``: seconds a file's size and mtime must stay unchanged
     rescan: float = 60.0  # ``sorter watch``: seconds between full rescans of the folder
+    rules: Path | None = None  # a rules file (sorter.rules) applied after each committed batch; None: none
     metrics_port: int = 0  # ``listen``/``watch``/``worker``: Prometheus /metrics port; 0: no server
     metrics_bind: str = "127.0.0.1"  # address of the metrics server
 

@@ -219,3 +219,13 @@ def synthetic_results(url: str) -> dict[str, str]:
         session.commit()
     engine.dispose()
     return uids
+
+
+def tree_rules(path: Path, root: Path, name: str = "tree") -> Path:
+    """A rules file at ``path`` with one rule, ``name``, that copies every classified instance to
+    ``root/{label}/{SOPInstanceUID}.dcm``."""
+    path.write_text(
+        f'mode = "all"\n[[rule]]\nname = "{name}"\n'
+        f'[rule.file]\nto = "{root}/{{label}}/{{SOPInstanceUID}}.dcm"\n'
+    )
+    return path

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from db_support import copy_dicom, pydicom_file, query, scalar, scan, small_archive, truncate
+from db_support import copy_dicom, pydicom_file, query, scalar, scan, small_archive, tree_rules, truncate
 from pydicom.uid import generate_uid
 from support import free_port
 
@@ -193,6 +193,27 @@ def test_scan_with_a_broker_flows_to_done(tmp_path, pg_url, tiny_model, broker_e
         int(scalar(pg_url, "SELECT count(*) FROM instances WHERE prediction_id IS NULL AND status = 'done'"))
         == 0
     )
+
+
+def test_a_worker_with_rules_files_each_batch_it_commits(tmp_path, pg_url, tiny_model, broker_env):
+    small_archive(tmp_path / "archive")
+    scan(pg_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
+    root = tmp_path / "sorted"
+    rules = tree_rules(tmp_path / "rules.toml", root)
+    worker = Worker(pg_url, tiny_model, {**broker_env, "SORTER_RULES": str(rules)}, tmp_path / "worker.log")
+    try:
+        _wait_for(pg_url, "SELECT count(*) FROM rule_actions WHERE status = 'done'", lambda n: n == 7, worker)
+    finally:
+        worker.stop()
+    filed = {p.stem: p.parent.name for p in root.rglob("*.dcm")}
+    labels = dict(
+        query(
+            pg_url,
+            "SELECT i.sop_instance_uid, p.label FROM instances i "
+            "JOIN predictions p ON p.id = i.prediction_id",
+        )
+    )
+    assert filed == labels
 
 
 def test_tried_instances_are_retried_alone_and_failed_after_the_last_attempt(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from db_support import query, scan, small_archive, sorter
+from db_support import query, scan, small_archive, sorter, tree_rules
 
 from sorter.cli import main
 from sorter.rules.spec import RulesError, load_rules
@@ -151,11 +151,7 @@ def test_a_different_file_at_the_target_is_never_overwritten_and_heals(sqlite_ur
     scan(sqlite_url, tiny_model, drop, tmp=tmp_path)
     sop, _study, _series, label, _path = sorted(_instances(sqlite_url))[0]
     root = tmp_path / "sorted"
-    rules = _write(
-        tmp_path,
-        f'mode = "all"\n[[rule]]\nname = "tree"\n'
-        f'[rule.file]\nto = "{root}/{{label}}/{{SOPInstanceUID}}.dcm"\n',
-    )
+    rules = tree_rules(tmp_path / "rules.toml", root)
     squatter = root / label / f"{sop}.dcm"
     squatter.parent.mkdir(parents=True)
     squatter.write_bytes(b"someone else's file")

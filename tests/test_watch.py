@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from db_support import copy_dicom, pydicom_file, query, scalar
+from db_support import copy_dicom, pydicom_file, query, scalar, tree_rules
 from support import stop_process_group
 
 from sorter.cli import main
@@ -319,3 +319,24 @@ def test_a_failed_batch_is_retried(url, tiny_model, tmp_path, monkeypatch):
         assert wait_for(lambda: terminal(url, ct), what="retried file")[0] == "done"
         assert thread.is_alive()
     assert len(calls) >= 2
+
+
+def test_rules_file_each_batch_of_a_watched_folder(url, tiny_model, tmp_path):
+    """`sorter watch --apply-rules`: the drop folder is sorted into a tree as files arrive."""
+    root, tree = tmp_path / "drop", tmp_path / "sorted"
+    root.mkdir()
+    rules = tree_rules(tmp_path / "rules.toml", tree)
+    settings = Settings.from_env(
+        {}, database_url=url, model=tiny_model, workers=1, batch_size=2, settle=0.3, rescan=0.3, rules=rules
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=serve, args=(settings, root, stop), daemon=True)
+    thread.start()
+    try:
+        for i in range(3):
+            (root / f"{i}.dcm").write_bytes(dicom_bytes(tmp_path))
+        wait_for(lambda: len(list(tree.rglob("*.dcm"))) == 3, what="three filed instances")
+    finally:
+        stop.set()
+        thread.join(TIMEOUT_S)
+    assert query(url, "SELECT DISTINCT rule, status FROM rule_actions") == [("tree", "done")]

@@ -28,6 +28,7 @@ from sorter.commands.common import (
     model_options,
 )
 from sorter.commands.preflight import exit_for_signal, validate_ae_title
+from sorter.commands.rules import rules_option
 from sorter.commands.runs import executor_for
 from sorter.config import Settings
 from sorter.db.session import open_database
@@ -195,6 +196,7 @@ def _retention(_ctx: click.Context, _param: click.Parameter, value: str) -> Rete
     "files are never deleted.",
 )
 @model_options
+@rules_option
 @metrics_options
 @database_option
 def listen(
@@ -220,6 +222,7 @@ def listen(
     metrics_port: int | None,
     metrics_bind: str | None,
     database_url: str | None,
+    rules: Path | None,
 ) -> None:
     """Receive instances by DICOM C-STORE, store them in the spool, register and classify them."""
     from sorter import listener  # pynetdicom costs every other command a quarter of a second

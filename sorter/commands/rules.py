@@ -26,6 +26,26 @@ def read_rules(path: Path) -> RuleSet:
         raise click.exceptions.Exit(2) from exc
 
 
+def _check_rules(_ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+    if value is not None:
+        read_rules(value)
+    return value
+
+
+#: ``--apply-rules FILE`` (``SORTER_RULES``) of the commands that classify: checked at start (a
+#: service never runs without the rules it was given), applied after each committed batch.
+rules_option = click.option(
+    "--apply-rules",
+    "rules",
+    type=RULES_FILE,
+    envvar="SORTER_RULES",
+    show_envvar=True,
+    callback=_check_rules,
+    help='Apply this rules file to what is classified, after each batch (README "Rules"; '
+    "`sorter rules check FILE` first).",
+)
+
+
 @click.group("rules")
 def rules_group() -> None:
     """Rules that file instances by what the pixels show (see README "Rules")."""

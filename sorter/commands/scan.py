@@ -16,7 +16,7 @@ import click
 
 from sorter.commands.common import command_settings, database
 from sorter.commands.preflight import require_broker
-from sorter.commands.rules import RULES_FILE, read_rules
+from sorter.commands.rules import read_rules, rules_option
 from sorter.commands.runs import (
     classify_options,
     executor_for,
@@ -65,22 +65,14 @@ FAIL_ON = {"failed": 3, "discrepancy": 4}
     help="Exit 3 when a file of this run failed, 4 when one disagrees with its header (repeatable; "
     "for cron and CI).",
 )
-@click.option(
-    "--apply-rules",
-    "rules_file",
-    type=RULES_FILE,
-    envvar="SORTER_RULES",
-    show_envvar=True,
-    help="After classifying, apply this rules file to the classified instances under PATH "
-    '(`sorter rules check FILE` first; see README "Rules").',
-)
+@rules_option
 @classify_options
 def scan(
     paths: tuple[Path, ...],
     source: str | None,
     retry_failed: bool,
     fail_on: tuple[str, ...],
-    rules_file: Path | None,
+    rules: Path | None,
     model: Path | None,
     workers: int | None,
     batch_size: int | None,
@@ -98,12 +90,12 @@ def scan(
             "workers classify after the scan has ended"
         )
     require_broker(settings.broker_url)
-    if rules_file is not None and settings.broker_url:
+    if rules is not None and settings.broker_url:
         raise click.UsageError(
             "--apply-rules needs in-process classification: with SORTER_BROKER_URL the workers "
             "classify after the scan has ended (run `sorter rules apply FILE PATH` then)"
         )
-    rules = read_rules(rules_file) if rules_file is not None else None
+    rule_set = read_rules(rules) if rules is not None else None
     summary = RunSummary()
     with interruptible(), database(settings.database_url) as (engine, sessions):
         bar = progress_bar(progress, "scan")
@@ -120,7 +112,9 @@ def scan(
                     # In process: what this model has not classified under PATH is classified too.
                     unseen_by=getattr(executor, "model_id", None),
                 ).run([str(p) for p in paths])
-            report = apply_rules(sessions, rules, under=[str(p) for p in paths]) if rules else None
+            # After each batch (SORTER_RULES) and once more over PATH: what an earlier run classified,
+            # and series that matched only once complete.
+            report = apply_rules(sessions, rule_set, under=[str(p) for p in paths]) if rule_set else None
         finally:
             if bar is not None:
                 bar.close()

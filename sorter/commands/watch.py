@@ -26,6 +26,7 @@ from sorter.commands.common import (
     model_options,
 )
 from sorter.commands.preflight import exit_for_signal, require_broker
+from sorter.commands.rules import rules_option
 from sorter.commands.runs import executor_for, print_summary, sqlite_files
 from sorter.config import Settings
 from sorter.stability import StabilityTracker
@@ -103,6 +104,7 @@ def serve(
     envvar="SORTER_SOURCE",
     help="Source name of every file (default: first folder under DIR).",
 )
+@rules_option
 @model_options
 @metrics_options
 @database_option
@@ -119,6 +121,7 @@ def watch(
     metrics_port: int | None,
     metrics_bind: str | None,
     database_url: str | None,
+    rules: Path | None,
 ) -> None:
     """Classify every file copied into DIR once it has stopped changing; runs until Ctrl-C or SIGTERM."""
     settings = command_settings()

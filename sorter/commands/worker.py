@@ -23,6 +23,7 @@ from typing import Any
 import click
 
 from sorter.commands.common import command_settings, database_option, device_option, metrics_options
+from sorter.commands.rules import rules_option
 from sorter.db.session import DatabaseError, open_database
 from sorter.logs import json_logs
 
@@ -72,6 +73,7 @@ from sorter.logs import json_logs
     envvar="SORTER_WORKER_HOSTNAME",
     help="Celery node name (default: celery@<host>); unique per worker on one host.",
 )
+@rules_option
 @metrics_options
 @database_option
 def worker(
@@ -88,6 +90,7 @@ def worker(
     metrics_port: int | None,
     metrics_bind: str | None,
     database_url: str | None,
+    rules: Path | None,
 ) -> None:
     """Classify batches queued by scan/listen/watch (Celery; needs SORTER_BROKER_URL)."""
     settings = command_settings()

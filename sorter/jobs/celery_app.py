@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from queue import Empty
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
     from sqlalchemy.orm import Session, sessionmaker
 
+    from sorter.domain import Outcome
     from sorter.metrics import BatchObserver, Metrics
     from sorter.model.classifier import Classifier
 
@@ -87,6 +89,8 @@ class WorkerState:
     #: This process's metrics, when the worker serves them (``--metrics-port``).
     metrics: Metrics | None = None
     observe: BatchObserver | None = None
+    #: ``SORTER_RULES`` applied after each committed batch (:func:`sorter.rules.engine.batch_hook`).
+    rules: Callable[[list[Outcome]], None] | None = None
 
 
 class WorkerContext:
@@ -263,6 +267,7 @@ def _load_state(settings: Settings) -> WorkerState:
     from sorter.db.session import open_database
     from sorter.model.classifier import Classifier
     from sorter.pipeline import register_model
+    from sorter.rules.engine import batch_hook
 
     # One inference thread pool per process, sharing the cores with the others.
     cores = os.cpu_count() or 1
@@ -278,6 +283,7 @@ def _load_state(settings: Settings) -> WorkerState:
         raise
     log.info("worker process %d: model %s on %s", os.getpid(), classifier.sha256[:12], classifier.device)
     state = WorkerState(os.getpid(), settings, engine, sessions, classifier, model_id)
+    state.rules = batch_hook(settings, sessions)
     if settings.metrics_port:
         from sorter.metrics import Metrics, multiprocess_enabled
 

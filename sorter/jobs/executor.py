@@ -103,6 +103,7 @@ def open_local_executor(
     from sorter.jobs.local import LocalExecutor
     from sorter.model.classifier import Classifier
     from sorter.pipeline import register_model
+    from sorter.rules.engine import batch_hook
 
     # Decode processes already occupy the cores; an inference thread pool as
     # wide as the machine on top of them slows every forward pass many times
@@ -113,8 +114,12 @@ def open_local_executor(
         model_id = register_model(session, classifier)
         session.commit()
 
+    rules = batch_hook(settings, sessions)
+
     def on_batch(outcomes: list[Outcome]) -> None:
         summary.add_outcomes(outcomes)
+        if rules is not None:
+            rules(outcomes)
         if on_outcomes is not None:
             on_outcomes(outcomes)
 

@@ -140,6 +140,8 @@ def classify_ids(ids: list[int]) -> int:
             session, ids, state.classifier, state.model_id, frames=state.settings.frames, decode=decode
         )
         session.commit()
+    if state.rules is not None and outcomes:
+        state.rules(outcomes)  # never raises: a committed batch is never retried for its rules
     if state.observe is not None and outcomes:  # a redelivered batch already done claims nothing
         try:
             state.observe(outcomes, max(0.0, time.perf_counter() - started - decoding[0]))

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,7 +27,11 @@ from sorter.domain import Status
 from sorter.fspath import decode_path
 from sorter.rules.filing import file_instance
 from sorter.rules.forward import MAX_ATTEMPTS, ForwardAction, Item, Sent, next_try, send
-from sorter.rules.spec import PATTERN_FIELDS, RANGE_FIELDS, FileAction, Rule, RuleSet
+from sorter.rules.spec import PATTERN_FIELDS, RANGE_FIELDS, FileAction, Rule, RuleSet, load_rules
+
+if TYPE_CHECKING:
+    from sorter.config import Settings
+    from sorter.domain import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -314,3 +318,30 @@ def _settle(session: Session, rule: str, sent: Sent, now: datetime, report: Rule
         .where(rule_actions.c.id == sent.item.row_id)
         .values(attempts=attempts, updated_at=now, **values)
     )
+
+
+def batch_hook(settings: Settings, sessions: sessionmaker[Session]) -> Callable[[list[Outcome]], None] | None:
+    """The rules of ``settings.rules`` as a callback for each committed batch, or ``None``.
+
+    Raises :class:`~sorter.rules.spec.RulesError` at once for a bad file, so that a service
+    refuses to start rather than run without its rules. Series and study conditions see what has
+    arrived so far; ``sorter rules apply`` (from cron) catches up on series that matched later and
+    retries forwards that fell due while no batch came.
+    """
+    if settings.rules is None:
+        return None
+    rules = load_rules(settings.rules)
+
+    def apply_to(outcomes: list[Outcome]) -> None:
+        ids = [o.instance_id for o in outcomes if o.status == Status.DONE]
+        if not ids:
+            return
+        try:
+            report = apply_rules(sessions, rules, ids=ids)
+        except Exception:  # the batch is committed; the next batch or `rules apply` tries again
+            log.exception("rules %s could not be applied to %d instances", rules.path, len(ids))
+            return
+        if sum(report.failed.values()) + sum(report.dead.values()):
+            log.warning("%s", report.line())
+
+    return apply_to
