@@ -80,6 +80,7 @@ def test_a_rule_without_an_action_and_a_relative_target_are_refused(tmp_path):
 
 def test_the_shipped_rule_files_check(monkeypatch, tmp_path):
     monkeypatch.setenv("SORTER_FILE_ROOT", str(tmp_path))
+    monkeypatch.setenv("SORTER_NOTIFY_URL", "https://hooks.example.org/sorter")
     for label in ("CT", "MR", "PT", "NM", "XR", "MG", "US", "OT"):
         monkeypatch.setenv(f"SORTER_ROUTE_{label}_AE", f"{label}_ARCHIVE")
         monkeypatch.setenv(f"SORTER_ROUTE_{label}_HOST", "pacs.example.org")
@@ -106,6 +107,15 @@ port = 70000
     assert ":5: ae_title must be 1 to 16 printable ASCII" in problems
     assert ":6: environment variable SORTER_TEST_UNSET_HOST is not set" in problems
     assert ":7: port must be a number from 1 to 65535" in problems
+
+
+def test_notify_needs_a_web_address_and_a_sane_quiet_time(tmp_path):
+    text = 'mode = "all"\n[[rule]]\nname = "n"\n[rule.notify]\nurl = "mailto:x@example.org"\nquiet_s = -1\n'
+    with pytest.raises(RulesError) as caught:
+        load_rules(_write(tmp_path, text))
+    problems = "\n".join(caught.value.problems)
+    assert ":5: [rule.notify] needs url, an http:// or https:// address" in problems
+    assert ":6: quiet_s must be seconds from 0 to 86400" in problems
 
 
 def _instances(url: str) -> list[tuple[str, str, str, str, str]]:

@@ -9,10 +9,10 @@ active model's prediction, and the series and study verdicts so far.
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,11 +22,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sorter.db import views
 from sorter.db.models import Base, RuleAction
-from sorter.db.queries import db_time, insert_for, instances, path_under
+from sorter.db.queries import as_utc, db_time, insert_for, instances, path_under
 from sorter.domain import Status
 from sorter.fspath import decode_path
 from sorter.rules.filing import file_instance
 from sorter.rules.forward import MAX_ATTEMPTS, ForwardAction, Item, Sent, next_try, send
+from sorter.rules.notify import NotifyAction, payload, post
 from sorter.rules.spec import PATTERN_FIELDS, RANGE_FIELDS, FileAction, Rule, RuleSet, load_rules
 
 if TYPE_CHECKING:
@@ -208,7 +209,7 @@ def _act_on(session: Session, rules: RuleSet, chunk: list[int], report: RulesRep
                 status = seen.get((instance_id, rule.name, action.kind))
                 if status == "done":
                     report.already[rule.name] += 1
-                elif isinstance(action, ForwardAction):
+                elif isinstance(action, ForwardAction | NotifyAction):
                     if status is None:  # queued; _deliver sends it
                         _queue(session, instance_id, rule.name, action)
                 else:
@@ -240,7 +241,7 @@ def _file(
         )
 
 
-def _queue(session: Session, instance_id: int, rule: str, action: ForwardAction) -> None:
+def _queue(session: Session, instance_id: int, rule: str, action: ForwardAction | NotifyAction) -> None:
     statement = insert_for(session, rule_actions).values(
         instance_id=instance_id,
         rule=rule,
@@ -254,10 +255,14 @@ def _queue(session: Session, instance_id: int, rule: str, action: ForwardAction)
 
 
 def _deliver(session: Session, rules: RuleSet, report: RulesReport, retry_now: bool) -> None:
-    """Send every due forward of ``rules``: one association per destination, in series order."""
+    """Send every due forward of ``rules`` (one association per destination, in series order) and
+    every due notification of a complete series."""
     now = datetime.now(UTC)
     for rule in rules.rules:
         for action in rule.actions:
+            if isinstance(action, NotifyAction):
+                _notify(session, rule.name, action, now, report, retry_now)
+                continue
             if not isinstance(action, ForwardAction):
                 continue
             last = 0  # an id cursor: each item is tried at most once per run
@@ -268,7 +273,9 @@ def _deliver(session: Session, rules: RuleSet, report: RulesReport, retry_now: b
                 last = max(item.row_id for item in items)
 
 
-def _due(session: Session, rule: str, now: datetime, retry_now: bool, after: int) -> list[Item]:
+def _due(
+    session: Session, rule: str, now: datetime, retry_now: bool, after: int, kind: str = "forward"
+) -> list[Item]:
     ra, i = rule_actions.c, instances.c
     retryable = ["pending", "failed", "dead"] if retry_now else ["pending", "failed"]
     query = (
@@ -282,7 +289,7 @@ def _due(session: Session, rule: str, now: datetime, retry_now: bool, after: int
             i.series_instance_uid,
         )
         .join(instances, i.id == ra.instance_id)
-        .where(ra.action == "forward", ra.rule == rule, ra.status.in_(retryable), ra.id > after)
+        .where(ra.action == kind, ra.rule == rule, ra.status.in_(retryable), ra.id > after)
         .order_by(ra.id)
         .limit(_CHUNK)
     )
@@ -291,7 +298,48 @@ def _due(session: Session, rule: str, now: datetime, retry_now: bool, after: int
     return [Item(*row) for row in session.execute(query)]
 
 
-def _settle(session: Session, rule: str, sent: Sent, now: datetime, report: RulesReport) -> None:
+def _notify(
+    session: Session, rule: str, action: NotifyAction, now: datetime, report: RulesReport, retry_now: bool
+) -> None:
+    """POST each complete series with due queued instances once, and settle all of them."""
+    by_series: dict[str | None, list[Item]] = defaultdict(list)
+    last = 0
+    while items := _due(session, rule, now, retry_now, last, kind="notify"):
+        for item in items:
+            by_series[item.series_instance_uid].append(item)
+        last = max(item.row_id for item in items)
+    for series, items in by_series.items():
+        summary = _complete_series(session, series, now - timedelta(seconds=action.quiet_s))
+        if summary is None:
+            continue  # still arriving, or waiting to be classified: the next run looks again
+        error, detail = post(action.url, payload(rule, summary))
+        for item in items:
+            _settle(session, rule, Sent(item, error, detail), now, report, what="notify about")
+        session.commit()
+
+
+def _complete_series(session: Session, series: str | None, quiet_since: datetime) -> dict[str, Any] | None:
+    """The series' summary row if it is complete: nothing registered after ``quiet_since`` and
+    nothing pending; else ``None``."""
+    if series is None:
+        return None
+    i = instances.c
+    newest, pending = session.execute(
+        sa.select(
+            sa.func.max(i.registered_at),
+            sa.func.count().filter(i.status == Status.PENDING),
+        ).where(i.series_instance_uid == series)
+    ).one()
+    if pending or newest is None or as_utc(newest) > quiet_since:
+        return None
+    ss = views.series_summary
+    row = session.execute(sa.select(ss).where(ss.c.series_instance_uid == series).limit(1)).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def _settle(
+    session: Session, rule: str, sent: Sent, now: datetime, report: RulesReport, what: str = "forward"
+) -> None:
     attempts = sent.item.attempts + 1
     if sent.error is None:
         values: dict[str, Any] = {"status": "done", "error": None, "detail": None, "next_attempt_at": None}
@@ -306,8 +354,9 @@ def _settle(session: Session, rule: str, sent: Sent, now: datetime, report: Rule
         }
         (report.dead if dead else report.failed)[rule] += 1
         log.warning(
-            "rule %s could not forward instance %s (%s, try %d): %s",
+            "rule %s could not %s instance %s (%s, try %d): %s",
             rule,
+            what,
             sent.item.sop_instance_uid,
             sent.error,
             attempts,

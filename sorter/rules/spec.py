@@ -16,6 +16,9 @@
     ae_title = "PACS"
     host = "$PACS_HOST"
     port = 104
+    [rule.notify]                   # one webhook call per complete series (sorter.rules.notify)
+    url = "$SORTER_NOTIFY_URL"
+    quiet_s = 60
 
 TOML because Python reads it without a dependency (:mod:`tomllib`) and its syntax errors carry
 a line; the checks here find the line of every other mistake themselves (tomllib keeps none).
@@ -36,6 +39,7 @@ from typing import Any
 from sorter.domain import Label, Verdict
 from sorter.errors import SorterError
 from sorter.rules.forward import ForwardAction
+from sorter.rules.notify import NotifyAction
 
 #: Conditions on one value each; a string or a list of strings (any of them). Labels and verdicts
 #: are checked against their names; the others are shell-style patterns (``"CT_*"``).
@@ -68,7 +72,7 @@ TEMPLATE_FIELDS = {
     "SOPClassUID",
 }
 FILE_MODES = ("copy", "link", "move")
-ACTIONS = ("file", "forward")
+ACTIONS = ("file", "forward", "notify")
 RULE_KEYS = ("name", "match", *ACTIONS)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -97,7 +101,7 @@ class FileAction:
         return Path(self.to.format(**values))
 
 
-Action = FileAction | ForwardAction
+Action = FileAction | ForwardAction | NotifyAction
 
 
 @dataclass(frozen=True)
@@ -224,7 +228,12 @@ def _check_rule(
     if checked.get("min_confidence", 0.0) > checked.get("max_confidence", 1.0):
         bad("min_confidence", "min_confidence is above max_confidence: the rule can never match")
     actions: list[Action] = []
-    for kind, checker in (("file", _check_file), ("forward", _check_forward)):
+    checkers: tuple[tuple[str, Callable[[Any, Callable[[str, str], None]], Action | None]], ...] = (
+        ("file", _check_file),
+        ("forward", _check_forward),
+        ("notify", _check_notify),
+    )
+    for kind, checker in checkers:
         if kind in raw:
             action = checker(raw[kind], bad)
             if action is not None:
@@ -338,3 +347,27 @@ def _check_forward(raw: Any, bad: Callable[[str, str], None]) -> ForwardAction |
     if problems or len(values) < 4:
         return None
     return ForwardAction(values["ae_title"], values["host"], int(port), values["calling_ae"])
+
+
+def _check_notify(raw: Any, bad: Callable[[str, str], None]) -> NotifyAction | None:
+    if not isinstance(raw, dict):
+        bad("notify", "[rule.notify] must be a table with url and quiet_s")
+        return None
+    ok = True
+    for key in raw:
+        if key not in ("url", "quiet_s"):
+            ok = False
+            bad(key, f"unknown key {key!r} in [rule.notify]; it has url and quiet_s")
+    quiet = raw.get("quiet_s", 60)
+    if isinstance(quiet, bool) or not isinstance(quiet, int | float) or not 0 <= quiet <= 86400:
+        ok = False
+        bad("quiet_s", "quiet_s must be seconds from 0 to 86400 (a series is complete once quiet that long)")
+    url = os.path.expandvars(str(raw.get("url", ""))).strip()
+    unset = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", url)
+    if unset:
+        ok = False
+        bad("url", f"environment variable {unset[0]} is not set (it is used in url)")
+    elif not re.match(r"^https?://[^/\s]+", url):
+        ok = False
+        bad("url" if "url" in raw else "notify", "[rule.notify] needs url, an http:// or https:// address")
+    return NotifyAction(url, float(quiet)) if ok else None
