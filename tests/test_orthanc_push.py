@@ -13,13 +13,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
 import sqlalchemy as sa
-from db_support import query
+from db_support import query, scan, small_archive
 from pydicom.uid import generate_uid
 from support import data_file, free_port, listen_env
 
@@ -119,23 +120,28 @@ def _orthanc_config(tmp_path: Path, http_port: int, sorter_port: int) -> dict[st
     }
 
 
-@pytest.fixture()
-def orthanc(tmp_path: Path, sorter_listen: int) -> Iterator[str]:
-    """A throwaway Orthanc on loopback that knows ``sorter listen`` as modality ``sorter``; yields its URL."""
-    http_port = free_port()
-    config = _orthanc_config(tmp_path, http_port, sorter_listen)
+@contextmanager
+def _running_orthanc(tmp_path: Path, config: dict[str, Any]) -> Iterator[str]:
+    """Orthanc with ``config`` until the block ends; yields its URL once it answers."""
     config_path = tmp_path / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
     log = tmp_path / "orthanc.log"
     assert ORTHANC is not None
     with log.open("wb") as out:
         process = subprocess.Popen([ORTHANC, str(config_path)], cwd=tmp_path, stdout=out, stderr=out)
-    base = f"http://127.0.0.1:{http_port}"
+    base = f"http://127.0.0.1:{config['HttpPort']}"
     try:
         _wait(lambda: _answers(base), process, "Orthanc", log)
         yield base
     finally:
         _stop(process)
+
+
+@pytest.fixture()
+def orthanc(tmp_path: Path, sorter_listen: int) -> Iterator[str]:
+    """A throwaway Orthanc on loopback that knows ``sorter listen`` as modality ``sorter``; yields its URL."""
+    with _running_orthanc(tmp_path, _orthanc_config(tmp_path, free_port(), sorter_listen)) as base:
+        yield base
 
 
 def _write_files(folder: Path) -> tuple[list[Path], list[str], str]:
@@ -248,3 +254,30 @@ def test_the_shipped_autoroute_forwards_and_retries_while_the_listener_is_down(
         _stop(orthanc)
         if listener is not None:
             _stop(listener)
+
+
+def test_orthanc_as_a_forward_destination_receives_each_instance_once(tmp_path, sqlite_url, tiny_model):
+    """`[rule.forward]` to a real Orthanc: every classified instance arrives, in its own transfer
+    syntax, and a re-scan with the same rules sends nothing twice."""
+    config = _orthanc_config(tmp_path, free_port(), free_port())
+    rules = tmp_path / "forward.toml"
+    rules.write_text(
+        f'mode = "all"\n[[rule]]\nname = "to-orthanc"\n[rule.forward]\n'
+        f'ae_title = "{ORTHANC_AE}"\nhost = "127.0.0.1"\nport = {config["DicomPort"]}\n'
+    )
+    drop = tmp_path / "drop"
+    small_archive(drop)
+    with _running_orthanc(tmp_path, config) as base:
+        scan(sqlite_url, tiny_model, drop, tmp=tmp_path, extra=("--apply-rules", str(rules)))
+        scan(sqlite_url, tiny_model, drop, tmp=tmp_path, extra=("--apply-rules", str(rules)))
+        stored = _http(base, "GET", "/statistics")
+        uids = {
+            _http(base, "GET", f"/instances/{orthanc_id}/simplified-tags")["SOPInstanceUID"]
+            for orthanc_id in _http(base, "GET", "/instances")
+        }
+    expected = {
+        uid for (uid,) in query(sqlite_url, "SELECT sop_instance_uid FROM instances WHERE status = 'done'")
+    }
+    assert uids == expected and len(expected) == 7
+    assert stored["CountInstances"] == 7
+    assert query(sqlite_url, "SELECT DISTINCT status, attempts FROM rule_actions") == [("done", 1)]

@@ -2,7 +2,8 @@
 
 A matching rule queues the instance (``rule_actions`` status ``pending``); :func:`deliver` sends
 what is due, one association per destination for all of it (a series goes over one association,
-in series order), each file in the transfer syntax it is stored in. A destination that refuses
+in series order), each file in the transfer syntax it is stored in, or decompressed to Explicit
+VR Little Endian when the destination does not accept that compression. A destination that refuses
 or is down leaves its items ``failed`` with the next try after an exponential backoff; after
 :data:`MAX_ATTEMPTS` an item is ``dead`` (the dead letters ``sorter status`` counts) until
 ``sorter rules apply --retry-now`` gives it one more try.
@@ -141,7 +142,16 @@ def _store(assoc: Any, action: ForwardAction, item: Item) -> Sent:
     try:
         status = assoc.send_c_store(dataset)
     except (ValueError, RuntimeError) as exc:  # no accepted context for its class or syntax
-        return Sent(item, "no_presentation_context", describe(exc))
+        if not dataset.file_meta.TransferSyntaxUID.is_compressed:
+            return Sent(item, "no_presentation_context", describe(exc))
+        # The destination does not take its compression (Orthanc refuses RLE by default):
+        # decompressed to Explicit VR Little Endian, which every storage SCP accepts, losing
+        # nothing the stored file holds.
+        try:
+            dataset.decompress(generate_instance_uid=False)  # the same instance, re-encoded
+            status = assoc.send_c_store(dataset)
+        except Exception as again:
+            return Sent(item, "no_presentation_context", f"{describe(exc)}; decompressed: {describe(again)}")
     code = int(getattr(status, "Status", -1)) if status else -1
     if code in STORED:
         return Sent(item)
