@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
     from sorter.associations import AssociationRecord
     from sorter.domain import Outcome
+    from sorter.rules.engine import RulesReport
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +102,25 @@ class Metrics:
         self.batch_size = Histogram(
             "sorter_batch_size", "Instances per committed batch.", buckets=BATCH_BUCKETS, registry=r
         )
+        self.rule_actions = Counter(
+            "sorter_rule_actions",
+            "Rule actions by rule and result (done; failed: tried again later; dead: gave up).",
+            ["rule", "result"],
+            registry=r,
+        )
         self.inference_seconds = Histogram(
             "sorter_inference_seconds",
             "Forward pass, comparison and write of one batch.",
             buckets=INFERENCE_BUCKETS,
             registry=r,
         )
+
+    def rules_applied(self, report: RulesReport) -> None:
+        """Count what rules did after one batch (:func:`sorter.rules.engine.batch_hook`)."""
+        for result, counter in (("done", report.done), ("failed", report.failed), ("dead", report.dead)):
+            for rule, n in counter.items():
+                if n:
+                    self.rule_actions.labels(rule=rule, result=result).inc(n)
 
     def received(self, calling_ae: str | None) -> None:
         """Count one instance stored by the listener."""

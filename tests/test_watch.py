@@ -16,11 +16,13 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from db_support import copy_dicom, pydicom_file, query, scalar, tree_rules
+from prometheus_client import CollectorRegistry
 from support import stop_process_group
 
 from sorter.cli import main
 from sorter.commands.watch import serve
 from sorter.config import Settings
+from sorter.metrics import Metrics
 from sorter.summary import RunSummary
 from sorter.watch import After, move_without_overwrite
 
@@ -330,7 +332,10 @@ def test_rules_file_each_batch_of_a_watched_folder(url, tiny_model, tmp_path):
         {}, database_url=url, model=tiny_model, workers=1, batch_size=2, settle=0.3, rescan=0.3, rules=rules
     )
     stop = threading.Event()
-    thread = threading.Thread(target=serve, args=(settings, root, stop), daemon=True)
+    metrics = Metrics(CollectorRegistry())
+    thread = threading.Thread(
+        target=serve, args=(settings, root, stop), kwargs={"metrics": metrics}, daemon=True
+    )
     thread.start()
     try:
         for i in range(3):
@@ -340,3 +345,5 @@ def test_rules_file_each_batch_of_a_watched_folder(url, tiny_model, tmp_path):
         stop.set()
         thread.join(TIMEOUT_S)
     assert query(url, "SELECT DISTINCT rule, status FROM rule_actions") == [("tree", "done")]
+    done = metrics.registry.get_sample_value("sorter_rule_actions_total", {"rule": "tree", "result": "done"})
+    assert done == 3

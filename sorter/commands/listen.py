@@ -52,8 +52,11 @@ def backend(settings: Settings, summary: RunSummary, metrics: Metrics | None = N
     def connect() -> Iterator[tuple[sessionmaker[Session], Executor]]:
         engine, sessions = open_database(settings.database_url)
         observer = metrics.batch_observer(sessions) if metrics is not None else None
+        on_rules = metrics.rules_applied if metrics is not None else None
         try:
-            with executor_for(settings, sessions, summary, None, observer=observer) as executor:
+            with executor_for(
+                settings, sessions, summary, None, observer=observer, on_rules=on_rules
+            ) as executor:
                 yield sessions, executor
         finally:
             engine.dispose()

@@ -63,7 +63,10 @@ def serve(
     summary = RunSummary()
     with database(settings.database_url) as (engine, sessions):
         observer = metrics.batch_observer(sessions) if metrics is not None else None
-        with executor_for(settings, sessions, summary, None, observer=observer) as executor:
+        on_rules = metrics.rules_applied if metrics is not None else None
+        with executor_for(
+            settings, sessions, summary, None, observer=observer, on_rules=on_rules
+        ) as executor:
             Watcher(
                 str(root),
                 sessions,

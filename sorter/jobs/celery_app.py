@@ -283,7 +283,6 @@ def _load_state(settings: Settings) -> WorkerState:
         raise
     log.info("worker process %d: model %s on %s", os.getpid(), classifier.sha256[:12], classifier.device)
     state = WorkerState(os.getpid(), settings, engine, sessions, classifier, model_id)
-    state.rules = batch_hook(settings, sessions)
     if settings.metrics_port:
         from sorter.metrics import Metrics, multiprocess_enabled
 
@@ -292,6 +291,7 @@ def _load_state(settings: Settings) -> WorkerState:
             state.observe = state.metrics.batch_observer(sessions)
         else:  # values in this process alone would never reach the main process's endpoint
             log.warning("worker process %d: metrics off (no multiprocess folder)", os.getpid())
+    state.rules = batch_hook(settings, sessions, state.metrics.rules_applied if state.metrics else None)
     return state
 
 

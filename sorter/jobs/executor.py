@@ -96,7 +96,8 @@ def open_local_executor(
     """Load the model, register it, and run an in-process executor that counts into ``summary``.
 
     Raises :class:`~sorter.errors.ModelError` when the model cannot be loaded. ``kw`` goes to
-    :class:`~sorter.jobs.local.LocalExecutor` (``statuses``, ``observer``).
+    :class:`~sorter.jobs.local.LocalExecutor` (``statuses``, ``observer``), but ``on_rules``,
+    which sees what ``SORTER_RULES`` did after each batch (:func:`~sorter.rules.engine.batch_hook`).
     """
     # Imported here, not at module level: decode processes started by a console
     # script re-import its __main__ (the CLI), and must not pay for the model's imports.
@@ -114,7 +115,7 @@ def open_local_executor(
         model_id = register_model(session, classifier)
         session.commit()
 
-    rules = batch_hook(settings, sessions)
+    rules = batch_hook(settings, sessions, kw.pop("on_rules", None))
 
     def on_batch(outcomes: list[Outcome]) -> None:
         summary.add_outcomes(outcomes)

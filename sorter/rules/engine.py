@@ -369,8 +369,13 @@ def _settle(
     )
 
 
-def batch_hook(settings: Settings, sessions: sessionmaker[Session]) -> Callable[[list[Outcome]], None] | None:
-    """The rules of ``settings.rules`` as a callback for each committed batch, or ``None``.
+def batch_hook(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    on_report: Callable[[RulesReport], None] | None = None,
+) -> Callable[[list[Outcome]], None] | None:
+    """The rules of ``settings.rules`` as a callback for each committed batch, or ``None``;
+    ``on_report`` sees what each application did (metrics).
 
     Raises :class:`~sorter.rules.spec.RulesError` at once for a bad file, so that a service
     refuses to start rather than run without its rules. Series and study conditions see what has
@@ -392,5 +397,7 @@ def batch_hook(settings: Settings, sessions: sessionmaker[Session]) -> Callable[
             return
         if sum(report.failed.values()) + sum(report.dead.values()):
             log.warning("%s", report.line())
+        if on_report is not None:
+            on_report(report)
 
     return apply_to
