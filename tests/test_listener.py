@@ -17,7 +17,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from db_support import query
+from db_support import query, scan, small_archive, sorter
 from pydicom.data import get_testdata_file
 from pydicom.uid import (
     JPEG2000Lossless,
@@ -338,6 +338,39 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_ca(tmp_path)
             if with_cert:
                 assert int(assoc.send_c_echo().Status) == listener.StoreStatus.SUCCESS
                 assoc.release()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI needed to make test certificates")
+def test_forward_rules_speak_tls_to_a_listener_that_requires_it(tmp_path, sqlite_url, tiny_model):
+    """A `[rule.forward]` with tls to `sorter listen`'s TLS port, with and without its client
+    certificate: the destination verifies the sender, the sender verifies the destination."""
+    pki = _pki(tmp_path / "pki")
+    config = _config(
+        tmp_path, ssl_context=listener.tls_context(pki / "server.pem", pki / "server.key", pki / "ca.pem")
+    )
+    drop = tmp_path / "drop"
+    small_archive(drop)
+    scan(sqlite_url, tiny_model, drop, tmp=tmp_path)
+    stored: list[str] = []
+
+    def rules(name: str, client: bool) -> Path:
+        mine = f'tls_cert = "{pki / "client.pem"}"\ntls_key = "{pki / "client.key"}"\n' if client else ""
+        path = tmp_path / f"{name}.toml"
+        path.write_text(
+            f'mode = "all"\n[[rule]]\nname = "{name}"\n[rule.match]\nmodality = "CT"\n[rule.forward]\n'
+            f'ae_title = "{OUR_AE}"\nhost = "127.0.0.1"\nport = {config.port}\ntls = true\n'
+            f'tls_ca = "{pki / "ca.pem"}"\n{mine}'
+        )
+        return path
+
+    with serving(config, lambda path, _ae: stored.append(path.name)):
+        refused = sorter("rules", "apply", str(rules("anonymous", client=False)), url=sqlite_url, expect=3)
+        accepted = sorter("rules", "apply", str(rules("with-cert", client=True)), url=sqlite_url)
+    assert "anonymous: 0 done, 3 failed" in refused.output
+    assert "with-cert: 3 done" in accepted.output
+    assert len(stored) == 3  # the three CT slices, over TLS
+    errors = query(sqlite_url, "SELECT DISTINCT rule, error FROM rule_actions WHERE status = 'failed'")
+    assert errors == [("anonymous", "destination_unreachable")]
 
 
 def test_a_full_queue_never_fails_a_store_and_the_sweep_catches_up(tmp_path, sqlite_url, tiny_model):

@@ -109,6 +109,26 @@ port = 70000
     assert ":7: port must be a number from 1 to 65535" in problems
 
 
+def test_tls_options_are_checked(tmp_path):
+    text = f"""mode = "all"
+[[rule]]
+name = "tls"
+[rule.forward]
+ae_title = "PACS"
+host = "pacs.example.org"
+port = 2762
+tls_ca = "{tmp_path / "missing-ca.pem"}"
+tls_cert = "{tmp_path / "missing.pem"}"
+"""
+    with pytest.raises(RulesError) as caught:
+        load_rules(_write(tmp_path, text))
+    problems = "\n".join(caught.value.problems)
+    assert ":8: tls_ca is set but tls is not: add tls = true" in problems
+    assert "tls_cert and tls_key go together" in problems
+    with pytest.raises(RulesError, match=r":10: tls_cert: no such file"):
+        load_rules(_write(tmp_path, text.replace("port = 2762", "port = 2762\ntls = true")))
+
+
 def test_notify_needs_a_web_address_and_a_sane_quiet_time(tmp_path):
     text = 'mode = "all"\n[[rule]]\nname = "n"\n[rule.notify]\nurl = "mailto:x@example.org"\nquiet_s = -1\n'
     with pytest.raises(RulesError) as caught:

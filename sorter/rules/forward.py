@@ -12,6 +12,7 @@ or is down leaves its items ``failed`` with the next try after an exponential ba
 from __future__ import annotations
 
 import logging
+import ssl
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -44,13 +45,30 @@ class ForwardAction:
     host: str
     port: int
     calling_ae: str = "DICOM_SORTER"
+    #: TLS (DICOM over TLS, PS3.15 B.1): the destination's certificate is checked against
+    #: ``tls_ca`` (default: the system's CAs) and its host name; ``tls_cert`` and ``tls_key``
+    #: are this side's certificate when the destination asks for one.
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     kind: str = "forward"
     how: str = "c-store"
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The client TLS context, or ``None`` without TLS."""
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.tls_ca)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.tls_cert:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        return context
 
     @property
     def to(self) -> str:
         """The destination, as messages and ``sorter rules check`` show it."""
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls else "")
 
     def target(self, _facts: dict[str, Any]) -> str:
         """Where the instance goes (the same for every instance)."""
@@ -107,8 +125,10 @@ def send(action: ForwardAction, items: list[Item], timeout_s: float = 30.0) -> l
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     _contexts(ae, items)
     try:
-        assoc = ae.associate(action.host, action.port, ae_title=action.ae_title)
-    except OSError as exc:  # a name that does not resolve, say
+        context = action.tls_context()
+        tls_args = (context, action.host) if context is not None else None
+        assoc = ae.associate(action.host, action.port, ae_title=action.ae_title, tls_args=tls_args)
+    except OSError as exc:  # a name that does not resolve, a certificate file gone (ssl.SSLError too)
         return [Sent(i, "destination_unreachable", describe(exc)) for i in items]
     if not assoc.is_established:
         why = "rejected the association" if assoc.is_rejected else "could not be reached"

@@ -323,9 +323,23 @@ def _check_forward(raw: Any, bad: Callable[[str, str], None]) -> ForwardAction |
         problems += 1
         bad(key, message)
 
+    keys = ("ae_title", "host", "port", "calling_ae", "tls", "tls_ca", "tls_cert", "tls_key")
     for key in raw:
-        if key not in ("ae_title", "host", "port", "calling_ae"):
-            fail(key, f"unknown key {key!r} in [rule.forward]; it has ae_title, host, port, calling_ae")
+        if key not in keys:
+            fail(key, f"unknown key {key!r} in [rule.forward]; it has {', '.join(keys)}")
+    tls = raw.get("tls", False)
+    if not isinstance(tls, bool):
+        fail("tls", "tls must be true or false")
+    files: dict[str, str | None] = {}
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        value = raw.get(key)
+        files[key] = None if value is None else os.path.expandvars(str(value))
+        if files[key] is not None and not tls:
+            fail(key, f"{key} is set but tls is not: add tls = true")
+        elif files[key] is not None and not os.path.isfile(str(files[key])):
+            fail(key, f"{key}: no such file {files[key]!r}")
+    if (files["tls_cert"] is None) != (files["tls_key"] is None):
+        fail("tls_cert" if "tls_cert" in raw else "tls_key", "tls_cert and tls_key go together")
     values: dict[str, str] = {}
     for key in ("ae_title", "host", "port", "calling_ae"):
         value = raw.get(key, "DICOM_SORTER" if key == "calling_ae" else None)
@@ -346,7 +360,16 @@ def _check_forward(raw: Any, bad: Callable[[str, str], None]) -> ForwardAction |
         fail("port", f"port must be a number from 1 to 65535 (it is {port!r})")
     if problems or len(values) < 4:
         return None
-    return ForwardAction(values["ae_title"], values["host"], int(port), values["calling_ae"])
+    return ForwardAction(
+        values["ae_title"],
+        values["host"],
+        int(port),
+        values["calling_ae"],
+        tls is True,
+        files["tls_ca"],
+        files["tls_cert"],
+        files["tls_key"],
+    )
 
 
 def _check_notify(raw: Any, bad: Callable[[str, str], None]) -> NotifyAction | None:
