@@ -218,7 +218,8 @@ def build_ae(config: ListenerConfig) -> ListenerAE:
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
-def _ack_now(sock: socket.socket) -> None:
+def ack_now(sock: socket.socket) -> None:
+    """Acknowledge what ``sock`` has read at once (Linux; quick ACKs are not sticky)."""
     if _QUICKACK is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
@@ -300,12 +301,12 @@ def _guarded_recv(
     """``read(size, flags)`` bounded by ``guard`` (the PDU's time left, its declared length); ACK at once."""
     if guard is None:
         data = read(size, flags)
-        _ack_now(sock)
+        ack_now(sock)
         return data
     try:
         sock.settimeout(guard.time_left())
         data = read(size, flags)
-        _ack_now(sock)
+        ack_now(sock)
         guard.consumed(data)
     except TimeoutError:
         log.warning(
