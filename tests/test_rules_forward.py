@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from db_support import query, scan, small_archive, sorter
 from pydicom import dcmread
 from support import free_port, stop_process_group, wait_for_port
 
+from sorter.db.models import RuleAction
+from sorter.db.session import open_database
+from sorter.rules.engine import _claim
 from sorter.rules.forward import next_try
 
 pytest_plugins = ["db_fixtures"]
@@ -42,7 +48,8 @@ def _storescp(port: int, out: Path, log: Path) -> subprocess.Popen[bytes]:
     out.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            ["storescp", "-aet", "STORESCP", "+xa", "-od", str(out), str(port)],
+            # +uf: a second copy of an instance would be a second file, never an overwrite.
+            ["storescp", "-aet", "STORESCP", "+xa", "+uf", "-od", str(out), str(port)],
             stdout=sink,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -139,3 +146,44 @@ def test_backoff_doubles_and_is_capped():
     now = datetime(2026, 1, 1, tzinfo=UTC)
     delays = [(next_try(n, now) - now).total_seconds() for n in (1, 2, 3, 20)]
     assert delays[:3] == [15.0, 30.0, 60.0] and delays[3] == 6 * 3600.0
+
+
+def test_senders_never_take_each_others_claims(db_url, tiny_model, tmp_path):
+    """A claimed row belongs to its sender until the lease ends: a second sender (a worker process,
+    `rules apply` from cron) skips it; once the lease has run out (the sender died) it is sent."""
+    drop = tmp_path / "drop"
+    small_archive(drop)
+    port = free_port()
+    rules = _rules(tmp_path, port, 'modality = ["CT", "MR"]')
+    scan(db_url, tiny_model, drop, tmp=tmp_path, extra=("--apply-rules", str(rules)))  # down: 6 failed
+    engine, sessions = open_database(db_url)
+    try:
+        with sessions() as session:
+            ids = list(session.scalars(sa.select(RuleAction.id).order_by(RuleAction.id)))
+            held = _claim(session, ids[:4], datetime.now(UTC), retry_now=True)  # another, live sender
+        assert len(held) == 4
+        out = tmp_path / "received"
+        process = _storescp(port, out, tmp_path / "storescp.log")
+        try:
+            first = sorter("rules", "apply", "--retry-now", str(rules), url=db_url)
+            assert "to-storescp: 2 done" in first.output
+            with engine.begin() as connection:  # the other sender died: its lease runs out
+                connection.execute(
+                    sa.update(RuleAction)
+                    .where(RuleAction.status == "sending")
+                    .values(next_attempt_at=datetime.now(UTC) - timedelta(seconds=1))
+                )
+            # Two senders at once, as two processes: each row is sent by one of them.
+            command = [sys.executable, "-m", "sorter", "rules", "apply", str(rules), "--database-url", db_url]
+            both = [
+                subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)
+            ]
+            outputs = [p.communicate(timeout=120)[0].decode() for p in both]
+        finally:
+            stop_process_group(process)
+    finally:
+        engine.dispose()
+    assert all(p.returncode == 0 for p in both), outputs
+    assert len(list(out.iterdir())) == 6  # +uf: a duplicate would be a seventh file
+    assert len(set(_received(out))) == 6
+    assert query(db_url, "SELECT DISTINCT status, claim FROM rule_actions") == [("done", None)]

@@ -254,10 +254,11 @@ class RuleAction(Base):
     instance_id: Mapped[int] = mapped_column(BigId, sa.ForeignKey("instances.id", ondelete="CASCADE"))
     rule: Mapped[str] = mapped_column(sa.String(64))
     action: Mapped[str] = mapped_column(sa.String(16))
-    status: Mapped[str] = mapped_column(sa.String(16))  # pending | done | failed | dead
+    status: Mapped[str] = mapped_column(sa.String(16))  # pending | sending | done | failed | dead
     target: Mapped[str | None] = mapped_column(FsPath)
     error: Mapped[str | None] = mapped_column(sa.String(64))
     detail: Mapped[str | None] = mapped_column(ReadableText)
     attempts: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
     next_attempt_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    claim: Mapped[str | None] = mapped_column(sa.String(32))  # the sender holding a ``sending`` row
     updated_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())

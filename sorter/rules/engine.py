@@ -9,6 +9,7 @@ active model's prediction, and the series and study verdicts so far.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _CHUNK = 500
+#: Seconds a sender's claim on queued actions lasts; then a sender that died is assumed.
+LEASE_S = 600.0
 rule_actions = Base.metadata.tables["rule_actions"]
 
 #: Which fact each condition reads.
@@ -266,18 +269,58 @@ def _deliver(session: Session, rules: RuleSet, report: RulesReport, retry_now: b
             if not isinstance(action, ForwardAction):
                 continue
             last = 0  # an id cursor: each item is tried at most once per run
-            while items := _due(session, rule.name, now, retry_now, last):
+            while candidates := _candidates(session, rule.name, "forward", now, retry_now, last):
+                last = candidates[-1][0]
+                items = _claim(session, [row_id for row_id, _ in candidates], now, retry_now)
                 for sent in send(action, items):
                     _settle(session, rule.name, sent, now, report)
                 session.commit()
-                last = max(item.row_id for item in items)
 
 
-def _due(
-    session: Session, rule: str, now: datetime, retry_now: bool, after: int, kind: str = "forward"
-) -> list[Item]:
+def _claimable(session: Session, now: datetime, retry_now: bool) -> sa.ColumnElement[bool]:
+    """Rows a sender may take: queued or failed and due (dead ones too with ``retry_now``), or
+    being sent by a sender whose lease ran out (it died)."""
+    ra, at = rule_actions.c, db_time(session, now)
+    waiting: sa.ColumnElement[bool] = ra.status.in_(
+        ["pending", "failed", "dead"] if retry_now else ["pending", "failed"]
+    )
+    if not retry_now:
+        waiting = sa.and_(waiting, sa.or_(ra.next_attempt_at.is_(None), ra.next_attempt_at <= at))
+    return sa.or_(waiting, sa.and_(ra.status == "sending", ra.next_attempt_at <= at))
+
+
+def _candidates(
+    session: Session, rule: str, kind: str, now: datetime, retry_now: bool, after: int
+) -> list[tuple[int, str | None]]:
+    """Up to a chunk of ``(row id, series UID)`` of ``rule``'s ``kind`` actions that may be taken,
+    after the row id ``after``, in id order."""
     ra, i = rule_actions.c, instances.c
-    retryable = ["pending", "failed", "dead"] if retry_now else ["pending", "failed"]
+    query = (
+        sa.select(ra.id, i.series_instance_uid)
+        .join(instances, i.id == ra.instance_id)
+        .where(ra.action == kind, ra.rule == rule, ra.id > after, _claimable(session, now, retry_now))
+        .order_by(ra.id)
+        .limit(_CHUNK)
+    )
+    return [(int(row_id), series) for row_id, series in session.execute(query)]
+
+
+def _claim(session: Session, ids: Sequence[int], now: datetime, retry_now: bool) -> list[Item]:
+    """Claim the rows ``ids`` that may still be taken for this sender, commit, and return them.
+
+    Two senders (worker processes; a service and `sorter rules apply` from cron) never take the
+    same row, so nothing is sent twice: the WHERE is evaluated again under the row lock
+    (PostgreSQL) or the database lock (SQLite). A claim is a lease: the rows of a sender that
+    dies are taken again once ``LEASE_S`` has passed.
+    """
+    ra, i = rule_actions.c, instances.c
+    token = uuid.uuid4().hex
+    session.execute(
+        sa.update(rule_actions)
+        .where(ra.id.in_(ids), _claimable(session, now, retry_now))
+        .values(status="sending", claim=token, next_attempt_at=now + timedelta(seconds=LEASE_S))
+    )
+    session.commit()
     query = (
         sa.select(
             ra.id,
@@ -289,12 +332,9 @@ def _due(
             i.series_instance_uid,
         )
         .join(instances, i.id == ra.instance_id)
-        .where(ra.action == kind, ra.rule == rule, ra.status.in_(retryable), ra.id > after)
+        .where(ra.claim == token, ra.status == "sending")
         .order_by(ra.id)
-        .limit(_CHUNK)
     )
-    if not retry_now:
-        query = query.where(sa.or_(ra.next_attempt_at.is_(None), ra.next_attempt_at <= db_time(session, now)))
     return [Item(*row) for row in session.execute(query)]
 
 
@@ -302,16 +342,19 @@ def _notify(
     session: Session, rule: str, action: NotifyAction, now: datetime, report: RulesReport, retry_now: bool
 ) -> None:
     """POST each complete series with due queued instances once, and settle all of them."""
-    by_series: dict[str | None, list[Item]] = defaultdict(list)
+    by_series: dict[str | None, list[int]] = defaultdict(list)
     last = 0
-    while items := _due(session, rule, now, retry_now, last, kind="notify"):
-        for item in items:
-            by_series[item.series_instance_uid].append(item)
-        last = max(item.row_id for item in items)
-    for series, items in by_series.items():
+    while candidates := _candidates(session, rule, "notify", now, retry_now, last):
+        for row_id, series in candidates:
+            by_series[series].append(row_id)
+        last = candidates[-1][0]
+    for series, ids in by_series.items():
         summary = _complete_series(session, series, now - timedelta(seconds=action.quiet_s))
         if summary is None:
             continue  # still arriving, or waiting to be classified: the next run looks again
+        items = _claim(session, ids, now, retry_now)
+        if not items:
+            continue  # another sender has them
         error, detail = post(action.url, payload(rule, summary))
         for item in items:
             _settle(session, rule, Sent(item, error, detail), now, report, what="notify about")
@@ -365,7 +408,7 @@ def _settle(
     session.execute(
         sa.update(rule_actions)
         .where(rule_actions.c.id == sent.item.row_id)
-        .values(attempts=attempts, updated_at=now, **values)
+        .values(attempts=attempts, updated_at=now, claim=None, **values)
     )
 
 

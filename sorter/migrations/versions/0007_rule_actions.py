@@ -2,7 +2,8 @@
 
 One row per instance, rule and action (unique); ``done`` is final, ``failed`` is tried again
 (forwards once ``next_attempt_at`` has passed), ``pending`` is a queued forward, ``dead`` a
-forward that failed too often.
+forward that failed too often, ``sending`` an action a sender has claimed (``claim``) until
+``next_attempt_at``, when another may take it.
 
 Revision ID: 0007
 Revises: 0006
@@ -37,6 +38,7 @@ def upgrade() -> None:
         sa.Column("detail", sa.Text(), nullable=True),
         sa.Column("attempts", sa.Integer(), server_default=sa.text("0"), nullable=False),
         sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("claim", sa.String(32), nullable=True),
         sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False),
         sa.UniqueConstraint("instance_id", "rule", "action", name="uq_rule_actions_once"),
     )
