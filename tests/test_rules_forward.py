@@ -5,15 +5,18 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from db_support import query, scan, small_archive, sorter
+from db_support import copy_dicom, pydicom_file, query, scalar, scan, small_archive, sorter
 from pydicom import dcmread
-from support import free_port, stop_process_group, wait_for_port
+from support import free_port, stop_process_group, wait_for, wait_for_port
 
+from sorter.commands.watch import serve
+from sorter.config import Settings
 from sorter.db.models import RuleAction
 from sorter.db.session import open_database
 from sorter.rules.engine import _claim
@@ -187,3 +190,46 @@ def test_senders_never_take_each_others_claims(db_url, tiny_model, tmp_path):
     assert len(list(out.iterdir())) == 6  # +uf: a duplicate would be a seventh file
     assert len(set(_received(out))) == 6
     assert query(db_url, "SELECT DISTINCT status, claim FROM rule_actions") == [("done", None)]
+
+
+def test_a_service_sends_and_retries_in_the_background(sqlite_url, tiny_model, tmp_path, monkeypatch):
+    """`sorter watch --apply-rules` with a destination that is down, then up: its sender thread
+    retries on its own (no `rules apply`), and each instance arrives once."""
+    monkeypatch.setattr("sorter.rules.delivery.POLL_S", 0.2)
+    monkeypatch.setattr("sorter.rules.forward.BACKOFF_S", 0.2)
+    port = free_port()
+    rules = _rules(tmp_path, port, 'modality = "CT"')
+    drop, out = tmp_path / "drop", tmp_path / "received"
+    drop.mkdir()
+    open_database(sqlite_url)[0].dispose()  # the schema exists before the polling starts
+    settings = Settings.from_env(
+        {},
+        database_url=sqlite_url,
+        model=tiny_model,
+        workers=1,
+        batch_size=2,
+        settle=0.3,
+        rescan=0.3,
+        rules=rules,
+    )
+    stop = threading.Event()
+    watcher = threading.Thread(target=serve, args=(settings, drop, stop), daemon=True)
+    watcher.start()
+    process = None
+    try:
+        for i in range(3):
+            copy_dicom(pydicom_file("CT_small.dcm"), drop / f"ct{i}.dcm")
+        wait_for(
+            lambda: scalar(sqlite_url, "SELECT count(*) FROM rule_actions WHERE status = 'failed'") == 3,
+            what="three failed forwards",
+        )
+        process = _storescp(port, out, tmp_path / "storescp.log")
+        wait_for(lambda: out.exists() and len(list(out.iterdir())) == 3, what="three instances received")
+    finally:
+        stop.set()
+        watcher.join(30)
+        if process is not None:
+            stop_process_group(process)
+    assert not watcher.is_alive()
+    assert len(set(_received(out))) == 3 and len(list(out.iterdir())) == 3
+    assert query(sqlite_url, "SELECT DISTINCT status FROM rule_actions") == [("done",)]

@@ -70,9 +70,17 @@ def _rules(tmp_path: Path, url: str, quiet_s: float) -> Path:
 def test_one_call_per_complete_series_retried_after_a_refusal(db_url, tiny_model, tmp_path, receiver):
     drop = tmp_path / "drop"
     small_archive(drop)  # a CT series of 3, an MR series of 3, one colour image: 3 series
+    # Queued while the series are "arriving" (a long quiet time), sent once they are complete.
+    scan(
+        db_url,
+        tiny_model,
+        drop,
+        tmp=tmp_path,
+        extra=("--apply-rules", str(_rules(tmp_path, receiver.url, 3600))),
+    )
+    assert receiver.refused == 0 and receiver.received == []
     rules = _rules(tmp_path, receiver.url, 0)
-
-    scan(db_url, tiny_model, drop, tmp=tmp_path, extra=("--apply-rules", str(rules)))
+    sorter("rules", "apply", str(rules), url=db_url, expect=3)
     assert receiver.refused == 1 and len(receiver.received) == 2
     refused = query(db_url, "SELECT DISTINCT error, attempts FROM rule_actions WHERE status = 'failed'")
     assert refused == [("webhook_refused", 1)]

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from db_support import copy_dicom, pydicom_file, query, scalar, tree_rules
 from prometheus_client import CollectorRegistry
-from support import stop_process_group
+from support import stop_process_group, wait_for
 
 from sorter.cli import main
 from sorter.commands.watch import serve
@@ -29,17 +29,6 @@ from sorter.watch import After, move_without_overwrite
 pytest_plugins = ["db_fixtures"]
 
 TIMEOUT_S = 20.0
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = TIMEOUT_S, what: str = "condition") -> Any:
-    """Poll ``condition`` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def state(url: str, path: Path) -> tuple[str, str | None, str] | None:

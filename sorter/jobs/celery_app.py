@@ -39,7 +39,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from queue import Empty
 from typing import TYPE_CHECKING, Any
@@ -63,9 +62,9 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
     from sqlalchemy.orm import Session, sessionmaker
 
-    from sorter.domain import Outcome
     from sorter.metrics import BatchObserver, Metrics
     from sorter.model.classifier import Classifier
+    from sorter.rules.engine import RulesHook
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +88,9 @@ class WorkerState:
     #: This process's metrics, when the worker serves them (``--metrics-port``).
     metrics: Metrics | None = None
     observe: BatchObserver | None = None
-    #: ``SORTER_RULES`` applied after each committed batch (:func:`sorter.rules.engine.batch_hook`).
-    rules: Callable[[list[Outcome]], None] | None = None
+    #: ``SORTER_RULES`` applied after each committed batch (:func:`sorter.rules.engine.batch_hook`);
+    #: its sender threads are daemons that end with the process.
+    rules: RulesHook | None = None
 
 
 class WorkerContext:

@@ -138,6 +138,8 @@ def open_local_executor(
         with executor:
             yield executor
     finally:
+        if rules is not None:
+            rules.close()
         runtime = f"{classifier.runner.name} on {classifier.device}"
         summary.add_stages(executor.stage_seconds, executor.images_here, runtime)
 

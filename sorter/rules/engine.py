@@ -175,11 +175,13 @@ def apply_rules(
     under: Iterable[str] = (),
     ids: Iterable[int] | None = None,
     retry_now: bool = False,
+    deliver: bool = True,
 ) -> RulesReport:
     """Act on every classified instance (under ``under``, or among ``ids``) that a rule matches
     and that rule has not already acted on: file now, queue forwards, then send the forwards that
-    are due. Failed actions are tried again (forwards after their backoff, unless ``retry_now``,
-    which also gives dead-lettered forwards one more try)."""
+    are due (unless ``deliver`` is false: a :class:`~sorter.rules.delivery.Deliverer` sends them).
+    Failed actions are tried again (forwards after their backoff, unless ``retry_now``, which also
+    gives dead-lettered forwards one more try)."""
     report = RulesReport()
     with sessions() as session:
         chunks: Iterable[list[int]]
@@ -191,7 +193,8 @@ def apply_rules(
         for chunk in chunks:
             _act_on(session, rules, chunk, report)
             session.commit()
-        _deliver(session, rules, report, retry_now)
+        if deliver:
+            _deliver(session, rules, report, retry_now)
     return report
 
 
@@ -260,21 +263,31 @@ def _queue(session: Session, instance_id: int, rule: str, action: ForwardAction 
 def _deliver(session: Session, rules: RuleSet, report: RulesReport, retry_now: bool) -> None:
     """Send every due forward of ``rules`` (one association per destination, in series order) and
     every due notification of a complete series."""
-    now = datetime.now(UTC)
     for rule in rules.rules:
         for action in rule.actions:
-            if isinstance(action, NotifyAction):
-                _notify(session, rule.name, action, now, report, retry_now)
-                continue
-            if not isinstance(action, ForwardAction):
-                continue
-            last = 0  # an id cursor: each item is tried at most once per run
-            while candidates := _candidates(session, rule.name, "forward", now, retry_now, last):
-                last = candidates[-1][0]
-                items = _claim(session, [row_id for row_id, _ in candidates], now, retry_now)
-                for sent in send(action, items):
-                    _settle(session, rule.name, sent, now, report)
-                session.commit()
+            if isinstance(action, ForwardAction | NotifyAction):
+                deliver_action(session, rule.name, action, report, retry_now)
+
+
+def deliver_action(
+    session: Session,
+    rule: str,
+    action: ForwardAction | NotifyAction,
+    report: RulesReport,
+    retry_now: bool = False,
+) -> None:
+    """Send what is due of one rule's forward or notify action (claimed first: see :func:`_claim`)."""
+    now = datetime.now(UTC)
+    if isinstance(action, NotifyAction):
+        _notify(session, rule, action, now, report, retry_now)
+        return
+    last = 0  # an id cursor: each item is tried at most once per run
+    while candidates := _candidates(session, rule, "forward", now, retry_now, last):
+        last = candidates[-1][0]
+        items = _claim(session, [row_id for row_id, _ in candidates], now, retry_now)
+        for sent in send(action, items):
+            _settle(session, rule, sent, now, report)
+        session.commit()
 
 
 def _claimable(session: Session, now: datetime, retry_now: bool) -> sa.ColumnElement[bool]:
@@ -412,35 +425,56 @@ def _settle(
     )
 
 
-def batch_hook(
-    settings: Settings,
-    sessions: sessionmaker[Session],
-    on_report: Callable[[RulesReport], None] | None = None,
-) -> Callable[[list[Outcome]], None] | None:
-    """The rules of ``settings.rules`` as a callback for each committed batch, or ``None``;
-    ``on_report`` sees what each application did (metrics).
+class RulesHook:
+    """``settings.rules`` after each committed batch: files at once, queues forwards and
+    notifications, and wakes the :class:`~sorter.rules.delivery.Deliverer` whose threads send
+    them (one per destination), so that classification never waits for a destination and
+    retries go out while nothing arrives. ``close`` stops the threads."""
 
-    Raises :class:`~sorter.rules.spec.RulesError` at once for a bad file, so that a service
-    refuses to start rather than run without its rules. Series and study conditions see what has
-    arrived so far; ``sorter rules apply`` (from cron) catches up on series that matched later and
-    retries forwards that fell due while no batch came.
-    """
-    if settings.rules is None:
-        return None
-    rules = load_rules(settings.rules)
+    def __init__(
+        self, sessions: sessionmaker[Session], rules: RuleSet, on_report: Callable[[RulesReport], None] | None
+    ) -> None:
+        from sorter.rules.delivery import Deliverer
 
-    def apply_to(outcomes: list[Outcome]) -> None:
+        self.sessions, self.rules, self.on_report = sessions, rules, on_report
+        self.deliverer = Deliverer(sessions, rules, on_report=self._reported)
+        self.deliverer.start()
+
+    def _reported(self, report: RulesReport) -> None:
+        if sum(report.failed.values()) + sum(report.dead.values()):
+            log.warning("%s", report.line())
+        if self.on_report is not None:
+            self.on_report(report)
+
+    def __call__(self, outcomes: list[Outcome]) -> None:
         ids = [o.instance_id for o in outcomes if o.status == Status.DONE]
         if not ids:
             return
         try:
-            report = apply_rules(sessions, rules, ids=ids)
+            report = apply_rules(self.sessions, self.rules, ids=ids, deliver=False)
         except Exception:  # the batch is committed; the next batch or `rules apply` tries again
-            log.exception("rules %s could not be applied to %d instances", rules.path, len(ids))
+            log.exception("rules %s could not be applied to %d instances", self.rules.path, len(ids))
             return
-        if sum(report.failed.values()) + sum(report.dead.values()):
-            log.warning("%s", report.line())
-        if on_report is not None:
-            on_report(report)
+        self._reported(report)
+        self.deliverer.wake()
 
-    return apply_to
+    def close(self) -> None:
+        """Stop the sender threads (what they hold is released by its lease, or sent next time)."""
+        self.deliverer.stop()
+
+
+def batch_hook(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    on_report: Callable[[RulesReport], None] | None = None,
+) -> RulesHook | None:
+    """A :class:`RulesHook` for ``settings.rules``, or ``None``; ``on_report`` sees what each
+    application and each delivery did (metrics).
+
+    Raises :class:`~sorter.rules.spec.RulesError` at once for a bad file, so that a service
+    refuses to start rather than run without its rules. Series and study conditions see what has
+    arrived so far; ``sorter rules apply`` (from cron) catches up on series that matched later.
+    """
+    if settings.rules is None:
+        return None
+    return RulesHook(sessions, load_rules(settings.rules), on_report)
