@@ -193,10 +193,10 @@ def test_senders_never_take_each_others_claims(db_url, tiny_model, tmp_path):
 
 
 def test_a_service_sends_and_retries_in_the_background(sqlite_url, tiny_model, tmp_path, monkeypatch):
-    """`sorter watch --apply-rules` with a destination that is down, then up: its sender thread
-    retries on its own (no `rules apply`), and each instance arrives once."""
-    monkeypatch.setattr("sorter.rules.delivery.POLL_S", 0.2)
-    monkeypatch.setattr("sorter.rules.forward.BACKOFF_S", 0.2)
+    """`sorter watch --apply-rules` with a destination that is down, then up: its sender process
+    retries on its own after the first backoff (15 s; no `rules apply`), and each instance
+    arrives once."""
+    monkeypatch.setattr("sorter.rules.delivery.POLL_S", 0.5)
     port = free_port()
     rules = _rules(tmp_path, port, 'modality = "CT"')
     drop, out = tmp_path / "drop", tmp_path / "received"
@@ -224,7 +224,7 @@ def test_a_service_sends_and_retries_in_the_background(sqlite_url, tiny_model, t
             what="three failed forwards",
         )
         process = _storescp(port, out, tmp_path / "storescp.log")
-        wait_for(lambda: out.exists() and len(list(out.iterdir())) == 3, what="three instances received")
+        wait_for(lambda: out.exists() and len(list(out.iterdir())) == 3, timeout=60, what="three received")
     finally:
         stop.set()
         watcher.join(30)

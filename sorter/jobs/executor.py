@@ -115,7 +115,7 @@ def open_local_executor(
         model_id = register_model(session, classifier)
         session.commit()
 
-    rules = batch_hook(settings, sessions, kw.pop("on_rules", None))
+    rules = batch_hook(settings, sessions, kw.pop("on_rules", None), own_process=True)
 
     def on_batch(outcomes: list[Outcome]) -> None:
         summary.add_outcomes(outcomes)

@@ -286,7 +286,7 @@ def deliver_action(
         last = candidates[-1][0]
         items = _claim(session, [row_id for row_id, _ in candidates], now, retry_now)
         for sent in send(action, items):
-            _settle(session, rule, sent, now, report)
+            _settle(session, rule, sent, report)
         session.commit()
 
 
@@ -370,7 +370,7 @@ def _notify(
             continue  # another sender has them
         error, detail = post(action.url, payload(rule, summary))
         for item in items:
-            _settle(session, rule, Sent(item, error, detail), now, report, what="notify about")
+            _settle(session, rule, Sent(item, error, detail), report, what="notify about")
         session.commit()
 
 
@@ -393,9 +393,9 @@ def _complete_series(session: Session, series: str | None, quiet_since: datetime
     return dict(row) if row is not None else None
 
 
-def _settle(
-    session: Session, rule: str, sent: Sent, now: datetime, report: RulesReport, what: str = "forward"
-) -> None:
+def _settle(session: Session, rule: str, sent: Sent, report: RulesReport, what: str = "forward") -> None:
+    """Record what became of one claimed item, at the time it did (the ledger's ``updated_at``)."""
+    now = datetime.now(UTC)
     attempts = sent.item.attempts + 1
     if sent.error is None:
         values: dict[str, Any] = {"status": "done", "error": None, "detail": None, "next_attempt_at": None}
@@ -429,15 +429,29 @@ class RulesHook:
     """``settings.rules`` after each committed batch: files at once, queues forwards and
     notifications, and wakes the :class:`~sorter.rules.delivery.Deliverer` whose threads send
     them (one per destination), so that classification never waits for a destination and
-    retries go out while nothing arrives. ``close`` stops the threads."""
+    retries go out while nothing arrives. With ``database_url`` (listen, watch, scan) the
+    senders run in a process of their own (:class:`~sorter.rules.delivery.DeliveryProcess`);
+    a Celery pool process keeps them as threads. ``close`` stops them."""
 
     def __init__(
-        self, sessions: sessionmaker[Session], rules: RuleSet, on_report: Callable[[RulesReport], None] | None
+        self,
+        sessions: sessionmaker[Session],
+        rules: RuleSet,
+        on_report: Callable[[RulesReport], None] | None,
+        database_url: str | None = None,
     ) -> None:
-        from sorter.rules.delivery import Deliverer
+        from sorter.rules.delivery import Deliverer, DeliveryProcess
 
         self.sessions, self.rules, self.on_report = sessions, rules, on_report
-        self.deliverer = Deliverer(sessions, rules, on_report=self._reported)
+        self.deliverer: Deliverer | DeliveryProcess
+        if database_url is not None and any(
+            isinstance(action, ForwardAction | NotifyAction)
+            for rule in rules.rules
+            for action in rule.actions
+        ):
+            self.deliverer = DeliveryProcess(database_url, rules.path, on_report=self._reported)
+        else:
+            self.deliverer = Deliverer(sessions, rules, on_report=self._reported)
         self.deliverer.start()
 
     def _reported(self, report: RulesReport) -> None:
@@ -467,9 +481,11 @@ def batch_hook(
     settings: Settings,
     sessions: sessionmaker[Session],
     on_report: Callable[[RulesReport], None] | None = None,
+    own_process: bool = False,
 ) -> RulesHook | None:
     """A :class:`RulesHook` for ``settings.rules``, or ``None``; ``on_report`` sees what each
-    application and each delivery did (metrics).
+    application and each delivery did (metrics); ``own_process``: the senders run in a process
+    of their own (see :class:`RulesHook`).
 
     Raises :class:`~sorter.rules.spec.RulesError` at once for a bad file, so that a service
     refuses to start rather than run without its rules. Series and study conditions see what has
@@ -477,4 +493,5 @@ def batch_hook(
     """
     if settings.rules is None:
         return None
-    return RulesHook(sessions, load_rules(settings.rules), on_report)
+    rules = load_rules(settings.rules)
+    return RulesHook(sessions, rules, on_report, settings.database_url if own_process else None)

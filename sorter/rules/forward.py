@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import ssl
 from collections import defaultdict
@@ -23,7 +24,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, _config
 
 from sorter.errors import describe
 from sorter.listener import QuickAckSSLSocket, ack_now
@@ -189,26 +190,45 @@ def _no_delay(assoc: Any) -> None:
         raw.__class__ = QuickAckSSLSocket
 
 
+def _send_file(assoc: Any, path: str) -> Any:
+    """C-STORE the file at ``path`` as it is stored. pynetdicom reads this switch at send time;
+    it only concerns sends given a path, which only this module makes."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    return assoc.send_c_store(path)
+
+
 def _store(assoc: Any, action: ForwardAction, item: Item) -> Sent:
+    if not os.path.exists(item.path):
+        return Sent(item, "source_missing", f"{item.path} is gone")
     try:
-        dataset = dcmread(item.path)
-    except FileNotFoundError as exc:
-        return Sent(item, "source_missing", describe(exc))
-    except Exception as exc:  # the file changed since it was classified
-        return Sent(item, "unreadable", describe(exc))
-    try:
-        status = assoc.send_c_store(dataset)
-    except (ValueError, RuntimeError) as exc:  # no accepted context for its class or syntax
-        if not dataset.file_meta.TransferSyntaxUID.is_compressed:
-            return Sent(item, "no_presentation_context", describe(exc))
-        # The destination does not take its compression (Orthanc refuses RLE by default):
-        # decompressed to Explicit VR Little Endian, which every storage SCP accepts, losing
-        # nothing the stored file holds.
+        # The file's own bytes, in chunks, never decoded (pynetdicom's chunked send): its
+        # transfer syntax as stored, and no CPU spent re-encoding it (measured: 12 ms of 2 cores
+        # per CT slice, which slowed a `sorter listen` beside it).
+        status = _send_file(assoc, item.path)
+    except Exception:
+        status = None  # no exactly matching context, or a file without file meta: decoded below
+    if status is None:
         try:
-            dataset.decompress(generate_instance_uid=False)  # the same instance, re-encoded
+            dataset = dcmread(item.path)
+        except FileNotFoundError as exc:
+            return Sent(item, "source_missing", describe(exc))
+        except Exception as exc:  # the file changed since it was classified
+            return Sent(item, "unreadable", describe(exc))
+        try:
             status = assoc.send_c_store(dataset)
-        except Exception as again:
-            return Sent(item, "no_presentation_context", f"{describe(exc)}; decompressed: {describe(again)}")
+        except (ValueError, RuntimeError) as exc:  # no accepted context for its class or syntax
+            if not dataset.file_meta.TransferSyntaxUID.is_compressed:
+                return Sent(item, "no_presentation_context", describe(exc))
+            # The destination does not take its compression (Orthanc refuses RLE by default):
+            # decompressed to Explicit VR Little Endian, which every storage SCP accepts, losing
+            # nothing the stored file holds.
+            try:
+                dataset.decompress(generate_instance_uid=False)  # the same instance, re-encoded
+                status = assoc.send_c_store(dataset)
+            except Exception as again:
+                return Sent(
+                    item, "no_presentation_context", f"{describe(exc)}; decompressed: {describe(again)}"
+                )
     code = int(getattr(status, "Status", -1)) if status else -1
     if code in STORED:
         return Sent(item)

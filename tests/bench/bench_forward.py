@@ -7,8 +7,8 @@ Run: .venv/bin/python tests/bench/bench_forward.py [--files 400] [--listener-fil
 1. Throughput. ``--files`` copies of pydicom's CT_small.dcm (fresh UIDs, series of 20) are
    scanned into a fresh SQLite database (bundled model, no rules). Then, for D in 1 and 4, D
    storescp processes are started and a rules file with D rules (mode all) forwards every
-   instance to each: the forwards are queued and a service's senders (one thread per
-   destination, :class:`sorter.rules.delivery.Deliverer`) are timed until all are done:
+   instance to each: the forwards are queued and a service's sender process (one thread per
+   destination, :class:`sorter.rules.delivery.DeliveryProcess`) is timed until all are done:
    C-STOREs/s = files x D / seconds. Each destination's folder is counted: every instance must
    arrive exactly once.
 2. The listener. ``tests/bench/bench_listener.py --files N --concurrency C`` runs twice in one
@@ -43,7 +43,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from sorter.db.session import open_database
-from sorter.rules.delivery import Deliverer
+from sorter.rules.delivery import DeliveryProcess
 from sorter.rules.engine import apply_rules
 from sorter.rules.spec import load_rules
 
@@ -108,19 +108,24 @@ def throughput(work: Path, files: int) -> list[dict[str, Any]]:
     rows = []
     try:
         for destinations in (1, 4):
-            ports = [_free_port() for _ in range(destinations)]
+            ports: list[int] = []
+            while len(ports) < destinations:  # the OS may hand out a port just released again
+                if (port := _free_port()) not in ports:
+                    ports.append(port)
             outs = [work / f"received-{destinations}-{i}" for i in range(destinations)]
             processes = [
                 _storescp(p, o, work / f"storescp-{p}.log") for p, o in zip(ports, outs, strict=True)
             ]
-            rules = load_rules(_rules(work / f"forward-{destinations}.toml", ports))
+            rules_path = _rules(work / f"forward-{destinations}.toml", ports)
+            rules = load_rules(rules_path)
             with engine.begin() as connection:  # the previous round's ledger: forward everything again
                 connection.exec_driver_sql("DELETE FROM rule_actions")
             try:
                 started = time.perf_counter()
                 apply_rules(sessions, rules, deliver=False)  # queue, as a service's batch hook does
                 sent: list[Any] = []
-                deliverer = Deliverer(sessions, rules, on_report=sent.append)  # a thread per destination
+                # What listen, watch and scan run: a sender process, a thread per destination in it.
+                deliverer = DeliveryProcess(url, rules_path, on_report=sent.append)
                 deliverer.start()
                 deliverer.wake()
                 while sum(sum(r.done.values()) for r in sent) < files * destinations:
