@@ -20,7 +20,7 @@ from typing import Any
 import pydicom
 import pytest
 import sqlalchemy as sa
-from db_support import query, scan, small_archive
+from db_support import query, scan, small_archive, sorter
 from pydicom.uid import generate_uid
 from support import data_file, free_port, listen_env
 
@@ -281,3 +281,44 @@ def test_orthanc_as_a_forward_destination_receives_each_instance_once(tmp_path, 
     assert uids == expected and len(expected) == 7
     assert stored["CountInstances"] == 7
     assert query(sqlite_url, "SELECT DISTINCT status, attempts FROM rule_actions") == [("done", 1)]
+
+
+def test_the_series_verdict_is_written_back_into_orthanc(tmp_path, sqlite_url, tiny_model):
+    """`[rule.orthanc]`: once a series is complete its verdict is Orthanc metadata of the series,
+    found by its UID (no patient identifier travels)."""
+    config = _orthanc_config(tmp_path, free_port(), free_port()) | {"UserMetadata": {"SorterVerdict": 1024}}
+    rules = tmp_path / "orthanc.toml"
+    rules.write_text(
+        f'mode = "all"\n[[rule]]\nname = "store"\n[rule.forward]\n'
+        f'ae_title = "{ORTHANC_AE}"\nhost = "127.0.0.1"\nport = {config["DicomPort"]}\n'
+        f'[[rule]]\nname = "verdict"\n'
+        f'[rule.orthanc]\nurl = "http://127.0.0.1:{config["HttpPort"]}"\nquiet_s = 0\n'
+    )
+    drop = tmp_path / "drop"
+    small_archive(drop)
+    with _running_orthanc(tmp_path, config) as base:
+        scan(sqlite_url, tiny_model, drop, tmp=tmp_path, extra=("--apply-rules", str(rules)))
+        # A verdict tried before its series had reached Orthanc waits for its backoff: at once now.
+        sorter("rules", "apply", "--retry-now", str(rules), url=sqlite_url)
+        written = {}
+        for series_id in _http(base, "GET", "/series"):
+            uid = _http(base, "GET", f"/series/{series_id}")["MainDicomTags"]["SeriesInstanceUID"]
+            written[uid] = _http_text(base, f"/series/{series_id}/metadata/SorterVerdict")
+    series = dict(
+        query(
+            sqlite_url,
+            "SELECT series_instance_uid, verdict FROM series_summary",
+        )
+    )
+    assert set(written) == set(series) and len(series) == 3
+    for uid, text in written.items():
+        assert text.startswith(f"{series[uid]}: header ") and "instances disagree" in text
+    assert query(sqlite_url, "SELECT DISTINCT rule, status FROM rule_actions ORDER BY rule") == [
+        ("store", "done"),
+        ("verdict", "done"),
+    ]
+
+
+def _http_text(base: str, path: str) -> str:
+    with urllib.request.urlopen(base + path, timeout=30) as response:
+        return response.read().decode()

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from sorter.rules.forward import ForwardAction
-from sorter.rules.notify import NotifyAction
+from sorter.rules.notify import NotifyAction, OrthancAction, SeriesAction
 from sorter.rules.spec import RuleSet
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class Deliverer:
             (rule.name, action)
             for rule in rules.rules
             for action in rule.actions
-            if isinstance(action, ForwardAction | NotifyAction)
+            if isinstance(action, ForwardAction | NotifyAction | OrthancAction)
         ]
         self._stop = threading.Event()
         self._wakes = [threading.Event() for _ in self.actions]
@@ -73,7 +73,7 @@ class Deliverer:
         for thread in self._threads:
             thread.join(timeout)
 
-    def _run(self, rule: str, action: ForwardAction | NotifyAction, wake: threading.Event) -> None:
+    def _run(self, rule: str, action: ForwardAction | SeriesAction, wake: threading.Event) -> None:
         from sorter.rules.engine import RulesReport, deliver_action
 
         while not self._stop.is_set():

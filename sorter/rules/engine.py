@@ -28,7 +28,7 @@ from sorter.domain import Status
 from sorter.fspath import decode_path
 from sorter.rules.filing import file_instance
 from sorter.rules.forward import MAX_ATTEMPTS, ForwardAction, Item, Sent, next_try, send
-from sorter.rules.notify import NotifyAction, payload, post
+from sorter.rules.notify import NotifyAction, OrthancAction, SeriesAction
 from sorter.rules.spec import PATTERN_FIELDS, RANGE_FIELDS, FileAction, Rule, RuleSet, load_rules
 
 if TYPE_CHECKING:
@@ -215,7 +215,7 @@ def _act_on(session: Session, rules: RuleSet, chunk: list[int], report: RulesRep
                 status = seen.get((instance_id, rule.name, action.kind))
                 if status == "done":
                     report.already[rule.name] += 1
-                elif isinstance(action, ForwardAction | NotifyAction):
+                elif isinstance(action, ForwardAction | NotifyAction | OrthancAction):
                     if status is None:  # queued; _deliver sends it
                         _queue(session, instance_id, rule.name, action)
                 else:
@@ -247,7 +247,7 @@ def _file(
         )
 
 
-def _queue(session: Session, instance_id: int, rule: str, action: ForwardAction | NotifyAction) -> None:
+def _queue(session: Session, instance_id: int, rule: str, action: ForwardAction | SeriesAction) -> None:
     statement = insert_for(session, rule_actions).values(
         instance_id=instance_id,
         rule=rule,
@@ -265,20 +265,20 @@ def _deliver(session: Session, rules: RuleSet, report: RulesReport, retry_now: b
     every due notification of a complete series."""
     for rule in rules.rules:
         for action in rule.actions:
-            if isinstance(action, ForwardAction | NotifyAction):
+            if isinstance(action, ForwardAction | NotifyAction | OrthancAction):
                 deliver_action(session, rule.name, action, report, retry_now)
 
 
 def deliver_action(
     session: Session,
     rule: str,
-    action: ForwardAction | NotifyAction,
+    action: ForwardAction | SeriesAction,
     report: RulesReport,
     retry_now: bool = False,
 ) -> None:
     """Send what is due of one rule's forward or notify action (claimed first: see :func:`_claim`)."""
     now = datetime.now(UTC)
-    if isinstance(action, NotifyAction):
+    if isinstance(action, NotifyAction | OrthancAction):
         _notify(session, rule, action, now, report, retry_now)
         return
     last = 0  # an id cursor: each item is tried at most once per run
@@ -352,12 +352,12 @@ def _claim(session: Session, ids: Sequence[int], now: datetime, retry_now: bool)
 
 
 def _notify(
-    session: Session, rule: str, action: NotifyAction, now: datetime, report: RulesReport, retry_now: bool
+    session: Session, rule: str, action: SeriesAction, now: datetime, report: RulesReport, retry_now: bool
 ) -> None:
-    """POST each complete series with due queued instances once, and settle all of them."""
+    """Deliver each complete series with due queued instances once, and settle all of them."""
     by_series: dict[str | None, list[int]] = defaultdict(list)
     last = 0
-    while candidates := _candidates(session, rule, "notify", now, retry_now, last):
+    while candidates := _candidates(session, rule, action.kind, now, retry_now, last):
         for row_id, series in candidates:
             by_series[series].append(row_id)
         last = candidates[-1][0]
@@ -368,7 +368,7 @@ def _notify(
         items = _claim(session, ids, now, retry_now)
         if not items:
             continue  # another sender has them
-        error, detail = post(action.url, payload(rule, summary))
+        error, detail = action.deliver(rule, summary)
         for item in items:
             _settle(session, rule, Sent(item, error, detail), report, what="notify about")
         session.commit()
@@ -445,7 +445,7 @@ class RulesHook:
         self.sessions, self.rules, self.on_report = sessions, rules, on_report
         self.deliverer: Deliverer | DeliveryProcess
         if database_url is not None and any(
-            isinstance(action, ForwardAction | NotifyAction)
+            isinstance(action, ForwardAction | NotifyAction | OrthancAction)
             for rule in rules.rules
             for action in rule.actions
         ):

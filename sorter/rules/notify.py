@@ -1,4 +1,5 @@
-"""The ``notify`` action: one webhook call per series, once the series is complete.
+"""Series actions: ``notify`` (one webhook call per series) and ``orthanc`` (the series' verdict
+written into Orthanc's metadata), each once the series is complete.
 
 A rule that matches an instance queues it (``rule_actions`` ``pending``). The series is complete
 when no instance of it has arrived for ``quiet_s`` seconds and none is still waiting to be
@@ -10,8 +11,10 @@ patient: the same rule as the logs.
 
 from __future__ import annotations
 
+import base64
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -58,6 +61,10 @@ class NotifyAction:
         """Where the notification goes (the same for every instance)."""
         return self.url
 
+    def deliver(self, rule: str, series: dict[str, Any]) -> tuple[str | None, str | None]:
+        """POST the series' summary; ``(None, None)`` on a 2xx answer."""
+        return post(self.url, payload(rule, series))
+
 
 def payload(rule: str, series: dict[str, Any]) -> dict[str, Any]:
     """The JSON body for one series (a ``series_summary`` row)."""
@@ -85,3 +92,75 @@ def post(url: str, body: dict[str, Any], timeout_s: float = TIMEOUT_S) -> tuple[
         return "webhook_refused", f"{url} answered HTTP {exc.code}"
     except (urllib.error.URLError, OSError) as exc:
         return "webhook_unreachable", f"{url}: {describe(exc)}"
+
+
+def _request(url: str, method: str, body: bytes, timeout_s: float = TIMEOUT_S) -> bytes:
+    """One HTTP request; credentials in the URL (``http://user:pass@host``) become Basic auth."""
+    parts = urllib.parse.urlsplit(url)
+    headers = {"User-Agent": f"dicom-sorter/{__version__}"}
+    if parts.username:
+        token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+        netloc = parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else ""
+        url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    request = urllib.request.Request(url, data=body, headers=headers, method=method)
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        return bytes(response.read())
+
+
+def verdict_text(series: dict[str, Any]) -> str:
+    """What the write-back stores: the series' verdict in one line, no patient data."""
+    confidence = series.get("confidence")
+    shown = f" {float(confidence):.2f}" if confidence is not None else ""
+    return (
+        f"{series.get('verdict')}: header {series.get('header_label') or '-'}, "
+        f"pixels {series.get('label') or '-'}{shown}, "
+        f"{series.get('n_disagree') or 0} of {series.get('n_instances') or 0} instances disagree"
+    )
+
+
+@dataclass(frozen=True)
+class OrthancAction:
+    """Write the series' verdict into Orthanc's metadata ``metadata`` of the series, once the
+    series is complete. Orthanc finds the series by its UID (``/tools/lookup``); the metadata
+    must be declared in its ``UserMetadata`` (a number from 1024)."""
+
+    url: str
+    metadata: str = "SorterVerdict"
+    quiet_s: float = 60.0
+    kind: str = "orthanc"
+    how: str = "metadata"
+
+    @property
+    def to(self) -> str:
+        """Where the verdict goes, as messages show it (credentials left out)."""
+        parts = urllib.parse.urlsplit(self.url)
+        host = parts.hostname or ""
+        return (
+            f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path} ({self.metadata})"
+        )
+
+    def target(self, _facts: dict[str, Any]) -> str:
+        """Where the verdict goes (the same for every instance)."""
+        return self.to
+
+    def deliver(self, rule: str, series: dict[str, Any]) -> tuple[str | None, str | None]:
+        """Find the series in Orthanc and write its verdict; ``(None, None)`` when written."""
+        del rule
+        base = self.url.rstrip("/")
+        uid = str(series.get("series_instance_uid") or "")
+        try:
+            found = json.loads(_request(f"{base}/tools/lookup", "POST", uid.encode()))
+            ids = [item["ID"] for item in found if item.get("Type") == "Series"]
+            if not ids:  # not stored there yet, perhaps: tried again later
+                return "not_in_orthanc", f"{self.to} has no series {uid}"
+            _request(f"{base}/series/{ids[0]}/metadata/{self.metadata}", "PUT", verdict_text(series).encode())
+        except urllib.error.HTTPError as exc:
+            return "orthanc_refused", f"{self.to} answered HTTP {exc.code}"
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            return "orthanc_unreachable", f"{self.to}: {describe(exc)}"
+        return None, None
+
+
+#: Actions that act once per complete series.
+SeriesAction = NotifyAction | OrthancAction

@@ -19,6 +19,9 @@
     [rule.notify]                   # one webhook call per complete series (sorter.rules.notify)
     url = "$SORTER_NOTIFY_URL"
     quiet_s = 60
+    [rule.orthanc]                  # the series' verdict into Orthanc's metadata, once complete
+    url = "http://orthanc:8042"
+    metadata = "SorterVerdict"      # declared in Orthanc's UserMetadata
 
 TOML because Python reads it without a dependency (:mod:`tomllib`) and its syntax errors carry
 a line; the checks here find the line of every other mistake themselves (tomllib keeps none).
@@ -39,7 +42,7 @@ from typing import Any
 from sorter.domain import Label, Verdict
 from sorter.errors import SorterError
 from sorter.rules.forward import ForwardAction
-from sorter.rules.notify import NotifyAction
+from sorter.rules.notify import NotifyAction, OrthancAction
 
 #: Conditions on one value each; a string or a list of strings (any of them). Labels and verdicts
 #: are checked against their names; the others are shell-style patterns (``"CT_*"``).
@@ -72,7 +75,7 @@ TEMPLATE_FIELDS = {
     "SOPClassUID",
 }
 FILE_MODES = ("copy", "link", "move")
-ACTIONS = ("file", "forward", "notify")
+ACTIONS = ("file", "forward", "notify", "orthanc")
 RULE_KEYS = ("name", "match", *ACTIONS)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -101,7 +104,7 @@ class FileAction:
         return Path(self.to.format(**values))
 
 
-Action = FileAction | ForwardAction | NotifyAction
+Action = FileAction | ForwardAction | NotifyAction | OrthancAction
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,7 @@ def _check_rule(
         ("file", _check_file),
         ("forward", _check_forward),
         ("notify", _check_notify),
+        ("orthanc", _check_orthanc),
     )
     for kind, checker in checkers:
         if kind in raw:
@@ -381,16 +385,46 @@ def _check_notify(raw: Any, bad: Callable[[str, str], None]) -> NotifyAction | N
         if key not in ("url", "quiet_s"):
             ok = False
             bad(key, f"unknown key {key!r} in [rule.notify]; it has url and quiet_s")
-    quiet = raw.get("quiet_s", 60)
-    if isinstance(quiet, bool) or not isinstance(quiet, int | float) or not 0 <= quiet <= 86400:
-        ok = False
-        bad("quiet_s", "quiet_s must be seconds from 0 to 86400 (a series is complete once quiet that long)")
+    url, quiet = _check_url(raw, bad, "notify"), _check_quiet(raw, bad)
+    if not ok or url is None or quiet is None:
+        return None
+    return NotifyAction(url, quiet)
+
+
+def _check_url(raw: dict[str, Any], bad: Callable[[str, str], None], table: str) -> str | None:
     url = os.path.expandvars(str(raw.get("url", ""))).strip()
     unset = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", url)
     if unset:
-        ok = False
         bad("url", f"environment variable {unset[0]} is not set (it is used in url)")
-    elif not re.match(r"^https?://[^/\s]+", url):
+        return None
+    if not re.match(r"^https?://[^/\s]+", url):
+        bad("url" if "url" in raw else table, f"[rule.{table}] needs url, an http:// or https:// address")
+        return None
+    return url
+
+
+def _check_quiet(raw: dict[str, Any], bad: Callable[[str, str], None]) -> float | None:
+    quiet = raw.get("quiet_s", 60)
+    if isinstance(quiet, bool) or not isinstance(quiet, int | float) or not 0 <= quiet <= 86400:
+        bad("quiet_s", "quiet_s must be seconds from 0 to 86400 (a series is complete once quiet that long)")
+        return None
+    return float(quiet)
+
+
+def _check_orthanc(raw: Any, bad: Callable[[str, str], None]) -> OrthancAction | None:
+    if not isinstance(raw, dict):
+        bad("orthanc", "[rule.orthanc] must be a table with url, metadata and quiet_s")
+        return None
+    ok = True
+    for key in raw:
+        if key not in ("url", "metadata", "quiet_s"):
+            ok = False
+            bad(key, f"unknown key {key!r} in [rule.orthanc]; it has url, metadata and quiet_s")
+    metadata = raw.get("metadata", "SorterVerdict")
+    if not isinstance(metadata, str) or not re.match(r"^[A-Za-z][A-Za-z0-9_]{0,63}$", metadata):
         ok = False
-        bad("url" if "url" in raw else "notify", "[rule.notify] needs url, an http:// or https:// address")
-    return NotifyAction(url, float(quiet)) if ok else None
+        bad("metadata", "metadata must be the name of an Orthanc UserMetadata entry (letters, digits, _)")
+    url, quiet = _check_url(raw, bad, "orthanc"), _check_quiet(raw, bad)
+    if not ok or url is None or quiet is None:
+        return None
+    return OrthancAction(url, str(metadata), quiet)
