@@ -256,15 +256,20 @@ def test_the_shipped_autoroute_forwards_and_retries_while_the_listener_is_down(
             _stop(listener)
 
 
+def _forward_rule(name: str, config: dict[str, Any]) -> str:
+    """A rule that forwards every classified instance to the Orthanc of ``config``."""
+    return (
+        f'[[rule]]\nname = "{name}"\n[rule.forward]\n'
+        f'ae_title = "{ORTHANC_AE}"\nhost = "127.0.0.1"\nport = {config["DicomPort"]}\n'
+    )
+
+
 def test_orthanc_as_a_forward_destination_receives_each_instance_once(tmp_path, sqlite_url, tiny_model):
     """`[rule.forward]` to a real Orthanc: every classified instance arrives, in its own transfer
     syntax, and a re-scan with the same rules sends nothing twice."""
     config = _orthanc_config(tmp_path, free_port(), free_port())
     rules = tmp_path / "forward.toml"
-    rules.write_text(
-        f'mode = "all"\n[[rule]]\nname = "to-orthanc"\n[rule.forward]\n'
-        f'ae_title = "{ORTHANC_AE}"\nhost = "127.0.0.1"\nport = {config["DicomPort"]}\n'
-    )
+    rules.write_text('mode = "all"\n' + _forward_rule("to-orthanc", config))
     drop = tmp_path / "drop"
     small_archive(drop)
     with _running_orthanc(tmp_path, config) as base:
@@ -289,10 +294,10 @@ def test_the_series_verdict_is_written_back_into_orthanc(tmp_path, sqlite_url, t
     config = _orthanc_config(tmp_path, free_port(), free_port()) | {"UserMetadata": {"SorterVerdict": 1024}}
     rules = tmp_path / "orthanc.toml"
     rules.write_text(
-        f'mode = "all"\n[[rule]]\nname = "store"\n[rule.forward]\n'
-        f'ae_title = "{ORTHANC_AE}"\nhost = "127.0.0.1"\nport = {config["DicomPort"]}\n'
-        f'[[rule]]\nname = "verdict"\n'
-        f'[rule.orthanc]\nurl = "http://127.0.0.1:{config["HttpPort"]}"\nquiet_s = 0\n'
+        'mode = "all"\n'
+        + _forward_rule("store", config)
+        + '[[rule]]\nname = "verdict"\n[rule.orthanc]\n'
+        + f'url = "http://127.0.0.1:{config["HttpPort"]}"\nquiet_s = 0\n'
     )
     drop = tmp_path / "drop"
     small_archive(drop)

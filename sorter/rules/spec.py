@@ -273,20 +273,42 @@ def _check_condition(key: str, value: Any) -> str | None:
     return None
 
 
-def _check_file(raw: Any, bad: Callable[[str, str], None]) -> FileAction | None:
+class _Problems:
+    """Reports the problems of one action table and counts them."""
+
+    def __init__(self, bad: Callable[[str, str], None]) -> None:
+        self.bad, self.n = bad, 0
+
+    def __call__(self, key: str, message: str) -> None:
+        self.n += 1
+        self.bad(key, message)
+
+
+def _action_table(
+    raw: Any, bad: Callable[[str, str], None], table: str, keys: tuple[str, ...]
+) -> _Problems | None:
+    """A :class:`_Problems` for ``[rule.TABLE]`` with its unknown keys reported, or ``None`` (and
+    the problem reported) when it is not a table."""
     if not isinstance(raw, dict):
-        bad("file", "[rule.file] must be a table with `to` and `how`")
+        bad(table, f"[rule.{table}] must be a table with {', '.join(keys)}")
         return None
-    problems = 0
-
-    def fail(key: str, message: str) -> None:
-        nonlocal problems
-        problems += 1
-        bad(key, message)
-
+    fail = _Problems(bad)
     for key in raw:
-        if key not in ("to", "how"):
-            fail(key, f"unknown key {key!r} in [rule.file]; it has `to` and `how`")
+        if key not in keys:
+            fail(key, f"unknown key {key!r} in [rule.{table}]; it has {', '.join(keys)}")
+    return fail
+
+
+def _unset(text: str) -> str | None:
+    """The first environment variable ``os.path.expandvars`` left in ``text`` (it was not set)."""
+    found = re.search(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", text)
+    return found.group(1) if found else None
+
+
+def _check_file(raw: Any, bad: Callable[[str, str], None]) -> FileAction | None:
+    fail = _action_table(raw, bad, "file", ("to", "how"))
+    if fail is None:
+        return None
     how = raw.get("how", "copy")
     if how not in FILE_MODES:
         fail("how", f"how must be one of {', '.join(FILE_MODES)}")
@@ -295,7 +317,7 @@ def _check_file(raw: Any, bad: Callable[[str, str], None]) -> FileAction | None:
         fail("to", "[rule.file] needs `to`, the target path template")
         return None
     expanded = os.path.expandvars(to)
-    unset = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
+    unset = _unset(expanded)
     try:
         fields = {f for _, f, _, _ in string.Formatter().parse(expanded) if f is not None}
     except ValueError as exc:
@@ -303,34 +325,24 @@ def _check_file(raw: Any, bad: Callable[[str, str], None]) -> FileAction | None:
         return None
     unknown = sorted(fields - TEMPLATE_FIELDS)
     if unset:
-        fail("to", f"environment variable {unset[0]} is not set (it is used in `to`)")
+        fail("to", f"environment variable {unset} is not set (it is used in `to`)")
     elif not os.path.isabs(expanded):
         fail("to", f"`to` must be an absolute path once expanded (it is {expanded!r})")
     if unknown:
         fail("to", f"`to` names {{{unknown[0]}}}; it may name {', '.join(sorted(TEMPLATE_FIELDS))}")
     elif "SOPInstanceUID" not in fields:
         fail("to", "`to` must name {SOPInstanceUID}, or two instances would compete for one file")
-    return None if problems else FileAction(expanded, how)
+    return None if fail.n else FileAction(expanded, how)
 
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII but backslash, 16 at most
 
 
 def _check_forward(raw: Any, bad: Callable[[str, str], None]) -> ForwardAction | None:
-    if not isinstance(raw, dict):
-        bad("forward", "[rule.forward] must be a table with ae_title, host and port")
-        return None
-    problems = 0
-
-    def fail(key: str, message: str) -> None:
-        nonlocal problems
-        problems += 1
-        bad(key, message)
-
     keys = ("ae_title", "host", "port", "calling_ae", "tls", "tls_ca", "tls_cert", "tls_key")
-    for key in raw:
-        if key not in keys:
-            fail(key, f"unknown key {key!r} in [rule.forward]; it has {', '.join(keys)}")
+    fail = _action_table(raw, bad, "forward", keys)
+    if fail is None:
+        return None
     tls = raw.get("tls", False)
     if not isinstance(tls, bool):
         fail("tls", "tls must be true or false")
@@ -351,9 +363,9 @@ def _check_forward(raw: Any, bad: Callable[[str, str], None]) -> ForwardAction |
             fail(key if key in raw else "forward", f"[rule.forward] needs {key}")
             continue
         text = os.path.expandvars(str(value)).strip()
-        unset = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", text)
+        unset = _unset(text)
         if unset:
-            fail(key, f"environment variable {unset[0]} is not set (it is used in {key})")
+            fail(key, f"environment variable {unset} is not set (it is used in {key})")
             continue
         values[key] = text
     for key in ("ae_title", "calling_ae"):
@@ -362,7 +374,7 @@ def _check_forward(raw: Any, bad: Callable[[str, str], None]) -> ForwardAction |
     port = values.get("port", "")
     if "port" in values and not (port.isdigit() and 0 < int(port) < 65536):
         fail("port", f"port must be a number from 1 to 65535 (it is {port!r})")
-    if problems or len(values) < 4:
+    if fail.n or len(values) < 4:
         return None
     return ForwardAction(
         values["ae_title"],
@@ -377,25 +389,20 @@ def _check_forward(raw: Any, bad: Callable[[str, str], None]) -> ForwardAction |
 
 
 def _check_notify(raw: Any, bad: Callable[[str, str], None]) -> NotifyAction | None:
-    if not isinstance(raw, dict):
-        bad("notify", "[rule.notify] must be a table with url and quiet_s")
+    fail = _action_table(raw, bad, "notify", ("url", "quiet_s"))
+    if fail is None:
         return None
-    ok = True
-    for key in raw:
-        if key not in ("url", "quiet_s"):
-            ok = False
-            bad(key, f"unknown key {key!r} in [rule.notify]; it has url and quiet_s")
-    url, quiet = _check_url(raw, bad, "notify"), _check_quiet(raw, bad)
-    if not ok or url is None or quiet is None:
+    url, quiet = _check_url(raw, fail, "notify"), _check_quiet(raw, fail)
+    if fail.n or url is None or quiet is None:
         return None
     return NotifyAction(url, quiet)
 
 
 def _check_url(raw: dict[str, Any], bad: Callable[[str, str], None], table: str) -> str | None:
     url = os.path.expandvars(str(raw.get("url", ""))).strip()
-    unset = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", url)
+    unset = _unset(url)
     if unset:
-        bad("url", f"environment variable {unset[0]} is not set (it is used in url)")
+        bad("url", f"environment variable {unset} is not set (it is used in url)")
         return None
     if not re.match(r"^https?://[^/\s]+", url):
         bad("url" if "url" in raw else table, f"[rule.{table}] needs url, an http:// or https:// address")
@@ -412,19 +419,13 @@ def _check_quiet(raw: dict[str, Any], bad: Callable[[str, str], None]) -> float 
 
 
 def _check_orthanc(raw: Any, bad: Callable[[str, str], None]) -> OrthancAction | None:
-    if not isinstance(raw, dict):
-        bad("orthanc", "[rule.orthanc] must be a table with url, metadata and quiet_s")
+    fail = _action_table(raw, bad, "orthanc", ("url", "metadata", "quiet_s"))
+    if fail is None:
         return None
-    ok = True
-    for key in raw:
-        if key not in ("url", "metadata", "quiet_s"):
-            ok = False
-            bad(key, f"unknown key {key!r} in [rule.orthanc]; it has url, metadata and quiet_s")
     metadata = raw.get("metadata", "SorterVerdict")
     if not isinstance(metadata, str) or not re.match(r"^[A-Za-z][A-Za-z0-9_]{0,63}$", metadata):
-        ok = False
-        bad("metadata", "metadata must be the name of an Orthanc UserMetadata entry (letters, digits, _)")
-    url, quiet = _check_url(raw, bad, "orthanc"), _check_quiet(raw, bad)
-    if not ok or url is None or quiet is None:
+        fail("metadata", "metadata must be the name of an Orthanc UserMetadata entry (letters, digits, _)")
+    url, quiet = _check_url(raw, fail, "orthanc"), _check_quiet(raw, fail)
+    if fail.n or url is None or quiet is None:
         return None
     return OrthancAction(url, str(metadata), quiet)
