@@ -195,11 +195,16 @@ def test_scan_with_a_broker_flows_to_done(tmp_path, pg_url, tiny_model, broker_e
     )
 
 
-def test_a_worker_with_rules_files_each_batch_it_commits(tmp_path, pg_url, tiny_model, broker_env):
+def test_a_worker_with_rules_files_each_batch_it_commits(
+    tmp_path, pg_url, tiny_model, broker_env, monkeypatch
+):
     small_archive(tmp_path / "archive")
-    scan(pg_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
     root = tmp_path / "sorted"
     rules = tree_rules(tmp_path / "rules.toml", root)
+    # SORTER_RULES set for the whole deployment: the producer goes on, the workers apply them.
+    monkeypatch.setenv("SORTER_RULES", str(rules))
+    scan(pg_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
+    assert not root.exists()
     worker = Worker(pg_url, tiny_model, {**broker_env, "SORTER_RULES": str(rules)}, tmp_path / "worker.log")
     try:
         _wait_for(pg_url, "SELECT count(*) FROM rule_actions WHERE status = 'done'", lambda n: n == 7, worker)

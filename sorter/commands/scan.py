@@ -91,10 +91,13 @@ def scan(
         )
     require_broker(settings.broker_url)
     if rules is not None and settings.broker_url:
-        raise click.UsageError(
-            "--apply-rules needs in-process classification: with SORTER_BROKER_URL the workers "
-            "classify after the scan has ended (run `sorter rules apply FILE PATH` then)"
+        # SORTER_RULES set for the whole deployment must not stop a producer: the workers that
+        # classify apply their own SORTER_RULES after each batch.
+        click.echo(
+            "rules: not applied here; the workers apply theirs (SORTER_RULES) as they classify",
+            err=True,
         )
+        rules = None
     rule_set = read_rules(rules) if rules is not None else None
     summary = RunSummary()
     with interruptible(), database(settings.database_url) as (engine, sessions):

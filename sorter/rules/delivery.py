@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -100,6 +101,8 @@ def _serve(
     from sorter.logs import configure_logging
     from sorter.rules.spec import load_rules
 
+    # Ctrl-C reaches the whole process group; the parent decides when the senders stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(logging.WARNING, log_format)
     engine, sessions = open_database(database_url)
     deliverer = Deliverer(sessions, load_rules(Path(rules_path)), on_report=reports.put, poll_s=poll_s)
@@ -163,6 +166,7 @@ class DeliveryProcess:
     def stop(self, timeout: float = 60.0) -> None:
         """Let the senders finish what they are sending, then end the process."""
         self._stop.set()
+        self._wake.set()
         self.process.join(timeout)
         if self.process.is_alive():  # claims it held are released by their lease
             self.process.terminate()
