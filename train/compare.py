@@ -78,8 +78,9 @@ def comparison_markdown(common: list[int], rows: list[dict[str, Any]], speed: di
     ]
     for r in rows:
         rate = speed.get(f"{r['arch']}@{r['input']}")
+        shown = rate if rate is not None else "n/a"
         lines.append(
-            f"| {Path(r['run']).name}: {r['arch']} ({r['scaling']}) | {r['input']} | {rate if rate is not None else 'n/a'} | "
+            f"| {Path(r['run']).name}: {r['arch']} ({r['scaling']}) | {r['input']} | {shown} | "
             f"{r['accuracy']:.3f} | {r['balanced_accuracy']:.3f} | {r['source_balanced_accuracy']:.3f} | "
             f"{r['ece']:.3f} | " + " | ".join(f"{r['recall'][label]:.2f}" for label in labels) + " |"
         )
