@@ -175,6 +175,23 @@ def test_scan_files_a_mixed_drop_folder_by_predicted_label_once(db_url, tiny_mod
     assert files["ct0"].exists()
 
 
+def test_a_later_scan_applies_rules_to_what_an_earlier_one_classified_through_a_link(
+    sqlite_url, tiny_model, tmp_path
+):
+    """The end-of-scan pass finds the instances under PATH as the scan stored them: through a
+    symbolic link, not its target (it found none before)."""
+    small_archive(tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    scan(sqlite_url, tiny_model, tmp_path / "link", tmp=tmp_path)  # no rules yet
+    rules = tree_rules(tmp_path / "rules.toml", tmp_path / "sorted")
+    scan(sqlite_url, tiny_model, tmp_path / "link", tmp=tmp_path, extra=("--apply-rules", str(rules)))
+    assert len(list((tmp_path / "sorted").rglob("*.dcm"))) == 7
+    # A sibling folder whose name starts the same is not "under" it.
+    (tmp_path / "lin").mkdir()
+    result = sorter("rules", "apply", str(rules), str(tmp_path / "lin"), url=sqlite_url)
+    assert "0 classified instances checked" in result.output
+
+
 def test_a_different_file_at_the_target_is_never_overwritten_and_heals(sqlite_url, tiny_model, tmp_path):
     drop = tmp_path / "drop"
     small_archive(drop)

@@ -116,7 +116,7 @@ def explain(instance: str, rules_file: Path, database_url: str | None) -> None:
 
 @rules_group.command("apply")
 @click.argument("file", type=RULES_FILE)
-@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--retry-now",
     is_flag=True,

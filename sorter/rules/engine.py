@@ -9,6 +9,7 @@ active model's prediction, and the series and study verdicts so far.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -143,7 +144,10 @@ def classified_ids(session: Session, under: Iterable[str] = ()) -> Iterator[list
     """Ids of classified instances (optionally under paths), in chunks, in id order."""
     i = instances.c
     query = sa.select(i.id).where(i.status == Status.DONE, i.prediction_id.is_not(None))
-    prefixes = [str(Path(p).resolve()) for p in under]
+    # As the scan stores paths (absolute, links kept); the separator keeps /a/b from matching /a/bc.
+    prefixes = [
+        os.path.abspath(p).rstrip(os.sep) + os.sep if os.path.isdir(p) else os.path.abspath(p) for p in under
+    ]
     if prefixes:
         query = query.where(path_under(i.path, prefixes))
     last = 0
