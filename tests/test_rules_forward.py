@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -138,6 +139,16 @@ def test_a_refusing_destination_dead_letters_after_the_last_try(
     assert "3 dead-lettered" in result.output
     assert query(sqlite_url, "SELECT DISTINCT status, attempts FROM rule_actions") == [("dead", 2)]
     assert "rules.forward.dead,3" in sorter("status", "--format", "csv", url=sqlite_url).output
+    listed = sorter("rules", "failed", "--format", "json", url=sqlite_url).output
+    rows = json.loads(listed)
+    assert [(r["rule"], r["status"], r["error"], r["attempts"]) for r in rows] == [
+        ("to-storescp", "dead", "destination_unreachable", 2)
+    ] * 3
+    uids = {
+        uid
+        for (uid,) in query(sqlite_url, "SELECT sop_instance_uid FROM instances WHERE header_modality = 'CT'")
+    }
+    assert {r["sop_instance_uid"] for r in rows} == uids
     # Dead letters wait for an admin: a plain run leaves them alone.
     sorter("rules", "apply", str(rules), url=sqlite_url)
     assert query(sqlite_url, "SELECT DISTINCT attempts FROM rule_actions") == [(2,)]

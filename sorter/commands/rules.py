@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import sqlalchemy as sa
 
-from sorter.commands.common import database, database_option
+from sorter.commands.common import database, database_option, format_option, write_rows
 from sorter.db.models import Instance, RuleAction
 from sorter.db.queries import as_utc
 from sorter.rules.engine import apply_rules, facts_for, why_not
@@ -132,7 +132,52 @@ def apply(file: Path, paths: tuple[Path, ...], retry_now: bool, database_url: st
         report = apply_rules(sessions, rules, under=[str(p) for p in paths], retry_now=retry_now)
     click.echo(report.line())
     if sum(report.failed.values()) + sum(report.dead.values()):
-        click.echo(
-            "some actions failed: `sorter rules explain SOP_INSTANCE_UID --rules FILE` says why", err=True
-        )
+        click.echo("some actions failed: `sorter rules failed` lists them and why", err=True)
         raise click.exceptions.Exit(3)
+
+
+#: Columns of `sorter rules failed`.
+FAILED_COLUMNS = (
+    "rule",
+    "action",
+    "status",
+    "error",
+    "attempts",
+    "next_try",
+    "sop_instance_uid",
+    "target",
+    "detail",
+)
+
+
+@rules_group.command("failed")
+@format_option
+@database_option
+def failed(fmt: str, database_url: str | None) -> None:
+    """Rule actions that failed (tried again) or were dead-lettered, with the reason and next try;
+    `sorter rules apply --retry-now FILE` sends them again."""
+    with database(database_url) as (_engine, sessions), sessions() as session:
+        rows = [
+            {
+                "rule": action.rule,
+                "action": action.action,
+                "status": action.status,
+                "error": action.error,
+                "attempts": action.attempts,
+                "next_try": as_utc(action.next_attempt_at).isoformat(timespec="seconds")
+                if action.status == "failed" and action.next_attempt_at is not None
+                else "",
+                "sop_instance_uid": uid,
+                "target": action.target,
+                "detail": action.detail,
+            }
+            for action, uid in session.execute(
+                sa.select(RuleAction, Instance.sop_instance_uid)
+                .join(Instance, Instance.id == RuleAction.instance_id)
+                .where(RuleAction.status.in_(["failed", "dead"]))
+                .order_by(RuleAction.status, RuleAction.rule, RuleAction.id)
+            )
+        ]
+    write_rows(rows, FAILED_COLUMNS, fmt)
+    if fmt == "table" and not rows:
+        click.echo("no rule action has failed", err=True)

@@ -125,7 +125,7 @@ def scan(
     if report is not None:
         click.echo(report.line())
         if sum(report.failed.values()):
-            click.echo("some rule actions failed: `sorter rules explain UID --rules FILE` says why", err=True)
+            click.echo("some rule actions failed: `sorter rules failed` lists them and why", err=True)
     exit_for_outcome(summary, fail_on)
 
 
