@@ -78,15 +78,8 @@ def payload(rule: str, series: dict[str, Any]) -> dict[str, Any]:
 
 def post(url: str, body: dict[str, Any], timeout_s: float = TIMEOUT_S) -> tuple[str | None, str | None]:
     """POST ``body``; ``(None, None)`` on a 2xx answer, else ``(reason, one line)``."""
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(body, default=str).encode(),
-        headers={"Content-Type": "application/json", "User-Agent": f"dicom-sorter/{__version__}"},
-        method="POST",
-    )
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            response.read()
+        _request(url, "POST", json.dumps(body, default=str).encode(), timeout_s, "application/json")
         return None, None
     except urllib.error.HTTPError as exc:
         return "webhook_refused", f"{url} answered HTTP {exc.code}"
@@ -94,10 +87,14 @@ def post(url: str, body: dict[str, Any], timeout_s: float = TIMEOUT_S) -> tuple[
         return "webhook_unreachable", f"{url}: {describe(exc)}"
 
 
-def _request(url: str, method: str, body: bytes, timeout_s: float = TIMEOUT_S) -> bytes:
+def _request(
+    url: str, method: str, body: bytes, timeout_s: float = TIMEOUT_S, content_type: str | None = None
+) -> bytes:
     """One HTTP request; credentials in the URL (``http://user:pass@host``) become Basic auth."""
     parts = urllib.parse.urlsplit(url)
     headers = {"User-Agent": f"dicom-sorter/{__version__}"}
+    if content_type:
+        headers["Content-Type"] = content_type
     if parts.username:
         token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
         headers["Authorization"] = f"Basic {token}"
