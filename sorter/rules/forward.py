@@ -174,10 +174,11 @@ def _no_delay(assoc: Any) -> None:
 
     pynetdicom's requestor socket keeps Nagle's algorithm, which holds the tail of every C-STORE
     until the peer's delayed ACK; and a peer that keeps it too (dcmtk's storescp unless
-    TCP_NODELAY=1) holds the tail of its response until ours. Measured to a local storescp, 200
-    stores: 10.6/s as pynetdicom leaves it, 18.8/s with TCP_NODELAY here, and with quick
-    acknowledgements as well (as the listener's :class:`~sorter.listener.QuickAckSocket`) as fast
-    as a storescp with TCP_NODELAY=1 allows (tests/bench/bench_forward.py).
+    TCP_NODELAY=1) holds the tail of its response until ours. Measured to a local storescp:
+    10.6 stores/s as pynetdicom leaves it (tests/bench/bench_forward.py); in a 200-store probe,
+    15-19/s with TCP_NODELAY here alone, and with quick acknowledgements as well (as the
+    listener's :class:`~sorter.listener.QuickAckSocket`) 53/s, as fast as a storescp with
+    TCP_NODELAY=1 allowed (54/s).
     """
     raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
     if raw is None:
