@@ -16,6 +16,7 @@ from sorter.commands.reclassify import reclassify
 from sorter.commands.report import discrepancies, failures, find, report
 from sorter.commands.rules import rules_group
 from sorter.commands.scan import scan
+from sorter.commands.serve import serve
 from sorter.commands.status import status
 from sorter.commands.watch import watch
 from sorter.commands.worker import worker
@@ -55,6 +56,7 @@ main.add_command(listen)
 main.add_command(watch)
 main.add_command(status)
 main.add_command(worker)
+main.add_command(serve)
 
 
 def _show_envvars(command: click.Command) -> None:

@@ -28,14 +28,14 @@ from sorter.domain import Verdict
 from sorter.fspath import decode_path, is_utf8
 from sorter.manifests import group_key, relative_path, write_csv_atomic
 
-LABEL_SOURCES = ("agree", "predicted", "header")
+LABEL_SOURCES = ("agree", "predicted", "header", "reviewed")
 COLUMNS = ("path", "label", "source", "group", "format", "header_modality", "sop_instance_uid", "confidence")
 
 
 def _candidates(label_from: str, min_confidence: float) -> sa.Subquery:
     """Rows eligible for export, with the label they will carry."""
     lp = views.latest_predictions
-    label = lp.c.header_label if label_from == "header" else lp.c.label
+    label = {"header": lp.c.header_label, "reviewed": lp.c.review_label}.get(label_from, lp.c.label)
     stmt = sa.select(
         label.label("export_label"),
         sa.func.coalesce(lp.c.source, "unknown").label("export_source"),
@@ -98,7 +98,9 @@ def selection(
         The caller's session.
     label_from
         ``agree``: only instances whose header and pixels agree (the label both
-        give); ``predicted``: the model's label; ``header``: the header's label.
+        give); ``predicted``: the model's label; ``header``: the header's label;
+        ``reviewed``: only instances a reviewer decided on (``sorter serve``), with the
+        label the decision stands for (confirmed: the reviewer's; rejected: the header's).
     per_label
         Keep at most this many per label (balanced); ``None`` keeps all.
     by_source

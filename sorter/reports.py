@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from sorter.db import views
 from sorter.db.queries import instances, path_under
 from sorter.domain import Label, Status, Verdict
+from sorter.review.store import review_counts
 
 LEVELS = ("instance", "series", "study")
 _STREAM = {"yield_per": 1000}
@@ -79,14 +80,22 @@ def _rate_by(session: Session, column: str) -> list[dict[str, Any]]:
     lp = views.latest_predictions
     key = lp.c[column]
     disagree = sa.func.sum(sa.case((lp.c.verdict == Verdict.DISAGREE.value, 1), else_=0))
+    uncertain = sa.func.sum(sa.case((lp.c.verdict == Verdict.UNCERTAIN.value, 1), else_=0))
     stmt = (
-        sa.select(key.label(column), sa.func.count().label("classified"), disagree.label("disagree"))
+        sa.select(
+            key.label(column),
+            sa.func.count().label("classified"),
+            disagree.label("disagree"),
+            uncertain.label("uncertain"),
+        )
         .group_by(key)
         .order_by(disagree.desc(), key)
     )
     rows = _rows(session, stmt)
     for row in rows:
-        row["rate"] = round(row["disagree"] / row["classified"], 4) if row["classified"] else 0.0
+        n = row["classified"]
+        row["rate"] = round(row["disagree"] / n, 4) if n else 0.0
+        row["uncertain_rate"] = round(row["uncertain"] / n, 4) if n else 0.0
     return rows
 
 
@@ -99,7 +108,10 @@ def report(session: Session) -> dict[str, list[dict[str, Any]]]:
         Sections, each a list of rows: ``status`` (instances by status),
         ``labels`` (header label x predicted label), ``verdicts``, discrepancy
         rates ``by_source``, ``by_station`` and ``by_calling_ae``, ``failures``
-        (failed and skipped by reason), ``series`` and ``studies`` (verdict counts).
+        (failed and skipped by reason), ``series`` and ``studies`` (verdict counts),
+        ``reviews`` (current decisions by level) and ``review_precision`` (the model's
+        precision on reviewed discrepancies, per predicted label; see
+        :func:`sorter.review.store.review_counts`).
     """
     lp, ss, st = views.latest_predictions, views.series_summary, views.study_summary
     n = sa.func.count().label("n")
@@ -127,11 +139,17 @@ def report(session: Session) -> dict[str, list[dict[str, Any]]]:
         ),
         "series": _rows(session, sa.select(ss.c.verdict, n).group_by(ss.c.verdict).order_by(ss.c.verdict)),
         "studies": _rows(session, sa.select(st.c.verdict, n).group_by(st.c.verdict).order_by(st.c.verdict)),
+        **review_counts(session),
     }
 
 
 def discrepancies(
-    session: Session, level: str = "instance", min_confidence: float = 0.0, limit: int | None = None
+    session: Session,
+    level: str = "instance",
+    min_confidence: float = 0.0,
+    limit: int | None = None,
+    *,
+    unreviewed: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Header-versus-pixels disagreements at ``level``, most confident first.
 
@@ -146,6 +164,9 @@ def discrepancies(
         Lowest (instance or series mean) confidence to list.
     limit
         At most this many rows.
+    unreviewed
+        Only what no reviewer has decided on yet (``sorter serve``): instances and series
+        without a current decision, studies with a disagreeing series without one.
     """
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, not {level!r}")
@@ -157,6 +178,8 @@ def discrepancies(
             .where(d.c.confidence >= min_confidence)
             .order_by(d.c.confidence.desc(), d.c.instance_id)
         )
+        if unreviewed:
+            stmt = stmt.where(d.c.review_decision.is_(None))
     elif level == "series":
         s = views.series_discrepancies
         stmt = (
@@ -164,9 +187,13 @@ def discrepancies(
             .where(s.c.confidence >= min_confidence)
             .order_by(s.c.confidence.desc(), s.c.series_instance_uid)
         )
+        if unreviewed:
+            stmt = stmt.where(s.c.review_decision.is_(None))
     else:
         st, sd = views.study_summary, views.series_discrepancies
         flagged = sa.select(sd.c.study_instance_uid).where(sd.c.confidence >= min_confidence)
+        if unreviewed:
+            flagged = flagged.where(sd.c.review_decision.is_(None))
         stmt = (
             sa.select(*(st.c[f] for f in STUDY_FIELDS))
             .where(st.c.study_instance_uid.in_(flagged))

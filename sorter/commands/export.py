@@ -23,7 +23,14 @@ from sorter.export import LABEL_SOURCES, selection, write_manifest
     type=click.Choice(LABEL_SOURCES),
     default="agree",
     show_default=True,
-    help="agree: header and pixels agree; predicted: the model's label; header: the header's label.",
+    help="agree: header and pixels agree; predicted: the model's label; header: the header's label; "
+    "reviewed: what reviewers decided (sorter serve).",
+)
+@click.option(
+    "--reviewed",
+    is_flag=True,
+    help="Only reviewed instances, with the reviewers' labels (confirmed: the reviewer's label; "
+    "rejected: the header's); short for --label-from reviewed.",
 )
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.0, show_default=True)
 @view_model_option
@@ -34,11 +41,16 @@ def export(
     per_label: int | None,
     by_source: bool,
     label_from: str,
+    reviewed: bool,
     min_confidence: float,
     model_ref: str | None,
     database_url: str | None,
 ) -> None:
     """Write a manifest that sorter-train reads (paths relative to the manifest's folder)."""
+    if reviewed:
+        if label_from not in ("agree", "reviewed"):
+            raise click.UsageError("--reviewed and --label-from cannot both choose the label")
+        label_from = "reviewed"
     if balanced and per_label is None:
         raise click.UsageError("--balanced needs --per-label N")
     if per_label is not None and not balanced:

@@ -57,6 +57,7 @@ def report(model_ref: str | None, fmt: str, database_url: str | None) -> None:
     help="Lowest confidence (series: mean probability) to list.",
 )
 @click.option("--limit", type=int, help="At most this many rows.")
+@click.option("--unreviewed", is_flag=True, help="Only what no reviewer has decided on (sorter serve).")
 @view_model_option
 @format_option
 @database_option
@@ -64,6 +65,7 @@ def discrepancies(
     level: str,
     min_confidence: float,
     limit: int | None,
+    unreviewed: bool,
     model_ref: str | None,
     fmt: str,
     database_url: str | None,
@@ -76,7 +78,8 @@ def discrepancies(
     }
     with database(database_url) as (_engine, sessions), sessions() as session:
         show_model(session, model_ref)
-        write_rows(reports.discrepancies(session, level, min_confidence, limit), columns[level], fmt)
+        rows = reports.discrepancies(session, level, min_confidence, limit, unreviewed=unreviewed)
+        write_rows(rows, columns[level], fmt)
 
 
 @click.command()

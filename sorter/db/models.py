@@ -262,3 +262,46 @@ class RuleAction(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
     claim: Mapped[str | None] = mapped_column(sa.String(32))  # the sender holding a ``sending`` row
     updated_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
+
+
+class Review(Base):
+    """A person's decision on a discrepancy (``sorter serve``), one row per decision (migration 0008).
+
+    ``confirm``: the header is wrong and ``label`` is the truth; ``reject``: the header is right
+    (``label`` is the header's); ``skip``. A later decision on the same ``(level, uid)`` clears
+    ``is_current`` on the earlier one, which stays as the audit trail. ``shown_*`` and
+    ``model_id`` record the prediction the reviewer was shown.
+    """
+
+    __tablename__ = "reviews"
+    __table_args__ = (
+        sa.CheckConstraint("level IN ('instance', 'series')", name="level"),
+        sa.CheckConstraint("decision IN ('confirm', 'reject', 'skip')", name="decision"),
+        sa.Index(
+            "uq_reviews_current",
+            "level",
+            "uid",
+            unique=True,
+            postgresql_where=sa.text("is_current"),
+            sqlite_where=sa.text("is_current"),
+        ),
+        sa.Index("ix_reviews_study_instance_uid", "study_instance_uid"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    level: Mapped[str] = mapped_column(sa.String(16))
+    uid: Mapped[str] = mapped_column(sa.String(64))
+    series_instance_uid: Mapped[str | None] = mapped_column(sa.String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(sa.String(64))
+    decision: Mapped[str] = mapped_column(sa.String(16))
+    label: Mapped[Label | None] = mapped_column(enum_by_value(Label, "label"))
+    header_label: Mapped[str | None] = mapped_column(sa.String(16))
+    model_id: Mapped[int | None] = mapped_column(sa.Integer, sa.ForeignKey("models.id", ondelete="SET NULL"))
+    shown_label: Mapped[str | None] = mapped_column(sa.String(16))
+    shown_confidence: Mapped[float | None] = mapped_column(sa.Float)
+    shown_verdict: Mapped[str | None] = mapped_column(sa.String(16))
+    reviewer: Mapped[str] = mapped_column(sa.String(128))
+    note: Mapped[str | None] = mapped_column(ReadableText)
+    via: Mapped[str | None] = mapped_column(sa.String(16))  # "study" when a study decision wrote it
+    is_current: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.true())
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())

@@ -11,6 +11,8 @@ import sqlalchemy as sa
 from sorter.db.models import PROBABILITY_COLUMNS
 
 _P = tuple(PROBABILITY_COLUMNS.values())  # p_ct ... p_ot, in label order
+#: A review's state (migration 0008): the current decision, the label it stands for, and when.
+_REVIEW = ("review_decision", "review_label", "reviewed_at")
 _INSTANCE = (
     "instance_id",
     "sop_instance_uid",
@@ -39,6 +41,7 @@ _INSTANCE = (
     "agree_at",
     "disagree_at",
     "predicted_at",
+    *_REVIEW,
 )
 _SERIES = (
     "series_instance_uid",
@@ -57,6 +60,7 @@ _SERIES = (
     "n_uncertain",
     "verdict",
     *_P,
+    *_REVIEW,
 )
 _STUDY = (
     "study_instance_uid",
@@ -68,6 +72,9 @@ _STUDY = (
     "n_series_disagree",
     "n_series_uncertain",
     "n_instances_disagree",
+    "n_series_reviewed",
+    "n_series_confirmed",
+    "n_series_rejected",
     "verdict",
 )
 

@@ -136,3 +136,43 @@ def read_header(path: str | os.PathLike[str]) -> InstanceHeader:
         return common
     ds = read_dataset(path, specific_tags=HEADER_TAGS)
     return header_from_dataset(ds, path)
+
+
+#: What the review page shows of a series: acquisition context, never patient attributes.
+DESCRIBE_TAGS: tuple[str, ...] = (
+    "Modality",
+    "SOPClassUID",
+    "StationName",
+    "InstitutionName",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "PhotometricInterpretation",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+)
+
+
+def describe_series(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The header fields a reviewer needs, read from one instance of a series (no pixel data).
+
+    Only :data:`DESCRIBE_TAGS` and the transfer syntax are read; a file that cannot be read
+    gives ``{"error": reason}`` instead of raising, since the page shows what it can.
+    """
+    from pydicom.uid import UID
+
+    try:
+        ds = read_dataset(path, specific_tags=DESCRIBE_TAGS)
+    except Exception as exc:  # the page shows the reason; the database still has the rest
+        return {"error": f"cannot read the header: {type(exc).__name__}"}
+    out: dict[str, str] = {}
+    for keyword in DESCRIBE_TAGS:
+        text = _text(ds, keyword)
+        if text is not None:
+            out[keyword] = UID(text).name if keyword == "SOPClassUID" else text
+    syntax = transfer_syntax_of(ds)
+    if syntax:
+        out["TransferSyntax"] = UID(str(syntax)).name
+    return out

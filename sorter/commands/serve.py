@@ -1,0 +1,89 @@
+"""``sorter serve``: the review page for discrepancies (:mod:`sorter.review.web`)."""
+
+from __future__ import annotations
+
+import getpass
+import logging
+
+import click
+
+from sorter.commands.common import database, database_option
+
+log = logging.getLogger(__name__)
+
+
+@click.command()
+@click.option("--bind", default="127.0.0.1", show_default=True, envvar="SORTER_SERVE_BIND", help="Address.")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=8080, show_default=True, envvar="SORTER_SERVE_PORT"
+)
+@click.option(
+    "--token",
+    envvar="SORTER_SERVE_TOKEN",
+    help="Require this token: browsers log in once on /login, scripts send 'Authorization: Bearer TOKEN'.",
+)
+@click.option(
+    "--basic-auth",
+    "basic_auth",
+    metavar="USER:PASSWORD",
+    envvar="SORTER_SERVE_BASIC_AUTH",
+    help="Require HTTP basic auth; the user name is recorded on each decision.",
+)
+@click.option(
+    "--reviewer",
+    envvar="SORTER_REVIEWER",
+    help="Name recorded on decisions without basic auth (default: this login's user name).",
+)
+@database_option
+def serve(
+    bind: str,
+    port: int,
+    token: str | None,
+    basic_auth: str | None,
+    reviewer: str | None,
+    database_url: str | None,
+) -> None:
+    """Serve the review page: discrepancies with thumbnails and Grad-CAM; confirm, reject or skip.
+
+    It shows patients' pixels: it binds 127.0.0.1 by default and refuses any other address
+    unless --token or --basic-auth is set (put TLS in front with a reverse proxy; see the README).
+    """
+    try:
+        import uvicorn
+
+        from sorter.review.security import Access, is_loopback
+        from sorter.review.web import create_app
+    except ImportError as exc:
+        raise click.ClickException(f"the review page needs {exc.name}: pip install 'dicom-sorter'") from exc
+    access = Access(token=token or None, reviewer=reviewer or _login_name())
+    if basic_auth:
+        user, sep, password = basic_auth.partition(":")
+        if not (user and sep and password):
+            raise click.UsageError("--basic-auth takes USER:PASSWORD, both non-empty")
+        access.basic_user, access.basic_password = user, password
+    if token is not None and len(token) < 16:
+        raise click.UsageError("--token must be at least 16 characters (try: openssl rand -hex 24)")
+    if not is_loopback(bind) and not access.required:
+        raise click.UsageError(
+            f"refusing to serve patients' images on {bind} without --token or --basic-auth "
+            "(the page is open to anyone who can reach the address); bind 127.0.0.1 or set one"
+        )
+    with database(database_url) as (_engine, sessions):
+        app = create_app(sessions, access)
+        guard = "token" if token else ("basic auth" if basic_auth else "loopback only, no login")
+        click.echo(f"review page on http://{bind}:{port}/ ({guard}); Ctrl-C stops it", err=True)
+        config = uvicorn.Config(app, host=bind, port=port, log_level="warning", access_log=False)
+        server = uvicorn.Server(config)
+        try:
+            server.run()
+        except OSError as exc:  # uvicorn logs and exits on a busy port; this is for what it raises
+            raise click.ClickException(f"cannot serve on {bind}:{port}: {exc.strerror or exc}") from exc
+        if not server.started:
+            raise click.ClickException(f"cannot serve on {bind}:{port} (is the port in use?)")
+
+
+def _login_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no user name in a bare container
+        return "reviewer"

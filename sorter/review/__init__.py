@@ -1,0 +1,1 @@
+"""Human review of discrepancies: the ``reviews`` table's store, the review page, its pictures."""

@@ -1,0 +1,386 @@
+"""The review page (``sorter serve``): a small Starlette app over the results database.
+
+Pages: the overview (``/``), the discrepancy queue (``/queue``), a series (``/series/UID``) with
+thumbnails and Grad-CAM on demand, and the decision form's target (``POST /review``); thumbnails
+are served by instance id only (``/instances/ID/thumb.png``), never by path. JSON for scripts:
+``/api/queue`` and ``POST /api/review``. Nothing is fetched from the internet: the CSS and the
+keyboard script ship in ``static/``.
+
+Endpoints that touch the database or decode pixels are plain functions, which Starlette runs in
+its thread pool; the form endpoint is async only to read the form.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from sorter import reports
+from sorter.db.queries import instances, models, predictions
+from sorter.dicom.headers import describe_series
+from sorter.domain import ALL_LABELS
+from sorter.review import render, store
+from sorter.review.security import SESSION_COOKIE, Access, same_origin
+from sorter.status import pipeline_status
+
+log = logging.getLogger(__name__)
+
+_HERE = Path(__file__).parent
+#: Thumbnails on a series page.
+THUMBNAILS = 12
+PAGE_SIZE = 50
+#: The overview aggregates the whole archive: recomputed at most this often.
+OVERVIEW_TTL_S = 60.0
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+
+
+class _Overview:
+    """The overview's numbers, cached for :data:`OVERVIEW_TTL_S` (they aggregate every row)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._value: dict[str, Any] | None = None
+        self._at = 0.0
+
+    def get(self, sessions: sessionmaker[Session], refresh: bool = False) -> dict[str, Any]:
+        with self._lock:
+            if refresh or self._value is None or time.monotonic() - self._at > OVERVIEW_TTL_S:
+                with sessions() as session:
+                    value = reports.report(session)
+                    value["status"] = pipeline_status(session)  # type: ignore[assignment]
+                    value.update(store.review_counts(session))
+                self._value, self._at = value, time.monotonic()
+                value["computed_at"] = time.strftime("%Y-%m-%d %H:%M:%S")  # type: ignore[assignment]
+            return self._value
+
+
+def _filters(params: Any) -> store.Filters:
+    def text(name: str) -> str | None:
+        value = (params.get(name) or "").strip()
+        return value or None
+
+    try:
+        min_confidence = float(params.get("min_confidence") or 0)
+    except ValueError as exc:
+        raise store.ReviewError("min_confidence must be a number") from exc
+    return store.Filters(
+        verdict=text("verdict") or "disagree",
+        label=text("label"),
+        header=text("header"),
+        source=text("source"),
+        min_confidence=min_confidence,
+        review=text("review") or "unreviewed",
+    )
+
+
+def _query(filters: store.Filters, **extra: Any) -> str:
+    values = {
+        "verdict": filters.verdict,
+        "label": filters.label or "",
+        "header": filters.header or "",
+        "source": filters.source or "",
+        "min_confidence": f"{filters.min_confidence:g}" if filters.min_confidence else "",
+        "review": filters.review,
+        **extra,
+    }
+    return urlencode({k: v for k, v in values.items() if v not in ("", None)})
+
+
+def create_app(sessions: sessionmaker[Session], access: Access) -> Starlette:
+    """The review app over ``sessions``' database, with ``access`` guarding it."""
+    templates = Jinja2Templates(directory=str(_HERE / "templates"))
+    overview_cache = _Overview()
+
+    def page(request: Request, name: str, context: dict[str, Any], status_code: int = 200) -> Response:
+        session_id = request.state.session
+        context = {
+            "csrf": access.csrf_token(session_id),
+            "labels": [label.value for label in ALL_LABELS],
+            "reviewer": request.state.reviewer,
+            "login_required": bool(access.token),
+            **context,
+        }
+        return templates.TemplateResponse(request, name, context, status_code=status_code)
+
+    def overview(request: Request) -> Response:
+        refresh = request.query_params.get("refresh") == "1"
+        return page(request, "overview.html", {"o": overview_cache.get(sessions, refresh)})
+
+    def queue_page(request: Request) -> Response:
+        level = request.query_params.get("level") or "series"
+        try:
+            filters = _filters(request.query_params)
+            with sessions() as session:
+                result = store.queue(
+                    session, level, filters, request.query_params.get("after") or None, PAGE_SIZE
+                )
+        except store.ReviewError as exc:
+            return page(request, "error.html", {"message": str(exc)}, 400)
+        return page(
+            request,
+            "queue.html",
+            {
+                "level": level,
+                "f": filters,
+                "rows": result.rows,
+                "next_query": _query(filters, level=level, after=result.next_after)
+                if result.next_after
+                else None,
+                "filter_query": _query(filters),
+                "levels": store.LEVELS,
+                "states": store.REVIEW_STATES,
+                "verdicts": store.QUEUE_VERDICTS,
+            },
+        )
+
+    def series_page(request: Request) -> Response:
+        uid = request.path_params["uid"]
+        try:
+            filters = _filters(request.query_params)
+        except store.ReviewError as exc:
+            return page(request, "error.html", {"message": str(exc)}, 400)
+        with sessions() as session:
+            rows = store.series_rows(session, [uid])
+            if not rows:
+                return page(request, "error.html", {"message": "No classified series with that UID."}, 404)
+            members = store.series_instances(session, uid)
+            shown = store.evenly_spaced(members, THUMBNAILS)
+            following = store.queue(session, "series", filters, uid, 1).rows
+            past = store.history(session, series_uid=uid)
+            study = rows[0]["study_instance_uid"]
+            siblings = store.study_rows(session, [study])[0]["series"] if study else []
+        header = describe_series(shown[len(shown) // 2]["path"]) if shown else {}
+        return page(
+            request,
+            "series.html",
+            {
+                "s": rows[0],
+                "shown": shown,
+                "n_members": len(members),
+                "header": header,
+                "history": past,
+                "siblings": siblings,
+                "next_uid": following[0]["series_instance_uid"] if following else None,
+                "filter_query": _query(filters),
+            },
+        )
+
+    def _instance(instance_id: int) -> dict[str, Any]:
+        shown = instances.outerjoin(predictions, predictions.c.id == instances.c.prediction_id).outerjoin(
+            models, models.c.id == predictions.c.model_id
+        )
+        stmt = (
+            sa.select(instances.c.path, models.c.spec, models.c.path.label("model_path"), models.c.sha256)
+            .select_from(shown)
+            .where(instances.c.id == instance_id)
+        )
+        with sessions() as session:
+            row = session.execute(stmt).first()
+        if row is None:
+            raise HTTPException(404, "no such instance")
+        return dict(row._mapping)
+
+    def thumb(request: Request) -> Response:
+        row = _instance(request.path_params["instance_id"])
+        try:
+            data = render.thumbnail(row["path"], row["spec"])
+        except render.RenderError as exc:
+            return Response(str(exc), status_code=422, media_type="text/plain")
+        return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=600"})
+
+    def gradcam(request: Request) -> Response:
+        row = _instance(request.path_params["instance_id"])
+        label = request.query_params.get("label") or ""
+        if row["sha256"] is None:
+            return Response("the instance has no prediction", status_code=404, media_type="text/plain")
+        try:
+            data = render.grad_cam(row["path"], row["model_path"], row["sha256"], label)
+        except render.RenderError as exc:
+            return Response(str(exc), status_code=422, media_type="text/plain")
+        return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=600"})
+
+    def _decide(request: Request, form: Any) -> list[int]:
+        decision = store.Decision(
+            level=str(form.get("level") or ""),
+            uid=str(form.get("uid") or ""),
+            decision=str(form.get("decision") or ""),
+            reviewer=request.state.reviewer,
+            label=str(form.get("label") or "") or None,
+            note=str(form.get("note") or "") or None,
+        )
+        with sessions() as session:
+            ids = store.record(session, decision)
+            session.commit()
+        log.info(
+            "review %s %s %s by %s (%d rows)",
+            decision.decision,
+            decision.level,
+            decision.uid,
+            decision.reviewer,
+            len(ids),
+        )
+        return ids
+
+    async def review_form(request: Request) -> Response:
+        form = await request.form()
+        if not access.check_csrf(request.state.session, str(form.get("csrf") or "")):
+            return Response("The form expired or did not come from this page: reload it.", status_code=403)
+        try:
+            await run_in_threadpool(_decide, request, form)
+        except store.ReviewError as exc:
+            return page(request, "error.html", {"message": str(exc)}, 400)
+        target = str(form.get("next") or "/queue")
+        if not target.startswith("/") or target.startswith("//"):
+            target = "/queue"
+        return RedirectResponse(target, status_code=303)
+
+    def api_queue(request: Request) -> Response:
+        try:
+            filters = _filters(request.query_params)
+            with sessions() as session:
+                result = store.queue(
+                    session,
+                    request.query_params.get("level") or "series",
+                    filters,
+                    request.query_params.get("after") or None,
+                    min(int(request.query_params.get("limit") or PAGE_SIZE), 500),
+                )
+        except (store.ReviewError, ValueError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        rows = [{k: v for k, v in row.items() if k not in ("path", "series")} for row in result.rows]
+        body = json.dumps({"rows": rows, "next_after": result.next_after}, default=str)
+        return Response(body, media_type="application/json")
+
+    async def api_review(request: Request) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "the body must be JSON"}, status_code=400)
+        if not access.check_csrf(request.state.session, request.headers.get("x-csrf-token")):
+            return JSONResponse({"error": "missing or wrong X-CSRF-Token"}, status_code=403)
+        try:
+            ids = await run_in_threadpool(_decide, request, body)
+        except store.ReviewError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse({"recorded": ids})
+
+    async def login(request: Request) -> Response:
+        if request.method == "GET":
+            return page(request, "login.html", {"error": None})
+        form = await request.form()
+        if not access.check_token(str(form.get("token") or "")):
+            log.warning("review page: a wrong token from %s", request.client.host if request.client else "?")
+            return page(request, "login.html", {"error": "Wrong token."}, 401)
+        response = RedirectResponse("/", status_code=303)
+        _set_session(response, access.new_session())
+        return response
+
+    def healthz(_request: Request) -> Response:
+        return Response("ok\n", media_type="text/plain")
+
+    routes = [
+        Route("/", overview),
+        Route("/queue", queue_page),
+        Route("/series/{uid:str}", series_page),
+        Route("/instances/{instance_id:int}/thumb.png", thumb),
+        Route("/instances/{instance_id:int}/gradcam.png", gradcam),
+        Route("/review", review_form, methods=["POST"]),
+        Route("/api/queue", api_queue),
+        Route("/api/review", api_review, methods=["POST"]),
+        Route("/login", login, methods=["GET", "POST"]),
+        Route("/healthz", healthz),
+        Mount("/static", StaticFiles(directory=str(_HERE / "static")), name="static"),
+    ]
+    return Starlette(routes=routes, middleware=[Middleware(_Guard, access=access)])
+
+
+def _set_session(response: Response, value: str) -> None:
+    response.set_cookie(SESSION_COOKIE, value, httponly=True, samesite="strict", max_age=12 * 3600)
+
+
+class _Guard(BaseHTTPMiddleware):
+    """Authentication, the per-client session the CSRF tokens bind to, origin checks on POST,
+    and security headers on every response."""
+
+    def __init__(self, app: Any, access: Access) -> None:
+        super().__init__(app)
+        self.access = access
+
+    async def dispatch(
+        self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        access = self.access
+        path = request.url.path
+        cookie = request.cookies.get(SESSION_COOKIE)
+        session_ok = access.valid_session(cookie)
+        request.state.reviewer = access.reviewer
+        if path == "/healthz" or path.startswith("/static/"):
+            return _secured(await call_next(request))
+        if access.basic_user:
+            user = access.check_basic(request.headers.get("authorization"))
+            if user is None:
+                return _secured(
+                    Response(
+                        "Authentication required.\n",
+                        status_code=401,
+                        headers={"WWW-Authenticate": 'Basic realm="dicom-sorter review"'},
+                    )
+                )
+            request.state.reviewer = user
+        elif access.token and path != "/login":
+            bearer = request.headers.get("authorization", "")
+            if bearer.lower().startswith("bearer ") and access.check_token(bearer[7:].strip()):
+                cookie, session_ok = "bearer:" + access._sign(bearer[7:].strip()), True
+            elif not session_ok:
+                if path.startswith("/api/"):
+                    return _secured(JSONResponse({"error": "log in or send a bearer token"}, status_code=401))
+                return _secured(RedirectResponse("/login", status_code=303))
+        issue = not session_ok and not access.token  # without a token every client gets a session
+        if issue or (access.token and path == "/login" and not session_ok):
+            cookie = access.new_session()
+            issue = True
+        request.state.session = cookie or ""
+        if request.method == "POST" and not (
+            path == "/login"
+            or (request.headers.get("authorization", "").lower().startswith("bearer "))
+            or same_origin(
+                request.headers.get("origin"), request.headers.get("referer"), request.headers.get("host")
+            )
+        ):
+            return _secured(Response("Cross-origin request refused.\n", status_code=403))
+        response = await call_next(request)
+        if issue and path != "/login":
+            _set_session(response, request.state.session)
+        return _secured(response)
+
+
+def _secured(response: Response) -> Response:
+    for name, value in _SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if response.media_type != "image/png":
+        response.headers.setdefault("Cache-Control", "no-store")
+    return response

@@ -1,0 +1,248 @@
+"""The review app against a real database (SQLite and PostgreSQL) after a real scan.
+
+Starlette's TestClient drives the ASGI app in-process; the database, the model, the stored files
+and the pictures are real. The browser test is tests/test_review_browser.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from db_support import query, scan, sorter
+from PIL import Image
+from review_support import PER_SERIES, make_archive
+from starlette.testclient import TestClient
+
+from sorter.db.session import open_database
+from sorter.model.artefact import DEFAULT_MODEL_PATH
+from sorter.review.security import Access
+from sorter.review.web import create_app
+
+pytest_plugins = ["db_fixtures"]
+pytestmark = pytest.mark.corpus
+
+ORIGIN = {"origin": "http://testserver"}
+
+
+@pytest.fixture()
+def scanned(db_url: str, corpus: Path, tmp_path: Path) -> tuple[str, dict[str, str]]:
+    uids = make_archive(corpus, tmp_path / "archive")
+    summary = scan(db_url, DEFAULT_MODEL_PATH, tmp_path / "archive", tmp=tmp_path)
+    assert summary["classified"] == PER_SERIES * 3
+    return db_url, uids
+
+
+def _client(url: str, access: Access | None = None) -> TestClient:
+    _engine, sessions = open_database(url)
+    return TestClient(create_app(sessions, access or Access(reviewer="ana")))
+
+
+def _csrf(html: str) -> str:
+    match = re.search(r'name="csrf" value="([0-9a-f]+)"', html)
+    assert match, "no CSRF token in the page"
+    return match.group(1)
+
+
+def test_queue_series_page_thumbnails_and_a_confirmed_decision(scanned):
+    url, uids = scanned
+    client = _client(url)
+    overview = client.get("/")
+    assert overview.status_code == 200 and "Header label" in overview.text
+
+    queue = client.get("/queue?level=series")
+    assert queue.status_code == 200
+    assert uids["ct_labelled_mr"] in queue.text
+    assert uids["ct_honest"] not in queue.text and uids["mr_honest"] not in queue.text
+
+    page = client.get(f"/series/{uids['ct_labelled_mr']}")
+    assert page.status_code == 200
+    thumbs = re.findall(r'src="(/instances/\d+/thumb\.png)"', page.text)
+    assert len(thumbs) == PER_SERIES
+    picture = client.get(thumbs[0])
+    assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(picture.content))
+    assert image.size == (256, 256) and len(np.unique(np.asarray(image))) > 20  # a picture, not a flat square
+    assert "Modality" in page.text and "CT Image Storage" in page.text
+
+    decided = client.post(
+        "/review",
+        data={
+            "csrf": _csrf(page.text),
+            "level": "series",
+            "uid": uids["ct_labelled_mr"],
+            "decision": "confirm",
+            "label": "CT",
+            "note": "CT slices",
+        },
+        headers=ORIGIN,
+        follow_redirects=False,
+    )
+    assert decided.status_code == 303, decided.text
+    [row] = query(url, "SELECT * FROM reviews")
+    assert (row.level, row.uid, row.decision, row.label, row.reviewer) == (
+        "series",
+        uids["ct_labelled_mr"],
+        "confirm",
+        "CT",
+        "ana",
+    )
+    assert (row.header_label, row.shown_label, row.is_current, row.note) == ("MR", "CT", True, "CT slices")
+    assert row.model_id is not None and row.shown_confidence > 0.5
+
+    # the views carry the state; the default queue (unreviewed) is now empty
+    states = {
+        r.review_decision
+        for r in query(
+            url,
+            "SELECT review_decision FROM latest_predictions "
+            f"WHERE series_instance_uid = '{uids['ct_labelled_mr']}'",
+        )
+    }
+    assert states == {"confirm"}
+    assert uids["ct_labelled_mr"] not in client.get("/queue?level=series").text
+    assert uids["ct_labelled_mr"] in client.get("/queue?level=series&review=confirm").text
+    listed = sorter("discrepancies", "--level", "series", "--unreviewed", "--format", "csv", url=url).output
+    assert uids["ct_labelled_mr"] not in listed
+
+    # a second decision supersedes the first; both stay (the audit trail)
+    page = client.get(f"/series/{uids['ct_labelled_mr']}")
+    client.post(
+        "/review",
+        data={
+            "csrf": _csrf(page.text),
+            "level": "series",
+            "uid": uids["ct_labelled_mr"],
+            "decision": "reject",
+        },
+        headers=ORIGIN,
+    )
+    rows = query(url, "SELECT decision, is_current, label FROM reviews ORDER BY id")
+    assert [(r.decision, bool(r.is_current), r.label) for r in rows] == [
+        ("confirm", False, "CT"),
+        ("reject", True, "MR"),
+    ]
+
+
+def test_export_reviewed_writes_the_reviewers_labels(scanned, tmp_path):
+    url, uids = scanned
+    client = _client(url)
+    page = client.get(f"/series/{uids['ct_labelled_mr']}")
+    client.post(
+        "/review",
+        data={
+            "csrf": _csrf(page.text),
+            "level": "series",
+            "uid": uids["ct_labelled_mr"],
+            "decision": "confirm",
+        },
+        headers=ORIGIN,
+    )
+    out = tmp_path / "reviewed.csv"
+    sorter("export", "--reviewed", "--out", str(out), url=url)
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == PER_SERIES
+    assert {r["label"] for r in rows} == {"CT"} and {r["header_modality"] for r in rows} == {"MR"}
+    report = sorter("report", "--format", "json", url=url).output
+    assert '"review_precision"' in report and '"confirmed": 1' in report
+
+
+def test_a_study_decision_covers_its_flagged_series_only(scanned):
+    url, uids = scanned
+    client = _client(url)
+    page = client.get(f"/series/{uids['ct_labelled_mr']}")
+    response = client.post(
+        "/review",
+        data={"csrf": _csrf(page.text), "level": "study", "uid": uids["study_x"], "decision": "reject"},
+        headers=ORIGIN,
+        follow_redirects=False,
+    )
+    assert response.status_code == 303
+    rows = query(url, "SELECT uid, via, decision FROM reviews")
+    assert [(r.uid, r.via, r.decision) for r in rows] == [(uids["ct_labelled_mr"], "study", "reject")]
+
+
+def test_state_changes_need_the_csrf_token_and_the_pages_origin(scanned):
+    url, uids = scanned
+    client = _client(url)
+    page = client.get(f"/series/{uids['ct_labelled_mr']}")
+    form = {"level": "series", "uid": uids["ct_labelled_mr"], "decision": "skip"}
+    assert client.post("/review", data=form, headers=ORIGIN).status_code == 403  # no token
+    assert client.post("/review", data={**form, "csrf": "0" * 64}, headers=ORIGIN).status_code == 403
+    evil = {"origin": "http://127.0.0.1:9999"}
+    assert client.post("/review", data={**form, "csrf": _csrf(page.text)}, headers=evil).status_code == 403
+    other = TestClient(client.app)  # another browser: its own session, so the first one's token fails
+    other.get("/")
+    assert other.post("/review", data={**form, "csrf": _csrf(page.text)}, headers=ORIGIN).status_code == 403
+    assert query(url, "SELECT count(*) FROM reviews")[0][0] == 0
+    bad = client.post("/review", data={**form, "csrf": _csrf(page.text), "decision": "maybe"}, headers=ORIGIN)
+    assert bad.status_code == 400 and "decision must be one of" in bad.text
+
+
+def test_thumbnails_only_by_registered_id_and_no_patient_data_in_pages(scanned):
+    url, uids = scanned
+    client = _client(url)
+    assert client.get("/instances/999999/thumb.png").status_code == 404
+    assert client.get("/instances/..%2F..%2Fetc%2Fpasswd/thumb.png").status_code == 404
+    page = client.get(f"/series/{uids['ct_labelled_mr']}").text
+    names = {r[0] for r in query(url, "SELECT path FROM instances")}
+    assert not any(Path(p).name in page for p in names)  # no file paths either
+    assert "PatientName" not in page and "PatientID" not in page
+    headers = client.get("/").headers
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    assert headers["cache-control"] == "no-store"
+
+
+def test_token_login_and_bearer_scripts(scanned):
+    url, uids = scanned
+    token = "s3cret-token-of-some-length"
+    client = _client(url, Access(token=token, reviewer="ana"))
+    assert client.get("/queue", follow_redirects=False).headers["location"] == "/login"
+    assert client.get("/api/queue").status_code == 401
+    assert client.post("/login", data={"token": "wrong"}).status_code == 401
+    assert client.post("/login", data={"token": token}, follow_redirects=False).status_code == 303
+    assert uids["ct_labelled_mr"] in client.get("/queue").text
+    bearer = TestClient(client.app, headers={"authorization": f"Bearer {token}"})
+    body = bearer.get("/api/queue?level=series").json()
+    assert [r["series_instance_uid"] for r in body["rows"]] == [uids["ct_labelled_mr"]]
+
+
+def test_basic_auth_names_the_reviewer(scanned):
+    url, uids = scanned
+    access = Access(basic_user="bo", basic_password="pw-long-enough", reviewer="nobody")
+    client = _client(url, access)
+    assert client.get("/").status_code == 401
+    client.auth = ("bo", "pw-long-enough")
+    page = client.get(f"/series/{uids['ct_labelled_mr']}")
+    assert page.status_code == 200
+    client.post(
+        "/review",
+        data={"csrf": _csrf(page.text), "level": "series", "uid": uids["ct_labelled_mr"], "decision": "skip"},
+        headers=ORIGIN,
+    )
+    assert [r.reviewer for r in query(url, "SELECT reviewer FROM reviews")] == ["bo"]
+
+
+def test_gradcam_overlay_for_the_predicted_label(scanned):
+    url, uids = scanned
+    client = _client(url)
+    page = client.get(f"/series/{uids['ct_labelled_mr']}").text
+    cam = re.findall(r'data-cam="(/instances/\d+/gradcam\.png\?label=\w+)"', page)[0]
+    response = client.get(cam.replace("&amp;", "&"))
+    assert response.status_code == 200, response.text
+    image = Image.open(io.BytesIO(response.content))
+    assert image.mode == "RGB" and image.size == (256, 256)
+    assert client.get(cam.split("?")[0] + "?label=ZZ").status_code == 422
+
+
+def test_serve_refuses_a_public_address_without_a_guard(tmp_path):
+    result = sorter("serve", "--bind", "0.0.0.0", url=f"sqlite:///{tmp_path / 'x.db'}", expect=2)
+    assert "refusing to serve" in result.output
+    short = sorter(
+        "serve", "--bind", "0.0.0.0", "--token", "short", url=f"sqlite:///{tmp_path / 'x.db'}", expect=2
+    )
+    assert "at least 16 characters" in short.output
