@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from db_support import query, scan, sorter
 from PIL import Image
 from review_support import PER_SERIES, make_archive
@@ -246,3 +247,41 @@ def test_serve_refuses_a_public_address_without_a_guard(tmp_path):
         "serve", "--bind", "0.0.0.0", "--token", "short", url=f"sqlite:///{tmp_path / 'x.db'}", expect=2
     )
     assert "at least 16 characters" in short.output
+
+
+@pytest.mark.slow
+def test_the_loop_scan_review_export_fit_reclassify(sqlite_url, corpus, tmp_path):
+    """The README's loop end to end: the reviewed labels reach a training run beside the corpus,
+    and the model it makes classifies the archive again; the decisions stay with the series."""
+    from train.cli import main as train_main
+    from train.config import FitConfig
+    from train.runs import select_rows
+
+    uids = make_archive(corpus, tmp_path / "archive")
+    scan(sqlite_url, DEFAULT_MODEL_PATH, tmp_path / "archive", tmp=tmp_path)
+    client = _client(sqlite_url)
+    page = client.get(f"/series/{uids['ct_labelled_mr']}")
+    form = {"csrf": _csrf(page.text), "level": "series", "uid": uids["ct_labelled_mr"], "decision": "confirm"}
+    assert client.post("/review", data=form, headers=ORIGIN, follow_redirects=False).status_code == 303
+    reviewed = tmp_path / "export" / "reviewed.csv"
+    sorter("export", "--reviewed", "--out", str(reviewed), url=sqlite_url)
+
+    both = (reviewed, corpus / "manifest.csv")
+    rows = select_rows(both, FitConfig())
+    mine = [r for r in rows if r.extra.get("sop_instance_uid")]
+    assert len(mine) == PER_SERIES and {str(r.label) for r in mine} == {"CT"}
+    assert all(r.path.is_file() for r in mine)  # each path against its own manifest's folder
+
+    out = tmp_path / "run"
+    args = ["fit", "--manifest", str(reviewed), "--manifest", str(corpus / "manifest.csv"), "--out", str(out)]
+    result = CliRunner().invoke(
+        train_main, [*args, "--dry-run", "--cache-dir", str(tmp_path / "cache"), "--workers", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    sorter("reclassify", "--model", str(out / "model.pt"), "--workers", "1", "--no-progress", url=sqlite_url)
+    shown = query(
+        sqlite_url,
+        "SELECT DISTINCT model_sha256, review_decision FROM latest_predictions "
+        f"WHERE series_instance_uid = '{uids['ct_labelled_mr']}'",
+    )
+    assert len(shown) == 1 and shown[0].review_decision == "confirm"

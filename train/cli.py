@@ -122,14 +122,21 @@ def manifest(root: Path, out: Path, source_from: str, limit_per_series: int | No
 
 
 @main.command()
-@click.option("--manifest", "manifest_path", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--manifest",
+    "manifest_paths",
+    required=True,
+    multiple=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="Manifest CSV; repeat to train on several (e.g. a corpus and `sorter export --reviewed`).",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--val-fraction", type=float, help="Fraction of each label's sources held out for validation.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--force", is_flag=True, help="Overwrite a finished run in OUT.")
 @_config_options
 def fit(
-    manifest_path: Path,
+    manifest_paths: tuple[Path, ...],
     out: Path,
     val_fraction: float | None,
     resume: bool,
@@ -151,8 +158,9 @@ def fit(
     if (out / "model.pt").exists() and not (force or resume):
         raise click.UsageError(f"{out} already holds a finished run (model.pt); pass --force to overwrite it")
     out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml", manifest=str(manifest_path), command=_command_line())
-    rows = select_rows(manifest_path, config)
+    manifest = ", ".join(map(str, manifest_paths))
+    save_config(config, out / "config.yaml", manifest=manifest, command=_command_line())
+    rows = select_rows(manifest_paths, config)
     held = set(config.val_sources) or validation_sources(rows, config.val_fraction, config.seed)
     images = images_for(rows, config)
     is_val = np.isin(images.sources, sorted(held))
@@ -162,7 +170,7 @@ def fit(
         f"from {len(held)} held-out sources; {len(images.failures)} files failed to decode"
     )
     network, history = fit_network(config, train_set, val_set, out, resume=resume)
-    spec = config.spec(training=training_summary(train_set, config, manifest_path))
+    spec = config.spec(training=training_summary(train_set, config, manifest_paths))
     if val_set is not None:
         logits = predict_logits(network, val_set)
         temperature = fit_temperature(logits, label_indices(val_set, spec))

@@ -21,13 +21,17 @@ from train.metrics import format_metrics_table, plot_confusion
 log = logging.getLogger(__name__)
 
 
-def select_rows(manifest: Path, config: FitConfig) -> list[ManifestRow]:
+def select_rows(manifest: Path | Sequence[Path], config: FitConfig) -> list[ManifestRow]:
     """Manifest rows with a configured label, thinned to ``limit_per_label`` for smoke runs.
+
+    ``manifest`` may be several manifests (a corpus and ``sorter export --reviewed``): their
+    rows are read in order, each path against its own manifest's folder.
 
     Thinning keeps evenly spaced rows of each label's group-sorted list, so a
     small run still sees many sources.
     """
-    rows = [row for row in read_manifest(manifest) if str(row.label) in config.labels]
+    paths = [manifest] if isinstance(manifest, Path) else list(manifest)
+    rows = [row for path in paths for row in read_manifest(path) if str(row.label) in config.labels]
     if not config.limit_per_label:
         return rows
     by_label: dict[str, list[ManifestRow]] = defaultdict(list)
@@ -57,13 +61,13 @@ def images_for(
     return images
 
 
-def training_summary(images: ImageSet, config: FitConfig, manifest: Path) -> dict[str, Any]:
+def training_summary(images: ImageSet, config: FitConfig, manifest: Path | Sequence[Path]) -> dict[str, Any]:
     """What the model was trained on, for the artefact and the model card."""
     sources: dict[str, set[str]] = defaultdict(set)
     for label, source in zip(images.labels, images.sources, strict=True):
         sources[str(label)].add(str(source))
     return {
-        "manifest": str(manifest),
+        "manifest": str(manifest) if isinstance(manifest, Path) else ", ".join(map(str, manifest)),
         "images_per_label": dict(sorted(Counter(str(v) for v in images.labels).items())),
         "files": len(np.unique(images.rows)),
         "sources_per_label": {k: sorted(v) for k, v in sorted(sources.items())},
