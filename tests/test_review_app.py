@@ -285,3 +285,33 @@ def test_the_loop_scan_review_export_fit_reclassify(sqlite_url, corpus, tmp_path
         f"WHERE series_instance_uid = '{uids['ct_labelled_mr']}'",
     )
     assert len(shown) == 1 and shown[0].review_decision == "confirm"
+
+
+def test_without_a_login_only_loopback_host_names_are_served(scanned):
+    """DNS rebinding: a page on evil.example that resolves itself to 127.0.0.1 sends Host:
+    evil.example; without a login only loopback names (and the bound address) are served."""
+    url, _uids = scanned
+    access = Access(reviewer="ana", allowed_hosts=("127.0.0.1", "localhost"))
+    client = _client(url, access)
+    assert client.get("/", headers={"host": "evil.example:8080"}).status_code == 400
+    assert client.get("/", headers={"host": "127.0.0.1:8080"}).status_code == 200
+
+
+def test_scripts_review_through_the_json_api(scanned):
+    url, uids = scanned
+    token = "s3cret-token-of-some-length"
+    client = _client(url, Access(token=token, reviewer="script"))
+    bearer = TestClient(client.app, headers={"authorization": f"Bearer {token}"})
+    body = {"level": "series", "uid": uids["ct_labelled_mr"], "decision": "confirm", "label": "CT"}
+    response = bearer.post("/api/review", json=body)
+    assert response.status_code == 200 and len(response.json()["recorded"]) == 1
+    assert (
+        bearer.post("/api/review", json={**body, "label": "MR"}).json()["error"].startswith("confirm means")
+    )
+    # a cookie client (the page's own script) needs the CSRF token
+    local = _client(url)
+    assert local.post("/api/review", json=body, headers=ORIGIN).status_code == 403
+    csrf = local.get("/api/csrf").json()["csrf"]
+    ok = local.post("/api/review", json=body, headers={**ORIGIN, "x-csrf-token": csrf})
+    assert ok.status_code == 200
+    assert [r.reviewer for r in query(url, "SELECT reviewer FROM reviews ORDER BY id")] == ["script", "ana"]

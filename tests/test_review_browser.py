@@ -146,6 +146,8 @@ def test_a_reviewer_finds_the_mislabelled_series_and_confirms_it(server, browser
         )
     )
     wait.until(lambda d: _images_loaded(d, ".thumb img"))
+    if shots:
+        driver.save_screenshot(str(Path(shots) / "review-gradcam.png"))
 
     body.send_keys("1")  # the first label, CT
     assert driver.find_element(By.ID, "true-label").get_attribute("value") == "CT"

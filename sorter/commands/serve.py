@@ -51,7 +51,7 @@ def serve(
     try:
         import uvicorn
 
-        from sorter.review.security import Access, is_loopback
+        from sorter.review.security import LOOPBACK_HOSTS, Access, is_loopback
         from sorter.review.web import create_app
     except ImportError as exc:
         raise click.ClickException(f"the review page needs {exc.name}: pip install 'dicom-sorter'") from exc
@@ -68,6 +68,8 @@ def serve(
             f"refusing to serve patients' images on {bind} without --token or --basic-auth "
             "(the page is open to anyone who can reach the address); bind 127.0.0.1 or set one"
         )
+    if not access.required:
+        access.allowed_hosts = tuple(dict.fromkeys([*LOOPBACK_HOSTS, bind]))
     with database(database_url) as (_engine, sessions):
         app = create_app(sessions, access)
         guard = "token" if token else ("basic auth" if basic_auth else "loopback only, no login")

@@ -50,6 +50,9 @@ class Access:
     basic_password: str | None = None
     #: Name recorded on decisions when basic auth does not name the reviewer.
     reviewer: str = "reviewer"
+    #: Host headers accepted (empty: any). Without a login, the loopback names only: a web page
+    #: that rebinds its own domain to 127.0.0.1 (DNS rebinding) must not read the pages.
+    allowed_hosts: tuple[str, ...] = ()
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
 
     @property
@@ -100,6 +103,10 @@ class Access:
     def check_csrf(self, session: str, candidate: str | None) -> bool:
         """Whether ``candidate`` is ``session``'s form token."""
         return bool(candidate) and hmac.compare_digest(candidate or "", self.csrf_token(session))
+
+
+#: Host names that reach a loopback bind.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 def same_origin(origin: str | None, referer: str | None, host: str | None) -> bool:

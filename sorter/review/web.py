@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -280,13 +281,20 @@ def create_app(sessions: sessionmaker[Session], access: Access) -> Starlette:
             body = await request.json()
         except ValueError:
             return JSONResponse({"error": "the body must be JSON"}, status_code=400)
-        if not access.check_csrf(request.state.session, request.headers.get("x-csrf-token")):
-            return JSONResponse({"error": "missing or wrong X-CSRF-Token"}, status_code=403)
+        # A bearer token is never sent by a browser on its own: only cookie and basic-auth
+        # clients, whose credentials are ambient, need the CSRF token (GET /api/csrf).
+        if not request.state.bearer and not access.check_csrf(
+            request.state.session, request.headers.get("x-csrf-token")
+        ):
+            return JSONResponse({"error": "missing or wrong X-CSRF-Token (GET /api/csrf)"}, status_code=403)
         try:
             ids = await run_in_threadpool(_decide, request, body)
         except store.ReviewError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         return JSONResponse({"recorded": ids})
+
+    def api_csrf(request: Request) -> Response:
+        return JSONResponse({"csrf": access.csrf_token(request.state.session)})
 
     async def login(request: Request) -> Response:
         if request.method == "GET":
@@ -311,11 +319,15 @@ def create_app(sessions: sessionmaker[Session], access: Access) -> Starlette:
         Route("/review", review_form, methods=["POST"]),
         Route("/api/queue", api_queue),
         Route("/api/review", api_review, methods=["POST"]),
+        Route("/api/csrf", api_csrf),
         Route("/login", login, methods=["GET", "POST"]),
         Route("/healthz", healthz),
         Mount("/static", StaticFiles(directory=str(_HERE / "static")), name="static"),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(_Guard, access=access)])
+    middleware = [Middleware(_Guard, access=access)]
+    if access.allowed_hosts:
+        middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=list(access.allowed_hosts)))
+    return Starlette(routes=routes, middleware=middleware)
 
 
 def _set_session(response: Response, value: str) -> None:
@@ -338,6 +350,7 @@ class _Guard(BaseHTTPMiddleware):
         cookie = request.cookies.get(SESSION_COOKIE)
         session_ok = access.valid_session(cookie)
         request.state.reviewer = access.reviewer
+        request.state.bearer = False
         if path == "/healthz" or path.startswith("/static/"):
             return _secured(await call_next(request))
         if access.basic_user:
@@ -354,7 +367,8 @@ class _Guard(BaseHTTPMiddleware):
         elif access.token and path != "/login":
             bearer = request.headers.get("authorization", "")
             if bearer.lower().startswith("bearer ") and access.check_token(bearer[7:].strip()):
-                cookie, session_ok = "bearer:" + access._sign(bearer[7:].strip()), True
+                cookie, session_ok = "bearer", True
+                request.state.bearer = True
             elif not session_ok:
                 if path.startswith("/api/"):
                     return _secured(JSONResponse({"error": "log in or send a bearer token"}, status_code=401))
@@ -366,7 +380,7 @@ class _Guard(BaseHTTPMiddleware):
         request.state.session = cookie or ""
         if request.method == "POST" and not (
             path == "/login"
-            or (request.headers.get("authorization", "").lower().startswith("bearer "))
+            or request.state.bearer
             or same_origin(
                 request.headers.get("origin"), request.headers.get("referer"), request.headers.get("host")
             )
