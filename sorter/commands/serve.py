@@ -52,6 +52,7 @@ def serve(
         import uvicorn
 
         from sorter.review.security import LOOPBACK_HOSTS, Access, is_loopback
+        from sorter.review.state import Refresher
         from sorter.review.web import create_app
     except ImportError as exc:
         raise click.ClickException(f"the review page needs {exc.name}: pip install 'dicom-sorter'") from exc
@@ -71,7 +72,12 @@ def serve(
     if not access.required:
         access.allowed_hosts = tuple(dict.fromkeys([*LOOPBACK_HOSTS, bind]))
     with database(database_url) as (_engine, sessions):
-        app = create_app(sessions, access)
+        refresher = Refresher()
+        with sessions() as session:  # the queue's summary: built once here, then kept current
+            built = refresher.ensure(session, force=True)
+        if built is not None:
+            click.echo(f"review queue {built.kind}: {built.series} series in {built.seconds:.1f} s", err=True)
+        app = create_app(sessions, access, refresher)
         guard = "token" if token else ("basic auth" if basic_auth else "loopback only, no login")
         click.echo(f"review page on http://{bind}:{port}/ ({guard}); Ctrl-C stops it", err=True)
         config = uvicorn.Config(app, host=bind, port=port, log_level="warning", access_log=False)

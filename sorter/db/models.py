@@ -153,6 +153,8 @@ class Instance(Base):
         sa.Index("ix_instances_study_instance_uid", "study_instance_uid"),
         sa.Index("ix_instances_prediction_id", "prediction_id"),
         sa.Index("ix_instances_source", "source"),
+        # What changed since the review queue's last refresh (sorter.review.state, migration 0008).
+        sa.Index("ix_instances_updated_at", "updated_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -305,3 +307,30 @@ class Review(Base):
     via: Mapped[str | None] = mapped_column(sa.String(16))  # "study" when a study decision wrote it
     is_current: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.true())
     created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
+
+
+class SeriesState(Base):
+    """The review queue's summary of one series: the series view's row for the active model when
+    it was computed (:mod:`sorter.review.state` keeps it current; migration 0008)."""
+
+    __tablename__ = "series_state"
+    __table_args__ = (
+        sa.Index("ix_series_state_verdict_series", "verdict", "series_instance_uid"),
+        sa.Index("ix_series_state_verdict_study", "verdict", "study_instance_uid"),
+    )
+
+    series_instance_uid: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(sa.String(64))
+    source: Mapped[str | None] = mapped_column(sa.String(255))
+    station_name: Mapped[str | None] = mapped_column(sa.String(64))
+    header_modality: Mapped[str | None] = mapped_column(sa.String(16))
+    header_label: Mapped[str | None] = mapped_column(sa.String(16))
+    label: Mapped[str | None] = mapped_column(sa.String(16))
+    confidence: Mapped[float | None] = mapped_column(sa.Float)
+    second_confidence: Mapped[float | None] = mapped_column(sa.Float)
+    n_instances: Mapped[int] = mapped_column(sa.Integer)
+    n_disagree: Mapped[int] = mapped_column(sa.Integer)
+    n_uncertain: Mapped[int] = mapped_column(sa.Integer)
+    verdict: Mapped[str | None] = mapped_column(sa.String(16))
+    model_id: Mapped[int | None] = mapped_column(sa.Integer)
+    computed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))

@@ -1,19 +1,16 @@
 """Reviews in the database: decisions on discrepancies, the review queue, and what reviews measured.
 
 The queue is paged by key (a series or study UID, or an instance's confidence and id), never by
-offset, so that page 1 000 of a 10-million-instance archive costs what page 1 does. The series
-and study lists start from the instances whose shown prediction is not ``agree`` (an index walk)
-and compute the series view only for the next batch of candidates: a series whose instances all
-agree cannot disagree as a series (its mean probability of the header label passes the same
-threshold each instance passed), so no discrepancy is missed, and the views' aggregate over the
-whole archive is never computed for a page.
+offset, so that page 1 000 of a 10-million-instance archive costs what page 1 does. Series and
+study lists read ``series_state`` (:mod:`sorter.review.state`, the series view kept current
+incrementally) joined with the current decisions; instance lists read the views directly (an
+index walk). A series page and a decision read the views live.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -21,8 +18,9 @@ from sqlalchemy.orm import Session
 
 from sorter.db import views
 from sorter.db.models import Review
-from sorter.db.queries import active_model, instances, predictions
+from sorter.db.queries import active_model, instances
 from sorter.domain import Label, Verdict
+from sorter.review import state
 
 LEVELS = ("series", "study", "instance")
 DECISIONS = ("confirm", "reject", "skip")
@@ -30,8 +28,6 @@ DECISIONS = ("confirm", "reject", "skip")
 REVIEW_STATES = ("unreviewed", "reviewed", "confirm", "reject", "skip", "any")
 #: Verdicts a queue may list.
 QUEUE_VERDICTS = (Verdict.DISAGREE.value, Verdict.UNCERTAIN.value)
-#: Candidate series (or studies) tried per round while filling a page.
-_BATCH = 400
 
 
 class ReviewError(ValueError):
@@ -80,7 +76,7 @@ def _review_clause(column: sa.ColumnElement[Any], state: str) -> sa.ColumnElemen
     return column == state
 
 
-def _where(table: sa.TableClause, filters: Filters, confidence: str = "confidence") -> list[Any]:
+def _where(table: sa.TableClause | sa.Subquery, filters: Filters) -> list[Any]:
     c = table.c
     clauses: list[Any] = [c.verdict == filters.verdict]
     if filters.label:
@@ -90,28 +86,11 @@ def _where(table: sa.TableClause, filters: Filters, confidence: str = "confidenc
     if filters.source:
         clauses.append(c.source == filters.source)
     if filters.min_confidence:
-        clauses.append(c[confidence] >= filters.min_confidence)
+        clauses.append(c.confidence >= filters.min_confidence)
     review = _review_clause(c.review_decision, filters.review)
     if review is not None:
         clauses.append(review)
     return clauses
-
-
-def _candidates(session: Session, column: sa.Column[Any], after: str, filters: Filters) -> list[str]:
-    """The next :data:`_BATCH` distinct values of ``column`` (series or study UID) after ``after``
-    among instances whose shown prediction is not ``agree``."""
-    i, p = instances.c, predictions.c
-    stmt = (
-        sa.select(column)
-        .select_from(instances.join(predictions, p.id == i.prediction_id))
-        .where(p.verdict != Verdict.AGREE.value, column.is_not(None), column > after)
-        .group_by(column)
-        .order_by(column)
-        .limit(_BATCH)
-    )
-    if filters.source:  # exact at instance level too: the series view's source is MAX(source)
-        stmt = stmt.where(i.source == filters.source)
-    return [str(v) for v in session.execute(stmt).scalars()]
 
 
 def series_rows(session: Session, series_uids: Sequence[str]) -> list[dict[str, Any]]:
@@ -134,58 +113,93 @@ def queue(session: Session, level: str, filters: Filters, after: str | None = No
     return _study_page(session, filters, after or "", limit)
 
 
-def _series_page(session: Session, filters: Filters, after: str, limit: int) -> Page:
-    ss = views.series_summary
-    page = Page()
-    while True:
-        batch = _candidates(session, instances.c.series_instance_uid, after, filters)
-        if not batch:
-            return page
-        stmt = (
-            sa.select(ss)
-            .where(ss.c.series_instance_uid.in_(batch), *_where(ss, filters))
-            .order_by(ss.c.series_instance_uid)
+def _queued() -> sa.Subquery:
+    """``series_state`` with each series' current decision (joined live: a decision shows at once)."""
+    st = state.table
+    review = sa.case(
+        (Review.decision == "confirm", Review.label), (Review.decision == "reject", st.c.header_label)
+    )
+    joined = st.outerjoin(
+        Review.__table__,
+        sa.and_(
+            Review.is_current.is_(True), Review.level == "series", Review.uid == st.c.series_instance_uid
+        ),
+    )
+    return (
+        sa.select(
+            st,
+            Review.decision.label("review_decision"),
+            review.label("review_label"),
+            Review.created_at.label("reviewed_at"),
         )
-        for row in session.execute(stmt):
-            if len(page.rows) == limit:
-                page.next_after = page.rows[-1]["series_instance_uid"]
-                return page
-            page.rows.append(dict(row._mapping))
-        after = batch[-1]
+        .select_from(joined)
+        .subquery("queued")
+    )
+
+
+def _series_page(session: Session, filters: Filters, after: str, limit: int) -> Page:
+    q = _queued()
+    stmt = (
+        sa.select(q)
+        .where(*_where(q, filters), q.c.series_instance_uid > after)
+        .order_by(q.c.series_instance_uid)
+        .limit(limit + 1)
+    )
+    rows = [dict(r._mapping) for r in session.execute(stmt)]
+    page = Page(rows=rows[:limit])
+    if len(rows) > limit:
+        page.next_after = rows[limit - 1]["series_instance_uid"]
+    return page
 
 
 def _study_page(session: Session, filters: Filters, after: str, limit: int) -> Page:
-    page = Page()
-    while True:
-        batch = _candidates(session, instances.c.study_instance_uid, after, filters)
-        if not batch:
-            return page
-        for study in study_rows(session, batch):
-            if not _study_matches(study, filters):
-                continue
-            if len(page.rows) == limit:
-                page.next_after = page.rows[-1]["study_instance_uid"]
-                return page
-            page.rows.append(study)
-        after = batch[-1]
+    """Studies with a series that the filters match, keyed by study UID; each with all its series."""
+    q = _queued()
+    studies = [
+        str(uid)
+        for uid in session.execute(
+            sa.select(q.c.study_instance_uid)
+            .where(*_where(q, filters), q.c.study_instance_uid > after)
+            .group_by(q.c.study_instance_uid)
+            .order_by(q.c.study_instance_uid)
+            .limit(limit + 1)
+        ).scalars()
+    ]
+    series = session.execute(sa.select(q).where(q.c.study_instance_uid.in_(studies[:limit])))
+    page = Page(rows=_studies([dict(r._mapping) for r in series], filters.verdict))
+    if len(studies) > limit:
+        page.next_after = studies[limit - 1]
+    return page
 
 
 def study_rows(session: Session, study_uids: Sequence[str]) -> list[dict[str, Any]]:
-    """Studies ``study_uids`` summarised from their series' rows, in UID order."""
+    """Studies ``study_uids`` summarised from their series' live rows (the views), in UID order."""
     i = instances.c
     uids = (
         sa.select(i.series_instance_uid)
         .where(i.study_instance_uid.in_(list(study_uids)), i.series_instance_uid.is_not(None))
         .distinct()
     )
+    return _studies(series_rows(session, [str(u) for u in session.execute(uids).scalars()]))
+
+
+def _studies(
+    series_rows_: Sequence[dict[str, Any]], verdict: str = Verdict.DISAGREE.value
+) -> list[dict[str, Any]]:
+    """Study rows from series rows: counts, labels, and the state of the series the queue shows
+    (those with ``verdict``; ``disagree`` ones first when no verdict is asked for)."""
     by_study: dict[str, list[dict[str, Any]]] = {}
-    for row in series_rows(session, [str(u) for u in session.execute(uids).scalars()]):
+    for row in series_rows_:
         by_study.setdefault(row["study_instance_uid"], []).append(row)
     out = []
     for uid in sorted(by_study):
         series = sorted(by_study[uid], key=lambda r: r["series_instance_uid"])
         flagged = [s for s in series if s["verdict"] == Verdict.DISAGREE.value]
-        shown = flagged or [s for s in series if s["verdict"] == Verdict.UNCERTAIN.value]
+        shown = (
+            [s for s in series if s["verdict"] == verdict]
+            or flagged
+            or [s for s in series if s["verdict"] == Verdict.UNCERTAIN.value]
+        )
         out.append(
             {
                 "study_instance_uid": uid,
@@ -209,30 +223,6 @@ def _study_decision(series: Sequence[dict[str, Any]]) -> str | None:
     """A study's review state: its flagged series' decision when they all share one."""
     decisions = {s["review_decision"] for s in series}
     return decisions.pop() if len(decisions) == 1 else None
-
-
-def _study_matches(study: dict[str, Any], filters: Filters) -> bool:
-    if filters.verdict == Verdict.DISAGREE.value and not study["n_series_disagree"]:
-        return False
-    if filters.verdict == Verdict.UNCERTAIN.value and (
-        study["n_series_disagree"] or not study["n_series_uncertain"]
-    ):
-        return False
-    if filters.label and filters.label not in study["labels"].split(","):
-        return False
-    if filters.header and filters.header not in study["header_labels"].split(","):
-        return False
-    if filters.source and study["source"] != filters.source:
-        return False
-    if (study["confidence"] or 0.0) < filters.min_confidence:
-        return False
-    state = filters.review
-    decision = study["review_decision"]
-    if state == "unreviewed":
-        return study["n_series_reviewed"] == 0
-    if state == "reviewed":
-        return decision in ("confirm", "reject")
-    return state == "any" or decision == state
 
 
 def _instance_page(session: Session, filters: Filters, after: str | None, limit: int) -> Page:
@@ -423,13 +413,3 @@ def review_counts(session: Session) -> dict[str, list[dict[str, Any]]]:
             }
         )
     return {"reviews": decisions, "review_precision": precision}
-
-
-def label_values(labels: Iterable[Label]) -> list[str]:
-    """Label values for a form's choices, in taxonomy order."""
-    return [label.value for label in labels]
-
-
-def last_review_time(session: Session) -> datetime | None:
-    """When the latest decision was recorded."""
-    return session.execute(sa.select(sa.func.max(Review.created_at))).scalar()

@@ -39,7 +39,7 @@ from sorter import reports
 from sorter.db.queries import instances, models, predictions
 from sorter.dicom.headers import describe_series
 from sorter.domain import ALL_LABELS
-from sorter.review import render, store
+from sorter.review import render, state, store
 from sorter.review.security import SESSION_COOKIE, Access, same_origin
 from sorter.status import pipeline_status
 
@@ -70,12 +70,11 @@ class _Overview:
     def get(self, sessions: sessionmaker[Session], refresh: bool = False) -> dict[str, Any]:
         with self._lock:
             if refresh or self._value is None or time.monotonic() - self._at > OVERVIEW_TTL_S:
-                with sessions() as session:
-                    value = reports.report(session)
-                    value["status"] = pipeline_status(session)  # type: ignore[assignment]
-                    value.update(store.review_counts(session))
+                with sessions() as session:  # sorter report's sections, sorter status, reviews
+                    value: dict[str, Any] = dict(reports.report(session))
+                    value["status"] = pipeline_status(session)
+                value["computed_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
                 self._value, self._at = value, time.monotonic()
-                value["computed_at"] = time.strftime("%Y-%m-%d %H:%M:%S")  # type: ignore[assignment]
             return self._value
 
 
@@ -111,10 +110,21 @@ def _query(filters: store.Filters, **extra: Any) -> str:
     return urlencode({k: v for k, v in values.items() if v not in ("", None)})
 
 
-def create_app(sessions: sessionmaker[Session], access: Access) -> Starlette:
-    """The review app over ``sessions``' database, with ``access`` guarding it."""
+def create_app(
+    sessions: sessionmaker[Session], access: Access, refresher: state.Refresher | None = None
+) -> Starlette:
+    """The review app over ``sessions``' database, with ``access`` guarding it; ``refresher`` keeps
+    the queue's summary table current (a new one when not given)."""
     templates = Jinja2Templates(directory=str(_HERE / "templates"))
     overview_cache = _Overview()
+    refresher = refresher or state.Refresher()
+
+    def queue(
+        session: Session, level: str, filters: store.Filters, after: str | None, limit: int
+    ) -> store.Page:
+        if level != "instance":
+            refresher.ensure(session)
+        return store.queue(session, level, filters, after, limit)
 
     def page(request: Request, name: str, context: dict[str, Any], status_code: int = 200) -> Response:
         session_id = request.state.session
@@ -136,9 +146,7 @@ def create_app(sessions: sessionmaker[Session], access: Access) -> Starlette:
         try:
             filters = _filters(request.query_params)
             with sessions() as session:
-                result = store.queue(
-                    session, level, filters, request.query_params.get("after") or None, PAGE_SIZE
-                )
+                result = queue(session, level, filters, request.query_params.get("after") or None, PAGE_SIZE)
         except store.ReviewError as exc:
             return page(request, "error.html", {"message": str(exc)}, 400)
         return page(
@@ -170,7 +178,7 @@ def create_app(sessions: sessionmaker[Session], access: Access) -> Starlette:
                 return page(request, "error.html", {"message": "No classified series with that UID."}, 404)
             members = store.series_instances(session, uid)
             shown = store.evenly_spaced(members, THUMBNAILS)
-            following = store.queue(session, "series", filters, uid, 1).rows
+            following = queue(session, "series", filters, uid, 1).rows
             past = store.history(session, series_uid=uid)
             study = rows[0]["study_instance_uid"]
             siblings = store.study_rows(session, [study])[0]["series"] if study else []
@@ -263,7 +271,7 @@ def create_app(sessions: sessionmaker[Session], access: Access) -> Starlette:
         try:
             filters = _filters(request.query_params)
             with sessions() as session:
-                result = store.queue(
+                result = queue(
                     session,
                     request.query_params.get("level") or "series",
                     filters,
@@ -373,11 +381,12 @@ class _Guard(BaseHTTPMiddleware):
                 if path.startswith("/api/"):
                     return _secured(JSONResponse({"error": "log in or send a bearer token"}, status_code=401))
                 return _secured(RedirectResponse("/login", status_code=303))
-        issue = not session_ok and not access.token  # without a token every client gets a session
-        if issue or (access.token and path == "/login" and not session_ok):
+        # Without a token every client gets a session on its first request (the CSRF tokens bind
+        # to it); with one, only /login issues sessions.
+        issue = not session_ok and not access.token
+        if issue:
             cookie = access.new_session()
-            issue = True
-        request.state.session = cookie or ""
+        request.state.session = (cookie or "") if session_ok or issue else ""
         if request.method == "POST" and not (
             path == "/login"
             or request.state.bearer
@@ -387,7 +396,7 @@ class _Guard(BaseHTTPMiddleware):
         ):
             return _secured(Response("Cross-origin request refused.\n", status_code=403))
         response = await call_next(request)
-        if issue and path != "/login":
+        if issue:
             _set_session(response, request.state.session)
         return _secured(response)
 

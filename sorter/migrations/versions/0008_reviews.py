@@ -6,6 +6,11 @@ the prediction the reviewer was shown. Rows are never deleted: a later decision 
 clears ``is_current`` on the earlier one, so the table is also the audit trail. A study decision
 is written as one row per series it covers (``via = 'study'``).
 
+``series_state`` is the review queue's summary of every series (the series view's row, with the
+active model it was computed for and when): ``sorter serve`` refreshes it incrementally from the
+instances changed since (``ix_instances_updated_at``), so that a queue page on an archive of
+millions of instances reads a few rows instead of aggregating the archive.
+
 ``latest_predictions`` gains the instance's review state (its own decision, else its series'):
 ``review_decision`` and ``review_label`` (the reviewer's label on confirm, the header's on
 reject). ``series_summary`` gains the series' state, ``study_summary`` counts reviewed series.
@@ -96,7 +101,7 @@ def _drop_views() -> None:
 
 
 def upgrade() -> None:
-    """Create the table and recreate the views with the review state."""
+    """Create the tables and recreate the views with the review state."""
     big_id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
     _drop_views()
     op.create_table(
@@ -135,13 +140,36 @@ def upgrade() -> None:
         sqlite_where=sa.text("is_current"),
     )
     op.create_index("ix_reviews_study_instance_uid", "reviews", ["study_instance_uid"])
+    op.create_table(
+        "series_state",
+        sa.Column("series_instance_uid", sa.String(64), primary_key=True),
+        sa.Column("study_instance_uid", sa.String(64), nullable=True),
+        sa.Column("source", sa.String(255), nullable=True),
+        sa.Column("station_name", sa.String(64), nullable=True),
+        sa.Column("header_modality", sa.String(16), nullable=True),
+        sa.Column("header_label", sa.String(16), nullable=True),
+        sa.Column("label", sa.String(16), nullable=True),
+        sa.Column("confidence", sa.Float(), nullable=True),
+        sa.Column("second_confidence", sa.Float(), nullable=True),
+        sa.Column("n_instances", sa.Integer(), nullable=False),
+        sa.Column("n_disagree", sa.Integer(), nullable=False),
+        sa.Column("n_uncertain", sa.Integer(), nullable=False),
+        sa.Column("verdict", sa.String(16), nullable=True),
+        sa.Column("model_id", sa.Integer(), nullable=True),
+        sa.Column("computed_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    op.create_index("ix_series_state_verdict_series", "series_state", ["verdict", "series_instance_uid"])
+    op.create_index("ix_series_state_verdict_study", "series_state", ["verdict", "study_instance_uid"])
+    op.create_index("ix_instances_updated_at", "instances", ["updated_at"])
     for name, sql in _views(reviews=True):
         op.execute(f"CREATE VIEW {name} AS {sql}")
 
 
 def downgrade() -> None:
-    """Recreate the views as 0004 made them and drop the table (the decisions are lost)."""
+    """Recreate the views as 0004 made them and drop the tables (the decisions are lost)."""
     _drop_views()
+    op.drop_index("ix_instances_updated_at", table_name="instances")
+    op.drop_table("series_state")
     op.drop_table("reviews")
     for name, sql in _views(reviews=False):
         op.execute(f"CREATE VIEW {name} AS {sql}")
