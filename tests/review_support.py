@@ -21,14 +21,20 @@ SERIES = {
 }
 
 
-def make_archive(corpus: Path, root: Path) -> dict[str, str]:
-    """Write the archive under ``root``; return series (and study) name -> UID."""
-    studies = {study: generate_uid() for _, _, study in SERIES.values()}
+def make_archive(
+    corpus: Path,
+    root: Path,
+    series: dict[str, tuple[str, str, str]] = SERIES,
+    per_series: int = PER_SERIES,
+) -> dict[str, str]:
+    """Write ``series`` (name -> corpus folder, header Modality, study) under ``root``, ``per_series``
+    files each under new UIDs; return series (and study) name -> UID."""
+    studies = {study: generate_uid() for _, _, study in series.values()}
     uids: dict[str, str] = dict(studies)
-    for name, (folder, modality, study) in SERIES.items():
+    for name, (folder, modality, study) in series.items():
         uids[name] = generate_uid()
-        sources = sorted((corpus / folder).glob("*.dcm"))[:PER_SERIES]
-        assert len(sources) == PER_SERIES, f"corpus folder {folder} changed"
+        sources = sorted((corpus / folder).glob("*.dcm"))[:per_series]
+        assert len(sources) == per_series, f"corpus folder {folder} changed"
         for source in sources:
             copy_dicom(
                 source, root / name / source.name, series=uids[name], study=studies[study], modality=modality

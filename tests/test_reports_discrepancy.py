@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from db_support import copy_dicom, pydicom_file, query, scan, sorter, truncate
-from pydicom.uid import generate_uid
+from review_support import make_archive
 
 from sorter.cli import main
 from sorter.model.artefact import DEFAULT_MODEL_PATH
@@ -45,23 +45,8 @@ pytestmark = [
 
 @pytest.fixture()
 def altered_archive(corpus: Path, tmp_path: Path) -> dict[str, str]:
-    """Copy each series under new UIDs; return series name -> Series Instance UID."""
-    studies = {study: generate_uid() for _, _, study in SERIES.values()}
-    uids: dict[str, str] = {}
-    for name, (folder, modality, study) in SERIES.items():
-        uids[name] = generate_uid()
-        sources = sorted((corpus / folder).glob("*.dcm"))[:PER_SERIES]
-        assert len(sources) == PER_SERIES, f"corpus folder {folder} changed"
-        for source in sources:
-            copy_dicom(
-                source,
-                tmp_path / "archive" / name / source.name,
-                series=uids[name],
-                study=studies[study],
-                modality=modality,
-            )
-    uids.update(studies)
-    return uids
+    """Copy each series under new UIDs; return series (and study) name -> UID."""
+    return make_archive(corpus, tmp_path / "archive", SERIES, PER_SERIES)
 
 
 def test_altered_series_and_their_studies_are_flagged_and_honest_ones_are_not(

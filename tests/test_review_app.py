@@ -43,6 +43,13 @@ def _client(url: str, access: Access | None = None) -> TestClient:
     return TestClient(create_app(sessions, access or Access(reviewer="ana")))
 
 
+def _decide(client: TestClient, uid: str, decision: str, level: str = "series", **form: str):
+    """Post a decision from the series page's own form (its CSRF token, the page's origin)."""
+    page = client.get(f"/series/{uid}")
+    data = {"csrf": _csrf(page.text), "level": level, "uid": uid, "decision": decision, **form}
+    return client.post("/review", data=data, headers=ORIGIN, follow_redirects=False)
+
+
 def _csrf(html: str) -> str:
     match = re.search(r'name="csrf" value="([0-9a-f]+)"', html)
     assert match, "no CSRF token in the page"
@@ -70,19 +77,7 @@ def test_queue_series_page_thumbnails_and_a_confirmed_decision(scanned):
     assert image.size == (256, 256) and len(np.unique(np.asarray(image))) > 20  # a picture, not a flat square
     assert "Modality" in page.text and "CT Image Storage" in page.text
 
-    decided = client.post(
-        "/review",
-        data={
-            "csrf": _csrf(page.text),
-            "level": "series",
-            "uid": uids["ct_labelled_mr"],
-            "decision": "confirm",
-            "label": "CT",
-            "note": "CT slices",
-        },
-        headers=ORIGIN,
-        follow_redirects=False,
-    )
+    decided = _decide(client, uids["ct_labelled_mr"], "confirm", label="CT", note="CT slices")
     assert decided.status_code == 303, decided.text
     [row] = query(url, "SELECT * FROM reviews")
     assert (row.level, row.uid, row.decision, row.label, row.reviewer) == (
@@ -111,17 +106,7 @@ def test_queue_series_page_thumbnails_and_a_confirmed_decision(scanned):
     assert uids["ct_labelled_mr"] not in listed
 
     # a second decision supersedes the first; both stay (the audit trail)
-    page = client.get(f"/series/{uids['ct_labelled_mr']}")
-    client.post(
-        "/review",
-        data={
-            "csrf": _csrf(page.text),
-            "level": "series",
-            "uid": uids["ct_labelled_mr"],
-            "decision": "reject",
-        },
-        headers=ORIGIN,
-    )
+    assert _decide(client, uids["ct_labelled_mr"], "reject").status_code == 303
     rows = query(url, "SELECT decision, is_current, label FROM reviews ORDER BY id")
     assert [(r.decision, bool(r.is_current), r.label) for r in rows] == [
         ("confirm", False, "CT"),
@@ -132,17 +117,7 @@ def test_queue_series_page_thumbnails_and_a_confirmed_decision(scanned):
 def test_export_reviewed_writes_the_reviewers_labels(scanned, tmp_path):
     url, uids = scanned
     client = _client(url)
-    page = client.get(f"/series/{uids['ct_labelled_mr']}")
-    client.post(
-        "/review",
-        data={
-            "csrf": _csrf(page.text),
-            "level": "series",
-            "uid": uids["ct_labelled_mr"],
-            "decision": "confirm",
-        },
-        headers=ORIGIN,
-    )
+    assert _decide(client, uids["ct_labelled_mr"], "confirm").status_code == 303
     out = tmp_path / "reviewed.csv"
     sorter("export", "--reviewed", "--out", str(out), url=url)
     rows = list(csv.DictReader(out.open()))
@@ -156,13 +131,8 @@ def test_a_study_decision_covers_its_flagged_series_only(scanned):
     url, uids = scanned
     client = _client(url)
     page = client.get(f"/series/{uids['ct_labelled_mr']}")
-    response = client.post(
-        "/review",
-        data={"csrf": _csrf(page.text), "level": "study", "uid": uids["study_x"], "decision": "reject"},
-        headers=ORIGIN,
-        follow_redirects=False,
-    )
-    assert response.status_code == 303
+    data = {"csrf": _csrf(page.text), "level": "study", "uid": uids["study_x"], "decision": "reject"}
+    assert client.post("/review", data=data, headers=ORIGIN, follow_redirects=False).status_code == 303
     rows = query(url, "SELECT uid, via, decision FROM reviews")
     assert [(r.uid, r.via, r.decision) for r in rows] == [(uids["ct_labelled_mr"], "study", "reject")]
 
@@ -218,13 +188,7 @@ def test_basic_auth_names_the_reviewer(scanned):
     client = _client(url, access)
     assert client.get("/").status_code == 401
     client.auth = ("bo", "pw-long-enough")
-    page = client.get(f"/series/{uids['ct_labelled_mr']}")
-    assert page.status_code == 200
-    client.post(
-        "/review",
-        data={"csrf": _csrf(page.text), "level": "series", "uid": uids["ct_labelled_mr"], "decision": "skip"},
-        headers=ORIGIN,
-    )
+    assert _decide(client, uids["ct_labelled_mr"], "skip").status_code == 303
     assert [r.reviewer for r in query(url, "SELECT reviewer FROM reviews")] == ["bo"]
 
 
@@ -260,9 +224,7 @@ def test_the_loop_scan_review_export_fit_reclassify(sqlite_url, corpus, tmp_path
     uids = make_archive(corpus, tmp_path / "archive")
     scan(sqlite_url, DEFAULT_MODEL_PATH, tmp_path / "archive", tmp=tmp_path)
     client = _client(sqlite_url)
-    page = client.get(f"/series/{uids['ct_labelled_mr']}")
-    form = {"csrf": _csrf(page.text), "level": "series", "uid": uids["ct_labelled_mr"], "decision": "confirm"}
-    assert client.post("/review", data=form, headers=ORIGIN, follow_redirects=False).status_code == 303
+    assert _decide(client, uids["ct_labelled_mr"], "confirm").status_code == 303
     reviewed = tmp_path / "export" / "reviewed.csv"
     sorter("export", "--reviewed", "--out", str(reviewed), url=sqlite_url)
 

@@ -37,23 +37,9 @@ log = logging.getLogger(__name__)
 MARGIN = timedelta(minutes=2)
 #: Series recomputed per statement.
 _CHUNK = 500
-#: The view's columns the table keeps, in the table's order.
-COLUMNS = (
-    "series_instance_uid",
-    "study_instance_uid",
-    "source",
-    "station_name",
-    "header_modality",
-    "header_label",
-    "label",
-    "confidence",
-    "second_confidence",
-    "n_instances",
-    "n_disagree",
-    "n_uncertain",
-    "verdict",
-)
 table = Base.metadata.tables["series_state"]
+#: The series view's columns the table keeps (all but its own bookkeeping), in the table's order.
+COLUMNS = tuple(c.name for c in table.columns if c.name not in ("model_id", "computed_at"))
 
 
 @dataclass(frozen=True)
@@ -99,14 +85,18 @@ def refresh(session: Session, prune: bool = True) -> Refreshed:
         count = session.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
         return Refreshed("rebuilt", int(count), time.monotonic() - started)
     since = last - MARGIN
-    changed = [
-        str(uid)
-        for uid in session.execute(
-            sa.select(instances.c.series_instance_uid)
-            .where(instances.c.updated_at >= since, instances.c.series_instance_uid.is_not(None))
-            .distinct()
-        ).scalars()
-    ]
+    # Deduplicated here, not with DISTINCT: with DISTINCT SQLite's planner walks the series index
+    # instead of ix_instances_updated_at (300 ms instead of milliseconds on a million instances).
+    changed = list(
+        dict.fromkeys(
+            str(uid)
+            for uid in session.execute(
+                sa.select(instances.c.series_instance_uid).where(
+                    instances.c.updated_at >= since, instances.c.series_instance_uid.is_not(None)
+                )
+            ).scalars()
+        )
+    )
     for start in range(0, len(changed), _CHUNK):
         chunk = changed[start : start + _CHUNK]
         session.execute(table.delete().where(table.c.series_instance_uid.in_(chunk)))
