@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import getpass
-import logging
 
 import click
 
 from sorter.commands.common import database, database_option
-
-log = logging.getLogger(__name__)
 
 
 @click.command()

@@ -287,6 +287,8 @@ class Review(Base):
             postgresql_where=sa.text("is_current"),
             sqlite_where=sa.text("is_current"),
         ),
+        # The views' joins: SQLite does not match `is_current = TRUE` to the partial index.
+        sa.Index("ix_reviews_level_uid", "level", "uid"),
         sa.Index("ix_reviews_study_instance_uid", "study_instance_uid"),
     )
 

@@ -139,6 +139,9 @@ def upgrade() -> None:
         postgresql_where=sa.text("is_current"),
         sqlite_where=sa.text("is_current"),
     )
+    # What the views' joins use: SQLite does not match `is_current = TRUE` to the partial index
+    # above and would scan the table for every instance.
+    op.create_index("ix_reviews_level_uid", "reviews", ["level", "uid"])
     op.create_index("ix_reviews_study_instance_uid", "reviews", ["study_instance_uid"])
     op.create_table(
         "series_state",
