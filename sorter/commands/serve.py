@@ -74,7 +74,7 @@ def serve(
             built = refresher.ensure(session, force=True)
         if built is not None:
             click.echo(f"review queue {built.kind}: {built.series} series in {built.seconds:.1f} s", err=True)
-        app = create_app(sessions, access, refresher)
+        app = create_app(sessions, access, refresher, overview_at_start=True)
         guard = "token" if token else ("basic auth" if basic_auth else "loopback only, no login")
         click.echo(f"review page on http://{bind}:{port}/ ({guard}); Ctrl-C stops it", err=True)
         config = uvicorn.Config(app, host=bind, port=port, log_level="warning", access_log=False)

@@ -49,7 +49,7 @@ _HERE = Path(__file__).parent
 #: Thumbnails on a series page.
 THUMBNAILS = 12
 PAGE_SIZE = 50
-#: The overview aggregates the whole archive: recomputed at most this often.
+#: The overview aggregates the whole archive: recomputed in the background when older than this.
 OVERVIEW_TTL_S = 60.0
 _SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
@@ -59,23 +59,55 @@ _SECURITY_HEADERS = {
 }
 
 
-class _Overview:
-    """The overview's numbers, cached for :data:`OVERVIEW_TTL_S` (they aggregate every row)."""
+class Overview:
+    """The overview's numbers: they aggregate every row (seconds on a million instances), so they
+    are computed in the background and served from the last result; one older than
+    :data:`OVERVIEW_TTL_S` is served while its successor is computed."""
 
-    def __init__(self) -> None:
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
         self._lock = threading.Lock()
         self._value: dict[str, Any] | None = None
         self._at = 0.0
+        self._running = False
+        self.error: str | None = None
 
-    def get(self, sessions: sessionmaker[Session], refresh: bool = False) -> dict[str, Any]:
+    def start(self) -> None:
+        """Compute in a background thread unless a computation is running."""
         with self._lock:
-            if refresh or self._value is None or time.monotonic() - self._at > OVERVIEW_TTL_S:
-                with sessions() as session:  # sorter report's sections, sorter status, reviews
-                    value: dict[str, Any] = dict(reports.report(session))
-                    value["status"] = pipeline_status(session)
-                value["computed_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
-                self._value, self._at = value, time.monotonic()
-            return self._value
+            if self._running:
+                return
+            self._running = True
+        threading.Thread(target=self._run, name="overview", daemon=True).start()
+
+    def compute(self) -> dict[str, Any]:
+        """Compute the numbers now, in this thread, and keep them."""
+        with self._sessions() as session:  # sorter report's sections, sorter status, reviews
+            value: dict[str, Any] = dict(reports.report(session))
+            value["status"] = pipeline_status(session)
+        value["computed_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        with self._lock:
+            self._value, self._at, self.error = value, time.monotonic(), None
+        return value
+
+    def _run(self) -> None:
+        try:
+            self.compute()
+        except Exception as exc:  # shown on the page; the next request tries again
+            log.warning("review page: the overview failed: %s", exc)
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            with self._lock:
+                self._running = False
+
+    def get(self, refresh: bool = False) -> dict[str, Any] | None:
+        """The latest numbers (``None`` before the first are ready); starts a new computation
+        when they are stale or ``refresh``."""
+        with self._lock:
+            value, age = self._value, time.monotonic() - self._at
+        if refresh or value is None or age > OVERVIEW_TTL_S:
+            self.start()
+        return value
 
 
 def _filters(params: Any) -> store.Filters:
@@ -111,12 +143,18 @@ def _query(filters: store.Filters, **extra: Any) -> str:
 
 
 def create_app(
-    sessions: sessionmaker[Session], access: Access, refresher: state.Refresher | None = None
+    sessions: sessionmaker[Session],
+    access: Access,
+    refresher: state.Refresher | None = None,
+    overview_at_start: bool = False,
 ) -> Starlette:
     """The review app over ``sessions``' database, with ``access`` guarding it; ``refresher`` keeps
-    the queue's summary table current (a new one when not given)."""
+    the queue's summary table current (a new one when not given). ``overview_at_start`` begins
+    computing the overview at once rather than on its first request."""
     templates = Jinja2Templates(directory=str(_HERE / "templates"))
-    overview_cache = _Overview()
+    overview_cache = Overview(sessions)
+    if overview_at_start:
+        overview_cache.start()
     refresher = refresher or state.Refresher()
 
     def queue(
@@ -139,7 +177,8 @@ def create_app(
 
     def overview(request: Request) -> Response:
         refresh = request.query_params.get("refresh") == "1"
-        return page(request, "overview.html", {"o": overview_cache.get(sessions, refresh)})
+        numbers = overview_cache.get(refresh)
+        return page(request, "overview.html", {"o": numbers, "error": overview_cache.error})
 
     def queue_page(request: Request) -> Response:
         level = request.query_params.get("level") or "series"
