@@ -7,6 +7,7 @@ commands can print them as a table, CSV or JSON. Long listings stream
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -99,6 +100,61 @@ def _rate_by(session: Session, column: str) -> list[dict[str, Any]]:
     return rows
 
 
+#: A source whose images with one header label the model refutes this often, over at least this
+#: many instances, is reported as a source-level discrepancy.
+CONTRADICTION_RATE = 0.5
+CONTRADICTION_MIN_INSTANCES = 10
+
+
+def source_contradictions(
+    session: Session,
+    min_instances: int = CONTRADICTION_MIN_INSTANCES,
+    min_rate: float = CONTRADICTION_RATE,
+) -> list[dict[str, Any]]:
+    """Sources, stations and calling AEs whose header label the model contradicts at a high rate.
+
+    A station that writes every SPECT as PT is no sporadic error: most of its PT-headed images
+    disagree, with one label in the pixels. Rows: ``by`` (source, station_name, calling_ae),
+    ``name``, ``header_label``, ``pixels`` (the label most of its disagreeing images show),
+    ``classified``, ``disagree`` and ``rate``, for every (name, header label) with at least
+    ``min_instances`` classified instances and a disagree rate of at least ``min_rate``,
+    highest rate first.
+    """
+    lp = views.latest_predictions
+    disagree = sa.func.sum(sa.case((lp.c.verdict == Verdict.DISAGREE.value, 1), else_=0))
+    out = []
+    for by in ("source", "station_name", "calling_ae"):
+        key = lp.c[by]
+        stmt = (
+            sa.select(key, lp.c.header_label, lp.c.label, sa.func.count(), disagree)
+            .where(key.is_not(None), lp.c.header_label.is_not(None))
+            .group_by(key, lp.c.header_label, lp.c.label)
+        )
+        totals: dict[tuple[str, str], list[int]] = {}
+        pixels: dict[tuple[str, str], Counter[str]] = {}
+        for name, header, label, n, n_disagree in session.execute(stmt):
+            group = (str(name), str(header))
+            counts = totals.setdefault(group, [0, 0])
+            counts[0] += int(n)
+            counts[1] += int(n_disagree or 0)
+            if n_disagree:
+                pixels.setdefault(group, Counter())[str(label)] += int(n_disagree)
+        for (name, header), (n, n_disagree) in totals.items():
+            if n >= min_instances and n_disagree / n >= min_rate:
+                out.append(
+                    {
+                        "by": by,
+                        "name": name,
+                        "header_label": header,
+                        "pixels": pixels[(name, header)].most_common(1)[0][0],
+                        "classified": n,
+                        "disagree": n_disagree,
+                        "rate": round(n_disagree / n, 4),
+                    }
+                )
+    return sorted(out, key=lambda r: (-r["rate"], r["by"], r["name"], r["header_label"]))
+
+
 def report(session: Session) -> dict[str, list[dict[str, Any]]]:
     """The whole database in a few tables.
 
@@ -107,7 +163,9 @@ def report(session: Session) -> dict[str, list[dict[str, Any]]]:
     dict
         Sections, each a list of rows: ``status`` (instances by status),
         ``labels`` (header label x predicted label), ``verdicts``, discrepancy
-        rates ``by_source``, ``by_station`` and ``by_calling_ae``, ``failures``
+        rates ``by_source``, ``by_station`` and ``by_calling_ae``, ``source_contradictions``
+        (sources whose header label the model refutes at a high rate, see
+        :func:`source_contradictions`), ``failures``
         (failed and skipped by reason), ``series`` and ``studies`` (verdict counts),
         ``reviews`` (current decisions by level) and ``review_precision`` (the model's
         precision on reviewed discrepancies, per predicted label; see
@@ -130,6 +188,7 @@ def report(session: Session) -> dict[str, list[dict[str, Any]]]:
         "by_source": _rate_by(session, "source"),
         "by_station": _rate_by(session, "station_name"),
         "by_calling_ae": _rate_by(session, "calling_ae"),
+        "source_contradictions": source_contradictions(session),
         "failures": _rows(
             session,
             sa.select(instances.c.status, instances.c.error, n)

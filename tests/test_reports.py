@@ -137,3 +137,26 @@ def test_reclassify_keeps_predictions_per_model_and_views_stay_on_the_active_mod
     assert {Path(r.path).name for r in latest} == {tiny_model.name}  # no switch behind the user's back
     sorter(*args, "--json-summary", str(summary), url=db_url)
     assert json.loads(summary.read_text())["classified"] == 0  # nothing left for this model
+
+
+def test_a_station_that_mislabels_systematically_is_reported(db_url):
+    """Station MR1 writes CT images as MR: all 3 of its MR-headed instances disagree (issue 18's
+    station-level discrepancy); the honest sources stay out."""
+    from sorter import reports
+    from sorter.db.session import open_database
+
+    synthetic_results(db_url)
+    engine, sessions = open_database(db_url)
+    try:
+        with sessions() as session:
+            rows = reports.source_contradictions(session, min_instances=3)
+            assert reports.source_contradictions(session) == []  # under the default 10 instances
+    finally:
+        engine.dispose()
+    found = {
+        (r["by"], r["name"], r["header_label"], r["pixels"], r["classified"], r["disagree"]) for r in rows
+    }
+    assert ("station_name", "MR1", "MR", "CT", 3, 3) in found
+    assert all(r["rate"] >= 0.5 for r in rows) and all(r["name"] not in ("siteB", "CT1") for r in rows)
+    data = json.loads(sorter("report", "--format", "json", url=db_url).output)
+    assert data["source_contradictions"] == []
