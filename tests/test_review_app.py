@@ -290,3 +290,17 @@ def test_scripts_review_through_the_json_api(scanned):
     ok = local.post("/api/review", json=body, headers={**ORIGIN, "x-csrf-token": csrf})
     assert ok.status_code == 200
     assert [r.reviewer for r in query(url, "SELECT reviewer FROM reviews ORDER BY id")] == ["script", "ana"]
+
+
+def test_a_database_failure_is_a_503_with_one_line_not_a_traceback(sqlite_url, caplog):
+    import sqlalchemy as sa
+
+    engine, sessions = open_database(sqlite_url)
+    with engine.begin() as connection:  # the queue's table gone: every series page fails in SQL
+        connection.execute(sa.text("DROP TABLE series_state"))
+    client = TestClient(create_app(sessions, Access(reviewer="ana")), raise_server_exceptions=False)
+    page = client.get("/queue?level=series")
+    assert page.status_code == 503 and "not answering" in page.text
+    assert client.get("/api/queue").json()["error"].startswith("The results database")
+    assert "Traceback" not in caplog.text and "no such table" in caplog.text
+    engine.dispose()

@@ -371,10 +371,21 @@ def create_app(
         Route("/healthz", healthz),
         Mount("/static", StaticFiles(directory=str(_HERE / "static")), name="static"),
     ]
+
+    def database_down(request: Request, exc: Exception) -> Response:
+        # One line in the log and on the page, not a traceback: the database is the usual cause.
+        log.warning("review page: %s failed: %s", request.url.path, str(exc).splitlines()[0][:200])
+        message = "The results database is not answering; try again in a moment."
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": message}, status_code=503)
+        return page(request, "error.html", {"message": message}, 503)
+
     middleware = [Middleware(_Guard, access=access)]
     if access.allowed_hosts:
         middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=list(access.allowed_hosts)))
-    return Starlette(routes=routes, middleware=middleware)
+    return Starlette(
+        routes=routes, middleware=middleware, exception_handlers={sa.exc.DBAPIError: database_down}
+    )
 
 
 def _set_session(response: Response, value: str) -> None:
