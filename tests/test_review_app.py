@@ -304,3 +304,15 @@ def test_a_database_failure_is_a_503_with_one_line_not_a_traceback(sqlite_url, c
     assert client.get("/api/queue").json()["error"].startswith("The results database")
     assert "Traceback" not in caplog.text and "no such table" in caplog.text
     engine.dispose()
+
+
+def test_serve_says_in_one_line_when_it_cannot_read_the_database(sqlite_url):
+    import sqlalchemy as sa
+
+    engine, _sessions = open_database(sqlite_url)
+    with engine.begin() as connection:
+        connection.execute(sa.text("DROP TABLE series_state"))
+    engine.dispose()
+    result = sorter("serve", "--port", "1", url=sqlite_url, expect=1)
+    assert "cannot read the results database: no such table: series_state" in result.output
+    assert "Traceback" not in result.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 
 import click
+import sqlalchemy as sa
 
 from sorter.commands.common import database, database_option
 
@@ -70,8 +71,14 @@ def serve(
         access.allowed_hosts = tuple(dict.fromkeys([*LOOPBACK_HOSTS, bind]))
     with database(database_url) as (_engine, sessions):
         refresher = Refresher()
-        with sessions() as session:  # the queue's summary: built once here, then kept current
-            built = refresher.ensure(session, force=True)
+        try:
+            with sessions() as session:  # the queue's summary: built once here, then kept current
+                built = refresher.ensure(session, force=True)
+        except sa.exc.DBAPIError as exc:
+            first = str(exc.orig or exc).splitlines()[0]
+            raise click.ClickException(
+                f"cannot read the results database: {first} (is it migrated? sorter db check)"
+            ) from exc
         if built is not None:
             click.echo(f"review queue {built.kind}: {built.series} series in {built.seconds:.1f} s", err=True)
         app = create_app(sessions, access, refresher, overview_at_start=True)
