@@ -57,13 +57,17 @@ class ModelRecord:
 COLUMNS = ("active", "name", "sha256", "arch", "created", "predictions", "shown", "summary", "path")
 
 
+def is_bundled(path: str) -> bool:
+    """Whether a stored artefact path is the package's own model (in whatever install wrote it)."""
+    return tuple(PurePath(path).parts[-len(_BUNDLED) :]) == _BUNDLED
+
+
 def model_name(path: str | None, sha256: str) -> str:
     """``bundled`` for the package's own model, else the artefact's file name (its sha256 prefix
     when the path is unknown)."""
     if not path:
         return sha256[:12]
-    parts = PurePath(path).parts
-    if tuple(parts[-len(_BUNDLED) :]) == _BUNDLED:
+    if is_bundled(path):
         return "bundled"
     return PurePath(path).name
 

@@ -13,7 +13,7 @@ import dataclasses
 import io
 import threading
 from functools import lru_cache
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,6 @@ from sorter.model.spec import ModelSpec, PreprocessParams
 
 #: Thumbnail side in pixels.
 DISPLAY_SIZE = 256
-_BUNDLED = ("sorter", "model", "default", "model.pt")
 
 
 class RenderError(RuntimeError):
@@ -56,9 +55,10 @@ def thumbnail(path: str, spec: dict[str, Any] | None) -> bytes:
 
 def artefact_path(stored: str | None) -> Path:
     """Where the artefact of a ``models`` row lies: the bundled one in this install, else its path."""
+    from sorter.db.catalogue import is_bundled
     from sorter.model.artefact import DEFAULT_MODEL_PATH
 
-    if stored is None or tuple(PurePath(stored).parts[-len(_BUNDLED) :]) == _BUNDLED:
+    if stored is None or is_bundled(stored):
         return DEFAULT_MODEL_PATH
     return Path(stored)
 
