@@ -187,7 +187,7 @@ def _studies(
     series_rows_: Sequence[dict[str, Any]], verdict: str = Verdict.DISAGREE.value
 ) -> list[dict[str, Any]]:
     """Study rows from series rows: counts, labels, and the state of the series the queue shows
-    (those with ``verdict``; ``disagree`` ones first when no verdict is asked for)."""
+    (:func:`flagged_series`)."""
     by_study: dict[str, list[dict[str, Any]]] = {}
     for row in series_rows_:
         by_study.setdefault(row["study_instance_uid"], []).append(row)
@@ -195,11 +195,7 @@ def _studies(
     for uid in sorted(by_study):
         series = sorted(by_study[uid], key=lambda r: r["series_instance_uid"])
         flagged = [s for s in series if s["verdict"] == Verdict.DISAGREE.value]
-        shown = (
-            [s for s in series if s["verdict"] == verdict]
-            or flagged
-            or [s for s in series if s["verdict"] == Verdict.UNCERTAIN.value]
-        )
+        shown = flagged_series(series, verdict)
         out.append(
             {
                 "study_instance_uid": uid,
@@ -217,6 +213,18 @@ def _studies(
             }
         )
     return out
+
+
+def flagged_series(
+    series: Sequence[dict[str, Any]], verdict: str = Verdict.DISAGREE.value
+) -> list[dict[str, Any]]:
+    """The series of a study the queue shows and a study decision covers: those with ``verdict``,
+    else the ``disagree`` ones, else the ``uncertain`` ones."""
+
+    def having(wanted: str) -> list[dict[str, Any]]:
+        return [s for s in series if s["verdict"] == wanted]
+
+    return having(verdict) or having(Verdict.DISAGREE.value) or having(Verdict.UNCERTAIN.value)
 
 
 def _study_decision(series: Sequence[dict[str, Any]]) -> str | None:
@@ -310,10 +318,7 @@ def record(session: Session, decision: Decision) -> list[int]:
         studies = study_rows(session, [decision.uid])
         if not studies:
             raise ReviewError("no classified series in that study")
-        series = studies[0]["series"]
-        targets = [s for s in series if s["verdict"] == Verdict.DISAGREE.value] or [
-            s for s in series if s["verdict"] == Verdict.UNCERTAIN.value
-        ]
+        targets = flagged_series(studies[0]["series"])
         if not targets:
             raise ReviewError("that study has no series that disagrees or is uncertain")
         level, via = "series", "study"
