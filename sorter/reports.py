@@ -77,33 +77,94 @@ def _rows(session: Session, stmt: sa.Select[Any]) -> list[dict[str, Any]]:
     return [dict(row._mapping) for row in session.execute(stmt)]
 
 
-def _rate_by(session: Session, column: str) -> list[dict[str, Any]]:
+#: The columns discrepancy rates are broken down by, with their section names in ``report``.
+RATE_SECTIONS = {"source": "by_source", "station_name": "by_station", "calling_ae": "by_calling_ae"}
+#: ``(column value, header label, predicted label, instances, disagree, uncertain)`` rows.
+Groups = list[tuple[Any, Any, Any, int, int, int]]
+
+
+def _groups(session: Session, column: str) -> Groups:
+    """``(column value, header label, predicted label, instances, disagree, uncertain)`` over the
+    shown predictions, ordered by the column's value as the database orders it: one scan serves
+    both the rates by that column and its contradictions."""
     lp = views.latest_predictions
     key = lp.c[column]
-    disagree = sa.func.sum(sa.case((lp.c.verdict == Verdict.DISAGREE.value, 1), else_=0))
-    uncertain = sa.func.sum(sa.case((lp.c.verdict == Verdict.UNCERTAIN.value, 1), else_=0))
+
+    def count(verdict: Verdict) -> sa.ColumnElement[Any]:
+        return sa.func.sum(sa.case((lp.c.verdict == verdict.value, 1), else_=0))
+
     stmt = (
         sa.select(
-            key.label(column),
-            sa.func.count().label("classified"),
-            disagree.label("disagree"),
-            uncertain.label("uncertain"),
+            key,
+            lp.c.header_label,
+            lp.c.label,
+            sa.func.count(),
+            count(Verdict.DISAGREE),
+            count(Verdict.UNCERTAIN),
         )
-        .group_by(key)
-        .order_by(disagree.desc(), key)
+        .group_by(key, lp.c.header_label, lp.c.label)
+        .order_by(key, lp.c.header_label, lp.c.label)
     )
-    rows = _rows(session, stmt)
-    for row in rows:
+    return [(k, h, lab, int(n), int(d or 0), int(u or 0)) for k, h, lab, n, d, u in session.execute(stmt)]
+
+
+def _rates(column: str, groups: Groups) -> list[dict[str, Any]]:
+    """Instances, disagree and uncertain counts and rates per value of ``column``, most disagreeing
+    first (ties in the database's order of the values)."""
+    rows: dict[Any, dict[str, Any]] = {}
+    for key, _header, _label, n, disagree, uncertain in groups:
+        row = rows.setdefault(key, {column: key, "classified": 0, "disagree": 0, "uncertain": 0})
+        row["classified"] += n
+        row["disagree"] += disagree
+        row["uncertain"] += uncertain
+    for row in rows.values():
         n = row["classified"]
         row["rate"] = round(row["disagree"] / n, 4) if n else 0.0
         row["uncertain_rate"] = round(row["uncertain"] / n, 4) if n else 0.0
-    return rows
+    return sorted(rows.values(), key=lambda r: -r["disagree"])  # stable: keeps the value order
 
 
 #: A source whose images with one header label the model refutes this often, over at least this
 #: many instances, is reported as a source-level discrepancy.
 CONTRADICTION_RATE = 0.5
 CONTRADICTION_MIN_INSTANCES = 10
+
+
+def _contradictions(by: str, groups: Groups, min_instances: int, min_rate: float) -> list[dict[str, Any]]:
+    totals: dict[tuple[str, str], list[int]] = {}
+    pixels: dict[tuple[str, str], Counter[str]] = {}
+    for name, header, label, n, n_disagree, _uncertain in groups:
+        if name is None or header is None:
+            continue
+        group = (str(name), str(header))
+        counts = totals.setdefault(group, [0, 0])
+        counts[0] += n
+        counts[1] += n_disagree
+        if n_disagree:
+            pixels.setdefault(group, Counter())[str(label)] += n_disagree
+    return [
+        {
+            "by": by,
+            "name": name,
+            "header_label": header,
+            "pixels": pixels[(name, header)].most_common(1)[0][0],
+            "classified": n,
+            "disagree": n_disagree,
+            "rate": round(n_disagree / n, 4),
+        }
+        for (name, header), (n, n_disagree) in totals.items()
+        if n >= min_instances and n_disagree / n >= min_rate
+    ]
+
+
+def _all_contradictions(
+    groups: dict[str, Groups],
+    min_instances: int = CONTRADICTION_MIN_INSTANCES,
+    min_rate: float = CONTRADICTION_RATE,
+) -> list[dict[str, Any]]:
+    """:func:`source_contradictions` from each column's :func:`_groups`, highest rate first."""
+    rows = [row for by, rows in groups.items() for row in _contradictions(by, rows, min_instances, min_rate)]
+    return sorted(rows, key=lambda r: (-r["rate"], r["by"], r["name"], r["header_label"]))
 
 
 def source_contradictions(
@@ -120,39 +181,7 @@ def source_contradictions(
     ``min_instances`` classified instances and a disagree rate of at least ``min_rate``,
     highest rate first.
     """
-    lp = views.latest_predictions
-    disagree = sa.func.sum(sa.case((lp.c.verdict == Verdict.DISAGREE.value, 1), else_=0))
-    out = []
-    for by in ("source", "station_name", "calling_ae"):
-        key = lp.c[by]
-        stmt = (
-            sa.select(key, lp.c.header_label, lp.c.label, sa.func.count(), disagree)
-            .where(key.is_not(None), lp.c.header_label.is_not(None))
-            .group_by(key, lp.c.header_label, lp.c.label)
-        )
-        totals: dict[tuple[str, str], list[int]] = {}
-        pixels: dict[tuple[str, str], Counter[str]] = {}
-        for name, header, label, n, n_disagree in session.execute(stmt):
-            group = (str(name), str(header))
-            counts = totals.setdefault(group, [0, 0])
-            counts[0] += int(n)
-            counts[1] += int(n_disagree or 0)
-            if n_disagree:
-                pixels.setdefault(group, Counter())[str(label)] += int(n_disagree)
-        for (name, header), (n, n_disagree) in totals.items():
-            if n >= min_instances and n_disagree / n >= min_rate:
-                out.append(
-                    {
-                        "by": by,
-                        "name": name,
-                        "header_label": header,
-                        "pixels": pixels[(name, header)].most_common(1)[0][0],
-                        "classified": n,
-                        "disagree": n_disagree,
-                        "rate": round(n_disagree / n, 4),
-                    }
-                )
-    return sorted(out, key=lambda r: (-r["rate"], r["by"], r["name"], r["header_label"]))
+    return _all_contradictions({by: _groups(session, by) for by in RATE_SECTIONS}, min_instances, min_rate)
 
 
 def report(session: Session) -> dict[str, list[dict[str, Any]]]:
@@ -173,6 +202,7 @@ def report(session: Session) -> dict[str, list[dict[str, Any]]]:
     """
     lp, ss, st = views.latest_predictions, views.series_summary, views.study_summary
     n = sa.func.count().label("n")
+    groups = {by: _groups(session, by) for by in RATE_SECTIONS}
     return {
         "status": _rows(
             session,
@@ -185,10 +215,8 @@ def report(session: Session) -> dict[str, list[dict[str, Any]]]:
             .order_by(lp.c.header_label, lp.c.label),
         ),
         "verdicts": _rows(session, sa.select(lp.c.verdict, n).group_by(lp.c.verdict).order_by(lp.c.verdict)),
-        "by_source": _rate_by(session, "source"),
-        "by_station": _rate_by(session, "station_name"),
-        "by_calling_ae": _rate_by(session, "calling_ae"),
-        "source_contradictions": source_contradictions(session),
+        **{RATE_SECTIONS[by]: _rates(by, groups[by]) for by in RATE_SECTIONS},
+        "source_contradictions": _all_contradictions(groups),
         "failures": _rows(
             session,
             sa.select(instances.c.status, instances.c.error, n)
