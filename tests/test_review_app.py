@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 from click.testing import CliRunner
 from db_support import query, scan, sorter
 from PIL import Image
@@ -292,12 +293,17 @@ def test_scripts_review_through_the_json_api(scanned):
     assert [r.reviewer for r in query(url, "SELECT reviewer FROM reviews ORDER BY id")] == ["script", "ana"]
 
 
-def test_a_database_failure_is_a_503_with_one_line_not_a_traceback(sqlite_url, caplog):
-    import sqlalchemy as sa
-
-    engine, sessions = open_database(sqlite_url)
-    with engine.begin() as connection:  # the queue's table gone: every series page fails in SQL
+def _drop_queue_table(url: str) -> None:
+    """Break the database under the page: the queue's table gone, every series list fails in SQL."""
+    engine, _sessions = open_database(url)
+    with engine.begin() as connection:
         connection.execute(sa.text("DROP TABLE series_state"))
+    engine.dispose()
+
+
+def test_a_database_failure_is_a_503_with_one_line_not_a_traceback(sqlite_url, caplog):
+    _drop_queue_table(sqlite_url)
+    engine, sessions = open_database(sqlite_url)
     client = TestClient(create_app(sessions, Access(reviewer="ana")), raise_server_exceptions=False)
     page = client.get("/queue?level=series")
     assert page.status_code == 503 and "not answering" in page.text
@@ -307,12 +313,7 @@ def test_a_database_failure_is_a_503_with_one_line_not_a_traceback(sqlite_url, c
 
 
 def test_serve_says_in_one_line_when_it_cannot_read_the_database(sqlite_url):
-    import sqlalchemy as sa
-
-    engine, _sessions = open_database(sqlite_url)
-    with engine.begin() as connection:
-        connection.execute(sa.text("DROP TABLE series_state"))
-    engine.dispose()
+    _drop_queue_table(sqlite_url)
     result = sorter("serve", "--port", "1", url=sqlite_url, expect=1)
     assert "cannot read the results database: no such table: series_state" in result.output
     assert "Traceback" not in result.output
