@@ -7,6 +7,7 @@ import logging
 import click
 
 from sorter import __version__
+from sorter.commands.adapt import adapt
 from sorter.commands.classify import classify
 from sorter.commands.db import db_group
 from sorter.commands.export import export
@@ -57,6 +58,7 @@ main.add_command(watch)
 main.add_command(status)
 main.add_command(worker)
 main.add_command(serve)
+main.add_command(adapt)
 
 
 def _show_envvars(command: click.Command) -> None:

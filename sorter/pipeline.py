@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # torch stays out of the decode processes
     from sqlalchemy.orm import Session
 
     from sorter.model.classifier import Classifier
+    from sorter.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ def infer(
     return out
 
 
-def _prediction_row(outcome: Outcome, model_id: int) -> dict[str, Any]:
+def prediction_row(outcome: Outcome, model_id: int) -> dict[str, Any]:
+    """The ``predictions`` row of a classified instance's outcome."""
     p = outcome.prediction
     assert p is not None and outcome.verdict is not None
     row: dict[str, Any] = {
@@ -88,7 +90,7 @@ def _prediction_row(outcome: Outcome, model_id: int) -> dict[str, Any]:
 def write_outcomes(session: Session, model_id: int, outcomes: Sequence[Outcome]) -> None:
     """Store a batch's predictions and terminal statuses: three statements, whatever its size."""
     done = [o for o in outcomes if o.status is Status.DONE]
-    queries.upsert_predictions(session, [_prediction_row(o, model_id) for o in done])
+    queries.upsert_predictions(session, [prediction_row(o, model_id) for o in done])
     queries.mark_done(session, [o.instance_id for o in done], model_id)
     queries.mark_finished(
         session,
@@ -103,25 +105,33 @@ def write_outcomes(session: Session, model_id: int, outcomes: Sequence[Outcome])
 def register_model(session: Session, classifier: Classifier) -> int:
     """The ``models`` row id of ``classifier``, created on first use (the database's first model
     becomes its active one)."""
-    spec = classifier.spec
-    model_id = queries.model_id_for(
+    model_id = register_artefact(session, classifier.sha256, str(classifier.path), classifier.spec)
+    activate_if_none(session, model_id)
+    return model_id
+
+
+def register_artefact(
+    session: Session, sha256: str, path: str | None, spec: ModelSpec, role: str | None = None
+) -> int:
+    """The ``models`` row id of an artefact (with its header-test thresholds), created on first
+    use; never activates it. ``role``: see :class:`sorter.db.models.Model`."""
+    return queries.model_id_for(
         session,
         {
-            "sha256": classifier.sha256,
+            "sha256": sha256,
             "arch": spec.arch,
-            "labels": ",".join(label.value for label in classifier.labels),
+            "labels": ",".join(label.value for label in spec.labels),
             "min_confidence": spec.thresholds.min_confidence,
             "min_margin": spec.thresholds.min_margin,
-            "path": str(classifier.path),
+            "path": path,
             "spec": spec.to_dict(),
+            "role": role,
         },
         {
             label: (spec.thresholds.agree_at[label], spec.thresholds.disagree_at[label])
             for label in spec.thresholds.agree_at
         },
     )
-    activate_if_none(session, model_id)
-    return model_id
 
 
 def classify_batch(

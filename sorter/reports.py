@@ -15,11 +15,14 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from sorter.db import views
-from sorter.db.queries import instances, path_under
+from sorter.db.models import Base
+from sorter.db.queries import instances, path_under, predictions
 from sorter.domain import Label, Status, Verdict
 from sorter.review.store import review_counts
 
 LEVELS = ("instance", "series", "study")
+adaptations = Base.metadata.tables["adaptations"]
+label_issue_rows = Base.metadata.tables["label_issues"]
 _STREAM = {"yield_per": 1000}
 
 INSTANCE_FIELDS = (
@@ -227,7 +230,122 @@ def report(session: Session) -> dict[str, list[dict[str, Any]]]:
         "series": _rows(session, sa.select(ss.c.verdict, n).group_by(ss.c.verdict).order_by(ss.c.verdict)),
         "studies": _rows(session, sa.select(st.c.verdict, n).group_by(st.c.verdict).order_by(st.c.verdict)),
         **review_counts(session),
+        **adaptation_sections(session),
     }
+
+
+def _latest_adaptation() -> sa.ScalarSelect[Any]:
+    return sa.select(sa.func.max(adaptations.c.id)).where(adaptations.c.status == "done").scalar_subquery()
+
+
+def has_adaptation(session: Session) -> bool:
+    """Whether a ``sorter adapt`` run has finished on this database."""
+    return session.execute(sa.select(_latest_adaptation())).scalar() is not None
+
+
+def adaptation_sections(session: Session, top: int = 10) -> dict[str, list[dict[str, Any]]]:
+    """The latest adaptation (``sorter adapt``): its summary; the generic and the adapted verdict
+    side by side over the instances it scored, with the label issues among them; and the series
+    the archive contradicts most. Empty lists before any adaptation."""
+    a = adaptations.alias("a")
+    latest = session.execute(sa.select(a).where(a.c.id == _latest_adaptation())).mappings().first()
+    if latest is None:
+        return {"adaptation": [], "adapted_verdicts": [], "label_issue_series": []}
+    summary = latest["summary"] or {}
+    li, g, o = label_issue_rows.alias("li"), predictions.alias("g"), predictions.alias("o")
+    n = sa.func.count().label("n")
+    side_by_side = (
+        sa.select(
+            li.c.given_label.label("header_label"),
+            g.c.verdict.label("generic_verdict"),
+            o.c.verdict.label("adapted_verdict"),
+            n,
+            sa.func.sum(sa.case((li.c.is_issue, 1), else_=0)).label("label_issues"),
+        )
+        .select_from(li)
+        .join(o, sa.and_(o.c.instance_id == li.c.instance_id, o.c.model_id == latest["oof_model_id"]))
+        .outerjoin(g, sa.and_(g.c.instance_id == li.c.instance_id, g.c.model_id == latest["base_model_id"]))
+        .where(li.c.adaptation_id == latest["id"])
+        .group_by(li.c.given_label, g.c.verdict, o.c.verdict)
+        .order_by(li.c.given_label, g.c.verdict, o.c.verdict)
+    )
+    return {
+        "adaptation": [
+            {
+                "id": latest["id"],
+                "finished_at": latest["finished_at"],
+                "sampled": summary.get("n"),
+                "cross_fitted_accuracy": summary.get("accuracy"),
+                "balanced_accuracy": summary.get("balanced_accuracy"),
+                "label_issues": summary.get("label_issues"),
+                "work_dir": latest["work_dir"],
+            }
+        ],
+        "adapted_verdicts": _rows(session, side_by_side),
+        "label_issue_series": list(label_issues(session, "series", top)),
+    }
+
+
+#: ``sorter discrepancies --by label-issue``: what each level lists from the adapted views.
+LABEL_ISSUE_FIELDS = {
+    "instance": (
+        "sop_instance_uid",
+        "series_instance_uid",
+        "study_instance_uid",
+        "source",
+        "station_name",
+        "header_label",
+        "generic_label",
+        "generic_verdict",
+        "adapted_label",
+        "adapted_verdict",
+        "label_issue_score",
+        "is_label_issue",
+    ),
+    "series": (
+        "series_instance_uid",
+        "study_instance_uid",
+        "source",
+        "station_name",
+        "header_label",
+        "n_instances",
+        "n_scored",
+        "n_label_issues",
+        "label_issue_score",
+        "generic_verdict",
+        "adapted_verdict",
+        "is_label_issue",
+    ),
+    "study": (
+        "study_instance_uid",
+        "source",
+        "n_series",
+        "n_series_label_issues",
+        "n_series_generic_disagree",
+        "n_series_adapted_disagree",
+        "label_issue_score",
+    ),
+}
+
+
+def label_issues(
+    session: Session, level: str = "series", limit: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """What the latest ``sorter adapt`` scored, highest label-issue score first (the rest of the
+    archive contradicts the header most), at ``level``."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, not {level!r}")
+    view, key = {
+        "instance": (views.adapted_instances, "instance_id"),
+        "series": (views.adapted_series, "series_instance_uid"),
+        "study": (views.adapted_studies, "study_instance_uid"),
+    }[level]
+    stmt = (
+        sa.select(*(view.c[f] for f in LABEL_ISSUE_FIELDS[level]))
+        .where(view.c.label_issue_score.is_not(None))
+        .order_by(view.c.label_issue_score.desc(), view.c[key])
+    )
+    yield from _stream(session, stmt, limit)
 
 
 def discrepancies(

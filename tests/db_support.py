@@ -33,7 +33,16 @@ from sorter.model.network import build_network
 from sorter.model.spec import ModelSpec, PreprocessParams
 
 ADMIN_URL = os.environ.get("SORTER_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-TABLES = ("predictions", "files", "instances", "models", "reviews", "series_state")
+TABLES = (
+    "predictions",
+    "files",
+    "instances",
+    "models",
+    "reviews",
+    "series_state",
+    "adaptations",
+    "label_issues",
+)
 
 
 def make_tiny_model(path: Path, seed: int) -> Path:

@@ -45,6 +45,11 @@ def use(ref: str, database_url: str | None) -> None:
             record = catalogue.resolve(session, ref)
         except catalogue.UnknownModel as exc:
             raise click.ClickException(str(exc)) from exc
+        if record.role == "out_of_fold":
+            raise click.ClickException(
+                f"{record.name} holds an adaptation's out-of-fold predictions, not a model: "
+                "use the adapted model itself (`sorter models` lists it)"
+            )
         shown, missing = catalogue.activate(session, record.id)
         session.commit()
     click.echo(f"active model: {record.name} ({record.sha256[:12]}); {shown} instances show its predictions")

@@ -58,6 +58,14 @@ def report(model_ref: str | None, fmt: str, database_url: str | None) -> None:
 )
 @click.option("--limit", type=int, help="At most this many rows.")
 @click.option("--unreviewed", is_flag=True, help="Only what no reviewer has decided on (sorter serve).")
+@click.option(
+    "--by",
+    type=click.Choice(["verdict", "label-issue"]),
+    default="verdict",
+    show_default=True,
+    help="verdict: the shown model's disagreements; label-issue: everything the latest `sorter adapt` "
+    "scored, the headers the rest of the archive contradicts most first.",
+)
 @view_model_option
 @format_option
 @database_option
@@ -66,6 +74,7 @@ def discrepancies(
     min_confidence: float,
     limit: int | None,
     unreviewed: bool,
+    by: str,
     model_ref: str | None,
     fmt: str,
     database_url: str | None,
@@ -77,6 +86,15 @@ def discrepancies(
         "study": reports.STUDY_FIELDS,
     }
     with database(database_url) as (_engine, sessions), sessions() as session:
+        if by == "label-issue":
+            if unreviewed or min_confidence or model_ref:
+                raise click.UsageError(
+                    "--by label-issue takes neither --unreviewed, --min-confidence nor --model"
+                )
+            if not reports.has_adaptation(session):
+                raise click.ClickException("no finished `sorter adapt` in this database: run it first")
+            write_rows(reports.label_issues(session, level, limit), reports.LABEL_ISSUE_FIELDS[level], fmt)
+            return
         show_model(session, model_ref)
         rows = reports.discrepancies(session, level, min_confidence, limit, unreviewed=unreviewed)
         write_rows(rows, columns[level], fmt)

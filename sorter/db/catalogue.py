@@ -38,6 +38,7 @@ class ModelRecord:
     predictions: int  # instances this model has classified
     shown: int  # instances whose views show this model's prediction
     summary: str  # from the artefact's card metrics, when it has them
+    role: str | None = None  # "out_of_fold": an adaptation's cross-fitted predictions, never active
 
     def as_row(self) -> dict[str, Any]:
         """The printable columns."""
@@ -81,6 +82,11 @@ def card_summary(spec: dict[str, Any] | None) -> str:
         parts.append(f"LOSO bal. acc. {loso['balanced_accuracy']:.3f}")
     if "ece" in loso:
         parts.append(f"ECE {loso['ece']:.3f}")
+    crossfit = metrics.get("cross_fitted") or {}
+    if "accuracy" in crossfit:
+        parts.append(
+            f"adapted: cross-fitted acc. {crossfit['accuracy']:.3f} on {crossfit.get('n')} archive instances"
+        )
     point = (metrics.get("operating_point") or {}).get("images") or {}
     if "agree" in point and "caught" in point:
         parts.append(f"right headers agree {point['agree']:.2f}, relabelled caught {point['caught']:.2f}")
@@ -110,6 +116,7 @@ def list_models(session: Session) -> list[ModelRecord]:
             predictions=int(made.get(row["id"], 0)),
             shown=int(shown.get(row["id"], 0)),
             summary=card_summary(row["spec"]),
+            role=row["role"],
         )
         for row in rows
     ]

@@ -127,6 +127,10 @@ class Model(Base):
     # Stamped by `sorter models use` (and for the first model a database sees): the latest is the
     # active model, whose predictions the views show (migration 0006).
     activated_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    # None for a model that classifies; ``out_of_fold`` for the cross-fitted predictions of an
+    # adaptation (``sorter adapt``): a row so that they are stored as predictions, never activated
+    # (migration 0009).
+    role: Mapped[str | None] = mapped_column(sa.String(16))
 
 
 class ModelThreshold(Base):
@@ -336,3 +340,51 @@ class SeriesState(Base):
     verdict: Mapped[str | None] = mapped_column(sa.String(16))
     model_id: Mapped[int | None] = mapped_column(sa.Integer)
     computed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+
+
+class Adaptation(Base):
+    """One ``sorter adapt`` run on this archive (migration 0009): the model it started from, the
+    out-of-fold pseudo-model its cross-fitted predictions are stored under, and the adapted model."""
+
+    __tablename__ = "adaptations"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(sa.String(16))  # running | done
+    base_model_id: Mapped[int | None] = mapped_column(
+        sa.Integer, sa.ForeignKey("models.id", ondelete="SET NULL")
+    )
+    oof_model_id: Mapped[int | None] = mapped_column(
+        sa.Integer, sa.ForeignKey("models.id", ondelete="SET NULL")
+    )
+    adapted_model_id: Mapped[int | None] = mapped_column(
+        sa.Integer, sa.ForeignKey("models.id", ondelete="SET NULL")
+    )
+    work_dir: Mapped[str | None] = mapped_column(FsPath)
+    parameters: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    summary: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+
+
+class LabelIssue(Base):
+    """Confident learning's judgement of one sampled instance's header label in one adaptation:
+    ``self_confidence`` is the out-of-fold probability of the header's label, ``score`` is
+    ``1 - self_confidence`` (higher: the rest of the archive contradicts the header more), and
+    ``is_issue`` whether cleanlab's per-class thresholds flag it (migration 0009)."""
+
+    __tablename__ = "label_issues"
+    __table_args__ = (
+        sa.UniqueConstraint("adaptation_id", "instance_id", name="uq_label_issues_adaptation_instance"),
+        sa.Index("ix_label_issues_instance_id", "instance_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    adaptation_id: Mapped[int] = mapped_column(
+        sa.Integer, sa.ForeignKey("adaptations.id", ondelete="CASCADE")
+    )
+    instance_id: Mapped[int] = mapped_column(BigId, sa.ForeignKey("instances.id", ondelete="CASCADE"))
+    fold: Mapped[int] = mapped_column(sa.Integer)
+    given_label: Mapped[str] = mapped_column(sa.String(16))
+    self_confidence: Mapped[float] = mapped_column(sa.Float)
+    score: Mapped[float] = mapped_column(sa.Float)
+    is_issue: Mapped[bool] = mapped_column(sa.Boolean)

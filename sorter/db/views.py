@@ -97,3 +97,62 @@ study_summary = _view("study_summary", _STUDY)
 SERIES_COLUMNS = _SERIES
 STUDY_COLUMNS = _STUDY
 INSTANCE_COLUMNS = _INSTANCE
+
+#: The latest finished adaptation (``sorter adapt``, migration 0009), beside the generic model.
+ADAPTED_INSTANCE_COLUMNS = (
+    "instance_id",
+    "sop_instance_uid",
+    "series_instance_uid",
+    "study_instance_uid",
+    "source",
+    "institution_name",
+    "station_name",
+    "calling_ae",
+    "header_modality",
+    "header_label",
+    "adaptation_id",
+    "generic_label",
+    "generic_confidence",
+    "generic_verdict",
+    "adapted_label",
+    "adapted_confidence",
+    "adapted_verdict",
+    "adapted_by",
+    "fold",
+    "self_confidence",
+    "label_issue_score",
+    "is_label_issue",
+)
+ADAPTED_SERIES_COLUMNS = (
+    "series_instance_uid",
+    "study_instance_uid",
+    "source",
+    "station_name",
+    "calling_ae",
+    "header_label",
+    "adaptation_id",
+    "n_instances",
+    "n_generic_disagree",
+    "n_adapted_disagree",
+    "generic_verdict",
+    "adapted_verdict",
+    "n_scored",
+    "n_label_issues",
+    "label_issue_score",
+    "max_label_issue_score",
+    "is_label_issue",
+)
+ADAPTED_STUDY_COLUMNS = (
+    "study_instance_uid",
+    "source",
+    "adaptation_id",
+    "n_series",
+    "n_instances",
+    "n_series_generic_disagree",
+    "n_series_adapted_disagree",
+    "n_series_label_issues",
+    "label_issue_score",
+)
+adapted_instances = _view("adapted_instances", ADAPTED_INSTANCE_COLUMNS)
+adapted_series = _view("adapted_series", ADAPTED_SERIES_COLUMNS)
+adapted_studies = _view("adapted_studies", ADAPTED_STUDY_COLUMNS)

@@ -174,15 +174,20 @@ class Classifier:
 
     def to_prediction(self, probs: np.ndarray) -> Prediction:
         """Top-2 view of one probability vector."""
-        order = np.argsort(-probs)
-        first, second = int(order[0]), int(order[1])
-        return Prediction(
-            label=self.labels[first],
-            confidence=float(probs[first]),
-            second_label=self.labels[second],
-            second_confidence=float(probs[second]),
-            probabilities={label: float(p) for label, p in zip(self.labels, probs, strict=True)},
-        )
+        return top_two(probs, self.labels)
+
+
+def top_two(probs: np.ndarray, labels: Sequence[Label]) -> Prediction:
+    """The prediction of one probability vector over ``labels``: its top two and every probability."""
+    order = np.argsort(-probs)
+    first, second = int(order[0]), int(order[1])
+    return Prediction(
+        label=labels[first],
+        confidence=float(probs[first]),
+        second_label=labels[second],
+        second_confidence=float(probs[second]),
+        probabilities={label: float(p) for label, p in zip(labels, probs, strict=True)},
+    )
 
 
 def _from_cache(cache: GraphCache, sha256: str, threads: int | None) -> tuple[ModelSpec, OnnxRunner] | None:

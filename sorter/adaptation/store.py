@@ -1,0 +1,174 @@
+"""What ``sorter adapt`` reads from and writes to the results database."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from sorter.adaptation.sample import Candidate
+from sorter.adaptation.scoring import Issues
+from sorter.compare import compare
+from sorter.db.models import Base
+from sorter.db.queries import instances, upsert_predictions
+from sorter.domain import Label, Outcome, Status
+from sorter.model.classifier import top_two
+from sorter.model.spec import ModelSpec
+from sorter.pipeline import prediction_row, register_artefact
+
+adaptations = Base.metadata.tables["adaptations"]
+label_issues = Base.metadata.tables["label_issues"]
+#: Rows per INSERT.
+CHUNK = 5000
+
+
+def source_key(
+    institution: str | None, station: str | None, calling_ae: str | None, source: str | None
+) -> str:
+    """Where an instance came from, for balancing the sample: its institution, station and calling
+    AE as far as the header and the association tell, else the scan's source folder."""
+    parts = [p for p in (institution, station, calling_ae) if p]
+    return " / ".join(parts) if parts else (source or "unknown")
+
+
+def candidates(session: Session) -> tuple[list[Candidate], dict[int, str]]:
+    """Every classified instance with a header label the taxonomy knows, and its file."""
+    i = instances.c
+    stmt = sa.select(
+        i.id,
+        i.header_label,
+        i.institution_name,
+        i.station_name,
+        i.calling_ae,
+        i.source,
+        i.study_instance_uid,
+        i.series_instance_uid,
+        i.sop_instance_uid,
+        i.path,
+    ).where(i.status == Status.DONE, i.header_label.is_not(None))
+    pool: list[Candidate] = []
+    paths: dict[int, str] = {}
+    for row in session.execute(stmt).yield_per(10_000):
+        series = row.series_instance_uid or row.sop_instance_uid
+        pool.append(
+            Candidate(
+                int(row.id),
+                Label(row.header_label).value,
+                source_key(row.institution_name, row.station_name, row.calling_ae, row.source),
+                row.study_instance_uid or series,
+                series,
+            )
+        )
+        paths[int(row.id)] = row.path
+    return pool, paths
+
+
+def register_models(
+    session: Session,
+    base: tuple[str, str, ModelSpec],
+    adapted: tuple[str, str, ModelSpec],
+    oof_spec: ModelSpec,
+) -> tuple[int, int, int]:
+    """Ids of the base model, the adapted model and the out-of-fold pseudo-model (registered
+    when new; none is activated). Each tuple: sha256, path, spec."""
+    base_id = register_artefact(session, *base)
+    adapted_id = register_artefact(session, *adapted)
+    # The out-of-fold predictions come from K heads, not one artefact: their identity is the
+    # adapted model's, marked so that `sorter models use` refuses them.
+    oof_id = register_artefact(
+        session, f"oof-{adapted[0]}"[:64], f"{adapted[1]} (out-of-fold)", oof_spec, role="out_of_fold"
+    )
+    return base_id, adapted_id, oof_id
+
+
+def write_adaptation(
+    session: Session,
+    *,
+    ids: np.ndarray,
+    headers: Sequence[str],
+    probs: np.ndarray,
+    folds: np.ndarray,
+    issues: Issues,
+    spec: ModelSpec,
+    model_ids: tuple[int, int, int],
+    work_dir: str,
+    parameters: dict[str, Any],
+    summary: dict[str, Any],
+) -> int:
+    """Store a finished adaptation: its row, the out-of-fold predictions (with the adapted
+    model's verdicts) and the label issues. Returns the adaptation's id; the caller commits."""
+    base_id, adapted_id, oof_id = model_ids
+    adaptation_id = int(
+        session.execute(
+            sa.insert(adaptations)
+            .values(
+                status="running",
+                base_model_id=base_id,
+                oof_model_id=oof_id,
+                adapted_model_id=adapted_id,
+                work_dir=work_dir,
+                parameters=parameters,
+                summary=summary,
+            )
+            .returning(adaptations.c.id)
+        ).scalar_one()
+    )
+    labels = spec.labels
+    rows, issue_rows = [], []
+    for n, instance_id in enumerate(ids.tolist()):
+        header = Label(headers[n])
+        prediction = top_two(probs[n], labels)
+        verdict = compare(header, prediction, labels, spec.thresholds)
+        rows.append(
+            prediction_row(Outcome(int(instance_id), Status.DONE, header, prediction, verdict), oof_id)
+        )
+        issue_rows.append(
+            {
+                "adaptation_id": adaptation_id,
+                "instance_id": int(instance_id),
+                "fold": int(folds[n]),
+                "given_label": header.value,
+                "self_confidence": float(issues.self_confidence[n]),
+                "score": float(issues.score[n]),
+                "is_issue": bool(issues.is_issue[n]),
+            }
+        )
+    for start in range(0, len(rows), CHUNK):
+        upsert_predictions(session, rows[start : start + CHUNK])
+        session.execute(sa.insert(label_issues), issue_rows[start : start + CHUNK])
+    session.execute(
+        sa.update(adaptations)
+        .where(adaptations.c.id == adaptation_id)
+        .values(status="done", finished_at=sa.func.now())
+    )
+    return adaptation_id
+
+
+def top_series(session: Session, limit: int = 10) -> list[dict[str, Any]]:
+    """The latest adaptation's series most contradicted by the archive, highest score first."""
+    view = sa.table(
+        "adapted_series",
+        *(
+            sa.column(c)
+            for c in (
+                "series_instance_uid",
+                "source",
+                "header_label",
+                "n_scored",
+                "n_label_issues",
+                "label_issue_score",
+                "generic_verdict",
+                "adapted_verdict",
+            )
+        ),
+    )
+    stmt = (
+        sa.select(view)
+        .where(view.c.n_scored > 0)
+        .order_by(view.c.label_issue_score.desc(), view.c.series_instance_uid)
+        .limit(limit)
+    )
+    return [dict(row) for row in session.execute(stmt).mappings()]

