@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from db_support import copy_dicom, query, scan, sorter
 from pydicom.uid import generate_uid
+from test_reports_discrepancy import readme_sql
 
 from sorter.model.artefact import DEFAULT_MODEL_PATH, read_spec
 
@@ -141,6 +142,12 @@ def test_scan_adapt_views_report_and_listings(scanned, tmp_path):
         for r in report["adapted_verdicts"]
     }
     assert sum(side.values()) == PER_SERIES * len(SERIES)
+
+    if url.startswith("postgresql"):  # the README's recipes for adaptations find the same series
+        [recipe] = [sql for sql in readme_sql() if "FROM adapted_series" in sql]
+        assert [r.series_instance_uid for r in query(url, recipe)] == [uids["ct_labelled_mr"]]
+        [parting] = [sql for sql in readme_sql() if "FROM adapted_instances" in sql]
+        assert sum(r.n for r in query(url, parting)) == PER_SERIES * len(SERIES)
 
     # Reclassify with the adapted model: the rest of the archive gets its verdict too.
     sorter("reclassify", "--model", str(out / "model.pt"), "--workers", "1", "--no-progress", url=url)

@@ -1,0 +1,334 @@
+"""Archive adaptation (``sorter adapt``) on source-disjoint folds of the corpus, with injected
+header errors: does adapting find them, beside the generic model?
+
+Run: .venv/bin/python tests/bench/bench_adapt.py --generic runs/adapt-generic5
+         [--repeats 20] [--out tests/bench/results-adapt-2core.json]
+     where runs/adapt-generic5 is a finished leave-sources-out run that kept its fold networks:
+     .venv/bin/sorter-train loso --manifest ../shared/corpus/manifest.csv --out runs/adapt-generic5 \\
+         --folds 5 --config train/recipes/pretrained.yaml
+     (the bundled recipe; about 50 min on 2 cores; the benchmark itself takes a few minutes)
+
+For each fold N of that run, fold N's network never saw fold N's sources: it is "the generic
+model", and fold N's sources are "the archive". Images are the run's decoded corpus images (the
+serving inputs: every 2-D image is an instance, a manifest group is a series and a study, a
+manifest source is a source). Each repeat then writes wrong headers into the archive:
+
+* sporadic errors: about 2 % of its series (at least one) get another label's Modality, drawn at
+  random among the other labels;
+* one systematic error: one whole source (at random among those with at least 2 series) written
+  as another label, as a station that stores every SPECT as PT would.
+
+and adapts exactly as ``sorter adapt`` does (:func:`sorter.adaptation.sample.sample`, folds by
+study, :func:`sorter.adaptation.core.adapt_arrays`; defaults ``--per-label 2000 --per-series 3
+--folds 5``, fewer folds where the archive has fewer studies). Series-level flags:
+
+* generic only: the generic model's series verdict (vote of its instances at the run's own
+  temperature and operating point, as the bundled model's are chosen) is ``disagree``;
+* adapted only: confident learning flags at least half of the series' sampled instances;
+* combination: adapted flags it and the generic model does not confirm the header (series
+  verdict not ``agree``).
+
+Reported per fold and overall (sums over folds and repeats): precision and recall of flagged
+series for the sporadic errors (a flag on the systematic source counts as right, recall counts
+sporadic series only), the share of clean series flagged, whether the systematic source is a
+station-level discrepancy (``sorter report``'s rule: at least 10 instances and half of them
+refuted by the generic model, :data:`sorter.reports.CONTRADICTION_RATE`), the adapted model's
+cross-fitted accuracy against the TRUE labels on the archive per label (labels with >= 10
+series), and CPU seconds per 1 000 sampled instances for embedding + adaptation (decoding is the
+scan's and is not counted: the run's decoded images are reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from sorter.adaptation.core import adapt_arrays  # noqa: E402
+from sorter.adaptation.embed import head_inputs  # noqa: E402
+from sorter.adaptation.sample import Candidate, assign_folds, sample  # noqa: E402
+from sorter.model.artefact import load_artefact  # noqa: E402
+from sorter.reports import CONTRADICTION_MIN_INSTANCES, CONTRADICTION_RATE  # noqa: E402
+from train.calibrate import softmax_np  # noqa: E402
+from train.config import resolve_config  # noqa: E402
+from train.operating_point import operating_point  # noqa: E402
+from train.runs import images_for, select_rows  # noqa: E402
+
+SPORADIC_SHARE = 0.02
+
+
+def vote(verdicts: list[str]) -> str:
+    """The series verdict of migration 0009's views: a strict majority, else uncertain."""
+    n = len(verdicts)
+    if 2 * verdicts.count("disagree") > n:
+        return "disagree"
+    if 2 * verdicts.count("agree") > n:
+        return "agree"
+    return "uncertain"
+
+
+def header_verdicts(
+    probs: np.ndarray, header: np.ndarray, agree_at: np.ndarray, disagree_at: np.ndarray
+) -> list[str]:
+    """The header test (:func:`sorter.compare.compare`) for every image."""
+    p = probs[np.arange(len(header)), header]
+    return [
+        "agree" if v >= agree_at[h] else "disagree" if v <= disagree_at[h] else "uncertain"
+        for v, h in zip(p, header, strict=True)
+    ]
+
+
+def inject(
+    series_of: np.ndarray, source_of: np.ndarray, truth: np.ndarray, n_labels: int, rng: np.random.Generator
+) -> tuple[np.ndarray, set[str], set[str], str]:
+    """Headers with errors written in: (header per image, sporadic series, systematic series, source)."""
+    header = truth.copy()
+    series = sorted(set(series_of.tolist()))
+    sources = sorted(
+        {
+            s
+            for s in source_of.tolist()
+            if len({g for g, src in zip(series_of, source_of, strict=True) if src == s}) >= 2
+        }
+    )
+    systematic_source = str(rng.choice(sources)) if sources else ""
+    in_source = source_of == systematic_source
+    systematic = set(series_of[in_source].tolist())
+    if systematic_source:
+        true_label = int(np.bincount(truth[in_source]).argmax())
+        header[in_source] = rng.choice([k for k in range(n_labels) if k != true_label])
+    free = [s for s in series if s not in systematic]
+    n_sporadic = max(1, round(SPORADIC_SHARE * len(series)))
+    sporadic = set(rng.choice(free, size=min(n_sporadic, len(free)), replace=False).tolist())
+    for s in sporadic:
+        mask = series_of == s
+        true_label = int(np.bincount(truth[mask]).argmax())
+        header[mask] = rng.choice([k for k in range(n_labels) if k != true_label])
+    return header, sporadic, systematic, systematic_source
+
+
+def fold_result(
+    args: argparse.Namespace,
+    run: Path,
+    images: Any,
+    fold: int,
+    fold_of: dict[str, int],
+    point: dict[str, Any],
+    labels: list[str],
+    repeats: int,
+) -> dict[str, Any]:
+    """Every repeat on fold ``fold``; sums and per-repeat rows."""
+    held = np.asarray([fold_of[str(s)] == fold for s in images.sources])
+    archive = images.subset(held)
+    loaded = load_artefact(run / f"fold-{fold}" / "model.pt")
+    network = loaded.network.eval()
+    index = {label: i for i, label in enumerate(labels)}
+    truth = np.asarray([index[str(v)] for v in archive.labels])
+    series_of = np.asarray([f"{s}/{g}" for s, g in zip(archive.sources, archive.groups, strict=True)])
+    source_of = np.asarray([str(s) for s in archive.sources])
+    started = time.process_time()
+    embeddings = np.concatenate(
+        [
+            head_inputs(network, archive.eval[i : i + 128], archive.features[i : i + 128])
+            for i in range(0, len(archive), 128)
+        ]
+    )
+    embed_cpu = time.process_time() - started
+    logits = embeddings @ network.head.weight.detach().numpy().T + network.head.bias.detach().numpy()
+    generic = softmax_np(logits, point["temperature"])
+    agree_at = np.asarray([point["agree_at"][label] for label in labels])
+    disagree_at = np.asarray([point["disagree_at"][label] for label in labels])
+    rng = np.random.default_rng(args.seed + fold)
+    sums: dict[str, float] = defaultdict(float)
+    rows = []
+    accuracy: dict[str, list[float]] = defaultdict(list)
+    for repeat in range(repeats):
+        header, sporadic, systematic, systematic_source = inject(
+            series_of, source_of, truth, len(labels), rng
+        )
+        verdicts = header_verdicts(generic, header, agree_at, disagree_at)
+        candidates = [
+            Candidate(i, labels[header[i]], source_of[i], series_of[i], series_of[i])
+            for i in range(len(archive))
+        ]
+        chosen = sample(candidates, args.per_label, args.per_series, seed=repeat)
+        n_studies = len({c.study for c in chosen})
+        k = min(args.folds, n_studies)
+        study_fold = assign_folds(chosen, k, seed=repeat)
+        ids = np.asarray([c.instance_id for c in chosen])
+        started = time.process_time()
+        result = adapt_arrays(
+            embeddings[ids], header[ids], np.asarray([study_fold[c.study] for c in chosen]), network, labels
+        )
+        adapt_cpu = time.process_time() - started
+        flagged_instances: dict[str, list[bool]] = defaultdict(list)
+        for n, c in enumerate(chosen):
+            flagged_instances[c.series].append(bool(result.issues.is_issue[n]))
+        by_series_verdicts: dict[str, list[str]] = defaultdict(list)
+        for i, v in enumerate(verdicts):
+            by_series_verdicts[series_of[i]].append(v)
+        generic_series = {s: vote(v) for s, v in by_series_verdicts.items()}
+        adapted_flag = {s: 2 * sum(f) >= len(f) for s, f in flagged_instances.items()}
+        methods = {
+            "generic": {s for s, v in generic_series.items() if v == "disagree"},
+            "adapted": {s for s, f in adapted_flag.items() if f},
+            "combination": {s for s, f in adapted_flag.items() if f and generic_series[s] != "agree"},
+        }
+        clean = set(by_series_verdicts) - sporadic - systematic
+        row: dict[str, Any] = {
+            "repeat": repeat,
+            "series": len(by_series_verdicts),
+            "sporadic": len(sporadic),
+            "systematic_source": systematic_source,
+            "systematic_series": len(systematic),
+            "sampled": len(chosen),
+            "folds": k,
+        }
+        for name, flagged in methods.items():
+            tp, fp_clean = len(flagged & sporadic), len(flagged & clean)
+            right = len(flagged & (sporadic | systematic))
+            sums[f"{name}_flagged"] += len(flagged)
+            sums[f"{name}_right"] += right
+            sums[f"{name}_tp"] += tp
+            sums[f"{name}_false_clean"] += fp_clean
+            row[name] = {"flagged": len(flagged), "sporadic_found": tp, "clean_flagged": fp_clean}
+        sums["sporadic"] += len(sporadic)
+        sums["clean"] += len(clean)
+        in_source = source_of == systematic_source
+        refuted = (
+            np.mean([v == "disagree" for v, m in zip(verdicts, in_source, strict=True) if m])
+            if in_source.any()
+            else 0.0
+        )
+        station = bool(in_source.sum() >= CONTRADICTION_MIN_INSTANCES and refuted >= CONTRADICTION_RATE)
+        row["systematic_refuted_share"] = float(refuted)
+        row["systematic_is_station_discrepancy"] = station
+        sums["systematic_reported"] += station
+        sums["systematic_eligible"] += bool(in_source.sum() >= CONTRADICTION_MIN_INSTANCES)
+        pred = result.oof_probs.argmax(axis=1)
+        for label_i, label in enumerate(labels):
+            mask = truth[ids] == label_i
+            if len({series_of[i] for i in ids[mask]}) >= 10:
+                accuracy[label].append(float(np.mean(pred[mask] == label_i)))
+        row["adapted_accuracy_true"] = float(np.mean(pred == truth[ids]))
+        sums["cpu_s"] += adapt_cpu + embed_cpu * len(chosen) / len(archive)
+        sums["sampled"] += len(chosen)
+        rows.append(row)
+    return {
+        "fold": fold,
+        "images": len(archive),
+        "series": len(set(series_of.tolist())),
+        "sources": sorted(set(source_of.tolist())),
+        "sums": dict(sums),
+        "accuracy_by_label": {k: float(np.mean(v)) for k, v in accuracy.items()},
+        "repeats": rows,
+    }
+
+
+def summarise(sums: dict[str, float]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ("generic", "adapted", "combination"):
+        flagged = sums.get(f"{name}_flagged", 0)
+        out[name] = {
+            "precision": sums.get(f"{name}_right", 0) / flagged if flagged else float("nan"),
+            "recall_sporadic": sums.get(f"{name}_tp", 0) / sums["sporadic"]
+            if sums.get("sporadic")
+            else float("nan"),
+            "clean_flagged_share": sums.get(f"{name}_false_clean", 0) / sums["clean"]
+            if sums.get("clean")
+            else float("nan"),
+        }
+    out["systematic_reported"] = (
+        f"{int(sums.get('systematic_reported', 0))} of {int(sums.get('systematic_eligible', 0))} "
+        f"eligible (>= {CONTRADICTION_MIN_INSTANCES} instances)"
+    )
+    out["cpu_s_per_1000"] = 1000 * sums["cpu_s"] / sums["sampled"] if sums.get("sampled") else float("nan")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--generic", type=Path, required=True, help="a finished sorter-train loso run with fold networks"
+    )
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--per-label", type=int, default=2000)
+    parser.add_argument("--per-series", type=int, default=3)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "tests/bench/results-adapt-2core.json")
+    args = parser.parse_args()
+    run = args.generic
+    config_data = yaml.safe_load((run / "config.yaml").read_text())
+    manifest = Path(config_data.pop("manifest"))
+    config_data.pop("folds", None)
+    config = resolve_config(
+        "default", None, **{k: tuple(v) if isinstance(v, list) else v for k, v in config_data.items()}
+    )
+    images = images_for(select_rows(manifest, config), config, progress=False)
+    fold_of = json.loads((run / "folds.json").read_text())
+    labels = [str(v) for v in config.labels]
+    point = operating_point(run)
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    folds = sorted(set(fold_of.values()))
+    per_fold = [fold_result(args, run, images, f, fold_of, point, labels, args.repeats) for f in folds]
+    total: dict[str, float] = defaultdict(float)
+    for r in per_fold:
+        for k, v in r["sums"].items():
+            total[k] += v
+    accuracy: dict[str, list[float]] = defaultdict(list)
+    for r in per_fold:
+        for k, v in r["accuracy_by_label"].items():
+            accuracy[k].append(v)
+    result = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "generic_run": str(run),
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "overall": summarise(total),
+        "adapted_accuracy_true_labels_by_label": {k: float(np.mean(v)) for k, v in sorted(accuracy.items())},
+        "per_fold": [
+            {**{k: v for k, v in r.items() if k != "sums"}, "summary": summarise(r["sums"])} for r in per_fold
+        ],
+    }
+    args.out.write_text(json.dumps(result, indent=1, default=float))
+    print(
+        json.dumps(
+            {
+                "overall": result["overall"],
+                "adapted_accuracy": result["adapted_accuracy_true_labels_by_label"],
+            },
+            indent=1,
+        )
+    )
+    for r in result["per_fold"]:
+        s = r["summary"]
+        print(
+            f"fold {r['fold']}: {r['images']} images, {r['series']} series; "
+            + ", ".join(
+                f"{m} P {s[m]['precision']:.2f} R {s[m]['recall_sporadic']:.2f} "
+                f"clean {s[m]['clean_flagged_share']:.3f}"
+                for m in ("generic", "adapted", "combination")
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
