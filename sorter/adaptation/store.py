@@ -145,30 +145,3 @@ def write_adaptation(
         .values(status="done", finished_at=sa.func.now())
     )
     return adaptation_id
-
-
-def top_series(session: Session, limit: int = 10) -> list[dict[str, Any]]:
-    """The latest adaptation's series most contradicted by the archive, highest score first."""
-    view = sa.table(
-        "adapted_series",
-        *(
-            sa.column(c)
-            for c in (
-                "series_instance_uid",
-                "source",
-                "header_label",
-                "n_scored",
-                "n_label_issues",
-                "label_issue_score",
-                "generic_verdict",
-                "adapted_verdict",
-            )
-        ),
-    )
-    stmt = (
-        sa.select(view)
-        .where(view.c.n_scored > 0)
-        .order_by(view.c.label_issue_score.desc(), view.c.series_instance_uid)
-        .limit(limit)
-    )
-    return [dict(row) for row in session.execute(stmt).mappings()]

@@ -20,17 +20,6 @@ from sorter.errors import SorterError
 
 log = logging.getLogger(__name__)
 
-_SERIES_COLUMNS = (
-    "series_instance_uid",
-    "source",
-    "header_label",
-    "n_scored",
-    "n_label_issues",
-    "label_issue_score",
-    "generic_verdict",
-    "adapted_verdict",
-)
-
 
 @click.command()
 @click.option(
@@ -121,6 +110,14 @@ def adapt(
     (cleanlab); fits the adapted model on the whole sample and registers it (not active:
     `sorter models use` or --reclassify). Views: adapted_instances, adapted_series, adapted_studies.
     """
+    try:  # the training extra: a lean (serving) install has neither
+        import cleanlab  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise click.ClickException(
+            f"sorter adapt trains, so it needs PyTorch and cleanlab ({exc}): "
+            "pip install 'dicom-sorter[train]'"
+        ) from exc
     from sorter.adaptation.runner import AdaptError, Options
 
     options = Options(per_label=per_label, per_series=per_series, folds=folds, seed=seed, frames=frames)
@@ -301,6 +298,7 @@ def _adapt_database(
 
     from sqlalchemy.engine import make_url
 
+    from sorter import reports
     from sorter.adaptation import store
     from sorter.config import Settings
 
@@ -334,13 +332,13 @@ def _adapt_database(
             summary=fit["metrics"]["cross_fitted"],
         )
         session.commit()
-        top = store.top_series(session)
+        top = list(reports.label_issues(session, "series", 10))
     click.echo(f"adaptation {adaptation_id}: adapted model {path} ({sha[:12]}), registered, not active")
     if top:
         click.echo(
             "\nseries the archive contradicts most (adapted_series; `sorter discrepancies --by label-issue`):"
         )
-        write_rows(top, _SERIES_COLUMNS, "table")
+        write_rows(top, reports.LABEL_ISSUE_FIELDS["series"], "table")
     click.echo(
         f"\nnext: `sorter reclassify --model {path}` classifies the rest of the archive with it, "
         f"`sorter models use {path.name}` makes its verdicts the ones the views show",

@@ -3,6 +3,10 @@ header errors: does adapting find them, beside the generic model?
 
 Run: .venv/bin/python tests/bench/bench_adapt.py --generic runs/adapt-generic5
          [--repeats 20] [--out tests/bench/results-adapt-2core.json]
+     .venv/bin/python tests/bench/bench_adapt.py --scale 10000 [--work DIR]
+         (the cost of the command itself: a 10 000-file mixed archive, tests/bench/archive.py, is
+         written, scanned into SQLite with the bundled model, then `sorter adapt --per-label 10000
+         --per-series 100` samples all of it; wall and CPU seconds of the adapt process)
      where runs/adapt-generic5 is a finished leave-sources-out run that kept its fold networks:
      .venv/bin/sorter-train loso --manifest ../shared/corpus/manifest.csv --out runs/adapt-generic5 \\
          --folds 5 --config train/recipes/pretrained.yaml
@@ -57,6 +61,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from sorter.adaptation.core import adapt_arrays  # noqa: E402
+from sorter.adaptation.crossfit import HeadRecipe  # noqa: E402
 from sorter.adaptation.embed import head_inputs  # noqa: E402
 from sorter.adaptation.sample import Candidate, assign_folds, sample  # noqa: E402
 from sorter.model.artefact import load_artefact  # noqa: E402
@@ -170,7 +175,12 @@ def fold_result(
         ids = np.asarray([c.instance_id for c in chosen])
         started = time.process_time()
         result = adapt_arrays(
-            embeddings[ids], header[ids], np.asarray([study_fold[c.study] for c in chosen]), network, labels
+            embeddings[ids],
+            header[ids],
+            np.asarray([study_fold[c.study] for c in chosen]),
+            network,
+            labels,
+            HeadRecipe(steps=args.steps, lr=args.lr, anchor=args.anchor),
         )
         adapt_cpu = time.process_time() - started
         flagged_instances: dict[str, list[bool]] = defaultdict(list)
@@ -181,10 +191,21 @@ def fold_result(
             by_series_verdicts[series_of[i]].append(v)
         generic_series = {s: vote(v) for s, v in by_series_verdicts.items()}
         adapted_flag = {s: 2 * sum(f) >= len(f) for s, f in flagged_instances.items()}
+        # Both models' series labels (argmax of the mean probabilities): a flag both explain the same way.
+        oof_sum: dict[str, np.ndarray] = {}
+        for n, c in enumerate(chosen):
+            oof_sum[c.series] = oof_sum.get(c.series, 0) + result.oof_probs[n]
+        generic_label = {s: int(generic[series_of == s].mean(axis=0).argmax()) for s in oof_sum}
+        series_header = {s: int(header[series_of == s][0]) for s in oof_sum}
         methods = {
             "generic": {s for s, v in generic_series.items() if v == "disagree"},
             "adapted": {s for s, f in adapted_flag.items() if f},
             "combination": {s for s, f in adapted_flag.items() if f and generic_series[s] != "agree"},
+            "agreement": {
+                s
+                for s, f in adapted_flag.items()
+                if f and generic_label[s] == int(oof_sum[s].argmax()) != series_header[s]
+            },
         }
         clean = set(by_series_verdicts) - sporadic - systematic
         row: dict[str, Any] = {
@@ -218,10 +239,12 @@ def fold_result(
         sums["systematic_reported"] += station
         sums["systematic_eligible"] += bool(in_source.sum() >= CONTRADICTION_MIN_INSTANCES)
         pred = result.oof_probs.argmax(axis=1)
+        generic_pred = generic[ids].argmax(axis=1)
         for label_i, label in enumerate(labels):
             mask = truth[ids] == label_i
             if len({series_of[i] for i in ids[mask]}) >= 10:
                 accuracy[label].append(float(np.mean(pred[mask] == label_i)))
+                accuracy[f"{label} (generic)"].append(float(np.mean(generic_pred[mask] == label_i)))
         row["adapted_accuracy_true"] = float(np.mean(pred == truth[ids]))
         sums["cpu_s"] += adapt_cpu + embed_cpu * len(chosen) / len(archive)
         sums["sampled"] += len(chosen)
@@ -239,7 +262,7 @@ def fold_result(
 
 def summarise(sums: dict[str, float]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name in ("generic", "adapted", "combination"):
+    for name in ("generic", "adapted", "combination", "agreement"):
         flagged = sums.get(f"{name}_flagged", 0)
         out[name] = {
             "precision": sums.get(f"{name}_right", 0) / flagged if flagged else float("nan"),
@@ -258,18 +281,77 @@ def summarise(sums: dict[str, float]) -> dict[str, Any]:
     return out
 
 
+def scale(n: int, work: Path, out: Path) -> None:
+    """Time ``sorter adapt`` on an archive of ``n`` files (see the module docstring)."""
+    import resource
+    import shutil
+    import subprocess
+
+    sys.path.insert(0, str(ROOT / "tests" / "bench"))
+    from archive import build
+
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    built = build(work / "archive", n, "mixed")
+    env = {**os.environ, "SORTER_DATABASE_URL": f"sqlite:///{work / 'sorter.db'}"}
+    sorter = str(Path(sys.executable).parent / "sorter")
+    started = time.perf_counter()
+    subprocess.run([sorter, "scan", str(work / "archive"), "--no-progress"], env=env, check=True)
+    scan_s = time.perf_counter() - started
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    command = [sorter, "adapt", "--out", str(work / "adapt"), "--per-label", str(n), "--per-series", "100"]
+    adapt = subprocess.run([*command, "--no-progress"], env=env, capture_output=True, text=True)
+    if adapt.returncode:
+        raise SystemExit(f"sorter adapt failed: {adapt.stdout}{adapt.stderr}")
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    from sorter.model.artefact import read_spec
+
+    metrics = read_spec(work / "adapt" / "model.pt")[0].metrics["cross_fitted"]
+    result = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "archive": built,
+        "scan_wall_s": round(scan_s, 1),
+        "adapt_wall_s": round(wall, 1),
+        "adapt_cpu_s": round(cpu, 1),
+        "sampled": metrics["n"],
+        "cross_fitted": {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "label_issues")},
+        "adapt_output": adapt.stdout.splitlines()[:8],
+    }
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--generic", type=Path, required=True, help="a finished sorter-train loso run with fold networks"
-    )
+    parser.add_argument("--generic", type=Path, help="a finished sorter-train loso run with fold networks")
+    parser.add_argument("--scale", type=int, help="time `sorter adapt` on an archive of this many files")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench-adapt-scale"))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--per-label", type=int, default=2000)
     parser.add_argument("--per-series", type=int, default=3)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--steps", type=int, default=HeadRecipe.steps, help="head recipe (sorter.adaptation.crossfit)"
+    )
+    parser.add_argument("--lr", type=float, default=HeadRecipe.lr)
+    parser.add_argument("--anchor", type=float, default=HeadRecipe.anchor)
     parser.add_argument("--out", type=Path, default=ROOT / "tests/bench/results-adapt-2core.json")
     args = parser.parse_args()
+    if args.scale:
+        out = (
+            args.out
+            if args.out != ROOT / "tests/bench/results-adapt-2core.json"
+            else ROOT / "tests/bench/results-adapt-scale-2core.json"
+        )
+        scale(args.scale, args.work, out)
+        return
+    if args.generic is None:
+        parser.error("--generic RUN or --scale N")
     run = args.generic
     config_data = yaml.safe_load((run / "config.yaml").read_text())
     manifest = Path(config_data.pop("manifest"))
@@ -325,7 +407,7 @@ def main() -> None:
             + ", ".join(
                 f"{m} P {s[m]['precision']:.2f} R {s[m]['recall_sporadic']:.2f} "
                 f"clean {s[m]['clean_flagged_share']:.3f}"
-                for m in ("generic", "adapted", "combination")
+                for m in ("generic", "adapted", "combination", "agreement")
             )
         )
 
