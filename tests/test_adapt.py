@@ -154,8 +154,11 @@ def test_scan_adapt_views_report_and_listings(scanned, tmp_path):
     assert query(url, "SELECT count(*) FROM adapted_instances WHERE adapted_by IS NULL")[0][0] == 0
 
 
-def test_a_run_resumes_from_its_folder_and_refuses_other_options(scanned, tmp_path):
-    url, _ = scanned
+def test_a_run_resumes_from_its_folder_and_refuses_other_options(corpus, tmp_path, sqlite_url):
+    # The work folder is the same whatever the database: SQLite only (both run the test above).
+    url = sqlite_url
+    make_archive(corpus, tmp_path / "archive")
+    scan(url, DEFAULT_MODEL_PATH, tmp_path / "archive", tmp=tmp_path)
     out = tmp_path / "adapt"
     sorter(*ADAPT, "--out", str(out), url=url)
     first = np.load(out / "fold-1.npz")["logits"]
