@@ -211,10 +211,13 @@ def _fit(
         if bar is not None:
             bar.close()
     network = network.cpu()
-    by_id = {c.instance_id: c for c in plan.chosen}
-    chosen = [by_id[int(i)] for i in ids]
     labels = [label.value for label in loaded.spec.labels]
     index = {label: i for i, label in enumerate(labels)}
+    by_id = {c.instance_id: c for c in plan.chosen}
+    # A header label the model cannot emit (a custom model with fewer labels) has nothing to learn.
+    known = np.asarray([by_id[int(i)].header_label in index for i in ids], dtype=bool)
+    ids, vectors = ids[known], vectors[known]
+    chosen = [by_id[int(i)] for i in ids]
     y = np.asarray([index[c.header_label] for c in chosen], dtype=np.int64)
     fold = np.asarray([plan.fold_of[c.study] for c in chosen], dtype=np.int64)
     if len(set(y.tolist())) < 2:
