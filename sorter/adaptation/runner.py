@@ -24,6 +24,7 @@ import numpy as np
 from sorter.adaptation.crossfit import HeadRecipe
 from sorter.adaptation.sample import Candidate, assign_folds, sample
 from sorter.errors import SorterError
+from sorter.fsutil import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,8 @@ def plan(
         ],
         "paths": {str(c.instance_id): paths[c.instance_id] for c in chosen},
     }
-    tmp = state_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
-    tmp.replace(state_file)
+    with atomic_file(state_file, "w") as handle:
+        handle.write(json.dumps(state))
     return Plan(chosen, fold_of, paths)
 
 
@@ -138,11 +138,13 @@ def embed_blocks(
                 on_skip(len(block))
         else:
             b_ids, b_vec, b_fail = embed(block)
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(
-                tmp, ids=b_ids, vectors=b_vec, failures=json.dumps({str(k): v for k, v in b_fail.items()})
-            )
-            tmp.replace(path)
+            with atomic_file(path) as handle:
+                np.savez(
+                    handle,
+                    ids=b_ids,
+                    vectors=b_vec,
+                    failures=json.dumps({str(k): v for k, v in b_fail.items()}),
+                )
         ids.append(b_ids)
         vectors.append(b_vec)
         failures.update({int(k): v for k, v in b_fail.items()})
@@ -166,8 +168,7 @@ def fold_store(out: Path) -> tuple[Callable[[int], np.ndarray | None], Callable[
 
     def save(k: int, logits: np.ndarray) -> None:
         path = out / f"fold-{k}.npz"
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, logits=logits)
-        tmp.replace(path)
+        with atomic_file(path) as handle:
+            np.savez(handle, logits=logits)
 
     return done, save

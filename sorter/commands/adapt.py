@@ -146,13 +146,6 @@ def adapt(
         )
 
 
-def _bar(progress: bool | None, desc: str, total: int) -> Any:
-    from sorter.commands.runs import progress_bar
-
-    bar = progress_bar(progress, desc, total)
-    return bar
-
-
 def _base_model(sessions: Any, model: Path | None) -> Path:
     """``--model``, else the active model's artefact when its file is still there, else the bundled one."""
     from sorter.db import catalogue
@@ -184,6 +177,7 @@ def _fit(
 
     from sorter.adaptation import core, runner
     from sorter.adaptation.embed import embed_files
+    from sorter.commands.runs import progress_bar
     from sorter.model.artefact import load_artefact
     from sorter.model.classifier import pick_device
 
@@ -191,7 +185,7 @@ def _fit(
     plan = runner.plan(out, candidates, options, loaded.sha256, restart)
     network = loaded.network.to(torch.device(pick_device(device)))
     items = [(c.instance_id, plan.paths[c.instance_id]) for c in plan.chosen]
-    bar = _bar(progress, "embed", len(items))
+    bar = progress_bar(progress, "embed", len(items))
     tick = bar.update if bar is not None else None
 
     def embed(block: Sequence[tuple[int, str]]) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
