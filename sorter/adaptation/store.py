@@ -105,7 +105,10 @@ def write_adaptation(
         session.execute(
             sa.insert(adaptations)
             .values(
-                status="running",
+                # One transaction writes the row and everything below: no reader ever sees it
+                # unfinished, so it is stored finished.
+                status="done",
+                finished_at=sa.func.now(),
                 base_model_id=base_id,
                 oof_model_id=oof_id,
                 adapted_model_id=adapted_id,
@@ -139,9 +142,4 @@ def write_adaptation(
     for start in range(0, len(rows), CHUNK):
         upsert_predictions(session, rows[start : start + CHUNK])
         session.execute(sa.insert(label_issues), issue_rows[start : start + CHUNK])
-    session.execute(
-        sa.update(adaptations)
-        .where(adaptations.c.id == adaptation_id)
-        .values(status="done", finished_at=sa.func.now())
-    )
     return adaptation_id

@@ -349,7 +349,7 @@ class Adaptation(Base):
     __tablename__ = "adaptations"
 
     id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
-    status: Mapped[str] = mapped_column(sa.String(16))  # running | done
+    status: Mapped[str] = mapped_column(sa.String(16))  # "done": written whole in one transaction
     base_model_id: Mapped[int | None] = mapped_column(
         sa.Integer, sa.ForeignKey("models.id", ondelete="SET NULL")
     )
