@@ -51,15 +51,19 @@ class Decoded:
     image: DecodedImage
 
 
-def decode_file(path: Path, frames: int = 1) -> Decoded | dict[str, Any]:
-    """Read one file; return a :class:`Decoded` or the contract's status object."""
+def decode_file(path: Path, frames: int = 1, min_side: int | None = None) -> Decoded | dict[str, Any]:
+    """Read one file; return a :class:`Decoded` or the contract's status object.
+
+    ``min_side``: decode JPEG 2000 and JPEG frames at a reduced resolution whose long side is at
+    least this (:func:`sorter.dicom.pixels.load_image`); ``None``: in full.
+    """
     try:
         ds = read_dataset(path)
         header = header_from_dataset(ds, path)
         reason = non_image_reason(header)
         if reason:
             raise NonImageObject(str(path), reason)
-        return Decoded(str(path), header, decode_dataset(ds, str(path), frames=frames))
+        return Decoded(str(path), header, decode_dataset(ds, str(path), frames=frames, min_side=min_side))
     except InputError as exc:
         status = Status.SKIPPED if isinstance(exc, NonImageObject) else Status.FAILED
         log.info("%s %s: %s", status.value, path, exc)
@@ -86,9 +90,16 @@ def result_record(item: Decoded, classifier: Classifier, prediction: Any) -> dic
 
 
 def classify_paths(
-    paths: Iterable[str | os.PathLike[str]], classifier: Classifier, batch_size: int = 32, frames: int = 1
+    paths: Iterable[str | os.PathLike[str]],
+    classifier: Classifier,
+    batch_size: int = 32,
+    frames: int = 1,
+    min_side: int | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Yield one record per file, in input order, inferring in batches of ``batch_size``."""
+    """Yield one record per file, in input order, inferring in batches of ``batch_size``.
+
+    ``min_side``: as for :func:`decode_file` (the ``classify`` command passes the model's input size).
+    """
     pending: list[Decoded | dict[str, Any]] = []
 
     def flush() -> Iterator[dict[str, Any]]:
@@ -99,7 +110,7 @@ def classify_paths(
         pending.clear()
 
     for path in iter_files(paths):
-        pending.append(decode_file(path, frames))
+        pending.append(decode_file(path, frames, min_side))
         if sum(isinstance(item, Decoded) for item in pending) >= batch_size:
             yield from flush()
     yield from flush()

@@ -42,6 +42,7 @@ class Settings:
     batch_size: int = 32
     workers: int = 0  # decode processes; 0: one per core
     frames: int = 1  # frames classified per multi-frame instance
+    full_decode: bool = False  # JPEG 2000 / JPEG frames in full, not at the resolution the model needs
     inference_threads: int = 0  # CPU threads of the forward pass; 0: the cores the decode processes leave
     runtime: str = "auto"  # forward pass: auto | torch | onnx (sorter.model.runtime)
     cache_dir: Path | None = None  # exported ONNX graphs (sorter.model.graph_cache); None: the user cache

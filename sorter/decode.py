@@ -85,6 +85,10 @@ def _exit_with(parent_pid: int, interval_s: float = 1.0) -> None:
 def decode_one(item: Claimed, params: PreprocessParams, frames: int = 1) -> Prepared | Outcome:
     """Read, decode and preprocess one instance; never raises for a bad file.
 
+    JPEG 2000 and 8-bit JPEG frames are decoded at the coarsest resolution that still
+    covers the model's input (:mod:`sorter.dicom.reduced`); :func:`decode_one_full`
+    decodes every pixel.
+
     Parameters
     ----------
     item
@@ -102,10 +106,30 @@ def decode_one(item: Claimed, params: PreprocessParams, frames: int = 1) -> Prep
     return run_decoder(_prepare, item, params, frames)
 
 
+def decode_one_full(item: Claimed, params: PreprocessParams, frames: int = 1) -> Prepared | Outcome:
+    """:func:`decode_one` with every frame decoded at full resolution (``SORTER_FULL_DECODE``)."""
+    return run_decoder(_prepare_full, item, params, frames)
+
+
+def decoder_for(full_decode: bool) -> Decoder:
+    """The decode function a run uses: reduced resolution unless ``full_decode``."""
+    return decode_one_full if full_decode else decode_one
+
+
 def _prepare(item: Claimed, params: PreprocessParams, frames: int) -> Prepared | Outcome:
+    return _load_and_prepare(item, params, frames, params.input_size)
+
+
+def _prepare_full(item: Claimed, params: PreprocessParams, frames: int) -> Prepared | Outcome:
+    return _load_and_prepare(item, params, frames, None)
+
+
+def _load_and_prepare(
+    item: Claimed, params: PreprocessParams, frames: int, min_side: int | None
+) -> Prepared | Outcome:
     try:
-        image = load_image(item.path, frames=frames)
-        images, features = prepare_image(image.frames, image.colourfulness, params)
+        image = load_image(item.path, frames=frames, min_side=min_side)
+        images, features = prepare_image(image.frames, image.colourfulness, params, image.shape)
     except NonImageObject as exc:
         return Outcome(item.id, Status.SKIPPED, item.header_label, error=exc.reason, detail=exc.detail)
     except InputError as exc:

@@ -34,7 +34,7 @@ from train.volumes import read_nifti, read_nrrd, read_picture
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: JPEG 2000 / JPEG frames decoded at a reduced resolution
 
 
 @dataclass(frozen=True)
@@ -76,17 +76,24 @@ class ImageSet:
         )
 
 
-def read_frames(row: ManifestRow, options: DecodeOptions) -> tuple[list[np.ndarray], float]:
-    """Decode one manifest row into grey frames in physical units."""
+def read_frames(
+    row: ManifestRow, options: DecodeOptions, min_side: int | None = None
+) -> tuple[list[np.ndarray], float, tuple[int, int] | None]:
+    """Decode one manifest row into grey frames in physical units.
+
+    DICOM JPEG 2000 and JPEG frames are decoded as a scan decodes them, at a reduced resolution
+    whose long side covers ``min_side`` (:func:`sorter.dicom.pixels.load_image`); the third value
+    is then the stored ``(rows, columns)``, for the size features. ``None`` for every other input.
+    """
     fmt = row.format.lower()
     if fmt == "dcm":
-        image = load_image(row.path, frames=options.max_frames)
-        return list(image.frames), image.colourfulness
+        image = load_image(row.path, frames=options.max_frames, min_side=min_side)
+        return list(image.frames), image.colourfulness, image.stored_shape
     if fmt in ("nii", "nii.gz"):
-        return read_nifti(row.path, options.axial_slices, options.reformat_slices)
+        return (*read_nifti(row.path, options.axial_slices, options.reformat_slices), None)
     if fmt == "nrrd":
-        return read_nrrd(row.path, options.axial_slices, options.reformat_slices)
-    return read_picture(row.path)
+        return (*read_nrrd(row.path, options.axial_slices, options.reformat_slices), None)
+    return (*read_picture(row.path), None)
 
 
 def _decode_one(
@@ -98,7 +105,7 @@ def _decode_one(
             # pydicom warns about every non-conformant value in public test data; the
             # decode either works or fails below, and a failure is what gets reported.
             warnings.simplefilter("ignore", UserWarning)
-            frames, colour = read_frames(row, options)
+            frames, colour, shape = read_frames(row, options, max(cache_size, params.input_size))
     except InputError as exc:
         return index, [], [], [], f"{exc.reason}: {exc.detail}"
     except Exception as exc:  # NIfTI/NRRD/Pillow raise many types; one bad file never stops a run
@@ -108,7 +115,7 @@ def _decode_one(
         frame = np.nan_to_num(frame.astype(np.float32))
         if frame.ndim != 2 or min(frame.shape) < 4:
             continue
-        image, feature = preprocess_frame(frame, colour, params)
+        image, feature = preprocess_frame(frame, colour, params, shape=shape)
         boxed = letterbox(frame, float(frame.min())) if params.letterbox else frame
         raws.append(resize(boxed, cache_size, params.resize).astype(np.float32))
         evals.append(image)

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from sorter.commands.common import device_option
+from sorter.commands.common import device_option, full_decode_option
 from sorter.config import Settings
 from sorter.errors import ModelError
 from sorter.fspath import display_path
@@ -41,6 +41,7 @@ def _table_row(record: dict[str, Any]) -> str:
     help="Frames averaged per multi-frame instance (default 1: the middle frame).",
 )
 @device_option
+@full_decode_option
 def classify(
     paths: tuple[Path, ...],
     as_json: bool,
@@ -48,13 +49,16 @@ def classify(
     batch_size: int | None,
     frames: int | None,
     device: str | None,
+    full_decode: bool | None,
 ) -> None:
     """Classify DICOM files (or folders, recursively) by what their pixels show."""
     # Imported here: torch is heavy, and decode processes re-import the CLI module.
     from sorter.classify import classify_paths
     from sorter.model.classifier import Classifier
 
-    settings = Settings.from_env(model=model, batch_size=batch_size, frames=frames, device=device)
+    settings = Settings.from_env(
+        model=model, batch_size=batch_size, frames=frames, device=device, full_decode=full_decode
+    )
     try:
         classifier = Classifier.from_settings(settings, threads=settings.inference_threads or None)
     except ModelError as exc:
@@ -62,7 +66,8 @@ def classify(
     readable = classified = total = 0
     if not as_json:
         click.echo(f"{'head':<4}    {'pix':<4} {'conf':>6}  {'verdict':<11} path")
-    for record in classify_paths(paths, classifier, settings.batch_size, settings.frames):
+    min_side = None if settings.full_decode else classifier.spec.preprocess.input_size
+    for record in classify_paths(paths, classifier, settings.batch_size, settings.frames, min_side):
         total += 1
         classified += "status" not in record
         readable += record.get("status") != "failed"

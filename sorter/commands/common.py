@@ -64,8 +64,21 @@ device_option = click.option(
 )
 
 
+#: ``--full-decode``: every pixel of JPEG 2000 and JPEG frames, instead of the reduced resolution
+#: that still covers the model's input (sorter.dicom.reduced); for comparing the two.
+full_decode_option = click.option(
+    "--full-decode/--reduced-decode",
+    "full_decode",
+    default=None,
+    envvar="SORTER_FULL_DECODE",
+    help="Decode JPEG 2000 and JPEG frames at full resolution (default: at the coarsest resolution "
+    "that still covers the model's input, several times faster on radiographs).",
+)
+
+
 def model_options(func: F) -> F:
-    """``--model``, ``--workers``, ``--batch-size`` and ``--device``: every command that runs the model."""
+    """``--model``, ``--workers``, ``--batch-size``, ``--device`` and ``--full-decode``: every command
+    that runs the model."""
     options = [
         click.option(
             "--model",
@@ -83,6 +96,7 @@ def model_options(func: F) -> F:
             help="Images per forward pass and per transaction.",
         ),
         device_option,
+        full_decode_option,
     ]
     for option in reversed(options):
         func = option(func)

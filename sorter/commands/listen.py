@@ -219,6 +219,7 @@ def listen(
     workers: int | None,
     batch_size: int | None,
     device: str | None,
+    full_decode: bool | None,
     sweep_interval: float,
     sweep_grace: float,
     spool_retention: Retention,

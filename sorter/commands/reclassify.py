@@ -66,6 +66,7 @@ def reclassify(
     batch_size: int | None,
     frames: int | None,
     device: str | None,
+    full_decode: bool | None,
     json_summary: Path | None,
     progress: bool | None,
     database_url: str | None,

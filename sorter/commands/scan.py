@@ -78,6 +78,7 @@ def scan(
     batch_size: int | None,
     frames: int | None,
     device: str | None,
+    full_decode: bool | None,
     json_summary: Path | None,
     progress: bool | None,
     database_url: str | None,

@@ -120,6 +120,7 @@ def watch(
     model: Path | None,
     workers: int | None,
     device: str | None,
+    full_decode: bool | None,
     source: str | None,
     metrics_port: int | None,
     metrics_bind: str | None,

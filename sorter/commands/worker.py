@@ -22,7 +22,13 @@ from typing import Any
 
 import click
 
-from sorter.commands.common import command_settings, database_option, device_option, metrics_options
+from sorter.commands.common import (
+    command_settings,
+    database_option,
+    device_option,
+    full_decode_option,
+    metrics_options,
+)
 from sorter.commands.rules import rules_option
 from sorter.db.session import DatabaseError, open_database
 from sorter.logs import json_logs
@@ -56,6 +62,7 @@ from sorter.logs import json_logs
 @click.option(
     "--frames", type=int, envvar="SORTER_FRAMES", help="Frames classified per multi-frame instance."
 )
+@full_decode_option
 @click.option(
     "--sweep-interval",
     type=float,
@@ -84,6 +91,7 @@ def worker(
     model: Path | None,
     device: str | None,
     frames: int | None,
+    full_decode: bool | None,
     sweep_interval: float | None,
     sweep_age: float | None,
     hostname: str | None,

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import as_pixel_options, get_decoder
 from pydicom.pixels.decoders.base import Decoder
 
-from sorter.dicom import gdcm_frame, lean
+from sorter.dicom import gdcm_frame, lean, reduced
 from sorter.dicom.colour import RGB_LIKE, palette_to_rgb, to_rgb255
 from sorter.dicom.headers import header_from_dataset
 from sorter.dicom.lut import invert_monochrome1, modality_lut
@@ -60,12 +60,23 @@ class DecodedImage:
         Number of frames in the instance.
     photometric : str
         The data set's Photometric Interpretation (MONOCHROME2 when missing).
+    stored_shape : tuple of int or None
+        ``(Rows, Columns)`` of the stored image when the frames were decoded at a reduced
+        resolution (:mod:`sorter.dicom.reduced`); ``None`` when ``frames`` are full size.
     """
 
     frames: np.ndarray
     colourfulness: float
     n_frames_total: int
     photometric: str
+    stored_shape: tuple[int, int] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(rows, columns)`` of the stored image, whatever resolution ``frames`` were decoded at."""
+        if self.stored_shape is not None:
+            return self.stored_shape
+        return int(self.frames.shape[1]), int(self.frames.shape[2])
 
 
 def select_frames(n_total: int, k: int) -> list[int]:
@@ -77,7 +88,7 @@ def select_frames(n_total: int, k: int) -> list[int]:
     return [(2 * i + 1) * n_total // (2 * k) for i in range(k)]
 
 
-def load_image(path: str | os.PathLike[str], frames: int = 1) -> DecodedImage:
+def load_image(path: str | os.PathLike[str], frames: int = 1, min_side: int | None = None) -> DecodedImage:
     """Read a DICOM file and decode `frames` evenly spaced frames to grey float32.
 
     Uncompressed little-endian greyscale files take :mod:`sorter.dicom.lean`,
@@ -89,6 +100,10 @@ def load_image(path: str | os.PathLike[str], frames: int = 1) -> DecodedImage:
         The file; ACR-NEMA files without preamble or File Meta Information are accepted.
     frames : int
         How many frames to return: 1 (the middle frame) or more (evenly spaced).
+    min_side : int or None
+        The long side the caller needs at least (the model's input size): JPEG 2000 and 8-bit
+        JPEG frames are decoded at the coarsest resolution that keeps it
+        (:mod:`sorter.dicom.reduced`). ``None``: every frame in full.
 
     Returns
     -------
@@ -107,10 +122,10 @@ def load_image(path: str | os.PathLike[str], frames: int = 1) -> DecodedImage:
     common = lean.load_frames(name, lambda n_total: select_frames(n_total, frames))
     if common is not None:
         return DecodedImage(common.frames, 0.0, common.n_frames_total, common.photometric)
-    return decode_dataset(read_dataset(name), name, frames)
+    return decode_dataset(read_dataset(name), name, frames, min_side)
 
 
-def decode_dataset(ds: Dataset, path: str, frames: int = 1) -> DecodedImage:
+def decode_dataset(ds: Dataset, path: str, frames: int = 1, min_side: int | None = None) -> DecodedImage:
     """Decode `frames` evenly spaced frames of an already-read data set to grey float32.
 
     Parameters
@@ -122,6 +137,9 @@ def decode_dataset(ds: Dataset, path: str, frames: int = 1) -> DecodedImage:
         Reported in errors.
     frames : int
         How many frames to return: 1 (the middle frame) or more (evenly spaced).
+    min_side : int or None
+        Decode compressed frames at a reduced resolution whose long side is at least this
+        (see :func:`load_image`); ``None``: in full.
 
     Returns
     -------
@@ -143,7 +161,7 @@ def decode_dataset(ds: Dataset, path: str, frames: int = 1) -> DecodedImage:
     if frames < 1:
         raise ValueError(f"frames must be at least 1, got {frames}")
     try:
-        return _decode(ds, path, frames)
+        return _decode(ds, path, frames, min_side)
     except InputError:
         raise
     except INTERRUPTS:
@@ -152,7 +170,7 @@ def decode_dataset(ds: Dataset, path: str, frames: int = 1) -> DecodedImage:
         raise DecodeError(path, describe(exc)) from exc
 
 
-def _decode(ds: Dataset, path: str, frames: int) -> DecodedImage:
+def _decode(ds: Dataset, path: str, frames: int, min_side: int | None) -> DecodedImage:
     if not any(tag in ds._dict for tag in PIXEL_TAGS):
         reason = non_image_reason(header_from_dataset(ds, path))
         if reason is not None:
@@ -178,20 +196,42 @@ def _decode(ds: Dataset, path: str, frames: int) -> DecodedImage:
     plugins = _plugin_order(decoder)
     greys: list[np.ndarray] = []
     colour_scores: list[float] = []
+    smaller = min_side is not None and decoder.is_encapsulated
+    reduced_frames = 0
     for index in select_frames(n_total, frames):
-        arr, props = _decode_frame(decoder, ds, index, opts, overrides, plugins, path)
+        small = _decode_reduced(ds, index, tsyntax, opts, min_side, path) if smaller else None
+        reduced_frames += small is not None
+        arr, props = small or _decode_frame(decoder, ds, index, opts, overrides, plugins, path)
         try:
             grey, score = _to_grey(arr, props, ds, index, photometric, opts)
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
             raise DecodeError(path, f"frame {index}: {type(exc).__name__}: {exc}") from exc
         greys.append(grey)
         colour_scores.append(score)
+    if 0 < reduced_frames < len(greys):  # one frame would not reduce: all in full, to stack them
+        return _decode(ds, path, frames, None)
     return DecodedImage(
         frames=stack_frames(greys),  # each already finite float32 (_to_grey)
         colourfulness=float(np.mean(colour_scores)),
         n_frames_total=n_total,
         photometric=photometric,
+        stored_shape=(int(opts["rows"]), int(opts["columns"])) if reduced_frames else None,
     )
+
+
+def _decode_reduced(
+    ds: Dataset, index: int, tsyntax: Any, opts: dict[str, Any], min_side: int | None, path: str
+) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """Frame `index` at a reduced resolution, or None: then the full decode runs, as for any other syntax."""
+    if min_side is None:
+        return None
+    try:
+        return reduced.decode_reduced(ds, index, tsyntax, opts, min_side)
+    except INTERRUPTS:
+        raise
+    except Exception as exc:  # Pillow and the marker parser raise assorted types; the full decode decides
+        logger.debug("%s: frame %d: reduced decode failed (%s); decoding in full", path, index, describe(exc))
+        return None
 
 
 def _image_pixel_defaults(ds: Dataset) -> dict[str, Any]:

@@ -101,6 +101,7 @@ def open_local_executor(
     """
     # Imported here, not at module level: decode processes started by a console
     # script re-import its __main__ (the CLI), and must not pay for the model's imports.
+    from sorter.decode import decoder_for
     from sorter.jobs.local import LocalExecutor
     from sorter.model.classifier import Classifier
     from sorter.pipeline import register_model
@@ -124,6 +125,7 @@ def open_local_executor(
         if on_outcomes is not None:
             on_outcomes(outcomes)
 
+    kw.setdefault("decode", decoder_for(settings.full_decode))
     executor = LocalExecutor(
         sessions,
         classifier,

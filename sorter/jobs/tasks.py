@@ -26,9 +26,10 @@ import sqlalchemy as sa
 from celery import Task, shared_task
 
 from sorter.db import queries
+from sorter.decode import decoder_for
 from sorter.domain import FailureReason, Status
 from sorter.jobs.celery_app import CLASSIFY_TASK, SWEEP_TASK, worker_state
-from sorter.pipeline import Decoder, classify_batch, decode_one
+from sorter.pipeline import Decoder, classify_batch
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +125,14 @@ def classify_ids(ids: list[int]) -> int:
         return 0
     ids = taken.fresh
     decoding = [0.0]
-    decode: Decoder = decode_one
+    decode_file = decoder_for(state.settings.full_decode)
+    decode: Decoder = decode_file
     if state.observe is not None:
 
         def decode(*args: Any) -> Any:
             started = time.perf_counter()
             try:
-                return decode_one(*args)
+                return decode_file(*args)
             finally:
                 decoding[0] += time.perf_counter() - started
 

@@ -81,7 +81,12 @@ def scale_intensity(frame: np.ndarray, params: PreprocessParams) -> np.ndarray:
 
 
 def preprocess_frame(
-    frame: np.ndarray, colourfulness: float, params: PreprocessParams, *, finite: bool = False
+    frame: np.ndarray,
+    colourfulness: float,
+    params: PreprocessParams,
+    *,
+    finite: bool = False,
+    shape: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Turn one decoded grey frame into network input.
 
@@ -96,6 +101,9 @@ def preprocess_frame(
     finite
         The caller guarantees finite float32 (a :class:`~sorter.dicom.DecodedImage`):
         no pass to check it.
+    shape
+        ``(rows, columns)`` of the stored image when ``frame`` was decoded at a reduced
+        resolution: the size features describe the image, not the decode.
 
     Returns
     -------
@@ -109,6 +117,7 @@ def preprocess_frame(
     if frame.ndim != 2:
         raise ValueError(f"expected a 2-D grey frame, got shape {frame.shape}")
     height, width = frame.shape
+    feature_height, feature_width = shape if shape is not None else (height, width)
     if params.letterbox and height != width:
         frame = letterbox(frame, float(frame.min()) if frame.size else 0.0)
     small = resize(frame, params.input_size, params.resize)
@@ -119,7 +128,7 @@ def preprocess_frame(
         else:  # "hu"
             low, high = params.hu_low, params.hu_high
             channels.append(np.clip((small - low) / (high - low), 0.0, 1.0))
-    features = [_feature(name, colourfulness, height, width) for name in params.features]
+    features = [_feature(name, colourfulness, feature_height, feature_width) for name in params.features]
     return np.stack(channels).astype(np.float32), np.asarray(features, dtype=np.float32)
 
 
@@ -136,12 +145,13 @@ def _feature(name: str, colourfulness: float, height: int, width: int) -> float:
 
 
 def prepare_image(
-    frames: np.ndarray, colourfulness: float, params: PreprocessParams
+    frames: np.ndarray, colourfulness: float, params: PreprocessParams, shape: tuple[int, int] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Preprocess every frame of one decoded instance: arrays (k, C, S, S) and (k, F).
 
-    ``frames`` are a :class:`~sorter.dicom.DecodedImage`'s: finite float32.
+    ``frames`` are a :class:`~sorter.dicom.DecodedImage`'s: finite float32; ``shape`` its
+    stored ``(rows, columns)`` (:attr:`~sorter.dicom.DecodedImage.shape`).
     Torch-free, so that decode processes can run it without loading the model.
     """
-    pairs = [preprocess_frame(frame, colourfulness, params, finite=True) for frame in frames]
+    pairs = [preprocess_frame(frame, colourfulness, params, finite=True, shape=shape) for frame in frames]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])

@@ -46,7 +46,7 @@ def _png(grey: np.ndarray) -> bytes:
 def thumbnail(path: str, spec: dict[str, Any] | None) -> bytes:
     """A PNG of the instance at ``path`` as the model ``spec`` preprocesses it, at display size."""
     try:
-        image = load_image(path, frames=1)
+        image = load_image(path, frames=1, min_side=DISPLAY_SIZE)
     except Exception as exc:  # any decode failure becomes a one-line reason on the page
         raise RenderError(f"cannot decode the stored file: {type(exc).__name__}") from exc
     channels, _ = preprocess_frame(image.frames[0], image.colourfulness, display_params(spec), finite=True)
@@ -99,10 +99,12 @@ def grad_cam(path: str, model_path: str | None, sha256: str, label: str) -> byte
     if label not in [lab.value for lab in spec.labels]:
         raise RenderError(f"the model has no label {label}")
     try:
-        image = load_image(path, frames=1)
+        image = load_image(path, frames=1, min_side=spec.preprocess.input_size)  # as the scan decoded it
     except Exception as exc:
         raise RenderError(f"cannot decode the stored file: {type(exc).__name__}") from exc
-    x, features = preprocess_frame(image.frames[0], image.colourfulness, spec.preprocess, finite=True)
+    x, features = preprocess_frame(
+        image.frames[0], image.colourfulness, spec.preprocess, finite=True, shape=image.shape
+    )
     net = loaded.network
 
     class _ImageOnly(torch.nn.Module):
