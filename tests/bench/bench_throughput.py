@@ -23,6 +23,12 @@ the stage rates. Stages, each on the same machine in the same run:
 * ``baseline``: the seed code's way: sequential pydicom read, per-image
   min-max, 224 x 224 resize, ResNet-18 (1 channel) in batches of 32, no pool.
 
+* ``archives``: for each of ``--archive-kind`` (default ``ct512``, ``mixed``, ``archive``,
+  ``ct512j2k``; tests/bench/archive.py): ``sorter scan`` as shipped (JPEG 2000 and JPEG frames
+  decoded at a reduced resolution) and with ``SORTER_FULL_DECODE=1`` (every pixel, as before), and
+  the seed-style baseline on an evenly spaced sample of the same archive (its multi-frame objects
+  decoded whole, as the seed code did); files/s and MB/s, and the ratios between them.
+
 The ct512 scans and the baseline run ``--repeat`` times (default 3); the run
 with the median files/s is reported, every run's rate beside it, and the
 ratios are taken between medians.
@@ -53,7 +59,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import archive
 
 CORES = os.cpu_count() or 1
-STAGES = ("header", "decode", "inference", "compile", "db", "scan", "baseline")
+STAGES = ("header", "decode", "inference", "compile", "db", "scan", "baseline", "archives")
+#: Files per archive of the ``archives`` stage (``archive`` in multiples of 400: its exact mix).
+ARCHIVE_FILES = {"ct512": 1000, "mixed": 1000, "archive": 1200, "ct512j2k": 1000}
 
 
 def rate(count: int, seconds: float) -> float:
@@ -346,14 +354,17 @@ def _tree_rss_mb(root: int) -> float:
     return total * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def stage_scan(root: Path, url: str, work: Path, model: Path | None = None) -> dict[str, Any]:
+def stage_scan(
+    root: Path, url: str, work: Path, model: Path | None = None, env_extra: dict[str, str] | None = None
+) -> dict[str, Any]:
     """``python -m sorter scan`` with the bundled model (or ``model``): files/s and the peak RSS of
-    its process tree."""
+    its process tree. ``env_extra``: ``SORTER_`` settings for this scan (``SORTER_FULL_DECODE``)."""
     for path in archive.archive_files(root):  # a warm page cache: the scan is measured, not the disk
         path.read_bytes()
     summary = work / f"summary-{root.name}-{url.split(':')[0]}.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SORTER_")}
     env["SORTER_CACHE_DIR"] = str(work / "graph-cache")  # warmed by warm_graph_cache()
+    env.update(env_extra or {})
     command = [sys.executable, "-m", "sorter", "scan", "--no-progress", "--json-summary", str(summary)]
     if model is not None:
         command += ["--model", str(model)]
@@ -437,7 +448,12 @@ def stage_baseline(files: list[Path]) -> dict[str, Any]:
         batch: list[np.ndarray] = []
         done = 0
         for i, path in enumerate(files):
-            pixels = pydicom.dcmread(path).pixel_array.astype(np.float32)
+            ds = pydicom.dcmread(path)
+            pixels = ds.pixel_array.astype(np.float32)  # every frame of a multi-frame object
+            if int(ds.get("NumberOfFrames") or 1) > 1:
+                pixels = pixels[len(pixels) // 2]
+            if int(ds.get("SamplesPerPixel") or 1) > 1:
+                pixels = pixels.mean(axis=-1)
             low, high = pixels.min(), pixels.max()
             pixels = (pixels - low) / (high - low) if high > low else np.zeros_like(pixels)
             batch.append(
@@ -452,6 +468,38 @@ def stage_baseline(files: list[Path]) -> dict[str, Any]:
 
     count, seconds = timed(run)
     return {"files": count, "files_per_s": rate(count, seconds), "torch_threads": CORES}
+
+
+def stage_archive(kind: str, root: Path, work: Path, repeat: int, baseline_files: int) -> dict[str, Any]:
+    """One archive: ``sorter scan`` reduced and full (median of ``repeat``), and the baseline."""
+    files = archive.archive_files(root)
+    megabytes = sum(path.stat().st_size for path in files) / 2**20
+    scans = {}
+    for mode, env in (("reduced", {}), ("full", {"SORTER_FULL_DECODE": "1"})):
+
+        def measure(env: dict[str, str] = env, mode: str = mode) -> dict[str, Any]:
+            return stage_scan(root, _fresh_sqlite(work, f"arch-{kind}-{mode}"), work, None, env)
+
+        scans[mode] = median_run(measure, repeat)
+        scans[mode]["mb_per_s"] = round(megabytes / scans[mode]["scan_s"], 1)
+        print(f"archives {kind} {mode}: {scans[mode]['files_per_s']} files/s", flush=True)
+    sample = _sample(files, baseline_files)
+    baseline = median_run(lambda: stage_baseline(sample), repeat if kind == "ct512" else 1)
+    baseline["mb_per_s"] = round(
+        sum(p.stat().st_size for p in sample) / 2**20 * baseline["files_per_s"] / len(sample), 1
+    )
+    print(f"archives {kind} baseline: {baseline['files_per_s']} files/s", flush=True)
+    return {
+        "archive": kind,
+        "files": len(files),
+        "megabytes": round(megabytes, 1),
+        "scan": scans["reduced"],
+        "scan_full_decode": scans["full"],
+        "baseline": baseline,
+        "scan_vs_full_decode": round(scans["reduced"]["files_per_s"] / scans["full"]["files_per_s"], 2),
+        "scan_vs_baseline": round(scans["reduced"]["files_per_s"] / baseline["files_per_s"], 2),
+        "full_decode_vs_baseline": round(scans["full"]["files_per_s"] / baseline["files_per_s"], 2),
+    }
 
 
 # ---------------------------------------------------------------- driver
@@ -518,6 +566,15 @@ def main(argv: Iterable[str] | None = None) -> None:
         action="append",
         default=[],
         help="a candidate artefact: it also scans the smallest ct512 archive (--repeat runs, median)",
+    )
+    parser.add_argument(
+        "--archive-kind",
+        action="append",
+        choices=sorted(ARCHIVE_FILES),
+        help="archives of the `archives` stage (default: all four)",
+    )
+    parser.add_argument(
+        "--baseline-files", type=int, default=400, help="files of each archive the `archives` baseline reads"
     )
     parser.add_argument("--work", type=Path, help="work folder, kept (default: a temporary one, removed)")
     parser.add_argument("--out", type=Path, default=Path("bench-throughput.json"))
@@ -603,6 +660,16 @@ def main(argv: Iterable[str] | None = None) -> None:
             files = archive.archive_files(archives[f"ct512-{sizes[0]}"])[:1000]
             stages["baseline"] = median_run(lambda: stage_baseline(files), args.repeat)
             print(f"baseline: {stages['baseline']}", flush=True)
+        if "archives" not in args.skip:
+            warm_graph_cache(work)
+            stages["archives"] = []
+            for kind in args.archive_kind or list(ARCHIVE_FILES):
+                root = work / f"arch-{kind}-{ARCHIVE_FILES[kind]}"
+                if not root.exists():
+                    built = archive.build(root, ARCHIVE_FILES[kind], kind)
+                    result["archives"].append(built)
+                    print(f"built {root.name}: {built['seconds']} s", flush=True)
+                stages["archives"].append(stage_archive(kind, root, work, args.repeat, args.baseline_files))
         result["stages"] = stages
         result["ratios"] = ratios(stages)
     finally:
@@ -670,6 +737,14 @@ def print_table(result: dict[str, Any]) -> None:
         )
     if "baseline" in stages:
         print(f"{'seed-style baseline':<36} {'ct512':<8} {stages['baseline']['files_per_s']:>10} files/s")
+    for row in stages.get("archives", []):
+        print(
+            f"{'archive ' + row['archive']:<20} scan {row['scan']['files_per_s']} files/s "
+            f"{row['scan']['mb_per_s']} MB/s | full decode {row['scan_full_decode']['files_per_s']} files/s "
+            f"{row['scan_full_decode']['mb_per_s']} MB/s | baseline {row['baseline']['files_per_s']} files/s "
+            f"{row['baseline']['mb_per_s']} MB/s | scan/full {row['scan_vs_full_decode']}x, "
+            f"scan/baseline {row['scan_vs_baseline']}x, full/baseline {row['full_decode_vs_baseline']}x"
+        )
     for key, value in result.get("ratios", {}).items():
         print(f"{key:<36} {value}")
 
