@@ -46,6 +46,10 @@ def _compressed(paths: list[str]) -> list[str]:
     return found
 
 
+def _is_dct(path: str) -> bool:
+    return pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID in reduced.DCT_SYNTAXES
+
+
 def _pydicom_files() -> list[str]:
     import data_store
 
@@ -76,11 +80,11 @@ def _compare(paths: list[str], classifier) -> tuple[int, list[str]]:  # type: ig
         except Exception:  # a test file no decoder reads: the reduced path is not asked either
             continue
         small = load_image(path, min_side=params.input_size)
+        assert small.shape == full.shape == full.frames.shape[1:], name
         if small.stored_shape is not None:
             reduced_count += 1
-            assert small.stored_shape == full.frames.shape[1:], name
             assert max(small.frames.shape[1:]) >= 2 * params.input_size, name
-        else:
+        elif not _is_dct(path):  # small DCT JPEG: libjpeg-turbo at full size, within an IDCT's rounding
             np.testing.assert_array_equal(small.frames, full.frames, err_msg=name)
         x_full, f_full = prepare_image(full.frames, full.colourfulness, params, full.shape)
         x_small, f_small = prepare_image(small.frames, small.colourfulness, params, small.shape)
@@ -258,3 +262,33 @@ def test_classify_command_full_decode_flag(tmp_path: Path) -> None:
     small, full = (json.loads(run.output.splitlines()[-1]) for run in runs)
     assert small["label"] == full["label"]
     assert small["confidence"] == pytest.approx(full["confidence"], abs=0.05)
+
+
+@pytest.mark.parametrize(
+    ("name", "turbo"),
+    [
+        ("SC_rgb_jpeg_dcmtk.dcm", True),  # YBR_FULL, 100 x 100
+        ("examples_ybr_color.dcm", True),  # YBR_FULL_422, 320 x 240
+        ("SC_jpeg_no_color_transform_2.dcm", False),  # RGB without a transform: pydicom's decode
+    ],
+)
+def test_small_dct_jpeg_goes_through_libjpeg_turbo_within_rounding(
+    name: str, turbo: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Too small to scale, a DCT JPEG is still decoded by libjpeg-turbo: the same picture as
+    pydicom's libjpeg gives, within the rounding of two IDCT implementations."""
+    used: list[bool] = []
+    dct = reduced._dct
+
+    def spy(*args: object) -> object:
+        result = dct(*args)  # type: ignore[arg-type]
+        used.append(result is not None)
+        return result
+
+    monkeypatch.setattr(reduced, "_dct", spy)
+    path = data_file(name)
+    full, small = load_image(path), load_image(path, min_side=128)
+    assert used == [turbo]
+    assert small.stored_shape is None and small.frames.shape == full.frames.shape
+    difference = np.abs(small.frames - full.frames)
+    assert float(difference.mean()) < 0.5 and float(difference.max()) <= 4.0

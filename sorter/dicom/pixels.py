@@ -210,12 +210,13 @@ def _decode(ds: Dataset, path: str, frames: int, min_side: int | None) -> Decode
         colour_scores.append(score)
     if 0 < reduced_frames < len(greys):  # one frame would not reduce: all in full, to stack them
         return _decode(ds, path, frames, None)
+    stored = (int(opts["rows"]), int(opts["columns"]))
     return DecodedImage(
         frames=stack_frames(greys),  # each already finite float32 (_to_grey)
         colourfulness=float(np.mean(colour_scores)),
         n_frames_total=n_total,
         photometric=photometric,
-        stored_shape=(int(opts["rows"]), int(opts["columns"])) if reduced_frames else None,
+        stored_shape=stored if reduced_frames and greys[0].shape != stored else None,
     )
 
 
