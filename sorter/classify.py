@@ -94,12 +94,14 @@ def classify_paths(
     classifier: Classifier,
     batch_size: int = 32,
     frames: int = 1,
-    min_side: int | None = None,
+    full_decode: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Yield one record per file, in input order, inferring in batches of ``batch_size``.
 
-    ``min_side``: as for :func:`decode_file` (the ``classify`` command passes the model's input size).
+    JPEG 2000 and JPEG frames are decoded at the reduced resolution that still covers the
+    model's input, as a scan decodes them; ``full_decode`` decodes every pixel.
     """
+    min_side = None if full_decode else classifier.spec.preprocess.input_size
     pending: list[Decoded | dict[str, Any]] = []
 
     def flush() -> Iterator[dict[str, Any]]:

@@ -66,8 +66,8 @@ def classify(
     readable = classified = total = 0
     if not as_json:
         click.echo(f"{'head':<4}    {'pix':<4} {'conf':>6}  {'verdict':<11} path")
-    min_side = None if settings.full_decode else classifier.spec.preprocess.input_size
-    for record in classify_paths(paths, classifier, settings.batch_size, settings.frames, min_side):
+    records = classify_paths(paths, classifier, settings.batch_size, settings.frames, settings.full_decode)
+    for record in records:
         total += 1
         classified += "status" not in record
         readable += record.get("status") != "failed"
