@@ -248,8 +248,8 @@ def _dct(data: bytes, opts: dict[str, Any], min_side: int) -> tuple[np.ndarray, 
     rows, columns = int(opts["rows"]), int(opts["columns"])
     side = max(rows, columns)
     # Scale 1 too: libjpeg-turbo decodes 8-bit DCT JPEG several times faster than the libjpeg in
-    # pylibjpeg-libjpeg (tests/bench/results-decoders-2core.json: 1.9 against 12.0 ms for a
-    # 1 024 x 1 024 radiograph, 1.6 against 16.3 ms for a 640 x 480 ultrasound frame).
+    # pylibjpeg-libjpeg (tests/bench/results-decoders-2core.json, both in full: 2.3 against 12.0 ms
+    # for a 1 024 x 1 024 radiograph, 1.9 against 16.3 ms for a 640 x 480 ultrasound frame).
     scale = next((s for s in _JPEG_SCALES if math.ceil(side / s) >= min_side), 1)
     samples = int(opts.get("samples_per_pixel") or 1)
     photometric = str(opts.get("photometric_interpretation") or "").strip().upper()

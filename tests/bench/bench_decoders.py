@@ -10,7 +10,7 @@ For each file, one frame is decoded by every candidate that is installed, ``--re
   Pillow's OpenJPEG plugin in full, at the level sorter.dicom.reduced picks (``OVERSAMPLE`` x 128)
   and at the level one octave further (the long side just >= 128);
 * JPEG baseline: pydicom with pylibjpeg-libjpeg and with GDCM, imagecodecs' ``jpeg8_decode`` in
-  full and with its ``shape`` (libjpeg-turbo's DCT scaling), Pillow in full and with ``draft``;
+  full and with its ``shape`` argument (it did not scale here), Pillow in full and with ``draft``;
 * both: ``load_image`` end to end (read, decode, Modality LUT, grey), full and reduced.
 
 Files: pydicom-data's RG3_J2KR, MR2_J2KR, US1_J2KR, color3d_jpeg_baseline, and from
