@@ -125,14 +125,14 @@ def classify_ids(ids: list[int]) -> int:
         return 0
     ids = taken.fresh
     decoding = [0.0]
-    decode_file = decoder_for(state.settings.full_decode)
-    decode: Decoder = decode_file
+    base_decode = decoder_for(state.settings.full_decode)
+    decode: Decoder = base_decode
     if state.observe is not None:
 
         def decode(*args: Any) -> Any:
             started = time.perf_counter()
             try:
-                return decode_file(*args)
+                return base_decode(*args)
             finally:
                 decoding[0] += time.perf_counter() - started
 
