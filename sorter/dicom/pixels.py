@@ -196,10 +196,11 @@ def _decode(ds: Dataset, path: str, frames: int, min_side: int | None) -> Decode
     plugins = _plugin_order(decoder)
     greys: list[np.ndarray] = []
     colour_scores: list[float] = []
-    smaller = min_side is not None and decoder.is_encapsulated
     reduced_frames = 0
     for index in select_frames(n_total, frames):
-        small = _decode_reduced(ds, index, tsyntax, opts, min_side, path) if smaller else None
+        small = None
+        if min_side is not None and decoder.is_encapsulated:
+            small = _decode_reduced(ds, index, tsyntax, opts, min_side, path)
         reduced_frames += small is not None
         arr, props = small or _decode_frame(decoder, ds, index, opts, overrides, plugins, path)
         try:
@@ -221,11 +222,9 @@ def _decode(ds: Dataset, path: str, frames: int, min_side: int | None) -> Decode
 
 
 def _decode_reduced(
-    ds: Dataset, index: int, tsyntax: Any, opts: dict[str, Any], min_side: int | None, path: str
+    ds: Dataset, index: int, tsyntax: Any, opts: dict[str, Any], min_side: int, path: str
 ) -> tuple[np.ndarray, dict[str, Any]] | None:
     """Frame `index` at a reduced resolution, or None: then the full decode runs, as for any other syntax."""
-    if min_side is None:
-        return None
     try:
         return reduced.decode_reduced(ds, index, tsyntax, opts, min_side)
     except INTERRUPTS:

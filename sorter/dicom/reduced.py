@@ -178,10 +178,8 @@ def _frame_bytes(ds: Dataset, index: int, opts: dict[str, Any]) -> bytes:
     )
 
 
-def _stored_dtype(opts: dict[str, Any]) -> np.dtype[Any]:
-    bits = int(opts["bits_allocated"])
-    signed = int(opts.get("pixel_representation") or 0) == 1
-    return np.dtype(f"{'i' if signed else 'u'}{max(1, bits // 8)}")
+def _stored_dtype(bits_allocated: int, signed: bool) -> np.dtype[Any]:
+    return np.dtype(f"{'i' if signed else 'u'}{max(1, bits_allocated // 8)}")
 
 
 def _j2k(data: bytes, opts: dict[str, Any], min_side: int) -> tuple[np.ndarray, dict[str, Any]] | None:
@@ -222,9 +220,9 @@ def _j2k(data: bytes, opts: dict[str, Any], min_side: int) -> tuple[np.ndarray, 
         if image.mode != "RGB":
             return None
         return np.asarray(image), {"photometric_interpretation": "RGB"}
-    return _unscale(np.asarray(image), image.mode, precision, signed).astype(_stored_dtype(opts)), {
-        "photometric_interpretation": photometric
-    }
+    values = _unscale(np.asarray(image), image.mode, precision, signed)
+    dtype = _stored_dtype(int(opts["bits_allocated"]), signed)
+    return values.astype(dtype), {"photometric_interpretation": photometric}
 
 
 def _unscale(arr: np.ndarray, mode: str, precision: int, signed: bool) -> np.ndarray:
