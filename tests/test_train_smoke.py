@@ -182,3 +182,64 @@ def test_a_student_learns_from_the_teacher_of_its_own_fold(fitted, corpus, tmp_p
         main, ["loso", *common, "--out", str(tmp_path / "other"), "--config", str(student), "--seed", "7"]
     )
     assert result.exit_code != 0 and "dealt other folds" in str(result.exception)
+
+
+def test_cascade_of_two_loso_runs_then_export_serves_one_graph(fitted, corpus, tmp_path):
+    """``cascade`` joins two artefacts on their loso runs' evidence; ``export`` calibrates the result,
+    and the classifier serves it from one ONNX graph as torch runs it."""
+    import numpy as np
+    import torch
+
+    from sorter.model.classifier import Classifier
+    from sorter.model.network import CascadeNet
+
+    out, cache = fitted
+    common = ["--manifest", str(corpus / "manifest.csv"), "--dry-run", "--folds", "3", "--only-fold", "2"]
+    common += ["--cache-dir", str(cache), "--workers", "1"]
+    _run(["loso", *common, "--out", str(tmp_path / "main")])
+    _run(["loso", *common, "--out", str(tmp_path / "screen"), "--lr", "0.01"])
+    joined = tmp_path / "cascade.pt"
+    args = [
+        "cascade",
+        "--model",
+        str(out / "model.pt"),
+        "--screen",
+        str(tmp_path / "main" / "fold-2" / "model.pt"),
+    ]
+    args += ["--loso", str(tmp_path / "main"), "--screen-loso", str(tmp_path / "screen")]
+    said = _run([*args, "--out-run", str(tmp_path / "run"), "--out", str(joined)])
+    assert "| threshold | to main network |" in said and "next: sorter-train export" in said
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    threshold = metrics["cascade"]["threshold"]
+    assert 0.5 <= threshold <= 0.999 and 0.0 <= metrics["cascade"]["to_main"] <= 1.0
+    exported = tmp_path / "exported.pt"
+    card = tmp_path / "card.md"
+    _run(
+        [
+            "export",
+            "--model",
+            str(joined),
+            "--loso",
+            str(tmp_path / "run"),
+            "--out",
+            str(exported),
+            "--card",
+            str(card),
+        ]
+    )
+    loaded = load_artefact(exported)
+    assert isinstance(loaded.network, CascadeNet) and loaded.spec.screen is not None
+    assert loaded.spec.screen.threshold == threshold
+    assert loaded.spec.temperature == pytest.approx(metrics["temperature"])
+    assert "- Screen: a `mobilenet_v3_small` answers first" in card.read_text()
+    # The compare command reads the cascade's run like any other.
+    _run(["compare", str(tmp_path / "main"), str(tmp_path / "run")])
+    # Served from the ONNX graph written beside the artefact: the same probabilities as torch.
+    classifier = Classifier.load(exported, device="cpu", runtime="onnx", threads=1)
+    gen = torch.Generator().manual_seed(0)
+    images, features = torch.rand(16, 2, 64, 64, generator=gen), torch.rand(16, 1, generator=gen)
+    with torch.no_grad():
+        expected = classifier.calibrate(loaded.network(images, features).numpy())
+    np.testing.assert_allclose(
+        classifier.predict_arrays(images.numpy(), features.numpy()), expected, atol=1e-4
+    )

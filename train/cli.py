@@ -380,6 +380,115 @@ def export(
 
 
 @main.command()
+@click.option(
+    "--model",
+    "main_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The main network's artefact (e.g. the bundled model).",
+)
+@click.option(
+    "--screen",
+    "screen_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The fast network's artefact (same inputs and labels).",
+)
+@click.option(
+    "--loso",
+    "main_loso",
+    required=True,
+    callback=_loso_run,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The main network's recipe's loso run.",
+)
+@click.option(
+    "--screen-loso",
+    required=True,
+    callback=_loso_run,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The screen's recipe's loso run (same manifest, folds and seed).",
+)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0.0, 1.0),
+    help="The screen's confidence at or above which its answer stands (default: chosen, see --tolerance).",
+)
+@click.option(
+    "--tolerance",
+    default=0.005,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="Chosen threshold: the lowest whose balanced and source-averaged accuracy stay this close to "
+    "the main network's alone.",
+)
+@click.option(
+    "--out-run",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where to write the cascade's out-of-fold predictions, as a loso run.",
+)
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Cascade artefact to write."
+)
+def cascade(
+    main_path: Path,
+    screen_path: Path,
+    main_loso: Path,
+    screen_loso: Path,
+    threshold: float | None,
+    tolerance: float,
+    out_run: Path,
+    out: Path,
+) -> None:
+    """Join a fast screen and a main network: the screen answers where it is sure (see train/cascade.py)."""
+    from train.cascade import (
+        LosoRun,
+        _summary,
+        assemble,
+        check_pair,
+        choose_threshold,
+        sweep,
+        write_cascade_run,
+    )
+
+    main_run, screen_run = LosoRun.read(main_loso), LosoRun.read(screen_loso)
+    try:
+        check_pair(main_run, screen_run)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    rows = sweep(main_run, screen_run)
+    alone = _summary(main_run.logits, main_run, main_run.temperature)
+    reference = {
+        "balanced_accuracy": alone["balanced_accuracy"],
+        "source_macro": alone["source_macro"]["balanced_accuracy"],
+    }
+    click.echo(
+        f"main network alone: balanced accuracy {reference['balanced_accuracy']:.3f}, "
+        f"source-averaged {reference['source_macro']:.3f}"
+    )
+    click.echo("| threshold | to main network | balanced acc. | source-averaged | accuracy |")
+    click.echo("|---:|---:|---:|---:|---:|")
+    for row in rows:
+        click.echo(
+            f"| {row['threshold']:.3f} | {row['to_main']:.3f} | {row['balanced_accuracy']:.3f} | "
+            f"{row['source_macro']:.3f} | {row['accuracy']:.3f} |"
+        )
+    (out_run).mkdir(parents=True, exist_ok=True)
+    (out_run / "sweep.json").write_text(json.dumps({"main_alone": reference, "rows": rows}, indent=1))
+    if threshold is None:
+        threshold = choose_threshold(rows, reference, tolerance)
+    metrics = write_cascade_run(main_run, screen_run, threshold, out_run)
+    digest = assemble(main_path, screen_path, threshold, screen_run.temperature, out)
+    click.echo(
+        f"threshold {threshold:.3f}: {metrics['cascade']['to_main']:.1%} of held-out images go to the main "
+        f"network; balanced accuracy {metrics['balanced_accuracy']:.3f}; wrote {out_run} and {out} "
+        f"(sha256 {digest[:12]}); "
+        f"next: sorter-train export --model {out} --loso {out_run} --out ..."
+    )
+
+
+@main.command()
 @click.argument("model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def graph(model_path: Path) -> None:
     """Write MODEL's ONNX graph beside it, so that CPU nodes serve it without PyTorch."""

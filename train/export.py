@@ -90,6 +90,22 @@ def _teacher(teacher: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _screen(spec: ModelSpec, cascade: dict[str, Any] | None) -> list[str]:
+    """The card's lines on a cascade's screen (none for a single network)."""
+    if spec.screen is None:
+        return []
+    screen = spec.training.get("screen", {})
+    share = (
+        f"; {cascade['to_main']:.1%} of the held-out images below went to the main network" if cascade else ""
+    )
+    return [
+        f"- Screen: a `{spec.screen.arch}` answers first; a frame whose top probability under the screen's "
+        f"temperature ({spec.screen.temperature:.3f}) is below {spec.screen.threshold:.3f} goes to the "
+        f"`{spec.arch}` above{share}",
+        *(f"  {line}" for line in _teacher(screen.get("teacher"))),
+    ]
+
+
 def _verdict_rule(spec: ModelSpec) -> str:
     t = spec.thresholds
     if t.header_test:
@@ -129,6 +145,7 @@ def model_card(
         f"- Artefact sha256: `{sha256}`",
         *_initialisation(train.get("pretrained")),
         *_teacher(train.get("teacher")),
+        *_screen(spec, loso.get("cascade")),
         "",
         "## Training data",
         "",

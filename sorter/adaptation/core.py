@@ -73,9 +73,22 @@ def adapt_arrays(
 
 
 def adapted_network(network: SorterNet, result: Result) -> SorterNet:
-    """A copy of ``network`` with the adapted head."""
+    """A copy of ``network`` with the adapted head.
+
+    A cascade's screen is left out: its confident answers would stand in place of the adapted
+    head's, which is what the archive taught (the adapted model runs the main network on every frame).
+    """
     import torch
 
+    from sorter.model.network import CascadeNet, SorterNet
+
+    if isinstance(network, CascadeNet):
+        network = SorterNet(
+            network.backbone,
+            network.head.in_features - network.n_features,
+            network.n_features,
+            network.head.out_features,
+        )
     adapted = copy.deepcopy(network).cpu().eval()
     with torch.no_grad():
         adapted.head.weight.copy_(torch.from_numpy(result.weight))
@@ -89,6 +102,7 @@ def adapted_spec(
     """The adapted model's spec: the base's inputs, its own temperature, operating point and card."""
     return replace(
         base,
+        screen=None,  # see adapted_network
         temperature=result.temperature,
         thresholds=replace(
             result.thresholds,

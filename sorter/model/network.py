@@ -330,14 +330,75 @@ class SorterNet(nn.Module):
         return self.head(self.dropout(pooled))
 
 
-def build_network(spec: ModelSpec) -> SorterNet:
-    """Build the (untrained) network that ``spec`` describes."""
+class CascadeNet(SorterNet):
+    """A main network behind a fast screen (:class:`sorter.model.spec.ScreenSpec`).
+
+    The screen classifies every frame; only the frames whose top probability, under the screen's
+    own temperature, falls below the threshold go through the main network (this module's own
+    backbone and head, so Grad-CAM and adaptation see the main network). The screen's logits are
+    rescaled by ``temperature / screen_temperature``, so that the spec's one temperature (the
+    main network's) calibrates both kinds of row. One graph: ONNX Runtime runs the main network
+    on the gathered rows, also when there are none.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        width: int,
+        n_features: int,
+        n_classes: int,
+        screen: SorterNet,
+        *,
+        temperature: float,
+        screen_temperature: float,
+        threshold: float,
+    ) -> None:
+        super().__init__(backbone, width, n_features, n_classes)
+        self.screen = screen
+        self.screen_temperature = float(screen_temperature)
+        self.threshold = float(threshold)
+        self.rescale = float(temperature) / float(screen_temperature)
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (N, L) in the main network's units: the screen's where it is sure, else the main one's."""
+        fast = self.screen(image, features)
+        confidence = torch.softmax(fast / self.screen_temperature, dim=1).amax(dim=1)
+        unsure = torch.nonzero(confidence < self.threshold).flatten()
+        rows = None if features is None else features.index_select(0, unsure)
+        slow = super().forward(image.index_select(0, unsure), rows)
+        index = unsure[:, None].expand(-1, fast.shape[1])
+        return (fast * self.rescale).scatter(0, index, slow.to(fast.dtype))
+
+
+def _backbone(arch: str, spec: ModelSpec) -> tuple[nn.Module, int]:
     channels = len(spec.preprocess.channels)
-    if spec.arch == "efficientnet_lite0":  # its TF "SAME" padding depends on the input size
-        backbone: nn.Module = EfficientNetLite0(channels, spec.preprocess.input_size, scale_input=True)
-        width = LITE0_WIDTH
-    else:
-        backbone, width = _BACKBONES[spec.arch](channels)
+    if arch == "efficientnet_lite0":  # its TF "SAME" padding depends on the input size
+        return EfficientNetLite0(channels, spec.preprocess.input_size, scale_input=True), LITE0_WIDTH
+    return _BACKBONES[arch](channels)
+
+
+def build_network(spec: ModelSpec) -> SorterNet:
+    """Build the (untrained) network that ``spec`` describes: a :class:`CascadeNet` when it has a screen."""
+    backbone, width = _backbone(spec.arch, spec)
+    n_features, n_classes = len(spec.preprocess.features), len(spec.labels)
+    if spec.screen is None:
+        return SorterNet(_momentum(backbone), width, n_features, n_classes)
+    screen_backbone, screen_width = _backbone(spec.screen.arch, spec)
+    screen = SorterNet(_momentum(screen_backbone), screen_width, n_features, n_classes)
+    return CascadeNet(
+        _momentum(backbone),
+        width,
+        n_features,
+        n_classes,
+        screen,
+        temperature=spec.temperature,
+        screen_temperature=spec.screen.temperature,
+        threshold=spec.screen.threshold,
+    )
+
+
+def _momentum(backbone: nn.Module) -> nn.Module:
+    """``backbone`` with every BatchNorm's momentum at 0.1."""
     for module in backbone.modules():
         # torchvision's MobileNetV3/EfficientNet use momentum 0.01, tuned for
         # ImageNet-length runs; on a few hundred steps the running statistics
@@ -345,4 +406,4 @@ def build_network(spec: ModelSpec) -> SorterNet:
         # recalibrates them at the end (train.fit.recalibrate_batchnorm).
         if isinstance(module, nn.BatchNorm2d):
             module.momentum = 0.1
-    return SorterNet(backbone, width, len(spec.preprocess.features), len(spec.labels))
+    return backbone

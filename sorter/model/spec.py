@@ -82,8 +82,30 @@ class PreprocessParams:
 
 
 @dataclass(frozen=True)
+class ScreenSpec:
+    """A fast network that answers first, so that the main network sees only the frames it is unsure of.
+
+    Same inputs and labels as the main network. A frame whose top probability under the screen's
+    own calibration (``temperature``) is at least ``threshold`` keeps the screen's answer; every
+    other frame goes through the main network (:class:`sorter.model.network.CascadeNet`).
+    """
+
+    arch: str
+    temperature: float
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown screen architecture {self.arch!r}; known: {', '.join(ARCHITECTURES)}")
+        if self.temperature <= 0:
+            raise ValueError("screen temperature must be positive")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"screen threshold {self.threshold} is outside 0..1")
+
+
+@dataclass(frozen=True)
 class ModelSpec:
-    """Self-description of a trained classifier."""
+    """Self-description of a trained classifier (with a :class:`ScreenSpec` when it is a cascade)."""
 
     arch: str
     labels: tuple[Label, ...]
@@ -93,6 +115,7 @@ class ModelSpec:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    screen: ScreenSpec | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -112,6 +135,8 @@ class ModelSpec:
             # The default window stays implicit, so that releases before the fields still read
             # the artefacts this one writes.
             del data["preprocess"]["hu_low"], data["preprocess"]["hu_high"]
+        if self.screen is None:  # implicit too: a single network's spec reads as it always did
+            del data["screen"]
         return data
 
     @classmethod
@@ -136,6 +161,7 @@ class ModelSpec:
                 training=dict(data.get("training", {})),
                 metrics=dict(data.get("metrics", {})),
                 format_version=version,
+                screen=ScreenSpec(**data["screen"]) if data.get("screen") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise IncompatibleModelError(f"model spec is malformed: {exc}") from exc
