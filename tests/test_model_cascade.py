@@ -96,6 +96,8 @@ def test_a_single_network_spec_reads_and_writes_as_before_and_a_screen_round_tri
     assert "screen" not in plain and ModelSpec.from_dict(plain).screen is None
     screened = _spec("efficientnet_lite0", ScreenSpec("mobilenet_v3_small", 1.7, 0.9))
     assert ModelSpec.from_dict(screened.to_dict()) == screened
+    assert screened.network_name == "efficientnet_lite0 (mobilenet_v3_small screen)"
+    assert _spec().network_name == "mobilenet_v3_small"
     with pytest.raises(ValueError, match=r"outside 0\.\.1"):
         ScreenSpec("mobilenet_v3_small", 1.0, 1.5)
 
@@ -154,6 +156,10 @@ def test_the_chosen_threshold_is_the_lowest_that_keeps_the_main_networks_accurac
     assert choose_threshold(rows, reference, 0.005) == 0.8
     assert choose_threshold(rows, reference, 0.0) == 0.9
     assert choose_threshold(rows, {"balanced_accuracy": 0.99, "source_macro": 0.99}, 0.0) == 0.9
+    # The header test counts too: relabelled copies caught must stay as well.
+    for row, caught in zip(rows, (0.7, 0.7, 0.60, 0.74), strict=True):
+        row |= {"agree": 0.7, "caught": caught}
+    assert choose_threshold(rows, reference | {"agree": 0.7, "caught": 0.74}, 0.005) == 0.9
 
 
 def test_loso_runs_of_other_images_are_not_joined(tmp_path):
