@@ -111,10 +111,11 @@ def _artefact(path: Path, spec: ModelSpec, seed: int) -> Path:
 def test_assemble_joins_two_artefacts_into_one_cascade_and_refuses_other_inputs(tmp_path):
     main = _artefact(tmp_path / "main.pt", _spec("efficientnet_lite0"), 0)
     screen = _artefact(tmp_path / "screen.pt", _spec(), 1)
-    assemble(main, screen, 0.8, SCREEN_T, tmp_path / "cascade.pt")
+    assemble(main, screen, 0.8, (MAIN_T, SCREEN_T), tmp_path / "cascade.pt")
     loaded = load_artefact(tmp_path / "cascade.pt")
     assert isinstance(loaded.network, CascadeNet)
     assert loaded.spec.screen == ScreenSpec("mobilenet_v3_small", SCREEN_T, 0.8)
+    assert loaded.spec.temperature == MAIN_T and loaded.network.rescale == pytest.approx(MAIN_T / SCREEN_T)
     images, features = _batch(6)
     with torch.no_grad():
         alone = load_artefact(screen).network(images, features)
@@ -122,9 +123,9 @@ def test_assemble_joins_two_artefacts_into_one_cascade_and_refuses_other_inputs(
     torch.testing.assert_close(joined, alone)
     other = _artefact(tmp_path / "other.pt", replace(_spec(), preprocess=replace(PRE, input_size=96)), 2)
     with pytest.raises(ValueError, match="different inputs"):
-        assemble(main, other, 0.8, SCREEN_T, tmp_path / "no.pt")
+        assemble(main, other, 0.8, (MAIN_T, SCREEN_T), tmp_path / "no.pt")
     with pytest.raises(ValueError, match="already has a screen"):
-        assemble(tmp_path / "cascade.pt", screen, 0.8, SCREEN_T, tmp_path / "no.pt")
+        assemble(tmp_path / "cascade.pt", screen, 0.8, (MAIN_T, SCREEN_T), tmp_path / "no.pt")
 
 
 def test_adapting_a_cascade_keeps_the_main_network_and_drops_the_screen():

@@ -219,13 +219,13 @@ def _per_label(metrics: dict[str, Any], run: LosoRun) -> dict[str, Any]:
 
 
 def assemble(
-    main_path: Path, screen_path: Path, threshold: float, screen_temperature: float, out: Path
+    main_path: Path, screen_path: Path, threshold: float, temperatures: tuple[float, float], out: Path
 ) -> str:
     """Join two artefacts into a cascade artefact at ``out``; returns its sha256.
 
-    ``screen_temperature`` calibrates the screen (its loso run's, the one the threshold was
-    chosen with); the main network's spec (temperature, thresholds, metrics) becomes the
-    cascade's until ``sorter-train export --loso`` sets the cascade run's.
+    ``temperatures`` calibrate the main network and the screen: their loso runs', the ones the
+    threshold was chosen with. The main network's verdict thresholds and metrics stay until
+    ``sorter-train export --loso`` sets the cascade run's.
     """
     from sorter.model.artefact import read_spec, save_artefact
     from sorter.model.network import build_network
@@ -237,9 +237,9 @@ def assemble(
         raise ValueError("a cascade joins two single networks; one of these already has a screen")
     if main_spec.preprocess != screen_spec.preprocess or main_spec.labels != screen_spec.labels:
         raise ValueError(f"{main_path} and {screen_path} take different inputs or give different labels")
-    screen = ScreenSpec(arch=screen_spec.arch, temperature=screen_temperature, threshold=threshold)
+    screen = ScreenSpec(arch=screen_spec.arch, temperature=temperatures[1], threshold=threshold)
     training = dict(main_spec.training, screen=dict(screen_spec.training, artefact=Path(screen_path).name))
-    spec = replace(main_spec, screen=screen, training=training)
+    spec = replace(main_spec, temperature=temperatures[0], screen=screen, training=training)
     network = build_network(spec)
     state = dict(main_state) | {f"screen.{k}": v for k, v in screen_state.items()}
     network.load_state_dict(state)

@@ -479,7 +479,8 @@ def cascade(
     if threshold is None:
         threshold = choose_threshold(rows, reference, tolerance)
     metrics = write_cascade_run(main_run, screen_run, threshold, out_run)
-    digest = assemble(main_path, screen_path, threshold, screen_run.temperature, out)
+    temperatures = (main_run.temperature, screen_run.temperature)
+    digest = assemble(main_path, screen_path, threshold, temperatures, out)
     click.echo(
         f"threshold {threshold:.3f}: {metrics['cascade']['to_main']:.1%} of held-out images go to the main "
         f"network; balanced accuracy {metrics['balanced_accuracy']:.3f}; wrote {out_run} and {out} "
