@@ -119,7 +119,7 @@ def register_artefact(
         session,
         {
             "sha256": sha256,
-            "arch": spec.arch,
+            "arch": spec.network_name,
             "labels": ",".join(label.value for label in spec.labels),
             "min_confidence": spec.thresholds.min_confidence,
             "min_margin": spec.thresholds.min_margin,

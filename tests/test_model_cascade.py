@@ -17,10 +17,15 @@ from sorter.model.network import CascadeNet, SorterNet, build_network
 from sorter.model.ort import OnnxRunner
 from sorter.model.runtime import export_onnx
 from sorter.model.spec import ModelSpec, PreprocessParams, ScreenSpec
-from train.cascade import LosoRun, assemble, cascade_logits, choose_threshold
+from train.cascade import LosoRun, assemble, cascade_logits, choose_thresholds
 
 PRE = PreprocessParams(input_size=64, channels=("scaled", "hu"), features=("colourfulness",))
 MAIN_T, SCREEN_T = 1.4, 2.0
+LABELS = [label.value for label in ALL_LABELS]
+
+
+def _each(value: float) -> dict[str, float]:
+    return dict.fromkeys(LABELS, value)
 
 
 def _spec(arch: str = "mobilenet_v3_small", screen: ScreenSpec | None = None) -> ModelSpec:
@@ -28,12 +33,15 @@ def _spec(arch: str = "mobilenet_v3_small", screen: ScreenSpec | None = None) ->
 
 
 def _cascade(threshold: float) -> tuple[CascadeNet, ModelSpec]:
-    spec = _spec("efficientnet_lite0", ScreenSpec("mobilenet_v3_small", SCREEN_T, threshold))
+    spec = _spec("efficientnet_lite0", ScreenSpec("mobilenet_v3_small", SCREEN_T, _each(threshold)))
     torch.manual_seed(0)
     network = build_network(spec).eval()
     assert isinstance(network, CascadeNet)
-    with torch.no_grad():  # a random screen is near-uniform: spread its confidences over (0, 1)
-        network.screen.head.weight.mul_(200.0)
+    with torch.no_grad():  # an untrained screen answers alike: let its scalar feature f pick label ~ 7 f
+        k = torch.arange(len(LABELS), dtype=torch.float32)
+        network.screen.head.weight.zero_()
+        network.screen.head.weight[:, -1] = 12.0 * k
+        network.screen.head.bias.copy_(-12.0 * k**2 / (2 * (len(LABELS) - 1)))
     return network, spec
 
 
@@ -60,17 +68,22 @@ def test_the_screen_answers_where_it_is_sure_and_the_main_network_takes_the_rest
     network, _ = _cascade(0.5)
     images, features = _batch()
     fast, slow = _parts(network, images, features)
-    confidence = torch.softmax(torch.from_numpy(fast) / SCREEN_T, dim=1).amax(dim=1).numpy()
-    threshold = _between(confidence)
-    unsure = confidence < threshold
-    assert 0 < unsure.sum() < len(unsure)
-    network.threshold = threshold
+    probs = torch.softmax(torch.from_numpy(fast) / SCREEN_T, dim=1).numpy()
+    confidence, label = probs.max(axis=1), probs.argmax(axis=1)
+    # One threshold splits the batch; the most frequent predicted label gets 1 (always the main network).
+    thresholds = np.full(len(LABELS), _between(confidence))
+    common = np.bincount(label, minlength=len(LABELS)).argmax()
+    thresholds[common] = 1.0
+    unsure = confidence < thresholds[label]
+    assert 0 < unsure.sum() < len(unsure) and (label != common).any()
+    assert unsure[label == common].all() and not unsure[label != common].all()
+    network.thresholds = torch.tensor(thresholds, dtype=torch.float32)
     with torch.no_grad():
         out = network(images, features).numpy()
     np.testing.assert_allclose(out[unsure], slow[unsure], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out[~unsure], fast[~unsure] * MAIN_T / SCREEN_T, rtol=1e-5, atol=1e-5)
     # train/cascade.py applies the same rule to the two networks' out-of-fold logits.
-    rule, sent = cascade_logits(slow, fast, MAIN_T, SCREEN_T, threshold)
+    rule, sent = cascade_logits(slow, fast, MAIN_T, SCREEN_T, thresholds)
     assert (sent == unsure).all()
     np.testing.assert_allclose(rule, out, rtol=1e-5, atol=1e-5)
 
@@ -82,7 +95,7 @@ def test_the_exported_graph_routes_frames_as_torch_does(where):
     fast, _ = _parts(network, images, features)
     confidence = torch.softmax(torch.from_numpy(fast) / SCREEN_T, dim=1).amax(dim=1).numpy()
     threshold = {"between": _between(confidence), "none": 0.0, "all": 1.0}[where]
-    spec = replace(spec, screen=replace(spec.screen, threshold=threshold))
+    spec = replace(spec, screen=replace(spec.screen, thresholds=_each(threshold)))
     rebuilt = build_network(spec).eval()
     rebuilt.load_state_dict(network.state_dict())
     with torch.no_grad():
@@ -94,12 +107,14 @@ def test_the_exported_graph_routes_frames_as_torch_does(where):
 def test_a_single_network_spec_reads_and_writes_as_before_and_a_screen_round_trips():
     plain = _spec().to_dict()
     assert "screen" not in plain and ModelSpec.from_dict(plain).screen is None
-    screened = _spec("efficientnet_lite0", ScreenSpec("mobilenet_v3_small", 1.7, 0.9))
+    screened = _spec("efficientnet_lite0", ScreenSpec("mobilenet_v3_small", 1.7, _each(0.9)))
     assert ModelSpec.from_dict(screened.to_dict()) == screened
     assert screened.network_name == "efficientnet_lite0 (mobilenet_v3_small screen)"
     assert _spec().network_name == "mobilenet_v3_small"
     with pytest.raises(ValueError, match=r"outside 0\.\.1"):
-        ScreenSpec("mobilenet_v3_small", 1.0, 1.5)
+        ScreenSpec("mobilenet_v3_small", 1.0, _each(1.5))
+    with pytest.raises(ValueError, match="one threshold per label"):
+        _spec("efficientnet_lite0", ScreenSpec("mobilenet_v3_small", 1.0, {"CT": 0.5}))
 
 
 def _artefact(path: Path, spec: ModelSpec, seed: int) -> Path:
@@ -111,10 +126,10 @@ def _artefact(path: Path, spec: ModelSpec, seed: int) -> Path:
 def test_assemble_joins_two_artefacts_into_one_cascade_and_refuses_other_inputs(tmp_path):
     main = _artefact(tmp_path / "main.pt", _spec("efficientnet_lite0"), 0)
     screen = _artefact(tmp_path / "screen.pt", _spec(), 1)
-    assemble(main, screen, 0.8, (MAIN_T, SCREEN_T), tmp_path / "cascade.pt")
+    assemble(main, screen, _each(0.8), (MAIN_T, SCREEN_T), tmp_path / "cascade.pt")
     loaded = load_artefact(tmp_path / "cascade.pt")
     assert isinstance(loaded.network, CascadeNet)
-    assert loaded.spec.screen == ScreenSpec("mobilenet_v3_small", SCREEN_T, 0.8)
+    assert loaded.spec.screen == ScreenSpec("mobilenet_v3_small", SCREEN_T, _each(0.8))
     assert loaded.spec.temperature == MAIN_T and loaded.network.rescale == pytest.approx(MAIN_T / SCREEN_T)
     images, features = _batch(6)
     with torch.no_grad():
@@ -123,9 +138,9 @@ def test_assemble_joins_two_artefacts_into_one_cascade_and_refuses_other_inputs(
     torch.testing.assert_close(joined, alone)
     other = _artefact(tmp_path / "other.pt", replace(_spec(), preprocess=replace(PRE, input_size=96)), 2)
     with pytest.raises(ValueError, match="different inputs"):
-        assemble(main, other, 0.8, (MAIN_T, SCREEN_T), tmp_path / "no.pt")
+        assemble(main, other, _each(0.8), (MAIN_T, SCREEN_T), tmp_path / "no.pt")
     with pytest.raises(ValueError, match="already has a screen"):
-        assemble(tmp_path / "cascade.pt", screen, 0.8, (MAIN_T, SCREEN_T), tmp_path / "no.pt")
+        assemble(tmp_path / "cascade.pt", screen, _each(0.8), (MAIN_T, SCREEN_T), tmp_path / "no.pt")
 
 
 def test_adapting_a_cascade_keeps_the_main_network_and_drops_the_screen():
@@ -146,21 +161,25 @@ def test_adapting_a_cascade_keeps_the_main_network_and_drops_the_screen():
         torch.testing.assert_close(adapted(images, features), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_the_chosen_threshold_is_the_lowest_that_keeps_the_main_networks_accuracy():
-    rows = [
-        {"threshold": 0.5, "balanced_accuracy": 0.60, "source_macro": 0.70},
-        {"threshold": 0.7, "balanced_accuracy": 0.676, "source_macro": 0.69},
-        {"threshold": 0.8, "balanced_accuracy": 0.677, "source_macro": 0.718},
-        {"threshold": 0.9, "balanced_accuracy": 0.681, "source_macro": 0.720},
-    ]
-    reference = {"balanced_accuracy": 0.680, "source_macro": 0.720}
-    assert choose_threshold(rows, reference, 0.005) == 0.8
-    assert choose_threshold(rows, reference, 0.0) == 0.9
-    assert choose_threshold(rows, {"balanced_accuracy": 0.99, "source_macro": 0.99}, 0.0) == 0.9
-    # The header test counts too: relabelled copies caught must stay as well.
-    for row, caught in zip(rows, (0.7, 0.7, 0.60, 0.74), strict=True):
-        row |= {"agree": 0.7, "caught": caught}
-    assert choose_threshold(rows, reference | {"agree": 0.7, "caught": 0.74}, 0.005) == 0.9
+def test_a_label_keeps_the_screen_down_to_where_it_stops_being_as_right_as_the_main_network():
+    """Label 0: the screen is right on its three most confident frames, then wrong where the main
+    network is right. Label 1: the screen is confidently wrong where the main network is right."""
+
+    def logits(rows: list[tuple[int, float]]) -> np.ndarray:
+        out = np.full((len(rows), 2), 0.0, np.float32)
+        for i, (label, p) in enumerate(rows):
+            out[i, label] = np.log(p / (1 - p))  # softmax at T=1 gives p to label
+        return out
+
+    screen = logits([(0, 0.95), (0, 0.9), (0, 0.85), (0, 0.8), (0, 0.7), (1, 0.99), (1, 0.6)])
+    y = np.array([0, 0, 0, 1, 0, 0, 1])
+    main = logits([(0, 0.9), (0, 0.9), (0, 0.9), (1, 0.9), (1, 0.9), (0, 0.9), (1, 0.9)])
+    thresholds = choose_thresholds(main, screen, y, 1.0)
+    np.testing.assert_allclose(thresholds, [0.85, 1.0], rtol=1e-5)
+    # Tolerating half a frame per frame kept lets label 0 keep all five; label 1 still fails at once.
+    np.testing.assert_allclose(choose_thresholds(main, screen, y, 1.0, tolerance=0.5), [0.7, 1.0], rtol=1e-5)
+    _, unsure = cascade_logits(main, screen, 1.0, 1.0, thresholds)
+    assert unsure.tolist() == [False, False, False, True, True, True, True]
 
 
 def test_loso_runs_of_other_images_are_not_joined(tmp_path):

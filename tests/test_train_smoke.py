@@ -208,10 +208,11 @@ def test_cascade_of_two_loso_runs_then_export_serves_one_graph(fitted, corpus, t
     ]
     args += ["--loso", str(tmp_path / "main"), "--screen-loso", str(tmp_path / "screen")]
     said = _run([*args, "--out-run", str(tmp_path / "run"), "--out", str(joined)])
-    assert "| threshold | to main network |" in said and "next: sorter-train export" in said
+    assert "| out of fold | to main network |" in said and "next: sorter-train export" in said
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    threshold = metrics["cascade"]["threshold"]
-    assert 0.0 < threshold <= 1.0 and 0.0 <= metrics["cascade"]["to_main"] <= 1.0
+    thresholds = metrics["cascade"]["thresholds"]
+    assert all(0.0 < t <= 1.0 for t in thresholds.values()) and 0.0 <= metrics["cascade"]["to_main"] <= 1.0
+    assert "screen thresholds cross-fitted" in metrics["protocol"]
     exported = tmp_path / "exported.pt"
     card = tmp_path / "card.md"
     _run(
@@ -229,7 +230,7 @@ def test_cascade_of_two_loso_runs_then_export_serves_one_graph(fitted, corpus, t
     )
     loaded = load_artefact(exported)
     assert isinstance(loaded.network, CascadeNet) and loaded.spec.screen is not None
-    assert loaded.spec.screen.threshold == threshold
+    assert loaded.spec.screen.thresholds == thresholds
     assert loaded.spec.temperature == pytest.approx(metrics["temperature"])
     assert "- Screen: a `mobilenet_v3_small` answers first" in card.read_text()
     # The compare command reads the cascade's run like any other.

@@ -2,19 +2,27 @@
 
 ``sorter-train cascade`` joins two artefacts with the same inputs and labels (typically the
 bundled EfficientNet-Lite0 and a MobileNetV3-Small distilled from it) into one artefact whose
-network is a :class:`sorter.model.network.CascadeNet`, and chooses the screen's threshold on
-leave-sources-out evidence: the two networks' loso runs (same manifest, folds and seed) give
-out-of-fold logits for every held-out image, and :func:`cascade_logits` applies the cascade's
-rule to them exactly as the network does. The result is written as a loso run of its own
+network is a :class:`sorter.model.network.CascadeNet`, and chooses the screen's thresholds, one
+per label it predicts, on leave-sources-out evidence: the two networks' loso runs (same
+manifest, folds and seed) give out-of-fold logits for every held-out image, and
+:func:`cascade_logits` applies the cascade's rule to them exactly as the network does.
+
+:func:`choose_thresholds` keeps the screen's answer for a label down to the confidence where,
+on the frames it would keep, the screen stops being right at least as often as the main network
+(``tolerance`` below it): so the screen answers where it is as good, and the main network takes
+what the screen gets confidently wrong (a distilled MobileNetV3-Small calls radiographs OT with
+confidence). Thresholds chosen on the images they are scored on would flatter the cascade, so
+the reported out-of-fold predictions are cross-fitted (:func:`cross_fit`): each fold's images go
+through thresholds chosen on the other folds only. They are written as a loso run of their own
 (``oof.npz``, ``metrics.json``, ``config.yaml``), so that ``sorter-train compare``,
-``operating-point`` and ``export --loso`` read it like any other.
+``operating-point`` and ``export --loso`` read it like any other; the artefact's thresholds are
+chosen on every fold.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,11 +32,6 @@ import yaml
 
 from train.calibrate import softmax_np
 from train.metrics import compute_metrics, source_macro_recall
-
-#: Shares of the held-out images sent to the main network at the thresholds tried: the screen's
-#: calibrated confidence has no fixed scale (a distilled student with label smoothing seldom
-#: passes 0.9), so thresholds are its own quantiles.
-SHARES = tuple(round(float(q), 2) for q in np.arange(0.0, 1.001, 0.02))
 
 
 @dataclass(frozen=True)
@@ -60,15 +63,72 @@ class LosoRun:
 
 
 def cascade_logits(
-    main: np.ndarray, screen: np.ndarray, temperature: float, screen_temperature: float, threshold: float
+    main: np.ndarray,
+    screen: np.ndarray,
+    temperature: float,
+    screen_temperature: float,
+    thresholds: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """What :class:`~sorter.model.network.CascadeNet` returns for these two networks' logits, and
-    the mask of the rows that went to the main network."""
-    confidence = softmax_np(screen, screen_temperature).max(axis=1)
-    unsure = confidence < threshold
+    """What :class:`~sorter.model.network.CascadeNet` returns for these two networks' logits with
+    per-label ``thresholds`` (in label order), and the mask of the rows that went to the main network."""
+    probs = softmax_np(screen, screen_temperature)
+    unsure = probs.max(axis=1) < np.asarray(thresholds)[probs.argmax(axis=1)]
     out = screen * np.float32(temperature / screen_temperature)
     out[unsure] = main[unsure]
     return out.astype(np.float32), unsure
+
+
+def choose_thresholds(
+    main: np.ndarray,
+    screen: np.ndarray,
+    y: np.ndarray,
+    screen_temperature: float,
+    tolerance: float = 0.0,
+) -> np.ndarray:
+    """Per-label thresholds: for each label the screen predicts, the lowest confidence down to which
+    the screen, on every frame it keeps (the most confident first), is right at least as often as
+    the main network is on those frames, less ``tolerance`` per frame. 1 where it never is."""
+    probs = softmax_np(screen, screen_temperature)
+    confidence, label = probs.max(axis=1), probs.argmax(axis=1)
+    main_right = main.argmax(axis=1) == y
+    thresholds = np.ones(screen.shape[1])
+    for k in range(screen.shape[1]):
+        rows = np.flatnonzero(label == k)
+        rows = rows[np.argsort(-confidence[rows], kind="stable")]
+        margin = (
+            np.cumsum(y[rows] == k) - np.cumsum(main_right[rows]) + tolerance * np.arange(1, len(rows) + 1)
+        )
+        failing = np.flatnonzero(margin < 0)
+        kept = len(rows) if len(failing) == 0 else int(failing[0])
+        if kept:
+            thresholds[k] = float(confidence[rows[kept - 1]])
+    return thresholds
+
+
+def cross_fit(
+    main: LosoRun, screen: LosoRun, tolerance: float
+) -> tuple[np.ndarray, np.ndarray, dict[int, list[float]]]:
+    """The cascade's out-of-fold logits with each fold's thresholds chosen on the other folds, the
+    mask of rows sent to the main network, and each fold's thresholds."""
+    y = _label_indices(main)
+    logits = np.empty_like(main.logits)
+    unsure = np.zeros(len(y), dtype=bool)
+    chosen: dict[int, list[float]] = {}
+    for fold in np.unique(main.folds):
+        held = main.folds == fold
+        thresholds = choose_thresholds(
+            main.logits[~held], screen.logits[~held], y[~held], screen.temperature, tolerance
+        )
+        logits[held], unsure[held] = cascade_logits(
+            main.logits[held], screen.logits[held], main.temperature, screen.temperature, thresholds
+        )
+        chosen[int(fold)] = [float(t) for t in thresholds]
+    return logits, unsure, chosen
+
+
+def _label_indices(run: LosoRun) -> np.ndarray:
+    index = {str(label): i for i, label in enumerate(run.config["labels"])}
+    return np.asarray([index[str(v)] for v in run.labels])
 
 
 def check_pair(main: LosoRun, screen: LosoRun) -> None:
@@ -110,29 +170,6 @@ def _summary(logits: np.ndarray, run: LosoRun, temperature: float) -> dict[str, 
     return metrics
 
 
-def thresholds_for(screen: LosoRun, shares: Sequence[float] = SHARES) -> list[float]:
-    """Thresholds that send about each of ``shares`` of the screen run's images to the main network
-    (1.0 sends every one)."""
-    confidence = softmax_np(screen.logits, screen.temperature).max(axis=1)
-    found = {round(float(np.quantile(confidence, q)), 4) for q in shares if q < 1.0}
-    return sorted(found | {1.0})
-
-
-def sweep(main: LosoRun, screen: LosoRun, thresholds: Sequence[float] | None = None) -> list[dict[str, Any]]:
-    """The cascade's leave-sources-out metrics at each threshold, and the share sent to the main network."""
-    rows = []
-    for threshold in thresholds if thresholds is not None else thresholds_for(screen):
-        logits, unsure = cascade_logits(
-            main.logits, screen.logits, main.temperature, screen.temperature, threshold
-        )
-        rows.append({"threshold": float(threshold), "to_main": float(unsure.mean()), **scores(logits, main)})
-    return rows
-
-
-#: What a cascade must keep of the main network's leave-sources-out scores (:func:`scores`).
-KEPT = ("balanced_accuracy", "source_macro", "agree", "caught")
-
-
 def scores(logits: np.ndarray, run: LosoRun) -> dict[str, float]:
     """Balanced, source-averaged and plain accuracy of out-of-fold ``logits`` (at ``run``'s
     temperature), and at their own operating point the shares of right headers confirmed
@@ -141,8 +178,7 @@ def scores(logits: np.ndarray, run: LosoRun) -> dict[str, float]:
 
     metrics = _summary(logits, run, run.temperature)
     labels = [str(v) for v in run.config["labels"]]
-    index = {label: i for i, label in enumerate(labels)}
-    y = np.asarray([index[str(v)] for v in run.labels])
+    y = _label_indices(run)
     groups = np.asarray([f"{s}/{lab}" for s, lab in zip(run.sources, run.labels, strict=True)])
     point = point_for(softmax_np(logits, run.temperature), y, labels, groups, run.temperature)
     return {
@@ -154,29 +190,21 @@ def scores(logits: np.ndarray, run: LosoRun) -> dict[str, float]:
     }
 
 
-def choose_threshold(rows: Sequence[dict[str, Any]], reference: dict[str, float], tolerance: float) -> float:
-    """The lowest threshold (fewest frames for the main network) at which every score in
-    :data:`KEPT` that ``reference`` (the main network alone) has stays within ``tolerance`` of it."""
-    kept = [key for key in KEPT if key in reference]
-    for row in sorted(rows, key=lambda r: r["threshold"]):
-        if all(row[key] >= reference[key] - tolerance for key in kept):
-            return float(row["threshold"])
-    return float(max(r["threshold"] for r in rows))
-
-
-def write_cascade_run(main: LosoRun, screen: LosoRun, threshold: float, out_dir: Path) -> dict[str, Any]:
-    """Write the cascade's out-of-fold predictions at ``threshold`` as a loso run in ``out_dir``.
+def write_cascade_run(main: LosoRun, screen: LosoRun, tolerance: float, out_dir: Path) -> dict[str, Any]:
+    """Write the cascade's cross-fitted out-of-fold predictions (:func:`cross_fit`) as a loso run in
+    ``out_dir``, with its metrics, both networks' scores alone and the thresholds for the artefact
+    (chosen on every fold).
 
     The temperature stays the main network's (the cascade's rescaled screen logits are calibrated
     by it), so the operating point and the exported artefact use the one the network was built with.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    logits, unsure = cascade_logits(
-        main.logits, screen.logits, main.temperature, screen.temperature, threshold
-    )
+    logits, unsure, per_fold = cross_fit(main, screen, tolerance)
+    labels = [str(v) for v in main.config["labels"]]
+    final = choose_thresholds(main.logits, screen.logits, _label_indices(main), screen.temperature, tolerance)
     metrics = _summary(logits, main, main.temperature)
     y, sources = [str(v) for v in main.labels], [str(v) for v in main.sources]
-    raw = compute_metrics(y, softmax_np(logits, 1.0), [str(v) for v in main.config["labels"]], sources)
+    raw = compute_metrics(y, softmax_np(logits, 1.0), labels, sources)
     previous = json.loads((main.path / "metrics.json").read_text())
     metrics.update(
         temperature=main.temperature,
@@ -184,17 +212,28 @@ def write_cascade_run(main: LosoRun, screen: LosoRun, threshold: float, out_dir:
         folds=previous.get("folds"),
         folds_evaluated=previous.get("folds_evaluated"),
         per_label=_per_label(metrics, main),
-        protocol=previous.get("protocol", "leave-sources-out"),
+        protocol=previous.get("protocol", "leave-sources-out")
+        + "; screen thresholds cross-fitted over the folds",
         cascade={
             "main": str(main.path),
             "screen": str(screen.path),
-            "threshold": threshold,
+            "tolerance": tolerance,
             "screen_temperature": screen.temperature,
             "to_main": float(unsure.mean()),
+            "to_main_per_label": {
+                label: float(unsure[main.labels == label].mean())
+                for label in labels
+                if (main.labels == label).any()
+            },
+            "thresholds": dict(zip(labels, map(float, final), strict=True)),
+            "thresholds_per_fold": per_fold,
+            "cascade": scores(logits, main),
+            "main_alone": scores(main.logits, main),
+            "screen_alone": scores(screen.logits, screen),
         },
     )
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True, default=float))
-    config = dict(main.config, cascade={"screen": str(screen.path), "threshold": threshold})
+    config = dict(main.config, cascade={"screen": str(screen.path), "tolerance": tolerance})
     (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     shutil.copyfile(main.path / "folds.json", out_dir / "folds.json")
     np.savez(
@@ -219,13 +258,18 @@ def _per_label(metrics: dict[str, Any], run: LosoRun) -> dict[str, Any]:
 
 
 def assemble(
-    main_path: Path, screen_path: Path, threshold: float, temperatures: tuple[float, float], out: Path
+    main_path: Path,
+    screen_path: Path,
+    thresholds: dict[str, float],
+    temperatures: tuple[float, float],
+    out: Path,
 ) -> str:
     """Join two artefacts into a cascade artefact at ``out``; returns its sha256.
 
-    ``temperatures`` calibrate the main network and the screen: their loso runs', the ones the
-    threshold was chosen with. The main network's verdict thresholds and metrics stay until
-    ``sorter-train export --loso`` sets the cascade run's.
+    ``thresholds``: per label, as :func:`choose_thresholds` gives them. ``temperatures`` calibrate
+    the main network and the screen: their loso runs', the ones the thresholds were chosen with.
+    The main network's verdict thresholds and metrics stay until ``sorter-train export --loso``
+    sets the cascade run's.
     """
     from sorter.model.artefact import read_spec, save_artefact
     from sorter.model.network import build_network
@@ -237,7 +281,7 @@ def assemble(
         raise ValueError("a cascade joins two single networks; one of these already has a screen")
     if main_spec.preprocess != screen_spec.preprocess or main_spec.labels != screen_spec.labels:
         raise ValueError(f"{main_path} and {screen_path} take different inputs or give different labels")
-    screen = ScreenSpec(arch=screen_spec.arch, temperature=temperatures[1], threshold=threshold)
+    screen = ScreenSpec(arch=screen_spec.arch, temperature=temperatures[1], thresholds=dict(thresholds))
     training = dict(main_spec.training, screen=dict(screen_spec.training, artefact=Path(screen_path).name))
     spec = replace(main_spec, temperature=temperatures[0], screen=screen, training=training)
     network = build_network(spec)

@@ -410,23 +410,17 @@ def export(
     help="The screen's recipe's loso run (same manifest, folds and seed).",
 )
 @click.option(
-    "--threshold",
-    type=click.FloatRange(0.0, 1.0),
-    help="The screen's confidence at or above which its answer stands (default: chosen, see --tolerance).",
-)
-@click.option(
     "--tolerance",
-    default=0.01,
+    default=0.0,
     show_default=True,
     type=click.FloatRange(0.0, 1.0),
-    help="Chosen threshold: the lowest at which balanced and source-averaged accuracy, right headers "
-    "confirmed and relabelled copies caught all stay this close to the main network's alone.",
+    help="How much less often than the main network the screen may be right on the frames it keeps.",
 )
 @click.option(
     "--out-run",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Where to write the cascade's out-of-fold predictions, as a loso run.",
+    help="Where to write the cascade's cross-fitted out-of-fold predictions, as a loso run.",
 )
 @click.option(
     "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Cascade artefact to write."
@@ -436,56 +430,38 @@ def cascade(
     screen_path: Path,
     main_loso: Path,
     screen_loso: Path,
-    threshold: float | None,
     tolerance: float,
     out_run: Path,
     out: Path,
 ) -> None:
     """Join a fast screen and a main network: the screen answers where it is sure (see train/cascade.py)."""
-    from train.cascade import (
-        LosoRun,
-        assemble,
-        check_pair,
-        choose_threshold,
-        scores,
-        sweep,
-        write_cascade_run,
-    )
+    from train.cascade import LosoRun, assemble, check_pair, write_cascade_run
 
     main_run, screen_run = LosoRun.read(main_loso), LosoRun.read(screen_loso)
     try:
         check_pair(main_run, screen_run)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    rows = sweep(main_run, screen_run)
-    reference = scores(main_run.logits, main_run)
+    metrics = write_cascade_run(main_run, screen_run, tolerance, out_run)
+    found = metrics["cascade"]
     click.echo(
-        f"main network alone: balanced accuracy {reference['balanced_accuracy']:.3f}, source-averaged "
-        f"{reference['source_macro']:.3f}, right headers agree {reference['agree']:.3f}, relabelled "
-        f"copies caught {reference['caught']:.3f}"
-    )
-    click.echo(
-        "| threshold | to main network | balanced acc. | source-averaged | accuracy | right: agree "
+        "| out of fold | to main network | balanced acc. | source-averaged | accuracy | right: agree "
         "| relabelled: disagree |"
     )
-    click.echo("|---:|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
+    click.echo("|---|---:|---:|---:|---:|---:|---:|")
+    for name, share in (("main_alone", 1.0), ("screen_alone", 0.0), ("cascade", found["to_main"])):
+        row = found[name]
         click.echo(
-            f"| {row['threshold']:.4f} | {row['to_main']:.3f} | {row['balanced_accuracy']:.3f} | "
+            f"| {name.replace('_', ' ')} | {share:.3f} | {row['balanced_accuracy']:.3f} | "
             f"{row['source_macro']:.3f} | {row['accuracy']:.3f} | {row['agree']:.3f} | {row['caught']:.3f} |"
         )
-    (out_run).mkdir(parents=True, exist_ok=True)
-    (out_run / "sweep.json").write_text(json.dumps({"main_alone": reference, "rows": rows}, indent=1))
-    if threshold is None:
-        threshold = choose_threshold(rows, reference, tolerance)
-    metrics = write_cascade_run(main_run, screen_run, threshold, out_run)
+    shown = ", ".join(f"{label} {value:.3f}" for label, value in found["thresholds"].items())
+    click.echo(f"screen thresholds (chosen on every fold): {shown}")
     temperatures = (main_run.temperature, screen_run.temperature)
-    digest = assemble(main_path, screen_path, threshold, temperatures, out)
+    digest = assemble(main_path, screen_path, found["thresholds"], temperatures, out)
     click.echo(
-        f"threshold {threshold:.3f}: {metrics['cascade']['to_main']:.1%} of held-out images go to the main "
-        f"network; balanced accuracy {metrics['balanced_accuracy']:.3f}; wrote {out_run} and {out} "
-        f"(sha256 {digest[:12]}); "
-        f"next: sorter-train export --model {out} --loso {out_run} --out ..."
+        f"wrote {out_run} and {out} (sha256 {digest[:12]}); next: "
+        f"sorter-train export --model {out} --loso {out_run} --out ..."
     )
 
 

@@ -98,10 +98,11 @@ def _screen(spec: ModelSpec, cascade: dict[str, Any] | None) -> list[str]:
     share = (
         f"; {cascade['to_main']:.1%} of the held-out images below went to the main network" if cascade else ""
     )
+    thresholds = ", ".join(f"{label} {value:.3f}" for label, value in spec.screen.thresholds.items())
     return [
         f"- Screen: a `{spec.screen.arch}` answers first; a frame whose top probability under the screen's "
-        f"temperature ({spec.screen.temperature:.3f}) is below {spec.screen.threshold:.3f} goes to the "
-        f"`{spec.arch}` above{share}",
+        f"temperature ({spec.screen.temperature:.3f}) is below the threshold of the label it predicts "
+        f"({thresholds}; 1 = always) goes to the `{spec.arch}` above{share}",
         *(f"  {line}" for line in _teacher(screen.get("teacher"))),
     ]
 

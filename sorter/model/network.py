@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.metadata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -333,12 +333,12 @@ class SorterNet(nn.Module):
 class CascadeNet(SorterNet):
     """A main network behind a fast screen (:class:`sorter.model.spec.ScreenSpec`).
 
-    The screen classifies every frame; only the frames whose top probability, under the screen's
-    own temperature, falls below the threshold go through the main network (this module's own
-    backbone and head, so Grad-CAM and adaptation see the main network). The screen's logits are
-    rescaled by ``temperature / screen_temperature``, so that the spec's one temperature (the
-    main network's) calibrates both kinds of row. One graph: ONNX Runtime runs the main network
-    on the gathered rows, also when there are none.
+    The screen classifies every frame; a frame whose top probability, under the screen's own
+    temperature, is below the threshold of the label it predicts goes through the main network
+    (this module's own backbone and head, so Grad-CAM and adaptation see the main network). The
+    screen's logits are rescaled by ``temperature / screen_temperature``, so that the spec's one
+    temperature (the main network's) calibrates both kinds of row. One graph: ONNX Runtime runs
+    the main network on the gathered rows, also when there are none.
     """
 
     def __init__(
@@ -351,19 +351,23 @@ class CascadeNet(SorterNet):
         *,
         temperature: float,
         screen_temperature: float,
-        threshold: float,
+        thresholds: Sequence[float],
     ) -> None:
         super().__init__(backbone, width, n_features, n_classes)
+        if len(thresholds) != n_classes:
+            raise ValueError(f"{len(thresholds)} screen thresholds for {n_classes} labels")
         self.screen = screen
         self.screen_temperature = float(screen_temperature)
-        self.threshold = float(threshold)
         self.rescale = float(temperature) / float(screen_temperature)
+        # Not in the state dict: the spec holds the thresholds, the artefact only weights.
+        self.thresholds: torch.Tensor
+        self.register_buffer("thresholds", torch.tensor([float(t) for t in thresholds]), persistent=False)
 
     def forward(self, image: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (N, L) in the main network's units: the screen's where it is sure, else the main one's."""
         fast = self.screen(image, features)
-        confidence = torch.softmax(fast / self.screen_temperature, dim=1).amax(dim=1)
-        unsure = torch.nonzero(confidence < self.threshold).flatten()
+        confidence, label = torch.softmax(fast.float() / self.screen_temperature, dim=1).max(dim=1)
+        unsure = torch.nonzero(confidence < self.thresholds[label]).flatten()
         rows = None if features is None else features.index_select(0, unsure)
         slow = super().forward(image.index_select(0, unsure), rows)
         index = unsure[:, None].expand(-1, fast.shape[1])
@@ -393,7 +397,7 @@ def build_network(spec: ModelSpec) -> SorterNet:
         screen,
         temperature=spec.temperature,
         screen_temperature=spec.screen.temperature,
-        threshold=spec.screen.threshold,
+        thresholds=[spec.screen.thresholds[label.value] for label in spec.labels],
     )
 
 

@@ -86,21 +86,24 @@ class ScreenSpec:
     """A fast network that answers first, so that the main network sees only the frames it is unsure of.
 
     Same inputs and labels as the main network. A frame whose top probability under the screen's
-    own calibration (``temperature``) is at least ``threshold`` keeps the screen's answer; every
-    other frame goes through the main network (:class:`sorter.model.network.CascadeNet`).
+    own calibration (``temperature``) is at least ``thresholds`` of the label it predicts keeps
+    the screen's answer; every other frame goes through the main network
+    (:class:`sorter.model.network.CascadeNet`). A threshold of 1 sends every frame the screen
+    calls that label to the main network.
     """
 
     arch: str
     temperature: float
-    threshold: float
+    thresholds: dict[str, float]
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown screen architecture {self.arch!r}; known: {', '.join(ARCHITECTURES)}")
         if self.temperature <= 0:
             raise ValueError("screen temperature must be positive")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"screen threshold {self.threshold} is outside 0..1")
+        for label, threshold in self.thresholds.items():
+            if not 0.0 <= threshold <= 1.0:
+                raise ValueError(f"screen threshold {threshold} for {label} is outside 0..1")
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,13 @@ class ModelSpec:
             raise ValueError("labels must be at least two distinct labels")
         if self.temperature <= 0:
             raise ValueError("temperature must be positive")
+        if self.screen is not None and set(self.screen.thresholds) != {label.value for label in self.labels}:
+            raise ValueError("a screen needs one threshold per label")
+
+    @property
+    def network_name(self) -> str:
+        """The architecture as the ``models`` table shows it: ``main (screen screen)`` for a cascade."""
+        return self.arch if self.screen is None else f"{self.arch} ({self.screen.arch} screen)"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready representation (labels as strings)."""
