@@ -196,3 +196,31 @@ def test_loso_runs_of_other_images_are_not_joined(tmp_path):
         check_pair(run(["a", "b"]), run(["b", "a"]))
     with pytest.raises(ValueError, match="differ in seed"):
         check_pair(run(["a", "b"]), run(["a", "b"], seed=3))
+
+
+def test_a_screen_that_only_confirms_headers_never_refutes_and_never_hides_a_refutation(tmp_path):
+    """The main network's verdicts stand unless the screen confirms: right headers refuted can only
+    fall, relabelled copies confirmed can only rise, and with no confirmation it is the main network."""
+    from train.cascade import confirming_screen
+
+    rng = np.random.default_rng(0)
+    n, labels = 200, ["CT", "MR", "PT"]
+    y = rng.integers(0, 3, n)
+    config = {"manifest": "m.csv", "folds": 5, "seed": 0, "labels": labels}
+
+    def run(sharp: float) -> LosoRun:
+        logits = rng.normal(0, 1, (n, 3)).astype(np.float32)
+        logits[np.arange(n), y] += sharp
+        names = np.array([labels[i] for i in y])
+        return LosoRun(
+            tmp_path, logits, names, np.array([f"s{i % 7}" for i in range(n)]), np.zeros(n, int), 1.0, config
+        )
+
+    main, screen = run(2.0), run(1.0)
+    rows = confirming_screen(main, screen, (0.0, 0.6, 0.999))
+    alone, everything, some, none = rows
+    assert alone["fast"] == 0.0 and none == {**alone, "confirm_at": 0.999, "fast": none["fast"]}
+    assert everything["fast"] == 1.0 and everything["agree"] == 1.0 and everything["false_disagree"] == 0.0
+    assert 0.0 < some["fast"] < 1.0
+    assert some["false_disagree"] <= alone["false_disagree"] and some["agree"] >= alone["agree"]
+    assert some["caught"] <= alone["caught"] and some["false_agree"] >= alone["false_agree"]

@@ -190,6 +190,56 @@ def scores(logits: np.ndarray, run: LosoRun) -> dict[str, float]:
     }
 
 
+#: Screen confidences tried by :func:`confirming_screen` (descriptive: none is chosen).
+CONFIRM_AT = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def confirming_screen(
+    main: LosoRun, screen: LosoRun, confirm_at: tuple[float, ...] = CONFIRM_AT
+) -> list[dict[str, float]]:
+    """The header test if the screen may only *confirm* a header (``p_screen(header) >= c``: agree)
+    and every other (image, header) pair gets the main network's verdict at its own operating point.
+
+    Not what :class:`~sorter.model.network.CascadeNet` does (serving would need the header beside
+    the pixels); measured so that the next step is chosen on evidence. Per image: right headers
+    answered by the screen (``fast``), confirmed (``agree``) and refuted (``false_disagree``);
+    relabelled copies refuted (``caught``) and confirmed (``false_agree``).
+    """
+    from train.operating_point import choose
+
+    y = _label_indices(main)
+    rows = np.arange(len(y))
+    main_p, screen_p = (
+        softmax_np(main.logits, main.temperature),
+        softmax_np(screen.logits, screen.temperature),
+    )
+    agree_at, disagree_at = choose(main_p, y)
+    others = np.asarray([[h for h in range(main_p.shape[1]) if h != label] for label in y])
+
+    def verdicts(p: np.ndarray, header: np.ndarray) -> np.ndarray:  # 1 agree, -1 disagree, 0 uncertain
+        return np.where(p >= agree_at[header], 1, np.where(p <= disagree_at[header], -1, 0))
+
+    right = verdicts(main_p[rows, y], y)
+    copies = verdicts(main_p[rows[:, None], others], others)
+    out = [{"confirm_at": 1.0, "fast": 0.0, **_header_shares(right, copies)}]
+    for c in confirm_at:
+        fast = screen_p[rows, y] >= c
+        shares = _header_shares(
+            np.where(fast, 1, right), np.where(screen_p[rows[:, None], others] >= c, 1, copies)
+        )
+        out.append({"confirm_at": float(c), "fast": float(fast.mean()), **shares})
+    return out
+
+
+def _header_shares(right: np.ndarray, copies: np.ndarray) -> dict[str, float]:
+    return {
+        "agree": float((right == 1).mean()),
+        "false_disagree": float((right == -1).mean()),
+        "caught": float((copies == -1).mean()),
+        "false_agree": float((copies == 1).mean()),
+    }
+
+
 def write_cascade_run(main: LosoRun, screen: LosoRun, tolerance: float, out_dir: Path) -> dict[str, Any]:
     """Write the cascade's cross-fitted out-of-fold predictions (:func:`cross_fit`) as a loso run in
     ``out_dir``, with its metrics, both networks' scores alone and the thresholds for the artefact
@@ -230,6 +280,7 @@ def write_cascade_run(main: LosoRun, screen: LosoRun, tolerance: float, out_dir:
             "cascade": scores(logits, main),
             "main_alone": scores(main.logits, main),
             "screen_alone": scores(screen.logits, screen),
+            "confirming_screen": confirming_screen(main, screen),
         },
     )
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True, default=float))

@@ -455,6 +455,16 @@ def cascade(
             f"| {name.replace('_', ' ')} | {share:.3f} | {row['balanced_accuracy']:.3f} | "
             f"{row['source_macro']:.3f} | {row['accuracy']:.3f} | {row['agree']:.3f} | {row['caught']:.3f} |"
         )
+    click.echo(
+        "\nIf the screen could only confirm a header (p_screen(header) >= c: agree; everything else the "
+        "main network's verdict):\n| c | right headers the screen answers | right: agree | right: disagree "
+        "| relabelled: disagree | relabelled: agree |\n|---:|---:|---:|---:|---:|---:|"
+    )
+    for row in found["confirming_screen"]:
+        click.echo(
+            f"| {row['confirm_at']:.2f} | {row['fast']:.3f} | {row['agree']:.3f} | "
+            f"{row['false_disagree']:.3f} | {row['caught']:.3f} | {row['false_agree']:.3f} |"
+        )
     shown = ", ".join(f"{label} {value:.3f}" for label, value in found["thresholds"].items())
     click.echo(f"screen thresholds (chosen on every fold): {shown}")
     temperatures = (main_run.temperature, screen_run.temperature)
