@@ -224,3 +224,43 @@ def test_a_screen_that_only_confirms_headers_never_refutes_and_never_hides_a_ref
     assert 0.0 < some["fast"] < 1.0
     assert some["false_disagree"] <= alone["false_disagree"] and some["agree"] >= alone["agree"]
     assert some["caught"] <= alone["caught"] and some["false_agree"] >= alone["false_agree"]
+
+
+def test_an_ensemble_averages_both_networks_in_torch_and_in_the_exported_graph(tmp_path):
+    from sorter.model.network import EnsembleNet
+    from sorter.model.spec import PartnerSpec
+    from train.cascade import assemble_ensemble, average_logits
+
+    main = _artefact(tmp_path / "main.pt", _spec("efficientnet_lite0"), 0)
+    partner = _artefact(tmp_path / "partner.pt", _spec(), 1)
+    digest = assemble_ensemble(main, partner, (MAIN_T, SCREEN_T), 0.4, tmp_path / "ensemble.pt")
+    loaded = load_artefact(tmp_path / "ensemble.pt")
+    assert loaded.sha256 == digest and isinstance(loaded.network, EnsembleNet)
+    assert loaded.spec.partner == PartnerSpec("mobilenet_v3_small", SCREEN_T, MAIN_T, 0.4)
+    assert loaded.spec.network_name == "efficientnet_lite0 + mobilenet_v3_small"
+    assert ModelSpec.from_dict(loaded.spec.to_dict()) == loaded.spec
+    images, features = _batch(8)
+    with torch.no_grad():
+        alone = [load_artefact(p).network(images, features).numpy() for p in (main, partner)]
+        out = loaded.network(images, features).numpy()
+    np.testing.assert_allclose(out, average_logits(*alone, (MAIN_T, SCREEN_T), 0.4), rtol=1e-5, atol=1e-5)
+    graph = OnnxRunner(export_onnx(loaded.network, loaded.spec), threads=1)
+    np.testing.assert_allclose(graph(images.numpy(), features.numpy()), out, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="already has a screen or partner"):
+        assemble_ensemble(tmp_path / "ensemble.pt", partner, (MAIN_T, SCREEN_T), 0.5, tmp_path / "no.pt")
+    with pytest.raises(ValueError, match="a screen or a partner, not both"):
+        replace(loaded.spec, screen=ScreenSpec("mobilenet_v3_small", 1.0, _each(0.5)))
+    # Adaptation keeps the main network alone.
+    from sorter.adaptation.core import adapted_network, adapted_spec
+    from sorter.domain import Thresholds
+
+    class Result:
+        weight = loaded.network.head.weight.detach().numpy()
+        bias = loaded.network.head.bias.detach().numpy()
+
+        temperature = 1.0
+        thresholds = Thresholds()
+
+    assert type(adapted_network(loaded.network, Result())) is SorterNet  # type: ignore[arg-type]
+    spec = adapted_spec(loaded.spec, Result(), {}, {})  # type: ignore[arg-type]
+    assert spec.partner is None and spec.screen is None

@@ -23,15 +23,19 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
 
 from train.calibrate import softmax_np
 from train.metrics import compute_metrics, source_macro_recall
+
+if TYPE_CHECKING:
+    from sorter.model.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -248,43 +252,87 @@ def write_cascade_run(main: LosoRun, screen: LosoRun, tolerance: float, out_dir:
     The temperature stays the main network's (the cascade's rescaled screen logits are calibrated
     by it), so the operating point and the exported artefact use the one the network was built with.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     logits, unsure, per_fold = cross_fit(main, screen, tolerance)
     labels = [str(v) for v in main.config["labels"]]
     final = choose_thresholds(main.logits, screen.logits, _label_indices(main), screen.temperature, tolerance)
-    metrics = _summary(logits, main, main.temperature)
+    found = {
+        "main": str(main.path),
+        "screen": str(screen.path),
+        "tolerance": tolerance,
+        "screen_temperature": screen.temperature,
+        "to_main": float(unsure.mean()),
+        "to_main_per_label": {
+            label: float(unsure[main.labels == label].mean())
+            for label in labels
+            if (main.labels == label).any()
+        },
+        "thresholds": dict(zip(labels, map(float, final), strict=True)),
+        "thresholds_per_fold": per_fold,
+        "cascade": scores(logits, main),
+        "main_alone": scores(main.logits, main),
+        "screen_alone": scores(screen.logits, screen),
+        "confirming_screen": confirming_screen(main, screen),
+    }
+    protocol = "screen thresholds cross-fitted over the folds"
+    return _write_run(main, logits, main.temperature, out_dir, "cascade", found, protocol, to_main=unsure)
+
+
+def average_logits(
+    main: np.ndarray, partner: np.ndarray, temperatures: tuple[float, float], weight: float
+) -> np.ndarray:
+    """What :class:`~sorter.model.network.EnsembleNet` returns for these two networks' logits."""
+    return ((1.0 - weight) * main / temperatures[0] + weight * partner / temperatures[1]).astype(np.float32)
+
+
+def write_ensemble_run(main: LosoRun, partner: LosoRun, weight: float, out_dir: Path) -> dict[str, Any]:
+    """Write the ensemble's out-of-fold predictions (each fold's two networks never saw its sources)
+    as a loso run in ``out_dir``, calibrated by a temperature fitted on them as ``loso`` fits one."""
+    from train.calibrate import fit_temperature
+
+    logits = average_logits(main.logits, partner.logits, (main.temperature, partner.temperature), weight)
+    temperature = float(fit_temperature(logits, _label_indices(main)))
+    joined = replace(main, logits=logits, temperature=temperature)
+    found = {
+        "main": str(main.path),
+        "partner": str(partner.path),
+        "weight": weight,
+        "main_temperature": main.temperature,
+        "partner_temperature": partner.temperature,
+        "ensemble": scores(logits, joined),
+        "main_alone": scores(main.logits, main),
+        "partner_alone": scores(partner.logits, partner),
+    }
+    return _write_run(main, logits, temperature, out_dir, "ensemble", found, "")
+
+
+def _write_run(
+    main: LosoRun,
+    logits: np.ndarray,
+    temperature: float,
+    out_dir: Path,
+    kind: str,
+    found: dict[str, Any],
+    protocol: str,
+    **arrays: np.ndarray,
+) -> dict[str, Any]:
+    """``out_dir`` as a finished loso run of ``logits`` (same images, folds and config as ``main``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = [str(v) for v in main.config["labels"]]
+    metrics = _summary(logits, main, temperature)
     y, sources = [str(v) for v in main.labels], [str(v) for v in main.sources]
     raw = compute_metrics(y, softmax_np(logits, 1.0), labels, sources)
     previous = json.loads((main.path / "metrics.json").read_text())
     metrics.update(
-        temperature=main.temperature,
+        temperature=temperature,
         ece_uncalibrated=raw["ece"],
         folds=previous.get("folds"),
         folds_evaluated=previous.get("folds_evaluated"),
         per_label=_per_label(metrics, main),
-        protocol=previous.get("protocol", "leave-sources-out")
-        + "; screen thresholds cross-fitted over the folds",
-        cascade={
-            "main": str(main.path),
-            "screen": str(screen.path),
-            "tolerance": tolerance,
-            "screen_temperature": screen.temperature,
-            "to_main": float(unsure.mean()),
-            "to_main_per_label": {
-                label: float(unsure[main.labels == label].mean())
-                for label in labels
-                if (main.labels == label).any()
-            },
-            "thresholds": dict(zip(labels, map(float, final), strict=True)),
-            "thresholds_per_fold": per_fold,
-            "cascade": scores(logits, main),
-            "main_alone": scores(main.logits, main),
-            "screen_alone": scores(screen.logits, screen),
-            "confirming_screen": confirming_screen(main, screen),
-        },
+        protocol="; ".join(filter(None, [previous.get("protocol", "leave-sources-out"), protocol])),
+        **{kind: found},
     )
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True, default=float))
-    config = dict(main.config, cascade={"screen": str(screen.path), "tolerance": tolerance})
+    config = dict(main.config, **{kind: {k: v for k, v in found.items() if not isinstance(v, (dict, list))}})
     (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     shutil.copyfile(main.path / "folds.json", out_dir / "folds.json")
     np.savez(
@@ -293,8 +341,8 @@ def write_cascade_run(main: LosoRun, screen: LosoRun, tolerance: float, out_dir:
         labels=main.labels,
         sources=main.sources,
         folds=main.folds,
-        temperature=main.temperature,
-        to_main=unsure,
+        temperature=temperature,
+        **arrays,
     )
     return metrics
 
@@ -322,20 +370,55 @@ def assemble(
     The main network's verdict thresholds and metrics stay until ``sorter-train export --loso``
     sets the cascade run's.
     """
-    from sorter.model.artefact import read_spec, save_artefact
-    from sorter.model.network import build_network
     from sorter.model.spec import ScreenSpec
 
+    def spec_of(main: ModelSpec, second: ModelSpec) -> ModelSpec:
+        screen = ScreenSpec(arch=second.arch, temperature=temperatures[1], thresholds=dict(thresholds))
+        return replace(main, temperature=temperatures[0], screen=screen)
+
+    return _join(main_path, screen_path, "screen", spec_of, out)
+
+
+def assemble_ensemble(
+    main_path: Path, partner_path: Path, temperatures: tuple[float, float], weight: float, out: Path
+) -> str:
+    """Join two artefacts into an ensemble artefact at ``out``; returns its sha256.
+
+    ``temperatures``: the main network's and the partner's, from their loso runs. The spec's own
+    temperature, verdict thresholds and metrics come from ``sorter-train export --loso`` on the
+    ensemble's run.
+    """
+    from sorter.model.spec import PartnerSpec
+
+    def spec_of(main: ModelSpec, second: ModelSpec) -> ModelSpec:
+        partner = PartnerSpec(
+            arch=second.arch, temperature=temperatures[1], main_temperature=temperatures[0], weight=weight
+        )
+        return replace(main, partner=partner)
+
+    return _join(main_path, partner_path, "partner", spec_of, out)
+
+
+def _join(
+    main_path: Path,
+    second_path: Path,
+    role: str,
+    spec_of: Callable[[ModelSpec, ModelSpec], ModelSpec],
+    out: Path,
+) -> str:
+    from sorter.model.artefact import read_spec, save_artefact
+    from sorter.model.network import build_network
+
     main_spec, _, main_state = read_spec(main_path)
-    screen_spec, _, screen_state = read_spec(screen_path)
-    if main_spec.screen is not None or screen_spec.screen is not None:
-        raise ValueError("a cascade joins two single networks; one of these already has a screen")
-    if main_spec.preprocess != screen_spec.preprocess or main_spec.labels != screen_spec.labels:
-        raise ValueError(f"{main_path} and {screen_path} take different inputs or give different labels")
-    screen = ScreenSpec(arch=screen_spec.arch, temperature=temperatures[1], thresholds=dict(thresholds))
-    training = dict(main_spec.training, screen=dict(screen_spec.training, artefact=Path(screen_path).name))
-    spec = replace(main_spec, temperature=temperatures[0], screen=screen, training=training)
+    second_spec, _, second_state = read_spec(second_path)
+    if any(s.screen is not None or s.partner is not None for s in (main_spec, second_spec)):
+        raise ValueError(
+            "only two single networks can be joined; one of these already has a screen or partner"
+        )
+    if main_spec.preprocess != second_spec.preprocess or main_spec.labels != second_spec.labels:
+        raise ValueError(f"{main_path} and {second_path} take different inputs or give different labels")
+    training = dict(main_spec.training, **{role: dict(second_spec.training, artefact=Path(second_path).name)})
+    spec = replace(spec_of(main_spec, second_spec), training=training)
     network = build_network(spec)
-    state = dict(main_state) | {f"screen.{k}": v for k, v in screen_state.items()}
-    network.load_state_dict(state)
+    network.load_state_dict(dict(main_state) | {f"{role}.{k}": v for k, v in second_state.items()})
     return save_artefact(network, spec, out)

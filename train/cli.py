@@ -476,6 +476,91 @@ def cascade(
 
 
 @main.command()
+@click.option(
+    "--model",
+    "main_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The main network's artefact (e.g. the bundled model's EfficientNet-Lite0).",
+)
+@click.option(
+    "--partner",
+    "partner_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The second network's artefact (same inputs and labels).",
+)
+@click.option(
+    "--loso",
+    "main_loso",
+    required=True,
+    callback=_loso_run,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The main network's recipe's loso run.",
+)
+@click.option(
+    "--partner-loso",
+    required=True,
+    callback=_loso_run,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The partner's recipe's loso run (same manifest, folds and seed).",
+)
+@click.option(
+    "--weight",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+    help="The partner's share of the average.",
+)
+@click.option(
+    "--out-run",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where to write the ensemble's out-of-fold predictions, as a loso run.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Ensemble artefact to write.",
+)
+def ensemble(
+    main_path: Path,
+    partner_path: Path,
+    main_loso: Path,
+    partner_loso: Path,
+    weight: float,
+    out_run: Path,
+    out: Path,
+) -> None:
+    """Average a main network and a partner on every frame (see train/cascade.py)."""
+    from train.cascade import LosoRun, assemble_ensemble, check_pair, write_ensemble_run
+
+    main_run, partner_run = LosoRun.read(main_loso), LosoRun.read(partner_loso)
+    try:
+        check_pair(main_run, partner_run)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    found = write_ensemble_run(main_run, partner_run, weight, out_run)["ensemble"]
+    click.echo(
+        "| out of fold | balanced acc. | source-averaged | accuracy | right: agree | relabelled: disagree |"
+    )
+    click.echo("|---|---:|---:|---:|---:|---:|")
+    for name in ("main_alone", "partner_alone", "ensemble"):
+        row = found[name]
+        click.echo(
+            f"| {name.replace('_', ' ')} | {row['balanced_accuracy']:.3f} | {row['source_macro']:.3f} | "
+            f"{row['accuracy']:.3f} | {row['agree']:.3f} | {row['caught']:.3f} |"
+        )
+    temperatures = (main_run.temperature, partner_run.temperature)
+    digest = assemble_ensemble(main_path, partner_path, temperatures, weight, out)
+    click.echo(
+        f"wrote {out_run} and {out} (sha256 {digest[:12]}); next: "
+        f"sorter-train export --model {out} --loso {out_run} --out ..."
+    )
+
+
+@main.command()
 @click.argument("model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def graph(model_path: Path) -> None:
     """Write MODEL's ONNX graph beside it, so that CPU nodes serve it without PyTorch."""

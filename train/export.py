@@ -107,6 +107,20 @@ def _screen(spec: ModelSpec, cascade: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _partner(spec: ModelSpec) -> list[str]:
+    """The card's lines on an ensemble's partner (none for a single network)."""
+    if spec.partner is None:
+        return []
+    partner = spec.training.get("partner", {})
+    p = spec.partner
+    return [
+        f"- Ensemble: every frame also goes through a `{p.arch}`; the output is {1 - p.weight:.2g} x the "
+        f"`{spec.arch}` logits / {p.main_temperature:.3f} + {p.weight:.2g} x the `{p.arch}` logits / "
+        f"{p.temperature:.3f} (each network's own temperature), calibrated by the temperature above",
+        *(f"  {line}" for line in _teacher(partner.get("teacher"))),
+    ]
+
+
 def _verdict_rule(spec: ModelSpec) -> str:
     t = spec.thresholds
     if t.header_test:
@@ -147,6 +161,7 @@ def model_card(
         *_initialisation(train.get("pretrained")),
         *_teacher(train.get("teacher")),
         *_screen(spec, loso.get("cascade")),
+        *_partner(spec),
         "",
         "## Training data",
         "",

@@ -75,14 +75,15 @@ def adapt_arrays(
 def adapted_network(network: SorterNet, result: Result) -> SorterNet:
     """A copy of ``network`` with the adapted head.
 
-    A cascade's screen is left out: its confident answers would stand in place of the adapted
-    head's, which is what the archive taught (the adapted model runs the main network on every frame).
+    A cascade's screen or an ensemble's partner is left out: its answers would stand in place of,
+    or be averaged with, the adapted head's, which is what the archive taught (the adapted model
+    is the main network alone).
     """
     import torch
 
-    from sorter.model.network import CascadeNet, SorterNet
+    from sorter.model.network import SorterNet
 
-    if isinstance(network, CascadeNet):
+    if type(network) is not SorterNet:
         network = SorterNet(
             network.backbone,
             network.head.in_features - network.n_features,
@@ -103,6 +104,7 @@ def adapted_spec(
     return replace(
         base,
         screen=None,  # see adapted_network
+        partner=None,
         temperature=result.temperature,
         thresholds=replace(
             result.thresholds,

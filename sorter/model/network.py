@@ -374,6 +374,39 @@ class CascadeNet(SorterNet):
         return (fast * self.rescale).scatter(0, index, slow.to(fast.dtype))
 
 
+class EnsembleNet(SorterNet):
+    """A main network and a partner (:class:`sorter.model.spec.PartnerSpec`), averaged on every frame.
+
+    Returns ``(1 - weight) x main / main_temperature + weight x partner / partner_temperature``,
+    which the spec's temperature calibrates. This module's own backbone and head are the main
+    network's, so Grad-CAM and adaptation see the main network. Two networks that err on
+    different sources disagree where each is unsure, and the average is better on sources
+    neither saw than either alone (README, The default model).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        width: int,
+        n_features: int,
+        n_classes: int,
+        partner: SorterNet,
+        *,
+        main_temperature: float,
+        partner_temperature: float,
+        weight: float,
+    ) -> None:
+        super().__init__(backbone, width, n_features, n_classes)
+        self.partner = partner
+        self.main_scale = (1.0 - float(weight)) / float(main_temperature)
+        self.partner_scale = float(weight) / float(partner_temperature)
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """The weighted average of the two networks' temperature-scaled logits (N, L)."""
+        main = super().forward(image, features)
+        return main * self.main_scale + self.partner(image, features).to(main.dtype) * self.partner_scale
+
+
 def _backbone(arch: str, spec: ModelSpec) -> tuple[nn.Module, int]:
     channels = len(spec.preprocess.channels)
     if arch == "efficientnet_lite0":  # its TF "SAME" padding depends on the input size
@@ -382,9 +415,22 @@ def _backbone(arch: str, spec: ModelSpec) -> tuple[nn.Module, int]:
 
 
 def build_network(spec: ModelSpec) -> SorterNet:
-    """Build the (untrained) network that ``spec`` describes: a :class:`CascadeNet` when it has a screen."""
+    """Build the (untrained) network that ``spec`` describes: a :class:`CascadeNet` when it has a
+    screen, an :class:`EnsembleNet` when it has a partner."""
     backbone, width = _backbone(spec.arch, spec)
     n_features, n_classes = len(spec.preprocess.features), len(spec.labels)
+    if spec.partner is not None:
+        partner_backbone, partner_width = _backbone(spec.partner.arch, spec)
+        return EnsembleNet(
+            _momentum(backbone),
+            width,
+            n_features,
+            n_classes,
+            SorterNet(_momentum(partner_backbone), partner_width, n_features, n_classes),
+            main_temperature=spec.partner.main_temperature,
+            partner_temperature=spec.partner.temperature,
+            weight=spec.partner.weight,
+        )
     if spec.screen is None:
         return SorterNet(_momentum(backbone), width, n_features, n_classes)
     screen_backbone, screen_width = _backbone(spec.screen.arch, spec)

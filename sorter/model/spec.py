@@ -107,6 +107,30 @@ class ScreenSpec:
 
 
 @dataclass(frozen=True)
+class PartnerSpec:
+    """A second network whose opinion is averaged with the main network's on every frame.
+
+    Same inputs and labels as the main network. The output is ``(1 - weight) x`` the main
+    network's logits over its own ``main_temperature`` plus ``weight x`` the partner's over its
+    ``temperature``; the spec's temperature then calibrates the average
+    (:class:`sorter.model.network.EnsembleNet`).
+    """
+
+    arch: str
+    temperature: float
+    main_temperature: float
+    weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown partner architecture {self.arch!r}; known: {', '.join(ARCHITECTURES)}")
+        if self.temperature <= 0 or self.main_temperature <= 0:
+            raise ValueError("partner and main temperatures must be positive")
+        if not 0.0 < self.weight < 1.0:
+            raise ValueError(f"partner weight {self.weight} is outside (0, 1)")
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Self-description of a trained classifier (with a :class:`ScreenSpec` when it is a cascade)."""
 
@@ -119,6 +143,7 @@ class ModelSpec:
     metrics: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     screen: ScreenSpec | None = None
+    partner: PartnerSpec | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -129,11 +154,16 @@ class ModelSpec:
             raise ValueError("temperature must be positive")
         if self.screen is not None and set(self.screen.thresholds) != {label.value for label in self.labels}:
             raise ValueError("a screen needs one threshold per label")
+        if self.screen is not None and self.partner is not None:
+            raise ValueError("a model has a screen or a partner, not both")
 
     @property
     def network_name(self) -> str:
-        """The architecture as the ``models`` table shows it: ``main (screen screen)`` for a cascade."""
-        return self.arch if self.screen is None else f"{self.arch} ({self.screen.arch} screen)"
+        """The architecture as the ``models`` table shows it: ``main (screen screen)`` for a cascade,
+        ``main + partner`` for an ensemble."""
+        if self.screen is not None:
+            return f"{self.arch} ({self.screen.arch} screen)"
+        return self.arch if self.partner is None else f"{self.arch} + {self.partner.arch}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready representation (labels as strings)."""
@@ -145,8 +175,9 @@ class ModelSpec:
             # The default window stays implicit, so that releases before the fields still read
             # the artefacts this one writes.
             del data["preprocess"]["hu_low"], data["preprocess"]["hu_high"]
-        if self.screen is None:  # implicit too: a single network's spec reads as it always did
-            del data["screen"]
+        for second in ("screen", "partner"):  # implicit too: a single network's spec reads as it always did
+            if getattr(self, second) is None:
+                del data[second]
         return data
 
     @classmethod
@@ -172,6 +203,7 @@ class ModelSpec:
                 metrics=dict(data.get("metrics", {})),
                 format_version=version,
                 screen=ScreenSpec(**data["screen"]) if data.get("screen") else None,
+                partner=PartnerSpec(**data["partner"]) if data.get("partner") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise IncompatibleModelError(f"model spec is malformed: {exc}") from exc
