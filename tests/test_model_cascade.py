@@ -264,3 +264,36 @@ def test_an_ensemble_averages_both_networks_in_torch_and_in_the_exported_graph(t
     assert type(adapted_network(loaded.network, Result())) is SorterNet  # type: ignore[arg-type]
     spec = adapted_spec(loaded.spec, Result(), {}, {})  # type: ignore[arg-type]
     assert spec.partner is None and spec.screen is None
+
+
+def test_the_ensemble_weight_is_chosen_on_the_other_folds_and_written_as_a_loso_run(tmp_path):
+    """Two networks that each miss a different label: the average beats both, every fold's weight is
+    chosen without its own images, and the run reads back like any loso run."""
+    import json
+
+    from train.cascade import write_ensemble_run
+
+    rng = np.random.default_rng(1)
+    n, labels = 300, ["CT", "MR", "PT"]
+    y = rng.integers(0, 3, n)
+    config = {"manifest": "m.csv", "folds": 3, "seed": 0, "labels": labels}
+    (tmp_path / "main").mkdir()
+    (tmp_path / "main" / "metrics.json").write_text(json.dumps({"folds": 3, "protocol": "leave-sources-out"}))
+    (tmp_path / "main" / "folds.json").write_text("{}")
+
+    def run(blind: int) -> LosoRun:  # right, confidently, except on label ``blind``
+        logits = rng.normal(0, 0.5, (n, 3)).astype(np.float32)
+        logits[np.arange(n), y] += np.where(y == blind, 0.0, 3.0)
+        names = np.array([labels[i] for i in y])
+        sources = np.array([f"s{i % 9}" for i in range(n)])
+        return LosoRun(tmp_path / "main", logits, names, sources, np.arange(n) % 3, 1.0, config)
+
+    main, partner = run(blind=1), run(blind=2)
+    metrics = write_ensemble_run(main, partner, None, tmp_path / "ens")
+    found = metrics["ensemble"]
+    assert set(found["weights_per_fold"]) == {0, 1, 2} and 0.0 < found["weight"] < 1.0
+    assert found["ensemble"]["balanced_accuracy"] > max(
+        found["main_alone"]["balanced_accuracy"], found["partner_alone"]["balanced_accuracy"]
+    )
+    again = LosoRun.read(tmp_path / "ens")
+    assert again.logits.shape == (n, 3) and "cross-fitted" in metrics["protocol"]

@@ -251,3 +251,21 @@ def test_cascade_of_two_loso_runs_then_export_serves_one_graph(fitted, corpus, t
     assert clear.any()
     got = classifier.predict_arrays(images.numpy(), features.numpy())
     np.testing.assert_allclose(got[clear], expected[clear], atol=1e-4)
+    # The same two runs as an ensemble: one fold, so the weight is chosen on its own images, and said so.
+    args = [
+        "ensemble",
+        "--model",
+        str(out / "model.pt"),
+        "--partner",
+        str(tmp_path / "main" / "fold-2" / "model.pt"),
+    ]
+    args += ["--loso", str(tmp_path / "main"), "--partner-loso", str(tmp_path / "screen")]
+    said = _run([*args, "--out-run", str(tmp_path / "ens-run"), "--out", str(tmp_path / "ens.pt")])
+    assert "| ensemble |" in said
+    written = json.loads((tmp_path / "ens-run" / "metrics.json").read_text())
+    assert "partner weight chosen on these same images (one fold)" in written["protocol"]
+    found = written["ensemble"]
+    assert (
+        0.0 < found["weight"] < 1.0
+        and load_artefact(tmp_path / "ens.pt").spec.partner.weight == found["weight"]
+    )

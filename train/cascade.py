@@ -284,25 +284,74 @@ def average_logits(
     return ((1.0 - weight) * main / temperatures[0] + weight * partner / temperatures[1]).astype(np.float32)
 
 
-def write_ensemble_run(main: LosoRun, partner: LosoRun, weight: float, out_dir: Path) -> dict[str, Any]:
-    """Write the ensemble's out-of-fold predictions (each fold's two networks never saw its sources)
-    as a loso run in ``out_dir``, calibrated by a temperature fitted on them as ``loso`` fits one."""
+#: Partner weights tried when ``sorter-train ensemble`` chooses one.
+WEIGHTS = tuple(round(w / 10, 1) for w in range(1, 10))
+
+
+def choose_weight(
+    main: LosoRun, partner: LosoRun, rows: np.ndarray, weights: tuple[float, ...] = WEIGHTS
+) -> float:
+    """The weight whose average has the best balanced accuracy on ``rows`` (each average
+    temperature-scaled there, as ``loso`` does); the smaller weight on a tie."""
     from train.calibrate import fit_temperature
 
-    logits = average_logits(main.logits, partner.logits, (main.temperature, partner.temperature), weight)
+    def balanced(weight: float) -> float:
+        logits = average_logits(
+            main.logits[rows], partner.logits[rows], (main.temperature, partner.temperature), weight
+        )
+        temperature = float(fit_temperature(logits, _label_indices(main)[rows]))
+        part = replace(
+            main, logits=logits, labels=main.labels[rows], sources=main.sources[rows], folds=main.folds[rows]
+        )
+        return float(_summary(logits, part, temperature)["balanced_accuracy"])
+
+    return max(weights, key=lambda w: (balanced(w), -w))
+
+
+def write_ensemble_run(
+    main: LosoRun, partner: LosoRun, weight: float | None, out_dir: Path
+) -> dict[str, Any]:
+    """Write the ensemble's out-of-fold predictions (each fold's two networks never saw its sources)
+    as a loso run in ``out_dir``, calibrated by a temperature fitted on them as ``loso`` fits one.
+
+    ``weight`` None: chosen (:func:`choose_weight`), and cross-fitted like a cascade's thresholds:
+    each fold's images are averaged with the weight chosen on the other folds; the artefact's is
+    chosen on every fold.
+    """
+    from train.calibrate import fit_temperature
+
+    temperatures = (main.temperature, partner.temperature)
+    per_fold: dict[int, float] = {}
+    protocol = ""
+    if weight is None and len(np.unique(main.folds)) < 2:  # nothing to cross-fit on
+        weight = choose_weight(main, partner, np.ones(len(main.labels), dtype=bool))
+        protocol = "partner weight chosen on these same images (one fold)"
+    if weight is None:
+        protocol = "partner weight cross-fitted over the folds"
+        logits = np.empty_like(main.logits)
+        for fold in np.unique(main.folds):
+            held = main.folds == fold
+            per_fold[int(fold)] = choose_weight(main, partner, ~held)
+            logits[held] = average_logits(
+                main.logits[held], partner.logits[held], temperatures, per_fold[int(fold)]
+            )
+        weight = choose_weight(main, partner, np.ones(len(main.labels), dtype=bool))
+    else:
+        logits = average_logits(main.logits, partner.logits, temperatures, weight)
     temperature = float(fit_temperature(logits, _label_indices(main)))
     joined = replace(main, logits=logits, temperature=temperature)
     found = {
         "main": str(main.path),
         "partner": str(partner.path),
         "weight": weight,
+        "weights_per_fold": per_fold,
         "main_temperature": main.temperature,
         "partner_temperature": partner.temperature,
         "ensemble": scores(logits, joined),
         "main_alone": scores(main.logits, main),
         "partner_alone": scores(partner.logits, partner),
     }
-    return _write_run(main, logits, temperature, out_dir, "ensemble", found, "")
+    return _write_run(main, logits, temperature, out_dir, "ensemble", found, protocol)
 
 
 def _write_run(

@@ -379,51 +379,70 @@ def export(
         click.echo(f"wrote {card}")
 
 
+def _read_pair(main_loso: Path, other_loso: Path) -> tuple[Any, Any]:
+    """Two loso runs' out-of-fold predictions, refused in one line unless they cover the same images."""
+    from train.cascade import LosoRun, check_pair
+
+    runs = LosoRun.read(main_loso), LosoRun.read(other_loso)
+    try:
+        check_pair(*runs)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    return runs
+
+
+def _pair_options(role: str, role_help: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """The options of a command that joins a main network and a ``role`` network (``cascade``,
+    ``ensemble``): both artefacts, both loso runs, and where the joined run and artefact go."""
+    artefact = click.Path(exists=True, dir_okay=False, path_type=Path)
+    run = click.Path(exists=True, file_okay=False, path_type=Path)
+    options = [
+        click.option(
+            "--model", "main_path", required=True, type=artefact, help="The main network's artefact."
+        ),
+        click.option(f"--{role}", f"{role}_path", required=True, type=artefact, help=role_help),
+        click.option(
+            "--loso",
+            "main_loso",
+            required=True,
+            callback=_loso_run,
+            type=run,
+            help="The main network's recipe's loso run.",
+        ),
+        click.option(
+            f"--{role}-loso",
+            required=True,
+            callback=_loso_run,
+            type=run,
+            help=f"The {role}'s recipe's loso run (same manifest, folds and seed).",
+        ),
+        click.option(
+            "--out-run",
+            required=True,
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Where to write the joined networks' out-of-fold predictions, as a loso run.",
+        ),
+        click.option(
+            "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Artefact to write."
+        ),
+    ]
+
+    def apply(command: Callable[..., None]) -> Callable[..., None]:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
 @main.command()
-@click.option(
-    "--model",
-    "main_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The main network's artefact (e.g. the bundled model).",
-)
-@click.option(
-    "--screen",
-    "screen_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The fast network's artefact (same inputs and labels).",
-)
-@click.option(
-    "--loso",
-    "main_loso",
-    required=True,
-    callback=_loso_run,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="The main network's recipe's loso run.",
-)
-@click.option(
-    "--screen-loso",
-    required=True,
-    callback=_loso_run,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="The screen's recipe's loso run (same manifest, folds and seed).",
-)
+@_pair_options("screen", "The fast network's artefact (same inputs and labels).")
 @click.option(
     "--tolerance",
     default=0.0,
     show_default=True,
     type=click.FloatRange(0.0, 1.0),
     help="How much less often than the main network the screen may be right on the frames it keeps.",
-)
-@click.option(
-    "--out-run",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Where to write the cascade's cross-fitted out-of-fold predictions, as a loso run.",
-)
-@click.option(
-    "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Cascade artefact to write."
 )
 def cascade(
     main_path: Path,
@@ -435,13 +454,9 @@ def cascade(
     out: Path,
 ) -> None:
     """Join a fast screen and a main network: the screen answers where it is sure (see train/cascade.py)."""
-    from train.cascade import LosoRun, assemble, check_pair, write_cascade_run
+    from train.cascade import assemble, write_cascade_run
 
-    main_run, screen_run = LosoRun.read(main_loso), LosoRun.read(screen_loso)
-    try:
-        check_pair(main_run, screen_run)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
+    main_run, screen_run = _read_pair(main_loso, screen_loso)
     metrics = write_cascade_run(main_run, screen_run, tolerance, out_run)
     found = metrics["cascade"]
     click.echo(
@@ -476,72 +491,31 @@ def cascade(
 
 
 @main.command()
-@click.option(
-    "--model",
-    "main_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The main network's artefact (e.g. the bundled model's EfficientNet-Lite0).",
-)
-@click.option(
-    "--partner",
-    "partner_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="The second network's artefact (same inputs and labels).",
-)
-@click.option(
-    "--loso",
-    "main_loso",
-    required=True,
-    callback=_loso_run,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="The main network's recipe's loso run.",
-)
-@click.option(
-    "--partner-loso",
-    required=True,
-    callback=_loso_run,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="The partner's recipe's loso run (same manifest, folds and seed).",
-)
+@_pair_options("partner", "The second network's artefact (same inputs and labels).")
 @click.option(
     "--weight",
-    default=0.5,
-    show_default=True,
     type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
-    help="The partner's share of the average.",
-)
-@click.option(
-    "--out-run",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Where to write the ensemble's out-of-fold predictions, as a loso run.",
-)
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Ensemble artefact to write.",
+    help="The partner's share of the average (default: chosen by balanced accuracy, cross-fitted over "
+    "the folds).",
 )
 def ensemble(
     main_path: Path,
     partner_path: Path,
     main_loso: Path,
     partner_loso: Path,
-    weight: float,
+    weight: float | None,
     out_run: Path,
     out: Path,
 ) -> None:
     """Average a main network and a partner on every frame (see train/cascade.py)."""
-    from train.cascade import LosoRun, assemble_ensemble, check_pair, write_ensemble_run
+    from train.cascade import assemble_ensemble, write_ensemble_run
 
-    main_run, partner_run = LosoRun.read(main_loso), LosoRun.read(partner_loso)
-    try:
-        check_pair(main_run, partner_run)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
+    main_run, partner_run = _read_pair(main_loso, partner_loso)
     found = write_ensemble_run(main_run, partner_run, weight, out_run)["ensemble"]
+    weight = float(found["weight"])
+    if found["weights_per_fold"]:
+        chosen = ", ".join(f"fold {k}: {v:.1f}" for k, v in found["weights_per_fold"].items())
+        click.echo(f"partner weight chosen on the other folds ({chosen}); on every fold: {weight:.1f}")
     click.echo(
         "| out of fold | balanced acc. | source-averaged | accuracy | right: agree | relabelled: disagree |"
     )
