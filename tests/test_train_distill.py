@@ -28,9 +28,13 @@ def test_the_shipped_recipes_resolve():
     from train.config import resolve_config
 
     recipes = sorted((Path(__file__).resolve().parents[1] / "train" / "recipes").glob("*.yaml"))
-    assert len(recipes) == 4
+    assert len(recipes) == 6
     configs = {path.stem: resolve_config("default", path) for path in recipes}
     assert configs["pretrained"].pretrained and configs["pretrained"].arch == "efficientnet_lite0"
     assert configs["pretrained-shift"].shift_augment > 0
     assert configs["student"].teacher and configs["student"].arch == "mobilenet_v3_small"
     assert configs["student"].preprocess() == configs["pretrained"].preprocess()  # the same inputs
+    # The bundled ensemble's partner and its leave-sources-out twin: the main network's inputs.
+    for name in ("screen", "screen-loso"):
+        assert configs[name].arch == "mobilenet_v3_small" and configs[name].teacher
+        assert configs[name].preprocess() == configs["pretrained"].preprocess()
