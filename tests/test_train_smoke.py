@@ -269,3 +269,7 @@ def test_cascade_of_two_loso_runs_then_export_serves_one_graph(fitted, corpus, t
         0.0 < found["weight"] < 1.0
         and load_artefact(tmp_path / "ens.pt").spec.partner.weight == found["weight"]
     )
+    # A joined artefact is not joined again: one line, no traceback.
+    again = ["ensemble", "--model", str(tmp_path / "ens.pt"), *args[3:], "--out-run", str(tmp_path / "r2")]
+    refused = CliRunner().invoke(main, [*again, "--out", str(tmp_path / "no.pt")])
+    assert refused.exit_code == 2 and "already has a screen or partner" in refused.output

@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 
 from train.calibrate import softmax_np
-from train.metrics import compute_metrics, source_macro_recall
+from train.metrics import compute_metrics
 
 if TYPE_CHECKING:
     from sorter.model.spec import ModelSpec
@@ -162,15 +162,13 @@ def check_pair(main: LosoRun, screen: LosoRun) -> None:
 
 
 def _summary(logits: np.ndarray, run: LosoRun, temperature: float) -> dict[str, Any]:
+    """``run``'s images scored with ``logits`` at ``temperature`` (:func:`train.compare.score`)."""
+    from train.compare import score
+
     labels = [str(v) for v in run.config["labels"]]
-    y = [str(v) for v in run.labels]
-    sources = [str(v) for v in run.sources]
-    probs = softmax_np(logits, temperature)
-    metrics = compute_metrics(y, probs, labels, sources)
-    keyed = [f"{s}/{label}" for s, label in zip(sources, y, strict=True)]
-    by_source_label = compute_metrics(y, probs, labels, keyed)
-    metrics["source_macro"] = source_macro_recall(by_source_label, {k: k.rsplit("/", 1)[1] for k in keyed})
-    metrics["per_source_label"] = by_source_label["per_source"]
+    y, sources = [str(v) for v in run.labels], [str(v) for v in run.sources]
+    metrics, macro, _ = score(y, softmax_np(logits, temperature), labels, sources, temperature, point=False)
+    metrics["source_macro"] = macro
     return metrics
 
 
@@ -178,16 +176,15 @@ def scores(logits: np.ndarray, run: LosoRun) -> dict[str, float]:
     """Balanced, source-averaged and plain accuracy of out-of-fold ``logits`` (at ``run``'s
     temperature), and at their own operating point the shares of right headers confirmed
     (``agree``) and of relabelled copies refuted (``caught``)."""
-    from train.operating_point import point_for
+    from train.compare import score
 
-    metrics = _summary(logits, run, run.temperature)
     labels = [str(v) for v in run.config["labels"]]
-    y = _label_indices(run)
-    groups = np.asarray([f"{s}/{lab}" for s, lab in zip(run.sources, run.labels, strict=True)])
-    point = point_for(softmax_np(logits, run.temperature), y, labels, groups, run.temperature)
+    y, sources = [str(v) for v in run.labels], [str(v) for v in run.sources]
+    metrics, macro, point = score(y, softmax_np(logits, run.temperature), labels, sources, run.temperature)
+    assert point is not None
     return {
         "balanced_accuracy": float(metrics["balanced_accuracy"]),
-        "source_macro": float(metrics["source_macro"]["balanced_accuracy"]),
+        "source_macro": float(macro["balanced_accuracy"]),
         "accuracy": float(metrics["accuracy"]),
         "agree": float(point["images"]["agree"]),
         "caught": float(point["images"]["caught"]),

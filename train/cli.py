@@ -391,6 +391,14 @@ def _read_pair(main_loso: Path, other_loso: Path) -> tuple[Any, Any]:
     return runs
 
 
+def _joined(join: Callable[[], str]) -> str:
+    """Run an artefact join; artefacts that cannot be joined are refused in one line."""
+    try:
+        return join()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
 def _pair_options(role: str, role_help: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """The options of a command that joins a main network and a ``role`` network (``cascade``,
     ``ensemble``): both artefacts, both loso runs, and where the joined run and artefact go."""
@@ -483,7 +491,7 @@ def cascade(
     shown = ", ".join(f"{label} {value:.3f}" for label, value in found["thresholds"].items())
     click.echo(f"screen thresholds (chosen on every fold): {shown}")
     temperatures = (main_run.temperature, screen_run.temperature)
-    digest = assemble(main_path, screen_path, found["thresholds"], temperatures, out)
+    digest = _joined(lambda: assemble(main_path, screen_path, found["thresholds"], temperatures, out))
     click.echo(
         f"wrote {out_run} and {out} (sha256 {digest[:12]}); next: "
         f"sorter-train export --model {out} --loso {out_run} --out ..."
@@ -527,7 +535,7 @@ def ensemble(
             f"{row['accuracy']:.3f} | {row['agree']:.3f} | {row['caught']:.3f} |"
         )
     temperatures = (main_run.temperature, partner_run.temperature)
-    digest = assemble_ensemble(main_path, partner_path, temperatures, weight, out)
+    digest = _joined(lambda: assemble_ensemble(main_path, partner_path, temperatures, weight, out))
     click.echo(
         f"wrote {out_run} and {out} (sha256 {digest[:12]}); next: "
         f"sorter-train export --model {out} --loso {out_run} --out ..."

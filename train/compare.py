@@ -19,6 +19,29 @@ def _load(run: Path) -> dict[str, Any]:
     return {"run": run, "config": config, **{k: data[k] for k in data.files}}
 
 
+def score(
+    y: list[str],
+    probs: np.ndarray,
+    labels: list[str],
+    sources: list[str],
+    temperature: float,
+    point: bool = True,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """Calibrated out-of-fold ``probs`` scored as every loso report scores them: the image metrics
+    (:func:`compute_metrics`, with ``per_source_label`` added), the source-averaged recall (each
+    source counted once per label) and, with ``point``, the operating point chosen on them."""
+    metrics = compute_metrics(y, probs, labels, sources)
+    keyed = [f"{s}/{label}" for s, label in zip(sources, y, strict=True)]
+    by_source = compute_metrics(y, probs, labels, keyed)
+    metrics["per_source_label"] = by_source["per_source"]
+    macro = source_macro_recall(by_source, {k: k.rsplit("/", 1)[1] for k in keyed})
+    if not point:
+        return metrics, macro, None
+    index = {label: i for i, label in enumerate(labels)}
+    targets = np.asarray([index[label] for label in y])
+    return metrics, macro, point_for(probs, targets, labels, np.asarray(keyed), temperature)
+
+
 def compare_runs(runs: list[Path]) -> tuple[list[int], list[dict[str, Any]]]:
     """Metrics of each run restricted to the folds every run evaluated.
 
@@ -36,13 +59,7 @@ def compare_runs(runs: list[Path]) -> tuple[list[int], list[dict[str, Any]]]:
         labels = [str(v) for v in d["config"]["labels"]]
         probs = softmax_np(d["logits"][mask], float(d["temperature"]))
         y, sources = [str(v) for v in d["labels"][mask]], [str(v) for v in d["sources"][mask]]
-        metrics = compute_metrics(y, probs, labels, sources)
-        keyed = [f"{s}/{label}" for s, label in zip(sources, y, strict=True)]
-        by_source = compute_metrics(y, probs, labels, keyed)
-        macro = source_macro_recall(by_source, {k: k.rsplit("/", 1)[1] for k in keyed})
-        index = {label: i for i, label in enumerate(labels)}
-        targets = np.asarray([index[label] for label in y])
-        point = point_for(probs, targets, labels, np.asarray(keyed), float(d["temperature"]))
+        metrics, macro, point = score(y, probs, labels, sources, float(d["temperature"]))
         cfg = d["config"]
         rows.append(
             {
