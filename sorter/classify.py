@@ -106,7 +106,8 @@ def classify_paths(
 
     def flush() -> Iterator[dict[str, Any]]:
         decoded = [item for item in pending if isinstance(item, Decoded)]
-        predictions = iter(classifier.predict_images([item.image for item in decoded]))
+        headers = [header_label(item.header.modality) for item in decoded]
+        predictions = iter(classifier.predict_images([item.image for item in decoded], headers))
         for item in pending:
             yield result_record(item, classifier, next(predictions)) if isinstance(item, Decoded) else item
         pending.clear()

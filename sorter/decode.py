@@ -157,18 +157,24 @@ def run_decoder(decode: Decoder, item: Claimed, params: PreprocessParams, frames
 
 
 def decode_chunk(
-    decode: Decoder, items: Sequence[Claimed], params: PreprocessParams, frames: int
+    decode: Decoder,
+    items: Sequence[Claimed],
+    params: PreprocessParams,
+    frames: int,
+    headers: np.ndarray | None = None,
 ) -> list[Prepared | Outcome]:
     """Decode several instances in one pool task (run in a decode process); never raises for a bad file.
 
-    It lives here, not beside the executor, because unpickling a task imports
-    its function's module in the decode process, and this one is torch-free.
+    ``headers``: the items' header codes (:meth:`sorter.model.spec.ModelSpec.header_codes`), for a
+    model in this process that takes them. It lives here, not beside the executor, because
+    unpickling a task imports its function's module in the decode process, and this one is
+    torch-free.
     """
     results = [run_decoder(decode, item, params, frames) for item in items]
     if _model is None:
         return results
     try:
-        return run_model(_model, results)
+        return run_model(_model, results, headers)
     except INTERRUPTS:
         raise
     except BaseException as exc:  # the parent runs the model on the images instead
@@ -176,10 +182,15 @@ def decode_chunk(
         return results
 
 
-def run_model(model: Forward, results: list[Prepared | Outcome]) -> list[Prepared | Outcome]:
-    """Replace every :class:`Prepared`'s images by its logits, in one forward pass."""
+def run_model(
+    model: Forward, results: list[Prepared | Outcome], headers: np.ndarray | None = None
+) -> list[Prepared | Outcome]:
+    """Replace every :class:`Prepared`'s images by its logits, in one forward pass (``headers``: one
+    code per result, see :func:`decode_chunk`)."""
+    keep = [isinstance(r, Prepared) for r in results]
     ready = [r for r in results if isinstance(r, Prepared)]
-    parts = iter(logits_per_instance(model, [r.images for r in ready], [r.features for r in ready]))
+    codes = None if headers is None else np.asarray(headers)[keep]
+    parts = iter(logits_per_instance(model, [r.images for r in ready], [r.features for r in ready], codes))
     empty = np.zeros(0, dtype=np.float32)
     return [
         Prepared(r.instance_id, empty, empty, next(parts)) if isinstance(r, Prepared) else r for r in results

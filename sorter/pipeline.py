@@ -53,7 +53,13 @@ def infer(
     ready = [d for d in decoded if isinstance(d, Prepared)]
     # Decode processes may have run the model already; the rest (all of them under a
     # queue worker or on CUDA) go through one forward pass here.
-    missing = iter(classifier.logits_prepared([(d.images, d.features) for d in ready if d.logits is None]))
+    headers = {item.id: item.header_label for item in items}
+    todo = [d for d in ready if d.logits is None]
+    missing = iter(
+        classifier.logits_prepared(
+            [(d.images, d.features) for d in todo], [headers[d.instance_id] for d in todo]
+        )
+    )
     logits = [d.logits if d.logits is not None else next(missing) for d in ready]
     predictions = iter(classifier.predict_logits(logits))
     thresholds = classifier.spec.thresholds

@@ -53,6 +53,33 @@ def make_tiny_model(path: Path, seed: int) -> Path:
     return path
 
 
+def make_confirming_model(path: Path, seed: int) -> Path:
+    """An untrained 32-pixel ensemble whose partner is sure of CT whatever it sees, and confirms a
+    header at 0.9: a CT header skips the main network, any other gets the full average."""
+    from dataclasses import replace
+
+    from sorter.domain import Thresholds
+    from sorter.model.spec import PartnerSpec
+
+    torch.manual_seed(seed)
+    labels = [label.value for label in ALL_LABELS]
+    spec = ModelSpec(
+        arch="mobilenet_v3_small",
+        labels=ALL_LABELS,
+        preprocess=PreprocessParams(input_size=32),
+        temperature=1.2,
+        thresholds=Thresholds(agree_at=dict.fromkeys(labels, 0.6), disagree_at=dict.fromkeys(labels, 0.05)),
+    )
+    spec = replace(
+        spec, partner=PartnerSpec("mobilenet_v3_small", 1.5, 1.1, 0.4, confirm=dict.fromkeys(labels, 0.9))
+    )
+    network = build_network(spec)
+    with torch.no_grad():
+        network.partner.head.bias[labels.index("CT")] += 12.0
+    save_artefact(network, spec, path)
+    return path
+
+
 def truncate(url: str) -> None:
     """Empty every table of a migrated PostgreSQL database."""
     engine = create_db_engine(url)

@@ -138,9 +138,9 @@ class _CountingRunner:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.runner, name)
 
-    def __call__(self, images: Any, features: Any) -> Any:
+    def __call__(self, images: Any, features: Any, headers: Any = None) -> Any:
         self.images += len(images)
-        return self.runner(images, features)
+        return self.runner(images, features, headers)
 
 
 def test_the_model_in_the_decode_processes_predicts_what_it_predicts_here(tiny_model, tmp_path):

@@ -269,6 +269,25 @@ def test_cascade_of_two_loso_runs_then_export_serves_one_graph(fitted, corpus, t
         0.0 < found["weight"] < 1.0
         and load_artefact(tmp_path / "ens.pt").spec.partner.weight == found["weight"]
     )
+    # Exported with a confirming partner: chosen on the run, written into the spec and the card.
+    confirmed, card = tmp_path / "confirmed.pt", tmp_path / "confirmed.md"
+    export = ["export", "--model", str(tmp_path / "ens.pt"), "--loso", str(tmp_path / "ens-run")]
+    said = _run([*export, "--confirm", "--out", str(confirmed), "--card", str(card)])
+    assert "the partner confirms" in said and "right headers agree" in said
+    spec = load_artefact(confirmed).spec
+    point = spec.metrics["operating_point"]["confirm"]
+    assert spec.confirms and spec.partner.confirm == point["confirm_at"] and point["tolerance"] == 0.01
+    assert (
+        "- Confirming partner:" in card.read_text()
+        and "with the confirming partner, per image" in card.read_text()
+    )
+    classifier = Classifier.load(confirmed, device="cpu", runtime="onnx", threads=1)
+    assert classifier.predict_arrays(images.numpy(), features.numpy()).shape == (64, len(spec.labels))
+    # Only an ensemble's partner confirms: one line, no traceback.
+    refused = CliRunner().invoke(
+        main, ["export", "--model", str(joined), "--confirm", "--out", str(tmp_path / "x.pt")]
+    )
+    assert refused.exit_code == 2 and "needs an ensemble" in refused.output
     # A joined artefact is not joined again: one line, no traceback.
     again = ["ensemble", "--model", str(tmp_path / "ens.pt"), *args[3:], "--out-run", str(tmp_path / "r2")]
     refused = CliRunner().invoke(main, [*again, "--out", str(tmp_path / "no.pt")])

@@ -348,7 +348,19 @@ def write_ensemble_run(
         "main_alone": scores(main.logits, main),
         "partner_alone": scores(partner.logits, partner),
     }
-    return _write_run(main, logits, temperature, out_dir, "ensemble", found, protocol)
+    # The partner's own predictions stay beside the average: `sorter-train export --confirm` chooses
+    # where the partner may confirm a header alone (train/confirm.py).
+    return _write_run(
+        main,
+        logits,
+        temperature,
+        out_dir,
+        "ensemble",
+        found,
+        protocol,
+        partner_logits=partner.logits,
+        partner_temperature=np.float64(partner.temperature),
+    )
 
 
 def _write_run(

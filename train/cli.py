@@ -344,6 +344,17 @@ def operating_point_command(loso_dir: Path) -> None:
     help="Benchmark JSON whose numbers go into the card.",
 )
 @click.option("--reproduce", default="", help="The command line that reproduces the artefact, for the card.")
+@click.option(
+    "--confirm",
+    "confirm",
+    type=click.FloatRange(0.0, 1.0),
+    is_flag=False,
+    flag_value=0.01,
+    default=None,
+    help="An ensemble only: let its partner confirm a header alone, skipping the main network, "
+    "where at most this share more of the copies relabelled to a label are confirmed (default "
+    "0.01; chosen on the --loso run that `sorter-train ensemble` wrote).",
+)
 def export(
     model_path: Path,
     loso_dir: Path | None,
@@ -352,6 +363,7 @@ def export(
     card: Path | None,
     speed_json: Path | None,
     reproduce: str,
+    confirm: float | None,
 ) -> None:
     """Export a trained model as the artefact ``sorter`` loads (calibrated from a loso run)."""
     from train.export import export_model, model_card
@@ -360,8 +372,20 @@ def export(
         if path is not None and path.exists() and not force:
             raise click.UsageError(f"{path} exists; pass --force to overwrite it")
     bundled = _bundled_balanced_accuracy()  # before a bundled model is overwritten
-    spec, digest = export_model(model_path, out, loso_dir)
+    try:
+        spec, digest = export_model(model_path, out, loso_dir, confirm=confirm)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
     click.echo(f"saved {out} (sha256 {digest[:12]}, temperature {spec.temperature:.3f})")
+    found = spec.metrics.get("operating_point", {}).get("confirm")
+    if found:
+        shares, alone = found["images"], found["ensemble_images"]
+        click.echo(
+            f"the partner confirms {found['fast']:.1%} of right headers alone (cross-fitted): right headers "
+            f"agree {alone['agree']:.3f} -> {shares['agree']:.3f}, relabelled copies caught "
+            f"{alone['caught']:.3f} -> {shares['caught']:.3f}, confirmed {alone['false_agree']:.3f} -> "
+            f"{shares['false_agree']:.3f}"
+        )
     mine = spec.metrics.get("leave_sources_out", {}).get("balanced_accuracy")
     if mine is not None and bundled is not None and mine < bundled:
         click.echo(

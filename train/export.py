@@ -14,16 +14,27 @@ from train.operating_point import operating_point, shares_markdown
 
 
 def export_model(
-    run_model: Path, out: Path, loso_dir: Path | None = None, temperature: float | None = None
+    run_model: Path,
+    out: Path,
+    loso_dir: Path | None = None,
+    temperature: float | None = None,
+    confirm: float | None = None,
 ) -> tuple[ModelSpec, str]:
     """Re-save ``run_model`` to ``out`` with calibration and cross-validated metrics.
 
     With ``loso_dir`` the temperature and the metrics come from its out-of-fold
-    predictions on held-out sources; ``temperature`` overrides it.
+    predictions on held-out sources; ``temperature`` overrides it. ``confirm`` (an ensemble and
+    its ``sorter-train ensemble`` run only): let the partner confirm headers alone, within this
+    tolerance (:mod:`train.confirm`); otherwise an ensemble's partner stops confirming.
     """
     spec, _, state = read_spec(run_model)
     metrics: dict[str, Any] = dict(spec.metrics)
     thresholds = spec.thresholds
+    partner = spec.partner if spec.partner is None else replace(spec.partner, confirm=None)
+    if confirm is not None and (partner is None or loso_dir is None):
+        raise ValueError(
+            "a confirming partner needs an ensemble (sorter-train ensemble) and its loso run (--loso)"
+        )
     if loso_dir is not None:
         loso = json.loads((Path(loso_dir) / "metrics.json").read_text())
         if temperature is None:
@@ -32,7 +43,19 @@ def export_model(
         point = operating_point(Path(loso_dir), temperature)
         metrics = {"leave_sources_out": loso, "operating_point": point}
         thresholds = replace(thresholds, agree_at=point["agree_at"], disagree_at=point["disagree_at"])
-    spec = replace(spec, temperature=temperature or spec.temperature, metrics=metrics, thresholds=thresholds)
+        if confirm is not None and partner is not None:
+            from train.confirm import confirm_for_run
+
+            found = confirm_for_run(Path(loso_dir), temperature, partner.temperature, point, confirm)
+            point["confirm"] = found
+            partner = replace(partner, confirm=found["confirm_at"])
+    spec = replace(
+        spec,
+        temperature=temperature or spec.temperature,
+        metrics=metrics,
+        thresholds=thresholds,
+        partner=partner,
+    )
     network = build_network(spec)
     network.load_state_dict(state)
     previous = file_sha256(out) if Path(out).is_file() else None
@@ -118,7 +141,48 @@ def _partner(spec: ModelSpec) -> list[str]:
         f"`{spec.arch}` logits / {p.main_temperature:.3f} + {p.weight:.2g} x the `{p.arch}` logits / "
         f"{p.temperature:.3f} (each network's own temperature), calibrated by the temperature above",
         *(f"  {line}" for line in _teacher(partner.get("teacher"))),
+        *_confirm(spec),
     ]
+
+
+def _confirm(spec: ModelSpec) -> list[str]:
+    """The card's line on a partner that confirms headers alone (none otherwise)."""
+    if spec.partner is None or spec.partner.confirm is None:
+        return []
+    at = ", ".join(f"{label} {value:.2f}" for label, value in spec.partner.confirm.items())
+    return [
+        f"- Confirming partner: with the header beside the pixels, a frame whose header label the "
+        f"`{spec.partner.arch}` alone gives at least ({at}; never below the label's `agree_at`; 1 = "
+        f"never) is `agree` with the `{spec.partner.arch}`'s probabilities, and skips the `{spec.arch}` "
+        "(see Operating point)"
+    ]
+
+
+def _confirm_shares(found: dict[str, Any] | None) -> list[str]:
+    """The operating point's table with the confirming partner, beside the ensemble's own."""
+    if not found:
+        return []
+    lines = [
+        "",
+        f"With the confirming partner ({found['protocol']}; at most {found['tolerance']:.0%} more of the "
+        f"copies relabelled to a label confirmed): the partner alone confirms {found['fast']:.1%} of right "
+        f"headers, which skip the main network, and {found['fast_relabelled']:.1%} of relabelled copies.",
+        "",
+        "| | right header: agree | right header: disagree | relabelled: disagree | relabelled: agree |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, key in (
+        ("ensemble, per image", "ensemble_images"),
+        ("with the confirming partner, per image", "images"),
+        ("ensemble, per source", "ensemble_sources"),
+        ("with the confirming partner, per source", "sources"),
+    ):
+        s = found[key]
+        lines.append(
+            f"| {name} | {s['agree']:.3f} | {s['false_disagree']:.3f} | {s['caught']:.3f} | "
+            f"{s['false_agree']:.3f} |"
+        )
+    return lines
 
 
 def _verdict_rule(spec: ModelSpec) -> str:
@@ -206,6 +270,7 @@ def model_card(
             "## Operating point: the verdict on unseen sources",
             "",
             shares_markdown(point).rstrip(),
+            *_confirm_shares(point.get("confirm")),
         ]
     if speed:
         lines += [

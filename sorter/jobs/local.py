@@ -215,7 +215,8 @@ class LocalExecutor:
         parts = [items[i : i + size] for i in range(0, len(items), size)]
         try:
             for part in parts:
-                future = self._pool.submit(decode_chunk, self.decode, part, params, self.frames)
+                codes = self.classifier.spec.header_codes([item.header_label for item in part])
+                future = self._pool.submit(decode_chunk, self.decode, part, params, self.frames, codes)
                 batch.chunks.append(_Chunk(part, future))
         except BrokenProcessPool:
             # A worker died since the last batch was finished: what of this batch was

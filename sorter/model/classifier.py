@@ -149,9 +149,16 @@ class Classifier:
         exp = np.exp(scaled - scaled.max(axis=1, keepdims=True))
         return exp / exp.sum(axis=1, keepdims=True)
 
-    def logits_prepared(self, prepared: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-        """Logits (k, L) per instance from :meth:`prepare` outputs, in one forward pass."""
-        return logits_per_instance(self.runner, [p[0] for p in prepared], [p[1] for p in prepared])
+    def logits_prepared(
+        self, prepared: Sequence[tuple[np.ndarray, np.ndarray]], headers: Sequence[Label | None] | None = None
+    ) -> list[np.ndarray]:
+        """Logits (k, L) per instance from :meth:`prepare` outputs, in one forward pass.
+
+        ``headers``: each instance's header label, which a model whose partner confirms headers
+        takes beside the pixels (:class:`sorter.model.spec.PartnerSpec`); others ignore them.
+        """
+        codes = None if headers is None else self.spec.header_codes(headers)
+        return logits_per_instance(self.runner, [p[0] for p in prepared], [p[1] for p in prepared], codes)
 
     def predict_logits(self, logits: Sequence[np.ndarray]) -> list[Prediction]:
         """One prediction per instance from its frames' logits (k, L); frames are averaged."""
@@ -164,13 +171,17 @@ class Classifier:
             start += len(frames)
         return out
 
-    def predict_prepared(self, prepared: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[Prediction]:
+    def predict_prepared(
+        self, prepared: Sequence[tuple[np.ndarray, np.ndarray]], headers: Sequence[Label | None] | None = None
+    ) -> list[Prediction]:
         """One prediction per image from :meth:`prepare` outputs; frames are averaged."""
-        return self.predict_logits(self.logits_prepared(prepared))
+        return self.predict_logits(self.logits_prepared(prepared, headers))
 
-    def predict_images(self, images: Sequence[DecodedImage]) -> list[Prediction]:
-        """Classify decoded images in one batched forward pass."""
-        return self.predict_prepared([self.prepare(image) for image in images])
+    def predict_images(
+        self, images: Sequence[DecodedImage], headers: Sequence[Label | None] | None = None
+    ) -> list[Prediction]:
+        """Classify decoded images in one batched forward pass (``headers``: see :meth:`logits_prepared`)."""
+        return self.predict_prepared([self.prepare(image) for image in images], headers)
 
     def to_prediction(self, probs: np.ndarray) -> Prediction:
         """Top-2 view of one probability vector."""

@@ -382,6 +382,12 @@ class EnsembleNet(SorterNet):
     network's, so Grad-CAM and adaptation see the main network. Two networks that err on
     different sources disagree where each is unsure, and the average is better on sources
     neither saw than either alone (README, The default model).
+
+    With ``confirm`` (per label, in output order) and a ``header`` (N,) beside the pixels (each
+    frame's header label as an index into the labels, -1 for none), a frame whose header the
+    partner alone gives at least its label's ``confirm`` keeps the partner's logits (rescaled so
+    that the spec's temperature gives the partner's own calibration) and skips the main network.
+    One graph: ONNX Runtime runs the main network on the gathered rows, also when there are none.
     """
 
     def __init__(
@@ -395,16 +401,43 @@ class EnsembleNet(SorterNet):
         main_temperature: float,
         partner_temperature: float,
         weight: float,
+        temperature: float = 1.0,
+        confirm: Sequence[float] | None = None,
     ) -> None:
         super().__init__(backbone, width, n_features, n_classes)
         self.partner = partner
         self.main_scale = (1.0 - float(weight)) / float(main_temperature)
         self.partner_scale = float(weight) / float(partner_temperature)
+        self.partner_temperature = float(partner_temperature)
+        self.rescale = float(temperature) / float(partner_temperature)
+        if confirm is not None and len(confirm) != n_classes:
+            raise ValueError(f"{len(confirm)} confirm thresholds for {n_classes} labels")
+        self.confirms = confirm is not None
+        # Not in the state dict: the spec holds the thresholds, the artefact only weights. Above 1
+        # nothing is confirmed (a model built without them).
+        self.confirm: torch.Tensor
+        values = [float(c) for c in confirm] if confirm is not None else [2.0] * n_classes
+        self.register_buffer("confirm", torch.tensor(values), persistent=False)
 
-    def forward(self, image: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
-        """The weighted average of the two networks' temperature-scaled logits (N, L)."""
-        main = super().forward(image, features)
-        return main * self.main_scale + self.partner(image, features).to(main.dtype) * self.partner_scale
+    def forward(
+        self, image: torch.Tensor, features: torch.Tensor | None = None, header: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The weighted average of the two networks' temperature-scaled logits (N, L); with a
+        ``header``, the partner's alone where it confirms the header."""
+        partner = self.partner(image, features)
+        if header is None or not self.confirms:
+            main = super().forward(image, features)
+            return main * self.main_scale + partner.to(main.dtype) * self.partner_scale
+        known = header >= 0
+        code = header.clamp(min=0).long()
+        p_header = torch.softmax(partner.float() / self.partner_temperature, dim=1).gather(1, code[:, None])
+        confirmed = known & (p_header.squeeze(1) >= self.confirm[code])
+        unsure = torch.nonzero(~confirmed).flatten()
+        rows = None if features is None else features.index_select(0, unsure)
+        main = super().forward(image.index_select(0, unsure), rows)
+        average = main * self.main_scale + partner.index_select(0, unsure).to(main.dtype) * self.partner_scale
+        index = unsure[:, None].expand(-1, partner.shape[1])
+        return (partner * self.rescale).scatter(0, index, average.to(partner.dtype))
 
 
 def _backbone(arch: str, spec: ModelSpec) -> tuple[nn.Module, int]:
@@ -430,6 +463,8 @@ def build_network(spec: ModelSpec) -> SorterNet:
             main_temperature=spec.partner.main_temperature,
             partner_temperature=spec.partner.temperature,
             weight=spec.partner.weight,
+            temperature=spec.temperature,
+            confirm=_confirm_at(spec),
         )
     if spec.screen is None:
         return SorterNet(_momentum(backbone), width, n_features, n_classes)
@@ -445,6 +480,15 @@ def build_network(spec: ModelSpec) -> SorterNet:
         screen_temperature=spec.screen.temperature,
         thresholds=[spec.screen.thresholds[label.value] for label in spec.labels],
     )
+
+
+def _confirm_at(spec: ModelSpec) -> list[float] | None:
+    """The partner's confirm thresholds in output order, never below the operating point's
+    ``agree_at``: a confirmed frame is then always ``agree`` (:func:`sorter.compare.compare`)."""
+    if spec.partner is None or spec.partner.confirm is None:
+        return None
+    agree_at = spec.thresholds.agree_at
+    return [max(spec.partner.confirm[label.value], agree_at.get(label.value, 0.0)) for label in spec.labels]
 
 
 def _momentum(backbone: nn.Module) -> nn.Module:

@@ -7,26 +7,40 @@ them in :mod:`sorter.model.graph_cache`, needs to build the same session here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
-#: A forward pass: images (N, C, S, S) and features (N, F) in, logits (N, L) out.
-Forward = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+class Forward(Protocol):
+    """A forward pass: images (N, C, S, S), features (N, F) and optional header codes (N,) in,
+    logits (N, L) out (see :class:`sorter.model.runtime.Runner`)."""
+
+    def __call__(
+        self, images: np.ndarray, features: np.ndarray, headers: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Float32 logits for one batch."""
 
 
 def logits_per_instance(
-    forward: Forward, images: Sequence[np.ndarray], features: Sequence[np.ndarray]
+    forward: Forward,
+    images: Sequence[np.ndarray],
+    features: Sequence[np.ndarray],
+    headers: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """One forward pass over several instances' frames; logits (k, L) per instance.
 
-    Torch-free, for decode processes and the classifier alike.
+    ``headers``: one header code per instance (:meth:`sorter.model.spec.ModelSpec.header_codes`),
+    repeated for each of its frames; a model that does not take them ignores them. Torch-free, for
+    decode processes and the classifier alike.
     """
     if not images:
         return []
-    logits = forward(np.concatenate(images), np.concatenate(features))
-    return np.split(logits, np.cumsum([len(frames) for frames in images])[:-1])
+    counts = [len(frames) for frames in images]
+    codes = None if headers is None else np.repeat(np.asarray(headers, dtype=np.int64), counts)
+    logits = forward(np.concatenate(images), np.concatenate(features), codes)
+    return np.split(logits, np.cumsum(counts)[:-1])
 
 
 class OrtSession:
@@ -53,11 +67,16 @@ class OrtSession:
         self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name for i in self.session.get_inputs()}
 
-    def __call__(self, images: np.ndarray, features: np.ndarray) -> np.ndarray:
-        """Float32 logits (N, L) for one batch."""
+    def __call__(
+        self, images: np.ndarray, features: np.ndarray, headers: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Float32 logits (N, L) for one batch (header codes -1 when ``headers`` is None)."""
         feeds: dict[str, Any] = {"images": np.ascontiguousarray(images, dtype=np.float32)}
         if "features" in self.inputs:  # a model without scalar features exports without the input
             feeds["features"] = np.ascontiguousarray(features, dtype=np.float32)
+        if "header" in self.inputs:  # a model whose partner confirms headers
+            codes = np.full(len(images), -1, np.int64) if headers is None else headers
+            feeds["header"] = np.ascontiguousarray(codes, dtype=np.int64)
         (logits,) = self.session.run(["logits"], feeds)
         return np.asarray(logits, dtype=np.float32)
 
@@ -83,6 +102,8 @@ class OnnxRunner:
         """The exported ONNX graph: decode processes build the same session from it."""
         return self.session.graph
 
-    def __call__(self, images: np.ndarray, features: np.ndarray) -> np.ndarray:
+    def __call__(
+        self, images: np.ndarray, features: np.ndarray, headers: np.ndarray | None = None
+    ) -> np.ndarray:
         """Float32 logits (N, L) for one batch."""
-        return self.session(images, features)
+        return self.session(images, features, headers)

@@ -31,11 +31,14 @@ RUNTIMES = ("auto", "torch", "onnx")
 
 
 class Runner(Protocol):
-    """A forward pass: images (N, C, S, S) and features (N, F) in, logits (N, L) out."""
+    """A forward pass: images (N, C, S, S), features (N, F) and, for a model that takes them,
+    header codes (N,) in (:meth:`sorter.model.spec.ModelSpec.header_codes`); logits (N, L) out."""
 
     name: str
 
-    def __call__(self, images: np.ndarray, features: np.ndarray) -> np.ndarray:
+    def __call__(
+        self, images: np.ndarray, features: np.ndarray, headers: np.ndarray | None = None
+    ) -> np.ndarray:
         """Float32 logits for one batch."""
 
 
@@ -50,26 +53,37 @@ class TorchRunner:
             self.network = self.network.to(memory_format=torch.channels_last)
         self.name = "torch-cuda-bf16" if self.cuda else "torch"
 
-    def __call__(self, images: np.ndarray, features: np.ndarray) -> np.ndarray:
+    def __call__(
+        self, images: np.ndarray, features: np.ndarray, headers: np.ndarray | None = None
+    ) -> np.ndarray:
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
             f = torch.from_numpy(np.ascontiguousarray(features)).to(self.device, non_blocking=True)
+            inputs = [x, f]
+            if headers is not None and getattr(self.network, "confirms", False):
+                inputs.append(torch.from_numpy(np.asarray(headers, dtype=np.int64)).to(self.device))
             if self.cuda:
-                x = x.to(memory_format=torch.channels_last)
+                inputs[0] = x.to(memory_format=torch.channels_last)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    logits = self.network(x, f)
+                    logits = self.network(*inputs)
             else:
-                logits = self.network(x, f)
+                logits = self.network(*inputs)
             return logits.float().cpu().numpy()
 
 
 def export_onnx(network: SorterNet, spec: ModelSpec) -> bytes:
-    """The network as an ONNX graph (opset 17, any batch size): what :class:`OnnxRunner` runs."""
+    """The network as an ONNX graph (opset 17, any batch size): what :class:`OnnxRunner` runs.
+
+    Inputs ``images`` and ``features``, and ``header`` (int64) for a model whose partner confirms
+    headers (:attr:`sorter.model.spec.ModelSpec.confirms`)."""
     size = spec.preprocess.input_size
-    example = (
+    example: tuple[torch.Tensor, ...] = (
         torch.zeros(1, len(spec.preprocess.channels), size, size),
         torch.zeros(1, len(spec.preprocess.features)),
     )
+    names = ["images", "features"]
+    if spec.confirms:
+        example, names = (*example, torch.zeros(1, dtype=torch.int64)), [*names, "header"]
     with tempfile.TemporaryDirectory(prefix="sorter-onnx-") as folder:
         graph = Path(folder) / "model.onnx"
         # The TorchScript exporter is deprecated upstream but needs no onnxscript; torch is
@@ -83,9 +97,9 @@ def export_onnx(network: SorterNet, spec: ModelSpec) -> bytes:
                 network.cpu().eval(),
                 example,
                 graph,
-                input_names=["images", "features"],
+                input_names=names,
                 output_names=["logits"],
-                dynamic_axes={"images": {0: "n"}, "features": {0: "n"}, "logits": {0: "n"}},
+                dynamic_axes={**{name: {0: "n"} for name in names}, "logits": {0: "n"}},
                 opset_version=17,
                 dynamo=False,
             )
@@ -120,7 +134,7 @@ def make_runner(
             # paid here, at start-up, instead of by the first batch of a scan.
             params = spec.preprocess
             images = np.zeros((32, len(params.channels), params.input_size, params.input_size), np.float32)
-            runner(images, np.zeros((32, len(params.features)), np.float32))
+            runner(images, np.zeros((32, len(params.features)), np.float32), np.full(32, -1, np.int64))
         return runner
     try:
         import onnxruntime  # noqa: F401  # optional: fail before exporting when it is missing

@@ -6,8 +6,11 @@ serving reads it, and no parameter lives in two places.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
 
 from sorter.domain import Label, Thresholds
 from sorter.errors import IncompatibleModelError
@@ -114,12 +117,21 @@ class PartnerSpec:
     network's logits over its own ``main_temperature`` plus ``weight x`` the partner's over its
     ``temperature``; the spec's temperature then calibrates the average
     (:class:`sorter.model.network.EnsembleNet`).
+
+    ``confirm`` (per label, optional): where the partner alone, under its own temperature, gives
+    the label the header names at least this probability, the frame keeps the partner's answer and
+    the main network is skipped. The partner may only *confirm* a header, never refute one, so a
+    frame without a header, or whose header the partner doubts, always gets the full average. The
+    network confirms at no less than the operating point's ``agree_at`` of that label, so a
+    confirmed frame is always ``agree``. Chosen on leave-sources-out predictions
+    (``sorter-train ensemble --confirm``).
     """
 
     arch: str
     temperature: float
     main_temperature: float
     weight: float = 0.5
+    confirm: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -128,6 +140,9 @@ class PartnerSpec:
             raise ValueError("partner and main temperatures must be positive")
         if not 0.0 < self.weight < 1.0:
             raise ValueError(f"partner weight {self.weight} is outside (0, 1)")
+        for label, threshold in (self.confirm or {}).items():
+            if not 0.5 < threshold <= 1.0:  # above 0.5: a confirmed frame's top label is the header's
+                raise ValueError(f"partner confirm threshold {threshold} for {label} is outside (0.5, 1]")
 
 
 @dataclass(frozen=True)
@@ -156,6 +171,20 @@ class ModelSpec:
             raise ValueError("a screen needs one threshold per label")
         if self.screen is not None and self.partner is not None:
             raise ValueError("a model has a screen or a partner, not both")
+        confirm = None if self.partner is None else self.partner.confirm
+        if confirm is not None and set(confirm) != {label.value for label in self.labels}:
+            raise ValueError("a confirming partner needs one threshold per label")
+
+    @property
+    def confirms(self) -> bool:
+        """True when the network takes the header (its partner may confirm it: :class:`PartnerSpec`)."""
+        return self.partner is not None and self.partner.confirm is not None
+
+    def header_codes(self, headers: Sequence[Label | None]) -> np.ndarray:
+        """The network's ``header`` input for ``headers``: each one's index among :attr:`labels`,
+        -1 for none or a label the model does not know (int64, one per instance)."""
+        index = {label: i for i, label in enumerate(self.labels)}
+        return np.asarray([index.get(h, -1) if h is not None else -1 for h in headers], dtype=np.int64)
 
     @property
     def network_name(self) -> str:
@@ -178,6 +207,8 @@ class ModelSpec:
         for second in ("screen", "partner"):  # implicit too: a single network's spec reads as it always did
             if getattr(self, second) is None:
                 del data[second]
+        if self.partner is not None and self.partner.confirm is None:
+            del data["partner"]["confirm"]  # an ensemble without it reads in releases before the field
         return data
 
     @classmethod
