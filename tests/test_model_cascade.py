@@ -37,12 +37,18 @@ def _cascade(threshold: float) -> tuple[CascadeNet, ModelSpec]:
     torch.manual_seed(0)
     network = build_network(spec).eval()
     assert isinstance(network, CascadeNet)
-    with torch.no_grad():  # an untrained screen answers alike: let its scalar feature f pick label ~ 7 f
-        k = torch.arange(len(LABELS), dtype=torch.float32)
-        network.screen.head.weight.zero_()
-        network.screen.head.weight[:, -1] = 12.0 * k
-        network.screen.head.bias.copy_(-12.0 * k**2 / (2 * (len(LABELS) - 1)))
+    pick_by_feature(network.screen.head, 12.0)
     return network, spec
+
+
+def pick_by_feature(head: torch.nn.Linear, sharpness: float) -> None:
+    """An untrained network answers alike whatever it sees: let the last scalar feature f pick
+    label ~ 7 f instead, ``sharpness`` saying how sure it is."""
+    with torch.no_grad():
+        k = torch.arange(len(LABELS), dtype=torch.float32)
+        head.weight.zero_()
+        head.weight[:, -1] = sharpness * k
+        head.bias.copy_(-sharpness * k**2 / (2 * (len(LABELS) - 1)))
 
 
 def _batch(n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from db_support import copy_dicom, make_confirming_model, pydicom_file, query
+from test_model_cascade import pick_by_feature
 from test_scan_executor import _scan
 
 from sorter.classify import classify_paths
@@ -56,11 +57,7 @@ def _ensemble(spec: ModelSpec) -> EnsembleNet:
     torch.manual_seed(0)
     network = build_network(spec).eval()
     assert isinstance(network, EnsembleNet)
-    with torch.no_grad():  # an untrained partner answers alike: let its scalar feature f pick label ~ 7 f
-        k = torch.arange(len(LABELS), dtype=torch.float32)
-        network.partner.head.weight.zero_()
-        network.partner.head.weight[:, -1] = 40.0 * k
-        network.partner.head.bias.copy_(-40.0 * k**2 / (2 * (len(LABELS) - 1)))
+    pick_by_feature(network.partner.head, 40.0)
     return network
 
 
