@@ -95,6 +95,13 @@ def test_the_partner_confirms_a_header_it_is_sure_of_and_everything_else_gets_th
         got = graph(images.numpy(), features.numpy(), codes.numpy())
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(graph(images.numpy(), features.numpy()), average.numpy(), rtol=1e-4, atol=1e-4)
+    # Every frame confirmed: the graph runs the main network on no rows at all.
+    network.confirm.fill_(0.0)
+    everything = probs.argmax(dim=1)
+    got = OnnxRunner(export_onnx(network, _spec(0.6)), threads=1)(
+        images.numpy(), features.numpy(), everything.numpy()
+    )
+    np.testing.assert_allclose(got, (partner * SPEC_T / PARTNER_T).numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_a_confirmed_frame_is_always_agree_and_the_spec_round_trips():
