@@ -22,7 +22,7 @@ from sorter.model.classifier import Classifier
 from sorter.model.network import EnsembleNet, SorterNet, build_network
 from sorter.model.ort import OnnxRunner
 from sorter.model.runtime import export_onnx
-from sorter.model.spec import ModelSpec, PartnerSpec, PreprocessParams
+from sorter.model.spec import ARCHITECTURES, ModelSpec, PartnerSpec, PreprocessParams
 from train.confirm import choose_confirm, confirm_point, served
 
 PRE = PreprocessParams(input_size=64, channels=("scaled", "hu"), features=("colourfulness",))
@@ -110,6 +110,10 @@ def test_a_confirmed_frame_is_always_agree_and_the_spec_round_trips():
     assert network.confirm.tolist() == pytest.approx([0.8] * len(LABELS))  # raised to agree_at
     spec = _spec(0.7, agree_at=0.5)
     assert ModelSpec.from_dict(spec.to_dict()) == spec and spec.confirms
+    assert spec.network_name == "efficientnet_lite0 + mobilenet_v3_small (confirms headers)"
+    names = [f"{a} + {b} (confirms headers)" for a in ARCHITECTURES for b in ARCHITECTURES]
+    longest = max(names, key=len)
+    assert len(longest) <= 64, longest  # the models table's arch column
     plain = _spec(None)
     assert "confirm" not in plain.to_dict()["partner"] and not plain.confirms
     assert ModelSpec.from_dict(plain.to_dict()) == plain

@@ -188,11 +188,14 @@ class ModelSpec:
 
     @property
     def network_name(self) -> str:
-        """The architecture as the ``models`` table shows it: ``main (screen screen)`` for a cascade,
-        ``main + partner`` for an ensemble."""
+        """The architecture as the ``models`` table shows it (at most 64 characters): ``main (screen
+        screen)`` for a cascade, ``main + partner`` for an ensemble, ``main + partner (confirms
+        headers)`` when its partner confirms headers alone."""
         if self.screen is not None:
             return f"{self.arch} ({self.screen.arch} screen)"
-        return self.arch if self.partner is None else f"{self.arch} + {self.partner.arch}"
+        if self.partner is None:
+            return self.arch
+        return f"{self.arch} + {self.partner.arch}" + (" (confirms headers)" if self.confirms else "")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready representation (labels as strings)."""
