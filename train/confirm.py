@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from train.calibrate import softmax_np
-from train.operating_point import header_shares
+from train.operating_point import header_shares, read_out_of_fold
 
 #: Candidate thresholds: above 0.5, so that a confirmed frame's top label is the header's.
 GRID = np.concatenate([np.round(np.arange(0.51, 1.0, 0.01), 2), [0.995, 0.999, 1.0]])
@@ -114,25 +113,22 @@ def confirm_for_run(
 ) -> dict[str, Any]:
     """:func:`confirm_point` on an ensemble's loso run (``sorter-train ensemble`` keeps the partner's
     out-of-fold logits in it) at the operating point ``point`` (:func:`train.operating_point.point_for`)."""
-    data = np.load(run / "oof.npz")
-    if "partner_logits" not in data:
+    oof = read_out_of_fold(run)
+    if "partner_logits" not in oof.data:
         raise ValueError(
             f"{run} holds no partner predictions: a confirming partner needs the loso run that "
             "`sorter-train ensemble` writes (--out-run)"
         )
-    labels = [str(v) for v in yaml.safe_load((run / "config.yaml").read_text())["labels"]]
-    index = {label: i for i, label in enumerate(labels)}
-    y = np.asarray([index[str(v)] for v in data["labels"]])
-    groups = np.asarray([f"{s}/{lab}" for s, lab in zip(data["sources"], data["labels"], strict=True)])
-    agree_at = np.asarray([point["agree_at"][label] for label in labels])
-    disagree_at = np.asarray([point["disagree_at"][label] for label in labels])
+    agree_at, disagree_at = (
+        np.asarray([point[key][label] for label in oof.labels]) for key in ("agree_at", "disagree_at")
+    )
     return confirm_point(
-        softmax_np(data["logits"], temperature),
-        softmax_np(data["partner_logits"], partner_temperature),
-        y,
-        np.asarray(data["folds"]),
-        groups,
+        softmax_np(oof.data["logits"], temperature),
+        softmax_np(oof.data["partner_logits"], partner_temperature),
+        oof.y,
+        np.asarray(oof.data["folds"]),
+        oof.groups,
         (agree_at, disagree_at),
-        labels,
+        oof.labels,
         tolerance,
     )

@@ -204,15 +204,31 @@ def point_for(
     }
 
 
-def operating_point(run: Path, temperature: float | None = None) -> dict[str, Any]:
-    """:func:`point_for` on a ``sorter-train loso`` run (at its own temperature by default)."""
+@dataclass(frozen=True)
+class OutOfFold:
+    """A ``sorter-train loso`` run's out-of-fold predictions, as the header test scores them."""
+
+    data: Any  # the run's oof.npz (logits, labels, sources, folds, temperature, ...)
+    labels: list[str]  # the model's labels, in output order
+    y: np.ndarray  # each image's label, as an index into ``labels``
+    groups: np.ndarray  # each image's (source/label) group, for the per-source shares
+
+
+def read_out_of_fold(run: Path) -> OutOfFold:
+    """Read ``run``'s ``oof.npz`` and its labels (``config.yaml``)."""
     data = np.load(run / "oof.npz")
     labels = [str(v) for v in yaml.safe_load((run / "config.yaml").read_text())["labels"]]
-    t = float(data["temperature"]) if temperature is None else temperature
     index = {label: i for i, label in enumerate(labels)}
     y = np.asarray([index[str(v)] for v in data["labels"]])
     groups = np.asarray([f"{s}/{lab}" for s, lab in zip(data["sources"], data["labels"], strict=True)])
-    return point_for(softmax_np(data["logits"], t), y, labels, groups, t)
+    return OutOfFold(data, labels, y, groups)
+
+
+def operating_point(run: Path, temperature: float | None = None) -> dict[str, Any]:
+    """:func:`point_for` on a ``sorter-train loso`` run (at its own temperature by default)."""
+    oof = read_out_of_fold(run)
+    t = float(oof.data["temperature"]) if temperature is None else temperature
+    return point_for(softmax_np(oof.data["logits"], t), oof.y, oof.labels, oof.groups, t)
 
 
 def shares_markdown(point: dict[str, Any]) -> str:

@@ -329,6 +329,19 @@ class SorterNet(nn.Module):
             pooled = torch.cat([pooled, features.to(pooled.dtype)], dim=1)
         return self.head(self.dropout(pooled))
 
+    def _main_on_rows(
+        self, image: torch.Tensor, features: torch.Tensor | None, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """This module's own network (the main one of a cascade or ensemble) on ``rows`` of the
+        batch alone: the gathered frames a fast network did not answer, none at all included."""
+        picked = None if features is None else features.index_select(0, rows)
+        return SorterNet.forward(self, image.index_select(0, rows), picked)
+
+
+def _replace_rows(base: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``base`` (N, L) with ``rows`` replaced by ``values`` (len(rows), L)."""
+    return base.scatter(0, rows[:, None].expand(-1, base.shape[1]), values.to(base.dtype))
+
 
 class CascadeNet(SorterNet):
     """A main network behind a fast screen (:class:`sorter.model.spec.ScreenSpec`).
@@ -368,10 +381,7 @@ class CascadeNet(SorterNet):
         fast = self.screen(image, features)
         confidence, label = torch.softmax(fast.float() / self.screen_temperature, dim=1).max(dim=1)
         unsure = torch.nonzero(confidence < self.thresholds[label]).flatten()
-        rows = None if features is None else features.index_select(0, unsure)
-        slow = super().forward(image.index_select(0, unsure), rows)
-        index = unsure[:, None].expand(-1, fast.shape[1])
-        return (fast * self.rescale).scatter(0, index, slow.to(fast.dtype))
+        return _replace_rows(fast * self.rescale, unsure, self._main_on_rows(image, features, unsure))
 
 
 class EnsembleNet(SorterNet):
@@ -433,11 +443,9 @@ class EnsembleNet(SorterNet):
         p_header = torch.softmax(partner.float() / self.partner_temperature, dim=1).gather(1, code[:, None])
         confirmed = known & (p_header.squeeze(1) >= self.confirm[code])
         unsure = torch.nonzero(~confirmed).flatten()
-        rows = None if features is None else features.index_select(0, unsure)
-        main = super().forward(image.index_select(0, unsure), rows)
+        main = self._main_on_rows(image, features, unsure)
         average = main * self.main_scale + partner.index_select(0, unsure).to(main.dtype) * self.partner_scale
-        index = unsure[:, None].expand(-1, partner.shape[1])
-        return (partner * self.rescale).scatter(0, index, average.to(partner.dtype))
+        return _replace_rows(partner * self.rescale, unsure, average)
 
 
 def _backbone(arch: str, spec: ModelSpec) -> tuple[nn.Module, int]:
