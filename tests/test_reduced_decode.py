@@ -119,6 +119,7 @@ def test_corpus_compressed_files_keep_their_label_and_input(corpus: Path, classi
     ("name", "reduced_shape"),
     [
         ("RG3_J2KR.dcm", (440, 440)),  # MONOCHROME1, 10-bit, 1760 x 1760: 2 levels dropped
+        ("RG1_J2KR.dcm", (978, 921)),  # MONOCHROME1, 15-bit: Pillow refuses 2 levels, reads 1
         ("MR2_J2KR.dcm", (256, 256)),
         ("693_J2KR.dcm", (256, 256)),  # CT, signed, 14-bit codestream, Bits Stored 16
         ("US1_J2KR.dcm", (240, 320)),  # YBR_RCT colour
@@ -147,7 +148,6 @@ def test_reduced_frames_are_the_full_frame_made_smaller(name: str, reduced_shape
 @pytest.mark.parametrize(
     "name",
     [
-        "RG1_J2KR.dcm",  # 15-bit: Pillow cannot read it at any level
         "J2K_pixelrep_mismatch.dcm",  # the codestream says unsigned, the header signed
         "SC_rgb_jpeg.dcm",  # RGB JPEG without a colour transform
         "JPEG-lossy.dcm",  # 12-bit JPEG extended
@@ -176,6 +176,16 @@ def test_codestream_header_is_read() -> None:
         reduced.parse_codestream(b"\x00\x00\x00\x0cjP  \r\n\x87\n")
     with pytest.raises(ValueError, match="no SIZ or COD"):
         reduced.parse_codestream(b"\xff\x4f\xff\x90\x00\x0a")
+
+
+def test_a_level_pillow_refuses_gives_way_to_a_shallower_one() -> None:
+    """NEMA RG1: Pillow's tile decoder fails 2 or more levels down, reads it 1 level down."""
+    ds = pydicom.dcmread(data_file("RG1_J2KR.dcm"))
+    frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+    image, level = reduced.open_j2k(frame, 3)
+    assert level == 1 and image.size == (921, 978)
+    with pytest.raises(OSError):
+        reduced.open_j2k(frame[: len(frame) // 50], 3)  # every level fails: the caller decodes in full
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,8 @@ its OpenJPEG plugin takes the reduce factor (``tests/bench/bench_decoders.py`` c
 pylibjpeg-openjpeg, GDCM and imagecodecs, which only decode full resolution or, for JPEG, scale
 no faster). Anything this module does not handle exactly — another transfer syntax, a codestream
 whose precision or sign disagrees with the Image Pixel module (pydicom corrects those), colour
-without the matching component transform, a codestream Pillow cannot read — returns ``None`` or
-raises, and the caller decodes the whole frame as before. Values come back as the stored values
+without the matching component transform, a codestream Pillow cannot read even one level down
+(a deeper level it refuses gives way to a shallower one first) — returns ``None`` or raises, and the caller decodes the whole frame as before. Values come back as the stored values
 pydicom would give (same signedness and bit depth, unscaled), so the Modality LUT, MONOCHROME1
 inversion and the colour path downstream are the same code for both.
 """
@@ -208,11 +208,7 @@ def _j2k(data: bytes, opts: dict[str, Any], min_side: int) -> tuple[np.ndarray, 
         # full decode has that correction. A precision below Bits Stored needs none: the samples
         # are the values (693_J2KR: 14-bit codestream, Bits Stored 16).
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        image = Image.open(io.BytesIO(data), formats=["JPEG2000"])
-        image.reduce = r  # type: ignore[method-assign,assignment]  # the plugin's setter: levels to skip
-        image.load()
+    image, r = open_j2k(data, r)
     expected = (math.ceil(info.width / 2**r), math.ceil(info.height / 2**r))
     if abs(image.size[0] - expected[0]) > 1 or abs(image.size[1] - expected[1]) > 1:
         raise ValueError(f"reduced to {image.size}, expected about {expected}")
@@ -223,6 +219,31 @@ def _j2k(data: bytes, opts: dict[str, Any], min_side: int) -> tuple[np.ndarray, 
     values = _unscale(np.asarray(image), image.mode, precision, signed)
     dtype = _stored_dtype(int(opts["bits_allocated"]), signed)
     return values.astype(dtype), {"photometric_interpretation": photometric}
+
+
+def open_j2k(data: bytes, r: int) -> tuple[Image.Image, int]:
+    """The codestream decoded ``r`` levels down, or fewer where Pillow refuses that many.
+
+    Pillow decodes tile by tile, and on some codestreams that path fails below a certain level
+    although OpenJPEG itself reads them there (NEMA RG1, a Kakadu 2.2 stream of 1 841 x 1 955:
+    Pillow 13 reads it 1 level down, not 2 or more; ``opj_decompress -r 3`` does). A refusal costs
+    a few milliseconds and one level down is still several times cheaper than the full decode
+    (RG1_J2KR: 118 ms against 454, one core, ``tests/bench/results-decoders-2core-rg1.json``), so
+    each shallower level is tried before giving up. Raises Pillow's error when even one level
+    down fails: the caller decodes in full.
+    """
+    while True:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data), formats=["JPEG2000"])
+                image.reduce = r  # type: ignore[method-assign,assignment]  # the plugin's setter: levels to skip
+                image.load()
+            return image, r
+        except OSError:
+            if r <= 1:
+                raise
+            r -= 1
 
 
 def _unscale(arr: np.ndarray, mode: str, precision: int, signed: bool) -> np.ndarray:

@@ -13,7 +13,7 @@ For each file, one frame is decoded by every candidate that is installed, ``--re
   full and with its ``shape`` argument (it did not scale here), Pillow in full and with ``draft``;
 * both: ``load_image`` end to end (read, decode, Modality LUT, grey), full and reduced.
 
-Files: pydicom-data's RG3_J2KR, MR2_J2KR, US1_J2KR, color3d_jpeg_baseline, and from
+Files: pydicom-data's RG1_J2KR, RG3_J2KR, MR2_J2KR, US1_J2KR, color3d_jpeg_baseline, and from
 ../shared/corpus (when present) NEMA CT1, RG2 and MG1 and the RSNA chest radiograph (JPEG).
 Prints a table and writes JSON. Timings belong here, never in tests.
 """
@@ -44,6 +44,7 @@ from sorter.dicom.pixels import load_image
 
 CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
 FILES = [
+    "pydicom:RG1_J2KR.dcm",
     "pydicom:RG3_J2KR.dcm",
     "pydicom:MR2_J2KR.dcm",
     "pydicom:US1_J2KR.dcm",
@@ -117,6 +118,8 @@ def candidates(ds: pydicom.Dataset, path: Path) -> dict[str, Callable[[], Any]]:
         shipped = reduced.reduction(side, reduced.OVERSAMPLE * SIDE, info.levels)
         fastest = reduced.reduction(side, SIDE, info.levels)
         out["Pillow OpenJPEG, full"] = _pillow_j2k(data, 0)
+        if shipped:
+            shipped = reduced.open_j2k(data, shipped)[1]  # the level Pillow reads, as decode_reduced does
         out[f"Pillow OpenJPEG, reduce {shipped} (shipped)"] = _pillow_j2k(data, shipped)
         if fastest != shipped:
             out[f"Pillow OpenJPEG, reduce {fastest} (oversample 1)"] = _pillow_j2k(data, fastest)
