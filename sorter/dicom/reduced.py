@@ -19,9 +19,10 @@ pylibjpeg-openjpeg, GDCM and imagecodecs, which only decode full resolution or, 
 no faster). Anything this module does not handle exactly — another transfer syntax, a codestream
 whose precision or sign disagrees with the Image Pixel module (pydicom corrects those), colour
 without the matching component transform, a codestream Pillow cannot read even one level down
-(a deeper level it refuses gives way to a shallower one first) — returns ``None`` or raises, and the caller decodes the whole frame as before. Values come back as the stored values
-pydicom would give (same signedness and bit depth, unscaled), so the Modality LUT, MONOCHROME1
-inversion and the colour path downstream are the same code for both.
+(a deeper level it refuses gives way to a shallower one first) — returns ``None`` or raises, and
+the caller decodes the whole frame as before. Values come back as the stored values pydicom would
+give (same signedness and bit depth, unscaled), so the Modality LUT, MONOCHROME1 inversion and the
+colour path downstream are the same code for both.
 """
 
 from __future__ import annotations
@@ -237,7 +238,8 @@ def open_j2k(data: bytes, r: int) -> tuple[Image.Image, int]:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(data), formats=["JPEG2000"])
-                image.reduce = r  # type: ignore[method-assign,assignment]  # the plugin's setter: levels to skip
+                # The plugin's setter: resolution levels to skip.
+                image.reduce = r  # type: ignore[method-assign,assignment]
                 image.load()
             return image, r
         except OSError:
