@@ -96,6 +96,12 @@ def read_frames(
     return (*read_picture(row.path), None)
 
 
+def usable_frames(frames: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The frames an image set keeps, as finite float32: 2-D and at least 4 pixels on a side."""
+    finite = (np.nan_to_num(frame.astype(np.float32)) for frame in frames)
+    return [frame for frame in finite if frame.ndim == 2 and min(frame.shape) >= 4]
+
+
 def _decode_one(
     args: tuple[int, ManifestRow, PreprocessParams, int, DecodeOptions],
 ) -> tuple[int, list[np.ndarray], list[np.ndarray], list[np.ndarray], str | None]:
@@ -111,10 +117,7 @@ def _decode_one(
     except Exception as exc:  # NIfTI/NRRD/Pillow raise many types; one bad file never stops a run
         return index, [], [], [], f"{type(exc).__name__}: {exc}"
     raws, evals, feats = [], [], []
-    for frame in frames:
-        frame = np.nan_to_num(frame.astype(np.float32))
-        if frame.ndim != 2 or min(frame.shape) < 4:
-            continue
+    for frame in usable_frames(frames):
         image, feature = preprocess_frame(frame, colour, params, shape=shape)
         boxed = letterbox(frame, float(frame.min())) if params.letterbox else frame
         raws.append(resize(boxed, cache_size, params.resize).astype(np.float32))

@@ -33,7 +33,7 @@ from sorter.model.preprocess import preprocess_frame  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
 from train.compare import score  # noqa: E402
 from train.config import resolve_config  # noqa: E402
-from train.data import DecodeOptions, ImageSet, read_frames  # noqa: E402
+from train.data import DecodeOptions, ImageSet, read_frames, usable_frames  # noqa: E402
 from train.fit import predict_logits  # noqa: E402
 from train.runs import images_for, select_rows  # noqa: E402
 
@@ -54,12 +54,7 @@ def full_decode(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             frames, colour, shape = read_frames(row, options, None)
-        # The frames the cache kept: 2-D, at least 4 pixels on a side (train.data._decode_one).
-        usable = [
-            f
-            for f in (np.nan_to_num(f.astype(np.float32)) for f in frames)
-            if f.ndim == 2 and min(f.shape) >= 4
-        ]
+        usable = usable_frames(frames)  # the frames the cache kept
         if len(usable) != len(at):
             raise SystemExit(f"{row.path}: {len(usable)} frames in full, {len(at)} in the cache")
         for slot, frame in zip(at, usable, strict=True):
