@@ -87,6 +87,26 @@ def test_exit_code_is_nonzero_only_when_nothing_was_readable(tiny_model, tmp_pat
     assert _lines(result.stdout)[0]["status"] == "failed"
 
 
+def test_a_damaged_frame_is_one_line_not_tracebacks(tiny_model, tmp_path):
+    """pydicom logs each decoder that fails on a frame with its traceback; the user sees the reason."""
+    import subprocess
+    import sys
+
+    from pydicom import dcmread
+    from pydicom.encaps import encapsulate, get_frame
+
+    ds = dcmread(get_testdata_file("RG1_J2KR.dcm"))
+    frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+    ds.PixelData = encapsulate([frame[: len(frame) // 50]])
+    damaged = tmp_path / "damaged.dcm"
+    ds.save_as(damaged)
+    command = [sys.executable, "-m", "sorter", "classify", "--json", "--model", str(tiny_model), str(damaged)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert _lines(result.stdout)[0]["reason"] == "decode_error"
+    assert "Traceback" not in result.stderr and "ERROR" not in result.stderr, result.stderr
+
+
 def test_mismatched_model_gives_a_clear_error(tmp_path, archive):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"junk")

@@ -16,9 +16,14 @@ from pydicom import config
 
 
 def quiet_pydicom(verbose: bool = False) -> None:
-    """Silence pydicom's validation and charset warnings unless ``verbose``."""
+    """Silence pydicom's validation and charset warnings, and its decoder errors, unless ``verbose``.
+
+    pydicom logs every decoding plugin that fails on a frame as an ERROR with its traceback (three
+    for a damaged JPEG 2000 frame: pylibjpeg, GDCM, Pillow); the caller records the file's own
+    one-line reason (``decode_error``) instead, so only CRITICAL gets through.
+    """
     if verbose:
         return
     config.settings.reading_validation_mode = config.IGNORE
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
