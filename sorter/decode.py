@@ -129,7 +129,9 @@ def _load_and_prepare(
 ) -> Prepared | Outcome:
     try:
         image = load_image(item.path, frames=frames, min_side=min_side)
-        images, features = prepare_image(image.frames, image.colourfulness, params, image.shape)
+        images, features = prepare_image(
+            image.frames, image.colourfulness, params, image.shape, image.grid_step
+        )
     except NonImageObject as exc:
         return Outcome(item.id, Status.SKIPPED, item.header_label, error=exc.reason, detail=exc.detail)
     except InputError as exc:

@@ -21,20 +21,21 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
 from sorter.dicom.pixels import load_image
 from sorter.errors import InputError
-from sorter.model.preprocess import letterbox, preprocess_frame, resize
+from sorter.model.preprocess import fit_square, preprocess_frame
 from sorter.model.spec import PreprocessParams
 from train.manifest import ManifestRow
 from train.volumes import read_nifti, read_nrrd, read_picture
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # 3: JPEG 2000 / JPEG frames decoded at a reduced resolution
+CACHE_VERSION = 4  # 3: JPEG 2000 / JPEG frames decoded at a reduced resolution; 4: on the stored grid
 
 
 @dataclass(frozen=True)
@@ -76,24 +77,34 @@ class ImageSet:
         )
 
 
-def read_frames(
-    row: ManifestRow, options: DecodeOptions, min_side: int | None = None
-) -> tuple[list[np.ndarray], float, tuple[int, int] | None]:
+class Frames(NamedTuple):
+    """One manifest row's grey frames in physical units, and how they were decoded."""
+
+    frames: list[np.ndarray]
+    colourfulness: float
+    #: The stored ``(rows, columns)`` when the frames were decoded at a reduced resolution.
+    shape: tuple[int, int] | None = None
+    #: :attr:`sorter.dicom.DecodedImage.grid_step`.
+    step: int = 1
+
+
+def read_frames(row: ManifestRow, options: DecodeOptions, min_side: int | None = None) -> Frames:
     """Decode one manifest row into grey frames in physical units.
 
     DICOM JPEG 2000 and JPEG frames are decoded as a scan decodes them, at a reduced resolution
-    whose long side covers ``min_side`` (:func:`sorter.dicom.pixels.load_image`); the third value
-    is then the stored ``(rows, columns)``, for the size features. ``None`` for every other input.
+    whose long side covers ``min_side`` (:func:`sorter.dicom.pixels.load_image`); ``shape`` is
+    then the stored ``(rows, columns)``, for the size features, and ``step`` where the samples
+    sit on it (:func:`sorter.model.preprocess.cosited_box`).
     """
     fmt = row.format.lower()
     if fmt == "dcm":
         image = load_image(row.path, frames=options.max_frames, min_side=min_side)
-        return list(image.frames), image.colourfulness, image.stored_shape
+        return Frames(list(image.frames), image.colourfulness, image.stored_shape, image.grid_step)
     if fmt in ("nii", "nii.gz"):
-        return (*read_nifti(row.path, options.axial_slices, options.reformat_slices), None)
+        return Frames(*read_nifti(row.path, options.axial_slices, options.reformat_slices))
     if fmt == "nrrd":
-        return (*read_nrrd(row.path, options.axial_slices, options.reformat_slices), None)
-    return (*read_picture(row.path), None)
+        return Frames(*read_nrrd(row.path, options.axial_slices, options.reformat_slices))
+    return Frames(*read_picture(row.path))
 
 
 def usable_frames(frames: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -111,16 +122,15 @@ def _decode_one(
             # pydicom warns about every non-conformant value in public test data; the
             # decode either works or fails below, and a failure is what gets reported.
             warnings.simplefilter("ignore", UserWarning)
-            frames, colour, shape = read_frames(row, options, max(cache_size, params.input_size))
+            frames, colour, shape, step = read_frames(row, options, max(cache_size, params.input_size))
     except InputError as exc:
         return index, [], [], [], f"{exc.reason}: {exc.detail}"
     except Exception as exc:  # NIfTI/NRRD/Pillow raise many types; one bad file never stops a run
         return index, [], [], [], f"{type(exc).__name__}: {exc}"
     raws, evals, feats = [], [], []
     for frame in usable_frames(frames):
-        image, feature = preprocess_frame(frame, colour, params, shape=shape)
-        boxed = letterbox(frame, float(frame.min())) if params.letterbox else frame
-        raws.append(resize(boxed, cache_size, params.resize).astype(np.float32))
+        image, feature = preprocess_frame(frame, colour, params, shape=shape, step=step)
+        raws.append(fit_square(frame, cache_size, params, shape, step).astype(np.float32))
         evals.append(image)
         feats.append(feature)
     return index, raws, evals, feats, None if raws else "no usable 2-D frame"

@@ -63,6 +63,10 @@ class DecodedImage:
     stored_shape : tuple of int or None
         ``(Rows, Columns)`` of the stored image when the frames were decoded at a reduced
         resolution (:mod:`sorter.dicom.reduced`); ``None`` when ``frames`` are full size.
+    grid_step : int
+        ``2**r`` when ``frames`` are JPEG 2000 low-pass bands ``r`` levels down, whose sample
+        ``k`` is stored pixel ``2**r * k`` (:func:`sorter.model.preprocess.cosited_box`);
+        1 for full-size frames and for DCT scaling, whose samples are block means.
     """
 
     frames: np.ndarray
@@ -70,6 +74,7 @@ class DecodedImage:
     n_frames_total: int
     photometric: str
     stored_shape: tuple[int, int] | None = None
+    grid_step: int = 1
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -197,27 +202,32 @@ def _decode(ds: Dataset, path: str, frames: int, min_side: int | None) -> Decode
     greys: list[np.ndarray] = []
     colour_scores: list[float] = []
     reduced_frames = 0
+    steps: set[int] = set()
     for index in select_frames(n_total, frames):
         small = None
         if min_side is not None and decoder.is_encapsulated:
             small = _decode_reduced(ds, index, tsyntax, opts, min_side, path)
         reduced_frames += small is not None
         arr, props = small or _decode_frame(decoder, ds, index, opts, overrides, plugins, path)
+        steps.add(int(props.get("grid_step", 1)))
         try:
             grey, score = _to_grey(arr, props, ds, index, photometric, opts)
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
             raise DecodeError(path, f"frame {index}: {type(exc).__name__}: {exc}") from exc
         greys.append(grey)
         colour_scores.append(score)
-    if 0 < reduced_frames < len(greys):  # one frame would not reduce: all in full, to stack them
+    if 0 < reduced_frames < len(greys) or len(steps) > 1:
+        # One frame would not reduce, or not as far as the others: all in full, to stack them.
         return _decode(ds, path, frames, None)
     stored = (int(opts["rows"]), int(opts["columns"]))
+    reduced_shape = bool(reduced_frames) and greys[0].shape != stored
     return DecodedImage(
         frames=stack_frames(greys),  # each already finite float32 (_to_grey)
         colourfulness=float(np.mean(colour_scores)),
         n_frames_total=n_total,
         photometric=photometric,
-        stored_shape=stored if reduced_frames and greys[0].shape != stored else None,
+        stored_shape=stored if reduced_shape else None,
+        grid_step=steps.pop() if reduced_shape else 1,
     )
 
 

@@ -6,9 +6,10 @@ them away is nearly all of a mixed archive's decode time. Two codecs can stop ea
 
 * **JPEG 2000** (and HTJ2K) is a wavelet pyramid: discarding the ``r`` finest resolution levels
   gives the image at ``1 / 2**r`` of its size (each side ``ceil(side / 2**r)``), the low-pass band
-  the encoder itself computed, without decoding the detail bands. The number of levels is read
-  from the codestream's COD (and COC) markers; ``r`` is the largest that keeps the long side at
-  ``OVERSAMPLE * min_side`` or more.
+  the encoder itself computed, without decoding the detail bands (its samples sit on every
+  ``2**r``-th stored pixel, not at block centres: preprocessing resizes accordingly). The number
+  of levels is read from the codestream's COD (and COC) markers; ``r`` is the largest that keeps
+  the long side at ``OVERSAMPLE * min_side`` or more.
 * **JPEG baseline / extended, 8-bit** (DCT): libjpeg-turbo scales by 1/2, 1/4 or 1/8 while it
   inverts the DCT (Pillow's ``draft``), again at the largest factor that keeps that side; a frame
   too small to scale is still decoded by libjpeg-turbo, the faster of the two libjpegs here.
@@ -56,9 +57,12 @@ DCT_SYNTAXES = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit})
 
 #: Decode at least this many times the side the caller needs. The wavelet's low-pass band and
 #: libjpeg's scaled IDCT are sharper filters than the antialiasing resize the full decode goes
-#: through; with one octave to spare that resize still does the last reduction, and the network's
-#: input stays within 0.004 (mean absolute, inputs in [0, 1]) of the full decode's instead of 0.03
-#: (128 compressed test files; tests/test_reduced_decode.py holds the tolerance).
+#: through; with one octave to spare that resize still does the last reduction. Measured on the
+#: network's input (mean absolute difference from the full decode's, inputs in [0, 1]; JPEG 2000
+#: resized on the stored grid, sorter.model.preprocess.cosited_box): one octave, median 0.0012 and
+#: at most 0.0037 over the 64 of 128 compressed test files that reduce (tests/test_reduced_decode.py
+#: holds the tolerance); none, median 0.0053 and up to 0.023 (NEMA MR4) over 70 JPEG 2000 files,
+#: with the bundled model's probabilities moving up to 0.16 instead of 0.05.
 OVERSAMPLE = 2
 
 _SOC, _SIZ, _COD, _COC, _SOT = 0xFF4F, 0xFF51, 0xFF52, 0xFF53, 0xFF90
@@ -154,7 +158,9 @@ def decode_reduced(
     -------
     (numpy.ndarray, dict) or None
         Stored values, ``(h, w)`` or ``(h, w, 3)`` RGB, with pydicom-style properties
-        (``photometric_interpretation`` of what the array holds); ``None`` when this frame
+        (``photometric_interpretation`` of what the array holds; for JPEG 2000 also
+        ``grid_step``, ``2**r``: sample ``k`` is the low-pass value at stored pixel ``2**r * k``,
+        which :func:`sorter.model.preprocess.cosited_box` accounts for); ``None`` when this frame
         cannot be decoded here (not smaller than in full for JPEG 2000, or not exactly): decode
         it in full.
 
@@ -216,10 +222,10 @@ def _j2k(data: bytes, opts: dict[str, Any], min_side: int) -> tuple[np.ndarray, 
     if samples == 3:
         if image.mode != "RGB":
             return None
-        return np.asarray(image), {"photometric_interpretation": "RGB"}
+        return np.asarray(image), {"photometric_interpretation": "RGB", "grid_step": 2**r}
     values = _unscale(np.asarray(image), image.mode, precision, signed)
     dtype = _stored_dtype(int(opts["bits_allocated"]), signed)
-    return values.astype(dtype), {"photometric_interpretation": photometric}
+    return values.astype(dtype), {"photometric_interpretation": photometric, "grid_step": 2**r}
 
 
 def open_j2k(data: bytes, r: int) -> tuple[Image.Image, int]:

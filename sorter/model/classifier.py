@@ -135,7 +135,9 @@ class Classifier:
 
     def prepare(self, image: DecodedImage) -> tuple[np.ndarray, np.ndarray]:
         """Preprocess every frame of ``image``: arrays (k, C, S, S) and (k, F)."""
-        return prepare_image(image.frames, image.colourfulness, self.spec.preprocess, image.shape)
+        return prepare_image(
+            image.frames, image.colourfulness, self.spec.preprocess, image.shape, image.grid_step
+        )
 
     def predict_arrays(self, images: np.ndarray, features: np.ndarray) -> np.ndarray:
         """Calibrated probabilities (N, L) for preprocessed inputs."""

@@ -103,7 +103,12 @@ def grad_cam(path: str, model_path: str | None, sha256: str, label: str) -> byte
     except Exception as exc:
         raise RenderError(f"cannot decode the stored file: {type(exc).__name__}") from exc
     x, features = preprocess_frame(
-        image.frames[0], image.colourfulness, spec.preprocess, finite=True, shape=image.shape
+        image.frames[0],
+        image.colourfulness,
+        spec.preprocess,
+        finite=True,
+        shape=image.shape,
+        step=image.grid_step,
     )
     net = loaded.network
 

@@ -1,8 +1,10 @@
 """Reduced against full decoding, paired, on a leave-sources-out run's own fold networks.
 
-Every held-out image of RUN is predicted twice by the fold network that never saw its source:
-from the reduced decode (what ``sorter scan`` does, and what the run's cached images hold) and
-from the full decode (every pixel, as ``--full-decode``). Only DICOM files whose frames the
+Every held-out image of RUN is predicted by the fold network that never saw its source, from
+the reduced decode as this code does it (what ``sorter scan`` does; the image cache is rebuilt
+when the decode changed since the run) and from the full decode (every pixel, as
+``--full-decode``); the run's own out-of-fold logits, from the decode it was trained with, are
+scored beside them as ``run_cache``. Only DICOM files whose frames the
 reduced path takes (JPEG 2000, 8-bit DCT JPEG) can differ; NIfTI, NRRD and pictures decode one
 way. Both sets of logits are scored as a loso report scores them (:func:`train.compare.score`),
 with the run's own temperature, so the difference is the decode alone, not training's
@@ -53,7 +55,7 @@ def full_decode(
             continue  # a file the cache could not decode either
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            frames, colour, shape = read_frames(row, options, None)
+            frames, colour, shape, _ = read_frames(row, options, None)
         usable = usable_frames(frames)  # the frames the cache kept
         if len(usable) != len(at):
             raise SystemExit(f"{row.path}: {len(usable)} frames in full, {len(at)} in the cache")
@@ -86,15 +88,17 @@ def main() -> None:
     image_fold = np.asarray([fold_of[str(s)] for s in reduced.sources])
     labels = [str(v) for v in config.labels]
     logits = {name: np.zeros((len(reduced), len(labels)), np.float32) for name in ("reduced", "full")}
+    with np.load(args.run / "oof.npz") as oof:
+        temperature = float(oof["temperature"])
+        logits["run_cache"] = oof["logits"]
     for fold in sorted(set(image_fold.tolist())):
         held = image_fold == fold
         network = load_artefact(args.run / f"fold-{fold}" / "model.pt").network.eval()
         logits["reduced"][held] = predict_logits(network, reduced.subset(held))
         logits["full"][held] = predict_logits(network, full.subset(held))
-    with np.load(args.run / "oof.npz") as oof:
-        temperature = float(oof["temperature"])
-        # The run's own out-of-fold logits come from the same networks and images: a check.
-        drift = float(np.abs(oof["logits"] - logits["reduced"]).max())
+    # Zero when the run cached the images as this code decodes them (a check of the pairing);
+    # otherwise how far this code's reduced decode moves the run's own logits.
+    drift = float(np.abs(logits["run_cache"] - logits["reduced"]).max())
     y = [str(v) for v in reduced.labels]
     sources = [str(s) for s in reduced.sources]
     result: dict[str, Any] = {
@@ -118,14 +122,16 @@ def main() -> None:
             "recall": {label: metrics["per_class"][label]["recall"] for label in labels},
             "header_test": point["images"],
         }
-    differ = preds["reduced"] != preds["full"]
-    result["labels_changed"] = int(differ.sum())
-    result["labels_changed_files"] = sorted(
-        {str(rows[int(reduced.rows[i])].path.name) for i in np.flatnonzero(differ)}
-    )
+    for name in ("reduced", "run_cache"):
+        differ = preds[name] != preds["full"]
+        suffix = "" if name == "reduced" else f"_{name}"
+        result[f"labels_changed{suffix}"] = int(differ.sum())
+        result[f"labels_changed_files{suffix}"] = sorted(
+            {str(rows[int(reduced.rows[i])].path.name) for i in np.flatnonzero(differ)}
+        )
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k not in ("reduced", "full")}, indent=1))
-    for name in ("reduced", "full"):
+    print(json.dumps({k: v for k, v in result.items() if k not in logits}, indent=1))
+    for name in logits:
         r = result[name]
         print(
             f"{name:>8}: balanced {r['balanced_accuracy']:.4f}, source-avg {r['source_macro']:.4f}, "
