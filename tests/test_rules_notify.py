@@ -112,3 +112,28 @@ def test_a_series_that_is_not_quiet_yet_waits(sqlite_url, tiny_model, tmp_path, 
     scan(sqlite_url, tiny_model, drop, tmp=tmp_path, extra=("--apply-rules", str(rules)))
     assert receiver.received == [] and receiver.refused == 0
     assert query(sqlite_url, "SELECT DISTINCT status, attempts FROM rule_actions") == [("pending", 0)]
+
+
+def test_a_webhooks_secrets_are_never_shown(sqlite_url, tiny_model, tmp_path, receiver):
+    """The path, query and user info of a webhook URL stay out of the database and the output."""
+    drop = tmp_path / "drop"
+    small_archive(drop)
+    secret_url = f"http://hookuser:pa55word@127.0.0.1:{receiver.port}/services/T0/B0/t0ps3cret?token=k3y"
+    summary = scan(
+        sqlite_url,
+        tiny_model,
+        drop,
+        tmp=tmp_path,
+        extra=("--apply-rules", str(_rules(tmp_path, secret_url, 3600))),
+    )
+    outputs = [
+        str(summary),
+        sorter("rules", "apply", str(_rules(tmp_path, secret_url, 0)), url=sqlite_url, expect=3).output,
+    ]
+    assert receiver.refused == 1 and len(receiver.received) == 2  # the secret URL really was used
+    outputs.append(sorter("rules", "failed", url=sqlite_url).output)
+    rows = query(sqlite_url, "SELECT * FROM rule_actions")
+    written = "\n".join([*outputs, *(str(value) for row in rows for value in row)])
+    assert "webhook_refused" in written and f"http://127.0.0.1:{receiver.port}/... #" in written
+    for secret in ("hookuser", "pa55word", "services", "t0ps3cret", "k3y"):
+        assert secret not in written, secret

@@ -12,6 +12,7 @@ patient: the same rule as the logs.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import urllib.error
 import urllib.parse
@@ -54,12 +55,12 @@ class NotifyAction:
 
     @property
     def to(self) -> str:
-        """The webhook, as messages show it."""
-        return self.url
+        """The webhook, as messages and ``rule_actions`` show it (:func:`shown_url`)."""
+        return shown_url(self.url)
 
     def target(self, _facts: dict[str, Any]) -> str:
-        """Where the notification goes (the same for every instance)."""
-        return self.url
+        """Where the notification goes, as shown (the same for every instance)."""
+        return self.to
 
     def deliver(self, rule: str, series: dict[str, Any]) -> tuple[str | None, str | None]:
         """POST the series' summary; ``(None, None)`` on a 2xx answer."""
@@ -76,15 +77,31 @@ def payload(rule: str, series: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+def shown_url(url: str) -> str:
+    """A webhook as messages, logs and the database show it: scheme, host and port, and a fingerprint.
+
+    A webhook's path or query is often its secret (Slack, Teams and Mattermost put the token in
+    the path) and its user info a password, so neither is ever written anywhere; the first 8 hex
+    digits of the whole URL's SHA-256 tell two webhooks on one host apart
+    (``https://hooks.example.org/... #3f2a9c01``).
+    """
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    hidden = "/..." if (parts.path.strip("/") or parts.query or parts.fragment) else ""
+    return f"{parts.scheme}://{host}{port}{hidden} #{hashlib.sha256(url.encode()).hexdigest()[:8]}"
+
+
 def post(url: str, body: dict[str, Any], timeout_s: float = TIMEOUT_S) -> tuple[str | None, str | None]:
-    """POST ``body``; ``(None, None)`` on a 2xx answer, else ``(reason, one line)``."""
+    """POST ``body``; ``(None, None)`` on a 2xx answer, else ``(reason, one line)`` naming the
+    webhook as :func:`shown_url` does."""
     try:
         _request(url, "POST", json.dumps(body, default=str).encode(), timeout_s, "application/json")
         return None, None
     except urllib.error.HTTPError as exc:
-        return "webhook_refused", f"{url} answered HTTP {exc.code}"
+        return "webhook_refused", f"{shown_url(url)} answered HTTP {exc.code}"
     except (urllib.error.URLError, OSError) as exc:
-        return "webhook_unreachable", f"{url}: {describe(exc)}"
+        return "webhook_unreachable", f"{shown_url(url)}: {describe(exc)}"
 
 
 def _request(
