@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sorter.dicom import native
 from sorter.dicom.pixels import load_image
 from sorter.dicom.quiet import quiet_pydicom
 from sorter.domain import Claimed, FailureReason, Outcome, Status
@@ -64,6 +65,7 @@ def init_decode_process(parent_pid: int | None = None, graph: bytes | None = Non
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     quiet_pydicom()  # filters set in the parent do not reach a spawned or forkserver process
+    native.install()  # OpenJPEG's messages go into the file's reason, not between progress lines
     if parent_pid is not None:
         threading.Thread(target=_exit_with, args=(parent_pid,), daemon=True, name="parent-watch").start()
     if graph is not None:
@@ -128,12 +130,17 @@ def _load_and_prepare(
     item: Claimed, params: PreprocessParams, frames: int, min_side: int | None
 ) -> Prepared | Outcome:
     try:
-        image = load_image(item.path, frames=frames, min_side=min_side)
+        with native.caught() as said:
+            image = load_image(item.path, frames=frames, min_side=min_side)
+    except NonImageObject as exc:
+        return Outcome(item.id, Status.SKIPPED, item.header_label, error=exc.reason, detail=exc.detail)
+    except InputError as exc:
+        detail = f"{exc.detail} (the decoder said: {'; '.join(said)})" if said else exc.detail
+        return Outcome(item.id, Status.FAILED, item.header_label, error=exc.reason, detail=detail)
+    try:
         images, features = prepare_image(
             image.frames, image.colourfulness, params, image.shape, image.grid_step
         )
-    except NonImageObject as exc:
-        return Outcome(item.id, Status.SKIPPED, item.header_label, error=exc.reason, detail=exc.detail)
     except InputError as exc:
         return Outcome(item.id, Status.FAILED, item.header_label, error=exc.reason, detail=exc.detail)
     return Prepared(item.id, images, features)

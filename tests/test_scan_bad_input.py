@@ -133,3 +133,38 @@ def test_a_rescan_of_bad_input_changes_nothing(db_url, tiny_model, bad_archive, 
     assert again["classified"] == 0
     assert again["unchanged"] + again["registered"] == first["files"]
     assert query(db_url, "SELECT id, sop_instance_uid, status, error FROM instances ORDER BY id") == rows
+
+
+def test_what_a_c_decoder_prints_goes_into_the_reason(sqlite_url, tiny_model, tmp_path):
+    """OpenJPEG writes a damaged codestream's complaint straight to stderr, from C, once per library
+    that tries the frame; a scan keeps it out of its output and records it with the file."""
+    import subprocess
+    import sys
+
+    from pydicom import dcmread
+    from pydicom.encaps import encapsulate, get_frame
+
+    ds = dcmread(pydicom_file("RG1_J2KR.dcm"))
+    frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+    ds.PixelData = encapsulate([frame[: len(frame) // 50]])
+    (tmp_path / "archive").mkdir()
+    ds.save_as(tmp_path / "archive" / "damaged.dcm")
+    command = [
+        sys.executable,
+        "-m",
+        "sorter",
+        "scan",
+        "--database-url",
+        sqlite_url,
+        "--model",
+        str(tiny_model),
+    ]
+    result = subprocess.run(
+        [*command, str(tmp_path / "archive")], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "failed: decode_error 1" in result.stdout + result.stderr
+    assert "Tile part length" not in result.stderr, result.stderr
+    [(error, detail)] = query(sqlite_url, "SELECT error, detail FROM instances")
+    assert error == "decode_error"
+    assert "(the decoder said: Tile part length size inconsistent with stream length)" in detail
