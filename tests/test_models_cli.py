@@ -53,6 +53,8 @@ def test_the_first_model_is_active_and_use_switches_and_rolls_back(two_models, t
 
     sorter("models", "use", tiny_model.name, url=url)  # rollback, by name
     assert _shown(url) == {tiny_model.name}
+    # Within the second of the switch: the model stamped last is active, whatever its id.
+    assert _models(url)[tiny_model.name]["active"] == "*" and _models(url)[tiny_model_b.name]["active"] == ""
     table = sorter("models", url=url).output  # the group alone lists
     assert tiny_model.name in table and tiny_model_b.name in table
 

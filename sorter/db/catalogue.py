@@ -9,7 +9,7 @@ switch, and a rollback to the previous model, cost no inference when both have c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import PurePath
 from typing import Any
 
@@ -150,7 +150,9 @@ def activate(session: Session, model_id: int) -> tuple[int, int]:
     Returns ``(shown, missing)``: instances now showing its prediction, and ``done`` instances it
     has not classified (they keep showing another model's until it does). The caller commits.
     """
-    session.execute(sa.update(models).where(models.c.id == model_id).values(activated_at=sa.func.now()))
+    session.execute(
+        sa.update(models).where(models.c.id == model_id).values(activated_at=_after_every_stamp(session))
+    )
     theirs = predicted_by(model_id).scalar_subquery()
     has = sa.exists(predicted_by(model_id))
     result = session.execute(sa.update(instances).where(has).values(prediction_id=theirs))
@@ -159,6 +161,22 @@ def activate(session: Session, model_id: int) -> tuple[int, int]:
         sa.select(sa.func.count()).select_from(instances).where(instances.c.status == Status.DONE, ~has)
     ).scalar_one()
     return int(shown or 0), int(missing)
+
+
+def _after_every_stamp(session: Session) -> datetime:
+    """Now, or just after the latest activation if that is not earlier.
+
+    The active model is the one stamped last. SQLite's ``CURRENT_TIMESTAMP`` counts whole
+    seconds, so a switch and its rollback within one second tied, and the tie went to the higher
+    id: ``sorter models use A`` right after ``use B`` left B active. A clock behind another
+    host's would do the same on PostgreSQL.
+    """
+    latest = session.execute(sa.select(sa.func.max(models.c.activated_at))).scalar_one_or_none()
+    stamp = datetime.now(UTC)
+    if latest is not None:
+        latest = latest if latest.tzinfo else latest.replace(tzinfo=UTC)  # SQLite keeps no zone: UTC
+        stamp = max(stamp, latest + timedelta(milliseconds=1))
+    return stamp
 
 
 def activate_if_none(session: Session, model_id: int) -> None:
