@@ -18,10 +18,10 @@ import numpy as np
 from tqdm import tqdm
 
 from sorter.model.artefact import save_artefact
-from train.calibrate import fit_temperature
+from train.calibrate import fit_temperature, softmax_np
+from train.compare import score
 from train.config import FitConfig, save_config
 from train.fit import evaluate_logits, fit, predict_logits
-from train.metrics import source_macro_recall
 from train.runs import images_for, label_indices, select_rows, write_report
 from train.splits import assign_folds
 
@@ -103,14 +103,16 @@ def run_loso(
     labels = [label.value for label in spec.labels]
     temperature = fit_temperature(logits[done], label_indices(evaluated, spec))
     raw = evaluate_logits(logits[done], evaluated, labels)
-    metrics = evaluate_logits(logits[done], evaluated, labels, temperature)
-    # Sources spanning several labels (one collection with CT, MR and PT) count once per label.
-    keyed = evaluated.subset(np.ones(len(evaluated), bool))
-    keyed.sources = np.asarray(
-        [f"{s}/{lab}" for s, lab in zip(evaluated.sources, evaluated.labels, strict=True)]
+    # Scored as every loso report is (sorter-train compare, the benchmarks): sources spanning
+    # several labels (one collection with CT, MR and PT) count once per label.
+    metrics, macro, _ = score(
+        [str(v) for v in evaluated.labels],
+        softmax_np(logits[done], temperature),
+        labels,
+        [str(v) for v in evaluated.sources],
+        temperature,
+        point=False,
     )
-    by_source_label = evaluate_logits(logits[done], keyed, labels, temperature)
-    label_of = {str(k): str(k).rsplit("/", 1)[1] for k in keyed.sources}
     sources: dict[str, set[str]] = {}
     for label, source in zip(evaluated.labels, evaluated.sources, strict=True):
         sources.setdefault(str(label), set()).add(str(source))
@@ -120,8 +122,7 @@ def run_loso(
         folds=n_folds,
         folds_evaluated=sorted(int(f) for f in wanted),
         per_label=per_label_summary(metrics, sources),
-        per_source_label=by_source_label["per_source"],
-        source_macro=source_macro_recall(by_source_label, label_of),
+        source_macro=macro,
         protocol=(
             "leave-one-source-out" if folds <= 0 else f"leave-sources-out, {n_folds} source-disjoint folds"
         ),
