@@ -27,10 +27,11 @@ from sorter.dicom.pixels import load_image
 from sorter.model.preprocess import fit_square, prepare_image, preprocess_frame
 from sorter.model.spec import PreprocessParams
 
-#: Mean absolute difference of the network input (values in [0, 1]) allowed between decodes;
-#: measured over the 128 files: at most 0.0037 (NM1_J2KR), 0.0012 typical. Resized without
-#: accounting for where JPEG 2000 low-pass samples sit (cosited_box), MR2_J2KR reached 0.0073.
-MEAN_TOLERANCE = 0.005
+#: Mean absolute difference of the network input (values in [0, 1]) allowed between decodes, per
+#: file and as the median over the files that reduce; measured over the 128 files: at most 0.0231
+#: (NEMA MR4, 512 x 512 MR decoded at 128 x 128), median 0.0046. Resized without accounting for
+#: where JPEG 2000 low-pass samples sit (cosited_box), MR4 reached 0.065 and the median 0.014.
+MEAN_TOLERANCE, MEDIAN_TOLERANCE = 0.03, 0.006
 
 
 def _compressed(paths: list[str]) -> list[str]:
@@ -74,6 +75,7 @@ def _compare(paths: list[str], classifier) -> tuple[int, list[str]]:  # type: ig
     params = classifier.spec.preprocess
     problems: list[str] = []
     reduced_count = 0
+    differences: list[float] = []
     for path in paths:
         name = Path(path).name
         try:
@@ -84,7 +86,7 @@ def _compare(paths: list[str], classifier) -> tuple[int, list[str]]:  # type: ig
         assert small.shape == full.shape == full.frames.shape[1:], name
         if small.stored_shape is not None:
             reduced_count += 1
-            assert max(small.frames.shape[1:]) >= 2 * params.input_size, name
+            assert max(small.frames.shape[1:]) >= reduced.OVERSAMPLE * params.input_size, name
         elif not _is_dct(path):  # small DCT JPEG: libjpeg-turbo at full size, within an IDCT's rounding
             np.testing.assert_array_equal(small.frames, full.frames, err_msg=name)
         x_full, f_full = prepare_image(full.frames, full.colourfulness, params, full.shape)
@@ -92,13 +94,18 @@ def _compare(paths: list[str], classifier) -> tuple[int, list[str]]:  # type: ig
             small.frames, small.colourfulness, params, small.shape, small.grid_step
         )
         mean = float(np.abs(x_full - x_small).mean())
+        if small.stored_shape is not None:
+            differences.append(mean)
         if mean > MEAN_TOLERANCE:
             problems.append(f"{name}: mean input difference {mean:.4f}")
-        np.testing.assert_allclose(f_full, f_small, atol=0.02, err_msg=name)
+        # Colourfulness from a frame a quarter the size: at most 0.032 apart (US1_J2KI).
+        np.testing.assert_allclose(f_full, f_small, atol=0.04, err_msg=name)
         p_full = classifier.predict_arrays(x_full, f_full)[0]
         p_small = classifier.predict_arrays(x_small, f_small)[0]
         if p_full.argmax() != p_small.argmax():
             problems.append(f"{name}: label {p_full.argmax()} -> {p_small.argmax()}")
+    if differences and float(np.median(differences)) > MEDIAN_TOLERANCE:
+        problems.append(f"median input difference {float(np.median(differences)):.4f}")
     return reduced_count, problems
 
 
@@ -130,10 +137,16 @@ def test_corpus_compressed_files_keep_their_label_and_input(corpus: Path, classi
     ],
 )
 def test_reduced_frames_are_the_full_frame_made_smaller(name: str, reduced_shape: tuple[int, int]) -> None:
-    """Modality LUT, MONOCHROME1, sign and colour are applied at the reduced resolution as in full."""
+    """Modality LUT, MONOCHROME1, sign and colour are applied at the reduced resolution as in full.
+
+    Asked for 256 px, one level shallower than a scan for the bundled 128 px model decodes: a box
+    average stays a fair reference there. At the scan's own level the wavelet's sharper low-pass
+    rings past a box average's range; what that does to the network's input and label is what
+    ``_compare`` checks.
+    """
     path = data_file(name)
     full = load_image(path)
-    small = load_image(path, min_side=128)
+    small = load_image(path, min_side=256)
     assert small.frames.shape[1:] == reduced_shape
     assert small.shape == full.shape == full.frames.shape[1:]
     assert small.photometric == full.photometric
@@ -242,13 +255,13 @@ def test_corpus_mammogram_is_decoded_small(corpus: Path) -> None:
     path = corpus_file("MG/nema_wg04_mg1/MG1_J2KI.dcm")
     image = load_image(path, min_side=128)
     assert image.stored_shape == (4664, 3064)
-    assert image.frames.shape[1:] == (292, 192)
-    assert image.grid_step == 16  # 4 levels down: sample k is stored pixel 16 k
+    assert image.frames.shape[1:] == (146, 96)
+    assert image.grid_step == 32  # 5 levels down: sample k is stored pixel 32 k
 
 
 def test_only_jpeg2000_frames_are_cosited() -> None:
     """A wavelet low-pass band samples stored pixels; DCT scaling and full decodes give block means."""
-    assert load_image(data_file("MR2_J2KR.dcm"), min_side=128).grid_step == 4  # 1 024 px, 2 levels
+    assert load_image(data_file("MR2_J2KR.dcm"), min_side=128).grid_step == 8  # 1 024 px, 3 levels
     dct = load_image(data_file("color3d_jpeg_baseline.dcm"), min_side=128)  # 1/2 by DCT scaling
     assert dct.stored_shape is not None and dct.grid_step == 1
     assert load_image(data_file("MR2_J2KR.dcm")).grid_step == 1
@@ -345,7 +358,7 @@ def test_small_dct_jpeg_goes_through_libjpeg_turbo_within_rounding(
 
     monkeypatch.setattr(reduced, "_dct", spy)
     path = data_file(name)
-    full, small = load_image(path), load_image(path, min_side=128)
+    full, small = load_image(path), load_image(path, min_side=256)  # 320 x 240 at most: no scaling
     assert used == [turbo]
     assert small.stored_shape is None and small.frames.shape == full.frames.shape
     difference = np.abs(small.frames - full.frames)

@@ -35,7 +35,8 @@ from train.volumes import read_nifti, read_nrrd, read_picture
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 4  # 3: JPEG 2000 / JPEG frames decoded at a reduced resolution; 4: on the stored grid
+# 3: JPEG 2000 / JPEG frames decoded at a reduced resolution; 4: on the stored grid; 5: no octave spare
+CACHE_VERSION = 5
 
 
 @dataclass(frozen=True)
