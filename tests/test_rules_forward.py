@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -201,6 +202,59 @@ def test_senders_never_take_each_others_claims(db_url, tiny_model, tmp_path):
     assert len(list(out.iterdir())) == 6  # +uf: a duplicate would be a seventh file
     assert len(set(_received(out))) == 6
     assert query(db_url, "SELECT DISTINCT status, claim FROM rule_actions") == [("done", None)]
+
+
+class _LateWake(threading.Event):
+    """pynetdicom's reactor checkpoint, with its reactor thread held up for 50 ms each time it wakes:
+    what a loaded machine does to it now and then, made certain."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        woke = super().wait(timeout)
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.05)
+        return woke
+
+
+def test_a_response_is_never_taken_by_pynetdicoms_reactor(tmp_path, monkeypatch):
+    """pynetdicom's reactor thread pauses for a send by a flag it sets before it waits; a sender
+    that finds the flag set just after the reactor woke sends anyway, and if the response is
+    queued before the sender asks for it, the reactor takes it ("Received unexpected C-STORE
+    service message"): the send waits out the DIMSE timeout and the association is lost. Seen
+    under load as an occasional 30 s stall and failed forwards; made certain here by holding the
+    reactor up each time it wakes and the sender after each message it sends."""
+    from pynetdicom.association import Association
+    from pynetdicom.dimse import DIMSEServiceProvider
+
+    from sorter.rules.forward import ForwardAction, Item, send
+
+    made, send_msg = Association.__init__, DIMSEServiceProvider.send_msg
+
+    def late_waking(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+        self._reactor_checkpoint = _LateWake()
+        self._reactor_checkpoint.set()
+
+    def slow_sender(self, *args, **kwargs):
+        send_msg(self, *args, **kwargs)
+        time.sleep(0.2)
+
+    monkeypatch.setattr(Association, "__init__", late_waking)
+    monkeypatch.setattr(DIMSEServiceProvider, "send_msg", slow_sender)
+    port, out = free_port(), tmp_path / "received"
+    process = _storescp(port, out, tmp_path / "storescp.log")
+    items = []
+    for n, name in enumerate(["CT_small.dcm", "MR_small.dcm", "rtdose.dcm"]):
+        path = copy_dicom(pydicom_file(name), tmp_path / f"{n}.dcm")
+        ds = dcmread(path, stop_before_pixels=True)
+        items.append(
+            Item(n, 0, str(path), ds.SOPInstanceUID, ds.SOPClassUID, ds.file_meta.TransferSyntaxUID, None)
+        )
+    try:
+        sent = send(ForwardAction("STORESCP", "127.0.0.1", port), items, timeout_s=5)
+    finally:
+        stop_process_group(process)
+    assert [(s.error, s.detail) for s in sent] == [(None, None)] * 3
+    assert len(_received(out)) == 3
 
 
 def test_a_service_sends_and_retries_in_the_background(sqlite_url, tiny_model, tmp_path, monkeypatch):
