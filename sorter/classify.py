@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sorter.compare import compare
+from sorter.dicom import native
 from sorter.dicom.headers import header_from_dataset
 from sorter.dicom.nonimage import non_image_reason
 from sorter.dicom.pixels import DecodedImage, decode_dataset
@@ -57,17 +58,21 @@ def decode_file(path: Path, frames: int = 1, min_side: int | None = None) -> Dec
     ``min_side``: decode JPEG 2000 and JPEG frames at a reduced resolution whose long side is at
     least this (:func:`sorter.dicom.pixels.load_image`); ``None``: in full.
     """
+    said: list[str] = []  # what C decoders wrote, where the command caught it (sorter.dicom.native)
     try:
         ds = read_dataset(path)
         header = header_from_dataset(ds, path)
         reason = non_image_reason(header)
         if reason:
             raise NonImageObject(str(path), reason)
-        return Decoded(str(path), header, decode_dataset(ds, str(path), frames=frames, min_side=min_side))
+        with native.caught() as said:
+            image = decode_dataset(ds, str(path), frames=frames, min_side=min_side)
+        return Decoded(str(path), header, image)
     except InputError as exc:
         status = Status.SKIPPED if isinstance(exc, NonImageObject) else Status.FAILED
+        detail = native.with_said(exc.detail, said)
         log.info("%s %s: %s", status.value, path, exc)
-        return {"path": str(path), "status": status.value, "reason": exc.reason, "detail": exc.detail}
+        return {"path": str(path), "status": status.value, "reason": exc.reason, "detail": detail}
 
 
 def result_record(item: Decoded, classifier: Classifier, prediction: Any) -> dict[str, Any]:

@@ -135,7 +135,7 @@ def _load_and_prepare(
     except NonImageObject as exc:
         return Outcome(item.id, Status.SKIPPED, item.header_label, error=exc.reason, detail=exc.detail)
     except InputError as exc:
-        detail = f"{exc.detail} (the decoder said: {'; '.join(said)})" if said else exc.detail
+        detail = native.with_said(exc.detail, said)
         return Outcome(item.id, Status.FAILED, item.header_label, error=exc.reason, detail=detail)
     try:
         images, features = prepare_image(

@@ -63,6 +63,10 @@ def classify(
         classifier = Classifier.from_settings(settings, threads=settings.inference_threads or None)
     except ModelError as exc:
         raise click.ClickException(str(exc)) from exc
+    from sorter.dicom import native
+
+    if sys.stderr is sys.__stderr__:  # the process's own (a test runner's capture is left alone)
+        native.install()  # OpenJPEG's complaints go into the file's detail, not between the rows
     readable = classified = total = 0
     if not as_json:
         click.echo(f"{'head':<4}    {'pix':<4} {'conf':>6}  {'verdict':<11} path")

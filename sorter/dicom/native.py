@@ -1,4 +1,4 @@
-"""What C decoders write straight to the process's stderr, caught in decode processes.
+"""What C decoders write straight to the process's stderr, caught in decode processes and ``classify``.
 
 OpenJPEG (inside Pillow, pylibjpeg-openjpeg and GDCM) reports a damaged codestream by writing
 to file descriptor 2 from C: "Tile part length size inconsistent with stream length", once per
@@ -9,8 +9,10 @@ lines. In a decode process (:func:`install`, from :func:`sorter.decode.init_deco
 back what was written; the caller adds it to the file's recorded reason, where it says what
 was wrong, and drops it when the file decoded. Python's own ``sys.stderr`` keeps the terminal.
 
-Only decode processes do this: swapping a descriptor is process-wide, and a decode process
-decodes one file at a time with no other thread writing (the parent-watch thread only sleeps).
+Only decode processes and the ``sorter classify`` command do this: swapping a descriptor is
+process-wide, and each decodes one file at a time with no other thread writing (a decode
+process's parent-watch thread only sleeps; ``classify`` runs the model between decodes). A
+library caller of :func:`sorter.classify.classify_paths` keeps its descriptors as they are.
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ def caught() -> Iterator[list[str]]:
         os.dup2(_terminal, 2)
         _scratch.seek(0)
         said.extend(_lines(_scratch.read(64 * 1024)))
+
+
+def with_said(detail: str, said: list[str]) -> str:
+    """A failed file's detail, with what the decoder wrote (if anything) after it."""
+    return f"{detail} (the decoder said: {'; '.join(said)})" if said else detail
 
 
 def _lines(raw: bytes) -> list[str]:
