@@ -113,7 +113,8 @@ def train_one_epoch(
         if len(batch) < 2:  # BatchNorm needs two samples
             continue
         x, f = augment_batch(raw_all[batch], feat_all[batch], spec.preprocess, gen, config.shift_augment)
-        x, f, y = x.to(device), f.to(device), targets_all[batch].to(device)
+        x = x.to(device, memory_format=torch.channels_last)
+        f, y = f.to(device), targets_all[batch].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             if config.mixup > 0:
                 # Mixing images of different sources discourages source-specific shortcuts.
@@ -160,7 +161,7 @@ def load_teacher(path: Path, spec: ModelSpec, device: torch.device) -> SorterNet
     loaded = load_artefact(path)
     if loaded.spec.preprocess != spec.preprocess or loaded.spec.labels != spec.labels:
         raise ValueError(f"teacher {path} has other inputs or labels than this configuration")
-    teacher = loaded.network.to(device).eval()
+    teacher = loaded.network.to(device, memory_format=torch.channels_last).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
@@ -248,7 +249,10 @@ def fit(
         # ImageNet initialisation; the saved artefact holds the whole state dict, so loading it
         # never needs the weights package.
         log.info("backbone initialised from %s", json.dumps(load_pretrained(network, spec)))
-    network = network.to(device)
+    # Channels-last: oneDNN's convolutions run it without reordering every layer's activations.
+    # Measured on 2 cores, batch 64 at 128 px: a training step 1.66x faster for
+    # EfficientNet-Lite0 (1.80 -> 1.09 s) and 1.38x for MobileNetV3-Small (0.273 -> 0.198 s).
+    network = network.to(device, memory_format=torch.channels_last)
     teacher_path = teacher_path or (Path(config.teacher) if config.teacher else None)
     teacher = load_teacher(teacher_path, spec, device) if teacher_path else None
     steps = config.epochs * (config.epoch_size // config.batch_size + 1)
@@ -303,4 +307,4 @@ def fit(
             checkpoint,
         )
     recalibrate_batchnorm(network, train_set, config, gen)
-    return network.cpu(), history
+    return network.to("cpu", memory_format=torch.contiguous_format), history
