@@ -57,3 +57,13 @@ def test_runs_dealt_other_folds_are_refused(tmp_path):
     other = _run(tmp_path / "b", [0, 1], right=1.0, seed=7)
     with pytest.raises(ValueError, match="differ in manifest, folds or seed"):
         compare_runs([first, other])
+
+
+def test_a_runs_configuration_reads_back_as_it_was_resolved(tmp_path):
+    """The benchmarks that rerun a loso run's fold networks read its config.yaml back."""
+    from train.config import load_run_config, resolve_config, save_config
+
+    recipe = Path(__file__).resolve().parents[1] / "train/recipes/pretrained.yaml"
+    config = resolve_config("default", recipe, seed=3, features=())
+    save_config(config, tmp_path / "config.yaml", manifest="../shared/corpus/manifest.csv", folds=5)
+    assert load_run_config(tmp_path) == (config, Path("../shared/corpus/manifest.csv"))

@@ -158,4 +158,10 @@ def load_config(path: Path) -> FitConfig:
     )
 
 
-__all__ = ["PRESETS", "FitConfig", "load_config", "resolve_config", "save_config"]
+def load_run_config(run: Path) -> tuple[FitConfig, Path]:
+    """A finished run's configuration and the manifest it was trained on (its ``config.yaml``)."""
+    data = yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}
+    return load_config(Path(run) / "config.yaml"), Path(data["manifest"])
+
+
+__all__ = ["PRESETS", "FitConfig", "load_config", "load_run_config", "resolve_config", "save_config"]

@@ -57,7 +57,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -70,7 +69,7 @@ from sorter.adaptation.scoring import label_issues  # noqa: E402
 from sorter.model.artefact import load_artefact  # noqa: E402
 from sorter.reports import CONTRADICTION_MIN_INSTANCES, CONTRADICTION_RATE  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
-from train.config import resolve_config  # noqa: E402
+from train.config import load_run_config  # noqa: E402
 from train.operating_point import operating_point  # noqa: E402
 from train.runs import images_for, select_rows  # noqa: E402
 
@@ -378,12 +377,7 @@ def main() -> None:
     if args.generic is None:
         parser.error("--generic RUN or --scale N")
     run = args.generic
-    config_data = yaml.safe_load((run / "config.yaml").read_text())
-    manifest = Path(config_data.pop("manifest"))
-    config_data.pop("folds", None)
-    config = resolve_config(
-        "default", None, **{k: tuple(v) if isinstance(v, list) else v for k, v in config_data.items()}
-    )
+    config, manifest = load_run_config(run)
     images = images_for(select_rows(manifest, config), config, progress=False)
     fold_of = json.loads((run / "folds.json").read_text())
     labels = [str(v) for v in config.labels]

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -34,7 +33,7 @@ from sorter.model.artefact import load_artefact  # noqa: E402
 from sorter.model.preprocess import preprocess_frame  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
 from train.compare import score  # noqa: E402
-from train.config import resolve_config  # noqa: E402
+from train.config import load_run_config  # noqa: E402
 from train.data import DecodeOptions, ImageSet, read_frames, usable_frames  # noqa: E402
 from train.fit import predict_logits  # noqa: E402
 from train.runs import images_for, select_rows  # noqa: E402
@@ -73,12 +72,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a finished loso run with fold networks")
     parser.add_argument("--out", type=Path, default=ROOT / "tests/bench/results-decode-loso-2core.json")
     args = parser.parse_args()
-    config_data = yaml.safe_load((args.run / "config.yaml").read_text())
-    manifest = Path(config_data.pop("manifest"))
-    config_data.pop("folds", None)
-    config = resolve_config(
-        "default", None, **{k: tuple(v) if isinstance(v, list) else v for k, v in config_data.items()}
-    )
+    config, manifest = load_run_config(args.run)
     rows = select_rows(manifest, config)
     reduced = images_for(rows, config, progress=False)
     params = config.preprocess()

@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -42,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from sorter.model.artefact import load_artefact  # noqa: E402
 from train.calibrate import fit_temperature, softmax_np  # noqa: E402
 from train.compare import score  # noqa: E402
-from train.config import resolve_config  # noqa: E402
+from train.config import load_run_config  # noqa: E402
 from train.runs import images_for, label_indices, select_rows  # noqa: E402
 
 VARIANTS = ("base", "hflip", "adabn_fold", "adabn_fold_half", "adabn_source")
@@ -89,12 +88,7 @@ def main() -> None:
     default = ROOT / "tests/bench/results-inference-variants-2core.json"
     parser.add_argument("--out", type=Path, default=default)
     args = parser.parse_args()
-    config_data = yaml.safe_load((args.run / "config.yaml").read_text())
-    manifest = Path(config_data.pop("manifest"))
-    config_data.pop("folds", None)
-    config = resolve_config(
-        "default", None, **{k: tuple(v) if isinstance(v, list) else v for k, v in config_data.items()}
-    )
+    config, manifest = load_run_config(args.run)
     images = images_for(select_rows(manifest, config), config, progress=False)
     fold_of = json.loads((args.run / "folds.json").read_text())
     image_fold = np.asarray([fold_of[str(s)] for s in images.sources])
