@@ -29,6 +29,7 @@ import copy
 import json
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,42 +40,34 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from sorter.model.artefact import load_artefact  # noqa: E402
+from sorter.model.network import SorterNet  # noqa: E402
 from train.calibrate import fit_temperature, softmax_np  # noqa: E402
 from train.compare import score  # noqa: E402
 from train.config import load_run_config  # noqa: E402
+from train.data import ImageSet  # noqa: E402
+from train.fit import predict_logits  # noqa: E402
 from train.runs import images_for, label_indices, select_rows  # noqa: E402
 
 VARIANTS = ("base", "hflip", "adabn_fold", "adabn_fold_half", "adabn_source")
 
 
-def logits_of(network: torch.nn.Module, x: np.ndarray, f: np.ndarray, batch: int = 256) -> np.ndarray:
-    """The network's logits for inputs ``x`` and scalar features ``f``."""
-    out = []
-    with torch.inference_mode():
-        for s in range(0, len(x), batch):
-            inputs = torch.from_numpy(x[s : s + batch]), torch.from_numpy(f[s : s + batch])
-            out.append(network(*inputs).numpy())
-    return np.concatenate(out)
-
-
-def adabn(
-    network: torch.nn.Module, x: np.ndarray, f: np.ndarray, per_batch: int | None = 64, keep: float = 0.0
-) -> torch.nn.Module:
+def adabn(network: SorterNet, images: ImageSet, per_batch: int | None = 64, keep: float = 0.0) -> SorterNet:
     """A copy of ``network`` whose BatchNorm statistics are the mean over batches of ``per_batch``
-    of (x, f) in random order (``None``: one batch of all), blended with ``keep`` of its own."""
+    of ``images``' serving inputs in random order (``None``: one batch of all), blended with
+    ``keep`` of its own."""
     network = copy.deepcopy(network)
     norms = [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     own = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative mean over the batches
-    order = np.random.default_rng(0).permutation(len(x))
-    size = per_batch or len(x)
+    order = np.random.default_rng(0).permutation(len(images))
+    size = per_batch or len(images)
     network.train()
     with torch.no_grad():
-        for s in range(0, len(x), size):
+        for s in range(0, len(images), size):
             pick = order[s : s + size]
-            network(torch.from_numpy(x[pick]), torch.from_numpy(f[pick]))
+            network(torch.from_numpy(images.eval[pick]), torch.from_numpy(images.features[pick]))
     for m, (mean, var) in zip(norms, own, strict=True):
         assert m.running_mean is not None and m.running_var is not None
         m.running_mean.mul_(1 - keep).add_(keep * mean)
@@ -97,17 +90,16 @@ def main() -> None:
     for fold in sorted(set(image_fold.tolist())):
         held = np.flatnonzero(image_fold == fold)
         network = load_artefact(args.run / f"fold-{fold}" / "model.pt").network.eval()
-        x, f = images.eval[held], images.features[held]
-        logits["base"][held] = logits_of(network, x, f)
-        mirrored = np.ascontiguousarray(x[..., ::-1])
-        logits["hflip"][held] = (logits["base"][held] + logits_of(network, mirrored, f)) / 2
-        logits["adabn_fold"][held] = logits_of(adabn(network, x, f), x, f)
-        logits["adabn_fold_half"][held] = logits_of(adabn(network, x, f, keep=0.5), x, f)
-        sources = np.asarray([str(s) for s in images.sources[held]])
+        fold_images = images.subset(held)
+        logits["base"][held] = predict_logits(network, fold_images)
+        mirrored = replace(fold_images, eval=np.ascontiguousarray(fold_images.eval[..., ::-1]))
+        logits["hflip"][held] = (logits["base"][held] + predict_logits(network, mirrored)) / 2
+        logits["adabn_fold"][held] = predict_logits(adabn(network, fold_images), fold_images)
+        logits["adabn_fold_half"][held] = predict_logits(adabn(network, fold_images, keep=0.5), fold_images)
+        sources = np.asarray([str(s) for s in fold_images.sources])
         for source in sorted(set(sources.tolist())):
-            at = np.flatnonzero(sources == source)
-            adapted = adabn(network, x[at], f[at], per_batch=None)
-            logits["adabn_source"][held[at]] = logits_of(adapted, x[at], f[at])
+            one = fold_images.subset(sources == source)
+            logits["adabn_source"][held[sources == source]] = predict_logits(adabn(network, one, None), one)
     with np.load(args.run / "oof.npz") as oof:  # zero when the images are cached as the run had them
         drift = float(np.abs(oof["logits"] - logits["base"]).max())
     y = [str(v) for v in images.labels]
