@@ -35,6 +35,7 @@ from pynetdicom import AE
 from support import data_file, free_port, listen_env, stop_process_group, wait_for_port
 
 from sorter.db.session import create_db_engine, upgrade
+from sorter.scu import c_store
 
 pytest_plugins = ["db_fixtures"]
 
@@ -222,12 +223,12 @@ def test_a_postgres_crash_mid_push_loses_nothing_and_each_instance_is_classified
         assoc = ae.associate("127.0.0.1", port, ae_title=OUR_AE)
         assert assoc.is_established
         try:
-            statuses = [int(assoc.send_c_store(ds).Status) for ds in datasets[:BEFORE]]
+            statuses = [int(c_store(assoc, ds).Status) for ds in datasets[:BEFORE]]
             # The first part reached the database before the crash.
             _wait(cluster.url, "SELECT count(*) FROM instances", BEFORE, 60, "not registered", log)
             cluster.crash()
             assert _count(cluster.url, "SELECT 1") is None  # it is down
-            statuses += [int(assoc.send_c_store(ds).Status) for ds in datasets[BEFORE:]]
+            statuses += [int(c_store(assoc, ds).Status) for ds in datasets[BEFORE:]]
         finally:
             assoc.release()
         assert statuses == [0x0000] * len(datasets)  # every C-STORE succeeded, during the outage too

@@ -35,6 +35,7 @@ from sorter import listener
 from sorter.commands.listen import backend
 from sorter.config import Settings
 from sorter.dicom.storage import safe_name, store_instance
+from sorter.scu import c_echo, c_store
 from sorter.spool import SpoolWorker
 from sorter.summary import RunSummary
 
@@ -110,7 +111,7 @@ def _store(
     assoc = ae.associate("127.0.0.1", config.port, ae_title=OUR_AE)
     assert assoc.is_established
     try:
-        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+        return [int(c_store(assoc, ds).Status) for ds in datasets]
     finally:
         assoc.release()
 
@@ -149,7 +150,7 @@ def test_echo_and_stores_in_every_transfer_syntax_are_spooled_as_sent_and_classi
         ae = AE(ae_title="MODALITY1")
         ae.add_requested_context(Verification)
         assoc = ae.associate("127.0.0.1", config.port, ae_title=OUR_AE)
-        assert assoc.is_established and int(assoc.send_c_echo().Status) == listener.StoreStatus.SUCCESS
+        assert assoc.is_established and int(c_echo(assoc).Status) == listener.StoreStatus.SUCCESS
         assoc.release()
         assert _store(config, datasets) == [listener.StoreStatus.SUCCESS] * len(FILES)
 
@@ -336,7 +337,7 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_ca(tmp_path)
             assoc = ae.associate("127.0.0.1", config.port, ae_title=OUR_AE, tls_args=(client, "127.0.0.1"))
             assert assoc.is_established is with_cert
             if with_cert:
-                assert int(assoc.send_c_echo().Status) == listener.StoreStatus.SUCCESS
+                assert int(c_echo(assoc).Status) == listener.StoreStatus.SUCCESS
                 assoc.release()
 
 

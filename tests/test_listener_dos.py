@@ -35,6 +35,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from support import free_port
 
 from sorter import listener
+from sorter.scu import c_echo
 
 OUR_AE = "SORTER"
 ALLOWED = "MODALITY1"
@@ -128,7 +129,7 @@ def _echo(port: int, tls: ssl.SSLContext | None = None, dcmtk: bool = False) -> 
     if not assoc.is_established:
         return False
     try:
-        return int(assoc.send_c_echo().Status) == 0
+        return int(c_echo(assoc).Status) == 0
     finally:
         assoc.release()
 

@@ -23,6 +23,7 @@ from pynetdicom import AE
 from support import free_port, listen_env, stop_process_group, wait_for_port
 
 from sorter.retention import KEEP, Retention, parse_retention
+from sorter.scu import c_store
 
 pytest_plugins = ["db_fixtures"]
 
@@ -43,7 +44,7 @@ def _associate(port: int, calling: str, datasets: list[pydicom.Dataset]) -> list
     if not assoc.is_established:
         return None
     try:
-        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+        return [int(c_store(assoc, ds).Status) for ds in datasets]
     finally:
         assoc.release()
 

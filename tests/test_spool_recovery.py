@@ -38,6 +38,7 @@ from sorter import listener
 from sorter.commands.listen import backend
 from sorter.config import Settings
 from sorter.dicom.storage import is_temporary_name, store_instance
+from sorter.scu import c_store
 from sorter.spool import SpoolWorker
 from sorter.summary import RunSummary
 
@@ -60,7 +61,7 @@ def _send(port: int, datasets: list[pydicom.Dataset], calling: str = CALLING_AE)
     assoc = ae.associate("127.0.0.1", port, ae_title=OUR_AE)
     assert assoc.is_established
     try:
-        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+        return [int(c_store(assoc, ds).Status) for ds in datasets]
     finally:
         assoc.release()
 

@@ -16,7 +16,6 @@ import logging
 import os
 import socket
 import ssl
-import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pynetdicom import AE, _config
 
 from sorter.errors import describe
 from sorter.listener import QuickAckSSLSocket, ack_now
+from sorter.scu import c_store
 
 log = logging.getLogger(__name__)
 
@@ -192,40 +192,11 @@ def _no_delay(assoc: Any) -> None:
         raw.__class__ = QuickAckSSLSocket
 
 
-def _hold_reactor(assoc: Any, limit_s: float = 5.0) -> None:
-    """Stop pynetdicom's reactor thread before a send, for certain.
-
-    Each send pauses the reactor (which serves the peer's requests) by clearing a checkpoint and
-    waiting for the flag the reactor sets before it waits on it. The flag is also still set for a
-    moment after the reactor has woken; a send that starts then goes ahead while the reactor runs
-    one more turn, and if the response arrives in that turn the reactor takes it as an unexpected
-    request and drops it ("Received unexpected C-STORE service message", pynetdicom 3.0.4): the
-    send waits out the DIMSE timeout and the association is lost. Under load that was an
-    occasional 30 s stall and failed forwards. Here the checkpoint is cleared first and the send
-    waits until the reactor is blocked on it (its condition has a waiter; CPython's ``Event``);
-    the send then finds it paused, and sets it going again when done. Without that attribute,
-    or after ``limit_s``, the send goes ahead as before."""
-    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
-    waiters = getattr(getattr(checkpoint, "_cond", None), "_waiters", None)
-    if checkpoint is None or waiters is None:
-        return
-    checkpoint.clear()
-    deadline = time.monotonic() + limit_s
-    while not waiters and assoc.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.0001)
-
-
-def _c_store(assoc: Any, dataset: Any) -> Any:
-    """``assoc.send_c_store`` with the reactor held (:func:`_hold_reactor`)."""
-    _hold_reactor(assoc)
-    return assoc.send_c_store(dataset)
-
-
 def _send_file(assoc: Any, path: str) -> Any:
     """C-STORE the file at ``path`` as it is stored. pynetdicom reads this switch at send time;
     it only concerns sends given a path, which only this module makes."""
     _config.STORE_SEND_CHUNKED_DATASET = True
-    return _c_store(assoc, path)
+    return c_store(assoc, path)
 
 
 def _store(assoc: Any, action: ForwardAction, item: Item) -> Sent:
@@ -246,7 +217,7 @@ def _store(assoc: Any, action: ForwardAction, item: Item) -> Sent:
         except Exception as exc:  # the file changed since it was classified
             return Sent(item, "unreadable", describe(exc))
         try:
-            status = _c_store(assoc, dataset)
+            status = c_store(assoc, dataset)
         except (ValueError, RuntimeError) as exc:  # no accepted context for its class or syntax
             if not dataset.file_meta.TransferSyntaxUID.is_compressed:
                 return Sent(item, "no_presentation_context", describe(exc))
@@ -255,7 +226,7 @@ def _store(assoc: Any, action: ForwardAction, item: Item) -> Sent:
             # nothing the stored file holds.
             try:
                 dataset.decompress(generate_instance_uid=False)  # the same instance, re-encoded
-                status = _c_store(assoc, dataset)
+                status = c_store(assoc, dataset)
             except Exception as again:
                 return Sent(
                     item, "no_presentation_context", f"{describe(exc)}; decompressed: {describe(again)}"

@@ -48,6 +48,8 @@ from pydicom.uid import UID, generate_uid
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: fuzz_support
 from fuzz_support import fuzz_archive, panicking_rle
 
+from sorter.scu import c_store
+
 OUR_AE = "SORTER"
 TERMINAL = ("done", "failed", "skipped")
 
@@ -133,25 +135,6 @@ class Listener:
         return int(self.process.wait())
 
 
-def _send_c_store(assoc: Any, ds: pydicom.Dataset) -> Any:
-    """``assoc.send_c_store(ds)``, without a race in pynetdicom's requestor (3.0.4) that lost answers.
-
-    Each requestor association runs a reactor thread that takes received DIMSE messages off the
-    queue and serves them as requests. ``send_c_store`` pauses it (clears a checkpoint, then waits
-    for its ``_is_paused`` flag), sends, waits for the answer and unpauses it. But the flag stays
-    ``True`` after an unpause until the reactor thread next runs: with 16 associations' threads in
-    one process contending for the GIL, it ran only after the next request had gone out and its
-    answer had come in, took that answer, dropped it as an unexpected (non-request) message, and
-    ``send_c_store`` waited out its DIMSE timeout (30 s) and aborted the association: the listener
-    had stored the instance and answered within milliseconds. Marking the reactor unpaused makes
-    ``send_c_store`` wait until it has really paused. ``Association.kill`` sets the flag again, so
-    an association ending meanwhile cannot leave ``send_c_store`` waiting.
-    """
-    if hasattr(assoc, "_is_paused"):
-        assoc._is_paused = False
-    return assoc.send_c_store(ds)
-
-
 def send(paths: list[Path], port: int, associations: int, acked: dict[str, int], stop_on_abort: bool) -> None:
     """Send ``paths`` over ``associations`` pynetdicom associations at once; record each status."""
     from pynetdicom import AE
@@ -188,7 +171,7 @@ def send(paths: list[Path], port: int, associations: int, acked: dict[str, int],
                     unsent["unreadable"] = unsent.get("unreadable", 0) + 1
                 continue
             try:
-                status = _send_c_store(assoc, ds)
+                status = c_store(assoc, ds)
             except Exception as exc:  # the sender cannot encode it, or its association ended: not sent
                 if os.environ.get("BENCH_DEBUG"):
                     print(f"association {k}: {type(exc).__name__}: {exc}", file=sys.stderr)
