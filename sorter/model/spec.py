@@ -27,6 +27,8 @@ ARCHITECTURES = (
     "mobilenet_v3_small",
     "mobilenet_v3_large",
     "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
 )
 CHANNELS = ("scaled", "hu")
 #: Scalar inputs beside the image: ``colourfulness`` (0 for greyscale), ``matrix``
