@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from sorter.model.artefact import load_artefact
+from sorter.model.artefact import DEFAULT_MODEL_PATH, load_artefact
 from train.cli import main
 
 pytestmark = [pytest.mark.corpus, pytest.mark.slow]
@@ -292,3 +292,50 @@ def test_cascade_of_two_loso_runs_then_export_serves_one_graph(fitted, corpus, t
     again = ["ensemble", "--model", str(tmp_path / "ens.pt"), *args[3:], "--out-run", str(tmp_path / "r2")]
     refused = CliRunner().invoke(main, [*again, "--out", str(tmp_path / "no.pt")])
     assert refused.exit_code == 2 and "already has a screen or partner" in refused.output
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("arch: nonsense\n", "Error: unknown architecture 'nonsense'"),
+        (
+            "arch: efficientnet_lite3\npretrained: true\n",
+            "Error: no pretrained weights for 'efficientnet_lite3'",
+        ),
+        ("labels: [CT, XX]\n", "Error: 'XX' is not a valid Label"),
+        ("colour: 1\n", "unknown keys ['colour']"),
+    ],
+)
+def test_a_bad_config_is_one_line_not_a_traceback(tmp_path, config, message):
+    """Checked before anything is written (the manifest here has no rows)."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(config)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label,source,group\n")
+    for command in ("fit", "loso"):
+        args = [command, "--manifest", str(manifest), "--out", str(tmp_path / command)]
+        result = CliRunner().invoke(main, [*args, "--config", str(path)])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+        assert not (tmp_path / command).exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "missing required column(s) ['path', 'label', 'source', 'group']"),
+        ("path,label,source,group\na.dcm,XX,s,g\n", "unknown label"),
+        ("path,label,source,group\n\xff\xfe\n", "can't decode"),
+    ],
+)
+def test_a_bad_manifest_is_one_line_not_a_traceback(tmp_path, text, message):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_bytes(text.encode("latin-1"))
+    for command in ("fit", "loso", "evaluate"):
+        args = [command, "--manifest", str(manifest), "--out", str(tmp_path / command)]
+        if command == "evaluate":
+            args += ["--model", str(DEFAULT_MODEL_PATH)]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, result.output
+        assert "Invalid value for '--manifest'" in result.output and message in result.output
+        assert "Traceback" not in result.output and not (tmp_path / command).exists()

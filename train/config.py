@@ -131,12 +131,12 @@ def resolve_config(preset: str = "default", yaml_file: Path | None = None, **ove
     for layer in layers:
         clean = {k: tuple(v) if isinstance(v, list) else v for k, v in layer.items()}
         config = replace(config, **clean)
-    config.preprocess()  # validates channels, features, scaling, size
     if config.pretrained:
         from sorter.model.network import PRETRAINED
 
         if config.arch not in PRETRAINED:
             raise ValueError(f"no pretrained weights for {config.arch!r}; available: {', '.join(PRETRAINED)}")
+    config.spec()  # validates the architecture, labels, channels, features, scaling and size
     if config.backbone_lr_scale <= 0:
         raise ValueError("backbone_lr_scale must be positive")
     return config
