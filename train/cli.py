@@ -85,6 +85,18 @@ def _manifest(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
     return value
 
 
+def _manifest_option(help: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--manifest FILE`` (as ``manifest_path``), checked by :func:`_manifest` when parsed."""
+    return click.option(
+        "--manifest",
+        "manifest_path",
+        required=True,
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        callback=_manifest,
+        help=help,
+    )
+
+
 def _loso_run(_ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
     """Accept only a finished ``sorter-train loso`` run: one line instead of a traceback."""
     if value is not None:
@@ -207,13 +219,7 @@ def fit(
 
 
 @main.command()
-@click.option(
-    "--manifest",
-    "manifest_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    callback=_manifest,
-)
+@_manifest_option()
 @click.option(
     "--model",
     "model_path",
@@ -253,14 +259,7 @@ def evaluate(
 @click.option(
     "--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
-@click.option(
-    "--manifest",
-    "manifest_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    callback=_manifest,
-    help="Held-out images (sources the model was not trained on).",
-)
+@_manifest_option("Held-out images (sources the model was not trained on).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 def calibrate(model_path: Path, manifest_path: Path, out: Path) -> None:
     """Fit the temperature on held-out sources and write a calibrated artefact."""
@@ -282,13 +281,7 @@ def calibrate(model_path: Path, manifest_path: Path, out: Path) -> None:
 
 
 @main.command()
-@click.option(
-    "--manifest",
-    "manifest_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    callback=_manifest,
-)
+@_manifest_option()
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--folds",
