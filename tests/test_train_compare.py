@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from click.testing import CliRunner
 
+from train.cli import main
 from train.compare import compare_runs, comparison_markdown
 
 LABELS = ["CT", "MR"]
@@ -36,6 +38,7 @@ def _run(folder: Path, folds: list[int], right: float, seed: int = 0) -> Path:
     config = {"manifest": "m.csv", "folds": 5, "seed": seed, "labels": LABELS, "arch": folder.name}
     config |= {"channels": ["scaled", "hu"], "input_size": 128, "scaling": "percentile"}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    (folder / "metrics.json").write_text("{}")
     return folder
 
 
@@ -55,8 +58,25 @@ def test_runs_are_compared_on_the_folds_every_run_evaluated(tmp_path):
 def test_runs_dealt_other_folds_are_refused(tmp_path):
     first = _run(tmp_path / "a", [0, 1], right=1.0, seed=0)
     other = _run(tmp_path / "b", [0, 1], right=1.0, seed=7)
-    with pytest.raises(ValueError, match="differ in manifest, folds or seed"):
+    with pytest.raises(ValueError, match="hold out different sources in each fold"):
         compare_runs([first, other])
+    # The command says so in one line (exit 2), naming each run's seed, never with a traceback.
+    result = CliRunner().invoke(main, ["compare", str(first), str(other)])
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    assert f"{other}: manifest m.csv, --folds 5, --seed 7" in result.output
+    assert "compare runs of the same manifest, --folds and --seed" in result.output
+
+
+def test_a_folder_that_is_not_a_finished_run_is_refused(tmp_path):
+    """A fit's folder, or a loso run still going, has no out-of-fold predictions to compare."""
+    first = _run(tmp_path / "a", [0, 1], right=1.0)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text("{}")
+    result = CliRunner().invoke(main, ["compare", str(first), str(unfinished)])
+    assert result.exit_code == 2, result.output
+    assert "is not a finished `sorter-train loso` run (no metrics.json, oof.npz)" in result.output
 
 
 def test_a_runs_configuration_reads_back_as_it_was_resolved(tmp_path):

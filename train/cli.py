@@ -110,6 +110,13 @@ def _loso_run(_ctx: click.Context, _param: click.Parameter, value: Path | None) 
     return value
 
 
+def _loso_runs(ctx: click.Context, param: click.Parameter, value: tuple[Path, ...]) -> tuple[Path, ...]:
+    """:func:`_loso_run` for each of several runs."""
+    for run in value:
+        _loso_run(ctx, param, run)
+    return value
+
+
 def _command_line() -> str:
     return "sorter-train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -624,7 +631,11 @@ def _bundled_balanced_accuracy() -> float | None:
 
 @main.command()
 @click.argument(
-    "runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
+    "runs",
+    nargs=-1,
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    callback=_loso_runs,
 )
 @click.option(
     "--speed-json",
@@ -640,7 +651,10 @@ def compare(runs: tuple[Path, ...], speed_json: Path | None, out: Path | None) -
     if speed_json is not None:
         for row in json.loads(speed_json.read_text())["rows"]:
             speed[f"{row['arch']}@{row['input']}"] = row["images_per_s"]
-    common, rows = compare_runs(list(runs))
+    try:
+        common, rows = compare_runs(list(runs))
+    except ValueError as exc:  # runs of other folds: comparing them would mislead
+        raise click.UsageError(str(exc)) from exc
     table = comparison_markdown(common, rows, speed)
     click.echo(table)
     if out is not None:

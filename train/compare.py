@@ -49,9 +49,15 @@ def compare_runs(runs: list[Path]) -> tuple[list[int], list[dict[str, Any]]]:
     fold holds out the same sources in each.
     """
     loaded = [_load(run) for run in runs]
-    keys = {(d["config"].get("manifest"), d["config"].get("folds"), d["config"].get("seed")) for d in loaded}
-    if len(keys) != 1:
-        raise ValueError(f"runs differ in manifest, folds or seed: {sorted(map(str, keys))}")
+    keys = [(d["config"].get("manifest"), d["config"].get("folds"), d["config"].get("seed")) for d in loaded]
+    if len(set(keys)) != 1:
+        each = "; ".join(
+            f"{run}: manifest {m}, --folds {f}, --seed {s}" for run, (m, f, s) in zip(runs, keys, strict=True)
+        )
+        raise ValueError(
+            f"these runs hold out different sources in each fold, so they cannot be compared ({each}); "
+            "compare runs of the same manifest, --folds and --seed"
+        )
     common = sorted(set.intersection(*(set(np.unique(d["folds"]).tolist()) for d in loaded)))
     rows = []
     for d in loaded:
