@@ -23,12 +23,13 @@ def test_its_gradient_moves_the_student_towards_the_teacher():
 
 def test_the_shipped_recipes_resolve():
     """train/recipes/*.yaml hold only known keys and valid values (the model card cites them)."""
+    from dataclasses import replace
     from pathlib import Path
 
     from train.config import resolve_config
 
     recipes = sorted((Path(__file__).resolve().parents[1] / "train" / "recipes").glob("*.yaml"))
-    assert len(recipes) == 8
+    assert len(recipes) == 9
     configs = {path.stem: resolve_config("default", path) for path in recipes}
     assert configs["pretrained"].pretrained and configs["pretrained"].arch == "efficientnet_lite0"
     for n in (1, 2):  # the larger candidates: the bundled recipe but for the backbone
@@ -37,6 +38,11 @@ def test_the_shipped_recipes_resolve():
         assert candidate.epochs == configs["pretrained"].epochs
         assert candidate.preprocess() == configs["pretrained"].preprocess()
     assert configs["pretrained-shift"].shift_augment > 0
+    # The input-size candidate: the bundled recipe but for the input size.
+    larger = configs["pretrained-192"]
+    assert larger.input_size == 192 and larger.arch == configs["pretrained"].arch and larger.pretrained
+    assert larger.epochs == configs["pretrained"].epochs
+    assert replace(larger.preprocess(), input_size=128) == configs["pretrained"].preprocess()
     assert configs["student"].teacher and configs["student"].arch == "mobilenet_v3_small"
     assert configs["student"].preprocess() == configs["pretrained"].preprocess()  # the same inputs
     # The bundled ensemble's partner and its leave-sources-out twin: the main network's inputs.
