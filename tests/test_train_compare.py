@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from train.cli import main
-from train.compare import compare_runs, comparison_markdown
+from train.compare import compare_runs, compare_sources, comparison_markdown
 
 LABELS = ["CT", "MR"]
 
@@ -87,3 +87,28 @@ def test_a_runs_configuration_reads_back_as_it_was_resolved(tmp_path):
     config = resolve_config("default", recipe, seed=3, features=())
     save_config(config, tmp_path / "config.yaml", manifest="../shared/corpus/manifest.csv", folds=5)
     assert load_run_config(tmp_path) == (config, Path("../shared/corpus/manifest.csv"))
+
+
+def test_by_source_lists_what_each_run_said_per_held_out_source(tmp_path):
+    good = _run(tmp_path / "good", [0, 1], right=1.0)
+    poor = _run(tmp_path / "poor", [0, 1], right=0.5)
+    common, rows = compare_sources([good, poor])
+    assert common == [0, 1]
+    # s0 and s2 hold the CT images, s1 and s3 the MR ones (the fixture alternates them).
+    keys = [(r["label"], r["source"]) for r in rows]
+    assert keys == [("CT", "s0"), ("CT", "s2"), ("MR", "s1"), ("MR", "s3")]
+    assert all(r["runs"][0] == {"right": 4, "n": 4, "instead": {}} for r in rows)
+    poor_cells = [r["runs"][1] for r in rows]
+    assert sum(c["right"] for c in poor_cells) == round(compare_runs([poor])[1][0]["accuracy"] * 16)
+    for row, cell in zip(rows, poor_cells, strict=True):
+        other = "MR" if row["label"] == "CT" else "CT"
+        assert cell["instead"] == ({other: cell["n"] - cell["right"]} if cell["right"] < cell["n"] else {})
+    result = CliRunner().invoke(main, ["compare", "--by-source", str(good), str(poor)])
+    assert result.exit_code == 0, result.output
+    assert "| label | source | good | poor |" in result.output
+    erring = [r for r, c in zip(rows, poor_cells, strict=True) if c["right"] < c["n"]]
+    assert erring  # the fixture's poor run errs somewhere
+    for row in rows:
+        cell = row["runs"][1]
+        line = f"| {row['label']} | {row['source']} | 4/4 | {cell['right']}/4"
+        assert (line in result.output) == (row in erring)  # only the sources where a run errs

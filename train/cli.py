@@ -642,10 +642,16 @@ def _bundled_balanced_accuracy() -> float | None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="tests/bench/bench_inference.py output, for the CPU img/s column.",
 )
+@click.option(
+    "--by-source",
+    is_flag=True,
+    help="Also list, per held-out source, the images each run got right and what it said instead "
+    "(the sources where the runs differ or err).",
+)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the table here.")
-def compare(runs: tuple[Path, ...], speed_json: Path | None, out: Path | None) -> None:
+def compare(runs: tuple[Path, ...], speed_json: Path | None, by_source: bool, out: Path | None) -> None:
     """Compare loso runs (same manifest, folds and seed) on the folds they all evaluated."""
-    from train.compare import compare_runs, comparison_markdown
+    from train.compare import compare_runs, compare_sources, comparison_markdown, sources_markdown
 
     speed: dict[str, float] = {}
     if speed_json is not None:
@@ -656,6 +662,8 @@ def compare(runs: tuple[Path, ...], speed_json: Path | None, out: Path | None) -
     except ValueError as exc:  # runs of other folds: comparing them would mislead
         raise click.UsageError(str(exc)) from exc
     table = comparison_markdown(common, rows, speed)
+    if by_source:
+        table += "\n" + sources_markdown(list(runs), compare_sources(list(runs))[1])
     click.echo(table)
     if out is not None:
         out.write_text(table)

@@ -42,12 +42,8 @@ def score(
     return metrics, macro, point_for(probs, targets, labels, np.asarray(keyed), temperature)
 
 
-def compare_runs(runs: list[Path]) -> tuple[list[int], list[dict[str, Any]]]:
-    """Metrics of each run restricted to the folds every run evaluated.
-
-    Runs must come from the same manifest, fold count and seed, so that a
-    fold holds out the same sources in each.
-    """
+def _loaded_alike(runs: list[Path]) -> list[dict[str, Any]]:
+    """Each run's outputs; a ``ValueError`` where they were dealt other folds."""
     loaded = [_load(run) for run in runs]
     keys = [(d["config"].get("manifest"), d["config"].get("folds"), d["config"].get("seed")) for d in loaded]
     if len(set(keys)) != 1:
@@ -58,7 +54,21 @@ def compare_runs(runs: list[Path]) -> tuple[list[int], list[dict[str, Any]]]:
             f"these runs hold out different sources in each fold, so they cannot be compared ({each}); "
             "compare runs of the same manifest, --folds and --seed"
         )
-    common = sorted(set.intersection(*(set(np.unique(d["folds"]).tolist()) for d in loaded)))
+    return loaded
+
+
+def _common_folds(loaded: list[dict[str, Any]]) -> list[int]:
+    return sorted(set.intersection(*(set(np.unique(d["folds"]).tolist()) for d in loaded)))
+
+
+def compare_runs(runs: list[Path]) -> tuple[list[int], list[dict[str, Any]]]:
+    """Metrics of each run restricted to the folds every run evaluated.
+
+    Runs must come from the same manifest, fold count and seed, so that a
+    fold holds out the same sources in each.
+    """
+    loaded = _loaded_alike(runs)
+    common = _common_folds(loaded)
     rows = []
     for d in loaded:
         mask = np.isin(d["folds"], common)
@@ -86,6 +96,55 @@ def compare_runs(runs: list[Path]) -> tuple[list[int], list[dict[str, Any]]]:
             }
         )
     return common, rows
+
+
+def compare_sources(runs: list[Path]) -> tuple[list[int], list[dict[str, Any]]]:
+    """Per held-out source and label, how many images each run got right and what it said instead.
+
+    On the folds every run evaluated (runs dealt the same folds, as :func:`compare_runs`), by the
+    top label (a temperature does not move it). One row per ``(source, label)``, each with
+    ``runs``: ``{"right", "n", "instead": {label: count}}`` per run, in the order given.
+    """
+    loaded = _loaded_alike(runs)
+    common = _common_folds(loaded)
+    per_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for i, d in enumerate(loaded):
+        mask = np.isin(d["folds"], common)
+        names = np.asarray([str(v) for v in d["config"]["labels"]])
+        predicted = names[d["logits"][mask].argmax(axis=1)]
+        y, sources = d["labels"][mask].astype(str), d["sources"][mask].astype(str)
+        for key in set(zip(sources.tolist(), y.tolist(), strict=True)):
+            said = predicted[(sources == key[0]) & (y == key[1])]
+            wrong, counts = np.unique(said[said != key[1]], return_counts=True)
+            instead = dict(sorted(zip(wrong.tolist(), counts.tolist(), strict=True), key=lambda kv: -kv[1]))
+            cell = {"right": int((said == key[1]).sum()), "n": len(said), "instead": instead}
+            per_key.setdefault(key, [{} for _ in loaded])[i] = cell
+    rows = [
+        {"source": source, "label": label, "runs": cells}
+        for (source, label), cells in sorted(per_key.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+    ]
+    return common, rows
+
+
+def sources_markdown(runs: list[Path], rows: list[dict[str, Any]], every: bool = False) -> str:
+    """A markdown table of :func:`compare_sources` rows: right / n per run, and the labels said
+    instead. Only the sources where the runs differ or some run errs, unless ``every``."""
+    lines = [
+        "Per held-out source: images right / images, and what was said instead (by the top label).",
+        "",
+        "| label | source | " + " | ".join(run.name for run in runs) + " |",
+        "|---|---|" + "---|" * len(runs),
+    ]
+    for row in rows:
+        cells = row["runs"]
+        if not every and all(c["right"] == c["n"] for c in cells) and len({c["right"] for c in cells}) == 1:
+            continue
+        shown = []
+        for c in cells:
+            instead = ", ".join(f"{label} {count}" for label, count in c["instead"].items())
+            shown.append(f"{c['right']}/{c['n']}" + (f" ({instead})" if instead else ""))
+        lines.append(f"| {row['label']} | {row['source']} | " + " | ".join(shown) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def comparison_markdown(common: list[int], rows: list[dict[str, Any]], speed: dict[str, float]) -> str:
