@@ -10,6 +10,7 @@ side by side. Runs on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +173,13 @@ def test_a_run_resumes_from_its_folder_and_refuses_other_options(corpus, tmp_pat
 
     other = sorter(*ADAPT, "--out", str(out), "--seed", "7", url=url, expect=1)
     assert "other options" in other.output and "Traceback" not in other.output
-    sorter(*ADAPT, "--out", str(out), "--seed", "7", "--restart", url=url)
+    again = sorter(*ADAPT, "--out", str(out), "--seed", "7", "--restart", url=url)
+    # Two adapted models named model.pt now: the command it suggests still names one of them.
+    assert sorter("models", "use", "model.pt", url=url, expect=1).output.count("model.pt") >= 3
+    [ref] = re.findall(r"`sorter models use (\S+)`", again.output)
+    used = sorter("models", "use", ref, url=url)
+    newest = query(url, "SELECT sha256 FROM models WHERE role IS NULL ORDER BY id DESC LIMIT 1")[0][0]
+    assert f"active model: model.pt ({newest[:12]})" in used.output
 
 
 def test_nothing_to_adapt_is_one_line(sqlite_url, tmp_path):

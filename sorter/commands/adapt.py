@@ -338,7 +338,8 @@ def _adapt_database(
         write_rows(top, reports.LABEL_ISSUE_FIELDS["series"], "table")
     click.echo(
         f"\nnext: `sorter reclassify --model {path}` classifies the rest of the archive with it, "
-        f"`sorter models use {path.name}` makes its verdicts the ones the views show",
+        # By sha256: every adaptation writes a model.pt, so the file name soon names several.
+        f"`sorter models use {sha[:12]}` makes its verdicts the ones the views show",
         err=True,
     )
     return path
