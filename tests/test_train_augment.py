@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from train.augment import _border, _export8, _text, acquisition_shift
+from sorter.model.preprocess import preprocess_frame
+from train.augment import _border, _export8, _text, acquisition_shift, unit_gain
 
 
 def _ct(n: int = 8, size: int = 64) -> torch.Tensor:
@@ -46,3 +47,46 @@ def test_shift_is_seeded_and_varied():
     assert 0 < sum(touched) < len(x)  # some frames change, some stay as they were
     exported = [i for i in range(len(x)) if a[i].min() >= 0 and torch.equal(a[i], a[i].round())]
     assert exported  # at least one frame went out as an 8-bit picture
+
+
+def _pet(n: int = 4, size: int = 64, peak: float = 7000.0) -> torch.Tensor:
+    """PET-like frames in Bq/ml: zero background, a hot disc and a hotter spot."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    disc = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (size / 3) ** 2
+    spot = ((yy - size / 2) ** 2 + (xx - size / 3) ** 2) < 16
+    frame = disc.float() * peak / 4 + spot.float() * peak * 3 / 4
+    return frame.repeat(n, 1, 1) + torch.rand(n, size, size, generator=torch.Generator().manual_seed(2))
+
+
+def test_unit_gain_off_draws_nothing():
+    x, gen = _pet(), torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    assert torch.equal(unit_gain(x, torch.ones(len(x), dtype=torch.bool), gen, 0.0), x)
+    assert torch.equal(gen.get_state(), state)  # runs without it stay bit for bit as before
+
+
+def test_unit_gain_moves_only_unitless_frames_and_only_the_hu_channel():
+    from sorter.model.spec import PreprocessParams
+
+    x = torch.cat([_ct(4), _pet(4)])
+    unitless = torch.tensor([False] * 4 + [True] * 4)
+    out = unit_gain(x, unitless, torch.Generator().manual_seed(0), 1.0)
+    assert torch.equal(out[:4], x[:4])  # CT keeps its Hounsfield units
+    ratios = (out[4:].flatten(1).amax(1) / x[4:].flatten(1).amax(1)).tolist()
+    assert all(r > 0 for r in ratios) and len({round(r, 6) for r in ratios}) == 4  # a gain per frame
+    assert max(ratios) / min(ratios) > 10  # spread over decades, not a nudge
+    params = PreprocessParams(input_size=64, channels=("scaled", "hu"))
+    before = torch.stack([torch.from_numpy(preprocess_frame(f.numpy(), 0.0, params)[0]) for f in x[4:]])
+    after = torch.stack([torch.from_numpy(preprocess_frame(f.numpy(), 0.0, params)[0]) for f in out[4:]])
+    assert torch.allclose(before[:, 0], after[:, 0], atol=1e-4)  # the scaled channel cannot tell
+    assert (before[:, 1] - after[:, 1]).abs().amax() > 0.1  # what the hu channel sees moves
+
+
+def test_unit_augment_is_a_probability():
+    import pytest
+
+    from train.config import resolve_config
+
+    assert resolve_config("default", unit_augment=0.5).unit_augment == 0.5
+    with pytest.raises(ValueError, match="unit_augment is a probability"):
+        resolve_config("default", unit_augment=1.5)

@@ -29,7 +29,7 @@ def test_the_shipped_recipes_resolve():
     from train.config import resolve_config
 
     recipes = sorted((Path(__file__).resolve().parents[1] / "train" / "recipes").glob("*.yaml"))
-    assert len(recipes) == 9
+    assert len(recipes) == 10
     configs = {path.stem: resolve_config("default", path) for path in recipes}
     assert configs["pretrained"].pretrained and configs["pretrained"].arch == "efficientnet_lite0"
     for n in (1, 2):  # the larger candidates: the bundled recipe but for the backbone
@@ -43,6 +43,9 @@ def test_the_shipped_recipes_resolve():
     assert larger.input_size == 192 and larger.arch == configs["pretrained"].arch and larger.pretrained
     assert larger.epochs == configs["pretrained"].epochs
     assert replace(larger.preprocess(), input_size=128) == configs["pretrained"].preprocess()
+    # The unit-augmentation candidate: the bundled recipe but for unit_augment.
+    units = configs["pretrained-units"]
+    assert units.unit_augment == 1.0 and replace(units, unit_augment=0.0) == configs["pretrained"]
     assert configs["student"].teacher and configs["student"].arch == "mobilenet_v3_small"
     assert configs["student"].preprocess() == configs["pretrained"].preprocess()  # the same inputs
     # The bundled ensemble's partner and its leave-sources-out twin: the main network's inputs.

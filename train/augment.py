@@ -11,6 +11,14 @@ levels), collimation and black borders, burned-in text and annotations, and
 8-bit windowed exports (PNG, JPEG) with lossy re-compression. Without the last
 one, "8-bit values" identifies the sources that were exported as pictures
 (several MG and OT collections) and a chest radiograph saved as PNG becomes OT.
+
+Units (``units``, 0 = off): only CT's values have a physical scale (Hounsfield
+units). A PET slice is stored in Bq/ml, in SUV or in counts, a SPECT in counts or
+in whatever a template was normalised to, an MR in arbitrary units; through the
+``hu`` channel the network otherwise learns each training source's scale as if it
+were the label's (on the corpus: PET in SUV, 0 to 5, called NM; SPECT in counts
+up to 10^5 called PT). A random gain on frames of the other labels makes that
+scale uninformative while CT keeps its own.
 """
 
 from __future__ import annotations
@@ -173,15 +181,47 @@ def acquisition_shift(x: torch.Tensor, gen: torch.Generator, shift: float) -> to
     return torch.stack(out)
 
 
+#: Labels whose stored values have a physical scale that tells them apart (Hounsfield units).
+PHYSICAL_UNITS = frozenset({"CT"})
+
+#: ``units`` draws a gain log-uniformly over this many decades either side of 1: the corpus's
+#: non-CT sources peak anywhere from 1 (a PET template) to 10^5 (a SPECT in counts).
+UNIT_DECADES = 3.0
+
+
+def unit_gain(raw: torch.Tensor, unitless: torch.Tensor, gen: torch.Generator, rate: float) -> torch.Tensor:
+    """Multiply each frame flagged ``unitless`` (B,), with probability ``rate``, by a random gain.
+
+    The ``scaled`` channel is unchanged (percentiles scale with the frame); only what the ``hu``
+    channel sees of the frame's absolute values moves. ``rate`` 0 draws nothing from ``gen``.
+    """
+    if rate <= 0:
+        return raw
+    n = raw.shape[0]
+    fires = (torch.rand(n, generator=gen) < rate) & unitless
+    gain = torch.pow(10.0, torch.empty(n).uniform_(-UNIT_DECADES, UNIT_DECADES, generator=gen))
+    return raw * torch.where(fires, gain, torch.ones_like(gain))[:, None, None]
+
+
 def augment_batch(
     raw: torch.Tensor,
     features: torch.Tensor,
     params: PreprocessParams,
     gen: torch.Generator,
     shift: float = 0.0,
+    unitless: torch.Tensor | None = None,
+    units: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augment cached frames (B, R, R) in physical units into network input (B, C, S, S)."""
-    small = acquisition_shift(_geometry(raw.float(), params.input_size, gen), gen, shift)
+    """Augment cached frames (B, R, R) in physical units into network input (B, C, S, S).
+
+    ``unitless`` (B,) flags the frames whose label has no physical scale
+    (:data:`PHYSICAL_UNITS`); ``units`` is the probability that such a frame gets a random gain
+    (:func:`unit_gain`).
+    """
+    raw = raw.float()
+    if unitless is not None:
+        raw = unit_gain(raw, unitless, gen, units)
+    small = acquisition_shift(_geometry(raw, params.input_size, gen), gen, shift)
     channels = []
     for name in params.channels:
         if name == "scaled":

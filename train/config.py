@@ -39,6 +39,10 @@ class FitConfig:
     # Acquisition-shift augmentation (8-bit exports, JPEG, text, borders, inversion, resolution;
     # train/augment.py): 0 = off, 1 = the rates in augment.SHIFT_RATES.
     shift_augment: float = 0.0
+    # Probability that a frame of a label without physical units (all but CT) is multiplied by a
+    # random gain (train/augment.py, unit_gain), so that the hu channel cannot learn each
+    # training source's storage scale (SUV, Bq/ml, counts) as the label's. 0 = off.
+    unit_augment: float = 0.0
     # Knowledge distillation: a teacher artefact (fit), or a loso run whose fold-N/model.pt teaches
     # fold N (loso; same manifest, folds and seed). Its inputs must be this configuration's.
     teacher: str | None = None
@@ -139,6 +143,8 @@ def resolve_config(preset: str = "default", yaml_file: Path | None = None, **ove
     config.spec()  # validates the architecture, labels, channels, features, scaling and size
     if config.backbone_lr_scale <= 0:
         raise ValueError("backbone_lr_scale must be positive")
+    if not 0.0 <= config.unit_augment <= 1.0:
+        raise ValueError(f"unit_augment is a probability: {config.unit_augment} is not in [0, 1]")
     return config
 
 

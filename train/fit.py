@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from sorter.model.network import SorterNet, build_network, load_pretrained
 from sorter.model.spec import ModelSpec
-from train.augment import augment_batch
+from train.augment import PHYSICAL_UNITS, augment_batch
 from train.calibrate import softmax_np
 from train.config import FitConfig
 from train.data import ImageSet
@@ -107,12 +107,21 @@ def train_one_epoch(
     picks = torch.multinomial(weights, config.epoch_size, replacement=True, generator=gen)
     targets_all = torch.tensor([label_index[str(v)] for v in images.labels])
     raw_all, feat_all = torch.from_numpy(images.raw), torch.from_numpy(images.features)
+    unitless_all = torch.tensor([str(v) not in PHYSICAL_UNITS for v in images.labels], dtype=torch.bool)
     losses: list[float] = []
     bar = tqdm(picks.split(config.batch_size), desc="train", unit="batch", leave=False, disable=not progress)
     for batch in bar:
         if len(batch) < 2:  # BatchNorm needs two samples
             continue
-        x, f = augment_batch(raw_all[batch], feat_all[batch], spec.preprocess, gen, config.shift_augment)
+        x, f = augment_batch(
+            raw_all[batch],
+            feat_all[batch],
+            spec.preprocess,
+            gen,
+            config.shift_augment,
+            unitless_all[batch],
+            config.unit_augment,
+        )
         x = x.to(device, memory_format=torch.channels_last)
         f, y = f.to(device), targets_all[batch].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
