@@ -118,7 +118,8 @@ def compare_sources(runs: list[Path]) -> tuple[list[int], list[dict[str, Any]]]:
             wrong, counts = np.unique(said[said != key[1]], return_counts=True)
             instead = dict(sorted(zip(wrong.tolist(), counts.tolist(), strict=True), key=lambda kv: -kv[1]))
             cell = {"right": int((said == key[1]).sum()), "n": len(said), "instead": instead}
-            per_key.setdefault(key, [{} for _ in loaded])[i] = cell
+            # A source a run could not decode is absent there: shown as 0/0, never a KeyError.
+            per_key.setdefault(key, [{"right": 0, "n": 0, "instead": {}} for _ in loaded])[i] = cell
     rows = [
         {"source": source, "label": label, "runs": cells}
         for (source, label), cells in sorted(per_key.items(), key=lambda kv: (kv[0][1], kv[0][0]))
@@ -137,7 +138,7 @@ def sources_markdown(runs: list[Path], rows: list[dict[str, Any]], every: bool =
     ]
     for row in rows:
         cells = row["runs"]
-        if not every and all(c["right"] == c["n"] for c in cells) and len({c["right"] for c in cells}) == 1:
+        if not every and all(c["n"] and c["right"] == c["n"] for c in cells):
             continue
         shown = []
         for c in cells:
