@@ -651,19 +651,20 @@ def _bundled_balanced_accuracy() -> float | None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the table here.")
 def compare(runs: tuple[Path, ...], speed_json: Path | None, by_source: bool, out: Path | None) -> None:
     """Compare loso runs (same manifest, folds and seed) on the folds they all evaluated."""
-    from train.compare import compare_runs, compare_sources, comparison_markdown, sources_markdown
+    from train.compare import compare_runs, compare_sources, comparison_markdown, load_runs, sources_markdown
 
     speed: dict[str, float] = {}
     if speed_json is not None:
         for row in json.loads(speed_json.read_text())["rows"]:
             speed[f"{row['arch']}@{row['input']}"] = row["images_per_s"]
     try:
-        common, rows = compare_runs(list(runs))
+        loaded = load_runs(list(runs))
     except ValueError as exc:  # runs of other folds: comparing them would mislead
         raise click.UsageError(str(exc)) from exc
+    common, rows = compare_runs(loaded)
     table = comparison_markdown(common, rows, speed)
     if by_source:
-        table += "\n" + sources_markdown(list(runs), compare_sources(list(runs))[1])
+        table += "\n" + sources_markdown(list(runs), compare_sources(loaded)[1])
     click.echo(table)
     if out is not None:
         out.write_text(table)

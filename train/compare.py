@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import yaml
@@ -42,8 +42,16 @@ def score(
     return metrics, macro, point_for(probs, targets, labels, np.asarray(keyed), temperature)
 
 
-def _loaded_alike(runs: list[Path]) -> list[dict[str, Any]]:
-    """Each run's outputs; a ``ValueError`` where they were dealt other folds."""
+class LoadedRuns(NamedTuple):
+    """Runs dealt the same folds, read once: each run's outputs (``held`` marks its images in
+    ``common``) and the folds every run evaluated."""
+
+    runs: list[dict[str, Any]]
+    common: list[int]
+
+
+def load_runs(runs: list[Path]) -> LoadedRuns:
+    """Read each run's outputs; a ``ValueError`` where they were dealt other folds."""
     loaded = [_load(run) for run in runs]
     keys = [(d["config"].get("manifest"), d["config"].get("folds"), d["config"].get("seed")) for d in loaded]
     if len(set(keys)) != 1:
@@ -54,24 +62,26 @@ def _loaded_alike(runs: list[Path]) -> list[dict[str, Any]]:
             f"these runs hold out different sources in each fold, so they cannot be compared ({each}); "
             "compare runs of the same manifest, --folds and --seed"
         )
-    return loaded
+    common = sorted(set.intersection(*(set(np.unique(d["folds"]).tolist()) for d in loaded)))
+    for d in loaded:
+        d["held"] = np.isin(d["folds"], common)
+    return LoadedRuns(loaded, common)
 
 
-def _common_folds(loaded: list[dict[str, Any]]) -> list[int]:
-    return sorted(set.intersection(*(set(np.unique(d["folds"]).tolist()) for d in loaded)))
+def _loaded(runs: list[Path] | LoadedRuns) -> LoadedRuns:
+    return runs if isinstance(runs, LoadedRuns) else load_runs(runs)
 
 
-def compare_runs(runs: list[Path]) -> tuple[list[int], list[dict[str, Any]]]:
+def compare_runs(runs: list[Path] | LoadedRuns) -> tuple[list[int], list[dict[str, Any]]]:
     """Metrics of each run restricted to the folds every run evaluated.
 
     Runs must come from the same manifest, fold count and seed, so that a
-    fold holds out the same sources in each.
+    fold holds out the same sources in each (paths are read by :func:`load_runs`).
     """
-    loaded = _loaded_alike(runs)
-    common = _common_folds(loaded)
+    loaded, common = _loaded(runs)
     rows = []
     for d in loaded:
-        mask = np.isin(d["folds"], common)
+        mask = d["held"]
         labels = [str(v) for v in d["config"]["labels"]]
         probs = softmax_np(d["logits"][mask], float(d["temperature"]))
         y, sources = [str(v) for v in d["labels"][mask]], [str(v) for v in d["sources"][mask]]
@@ -98,18 +108,17 @@ def compare_runs(runs: list[Path]) -> tuple[list[int], list[dict[str, Any]]]:
     return common, rows
 
 
-def compare_sources(runs: list[Path]) -> tuple[list[int], list[dict[str, Any]]]:
+def compare_sources(runs: list[Path] | LoadedRuns) -> tuple[list[int], list[dict[str, Any]]]:
     """Per held-out source and label, how many images each run got right and what it said instead.
 
     On the folds every run evaluated (runs dealt the same folds, as :func:`compare_runs`), by the
     top label (a temperature does not move it). One row per ``(source, label)``, each with
     ``runs``: ``{"right", "n", "instead": {label: count}}`` per run, in the order given.
     """
-    loaded = _loaded_alike(runs)
-    common = _common_folds(loaded)
+    loaded, common = _loaded(runs)
     per_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for i, d in enumerate(loaded):
-        mask = np.isin(d["folds"], common)
+        mask = d["held"]
         names = np.asarray([str(v) for v in d["config"]["labels"]])
         predicted = names[d["logits"][mask].argmax(axis=1)]
         y, sources = d["labels"][mask].astype(str), d["sources"][mask].astype(str)
@@ -127,9 +136,9 @@ def compare_sources(runs: list[Path]) -> tuple[list[int], list[dict[str, Any]]]:
     return common, rows
 
 
-def sources_markdown(runs: list[Path], rows: list[dict[str, Any]], every: bool = False) -> str:
+def sources_markdown(runs: list[Path], rows: list[dict[str, Any]]) -> str:
     """A markdown table of :func:`compare_sources` rows: right / n per run, and the labels said
-    instead. Only the sources where the runs differ or some run errs, unless ``every``."""
+    instead. Only the sources where the runs differ or some run errs."""
     lines = [
         "Per held-out source: images right / images, and what was said instead (by the top label).",
         "",
@@ -138,7 +147,7 @@ def sources_markdown(runs: list[Path], rows: list[dict[str, Any]], every: bool =
     ]
     for row in rows:
         cells = row["runs"]
-        if not every and all(c["n"] and c["right"] == c["n"] for c in cells):
+        if all(c["n"] and c["right"] == c["n"] for c in cells):
             continue
         shown = []
         for c in cells:
