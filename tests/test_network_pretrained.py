@@ -142,12 +142,14 @@ print(model.runner.name, loaded)
 @pytest.mark.slow
 def test_pretrained_fit_writes_a_self_contained_artefact(corpus, tmp_path):
     config = tmp_path / "pretrained.yaml"
-    config.write_text("arch: efficientnet_lite0\npretrained: true\nbackbone_lr_scale: 0.3\n")
+    config.write_text("arch: efficientnet_lite0\npretrained: true\nbackbone_lr_scale: 0.3\nprobe_epochs: 1\n")
     out = tmp_path / "run"
     args = ["fit", "--manifest", str(corpus / "manifest.csv"), "--out", str(out), "--config", str(config)]
     args += ["--dry-run", "--limit-per-label", "3", "--epoch-size", "64", "--workers", "1"]
     result = CliRunner().invoke(main, [*args, "--cache-dir", str(tmp_path / "cache")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    phases = [row["phase"] for row in json.loads((out / "history.json").read_text())]
+    assert phases[0] == "probe" and set(phases[1:]) == {"fine-tune"}
     artefact = out / "model.pt"
     spec = load_artefact(artefact).spec
     assert spec.arch == "efficientnet_lite0"

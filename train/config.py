@@ -33,6 +33,10 @@ class FitConfig:
     weight_decay: float = 0.05
     schedule: str = "cosine"  # cosine | plateau
     epochs: int = 10
+    # Linear probing before fine-tuning (LP-FT, Kumar et al., ICLR 2022): this many epochs train
+    # the head alone on the frozen pretrained backbone before the `epochs` of full fine-tuning,
+    # so that fine-tuning starts from a fitted head and distorts the pretrained features less.
+    probe_epochs: int = 0
     epoch_size: int = 2048  # images drawn per epoch by the balanced sampler
     batch_size: int = 64
     label_smoothing: float = 0.05
@@ -143,6 +147,8 @@ def resolve_config(preset: str = "default", yaml_file: Path | None = None, **ove
     config.spec()  # validates the architecture, labels, channels, features, scaling and size
     if config.backbone_lr_scale <= 0:
         raise ValueError("backbone_lr_scale must be positive")
+    if config.probe_epochs < 0:
+        raise ValueError(f"probe_epochs counts epochs: {config.probe_epochs} is negative")
     if not 0.0 <= config.unit_augment <= 1.0:
         raise ValueError(f"unit_augment is a probability: {config.unit_augment} is not in [0, 1]")
     return config

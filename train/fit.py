@@ -84,6 +84,34 @@ def make_optimizer(config: FitConfig, network: torch.nn.Module, steps: int) -> t
     return opt, sched
 
 
+def make_probe_optimizer(config: FitConfig, network: torch.nn.Module) -> tuple[Any, Any]:
+    """The linear-probing phase's optimizer (``probe_epochs``): AdamW at ``lr`` over what lies
+    outside the backbone (the head), at a constant rate.
+
+    Made even when ``probe_epochs`` is 0 (it then never steps), so that every checkpoint has the
+    same keys. Its schedule is separate from fine-tuning's one cycle, which therefore warms up
+    from the fitted head exactly as it would from a fresh one.
+    """
+    backbone = getattr(network, "backbone", None)
+    inner = {id(p) for p in backbone.parameters()} if backbone is not None else set()
+    head = [p for p in network.parameters() if id(p) not in inner]
+    opt = torch.optim.AdamW(head, lr=config.lr, weight_decay=config.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _step: 1.0)
+
+
+def freeze_backbone(network: torch.nn.Module, frozen: bool) -> None:
+    """Stop (or restart) gradients through the backbone's parameters.
+
+    Its BatchNorm layers stay in training mode: their running statistics follow our 2-channel
+    inputs, which ImageNet's do not describe, and :func:`recalibrate_batchnorm` re-estimates them
+    after training in any case.
+    """
+    backbone = getattr(network, "backbone", None)
+    if backbone is not None:
+        for p in backbone.parameters():
+            p.requires_grad_(not frozen)
+
+
 def train_one_epoch(
     network: SorterNet,
     images: ImageSet,
@@ -266,6 +294,7 @@ def fit(
     teacher = load_teacher(teacher_path, spec, device) if teacher_path else None
     steps = config.epochs * (config.epoch_size // config.batch_size + 1)
     opt, sched = make_optimizer(config, network, steps)
+    probe_opt, probe_sched = make_probe_optimizer(config, network)
     gen = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, Any]] = []
     start_epoch = 1
@@ -276,14 +305,36 @@ def fit(
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
+        if "torch_rng" in state:  # dropout's masks: a resumed run draws what the whole run would
+            torch.random.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if "probe_optimizer" in state:
+            probe_opt.load_state_dict(state["probe_optimizer"])
+            probe_sched.load_state_dict(state["probe_scheduler"])
         history, start_epoch = state["history"], state["epoch"] + 1
         log.info("resumed from %s at epoch %d", checkpoint, start_epoch)
-    for epoch in range(start_epoch, config.epochs + 1):
+    for epoch in range(start_epoch, config.probe_epochs + config.epochs + 1):
         began = time.perf_counter()
+        probing = epoch <= config.probe_epochs
+        freeze_backbone(network, probing)
+        epoch_opt, epoch_sched = (probe_opt, probe_sched) if probing else (opt, sched)
         loss = train_one_epoch(
-            network, train_set, label_index, config, spec, opt, sched, device, gen, progress, teacher
+            network,
+            train_set,
+            label_index,
+            config,
+            spec,
+            epoch_opt,
+            epoch_sched,
+            device,
+            gen,
+            progress,
+            teacher,
         )
-        row: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "lr": opt.param_groups[0]["lr"]}
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "lr": epoch_opt.param_groups[0]["lr"]}
+        if config.probe_epochs:
+            row["phase"] = "probe" if probing else "fine-tune"
         if val_set is not None and len(val_set):
             recalibrate_batchnorm(network, train_set, config, gen)
             logits = predict_logits(network, val_set)
@@ -309,7 +360,11 @@ def fit(
                 "network": network.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
+                "probe_optimizer": probe_opt.state_dict(),
+                "probe_scheduler": probe_sched.state_dict(),
                 "generator": gen.get_state(),
+                "torch_rng": torch.random.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "history": history,
                 "epoch": epoch,
             },
