@@ -93,6 +93,13 @@ def test_a_run_interrupted_while_probing_resumes_to_the_same_network(
     assert json.dumps(history)
 
 
+def test_probing_leaves_the_plateau_schedule_to_fine_tuning(tmp_path: Path) -> None:
+    """The paper preset's decay on plateau counts fine-tuning's epochs only."""
+    fit(_config(schedule="plateau", probe_epochs=2, epochs=1), _images(), None, tmp_path, progress=False)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert checkpoint["scheduler"]["last_epoch"] == 1
+
+
 def test_negative_probe_epochs_are_refused() -> None:
     with pytest.raises(ValueError, match="probe_epochs counts epochs"):
         _config(probe_epochs=-1)

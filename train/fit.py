@@ -345,7 +345,7 @@ def fit(
                 metrics["accuracy"],
                 metrics["balanced_accuracy"],
             )
-        if config.schedule == "plateau":
+        if config.schedule == "plateau" and not probing:  # the probe's losses are not fine-tuning's
             sched.step(row.get("val_loss", loss))
         row["seconds"] = round(time.perf_counter() - began, 1)
         history.append(row)
