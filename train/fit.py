@@ -51,15 +51,21 @@ def sample_weights(images: ImageSet, group_balance: float, source_balance: float
     return weights / weights.sum()
 
 
+def split_backbone(network: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """The parameters outside the backbone (the head, ...) and the backbone's own; all of them
+    count as outside when the network has no ``backbone``."""
+    backbone = getattr(network, "backbone", None)
+    inner = list(backbone.parameters()) if backbone is not None else []
+    ids = {id(p) for p in inner}
+    return [p for p in network.parameters() if id(p) not in ids], inner
+
+
 def param_groups(config: FitConfig, network: torch.nn.Module) -> list[dict[str, Any]]:
     """One group at ``lr``, or with ``backbone_lr_scale != 1`` the head (and anything
     outside the backbone) at ``lr`` first, then the backbone at ``lr * backbone_lr_scale``."""
-    backbone = getattr(network, "backbone", None)
-    if config.backbone_lr_scale == 1.0 or backbone is None:
+    rest, inner = split_backbone(network)
+    if config.backbone_lr_scale == 1.0 or not inner:
         return [{"params": list(network.parameters()), "lr": config.lr}]
-    inner = list(backbone.parameters())
-    ids = {id(p) for p in inner}
-    rest = [p for p in network.parameters() if id(p) not in ids]
     return [{"params": rest, "lr": config.lr}, {"params": inner, "lr": config.lr * config.backbone_lr_scale}]
 
 
@@ -92,9 +98,7 @@ def make_probe_optimizer(config: FitConfig, network: torch.nn.Module) -> tuple[A
     same keys. Its schedule is separate from fine-tuning's one cycle, which therefore warms up
     from the fitted head exactly as it would from a fresh one.
     """
-    backbone = getattr(network, "backbone", None)
-    inner = {id(p) for p in backbone.parameters()} if backbone is not None else set()
-    head = [p for p in network.parameters() if id(p) not in inner]
+    head, _backbone = split_backbone(network)
     opt = torch.optim.AdamW(head, lr=config.lr, weight_decay=config.weight_decay)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _step: 1.0)
 
@@ -106,10 +110,8 @@ def freeze_backbone(network: torch.nn.Module, frozen: bool) -> None:
     inputs, which ImageNet's do not describe, and :func:`recalibrate_batchnorm` re-estimates them
     after training in any case.
     """
-    backbone = getattr(network, "backbone", None)
-    if backbone is not None:
-        for p in backbone.parameters():
-            p.requires_grad_(not frozen)
+    for p in split_backbone(network)[1]:
+        p.requires_grad_(not frozen)
 
 
 def train_one_epoch(
