@@ -122,6 +122,41 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+_YAML_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+}
+
+
+def _typed(path: Path, key: str, annotation: str, value: Any) -> Any:
+    """``value`` if it has the field's type (``annotation``, e.g. ``"int | None"``), else one
+    line (``epochs: two``) instead of a TypeError deep in training.
+
+    A float may be written ``1e-3``: YAML 1.1 (PyYAML) reads an exponent without a dot as a string.
+    """
+    for kind in (part.strip() for part in annotation.split("|")):
+        if kind == "None" and value is None:
+            return value
+        if kind.startswith("tuple") and isinstance(value, list | tuple):
+            return value
+        # YAML's true/false are ints to Python; a count or a rate written as a boolean is a mistake.
+        if (
+            kind in _YAML_TYPES
+            and isinstance(value, _YAML_TYPES[kind])
+            and (kind == "bool") == isinstance(value, bool)
+        ):
+            return value
+        if kind == "float" and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    wanted = annotation.replace("tuple[str, ...]", "a list").replace(" | None", " or null")
+    raise ValueError(f"{path}: {key} must be {wanted}, not {value!r}")
+
+
 def resolve_config(preset: str = "default", yaml_file: Path | None = None, **overrides: Any) -> FitConfig:
     """Preset, then YAML file, then CLI overrides (``None`` means not given)."""
     if preset not in PRESETS:
@@ -134,7 +169,8 @@ def resolve_config(preset: str = "default", yaml_file: Path | None = None, **ove
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"{yaml_file}: unknown keys {sorted(unknown)}")
-        layers.append(data)
+        annotations = {f.name: str(f.type) for f in fields(FitConfig)}
+        layers.append({key: _typed(yaml_file, key, annotations[key], value) for key, value in data.items()})
     layers.append({k: v for k, v in overrides.items() if v is not None})
     for layer in layers:
         clean = {k: tuple(v) if isinstance(v, list) else v for k, v in layer.items()}
