@@ -162,14 +162,13 @@ def resolve_config(preset: str = "default", yaml_file: Path | None = None, **ove
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     config = replace(FitConfig(), **PRESETS[preset])
-    known = {f.name for f in fields(FitConfig)}
+    annotations = {f.name: str(f.type) for f in fields(FitConfig)}  # every key, with its type
     layers: list[dict[str, Any]] = []
     if yaml_file is not None:
         data = yaml.safe_load(Path(yaml_file).read_text()) or {}
-        unknown = set(data) - known
+        unknown = set(data) - set(annotations)
         if unknown:
             raise ValueError(f"{yaml_file}: unknown keys {sorted(unknown)}")
-        annotations = {f.name: str(f.type) for f in fields(FitConfig)}
         layers.append({key: _typed(yaml_file, key, annotations[key], value) for key, value in data.items()})
     layers.append({k: v for k, v in overrides.items() if v is not None})
     for layer in layers:
