@@ -10,12 +10,14 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from sorter.model.network import SorterNet, build_network, load_pretrained
@@ -126,11 +128,13 @@ def train_one_epoch(
     gen: torch.Generator,
     progress: bool,
     teacher: SorterNet | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> float:
     """One epoch of ``epoch_size`` images drawn by the balanced sampler; returns the mean loss.
 
     With a ``teacher`` the loss also pulls the network's softened outputs towards the teacher's
     on the very same augmented inputs (knowledge distillation, Hinton et al., 2015).
+    ``after_step`` runs after every optimizer step (weight averaging).
     """
     network.train()
     weights = torch.from_numpy(sample_weights(images, config.group_balance, config.source_balance))
@@ -176,6 +180,8 @@ def train_one_epoch(
         opt.step()
         if config.schedule != "plateau":
             sched.step()
+        if after_step is not None:
+            after_step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return float(np.mean(losses)) if losses else float("nan")
@@ -297,6 +303,8 @@ def fit(
     steps = config.epochs * (config.epoch_size // config.batch_size + 1)
     opt, sched = make_optimizer(config, network, steps)
     probe_opt, probe_sched = make_probe_optimizer(config, network)
+    averaged = AveragedModel(network) if config.average_from > 0 else None
+    average_after = config.probe_epochs + int(config.epochs * config.average_from)  # last epoch not averaged
     gen = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, Any]] = []
     start_epoch = 1
@@ -314,6 +322,8 @@ def fit(
         if "probe_optimizer" in state:
             probe_opt.load_state_dict(state["probe_optimizer"])
             probe_sched.load_state_dict(state["probe_scheduler"])
+        if averaged is not None and state.get("averaged") is not None:
+            averaged.load_state_dict(state["averaged"])
         history, start_epoch = state["history"], state["epoch"] + 1
         log.info("resumed from %s at epoch %d", checkpoint, start_epoch)
     for epoch in range(start_epoch, config.probe_epochs + config.epochs + 1):
@@ -333,6 +343,7 @@ def fit(
             gen,
             progress,
             teacher,
+            (lambda: averaged.update_parameters(network)) if averaged and epoch > average_after else None,
         )
         row: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "lr": epoch_opt.param_groups[0]["lr"]}
         if config.probe_epochs:
@@ -364,6 +375,7 @@ def fit(
                 "scheduler": sched.state_dict(),
                 "probe_optimizer": probe_opt.state_dict(),
                 "probe_scheduler": probe_sched.state_dict(),
+                "averaged": averaged.state_dict() if averaged is not None else None,
                 "generator": gen.get_state(),
                 "torch_rng": torch.random.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -372,5 +384,9 @@ def fit(
             },
             checkpoint,
         )
+    if averaged is not None and int(averaged.n_averaged) > 0:
+        # The average's BatchNorm statistics are not any step's: recalibrate_batchnorm re-estimates them.
+        network.load_state_dict(averaged.module.state_dict())
+        log.info("weights averaged over %d steps", int(averaged.n_averaged))
     recalibrate_batchnorm(network, train_set, config, gen)
     return network.to("cpu", memory_format=torch.contiguous_format), history
