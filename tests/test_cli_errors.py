@@ -169,6 +169,34 @@ def test_a_url_that_is_no_url_is_refused(archive):
     _one_line_error(result, 1, "is not a database URL", "sqlite:///")
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["find", "--label", "ct"],
+        ["discrepancies"],
+        ["report"],
+        ["status"],
+        ["failures"],
+        ["models", "list"],
+        ["export", "--out", "manifest.csv"],
+    ],
+)
+def test_a_query_where_nothing_was_scanned_says_so_and_leaves_no_database(command, tmp_path, monkeypatch):
+    """Run in the wrong directory, a query once created an empty sorter.db and printed no rows."""
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(_run(command), 1, "no results database at", str(tmp_path / "sorter.db"), "sorter scan")
+    assert not (tmp_path / "sorter.db").exists()
+
+
+def test_a_scan_creates_the_database_that_queries_then_read(archive, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scanned = _run(["scan", str(archive), "--no-progress"])
+    assert scanned.exit_code == 0, scanned.output
+    result = _run(["find", "--label", "ct", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    assert len(result.output.splitlines()) == 2  # the header and CT_small
+
+
 def test_a_database_at_a_revision_this_sorter_does_not_know_is_refused(archive, tmp_path):
     db = tmp_path / "future.db"
     url = f"sqlite:///{db}"

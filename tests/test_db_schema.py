@@ -99,9 +99,11 @@ def test_constraints_are_named_and_enums_stored_by_value(db_url):
 def test_the_embedded_default_is_created_and_migrated_on_first_use(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SORTER_DATABASE_URL", raising=False)
-    result = CliRunner().invoke(main, ["report", "--format", "json"])
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(main, ["scan", "empty", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "sorter.db").is_file()
+    assert CliRunner().invoke(main, ["report", "--format", "json"]).exit_code == 0
     assert query(f"sqlite:///{tmp_path / 'sorter.db'}", "PRAGMA journal_mode")[0][0] == "wal"
 
 

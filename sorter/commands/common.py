@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import click
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sorter.config import Settings
@@ -154,10 +155,35 @@ def format_option(func: F) -> F:
     )(func)
 
 
+def missing_sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite ``url`` when it does not exist yet (``None`` for an existing file,
+    an in-memory database or another backend)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:  # not a URL: open_database says so
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    path = Path(parsed.database)
+    return None if path.exists() else path.absolute()
+
+
 @contextmanager
-def database(url: str | None) -> Iterator[tuple[Engine, sessionmaker[Session]]]:
-    """Open the configured database for one command; a clear error when it cannot be used."""
+def database(url: str | None, create: bool = False) -> Iterator[tuple[Engine, sessionmaker[Session]]]:
+    """Open the configured database for one command; a clear error when it cannot be used.
+
+    A command that only reads results (``create=False``) refuses a SQLite file that does not
+    exist, rather than creating an empty database and answering that it holds nothing: run in
+    the wrong directory, ``sorter find`` would otherwise print no rows and leave a stray
+    ``sorter.db`` behind.
+    """
     settings = Settings.from_env(database_url=url)
+    missing = None if create else missing_sqlite_file(settings.database_url)
+    if missing is not None:
+        raise click.ClickException(
+            f"no results database at {missing}: run `sorter scan PATH` (or listen, watch) here first, "
+            "or point --database-url / SORTER_DATABASE_URL at the database they wrote"
+        )
     try:
         engine, sessions = open_database(settings.database_url)
     except DatabaseError as exc:

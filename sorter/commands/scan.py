@@ -101,7 +101,7 @@ def scan(
         rules = None
     rule_set = read_rules(rules) if rules is not None else None
     summary = RunSummary()
-    with interruptible(), database(settings.database_url) as (engine, sessions):
+    with interruptible(), database(settings.database_url, create=True) as (engine, sessions):
         bar = progress_bar(progress, "scan")
         try:
             with executor_for(settings, sessions, summary, bar, statuses=CLAIMABLE) as executor:

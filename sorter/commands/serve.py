@@ -69,7 +69,7 @@ def serve(
         )
     if not access.required:
         access.allowed_hosts = tuple(dict.fromkeys([*LOOPBACK_HOSTS, bind]))
-    with database(database_url) as (_engine, sessions):
+    with database(database_url, create=True) as (_engine, sessions):
         refresher = Refresher()
         try:
             with sessions() as session:  # the queue's summary: built once here, then kept current

@@ -61,7 +61,7 @@ def serve(
     if after.dest is not None and (after.dest == root or root in after.dest.parents):
         raise click.ClickException(f"--after move:{after.dest} is inside the watched folder {root}")
     summary = RunSummary()
-    with database(settings.database_url) as (engine, sessions):
+    with database(settings.database_url, create=True) as (engine, sessions):
         observer = metrics.batch_observer(sessions) if metrics is not None else None
         on_rules = metrics.rules_applied if metrics is not None else None
         with executor_for(
