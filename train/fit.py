@@ -304,7 +304,8 @@ def fit(
     opt, sched = make_optimizer(config, network, steps)
     probe_opt, probe_sched = make_probe_optimizer(config, network)
     averaged = AveragedModel(network) if config.average_from > 0 else None
-    average_after = config.probe_epochs + int(config.epochs * config.average_from)  # last epoch not averaged
+    # The last epoch whose steps are not averaged (probing's never are).
+    average_after = config.probe_epochs + int(config.epochs * config.average_from)
     gen = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, Any]] = []
     start_epoch = 1
@@ -343,7 +344,9 @@ def fit(
             gen,
             progress,
             teacher,
-            (lambda: averaged.update_parameters(network)) if averaged and epoch > average_after else None,
+            (lambda: averaged.update_parameters(network))
+            if averaged is not None and epoch > average_after
+            else None,
         )
         row: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "lr": epoch_opt.param_groups[0]["lr"]}
         if config.probe_epochs:
