@@ -183,6 +183,7 @@ def test_a_run_resumes_from_its_folder_and_refuses_other_options(corpus, tmp_pat
 
 
 def test_nothing_to_adapt_is_one_line(sqlite_url, tmp_path):
+    sorter("db", "upgrade", url=sqlite_url)  # a database that holds nothing (no database is refused earlier)
     result = sorter("adapt", "--out", str(tmp_path / "a"), "--no-progress", url=sqlite_url, expect=1)
     assert "nothing to adapt on" in result.output
     listed = sorter("discrepancies", "--by", "label-issue", url=sqlite_url, expect=1)

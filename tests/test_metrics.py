@@ -68,7 +68,7 @@ def test_a_scan_moves_the_counters_and_histograms_seen_over_http(
     settings = Settings.from_env({}, database_url=sqlite_url, model=tiny_model, workers=1, batch_size=4)
     summary = RunSummary()
 
-    with database(sqlite_url) as (engine, sessions):
+    with database(sqlite_url, create=True) as (engine, sessions):
         observer = metrics.batch_observer(sessions)
         with open_local_executor(settings, sessions, summary, observer=observer) as executor:
             Scan(
