@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_probe import _config, _images
+from test_train_probe import _config, _images, interrupted_and_resumed
 from torch.optim.swa_utils import AveragedModel
 
 from train import fit as fit_module
@@ -44,26 +44,8 @@ def test_a_run_interrupted_while_averaging_resumes_to_the_same_average(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     images, config = _images(), _config(epochs=3, average_from=0.4)
-    whole, _ = fit(config, images, None, tmp_path / "whole", progress=False)
-
-    real, calls = fit_module.train_one_epoch, []
-
-    def stop_in_the_third_epoch(*args: object, **kwargs: object) -> float:
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fit_module, "train_one_epoch", stop_in_the_third_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        fit(config, images, None, tmp_path / "cut", progress=False)
-    monkeypatch.undo()
-    checkpoint = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
-    assert int(checkpoint["averaged"]["n_averaged"]) == 2  # epoch 2's two steps
-
-    resumed, _ = fit(config, images, None, tmp_path / "cut", progress=False, resume=True)
-    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+    checkpoint, _ = interrupted_and_resumed(config, images, tmp_path, monkeypatch, stop_in_epoch=3)
+    assert int(checkpoint["averaged"]["n_averaged"]) == 2  # the Ctrl-C came after epoch 2's two steps
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.0])

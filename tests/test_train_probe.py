@@ -49,6 +49,32 @@ def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) ->
     return any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def interrupted_and_resumed(
+    config: FitConfig, images: ImageSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_in_epoch: int
+) -> tuple[dict, list[dict]]:
+    """Fit ``config`` whole, then again with a Ctrl-C in epoch ``stop_in_epoch`` and ``--resume``;
+    asserts both end with the same network and returns the checkpoint the Ctrl-C left and the
+    resumed run's history."""
+    whole, _ = fit(config, images, None, tmp_path / "whole", progress=False)
+    real, calls = fit_module.train_one_epoch, []
+
+    def stop(*args: object, **kwargs: object) -> float:
+        calls.append(1)
+        if len(calls) == stop_in_epoch:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "train_one_epoch", stop)
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, images, None, tmp_path / "cut", progress=False)
+    monkeypatch.undo()
+    checkpoint = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    resumed, history = fit(config, images, None, tmp_path / "cut", progress=False, resume=True)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+    return checkpoint, history
+
+
 def test_probe_epochs_train_the_head_alone_then_everything(tmp_path: Path) -> None:
     images = _images()
     start = _backbone(fit(_config(epochs=0), images, None, tmp_path / "init", progress=False)[0])
@@ -69,27 +95,9 @@ def test_a_run_interrupted_while_probing_resumes_to_the_same_network(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     images, config = _images(), _config(probe_epochs=2, epochs=1)
-    whole, _ = fit(config, images, None, tmp_path / "whole", progress=False)
-
-    real, calls = fit_module.train_one_epoch, []
-
-    def stop_in_the_second_epoch(*args: object, **kwargs: object) -> float:
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fit_module, "train_one_epoch", stop_in_the_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        fit(config, images, None, tmp_path / "cut", progress=False)
-    monkeypatch.undo()
-    checkpoint = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    checkpoint, history = interrupted_and_resumed(config, images, tmp_path, monkeypatch, stop_in_epoch=2)
     assert checkpoint["epoch"] == 1 and checkpoint["history"][0]["phase"] == "probe"
-
-    resumed, history = fit(config, images, None, tmp_path / "cut", progress=False, resume=True)
     assert [(row["epoch"], row["phase"]) for row in history] == [(1, "probe"), (2, "probe"), (3, "fine-tune")]
-    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
     assert json.dumps(history)
 
 
