@@ -181,8 +181,8 @@ def database(url: str | None, create: bool = False) -> Iterator[tuple[Engine, se
     missing = None if create else missing_sqlite_file(settings.database_url)
     if missing is not None:
         raise click.ClickException(
-            f"no results database at {missing}: run `sorter scan PATH` (or listen, watch) here first, "
-            "or point --database-url / SORTER_DATABASE_URL at the database they wrote"
+            f"no results database at {missing}: `sorter scan PATH` (or listen, watch) creates it; "
+            "or point --database-url / SORTER_DATABASE_URL at the one they wrote"
         )
     try:
         engine, sessions = open_database(settings.database_url)
