@@ -197,6 +197,15 @@ def test_a_scan_creates_the_database_that_queries_then_read(archive, tmp_path, m
     assert len(result.output.splitlines()) == 2  # the header and CT_small
 
 
+def test_a_scan_of_the_folder_holding_its_database_leaves_the_database_alone(archive, monkeypatch):
+    monkeypatch.chdir(archive)  # sorter.db and its journals land inside the scanned tree
+    for _ in range(2):
+        scanned = _run(["scan", ".", "--no-progress"])
+        assert scanned.exit_code == 0, scanned.output
+    failed = _run(["failures", "--format", "csv"])
+    assert failed.exit_code == 0 and failed.output.splitlines()[1:] == [], failed.output
+
+
 def test_a_database_at_a_revision_this_sorter_does_not_know_is_refused(archive, tmp_path):
     db = tmp_path / "future.db"
     url = f"sqlite:///{db}"

@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import click
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from sorter.config import Settings
-from sorter.db.session import DatabaseError, open_database
+from sorter.db.session import DatabaseError, open_database, sqlite_file
 
 if TYPE_CHECKING:
     from sorter.metrics import HealthCheck, Metrics
@@ -158,14 +157,8 @@ def format_option(func: F) -> F:
 def missing_sqlite_file(url: str) -> Path | None:
     """The file of a SQLite ``url`` when it does not exist yet (``None`` for an existing file,
     an in-memory database or another backend)."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:  # not a URL: open_database says so
-        return None
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return None
-    path = Path(parsed.database)
-    return None if path.exists() else path.absolute()
+    path = sqlite_file(url)
+    return path if path is not None and not path.exists() else None
 
 
 @contextmanager

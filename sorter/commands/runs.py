@@ -5,7 +5,6 @@ signals, and the printed summary. Command modules import from here (and from
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from tqdm import tqdm
 from sorter import interrupts
 from sorter.commands.common import database_option, model_options
 from sorter.config import Settings
+from sorter.db.session import sqlite_file
 from sorter.domain import Label
 from sorter.errors import ModelError
 from sorter.jobs.executor import open_executor, open_local_executor
@@ -98,10 +98,10 @@ def executor_for(
 
 def sqlite_files(engine: Engine) -> frozenset[str]:
     """The embedded database and its journals, never to be scanned as archive files."""
-    name = engine.url.database if engine.dialect.name == "sqlite" else None
-    if not name or name == ":memory:":
+    path = sqlite_file(engine.url)
+    if path is None:
         return frozenset()
-    base = os.path.abspath(name)
+    base = str(path)
     return frozenset({base, base + "-wal", base + "-shm", base + "-journal"})
 
 

@@ -11,6 +11,7 @@ alone: upgrading a shared production schema is a deliberate step
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from sorter.errors import SorterError
@@ -51,6 +52,18 @@ def normalise_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix) :]
     return url
+
+
+def sqlite_file(url: str | URL) -> Path | None:
+    """The absolute path of the file a SQLite ``url`` names; ``None`` for an in-memory
+    database, another backend, or a string that is no URL (:func:`create_db_engine` says so)."""
+    try:
+        parsed = make_url(url)
+    except sa.exc.ArgumentError:
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(os.path.abspath(parsed.database))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
