@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+import stat
 from pathlib import Path
 
 from click.testing import CliRunner
 from db_support import scan, small_archive, sorter
 from pydicom.data import get_testdata_file
+from support import umask
 
 from sorter.cli import main
 from sorter.domain import ALL_LABELS
@@ -56,6 +58,18 @@ def test_export_says_which_labels_fall_short(db_url, tiny_model, tmp_path):
     )
     assert "short of --per-label 500: CT 3, MR 3" in result.output, result.output
     assert "lower --per-label" in result.output
+
+
+def test_an_exported_manifest_is_readable_as_any_new_file_is(sqlite_url, tiny_model, tmp_path):
+    """The training team reads it: it used to be written 0600 whatever the umask (mkstemp's mode)."""
+    small_archive(tmp_path / "archive")
+    scan(sqlite_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
+    out = tmp_path / "m.csv"
+    with umask(0o022):
+        sorter("export", "--label-from", "header", "--out", str(out), url=sqlite_url)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+    result = sorter("export", "--label-from", "reviewed", "--out", str(out), url=sqlite_url)
+    assert "wrote no rows to" in result.output and "--label-from reviewed" in result.output, result.output
 
 
 def test_json_logs_are_detected_so_the_worker_can_quiet_celery_s_banner():

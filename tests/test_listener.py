@@ -6,6 +6,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import time
@@ -29,12 +30,13 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
-from support import free_port, listen_env, stop_process_group
+from support import free_port, listen_env, stop_process_group, umask
 
 from sorter import listener
 from sorter.commands.listen import backend
 from sorter.config import Settings
 from sorter.dicom.storage import safe_name, store_instance
+from sorter.rules.filing import file_instance
 from sorter.scu import c_echo, c_store
 from sorter.spool import SpoolWorker
 from sorter.summary import RunSummary
@@ -139,6 +141,20 @@ def test_store_instance_is_idempotent_newer_bytes_win_and_bad_uids_are_hashed(tm
     assert evil.resolve().is_relative_to(tmp_path.resolve())
     assert evil.name == safe_name("01.2") + ".dcm" and evil.name.startswith("x-")
     assert [p.name for p in tmp_path.rglob("*") if p.name.startswith(".")] == []  # no temp file left
+
+
+def test_spooled_and_filed_instances_get_the_service_s_umask_not_0600(tmp_path):
+    """A unit's ``UMask=0027`` is there so that the ``sorter`` group reads the spool and what rules
+    file; a file written through a temporary name used to stay 0600 whatever the umask."""
+    with umask(0o027):
+        spooled = store_instance(tmp_path / "spool", b"one", "1.2.3", "1.2.3.4", "1.2.3.4.5")
+        filed = file_instance(spooled, tmp_path / "by-label" / "CT" / "one.dcm", "copy")
+    assert filed.error is None
+    assert stat.S_IMODE(spooled.stat().st_mode) == 0o640
+    assert stat.S_IMODE(filed.target.stat().st_mode) == 0o640
+    with umask(0o022):
+        again = store_instance(tmp_path / "spool", b"two", "1.2.3", "1.2.3.4", "1.2.3.4.5")
+    assert again == spooled and stat.S_IMODE(again.stat().st_mode) == 0o644
 
 
 def test_echo_and_stores_in_every_transfer_syntax_are_spooled_as_sent_and_classified(

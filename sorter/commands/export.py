@@ -68,11 +68,20 @@ def export(
     by_label: dict[str, int] = {}
     for (label, _source), n in written.counts.items():
         by_label[label] = by_label.get(label, 0) + n
-    click.echo(
-        f"wrote {sum(written.counts.values())} rows to {out}: "
-        + ", ".join(f"{label} {n}" for label, n in sorted(by_label.items())),
-        err=True,
-    )
+    if by_label:
+        click.echo(
+            f"wrote {sum(by_label.values())} rows to {out}: "
+            + ", ".join(f"{label} {n}" for label, n in sorted(by_label.items())),
+            err=True,
+        )
+    else:
+        click.echo(
+            f"wrote no rows to {out} (the header line only): no classified instance has a label "
+            + f"from --label-from {label_from}"
+            + (f" with confidence >= {min_confidence:g}" if min_confidence else "")
+            + "; `sorter report` shows what is classified",
+            err=True,
+        )
     if per_label is not None:
         short = {label: n for label, n in sorted(by_label.items()) if n < per_label}
         missing = [label.value for label in Label if label.value not in by_label]
