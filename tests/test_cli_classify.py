@@ -112,12 +112,14 @@ def test_a_damaged_frame_is_one_line_not_tracebacks(tiny_model, tmp_path):
     assert "(the decoder said: Tile part length size inconsistent with stream length)" in record["detail"]
 
 
-def test_mismatched_model_gives_a_clear_error(tmp_path, archive):
+@pytest.mark.parametrize("content", [b"junk", b"", b"PK\x03\x04 a zip cut short"])
+def test_mismatched_model_gives_a_clear_error(tmp_path, archive, content):
     junk = tmp_path / "junk.pt"
-    junk.write_bytes(b"junk")
+    junk.write_bytes(content)
     result = CliRunner().invoke(main, ["classify", "--model", str(junk), str(archive)])
     assert result.exit_code != 0
-    assert "not a readable dicom-sorter model" in result.output
+    assert "not a readable dicom-sorter model: not a PyTorch file" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output  # no torch internals
 
 
 @pytest.mark.skipif(not DEFAULT_MODEL_PATH.exists(), reason="no bundled model in this checkout")

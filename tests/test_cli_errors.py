@@ -169,6 +169,15 @@ def test_a_url_that_is_no_url_is_refused(archive):
     _one_line_error(result, 1, "is not a database URL", "sqlite:///")
 
 
+@pytest.mark.parametrize("command", [["report"], ["scan"], ["db", "upgrade"]])
+def test_a_postgresql_server_that_is_not_there_is_one_line_with_the_driver_s_words(command, archive):
+    # psycopg's message comes on two lines and SQLAlchemy's text adds a web link: one line here.
+    url = f"postgresql://sorter:secret@127.0.0.1:{free_port()}/test"
+    args = command + ([str(archive)] if command == ["scan"] else []) + ["--database-url", url]
+    line = _one_line_error(_run(args), 1, "cannot open the database", "Connection refused", "server running")
+    assert "sqlalche.me" not in line and "secret" not in line
+
+
 @pytest.mark.parametrize(
     "command",
     [

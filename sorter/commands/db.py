@@ -27,7 +27,7 @@ def _engine(database_url: str | None) -> Iterator[Engine]:
     except CommandError as exc:
         raise click.ClickException(f"{exc}; `sorter db history` lists the revisions") from exc
     except OperationalError as exc:
-        raise click.ClickException(f"cannot open the database: {str(exc.orig or exc).strip()}") from exc
+        raise click.ClickException(f"cannot open the database: {db.connection_problem(exc)}") from exc
     finally:
         engine.dispose()
 

@@ -230,6 +230,12 @@ def ensure_schema(engine: Engine) -> None:
     )
 
 
+def connection_problem(exc: sa.exc.OperationalError) -> str:
+    """The driver's own words for a failed connection, on one line (psycopg's come on several,
+    and SQLAlchemy's text adds the SQL and a web link)."""
+    return "; ".join(line.strip() for line in str(exc.orig or exc).splitlines() if line.strip())
+
+
 def open_database(url: str) -> tuple[Engine, sessionmaker[Session]]:
     """Engine and session factory for ``url``, with the schema ready to use.
 
@@ -248,7 +254,9 @@ def open_database(url: str) -> tuple[Engine, sessionmaker[Session]]:
         ensure_schema(engine)
     except sa.exc.OperationalError as exc:
         engine.dispose()
-        raise DatabaseError(f"cannot open the database {make_url(url).render_as_string()}: {exc}") from exc
+        raise DatabaseError(
+            f"cannot open the database {make_url(url).render_as_string()}: {connection_problem(exc)}"
+        ) from exc
     except BaseException:
         engine.dispose()
         raise

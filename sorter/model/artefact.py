@@ -90,7 +90,12 @@ def read_spec(path: Path) -> tuple[ModelSpec, dict[str, Any], dict[str, torch.Te
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file; all mean the same here
-        raise IncompatibleModelError(f"{path} is not a readable dicom-sorter model: {exc}") from exc
+        # Their texts are torch's internals (a pickle's magic number, "internal miniz error"):
+        # the type alone stays, for a bug report.
+        raise IncompatibleModelError(
+            f"{path} is not a readable dicom-sorter model: not a PyTorch file, or a truncated one "
+            f"({type(exc).__name__}); copy it again, or write it with `sorter-train export`"
+        ) from exc
     if not isinstance(payload, dict) or payload.get("format") != MAGIC:
         raise IncompatibleModelError(f"{path} is not a dicom-sorter model artefact")
     raw = json.loads(payload["spec"])
