@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +25,7 @@ from db_support import query, scan, sorter
 from PIL import Image
 from review_support import PER_SERIES, make_archive
 from starlette.testclient import TestClient
+from support import free_port, wait_for_port
 
 from sorter.db.session import open_database
 from sorter.model.artefact import DEFAULT_MODEL_PATH
@@ -317,3 +323,40 @@ def test_serve_says_in_one_line_when_it_cannot_read_the_database(sqlite_url):
     result = sorter("serve", "--port", "1", url=sqlite_url, expect=1)
     assert "cannot read the results database: no such table: series_state" in result.output
     assert "Traceback" not in result.output
+
+
+def _serve(port: int, database: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sorter", "serve", "--port", str(port)],
+        env={**os.environ, "SORTER_DATABASE_URL": f"sqlite:///{database}"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def test_serve_on_a_busy_port_says_so_in_one_line_and_announces_no_page(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        process = _serve(taken.getsockname()[1], tmp_path / "sorter.db")
+        output, _ = process.communicate(timeout=60)
+    # uvicorn used to log its own line after the page was announced, and exit with status 3.
+    assert process.returncode == 1, output
+    assert "Error: cannot serve on 127.0.0.1:" in output and "Address already in use" in output
+    assert "review page on" not in output and "Traceback" not in output and "ERROR" not in output
+
+
+def test_ctrl_c_stops_serve_with_status_0_as_watch_and_listen(tmp_path):
+    port = free_port()
+    process = _serve(port, tmp_path / "sorter.db")
+    try:
+        wait_for_port(port, process, timeout=60)  # type: ignore[arg-type]
+    except BaseException:
+        process.kill()
+        raise
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output  # was 1, with click's "Aborted!"
+    assert "review page stopped" in output and "Aborted" not in output

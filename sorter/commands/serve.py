@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import getpass
+import socket
 
 import click
 import sqlalchemy as sa
@@ -83,15 +85,45 @@ def serve(
             click.echo(f"review queue {built.kind}: {built.series} series in {built.seconds:.1f} s", err=True)
         app = create_app(sessions, access, refresher, overview_at_start=True)
         guard = "token" if token else ("basic auth" if basic_auth else "loopback only, no login")
+        listening = _bound_socket(bind, port)  # before the page is announced
         click.echo(f"review page on http://{bind}:{port}/ ({guard}); Ctrl-C stops it", err=True)
         config = uvicorn.Config(app, host=bind, port=port, log_level="warning", access_log=False)
         server = uvicorn.Server(config)
         try:
-            server.run()
-        except OSError as exc:  # uvicorn logs and exits on a busy port; this is for what it raises
+            server.run(sockets=[listening])
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: that is a stop
+            click.echo("review page stopped", err=True)
+            return
+        except OSError as exc:
             raise click.ClickException(f"cannot serve on {bind}:{port}: {exc.strerror or exc}") from exc
+        finally:
+            listening.close()
         if not server.started:
-            raise click.ClickException(f"cannot serve on {bind}:{port} (is the port in use?)")
+            raise click.ClickException(f"the review page on {bind}:{port} did not start")
+
+
+def _bound_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port``, or one line saying why not.
+
+    Bound here rather than by uvicorn, which on a busy port logs its own line after ours has
+    announced the page and exits with its status 3."""
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise click.ClickException(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart while TIME_WAIT
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        hint = (
+            " (another program, or another sorter serve, has it; choose --port)"
+            if exc.errno == errno.EADDRINUSE
+            else ""
+        )
+        raise click.ClickException(f"cannot serve on {host}:{port}: {exc.strerror or exc}{hint}") from exc
+    return sock
 
 
 def _login_name() -> str:
