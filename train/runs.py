@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from sorter.errors import SorterError
 from sorter.model.artefact import file_sha256, read_spec
 from sorter.model.spec import ModelSpec, PreprocessParams
 from train.config import FitConfig
@@ -45,6 +46,10 @@ def select_rows(manifest: Path | Sequence[Path], config: FitConfig) -> list[Mani
     return kept
 
 
+class NoImagesError(SorterError):
+    """Not one file of a manifest could be decoded: nothing to train or evaluate on."""
+
+
 def images_for(
     rows: Sequence[ManifestRow],
     config: FitConfig,
@@ -56,7 +61,13 @@ def images_for(
     options = DecodeOptions(config.max_frames, config.axial_slices, config.reformat_slices)
     cache = Path(config.cache_dir) if config.cache_dir else None
     images = load_image_set(rows, params, config.cache_size, options, cache, config.workers, progress)
-    if images.failures:
+    if rows and not len(images):
+        path, reason = images.failures[0] if len(images.failures) else (str(rows[0].path), "no image")
+        raise NoImagesError(
+            f"none of the {len(rows)} files the manifest names gave an image (the first, {path}: "
+            f"{reason}); a manifest's paths are relative to its own folder"
+        )
+    if len(images.failures):
         log.warning("%d of %d files could not be decoded", len(images.failures), len(rows))
     return images
 
