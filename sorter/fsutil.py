@@ -71,9 +71,10 @@ def atomic_file(
         with os.fdopen(handle, mode, **open_kw) as out:
             yield out
             out.flush()
+            # Before the fsync, so that the mode is as durable as the content.
+            os.fchmod(out.fileno(), new_file_mode() if permissions is None else permissions)
             if fsync:
                 os.fsync(out.fileno())
-        os.chmod(name, new_file_mode() if permissions is None else permissions)
         os.replace(name, path)
     except BaseException:
         Path(name).unlink(missing_ok=True)
