@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -268,6 +269,8 @@ def test_cli_runs_until_a_signal_and_exits_cleanly(url, tiny_model, tmp_path, si
             stop_process_group(process)
     assert process.returncode == (143 if signum == signal.SIGTERM else 0), output
     assert "stopped watching" in output and "1 classified" in output
+    elapsed = float(re.search(r"\n1 file in ([0-9.]+) s", output)[1])  # type: ignore[index]
+    assert elapsed > 0.2, output  # the watch's time, not 0.0 as when it was never recorded
 
 
 def test_without_file_events_the_rescan_still_finds_files(url, tiny_model, tmp_path, monkeypatch):

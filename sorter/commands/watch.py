@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,6 +62,7 @@ def serve(
     if after.dest is not None and (after.dest == root or root in after.dest.parents):
         raise click.ClickException(f"--after move:{after.dest} is inside the watched folder {root}")
     summary = RunSummary()
+    started = time.monotonic()
     with database(settings.database_url, create=True) as (engine, sessions):
         observer = metrics.batch_observer(sessions) if metrics is not None else None
         on_rules = metrics.rules_applied if metrics is not None else None
@@ -80,6 +82,7 @@ def serve(
                 exclude=sqlite_files(engine),
                 on_rejected=metrics.unclassified if metrics is not None else None,
             ).run(stop)
+    summary.elapsed_s = time.monotonic() - started  # the summary's "N files in T s": the whole watch
     return summary
 
 
