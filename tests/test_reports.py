@@ -160,3 +160,95 @@ def test_a_station_that_mislabels_systematically_is_reported(db_url):
     assert all(r["rate"] >= 0.5 for r in rows) and all(r["name"] not in ("siteB", "CT1") for r in rows)
     data = json.loads(sorter("report", "--format", "json", url=db_url).output)
     assert data["source_contradictions"] == []
+
+
+def _station_results(url: str) -> None:
+    """Four NM/CT stations of 12 instances each, written through the real write path by a model
+    with a header test (NM: agree_at 0.43, disagree_at 0.008; CT: 0.24, 0.24), each instance's
+    verdict the header test's own."""
+    from sorter.compare import compare
+    from sorter.db.queries import model_id_for
+    from sorter.db.session import open_database
+    from sorter.domain import InstanceHeader, Label, Prediction, Status, Thresholds
+    from sorter.ingest import from_header, register
+    from sorter.pipeline import Outcome, write_outcomes
+
+    labels = (Label.CT, Label.PT, Label.NM)
+    bounds = {"NM": (0.43, 0.008), "CT": (0.24, 0.235), "PT": (0.58, 0.015)}
+    thresholds = Thresholds(
+        agree_at={k: v[0] for k, v in bounds.items()}, disagree_at={k: v[1] for k, v in bounds.items()}
+    )
+    plan = {  # station: (modality, p(header label) of each of the 12 instances, the rest to PT)
+        "SPECT_AS_NM_BUT_PT": ("NM", [0.011] * 12),  # never refuted one by one (0.011 > 0.008)
+        "NM_HONEST": ("NM", [0.05] * 12),  # the model doubts NM headers: uncertain, not implausible
+        "CT_SOMETIMES_PT": ("CT", [0.9] * 8 + [0.01] * 4),  # 4 of 12 refuted: 33 %
+        "CT_HONEST": ("CT", [0.9] * 10 + [0.01] * 2),  # 2 of 12: not enough to accuse a station
+    }
+    engine, sessions = open_database(url)
+    with sessions() as session:
+        model_id = model_id_for(
+            session,
+            {
+                "sha256": "e" * 64,
+                "arch": "test",
+                "labels": "CT,PT,NM",
+                "min_confidence": 0.8,
+                "min_margin": 0.2,
+            },
+            bounds,
+        )
+        outcomes = []
+        for station, (modality, p_header) in plan.items():
+            series = generate_uid()
+            for i, p in enumerate(p_header):
+                header = InstanceHeader(
+                    path=f"/archive/{station}/{i}.dcm",
+                    sop_instance_uid=generate_uid(),
+                    study_instance_uid=series,
+                    series_instance_uid=series,
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.20",
+                    modality=modality,
+                    station_name=station,
+                )
+                [registered] = register(session, [from_header(header, source=station)])
+                probs = {label: 0.0 for label in labels}
+                probs[Label(modality)] = p
+                probs[Label.PT] += 1 - p
+                top = sorted(probs.items(), key=lambda kv: -kv[1])
+                prediction = Prediction(top[0][0], top[0][1], top[1][0], top[1][1], probs)
+                verdict = compare(Label(modality), prediction, labels, thresholds)
+                outcomes.append(
+                    Outcome(registered.instance_id, Status.DONE, Label(modality), prediction, verdict)
+                )
+        write_outcomes(session, model_id, outcomes)
+        session.commit()
+    engine.dispose()
+
+
+def test_a_station_is_reported_when_its_images_all_doubt_the_header_or_a_third_are_refuted(db_url):
+    """Issue 18, item 2: a station whose NM headers no single image refutes (the model's NM
+    ``disagree_at`` is low) but whose images all find NM implausible, and one with a third of
+    its CT headers refuted, are station-level discrepancies; honest stations are not. Before,
+    only a disagree rate of one half counted, and both were missed."""
+    from sorter import reports
+    from sorter.db.session import open_database
+
+    _station_results(db_url)
+    engine, sessions = open_database(db_url)
+    try:
+        with sessions() as session:
+            rows = [r for r in reports.source_contradictions(session) if r["by"] == "station_name"]
+    finally:
+        engine.dispose()
+    found = {r["name"]: r for r in rows}
+    assert set(found) == {"SPECT_AS_NM_BUT_PT", "CT_SOMETIMES_PT"}, rows
+    spect = found["SPECT_AS_NM_BUT_PT"]
+    assert (spect["header_label"], spect["pixels"], spect["disagree"], spect["mean_p_header"]) == (
+        "NM",
+        "PT",
+        0,
+        0.011,
+    )
+    assert found["CT_SOMETIMES_PT"]["rate"] == 0.3333 and found["CT_SOMETIMES_PT"]["pixels"] == "PT"
+    assert reports.contradicts(12, 0, 0.0119, 0.008) and not reports.contradicts(12, 0, 0.0121, 0.008)
+    assert not reports.contradicts(9, 9, 0.0, 0.008)  # too few instances to speak for a station

@@ -360,3 +360,12 @@ def test_ctrl_c_stops_serve_with_status_0_as_watch_and_listen(tmp_path):
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output  # was 1, with click's "Aborted!"
     assert "review page stopped" in output and "Aborted" not in output
+
+
+def test_the_overview_lists_the_stations_the_pixels_contradict(sqlite_url):
+    from test_reports import _station_results
+
+    _station_results(sqlite_url)
+    table = _overview(_client(sqlite_url)).text.split('id="contradictions"')[1].split("</table>")[0]
+    assert "SPECT_AS_NM_BUT_PT" in table and "CT_SOMETIMES_PT" in table and "0.011" in table
+    assert "NM_HONEST" not in table and "CT_HONEST" not in table

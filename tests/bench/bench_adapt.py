@@ -37,8 +37,9 @@ study, :func:`sorter.adaptation.core.adapt_arrays`; defaults ``--per-label 2000 
 Reported per fold and overall (sums over folds and repeats): precision and recall of flagged
 series for the sporadic errors (a flag on the systematic source counts as right, recall counts
 sporadic series only), the share of clean series flagged, whether the systematic source is a
-station-level discrepancy (``sorter report``'s rule: at least 10 instances and half of them
-refuted by the generic model, :data:`sorter.reports.CONTRADICTION_RATE`), the adapted model's
+station-level discrepancy (``sorter report``'s rule, :func:`sorter.reports.contradicts`: at least
+10 instances, 30 % of them refuted by the generic model or all of them doubting the header on
+average; until 2026-12-05 half of them refuted) and how many honest sources it accuses, the adapted model's
 cross-fitted accuracy against the TRUE labels on the archive per label (labels with >= 10
 series), and CPU seconds per 1 000 sampled instances for embedding + adaptation (decoding is the
 scan's and is not counted: the run's decoded images are reused).
@@ -67,7 +68,7 @@ from sorter.adaptation.embed import head_inputs  # noqa: E402
 from sorter.adaptation.sample import Candidate, assign_folds, sample  # noqa: E402
 from sorter.adaptation.scoring import label_issues  # noqa: E402
 from sorter.model.artefact import load_artefact  # noqa: E402
-from sorter.reports import CONTRADICTION_MIN_INSTANCES, CONTRADICTION_RATE  # noqa: E402
+from sorter.reports import CONTRADICTION_MIN_INSTANCES, contradicts  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
 from train.config import load_run_config  # noqa: E402
 from train.operating_point import operating_point  # noqa: E402
@@ -138,6 +139,32 @@ def inject(
         true_label = int(np.bincount(truth[mask]).argmax())
         header[mask] = rng.choice([k for k in range(n_labels) if k != true_label])
     return header, sporadic, systematic, systematic_source
+
+
+#: The station rule before 2026-12-05: half the images refuted, nothing else.
+RATE_BEFORE = 0.5
+
+
+def station_reported(
+    generic: np.ndarray,
+    header: np.ndarray,
+    verdicts: list[str],
+    mask: np.ndarray,
+    disagree_at: np.ndarray,
+    rate_only: float | None = None,
+) -> bool:
+    """``sorter report``'s station-level discrepancy (:func:`sorter.reports.contradicts`) for the
+    images in ``mask``, under their majority header label; with ``rate_only``, the earlier rule
+    (that share refuted, the mean probability not looked at)."""
+    if not mask.any():
+        return False
+    label = int(np.bincount(header[mask]).argmax())
+    chosen = mask & (header == label)
+    n = int(chosen.sum())
+    refuted = sum(v == "disagree" for v, m in zip(verdicts, chosen, strict=True) if m)
+    if rate_only is not None:
+        return n >= CONTRADICTION_MIN_INSTANCES and refuted / n >= rate_only
+    return contradicts(n, refuted, float(generic[chosen, label].mean()), float(disagree_at[label]))
 
 
 def fold_result(
@@ -257,11 +284,29 @@ def fold_result(
             if in_source.any()
             else 0.0
         )
-        station = bool(in_source.sum() >= CONTRADICTION_MIN_INSTANCES and refuted >= CONTRADICTION_RATE)
+        station = station_reported(generic, header, verdicts, in_source, disagree_at)
         row["systematic_refuted_share"] = float(refuted)
         row["systematic_is_station_discrepancy"] = station
         sums["systematic_reported"] += station
+        sums["systematic_reported_before"] += station_reported(
+            generic, header, verdicts, in_source, disagree_at, RATE_BEFORE
+        )
         sums["systematic_eligible"] += bool(in_source.sum() >= CONTRADICTION_MIN_INSTANCES)
+        # The honest sources of the archive (no header of theirs touched): accused? A source
+        # holding a sporadic series is left out: when that series is most of it, reporting it is right.
+        row["honest_sources_reported"] = []
+        touched = {str(src) for src, ser in zip(source_of, series_of, strict=True) if ser in sporadic}
+        for other in sorted(set(source_of.tolist()) - {systematic_source} - touched):
+            mask = source_of == other
+            if mask.sum() >= CONTRADICTION_MIN_INSTANCES:
+                sums["honest_sources"] += 1
+                accused = station_reported(generic, header, verdicts, mask, disagree_at)
+                sums["honest_sources_reported"] += accused
+                sums["honest_sources_reported_before"] += station_reported(
+                    generic, header, verdicts, mask, disagree_at, RATE_BEFORE
+                )
+                if accused:
+                    row["honest_sources_reported"].append(other)
         pred = result.oof_probs.argmax(axis=1)
         generic_pred = generic[ids].argmax(axis=1)
         for label_i, label in enumerate(labels):
@@ -300,6 +345,17 @@ def summarise(sums: dict[str, float]) -> dict[str, Any]:
     out["systematic_reported"] = (
         f"{int(sums.get('systematic_reported', 0))} of {int(sums.get('systematic_eligible', 0))} "
         f"eligible (>= {CONTRADICTION_MIN_INSTANCES} instances)"
+    )
+    out["systematic_reported_before"] = (
+        f"{int(sums.get('systematic_reported_before', 0))} of {int(sums.get('systematic_eligible', 0))}"
+        f" (rate >= {RATE_BEFORE} alone)"
+    )
+    out["honest_sources_reported"] = (
+        f"{int(sums.get('honest_sources_reported', 0))} of {int(sums.get('honest_sources', 0))} checks"
+    )
+    out["honest_sources_reported_before"] = (
+        f"{int(sums.get('honest_sources_reported_before', 0))} of {int(sums.get('honest_sources', 0))} checks"
+        f" (rate >= {RATE_BEFORE} alone)"
     )
     out["cpu_s_per_1000"] = 1000 * sums["cpu_s"] / sums["sampled"] if sums.get("sampled") else float("nan")
     return out
