@@ -190,11 +190,7 @@ def synthetic_results(url: str) -> dict[str, str]:
     Studies: ``study_bad`` holds ``mr_as_ct`` and ``ct_ok``; ``study_good`` holds ``ct_ok2``.
     Returns the UIDs by name.
     """
-    from sorter.db.queries import model_id_for
-    from sorter.db.session import open_database
-    from sorter.domain import InstanceHeader, Label, Prediction, Status, Verdict
-    from sorter.ingest import from_header, register
-    from sorter.pipeline import Outcome, write_outcomes
+    from sorter.domain import InstanceHeader, Label, Verdict
 
     uids = {
         name: generate_uid()
@@ -218,43 +214,62 @@ def synthetic_results(url: str) -> dict[str, str]:
         ("mg_unknown", "study_good", "MG", "siteB", None, 0.90, 0.05, Verdict.UNSUPPORTED),
         ("ct_ok2", "study_good", "CT", "siteB", "CT2", 0.99, 0.01, Verdict.AGREE),
     ]
+    rows = []
+    for series, study, modality, source, station, p_ct, p_mr, verdict in plan:
+        for i in range(3):
+            header = InstanceHeader(
+                path=f"/archive/{source}/{series}/{i}.dcm",
+                sop_instance_uid=generate_uid(),
+                study_instance_uid=uids[study],
+                series_instance_uid=uids[series],
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                modality=modality,
+                station_name=station,
+            )
+            p_xr = round(1 - p_ct - p_mr, 6)
+            probs = dict(zip(labels, (p_ct, p_mr, p_xr), strict=True))
+            header_label = Label(modality) if modality in ("CT", "MR", "MG") else None
+            rows.append((header, source, header_label, probs, verdict))
+    model = {
+        "sha256": "f" * 64,
+        "arch": "resnet18",
+        "labels": "CT,MR,XR",
+        "min_confidence": 0.8,
+        "min_margin": 0.2,
+    }
+    write_results(url, model, rows)
+    return uids
+
+
+def write_results(
+    url: str,
+    model: dict[str, Any],
+    rows: list[tuple[Any, str | None, Any, dict[Any, float], Any]],
+    thresholds: dict[str, tuple[float, float]] | None = None,
+) -> None:
+    """Register and classify instances through the real write path, with chosen probabilities.
+
+    ``rows``: ``(InstanceHeader, source, header label or None, {Label: probability}, Verdict)``;
+    ``model`` is its ``models`` row, ``thresholds`` its header test (label -> agree_at, disagree_at).
+    """
+    from sorter.db.queries import model_id_for
+    from sorter.db.session import open_database
+    from sorter.domain import Prediction, Status
+    from sorter.ingest import from_header, register
+    from sorter.pipeline import Outcome, write_outcomes
+
     engine, sessions = open_database(url)
     with sessions() as session:
-        model_id = model_id_for(
-            session,
-            {
-                "sha256": "f" * 64,
-                "arch": "resnet18",
-                "labels": "CT,MR,XR",
-                "min_confidence": 0.8,
-                "min_margin": 0.2,
-            },
-        )
+        model_id = model_id_for(session, model, thresholds)
         outcomes = []
-        for series, study, modality, source, station, p_ct, p_mr, verdict in plan:
-            for i in range(3):
-                header = InstanceHeader(
-                    path=f"/archive/{source}/{series}/{i}.dcm",
-                    sop_instance_uid=generate_uid(),
-                    study_instance_uid=uids[study],
-                    series_instance_uid=uids[series],
-                    sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                    modality=modality,
-                    station_name=station,
-                )
-                [registered] = register(session, [from_header(header, source=source)])
-                p_xr = round(1 - p_ct - p_mr, 6)
-                probs = dict(zip(labels, (p_ct, p_mr, p_xr), strict=True))
-                top = sorted(probs.items(), key=lambda kv: -kv[1])
-                prediction = Prediction(top[0][0], top[0][1], top[1][0], top[1][1], probs)
-                header_label = Label(modality) if modality in ("CT", "MR", "MG") else None
-                outcomes.append(
-                    Outcome(registered.instance_id, Status.DONE, header_label, prediction, verdict)
-                )
+        for header, source, header_label, probs, verdict in rows:
+            [registered] = register(session, [from_header(header, source=source)])
+            first, second = sorted(probs, key=probs.__getitem__, reverse=True)[:2]
+            prediction = Prediction(first, probs[first], second, probs[second], probs)
+            outcomes.append(Outcome(registered.instance_id, Status.DONE, header_label, prediction, verdict))
         write_outcomes(session, model_id, outcomes)
         session.commit()
     engine.dispose()
-    return uids
 
 
 def tree_rules(path: Path, root: Path, name: str = "tree") -> Path:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from db_support import query, scan, small_archive, sorter, synthetic_results
+from db_support import query, scan, small_archive, sorter, synthetic_results, write_results
 
 pytest_plugins = ["db_fixtures"]
 
@@ -85,36 +85,22 @@ def _series_of(
     and its study's."""
     from pydicom.uid import generate_uid
 
-    from sorter.db.queries import model_id_for
-    from sorter.db.session import open_database
-    from sorter.domain import InstanceHeader, Label, Prediction, Status, Verdict
-    from sorter.ingest import from_header, register
-    from sorter.pipeline import Outcome, write_outcomes
+    from sorter.domain import InstanceHeader, Label, Verdict
 
     series, study = generate_uid(), generate_uid()
-    engine, sessions = open_database(url)
-    with sessions() as session:
-        model_id = model_id_for(session, model or _ARGMAX_MODEL, thresholds)
-        outcomes = []
-        for i, (values, verdict) in enumerate(votes):
-            header_ = InstanceHeader(
-                path=f"/archive/{series}/{i}.dcm",
-                sop_instance_uid=generate_uid(),
-                study_instance_uid=study,
-                series_instance_uid=series,
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.128",
-                modality=header,
-            )
-            [registered] = register(session, [from_header(header_, source="site")])
-            probs = {Label(k): v for k, v in values.items()}
-            first, second = sorted(probs, key=probs.__getitem__, reverse=True)[:2]
-            prediction = Prediction(first, probs[first], second, probs[second], probs)
-            outcomes.append(
-                Outcome(registered.instance_id, Status.DONE, Label(header), prediction, Verdict(verdict))
-            )
-        write_outcomes(session, model_id, outcomes)
-        session.commit()
-    engine.dispose()
+    rows = []
+    for i, (values, verdict) in enumerate(votes):
+        header_ = InstanceHeader(
+            path=f"/archive/{series}/{i}.dcm",
+            sop_instance_uid=generate_uid(),
+            study_instance_uid=study,
+            series_instance_uid=series,
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.128",
+            modality=header,
+        )
+        probs = {Label(k): v for k, v in values.items()}
+        rows.append((header_, "site", Label(header), probs, Verdict(verdict)))
+    write_results(url, model or _ARGMAX_MODEL, rows, thresholds)
     return series, study
 
 

@@ -8,7 +8,16 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from db_support import copy_dicom, pydicom_file, query, scan, small_archive, sorter, synthetic_results
+from db_support import (
+    copy_dicom,
+    pydicom_file,
+    query,
+    scan,
+    small_archive,
+    sorter,
+    synthetic_results,
+    write_results,
+)
 from pydicom.uid import generate_uid
 
 from train.manifest import read_manifest
@@ -167,11 +176,7 @@ def _station_results(url: str) -> None:
     with a header test (NM: agree_at 0.43, disagree_at 0.008; CT: 0.24, 0.24), each instance's
     verdict the header test's own."""
     from sorter.compare import compare
-    from sorter.db.queries import model_id_for
-    from sorter.db.session import open_database
-    from sorter.domain import InstanceHeader, Label, Prediction, Status, Thresholds
-    from sorter.ingest import from_header, register
-    from sorter.pipeline import Outcome, write_outcomes
+    from sorter.domain import InstanceHeader, Label, Prediction, Thresholds
 
     labels = (Label.CT, Label.PT, Label.NM)
     bounds = {"NM": (0.43, 0.008), "CT": (0.24, 0.235), "PT": (0.58, 0.015)}
@@ -184,45 +189,34 @@ def _station_results(url: str) -> None:
         "CT_SOMETIMES_PT": ("CT", [0.9] * 8 + [0.01] * 4),  # 4 of 12 refuted: 33 %
         "CT_HONEST": ("CT", [0.9] * 10 + [0.01] * 2),  # 2 of 12: not enough to accuse a station
     }
-    engine, sessions = open_database(url)
-    with sessions() as session:
-        model_id = model_id_for(
-            session,
-            {
-                "sha256": "e" * 64,
-                "arch": "test",
-                "labels": "CT,PT,NM",
-                "min_confidence": 0.8,
-                "min_margin": 0.2,
-            },
-            bounds,
-        )
-        outcomes = []
-        for station, (modality, p_header) in plan.items():
-            series = generate_uid()
-            for i, p in enumerate(p_header):
-                header = InstanceHeader(
-                    path=f"/archive/{station}/{i}.dcm",
-                    sop_instance_uid=generate_uid(),
-                    study_instance_uid=series,
-                    series_instance_uid=series,
-                    sop_class_uid="1.2.840.10008.5.1.4.1.1.20",
-                    modality=modality,
-                    station_name=station,
-                )
-                [registered] = register(session, [from_header(header, source=station)])
-                probs = {label: 0.0 for label in labels}
-                probs[Label(modality)] = p
-                probs[Label.PT] += 1 - p
-                top = sorted(probs.items(), key=lambda kv: -kv[1])
-                prediction = Prediction(top[0][0], top[0][1], top[1][0], top[1][1], probs)
-                verdict = compare(Label(modality), prediction, labels, thresholds)
-                outcomes.append(
-                    Outcome(registered.instance_id, Status.DONE, Label(modality), prediction, verdict)
-                )
-        write_outcomes(session, model_id, outcomes)
-        session.commit()
-    engine.dispose()
+    rows = []
+    for station, (modality, p_header) in plan.items():
+        series = generate_uid()
+        for i, p in enumerate(p_header):
+            header = InstanceHeader(
+                path=f"/archive/{station}/{i}.dcm",
+                sop_instance_uid=generate_uid(),
+                study_instance_uid=series,
+                series_instance_uid=series,
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.20",
+                modality=modality,
+                station_name=station,
+            )
+            probs = {label: 0.0 for label in labels}
+            probs[Label(modality)] = p
+            probs[Label.PT] += 1 - p
+            first, second = sorted(probs, key=probs.__getitem__, reverse=True)[:2]
+            prediction = Prediction(first, probs[first], second, probs[second], probs)
+            verdict = compare(Label(modality), prediction, labels, thresholds)
+            rows.append((header, station, Label(modality), probs, verdict))
+    model = {
+        "sha256": "e" * 64,
+        "arch": "test",
+        "labels": "CT,PT,NM",
+        "min_confidence": 0.8,
+        "min_margin": 0.2,
+    }
+    write_results(url, model, rows, bounds)
 
 
 def test_a_station_is_reported_when_its_images_all_doubt_the_header_or_a_third_are_refuted(db_url):
