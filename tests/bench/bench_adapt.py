@@ -162,8 +162,8 @@ def station_reported(
     chosen = mask & (header == label)
     n = int(chosen.sum())
     refuted = sum(v == "disagree" for v, m in zip(verdicts, chosen, strict=True) if m)
-    if rate_only is not None:
-        return n >= CONTRADICTION_MIN_INSTANCES and refuted / n >= rate_only
+    if rate_only is not None:  # the mean probability unknown: contradicts() tests the rate alone
+        return contradicts(n, refuted, None, None, min_rate=rate_only)
     return contradicts(n, refuted, float(generic[chosen, label].mean()), float(disagree_at[label]))
 
 

@@ -40,7 +40,7 @@ from train.operating_point import point_for, read_out_of_fold  # noqa: E402
 Rule = Callable[[int, int, float, float], bool]
 RULES: dict[str, Rule] = {
     "sorter report (rate >= 0.3 or mean p <= 1.5 x disagree_at)": contradicts,
-    "before 2026-12-05 (rate >= 0.5)": lambda n, d, _p, _t: n >= CONTRADICTION_MIN_INSTANCES and d / n >= 0.5,
+    "before 2026-12-05 (rate >= 0.5)": lambda n, d, _p, _t: contradicts(n, d, None, None, min_rate=0.5),
 }
 
 
