@@ -9,10 +9,7 @@ ONNX Runtime session of an exported graph (:func:`init_decode_process`).
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +20,7 @@ from sorter.dicom.pixels import load_image
 from sorter.dicom.quiet import quiet_pydicom
 from sorter.domain import Claimed, FailureReason, Outcome, Status
 from sorter.errors import INTERRUPTS, InputError, NonImageObject, describe
+from sorter.lifeline import watch_parent
 from sorter.model.ort import Forward, OrtSession, logits_per_instance
 from sorter.model.preprocess import prepare_image
 from sorter.model.spec import PreprocessParams
@@ -61,27 +59,16 @@ def init_decode_process(parent_pid: int | None = None, graph: bytes | None = Non
     down; workers dying mid-file on the same signal would only add noise. A
     parent killed outright (kill -9, the OOM killer) cannot shut the pool down,
     and an idle worker would wait on its task queue for ever: a watcher thread
-    ends the worker once ``parent_pid`` is gone.
+    ends the worker once ``parent_pid`` has exited (:mod:`sorter.lifeline`).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     quiet_pydicom()  # filters set in the parent do not reach a spawned or forkserver process
     native.install()  # OpenJPEG's messages go into the file's reason, not between progress lines
     if parent_pid is not None:
-        threading.Thread(target=_exit_with, args=(parent_pid,), daemon=True, name="parent-watch").start()
+        watch_parent(parent_pid)
     if graph is not None:
         global _model
         _model = OrtSession(graph, threads=1)
-
-
-def _exit_with(parent_pid: int, interval_s: float = 1.0) -> None:
-    while True:
-        time.sleep(interval_s)
-        try:
-            os.kill(parent_pid, 0)
-        except ProcessLookupError:
-            os._exit(0)
-        except PermissionError:  # the pid was reused by someone else's process: ours is gone
-            os._exit(0)
 
 
 def decode_one(item: Claimed, params: PreprocessParams, frames: int = 1) -> Prepared | Outcome:

@@ -94,15 +94,33 @@ class Deliverer:
 
 
 def _serve(
-    database_url: str, rules_path: str, wake: Any, stop: Any, reports: Any, log_format: str, poll_s: float
+    database_url: str,
+    rules_path: str,
+    wake: Any,
+    stop: Any,
+    reports: Any,
+    log_format: str,
+    poll_s: float,
+    parent_pid: int,
 ) -> None:
-    """The sender process: its own database engine and :class:`Deliverer` threads until ``stop``."""
+    """The sender process: its own database engine and :class:`Deliverer` threads until ``stop``,
+    or until the parent has exited (killed outright: nobody would ever set ``stop``)."""
     from sorter.db.session import open_database
+    from sorter.lifeline import watch_parent
     from sorter.logs import configure_logging
     from sorter.rules.spec import load_rules
 
     # Ctrl-C reaches the whole process group; the parent decides when the senders stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def parent_gone() -> None:
+        # Sends under way finish (Deliverer.stop); claims not yet taken stay for the next sender.
+        # Nobody reads the reports any more: exiting must not wait to flush them into a full pipe.
+        reports.cancel_join_thread()
+        stop.set()
+        wake.set()
+
+    watch_parent(parent_pid, on_gone=parent_gone)
     configure_logging(logging.WARNING, log_format)
     engine, sessions = open_database(database_url)
     deliverer = Deliverer(sessions, load_rules(Path(rules_path)), on_report=reports.put, poll_s=poll_s)
@@ -148,6 +166,7 @@ class DeliveryProcess:
                 self._reports,
                 log_format,
                 POLL_S if poll_s is None else poll_s,
+                os.getpid(),
             ),
             name="sorter-rules-sender",
             daemon=True,
