@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import click
+from sqlalchemy.exc import DBAPIError
 
 from sorter import __version__
 from sorter.commands.adapt import adapt
@@ -21,11 +23,27 @@ from sorter.commands.serve import serve
 from sorter.commands.status import status
 from sorter.commands.watch import watch
 from sorter.commands.worker import worker
+from sorter.db.session import database_problem
 from sorter.dicom.quiet import quiet_pydicom
 from sorter.logs import FORMATS, configure_logging
 
+log = logging.getLogger(__name__)
 
-@click.group()
+
+class _Commands(click.Group):
+    """sorter's commands: a database that fails under a command (a read-only file, a full disk, a
+    server that went away) ends it with one ``Error:`` line and status 1, not a traceback; what
+    was committed before stays (``sorter scan`` resumes from it)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DBAPIError as exc:
+            log.debug("database error", exc_info=True)  # -vv shows where
+            raise click.ClickException(f"database error: {database_problem(exc)}") from exc
+
+
+@click.group(cls=_Commands)
 @click.version_option(__version__, prog_name="sorter")
 @click.option("-v", "--verbose", count=True, help="-v for info, -vv for debug logging.")
 @click.option(

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import click
 from alembic.util.exc import CommandError
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from sorter.commands.common import database_option
 from sorter.config import Settings
@@ -26,8 +26,8 @@ def _engine(database_url: str | None) -> Iterator[Engine]:
         yield engine
     except CommandError as exc:
         raise click.ClickException(f"{exc}; `sorter db history` lists the revisions") from exc
-    except OperationalError as exc:
-        raise click.ClickException(f"cannot open the database: {db.connection_problem(exc)}") from exc
+    except DBAPIError as exc:
+        raise click.ClickException(f"database error: {db.database_problem(exc)}") from exc
     finally:
         engine.dispose()
 

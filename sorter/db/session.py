@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,13 @@ def sqlite_file(url: str | URL) -> Path | None:
         return None
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
-    return Path(os.path.abspath(parsed.database))
+    database = parsed.database
+    if parsed.query.get("uri") == "true" and database.startswith("file:"):
+        # A URI filename (sqlite:///file:/path/results.db?mode=ro&uri=true, read-only): its path.
+        if parsed.query.get("mode") == "memory":
+            return None
+        database = urllib.parse.unquote(urllib.parse.urlsplit(database).path)
+    return Path(os.path.abspath(database))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -230,10 +237,29 @@ def ensure_schema(engine: Engine) -> None:
     )
 
 
-def connection_problem(exc: sa.exc.OperationalError) -> str:
+def connection_problem(exc: sa.exc.DBAPIError) -> str:
     """The driver's own words for a failed connection, on one line (psycopg's come on several,
     and SQLAlchemy's text adds the SQL and a web link)."""
     return "; ".join(line.strip() for line in str(exc.orig or exc).splitlines() if line.strip())
+
+
+#: What SQLite's terse messages mean for the one who runs the command.
+_SQLITE_HINTS = (
+    ("unable to open database file", "its folder must exist and be writable (SQLite writes FILE-wal there)"),
+    ("readonly database", "the file or its folder is read-only (SQLite writes FILE-wal there)"),
+    ("file is not a database", "point --database-url at a results database, or at a new file name"),
+    ("database or disk is full", "free space on the disk that holds it"),
+    ("disk i/o error", "the disk or file system that holds it failed a read or write"),
+    ("database is locked", f"another process held it locked for over {SQLITE_BUSY_TIMEOUT_MS // 1000} s"),
+)
+
+
+def database_problem(exc: sa.exc.DBAPIError) -> str:
+    """:func:`connection_problem`, with what to do where SQLite's words leave it unsaid."""
+    problem = connection_problem(exc)
+    lowered = problem.lower()
+    hint = next((hint for words, hint in _SQLITE_HINTS if words in lowered), None)
+    return f"{problem}; {hint}" if hint else problem
 
 
 def open_database(url: str) -> tuple[Engine, sessionmaker[Session]]:
@@ -252,10 +278,10 @@ def open_database(url: str) -> tuple[Engine, sessionmaker[Session]]:
     engine = create_db_engine(url)  # a missing driver or a malformed URL raises DatabaseError
     try:
         ensure_schema(engine)
-    except sa.exc.OperationalError as exc:
+    except sa.exc.DBAPIError as exc:  # the server or file cannot be reached, or is no database
         engine.dispose()
         raise DatabaseError(
-            f"cannot open the database {make_url(url).render_as_string()}: {connection_problem(exc)}"
+            f"cannot open the database {make_url(url).render_as_string()}: {database_problem(exc)}"
         ) from exc
     except BaseException:
         engine.dispose()
