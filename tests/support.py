@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,6 +59,19 @@ def listen_env(
         "SORTER_WORKERS": "1",
         "SORTER_DEVICE": "cpu",
     }
+
+
+def start_listen(env: dict[str, str], stdout: Any, stderr: Any) -> subprocess.Popen[bytes]:
+    """``python -m sorter listen`` configured by ``env``, in a session of its own (so that
+    :func:`stop_process_group` ends whatever it started), with no standard input."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "sorter", "listen"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        start_new_session=True,
+    )
 
 
 def wait_for_port(

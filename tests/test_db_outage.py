@@ -20,7 +20,6 @@ import pwd
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ import sqlalchemy as sa
 from db_support import query
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from support import data_file, free_port, listen_env, stop_process_group, wait_for_port
+from support import data_file, free_port, listen_env, start_listen, stop_process_group, wait_for_port
 
 from sorter.db.session import create_db_engine, upgrade
 from sorter.scu import c_store
@@ -162,14 +161,7 @@ def cluster() -> Iterator[Cluster]:
 def listen(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """``sorter listen`` with ``env`` in a session of its own, its output appended to ``log``."""
     with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "sorter", "listen"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        return start_listen(env, out, subprocess.STDOUT)
 
 
 def _datasets(count: int) -> list[pydicom.Dataset]:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from support import free_port, listen_env, stop_process_group, wait_for, wait_for_port
+from support import free_port, listen_env, start_listen, stop_process_group, wait_for, wait_for_port
 
 from sorter import lifeline
 
@@ -100,14 +99,7 @@ def test_sorter_listen_killed_outright_leaves_no_process_holding_its_output(tmp_
     port = free_port()
     env = listen_env("SORTER", port, tmp_path / "spool", sqlite_url, tiny_model, "")
     env["SORTER_RULES"] = str(rules)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sorter", "listen"],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    process = start_listen(env, subprocess.PIPE, subprocess.PIPE)
     output: list[bytes] = []
     reader = threading.Thread(target=lambda: output.extend(process.communicate()), daemon=True)
     try:

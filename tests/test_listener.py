@@ -8,7 +8,6 @@ import socket
 import ssl
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +29,7 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
-from support import free_port, listen_env, stop_process_group, umask
+from support import free_port, listen_env, start_listen, stop_process_group, umask
 
 from sorter import listener
 from sorter.commands.listen import backend
@@ -292,14 +291,7 @@ def test_sorter_listen_configured_by_environment_stores_classifies_and_stops_on_
 ):
     port = free_port()
     env = listen_env(OUR_AE, port, tmp_path / "spool", sqlite_url, tiny_model, "MODALITY1 OTHER")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sorter", "listen"],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    process = start_listen(env, subprocess.DEVNULL, subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
         while True:
