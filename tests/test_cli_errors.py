@@ -3,6 +3,7 @@ non-zero status, no traceback (issue 13, "Errors a user can act on")."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -267,3 +268,23 @@ def test_db_history_downgrade_and_stamp(tmp_path):
     assert stamped.exit_code == 0 and f"stamped at revision {head}" in stamped.output, stamped.output
     assert f"current {head}, head {head}" in _run(["db", "current", "--database-url", url]).output
     _one_line_error(_run(["db", "downgrade", "nope", "--database-url", url]), 1, "nope")
+
+
+def test_every_scan_flag_has_its_variable(archive, tmp_path):
+    """ARCHITECTURE §6: ``sorter scan`` runs configured by the environment alone (a container, cron)."""
+    from sorter.commands.scan import scan
+
+    missing = [p.opts[0] for p in scan.params if p.param_type_name == "option" and not p.envvar]
+    assert missing == []
+    (archive / "site" / "notes.txt").write_text("not DICOM")
+    summary = tmp_path / "summary.json"
+    env = {
+        "SORTER_DATABASE_URL": f"sqlite:///{tmp_path / 'env.db'}",
+        "SORTER_FAIL_ON": "discrepancy failed",
+        "SORTER_JSON_SUMMARY": str(summary),
+        "SORTER_PROGRESS": "0",
+        "SORTER_RETRY_FAILED": "1",
+    }
+    result = _run(["scan", str(archive)], env)
+    assert result.exit_code == 3, result.output  # the text file failed
+    assert json.loads(summary.read_text())["failed"] == {"not_dicom": 1}

@@ -46,11 +46,13 @@ def classify_options(func: F) -> F:
             click.option(
                 "--json-summary",
                 type=click.Path(dir_okay=False, path_type=Path),
+                envvar="SORTER_JSON_SUMMARY",
                 help="Also write the run summary as JSON to this file.",
             ),
             click.option(
                 "--progress/--no-progress",
                 default=None,
+                envvar="SORTER_PROGRESS",
                 help="Progress bar (default: when stderr is a terminal).",
             ),
             database_option,

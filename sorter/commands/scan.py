@@ -54,6 +54,7 @@ FAIL_ON = {"failed": 3, "discrepancy": 4}
 @click.option(
     "--retry-failed",
     is_flag=True,
+    envvar="SORTER_RETRY_FAILED",
     help="Read again unchanged files that failed for a reason that can heal (permissions, a "
     "vanished file, a missing codec); without it they are retried once their mode or ctime changes.",
 )
@@ -62,8 +63,9 @@ FAIL_ON = {"failed": 3, "discrepancy": 4}
     "fail_on",
     multiple=True,
     type=click.Choice(FAIL_ON),
+    envvar="SORTER_FAIL_ON",
     help="Exit 3 when a file of this run failed, 4 when one disagrees with its header (repeatable; "
-    "for cron and CI).",
+    "for cron and CI; the variable takes both, space-separated).",
 )
 @rules_option
 @classify_options
