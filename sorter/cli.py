@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Any
 
@@ -32,15 +33,22 @@ log = logging.getLogger(__name__)
 
 class _Commands(click.Group):
     """sorter's commands: a database that fails under a command (a read-only file, a full disk, a
-    server that went away) ends it with one ``Error:`` line and status 1, not a traceback; what
-    was committed before stays (``sorter scan`` resumes from it)."""
+    server that went away), or a file the command must write and cannot, ends it with one
+    ``Error:`` line and status 1, not a traceback; what was committed before stays (``sorter
+    scan`` resumes from it). ``-vv`` logs where it happened."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except DBAPIError as exc:
-            log.debug("database error", exc_info=True)  # -vv shows where
+            log.debug("database error", exc_info=True)
             raise click.ClickException(f"database error: {database_problem(exc)}") from exc
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:  # click's own: a reader such as `head` went away
+                raise
+            log.debug("OS error", exc_info=True)
+            where = f": {exc.filename}" if exc.filename is not None else ""
+            raise click.ClickException(f"{exc.strerror or exc}{where}") from exc
 
 
 @click.group(cls=_Commands)

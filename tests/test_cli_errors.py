@@ -288,3 +288,60 @@ def test_every_scan_flag_has_its_variable(archive, tmp_path):
     result = _run(["scan", str(archive)], env)
     assert result.exit_code == 3, result.output  # the text file failed
     assert json.loads(summary.read_text())["failed"] == {"not_dicom": 1}
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["scan", "{archive}", "--json-summary", "{blocked}/summary.json"],
+        ["export", "--out", "{blocked}/manifest.csv"],
+        ["adapt", "--out", "{blocked}/work"],
+    ],
+)
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(command, archive, tmp_path):
+    """A summary written after the whole scan, into a folder that could not be made, ended the run
+    with a traceback (the folder's place taken by a file here)."""
+    blocked = tmp_path / "taken"
+    blocked.write_text("a file where a folder should be")
+    db = tmp_path / "out.db"
+    args = [a.format(archive=archive, blocked=blocked) for a in command] + [
+        "--database-url",
+        f"sqlite:///{db}",
+    ]
+    if command[0] != "scan":
+        assert _run(["scan", str(archive), "--database-url", f"sqlite:///{db}"]).exit_code == 0
+    before = _instances(db)
+    _one_line_error(_run(args), 2, "cannot write in the folder", str(blocked), "Not a directory")
+    assert _instances(db) == before  # the scan did not start
+
+
+def test_a_summary_goes_into_folders_made_for_it(archive, tmp_path):
+    summary = tmp_path / "reports" / "nightly" / "summary.json"
+    result = _run(
+        [
+            "scan",
+            str(archive),
+            "--json-summary",
+            str(summary),
+            "--database-url",
+            f"sqlite:///{tmp_path / 's.db'}",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(summary.read_text())["classified"] == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="needs Linux's /proc")
+def test_a_file_the_os_refuses_to_read_is_one_line(archive, tmp_path):
+    # /proc/self/mem exists and is a file, and reading it from its start fails with EIO.
+    result = _run(
+        [
+            "scan",
+            str(archive),
+            "--model",
+            "/proc/self/mem",
+            "--database-url",
+            f"sqlite:///{tmp_path / 'm.db'}",
+        ]
+    )
+    _one_line_error(result, 1, "Input/output error")

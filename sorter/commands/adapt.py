@@ -15,7 +15,7 @@ from typing import Any
 import click
 import numpy as np
 
-from sorter.commands.common import database, database_option, device_option, write_rows
+from sorter.commands.common import check_output_folder, database, database_option, device_option, write_rows
 from sorter.errors import SorterError
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
+    callback=check_output_folder,
     default=Path("sorter-adapt"),
     show_default=True,
     help="Work folder: the sample, embeddings, finished folds, then model.pt and MODEL_CARD.md. "

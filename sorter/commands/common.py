@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import sys
+import tempfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -152,6 +153,36 @@ def format_option(func: F) -> F:
         show_default=True,
         help="Output format.",
     )(func)
+
+
+def check_output_file(_ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """An option's file to write, checked before any work (a summary written after an hour's scan
+    into a folder that could not be made failed with a traceback at the end)."""
+    if value is not None:
+        _check_writable(value.parent, param)
+    return value
+
+
+def check_output_folder(_ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """An option's folder to write in, checked before any work."""
+    if value is not None:
+        _check_writable(value, param)
+    return value
+
+
+def _check_writable(folder: Path, param: click.Parameter) -> None:
+    """``folder``, or the nearest of its parents that exists (the command makes the rest), must take
+    a new file. A real file is tried: root passes every permission check, and some file systems
+    (/proc, a read-only mount) refuse all the same."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        problem = exc.strerror or exc
+        raise click.BadParameter(f"cannot write in the folder {existing}: {problem}", param=param) from exc
 
 
 def missing_sqlite_file(url: str) -> Path | None:

@@ -6,14 +6,19 @@ from pathlib import Path
 
 import click
 
-from sorter.commands.common import database, database_option, show_model, view_model_option
+from sorter.commands.common import check_output_file, database, database_option, show_model, view_model_option
+from sorter.commands.runs import plural
 from sorter.domain import Label
 from sorter.export import LABEL_SOURCES, selection, write_manifest
 
 
 @click.command()
 @click.option(
-    "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Manifest CSV to write."
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    callback=check_output_file,
+    help="Manifest CSV to write.",
 )
 @click.option("--balanced", is_flag=True, help="Keep at most --per-label instances per label.")
 @click.option("--per-label", type=click.IntRange(min=1), help="Quota per label (with --balanced).")
@@ -70,7 +75,7 @@ def export(
         by_label[label] = by_label.get(label, 0) + n
     if by_label:
         click.echo(
-            f"wrote {sum(by_label.values())} rows to {out}: "
+            f"wrote {plural(sum(by_label.values()), 'row')} to {out}: "
             + ", ".join(f"{label} {n}" for label, n in sorted(by_label.items())),
             err=True,
         )

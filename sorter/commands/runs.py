@@ -18,11 +18,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from tqdm import tqdm
 
 from sorter import interrupts
-from sorter.commands.common import database_option, model_options
+from sorter.commands.common import check_output_file, database_option, model_options
 from sorter.config import Settings
 from sorter.db.session import sqlite_file
 from sorter.domain import Label
 from sorter.errors import ModelError
+from sorter.fsutil import atomic_file
 from sorter.jobs.executor import open_executor, open_local_executor
 from sorter.summary import RunSummary
 
@@ -47,6 +48,7 @@ def classify_options(func: F) -> F:
                 "--json-summary",
                 type=click.Path(dir_okay=False, path_type=Path),
                 envvar="SORTER_JSON_SUMMARY",
+                callback=check_output_file,
                 help="Also write the run summary as JSON to this file.",
             ),
             click.option(
@@ -137,7 +139,13 @@ def print_summary(summary: RunSummary, json_path: Path | None) -> None:
     if stages:
         click.echo(stages)
     if json_path is not None:
-        json_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        try:  # whole or not at all: a monitor reading it never sees half a summary
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(json_path, "w", encoding="utf-8") as out:
+                out.write(json.dumps(data, indent=2) + "\n")
+        except OSError as exc:
+            problem = exc.strerror or exc
+            raise click.ClickException(f"cannot write the summary to {json_path}: {problem}") from exc
 
 
 @contextmanager
