@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import errno
 import logging
-from typing import Any
 
 import click
-from sqlalchemy.exc import DBAPIError
 
 from sorter import __version__
 from sorter.commands.adapt import adapt
@@ -16,6 +13,7 @@ from sorter.commands.db import db_group
 from sorter.commands.export import export
 from sorter.commands.listen import listen
 from sorter.commands.models import models_group
+from sorter.commands.oneline import OneLineErrors
 from sorter.commands.reclassify import reclassify
 from sorter.commands.report import discrepancies, failures, find, report
 from sorter.commands.rules import rules_group
@@ -24,34 +22,11 @@ from sorter.commands.serve import serve
 from sorter.commands.status import status
 from sorter.commands.watch import watch
 from sorter.commands.worker import worker
-from sorter.db.session import database_problem
 from sorter.dicom.quiet import quiet_pydicom
 from sorter.logs import FORMATS, configure_logging
 
-log = logging.getLogger(__name__)
 
-
-class _Commands(click.Group):
-    """sorter's commands: a database that fails under a command (a read-only file, a full disk, a
-    server that went away), or a file the command must write and cannot, ends it with one
-    ``Error:`` line and status 1, not a traceback; what was committed before stays (``sorter
-    scan`` resumes from it). ``-vv`` logs where it happened."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except DBAPIError as exc:
-            log.debug("database error", exc_info=True)
-            raise click.ClickException(f"database error: {database_problem(exc)}") from exc
-        except OSError as exc:
-            if exc.errno == errno.EPIPE:  # click's own: a reader such as `head` went away
-                raise
-            log.debug("OS error", exc_info=True)
-            where = f": {exc.filename}" if exc.filename is not None else ""
-            raise click.ClickException(f"{exc.strerror or exc}{where}") from exc
-
-
-@click.group(cls=_Commands)
+@click.group(cls=OneLineErrors)
 @click.version_option(__version__, prog_name="sorter")
 @click.option("-v", "--verbose", count=True, help="-v for info, -vv for debug logging.")
 @click.option(

@@ -66,7 +66,10 @@ def atomic_file(
     ``open_kw`` goes to :func:`os.fdopen` (``newline``, ``encoding``).
     """
     path = Path(path)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=prefix or path.name + ".", suffix=suffix)
+    try:
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=prefix or path.name + ".", suffix=suffix)
+    except OSError as exc:  # name the file asked for, not the temporary one
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     try:
         with os.fdopen(handle, mode, **open_kw) as out:
             yield out

@@ -196,3 +196,17 @@ def test_cards_say_which_model_they_describe() -> None:
 
     card = model_card(load_artefact(DEFAULT_MODEL_PATH).spec, "ab" * 32, "cmd", name="mine.pt")
     assert card.startswith("# Model card: mine.pt (sha256 abababababab)")
+
+
+def test_a_manifest_that_cannot_be_written_is_one_line_naming_it(archive: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from train.cli import main
+
+    taken = tmp_path / "taken"
+    taken.write_text("a file where a folder should be")
+    result = CliRunner().invoke(main, ["manifest", str(archive), "--out", str(taken / "manifest.csv")])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    last = result.output.splitlines()[-1]  # the OS's words ("File exists": mkdir of the folder)
+    assert last.startswith("Error: ") and str(taken) in last, result.output

@@ -13,8 +13,8 @@ from typing import Any
 import click
 import numpy as np
 
+from sorter.commands.oneline import OneLineErrors
 from sorter.dicom.quiet import quiet_pydicom
-from sorter.errors import SorterError
 from sorter.model.artefact import load_artefact, save_artefact
 from train.config import PRESETS, FitConfig, resolve_config, save_config
 
@@ -122,18 +122,7 @@ def _command_line() -> str:
     return "sorter-train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-class _Commands(click.Group):
-    """sorter-train's commands: an error dicom-sorter raises on purpose (a model that cannot be
-    read, a manifest with nothing decodable) is one ``Error:`` line and status 1, not a traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except SorterError as exc:
-            raise click.ClickException(str(exc)) from exc
-
-
-@click.group(cls=_Commands)
+@click.group(cls=OneLineErrors)
 @click.option("-v", "--verbose", is_flag=True)
 def main(verbose: bool) -> None:
     """Train, evaluate and export dicom-sorter models."""
