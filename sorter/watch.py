@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 from watchdog.events import FileSystemEvent, FileSystemEventHandler, FileSystemMovedEvent
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 
 from sorter.db import queries
 from sorter.domain import Status
@@ -99,6 +101,16 @@ def move_without_overwrite(src: Path, dest: Path) -> Path:
             shutil.copystat(src, target)
         os.unlink(src)
         return target
+
+
+#: Seconds between looks at whether the watched folder itself is still there.
+ROOT_CHECK_S = 2.0
+
+
+def _stop_observer(observer: BaseObserver) -> None:
+    observer.stop()
+    if observer.is_alive():
+        observer.join()
 
 
 class _Events(FileSystemEventHandler):
@@ -232,6 +244,8 @@ class Watcher:
     def rescan(self) -> None:
         """Walk the folder and report every file (the startup pass, then every ``rescan_s``)."""
         for entry in walk([self.root], self.exclude):
+            if entry.path == self.root:
+                continue  # the folder itself, gone since it was last seen: not a file to record
             if is_temporary(entry.path):
                 continue
             if entry.reason is not None:
@@ -240,16 +254,35 @@ class Watcher:
                 with self._lock:
                     self.tracker.observe(entry.path, entry.size, entry.mtime_ns)
 
-    def run(self, stop: threading.Event) -> None:
-        """Watch until ``stop`` is set; the batch in progress is finished and committed first."""
+    def root_identity(self) -> tuple[int, int] | None:
+        """``(device, inode)`` of the watched folder; ``None`` while it is gone or no folder."""
+        try:
+            st = os.stat(self.root)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+    def _start_observer(self) -> BaseObserver:
         observer = Observer()
         observer.schedule(_Events(self.note, self.forget), self.root, recursive=True)
         try:
-            observer.start()  # before the startup pass, so that no file falls between the two
+            observer.start()
         except OSError as exc:  # e.g. the inotify watch limit: the rescan still finds every file
             log.warning(
                 "no file events for %s (%s); relying on the rescan every %s s", self.root, exc, self.rescan_s
             )
+        return observer
+
+    def run(self, stop: threading.Event) -> None:
+        """Watch until ``stop`` is set; the batch in progress is finished and committed first.
+
+        A watched folder that disappears (deleted, moved away, a share unmounted) takes its file
+        events with it, and one made again in its place (a remount, ``rm -rf`` and ``mkdir``) has
+        none: the folder is looked at every :data:`ROOT_CHECK_S` seconds, its loss is logged once,
+        and when it is back (or another folder stands in its place) it is watched and walked anew.
+        """
+        observer = self._start_observer()  # before the startup pass, so that no file falls between
+        watched = self.root_identity()
         try:
             self.rescan()
             self._resume_pending()
@@ -257,6 +290,7 @@ class Watcher:
             # (NFS, SMB) deliver none for changes made on another host: the periodic
             # rescan finds whatever the events missed, however long it takes to notice.
             next_rescan = time.monotonic() + self.rescan_s
+            next_root_check = time.monotonic() + ROOT_CHECK_S
             tick = min(max(self.tracker.settle_s / 3, 0.05), 1.0)
             while not stop.is_set():
                 with self._lock:
@@ -267,16 +301,30 @@ class Watcher:
                 if self._problems:
                     self.record_problems()
                     continue
+                if time.monotonic() >= next_root_check:
+                    next_root_check = time.monotonic() + ROOT_CHECK_S
+                    identity = self.root_identity()
+                    if identity != watched:
+                        if identity is None:
+                            log.warning(
+                                "the watched folder %s is gone (deleted, moved or unmounted): waiting for it",
+                                self.root,
+                            )
+                        else:
+                            log.warning("the watched folder %s is there again: watching it anew", self.root)
+                            _stop_observer(observer)
+                            observer = self._start_observer()
+                            next_rescan = 0.0  # walk it now: its files came without events
+                        watched = identity
                 if time.monotonic() >= next_rescan:
-                    self.rescan()
+                    if watched is not None:
+                        self.rescan()
                     if self._resume_due:
                         self._resume_pending()
                     next_rescan = time.monotonic() + self.rescan_s
                 stop.wait(tick)
         finally:
-            observer.stop()
-            if observer.is_alive():
-                observer.join()
+            _stop_observer(observer)
 
     def _resume_pending(self) -> None:
         """Classify instances under the folder left ``pending`` (a killed run, a failed batch)."""

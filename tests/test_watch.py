@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -290,6 +291,28 @@ def test_without_file_events_the_rescan_still_finds_files(url, tiny_model, tmp_p
         late.write_bytes(dicom_bytes(tmp_path))
         assert wait_for(lambda: terminal(url, late), what="file found by the rescan")[0] == "done"
         assert thread.is_alive()
+
+
+def test_a_watched_folder_deleted_and_made_again_is_watched_anew(url, tiny_model, tmp_path, caplog):
+    """``rm -rf`` and ``mkdir``, or a share unmounted and mounted again: the old folder's file
+    events are gone with it. Before, the new folder's files waited for the rescan, and the folder
+    itself was recorded as a failed instance ("vanished")."""
+    root = tmp_path / "drop"
+    first = copy_dicom(pydicom_file("CT_small.dcm"), root / "first.dcm")
+    with watching(
+        url, tiny_model, root, rescan=3600
+    ) as thread:  # no rescan: events alone after the first pass
+        assert wait_for(lambda: terminal(url, first), what="the first file")[0] == "done"
+        shutil.rmtree(root)
+        wait_for(lambda: "is gone" in caplog.text, timeout=10, what="the folder's loss logged")
+        root.mkdir()
+        wait_for(lambda: "there again" in caplog.text, timeout=10, what="the folder's return logged")
+        again = root / "again.dcm"
+        again.write_bytes(dicom_bytes(tmp_path))
+        assert wait_for(lambda: terminal(url, again), what="a file in the new folder")[0] == "done"
+        assert thread.is_alive()
+    assert scalar(url, "SELECT count(*) FROM instances WHERE path = :p", p=str(root)) == 0
+    assert scalar(url, "SELECT count(*) FROM instances WHERE status = 'failed'") == 0
 
 
 def test_a_failed_batch_is_retried(url, tiny_model, tmp_path, monkeypatch):
