@@ -237,12 +237,6 @@ def ensure_schema(engine: Engine) -> None:
     )
 
 
-def connection_problem(exc: sa.exc.DBAPIError) -> str:
-    """The driver's own words for a failed connection, on one line (psycopg's come on several,
-    and SQLAlchemy's text adds the SQL and a web link)."""
-    return "; ".join(line.strip() for line in str(exc.orig or exc).splitlines() if line.strip())
-
-
 #: What SQLite's terse messages mean for the one who runs the command.
 _SQLITE_HINTS = (
     ("unable to open database file", "its folder must exist and be writable (SQLite writes FILE-wal there)"),
@@ -255,8 +249,9 @@ _SQLITE_HINTS = (
 
 
 def database_problem(exc: sa.exc.DBAPIError) -> str:
-    """:func:`connection_problem`, with what to do where SQLite's words leave it unsaid."""
-    problem = connection_problem(exc)
+    """The driver's own words on one line (psycopg's come on several, and SQLAlchemy's text adds
+    the SQL and a web link), with what to do where SQLite's words leave it unsaid."""
+    problem = "; ".join(line.strip() for line in str(exc.orig or exc).splitlines() if line.strip())
     lowered = problem.lower()
     hint = next((hint for words, hint in _SQLITE_HINTS if words in lowered), None)
     return f"{problem}; {hint}" if hint else problem
