@@ -171,3 +171,27 @@ def test_systemd_accepts_the_units(tmp_path):
             if (unit.stem.split("@")[0] in line and "Unknown" in line) or "Invalid" in line
         ]
         assert not problems, done.stderr
+
+
+def _github_anchor(title: str) -> str:
+    """The fragment GitHub gives a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def test_the_readme_contents_list_every_section_in_order():
+    text = (DEPLOY.parent / "README.md").read_text()
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)  # headings only outside code blocks
+    headings = [
+        (len(level), title)
+        for level, title in re.findall(r"^(##|###) (.+)$", prose, re.M)
+        if title != "Contents"
+    ]
+    contents = text.split("## Contents\n", 1)[1].split("\n## ", 1)[0]
+    listed = [
+        (len(indent) // 2 + 2, name, target)
+        for indent, name, target in re.findall(r"^( *)- \[(.+)\]\(#(.+)\)$", contents, re.M)
+    ]
+    assert [(level, name) for level, name, _ in listed] == [
+        (level, t.replace("`", "")) for level, t in headings
+    ]
+    assert [target for _, _, target in listed] == [_github_anchor(t) for _, t in headings]
