@@ -11,7 +11,28 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from sorter.errors import ConfigError
+
 DEFAULT_DATABASE_URL = "sqlite:///sorter.db"
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+#: The least value of each numeric setting (0 for workers and inference threads: one per core).
+_AT_LEAST: dict[str, float] = {
+    "concurrency": 1,
+    "batch_size": 1,
+    "workers": 0,
+    "frames": 1,
+    "inference_threads": 0,
+    "settle": 0.0,
+    "sweep_interval": 0.0,
+    "sweep_age": 0.0,
+    "metrics_port": 0,
+}
+#: Settings that must be above zero.
+_POSITIVE = ("rescan", "visibility_timeout")
 
 
 def _coerce(kind: Any, text: str) -> Any:
@@ -20,7 +41,10 @@ def _coerce(kind: Any, text: str) -> Any:
     if kind in (float, "float", "float | None"):
         return float(text)
     if kind in (bool, "bool"):
-        return text.strip().lower() in ("1", "true", "yes", "on")
+        word = text.strip().lower()
+        if word not in _TRUE + _FALSE:  # a typo must not read as "off"
+            raise ValueError(f"not one of {', '.join(_TRUE + _FALSE)}")
+        return word in _TRUE
     if kind in ("Path | None",):
         return Path(text)
     return text
@@ -64,11 +88,25 @@ class Settings:
                 try:
                     values[item.name] = _coerce(item.type, text)
                 except ValueError as exc:
-                    raise ValueError(
+                    raise ConfigError(
                         f"SORTER_{item.name.upper()}={text!r} is not a valid {item.type}"
+                        + (f" ({exc})" if item.type in (bool, "bool") else "")
                     ) from exc
         settings = cls(**values)
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+    def __post_init__(self) -> None:
+        """Refuse a value no command could use (``--frames 0`` failed every image as a decode
+        error), naming the variable and the option it comes from."""
+        for name, least in _AT_LEAST.items():
+            if getattr(self, name) < least:
+                raise ConfigError(f"{_named(name)} must be at least {least:g}, not {getattr(self, name)}")
+        for name in _POSITIVE:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_named(name)} must be above 0, not {getattr(self, name)}")
+        if self.metrics_port > 65535:
+            port = self.metrics_port
+            raise ConfigError(f"{_named('metrics_port')} must be a port from 0 to 65535, not {port}")
 
     @property
     def graph_cache_dir(self) -> Path:
@@ -82,3 +120,7 @@ class Settings:
     def decode_workers(self) -> int:
         """Decode processes to start (``workers`` or the core count)."""
         return self.workers or os.cpu_count() or 1
+
+
+def _named(field: str) -> str:
+    return f"SORTER_{field.upper()} (--{field.replace('_', '-')})"

@@ -82,6 +82,12 @@ class UnreadableFile(InputError):
     reason = FailureReason.UNREADABLE
 
 
+class ConfigError(SorterError, ValueError):
+    """A setting (a ``SORTER_`` variable or an option) that cannot be used; named in the message."""
+
+    reason = "config_error"
+
+
 class ModelError(SorterError):
     """A model artefact that cannot be used."""
 

@@ -345,3 +345,20 @@ def test_a_file_the_os_refuses_to_read_is_one_line(archive, tmp_path):
         ]
     )
     _one_line_error(result, 1, "Input/output error")
+
+
+def test_frames_0_is_refused_before_any_image_is_failed_for_it(archive, tmp_path):
+    """``--frames 0`` once recorded every image of the scan as failed (decode_error)."""
+    db = tmp_path / "frames.db"
+    result = _run(["scan", str(archive), "--frames", "0", "--database-url", f"sqlite:///{db}"])
+    _one_line_error(result, 1, "SORTER_FRAMES (--frames) must be at least 1, not 0")
+    assert _instances(db) == 0
+
+
+def test_a_bad_variable_the_command_does_not_use_is_still_one_line(archive, tmp_path):
+    # One environment file serves every service: a typo in the worker's variable reaches scan too.
+    result = _run(
+        ["scan", str(archive), "--database-url", f"sqlite:///{tmp_path / 'v.db'}"],
+        {"SORTER_SWEEP_AGE": "abc"},
+    )
+    _one_line_error(result, 1, "SORTER_SWEEP_AGE='abc' is not a valid float")
