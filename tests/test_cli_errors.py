@@ -145,6 +145,17 @@ def test_a_port_out_of_range_is_refused(port, tmp_path):
     _one_line_error(result, 2, "'--port'", "1<=x<=65535")
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "bound"),
+    [("--max-associations", "0", "x>=1"), ("--timeout", "0", "x>0"), ("--min-free-mb", "-1", "x>=0")],
+)
+def test_a_listener_limit_that_would_refuse_everything_is_refused(option, value, bound, tmp_path):
+    result = _run(
+        ["listen", "--ae-title", "SORTER", "--port", "11112", "--spool", str(tmp_path / "s"), option, value]
+    )
+    _one_line_error(result, 2, f"'{option}'", bound)
+
+
 def test_a_spool_that_cannot_be_a_folder_is_named_as_the_problem(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -122,7 +122,7 @@ def _retention(_ctx: click.Context, _param: click.Parameter, value: str) -> Rete
 )
 @click.option(
     "--max-associations",
-    type=int,
+    type=click.IntRange(min=1),
     envvar="SORTER_MAX_ASSOCIATIONS",
     default=10,
     show_default=True,
@@ -130,7 +130,7 @@ def _retention(_ctx: click.Context, _param: click.Parameter, value: str) -> Rete
 )
 @click.option(
     "--timeout",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     envvar="SORTER_TIMEOUT",
     default=30.0,
     show_default=True,
@@ -157,7 +157,7 @@ def _retention(_ctx: click.Context, _param: click.Parameter, value: str) -> Rete
 )
 @click.option(
     "--min-free-mb",
-    type=int,
+    type=click.IntRange(min=0),
     envvar="SORTER_MIN_FREE_MB",
     default=1024,
     show_default=True,
