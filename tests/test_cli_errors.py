@@ -373,3 +373,19 @@ def test_a_bad_variable_the_command_does_not_use_is_still_one_line(archive, tmp_
         {"SORTER_SWEEP_AGE": "abc"},
     )
     _one_line_error(result, 1, "SORTER_SWEEP_AGE='abc' is not a valid float")
+
+
+def test_failures_takes_known_reasons_only(archive, tmp_path):
+    """A typo in --reason listed nothing, as if nothing had failed."""
+    (archive / "site" / "notes.txt").write_text("not DICOM")
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    assert _run(["scan", str(archive), "--database-url", url]).exit_code == 0
+    listed = _run(["failures", "--reason", "Not-DICOM", "--format", "csv", "--database-url", url])
+    assert listed.exit_code == 0, listed.output
+    assert "not_dicom" in listed.output and "notes.txt" in listed.output
+    _one_line_error(
+        _run(["failures", "--reason", "not_dicm", "--database-url", url]),
+        2,
+        "no reason not_dicm",
+        "not_dicom, truncated",
+    )

@@ -17,7 +17,7 @@ from sorter.commands.common import (
     view_model_option,
     write_rows,
 )
-from sorter.domain import Label, Status
+from sorter.domain import FailureReason, Label, Status
 
 _LABELS = click.Choice([label.value for label in Label], case_sensitive=False)
 
@@ -133,8 +133,24 @@ def find(
         write_rows(rows, reports.INSTANCE_FIELDS, fmt)
 
 
+def _reasons(_ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """Known reasons only (``not-dicom`` read as ``not_dicom``): a typo listed nothing, as if
+    nothing had failed."""
+    known = [reason.value for reason in FailureReason]
+    wanted = tuple(v.strip().lower().replace("-", "_") for v in value)
+    unknown = [v for v, w in zip(value, wanted, strict=True) if w not in known]
+    if unknown:
+        raise click.BadParameter(f"no reason {', '.join(unknown)}; reasons: {', '.join(known)}", param=param)
+    return wanted
+
+
 @click.command()
-@click.option("--reason", multiple=True, help="Only this reason, e.g. permission_denied (repeatable).")
+@click.option(
+    "--reason",
+    multiple=True,
+    callback=_reasons,
+    help="Only this reason, e.g. permission_denied (repeatable).",
+)
 @click.option("--skipped", is_flag=True, help="List skipped instances (non-images, links ...) instead.")
 @click.option(
     "--under",
