@@ -27,7 +27,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from sorter.db import queries
-from sorter.domain import Status
+from sorter.domain import FailureReason, Status
 from sorter.jobs.executor import Executor, submit_pending
 from sorter.registrar import Registrar, Rejected
 from sorter.scan import source_of
@@ -244,8 +244,8 @@ class Watcher:
     def rescan(self) -> None:
         """Walk the folder and report every file (the startup pass, then every ``rescan_s``)."""
         for entry in walk([self.root], self.exclude):
-            if entry.path == self.root:
-                continue  # the folder itself, gone since it was last seen: not a file to record
+            if entry.path == self.root and entry.reason == FailureReason.VANISHED:
+                continue  # the folder itself, gone since it was last looked at (run() says so)
             if is_temporary(entry.path):
                 continue
             if entry.reason is not None:
