@@ -8,9 +8,10 @@ ever, holding the parent's standard output and error: a caller that reads those 
 Whether the parent is gone cannot be asked with ``os.kill(pid, 0)``: that succeeds on a zombie, and
 a process stays a zombie until whoever started it reaps it, which that same caller does only after
 the pipes close (found killing ``sorter scan`` with kill -9 under such a caller: its pipes stayed
-open until the caller gave up; a one-off hang of a listener test looked the same). On Linux a pidfd (``pidfd_open``, Linux 5.3) becomes readable the moment the process
-exits, before it is reaped, and costs no polling; elsewhere the process is polled, a zombie counting
-as gone where ``/proc`` tells.
+open until the caller gave up; a one-off hang of a listener test looked the same). On Linux a
+pidfd (``pidfd_open``, Linux 5.3) becomes readable the moment the process exits, before it is
+reaped, and costs no polling; elsewhere the process is polled, a zombie counting as gone where
+``/proc`` tells.
 """
 
 from __future__ import annotations

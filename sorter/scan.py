@@ -32,7 +32,7 @@ from sorter.domain import Status
 from sorter.jobs.executor import PAGE, Executor, submit_pending
 from sorter.registrar import Describe, Registrar, Rejected, path_entry
 from sorter.summary import RunSummary
-from sorter.walk import Entry, count_files, walk
+from sorter.walk import Entry, count_files, distinct_roots, walk
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class Scan:
     def run(self, roots: Sequence[str]) -> RunSummary:
         """Walk ``roots``, register and classify; then finish pending work left under them."""
         started = time.monotonic()
-        roots = [os.path.abspath(r) for r in roots]
+        roots = distinct_roots(roots)  # `scan /a /a/b` walks /a once
         counter = self._start_counting(roots)
         entries = (
             (entry, root)

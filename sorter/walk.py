@@ -86,18 +86,26 @@ def walk(roots: Iterable[str | os.PathLike[str]], exclude: frozenset[str] = froz
         One per regular file, and one per path that could not be walked.
     """
     visited: set[tuple[int, int]] = set()
-    for root in roots:
-        path = os.path.abspath(root)
+    for path in distinct_roots(roots):
         try:
             st = os.stat(path)
         except OSError as exc:
             yield error_entry(path, exc, os.path.islink(path))
             continue
         if stat.S_ISDIR(st.st_mode):
+            if (st.st_dev, st.st_ino) in visited:  # another name for a folder walked already
+                continue
             visited.add((st.st_dev, st.st_ino))
             yield from _walk_folder(path, visited, exclude)
         else:
             yield file_entry(path, st)
+
+
+def distinct_roots(roots: Iterable[str | os.PathLike[str]]) -> list[str]:
+    """Each root once, absolute, and none that lies inside another: ``sorter scan /a /a /a/b``
+    walks ``/a`` once (it read and counted every file three times)."""
+    paths = list(dict.fromkeys(os.path.abspath(root) for root in roots))
+    return [p for p in paths if not any(p != q and p.startswith(q.rstrip(os.sep) + os.sep) for q in paths)]
 
 
 def file_entry(path: str, st: os.stat_result) -> Entry:
@@ -167,7 +175,7 @@ def _revisit(link: str) -> Entry:
 def count_files(roots: Iterable[str | os.PathLike[str]]) -> int:
     """Approximate number of files under ``roots`` (for the progress bar's ETA); cheap, no stat."""
     total = 0
-    for root in roots:
+    for root in distinct_roots(roots):
         if not os.path.isdir(root):
             total += 1
             continue

@@ -55,6 +55,13 @@ def test_second_scan_of_an_unchanged_archive_does_no_work(db_url, tiny_model, tm
     assert scalar(db_url, "SELECT count(*) FROM instances") == 9
 
 
+def test_an_archive_named_twice_or_with_a_subfolder_is_read_and_counted_once(db_url, tiny_model, tmp_path):
+    small_archive(tmp_path / "archive")
+    sub = next(p for p in sorted((tmp_path / "archive").iterdir()) if p.is_dir())
+    summary = scan(db_url, tiny_model, tmp_path / "archive", sub, tmp_path / "archive", tmp=tmp_path)
+    assert summary["files"] == 9 and summary["registered"] == 9, summary
+
+
 def test_a_changed_file_at_the_same_path_is_read_again(db_url, tiny_model, tmp_path):
     files = small_archive(tmp_path / "archive")
     scan(db_url, tiny_model, tmp_path / "archive", tmp=tmp_path)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from sorter.scan import source_of
-from sorter.walk import count_files, walk
+from sorter.walk import count_files, distinct_roots, walk
 
 
 def _names(root: Path) -> list[tuple[str, str | None]]:
@@ -50,6 +50,19 @@ def test_excluded_paths_are_never_yielded_and_roots_may_be_files(tmp_path):
     found = [e.path for e in walk([tmp_path], exclude=frozenset({str(tmp_path / "sorter.db")}))]
     assert found == [str(tmp_path / "image.dcm")]
     assert [e.size for e in walk([tmp_path / "image.dcm"])] == [1]
+
+
+def test_roots_given_twice_or_inside_another_are_walked_once(tmp_path):
+    """``sorter scan /a /a /a/b`` read and counted every file of /a/b three times."""
+    for rel in ("a/1", "a/b/2", "c/3"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    a, b, c = tmp_path / "a", tmp_path / "a" / "b", tmp_path / "c"
+    (tmp_path / "alias").symlink_to(a)
+    roots = [b, a, f"{a}{os.sep}", tmp_path / "alias", b / "2", c]
+    assert distinct_roots(roots) == [str(a), str(tmp_path / "alias"), str(c)]
+    assert sorted(os.path.relpath(e.path, tmp_path) for e in walk(roots)) == ["a/1", "a/b/2", "c/3"]
+    assert count_files(roots) == 5  # cheap and approximate: the alias is counted, not walked
 
 
 def test_the_default_source_is_the_first_folder_under_the_root():
