@@ -23,6 +23,7 @@ from sorter.domain import InstanceHeader, Status
 from sorter.errors import InputError, NonImageObject
 from sorter.model.classifier import Classifier
 from sorter.taxonomy import header_label
+from sorter.walk import distinct_roots
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,16 @@ log = logging.getLogger(__name__)
 def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
     """Files named by ``paths``, walking folders recursively in sorted order.
 
-    Symbolic links to folders are not followed, so a link loop cannot trap the walk.
+    Symbolic links to folders are not followed, so a link loop cannot trap the walk. A path given
+    twice, or inside another given path, is walked once, under the name it was first given.
     """
-    for raw in paths:
+    given = list(paths)
+    distinct, seen = set(distinct_roots(given)), set()
+    for raw in given:
+        absolute = os.path.abspath(raw)
+        if absolute not in distinct or absolute in seen:
+            continue
+        seen.add(absolute)
         path = Path(raw)
         if path.is_dir():
             for root, dirs, files in os.walk(path):

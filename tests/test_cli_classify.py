@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -71,6 +72,15 @@ def test_json_contract_on_a_folder(tiny_model, archive):
     by_name = {Path(r["path"]).name: r for r in records if "status" in r}
     assert by_name["rtplan.dcm"]["status"] == "skipped" and by_name["rtplan.dcm"]["reason"] == "non_image"
     assert by_name["notes.txt"]["status"] == "failed" and by_name["notes.txt"]["reason"] == "not_dicom"
+
+
+def test_a_folder_named_twice_or_with_a_file_inside_is_classified_once(tiny_model, archive):
+    args = [str(archive), f"{archive}{os.sep}", str(archive / "CT_small.dcm")]
+    result = CliRunner().invoke(main, ["classify", "--json", "--model", str(tiny_model), *args])
+    assert result.exit_code == 0, result.output
+    paths = [r["path"] for r in _lines(result.stdout)]
+    assert len(paths) == 7 and len(set(paths)) == 7
+    assert all(p.startswith(str(archive)) for p in paths)  # under the name first given
 
 
 def test_table_output(tiny_model, archive):
