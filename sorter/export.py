@@ -14,11 +14,12 @@ One series or one hospital therefore cannot fill a label on its own.
 
 from __future__ import annotations
 
+import csv
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -128,8 +129,9 @@ class Written:
     not_utf8: int = 0
 
 
-def write_manifest(rows: Iterator[dict[str, Any]], out: Path) -> Written:
-    """Write ``rows`` as a manifest at ``out`` atomically; return what was written."""
+def write_manifest(rows: Iterator[dict[str, Any]], out: Path, stream: TextIO | None = None) -> Written:
+    """Write ``rows`` as a manifest at ``out`` atomically, or to ``stream`` with paths relative to
+    ``out``'s folder (``Path("-")``: the working directory); return what was written."""
     written = Written()
 
     def lines() -> Iterator[list[str]]:
@@ -152,5 +154,10 @@ def write_manifest(rows: Iterator[dict[str, Any]], out: Path) -> Written:
                 confidence,
             ]
 
-    write_csv_atomic(out, COLUMNS, lines())
+    if stream is None:
+        write_csv_atomic(out, COLUMNS, lines())
+    else:
+        writer = csv.writer(stream)
+        writer.writerow(COLUMNS)
+        writer.writerows(lines())
     return written

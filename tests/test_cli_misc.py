@@ -3,6 +3,8 @@ summaries in plain English, an export that says what it is short of."""
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import shutil
 import stat
@@ -70,6 +72,18 @@ def test_an_exported_manifest_is_readable_as_any_new_file_is(sqlite_url, tiny_mo
     assert stat.S_IMODE(out.stat().st_mode) == 0o644
     result = sorter("export", "--label-from", "reviewed", "--out", str(out), url=sqlite_url)
     assert "wrote no rows to" in result.output and "--label-from reviewed" in result.output, result.output
+
+
+def test_export_to_standard_output(sqlite_url, tiny_model, tmp_path, monkeypatch):
+    """``--out -`` wrote a file named "-"; now the manifest goes to stdout, paths relative to here."""
+    small_archive(tmp_path / "archive")
+    scan(sqlite_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = sorter("export", "--label-from", "header", "--out", "-", url=sqlite_url)
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert rows and all((tmp_path / row["path"]).is_file() for row in rows), result.stdout
+    assert f"wrote {len(rows)} rows to standard output" in result.stderr, result.stderr
+    assert not (tmp_path / "-").exists()
 
 
 def test_json_logs_are_detected_so_the_worker_can_quiet_celery_s_banner():

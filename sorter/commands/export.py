@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -12,13 +13,17 @@ from sorter.domain import Label
 from sorter.export import LABEL_SOURCES, selection, write_manifest
 
 
+def _stdout(out: Path) -> bool:
+    return str(out) == "-"
+
+
 @click.command()
 @click.option(
     "--out",
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    callback=check_output_file,
-    help="Manifest CSV to write.",
+    callback=lambda ctx, param, value: value if _stdout(value) else check_output_file(ctx, param, value),
+    help="Manifest CSV to write; - writes it to standard output, paths relative to the working directory.",
 )
 @click.option("--balanced", is_flag=True, help="Keep at most --per-label instances per label.")
 @click.option("--per-label", type=click.IntRange(min=1), help="Quota per label (with --balanced).")
@@ -69,19 +74,20 @@ def export(
             by_source=by_source,
             min_confidence=min_confidence,
         )
-        written = write_manifest(rows, out)
+        written = write_manifest(rows, out, sys.stdout if _stdout(out) else None)
+    where = "standard output" if _stdout(out) else str(out)
     by_label: dict[str, int] = {}
     for (label, _source), n in written.counts.items():
         by_label[label] = by_label.get(label, 0) + n
     if by_label:
         click.echo(
-            f"wrote {plural(sum(by_label.values()), 'row')} to {out}: "
+            f"wrote {plural(sum(by_label.values()), 'row')} to {where}: "
             + ", ".join(f"{label} {n}" for label, n in sorted(by_label.items())),
             err=True,
         )
     else:
         click.echo(
-            f"wrote no rows to {out} (the header line only): no classified instance has a label "
+            f"wrote no rows to {where} (the header line only): no classified instance has a label "
             + f"from --label-from {label_from}"
             + (f" with confidence >= {min_confidence:g}" if min_confidence else "")
             + "; `sorter report` shows what is classified",
