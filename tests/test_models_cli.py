@@ -103,6 +103,11 @@ def test_reclassify_takes_filters(db_url, tiny_model, tiny_model_b, tmp_path):
         p=str(tiny_model_b),
     )
     assert sorted((r.source, r.header_label) for r in b) == [("siteA", "CT")] * 3 + [("siteB", "MR")] * 3
+    nothing = sorter(*args, "--source", "siteZ", url=db_url)  # a typo: it said only "0 files"
+    assert "nothing classified again: no classified instance matches the filters" in nothing.stderr
+    assert (
+        "nothing classified again" not in sorter(*args, "--source", "siteB", url=db_url).stderr
+    )  # its colour image
 
 
 def test_a_scan_with_another_model_on_an_unchanged_archive_classifies_what_it_has_not_seen(

@@ -115,6 +115,12 @@ def reclassify(
             active = next((r for r in catalogue.list_models(session) if r.active), None)
     summary.elapsed_s = time.monotonic() - started
     print_summary(summary, json_summary)
+    if not summary.files and not summary.registered:
+        click.echo(
+            "\nnothing classified again: no classified instance matches the filters, or each match "
+            "already has this model's prediction (`sorter report` lists sources and labels)",
+            err=True,
+        )
     if active is not None and active.id != model_id:
         click.echo(
             f"\nthe views still show the active model {active.name} ({active.sha256[:12]}); "
