@@ -190,7 +190,7 @@ def synthetic_results(url: str) -> dict[str, str]:
     Studies: ``study_bad`` holds ``mr_as_ct`` and ``ct_ok``; ``study_good`` holds ``ct_ok2``.
     Returns the UIDs by name.
     """
-    from sorter.domain import InstanceHeader, Label, Verdict
+    from sorter.domain import Label, Verdict
 
     uids = {
         name: generate_uid()
@@ -217,15 +217,8 @@ def synthetic_results(url: str) -> dict[str, str]:
     rows = []
     for series, study, modality, source, station, p_ct, p_mr, verdict in plan:
         for i in range(3):
-            header = InstanceHeader(
-                path=f"/archive/{source}/{series}/{i}.dcm",
-                sop_instance_uid=generate_uid(),
-                study_instance_uid=uids[study],
-                series_instance_uid=uids[series],
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                modality=modality,
-                station_name=station,
-            )
+            path = f"/archive/{source}/{series}/{i}.dcm"
+            header = result_header(path, uids[study], uids[series], modality, station)
             p_xr = round(1 - p_ct - p_mr, 6)
             probs = dict(zip(labels, (p_ct, p_mr, p_xr), strict=True))
             header_label = Label(modality) if modality in ("CT", "MR", "MG") else None
@@ -241,6 +234,36 @@ def synthetic_results(url: str) -> dict[str, str]:
     return uids
 
 
+def result_header(
+    path: str,
+    study: str,
+    series: str,
+    modality: str | None,
+    station: str | None = None,
+    sop_class: str = "1.2.840.10008.5.1.4.1.1.2",
+) -> Any:
+    """The ``InstanceHeader`` of one instance for :func:`write_results`, under a new SOP Instance UID."""
+    from sorter.domain import InstanceHeader
+
+    return InstanceHeader(
+        path=path,
+        sop_instance_uid=generate_uid(),
+        study_instance_uid=study,
+        series_instance_uid=series,
+        sop_class_uid=sop_class,
+        modality=modality,
+        station_name=station,
+    )
+
+
+def top2_prediction(probs: dict[Any, float]) -> Any:
+    """The ``Prediction`` a network with these probabilities makes: its best two labels and all."""
+    from sorter.domain import Prediction
+
+    first, second = sorted(probs, key=probs.__getitem__, reverse=True)[:2]
+    return Prediction(first, probs[first], second, probs[second], probs)
+
+
 def write_results(
     url: str,
     model: dict[str, Any],
@@ -254,7 +277,7 @@ def write_results(
     """
     from sorter.db.queries import model_id_for
     from sorter.db.session import open_database
-    from sorter.domain import Prediction, Status
+    from sorter.domain import Status
     from sorter.ingest import from_header, register
     from sorter.pipeline import Outcome, write_outcomes
 
@@ -264,8 +287,7 @@ def write_results(
         outcomes = []
         for header, source, header_label, probs, verdict in rows:
             [registered] = register(session, [from_header(header, source=source)])
-            first, second = sorted(probs, key=probs.__getitem__, reverse=True)[:2]
-            prediction = Prediction(first, probs[first], second, probs[second], probs)
+            prediction = top2_prediction(probs)
             outcomes.append(Outcome(registered.instance_id, Status.DONE, header_label, prediction, verdict))
         write_outcomes(session, model_id, outcomes)
         session.commit()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from db_support import query, scan, small_archive, sorter, synthetic_results, write_results
+from db_support import query, result_header, scan, small_archive, sorter, synthetic_results, write_results
 
 pytest_plugins = ["db_fixtures"]
 
@@ -85,19 +85,13 @@ def _series_of(
     and its study's."""
     from pydicom.uid import generate_uid
 
-    from sorter.domain import InstanceHeader, Label, Verdict
+    from sorter.domain import Label, Verdict
 
     series, study = generate_uid(), generate_uid()
     rows = []
     for i, (values, verdict) in enumerate(votes):
-        header_ = InstanceHeader(
-            path=f"/archive/{series}/{i}.dcm",
-            sop_instance_uid=generate_uid(),
-            study_instance_uid=study,
-            series_instance_uid=series,
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.128",
-            modality=header,
-        )
+        path = f"/archive/{series}/{i}.dcm"
+        header_ = result_header(path, study, series, header, sop_class="1.2.840.10008.5.1.4.1.1.128")
         probs = {Label(k): v for k, v in values.items()}
         rows.append((header_, "site", Label(header), probs, Verdict(verdict)))
     write_results(url, model or _ARGMAX_MODEL, rows, thresholds)

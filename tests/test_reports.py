@@ -12,10 +12,12 @@ from db_support import (
     copy_dicom,
     pydicom_file,
     query,
+    result_header,
     scan,
     small_archive,
     sorter,
     synthetic_results,
+    top2_prediction,
     write_results,
 )
 from pydicom.uid import generate_uid
@@ -176,7 +178,7 @@ def _station_results(url: str) -> None:
     with a header test (NM: agree_at 0.43, disagree_at 0.008; CT: 0.24, 0.24), each instance's
     verdict the header test's own."""
     from sorter.compare import compare
-    from sorter.domain import InstanceHeader, Label, Prediction, Thresholds
+    from sorter.domain import Label, Thresholds
 
     labels = (Label.CT, Label.PT, Label.NM)
     bounds = {"NM": (0.43, 0.008), "CT": (0.24, 0.235), "PT": (0.58, 0.015)}
@@ -193,21 +195,14 @@ def _station_results(url: str) -> None:
     for station, (modality, p_header) in plan.items():
         series = generate_uid()
         for i, p in enumerate(p_header):
-            header = InstanceHeader(
-                path=f"/archive/{station}/{i}.dcm",
-                sop_instance_uid=generate_uid(),
-                study_instance_uid=series,
-                series_instance_uid=series,
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.20",
-                modality=modality,
-                station_name=station,
+            path = f"/archive/{station}/{i}.dcm"
+            header = result_header(
+                path, series, series, modality, station, sop_class="1.2.840.10008.5.1.4.1.1.20"
             )
             probs = {label: 0.0 for label in labels}
             probs[Label(modality)] = p
             probs[Label.PT] += 1 - p
-            first, second = sorted(probs, key=probs.__getitem__, reverse=True)[:2]
-            prediction = Prediction(first, probs[first], second, probs[second], probs)
-            verdict = compare(Label(modality), prediction, labels, thresholds)
+            verdict = compare(Label(modality), top2_prediction(probs), labels, thresholds)
             rows.append((header, station, Label(modality), probs, verdict))
     model = {
         "sha256": "e" * 64,
