@@ -8,7 +8,6 @@ from contextlib import contextmanager
 import click
 from alembic.util.exc import CommandError
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
 
 from sorter.commands.common import database_option
 from sorter.config import Settings
@@ -17,7 +16,8 @@ from sorter.db import session as db
 
 @contextmanager
 def _engine(database_url: str | None) -> Iterator[Engine]:
-    """The configured database's engine; Alembic's and our errors become one line and status 1."""
+    """The configured database's engine; Alembic's and our errors become one line and status 1
+    (a database error, as under every command: :class:`sorter.commands.oneline.OneLineErrors`)."""
     try:
         engine = db.create_db_engine(Settings.from_env(database_url=database_url).database_url)
     except db.DatabaseError as exc:
@@ -26,8 +26,6 @@ def _engine(database_url: str | None) -> Iterator[Engine]:
         yield engine
     except CommandError as exc:
         raise click.ClickException(f"{exc}; `sorter db history` lists the revisions") from exc
-    except DBAPIError as exc:
-        raise click.ClickException(f"database error: {db.database_problem(exc)}") from exc
     finally:
         engine.dispose()
 
