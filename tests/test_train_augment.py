@@ -88,5 +88,5 @@ def test_unit_augment_is_a_probability():
     from train.config import resolve_config
 
     assert resolve_config("default", unit_augment=0.5).unit_augment == 0.5
-    with pytest.raises(ValueError, match="unit_augment is a probability"):
+    with pytest.raises(ValueError, match=r"unit_augment must be in \[0, 1\], not 1.5"):
         resolve_config("default", unit_augment=1.5)

@@ -50,5 +50,5 @@ def test_a_run_interrupted_while_averaging_resumes_to_the_same_average(
 
 @pytest.mark.parametrize("value", [-0.1, 1.0])
 def test_average_from_outside_the_run_is_refused(value: float) -> None:
-    with pytest.raises(ValueError, match="average_from is a fraction"):
+    with pytest.raises(ValueError, match=r"average_from must be in \[0, 1\)"):
         _config(average_from=value)

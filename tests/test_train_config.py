@@ -66,3 +66,57 @@ def test_sorter_train_says_what_is_wrong_in_one_line(
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and message in errors[0], result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("epochs: 0\n", r"epochs must be at least 1 \(or probe_epochs, for the head alone\), not 0"),
+        ("epochs: -1\n", "epochs must be at least 0, not -1"),
+        ("batch_size: 0\n", "batch_size must be at least 1, not 0"),
+        ("limit_per_label: 0\n", "limit_per_label must be at least 1, not 0"),
+        ("lr: 0\n", "lr must be above 0, not 0"),
+        ("label_smoothing: 1\n", r"label_smoothing must be in \[0, 1\), not 1"),
+        ("source_balance: 1.5\n", r"source_balance must be in \[0, 1\], not 1.5"),
+        ("mixup: -0.2\n", "mixup is a Beta distribution's alpha: -0.2 is negative"),
+        ("epochs: [1\n", r"config.yaml line 2: not valid YAML \(expected ',' or ']'"),
+        ("- epochs\n- 2\n", r"expected keys and values \(epochs: 6\), not a list"),
+    ],
+)
+def test_a_value_no_run_can_use_is_refused_before_training(tmp_path: Path, text: str, message: str) -> None:
+    """``epochs: -1`` trained nothing and saved the untrained network as a model; a YAML syntax
+    error was a parser traceback; a zero batch failed deep in the sampler."""
+    with pytest.raises(ValueError, match=message):
+        _resolve(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--folds", "1"], "--folds must be 0 (one fold per source) or at least 2, not 1"),
+        (["--folds", "-3"], "--folds must be 0 (one fold per source) or at least 2, not -3"),
+        (
+            ["--folds", "5", "--only-fold", "2", "--only-fold", "9"],
+            "--only-fold 9: this run has folds 0 to 4",
+        ),
+        (["--epochs", "0"], "epochs must be at least 1 (or probe_epochs, for the head alone), not 0"),
+    ],
+)
+def test_loso_refuses_folds_it_cannot_train_before_decoding(
+    tmp_path: Path, options: list[str], message: str
+) -> None:
+    """One fold left nothing to train on (a traceback from the sampler after every image was
+    decoded); a fold number past the last trained nothing and failed in calibration."""
+    rows = [
+        f"{label}/{source}.dcm,{label},{source},{source}" for label in ("CT", "MR") for source in "abcdef"
+    ]
+    (tmp_path / "m.csv").write_text("path,label,source,group\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        main, ["loso", "--manifest", str(tmp_path / "m.csv"), "--out", str(out), *options]
+    )
+    assert result.exit_code in (1, 2), result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and message in errors[0], result.output
+    assert not out.exists()  # refused before anything was written or decoded

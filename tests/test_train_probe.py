@@ -4,6 +4,7 @@ learns, then everything trains; a run interrupted in either phase resumes where 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,8 @@ def interrupted_and_resumed(
 
 def test_probe_epochs_train_the_head_alone_then_everything(tmp_path: Path) -> None:
     images = _images()
-    start = _backbone(fit(_config(epochs=0), images, None, tmp_path / "init", progress=False)[0])
+    # No epoch at all: the seed's initial network (resolve_config refuses such a run, fit does not).
+    start = _backbone(fit(replace(_config(), epochs=0), images, None, tmp_path / "init", progress=False)[0])
 
     probed, history = fit(_config(probe_epochs=2, epochs=0), images, None, tmp_path / "probe", progress=False)
     assert [row["phase"] for row in history] == ["probe", "probe"]
@@ -109,5 +111,5 @@ def test_probing_leaves_the_plateau_schedule_to_fine_tuning(tmp_path: Path) -> N
 
 
 def test_negative_probe_epochs_are_refused() -> None:
-    with pytest.raises(ValueError, match="probe_epochs counts epochs"):
+    with pytest.raises(ValueError, match="probe_epochs must be at least 0"):
         _config(probe_epochs=-1)

@@ -163,6 +163,21 @@ def _typed(path: Path, key: str, annotation: str, value: Any) -> Any:
     raise ValueError(f"{path}: {key} must be {wanted}, not {value!r}")
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping of keys in ``path``; a YAML syntax error or a file that is not a mapping is
+    one line naming the file (and the line), not a parser traceback."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{path}{where}: not valid YAML ({problem})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected keys and values (epochs: 6), not a {type(data).__name__}")
+    return data
+
+
 def resolve_config(preset: str = "default", yaml_file: Path | None = None, **overrides: Any) -> FitConfig:
     """Preset, then YAML file, then CLI overrides (``None`` means not given)."""
     if preset not in PRESETS:
@@ -171,7 +186,7 @@ def resolve_config(preset: str = "default", yaml_file: Path | None = None, **ove
     annotations = {f.name: str(f.type) for f in fields(FitConfig)}  # every key, with its type
     layers: list[dict[str, Any]] = []
     if yaml_file is not None:
-        data = yaml.safe_load(Path(yaml_file).read_text()) or {}
+        data = _read_yaml(Path(yaml_file))
         unknown = set(data) - set(annotations)
         if unknown:
             raise ValueError(f"{yaml_file}: unknown keys {sorted(unknown)}")
@@ -186,15 +201,60 @@ def resolve_config(preset: str = "default", yaml_file: Path | None = None, **ove
         if config.arch not in PRETRAINED:
             raise ValueError(f"no pretrained weights for {config.arch!r}; available: {', '.join(PRETRAINED)}")
     config.spec()  # validates the architecture, labels, channels, features, scaling and size
-    if config.backbone_lr_scale <= 0:
-        raise ValueError("backbone_lr_scale must be positive")
-    if config.probe_epochs < 0:
-        raise ValueError(f"probe_epochs counts epochs: {config.probe_epochs} is negative")
-    if not 0.0 <= config.average_from < 1.0:
-        raise ValueError(f"average_from is a fraction of the epochs: {config.average_from} is not in [0, 1)")
-    if not 0.0 <= config.unit_augment <= 1.0:
-        raise ValueError(f"unit_augment is a probability: {config.unit_augment} is not in [0, 1]")
+    _check_ranges(config)
     return config
+
+
+#: The smallest value of each count; below it a run fails deep in training.
+_AT_LEAST: dict[str, int] = {
+    "epochs": 0,
+    "probe_epochs": 0,
+    "epoch_size": 1,
+    "batch_size": 1,
+    "workers": 0,
+    "threads": 0,
+    "max_frames": 1,
+    "axial_slices": 1,
+    "reformat_slices": 0,
+    "limit_per_label": 1,
+}
+#: Rates and weights that must be above zero.
+_POSITIVE = ("lr", "backbone_lr_scale", "distill_temperature")
+#: Fractions and probabilities: (low, high, whether high itself is allowed).
+_FRACTIONS: dict[str, tuple[float, float, bool]] = {
+    "momentum": (0.0, 1.0, False),
+    "weight_decay": (0.0, 1.0, True),
+    "average_from": (0.0, 1.0, False),
+    "label_smoothing": (0.0, 1.0, False),
+    "shift_augment": (0.0, 1.0, True),
+    "unit_augment": (0.0, 1.0, True),
+    "distill_weight": (0.0, 1.0, True),
+    "group_balance": (0.0, 1.0, True),
+    "source_balance": (0.0, 1.0, True),
+    "val_fraction": (0.0, 1.0, False),
+}
+
+
+def _check_ranges(config: FitConfig) -> None:
+    """One line naming the key for a value no run can use, before any image is decoded."""
+    for name, least in _AT_LEAST.items():
+        value = getattr(config, name)
+        if value is not None and value < least:
+            raise ValueError(f"{name} must be at least {least}, not {value}")
+    if config.epochs + config.probe_epochs < 1:  # ``epochs: 0`` saved the untrained network as a model
+        raise ValueError(
+            f"epochs must be at least 1 (or probe_epochs, for the head alone), not {config.epochs}"
+        )
+    for name in _POSITIVE:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{name} must be above 0, not {getattr(config, name)}")
+    for name, (low, high, closed) in _FRACTIONS.items():
+        value = getattr(config, name)
+        if not (low <= value <= high if closed else low <= value < high):
+            bracket = "]" if closed else ")"
+            raise ValueError(f"{name} must be in [{low:g}, {high:g}{bracket}, not {value}")
+    if config.mixup < 0:
+        raise ValueError(f"mixup is a Beta distribution's alpha: {config.mixup} is negative")
 
 
 def save_config(config: FitConfig, path: Path, **context: Any) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from sorter.errors import ConfigError
 from sorter.model.artefact import save_artefact
 from train.calibrate import fit_temperature, softmax_np
 from train.compare import score
@@ -64,15 +65,20 @@ def run_loso(
     Fold outputs (``fold-N.npz``) are kept, so an interrupted run resumes at
     the first unfinished fold.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if folds == 1 or folds < 0:
+        raise ConfigError(f"--folds must be 0 (one fold per source) or at least 2, not {folds}")
     rows = select_rows(manifest, config)
-    images = images_for(rows, config, progress=progress)
     fold_of = assign_folds(rows, folds, config.seed)
+    n_folds = max(fold_of.values()) + 1
+    outside = sorted({f for f in only_folds or () if not 0 <= f < n_folds})
+    if outside:  # checked before hours of decoding: a fold nobody trains scores nothing
+        raise ConfigError(f"--only-fold {outside[0]}: this run has folds 0 to {n_folds - 1}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = images_for(rows, config, progress=progress)
     save_config(config, out_dir / "config.yaml", manifest=str(manifest), folds=folds)
     (out_dir / "folds.json").write_text(json.dumps(fold_of, indent=1, sort_keys=True))
     image_fold = np.asarray([fold_of[str(s)] for s in images.sources])
     spec = config.spec()
-    n_folds = max(fold_of.values()) + 1
     wanted = only_folds if only_folds is not None else list(range(n_folds))
     logits = np.full((len(images), len(spec.labels)), np.nan, dtype=np.float32)
     for fold in tqdm(wanted, desc="folds", unit="fold", disable=not progress):
