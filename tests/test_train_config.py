@@ -51,21 +51,45 @@ def test_values_of_the_right_type_are_kept(tmp_path: Path) -> None:
         (["graph", "{junk}"], "not a readable dicom-sorter model"),
         (["export", "--model", "{junk}", "--out", "{tmp}/x.pt"], "not a readable dicom-sorter model"),
         (["fit", "--manifest", "{manifest}", "--out", "{tmp}/run"], "missing.dcm: unreadable"),
+        (
+            ["fit", "--manifest", "{empty}", "--out", "{tmp}/run"],
+            "empty.csv lists no images (a header line only)",
+        ),
+        (["loso", "--manifest", "{empty}", "--out", "{tmp}/run"], "empty.csv lists no images"),
+        (["manifest", "{tmp}/tree", "--out", "{tmp}/new.csv"], "no DICOM image with a Modality under"),
+        (
+            ["manifest", "{tmp}/tree", "--out", "{tmp}/new.csv", "--limit-per-series", "0"],
+            "0 is not in the range x>=1",
+        ),
+        (
+            ["evaluate", "--manifest", "{manifest}", "--out", "{tmp}/ev", "--workers", "-1"],
+            "-1 is not in the range",
+        ),
     ],
 )
 def test_sorter_train_says_what_is_wrong_in_one_line(
     tmp_path: Path, command: list[str], message: str
 ) -> None:
-    """A model that is no model, a manifest whose files are all missing: one ``Error:`` line and
-    status 1 (both were tracebacks, the second from deep inside the sampler)."""
+    """A model that is no model, a manifest whose files are all missing or that lists nothing, a
+    tree with no DICOM image, a count below its least: one ``Error:`` line and status 1 or 2
+    (each was a traceback, several from deep inside the sampler, or an empty manifest written)."""
     (tmp_path / "junk.pt").write_bytes(b"junk")
     (tmp_path / "m.csv").write_text("path,label,source,group\nmissing.dcm,CT,s,g\n")
-    values = {"junk": str(tmp_path / "junk.pt"), "tmp": str(tmp_path), "manifest": str(tmp_path / "m.csv")}
+    (tmp_path / "empty.csv").write_text("path,label,source,group\n")
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "photo.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # nothing a manifest can list
+    values = {
+        "junk": str(tmp_path / "junk.pt"),
+        "tmp": str(tmp_path),
+        "manifest": str(tmp_path / "m.csv"),
+        "empty": str(tmp_path / "empty.csv"),
+    }
     result = CliRunner().invoke(main, [part.format(**values) for part in command])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code in (1, 2), result.output
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and message in errors[0], result.output
+    assert not (tmp_path / "new.csv").exists()
 
 
 @pytest.mark.parametrize(

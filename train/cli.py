@@ -80,9 +80,11 @@ def _manifest(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
 
     for path in value if isinstance(value, tuple) else (value,):
         try:
-            read_manifest(path)
+            rows = read_manifest(path)
         except (ValueError, UnicodeDecodeError) as exc:
             raise click.BadParameter(str(exc)) from exc
+        if not rows:  # was a traceback from the sampler once the run had started
+            raise click.BadParameter(f"{path} lists no images (a header line only)")
     return value
 
 
@@ -142,13 +144,18 @@ def main(verbose: bool) -> None:
     show_default=True,
     help="top_folder, InstitutionName, StationName, Manufacturer or another DICOM keyword.",
 )
-@click.option("--limit-per-series", type=int, help="Keep at most N evenly spaced instances per series.")
+@click.option(
+    "--limit-per-series",
+    type=click.IntRange(min=1),
+    help="Keep at most N evenly spaced instances per series.",
+)
 def manifest(root: Path, out: Path, source_from: str, limit_per_series: int | None) -> None:
     """Build a training manifest from a DICOM tree; labels come from the header Modality."""
     from train.manifest import build_manifest, source_problems
 
     summary = build_manifest(root, out, source_from=source_from, limit_per_series=limit_per_series)
-    click.echo(f"wrote {summary.rows} rows to {out}")
+    if summary.rows:
+        click.echo(f"wrote {summary.rows} rows to {out}")
     for label, count in sorted(summary.labels.items()):
         sources = summary.sources_by_label.get(label, {})
         top = ", ".join(f"{s} {n}" for s, n in sorted(sources.items(), key=lambda kv: -kv[1])[:5])
@@ -156,6 +163,9 @@ def manifest(root: Path, out: Path, source_from: str, limit_per_series: int | No
         click.echo(f"  {label}: {count} files from {len(sources)} sources ({top}{more})")
     for reason, count in sorted(summary.skipped.items()):
         click.echo(f"  skipped {count}: {reason}")
+    if not summary.rows:
+        out.unlink(missing_ok=True)
+        raise click.ClickException(f"no DICOM image with a Modality under {root}: no manifest written")
     for problem in source_problems(summary.sources_by_label):
         click.echo(f"warning: {problem}", err=True)
 
@@ -235,7 +245,7 @@ def fit(
     help="Model artefact (default: the bundled model).",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--cache-dir", default=None)
 def evaluate(
     manifest_path: Path, model_path: Path | None, out: Path, workers: int, cache_dir: str | None
