@@ -76,6 +76,15 @@ def _stream(session: Session, stmt: sa.Select[Any], limit: int | None) -> Iterat
         yield dict(row._mapping)
 
 
+def unknown_sources(session: Session, sources: Sequence[str]) -> list[str]:
+    """Those of ``sources`` that no instance has: a filter on them can only match nothing."""
+    if not sources:
+        return []
+    stmt = sa.select(instances.c.source).where(instances.c.source.in_(list(sources))).distinct()
+    known = set(session.execute(stmt).scalars())
+    return [source for source in dict.fromkeys(sources) if source not in known]
+
+
 def _rows(session: Session, stmt: sa.Select[Any]) -> list[dict[str, Any]]:
     return [dict(row._mapping) for row in session.execute(stmt)]
 

@@ -86,6 +86,21 @@ def test_find_by_what_the_pixels_show(db_url):
     assert {r["source"] for r in site_b} == {"siteB"}
 
 
+def test_find_refuses_a_source_no_instance_has_and_a_limit_below_one(db_url):
+    """A mistyped ``--source`` listed an empty table, as if no image of that source showed the
+    label; ``--limit 0`` and ``--limit -1`` listed every row on SQLite (PostgreSQL refuses a
+    negative LIMIT)."""
+    synthetic_results(db_url)
+    typo = sorter("find", "--label", "CT", "--source", "siteB", "--source", "siteZ", url=db_url, expect=2)
+    assert "no instance has source 'siteZ' (`sorter report` lists the sources)" in typo.output
+    for command in (["find", "--label", "CT"], ["discrepancies"], ["failures"]):
+        for limit in ("0", "-1"):
+            refused = sorter(*command, "--limit", limit, url=db_url, expect=2)
+            assert f"{limit} is not in the range x>=1" in refused.output
+    one = json.loads(sorter("find", "--label", "CT", "--limit", "1", "--format", "json", url=db_url).output)
+    assert len(one) == 1
+
+
 def test_export_writes_a_balanced_manifest_that_sorter_train_reads(db_url, tiny_model, tmp_path):
     archive = tmp_path / "archive"
     for site in ("siteA", "siteB"):

@@ -20,6 +20,9 @@ from sorter.commands.common import (
 from sorter.domain import FailureReason, Label, Status
 
 _LABELS = click.Choice([label.value for label in Label], case_sensitive=False)
+#: ``--limit``: 0 and negative numbers listed every row (SQLite reads LIMIT -1 as none), and
+#: PostgreSQL refuses a negative LIMIT; leaving the option out lists every row.
+limit_option = click.option("--limit", type=click.IntRange(min=1), help="At most this many rows.")
 
 
 @click.command()
@@ -56,7 +59,7 @@ def report(model_ref: str | None, fmt: str, database_url: str | None) -> None:
     show_default=True,
     help="Lowest confidence (series: mean probability) to list.",
 )
-@click.option("--limit", type=int, help="At most this many rows.")
+@limit_option
 @click.option("--unreviewed", is_flag=True, help="Only what no reviewer has decided on (sorter serve).")
 @click.option(
     "--by",
@@ -105,7 +108,7 @@ def discrepancies(
 @click.option("--header", multiple=True, type=_LABELS, help="Only these header labels (repeatable).")
 @click.option("--source", multiple=True, help="Only these sources (repeatable).")
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=0.0, show_default=True)
-@click.option("--limit", type=int, help="At most this many rows.")
+@limit_option
 @view_model_option
 @format_option
 @database_option
@@ -122,6 +125,12 @@ def find(
     """Find instances by what their pixels show (the active model's prediction)."""
     with database(database_url) as (_engine, sessions), sessions() as session:
         show_model(session, model_ref)
+        unknown = reports.unknown_sources(session, source)
+        if unknown:  # a typo listed an empty table, as if no image of that source showed the label
+            raise click.BadParameter(
+                f"no instance has source {', '.join(map(repr, unknown))} (`sorter report` lists the sources)",
+                param_hint="'--source'",
+            )
         rows = reports.find(
             session,
             Label(label.upper()),
@@ -158,7 +167,7 @@ def _reasons(_ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
     type=click.Path(path_type=str),
     help="Only files under this folder (repeatable).",
 )
-@click.option("--limit", type=int, help="At most this many rows.")
+@limit_option
 @format_option
 @database_option
 def failures(
