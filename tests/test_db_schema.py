@@ -51,6 +51,25 @@ def test_downgrade_to_nothing_and_back(db_url):
     engine.dispose()
 
 
+def test_a_database_stamped_behind_its_tables_says_so_and_how_to_mend_it(db_url):
+    """``sorter db stamp`` to an older revision by hand: every command then tried to migrate
+    and stopped at "table model_thresholds already exists", and ``db check`` said only "Target
+    database is not up to date.;"; now both say what is wrong and what to run."""
+    sorter("db", "upgrade", url=db_url)
+    old = "0003"  # the migrations after it create tables (model_thresholds ...)
+    sorter("db", "stamp", old, url=db_url)
+    check = sorter("db", "check", url=db_url, expect=1)
+    assert f"the database is at revision {old}, this sorter's migrations at {head_revision()}" in check.output
+    # PostgreSQL is never migrated by a command other than `sorter db upgrade` (it says to run it).
+    for command in (("db", "upgrade"), ("status",)) if db_url.startswith("sqlite") else (("db", "upgrade"),):
+        result = sorter(*command, url=db_url, expect=1)
+        assert f"migrating the database from revision {old} failed:" in result.output, result.output
+        assert "already exists" in result.output and "stamp the revision they are at" in result.output
+        assert "Traceback" not in result.output
+    sorter("db", "stamp", "head", url=db_url)
+    assert "models and migrations agree" in sorter("db", "check", url=db_url).output
+
+
 def test_drift_between_models_and_database_fails_the_check(sqlite_url):
     engine, _ = open_database(sqlite_url)
     with engine.begin() as connection:

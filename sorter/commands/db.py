@@ -25,7 +25,9 @@ def _engine(database_url: str | None) -> Iterator[Engine]:
     try:
         yield engine
     except CommandError as exc:
-        raise click.ClickException(f"{exc}; `sorter db history` lists the revisions") from exc
+        raise click.ClickException(
+            f"{str(exc).rstrip('.')}; `sorter db history` lists the revisions"
+        ) from exc
     finally:
         engine.dispose()
 
@@ -77,6 +79,12 @@ def history() -> None:
 def check(database_url: str | None) -> None:
     """Fail unless the database is at head and the models match the migrations."""
     with _engine(database_url) as engine:
+        current, head = db.current_revision(engine), db.head_revision()
+        if current != head:  # Alembic says only "Target database is not up to date."
+            raise click.ClickException(
+                f"the database is at revision {current or '(empty)'}, this sorter's migrations at "
+                f"{head}: run `sorter db upgrade`"
+            )
         db.check(engine)
     click.echo("models and migrations agree")
 

@@ -169,8 +169,25 @@ def known_revision(revision: str) -> bool:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Apply migrations up to ``revision``."""
-    command.upgrade(alembic_config(engine), revision)
+    """Apply migrations up to ``revision``.
+
+    Raises
+    ------
+    DatabaseError
+        A migration found its table already there: the database records an older revision than
+        its tables are at (a ``sorter db stamp`` by hand, or another database's alembic_version).
+    """
+    current = current_revision(engine)
+    try:
+        command.upgrade(alembic_config(engine), revision)
+    except sa.exc.DBAPIError as exc:
+        if current is None or "already exists" not in str(exc.orig or exc):
+            raise
+        raise DatabaseError(
+            f"migrating the database from revision {current} failed: {database_problem(exc)}; its "
+            "tables are newer than the revision it records (a `sorter db stamp` by hand?): stamp "
+            "the revision they are at (`sorter db history`)"
+        ) from exc
 
 
 def downgrade(engine: Engine, revision: str) -> None:
