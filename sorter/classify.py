@@ -23,7 +23,7 @@ from sorter.domain import InstanceHeader, Status
 from sorter.errors import InputError, NonImageObject
 from sorter.model.classifier import Classifier
 from sorter.taxonomy import header_label
-from sorter.walk import distinct_roots
+from sorter.walk import distinct_roots, file_entry
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,20 @@ def decode_file(path: Path, frames: int = 1, min_side: int | None = None) -> Dec
     least this (:func:`sorter.dicom.pixels.load_image`); ``None``: in full.
     """
     said: list[str] = []  # what C decoders wrote, where the command caught it (sorter.dicom.native)
+    try:
+        st = os.stat(path)
+    except OSError:
+        pass  # read_dataset names the problem
+    else:
+        entry = file_entry(str(path), st)
+        if entry.reason is not None:  # a FIFO would block the read for ever, a device never end
+            log.info("skipped %s: %s (%s)", path, entry.reason, entry.detail)
+            return {
+                "path": str(path),
+                "status": entry.status.value,
+                "reason": entry.reason,
+                "detail": entry.detail,
+            }
     try:
         ds = read_dataset(path)
         header = header_from_dataset(ds, path)

@@ -122,6 +122,24 @@ def test_a_damaged_frame_is_one_line_not_tracebacks(tiny_model, tmp_path):
     assert "(the decoder said: Tile part length size inconsistent with stream length)" in record["detail"]
 
 
+def test_a_fifo_or_a_device_is_skipped_not_read(tiny_model, archive):
+    """A FIFO in the folder blocked ``sorter classify`` for ever at the first read (``sorter
+    scan``'s walk already skipped it); a device named on the command line too."""
+    import subprocess
+    import sys
+
+    os.mkfifo(archive / "nested" / "pipe.dcm")
+    command = [sys.executable, "-m", "sorter", "classify", "--json", "--model", str(tiny_model)]
+    result = subprocess.run([*command, str(archive), os.devnull], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    records = {Path(r["path"]).name: r for r in _lines(result.stdout)}
+    assert len(records) == 9
+    for name in ("pipe.dcm", Path(os.devnull).name):
+        assert records[name]["status"] == "skipped" and records[name]["reason"] == "not_regular_file"
+    assert records["pipe.dcm"]["detail"].startswith("p")  # its mode, as ls shows it
+    assert records["CT_small.dcm"]["verdict"] in {v.value for v in Verdict}
+
+
 @pytest.mark.parametrize("content", [b"junk", b"", b"PK\x03\x04 a zip cut short"])
 def test_mismatched_model_gives_a_clear_error(tmp_path, archive, content):
     junk = tmp_path / "junk.pt"
