@@ -235,6 +235,25 @@ def test_a_query_where_nothing_was_scanned_says_so_and_leaves_no_database(comman
     assert not (tmp_path / "sorter.db").exists()
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--balanced"], "--balanced needs --per-label N"),
+        (["--per-label", "5"], "--per-label only applies with --balanced"),
+        (["--by-source"], "--by-source only applies with --balanced --per-label N"),
+        (
+            ["--reviewed", "--label-from", "header"],
+            "--reviewed and --label-from cannot both choose the label",
+        ),
+    ],
+)
+def test_export_options_that_choose_nothing_are_refused(options, message, tmp_path, monkeypatch):
+    """``--by-source`` without a quota wrote every row, as if it had not been asked for."""
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(_run(["export", "--out", "manifest.csv", *options]), 2, message)
+    assert not (tmp_path / "manifest.csv").exists()
+
+
 def test_a_scan_creates_the_database_that_queries_then_read(archive, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     scanned = _run(["scan", str(archive), "--no-progress"])

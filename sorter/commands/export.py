@@ -65,6 +65,8 @@ def export(
         raise click.UsageError("--balanced needs --per-label N")
     if per_label is not None and not balanced:
         raise click.UsageError("--per-label only applies with --balanced")
+    if by_source and not balanced:  # there is no quota to spread: it wrote every row, as if unasked
+        raise click.UsageError("--by-source only applies with --balanced --per-label N")
     with database(database_url) as (_engine, sessions), sessions() as session:
         show_model(session, model_ref)
         rows = selection(
