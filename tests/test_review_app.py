@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
 import signal
@@ -202,6 +203,21 @@ def test_token_login_and_bearer_scripts(scanned):
     assert [r["series_instance_uid"] for r in body["rows"]] == [uids["ct_labelled_mr"]]
 
 
+def test_api_queue_limit_is_checked(scanned):
+    """``limit=-5`` was a 500 with a traceback in the log, ``limit=0`` an empty page that looked
+    like an empty queue, ``limit=abc`` Python's own words."""
+    url, _uids = scanned
+    client = _client(url)
+    for limit in ("-5", "0", "abc"):
+        response = client.get(f"/api/queue?level=series&limit={limit}")
+        assert response.status_code == 400, response.text
+        assert response.json()["error"] == f"limit must be a whole number from 1 to 500, not '{limit}'"
+    for level in ("series", "study", "instance"):
+        rows = client.get(f"/api/queue?level={level}&limit=100000").json()["rows"]  # capped, not refused
+        assert rows and len(rows) <= 500
+    assert len(client.get("/api/queue?level=instance&limit=1").json()["rows"]) == 1
+
+
 def test_basic_auth_names_the_reviewer(scanned):
     url, uids = scanned
     access = Access(basic_user="bo", basic_password="pw-long-enough", reviewer="nobody")
@@ -290,6 +306,13 @@ def test_scripts_review_through_the_json_api(scanned):
     assert (
         bearer.post("/api/review", json={**body, "label": "MR"}).json()["error"].startswith("confirm means")
     )
+    for other in ([body], "confirm", None):  # JSON, but not an object: each was a 500 with a traceback
+        refused = bearer.post(
+            "/api/review", content=json.dumps(other), headers={"content-type": "application/json"}
+        )
+        assert refused.status_code == 400 and refused.json()["error"].startswith(
+            "the body must be a JSON object"
+        )
     # a cookie client (the page's own script) needs the CSRF token
     local = _client(url)
     assert local.post("/api/review", json=body, headers=ORIGIN).status_code == 403

@@ -129,6 +129,23 @@ def _filters(params: Any) -> store.Filters:
     )
 
 
+#: The most rows one ``GET /api/queue`` returns.
+MAX_API_LIMIT = 500
+
+
+def _api_limit(params: Any) -> int:
+    """``limit`` of ``GET /api/queue``: 1 to :data:`MAX_API_LIMIT` (a larger one is capped); a
+    negative one was a 500 with a traceback, 0 an empty page that looked like an empty queue."""
+    raw = params.get("limit") or str(PAGE_SIZE)
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise store.ReviewError(f"limit must be a whole number from 1 to {MAX_API_LIMIT}, not {raw!r}")
+    return min(limit, MAX_API_LIMIT)
+
+
 def _query(filters: store.Filters, **extra: Any) -> str:
     values = {
         "verdict": filters.verdict,
@@ -315,7 +332,7 @@ def create_app(
                     request.query_params.get("level") or "series",
                     filters,
                     request.query_params.get("after") or None,
-                    min(int(request.query_params.get("limit") or PAGE_SIZE), 500),
+                    _api_limit(request.query_params),
                 )
         except (store.ReviewError, ValueError) as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
@@ -328,6 +345,9 @@ def create_app(
             body = await request.json()
         except ValueError:
             return JSONResponse({"error": "the body must be JSON"}, status_code=400)
+        if not isinstance(body, dict):  # a list, a string or null was a 500 with a traceback
+            example = '{"level": "series", "uid": "1.2.3", "decision": "confirm"}'
+            return JSONResponse({"error": f"the body must be a JSON object, e.g. {example}"}, status_code=400)
         # A bearer token is never sent by a browser on its own: only cookie and basic-auth
         # clients, whose credentials are ambient, need the CSRF token (GET /api/csrf).
         if not request.state.bearer and not access.check_csrf(
