@@ -238,6 +238,11 @@ def test_gradcam_overlay_for_the_predicted_label(scanned):
     image = Image.open(io.BytesIO(response.content))
     assert image.mode == "RGB" and image.size == (256, 256)
     assert client.get(cam.split("?")[0] + "?label=ZZ").status_code == 422
+    # Without a label (or in lower case), the predicted label's map, not "the model has no label ".
+    predicted = cam.rsplit("=", 1)[1]
+    for query in ("", f"?label={predicted.lower()}"):
+        other = client.get(cam.split("?")[0] + query)
+        assert other.status_code == 200 and other.content == response.content, other.text
 
 
 def test_serve_refuses_a_public_address_without_a_guard(tmp_path):

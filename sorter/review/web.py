@@ -129,6 +129,11 @@ def _filters(params: Any) -> store.Filters:
     )
 
 
+def _label_value(label: Any) -> str:
+    """A stored label as its text (the enum's value, or the text itself)."""
+    return str(getattr(label, "value", label) or "")
+
+
 #: The most rows one ``GET /api/queue`` returns.
 MAX_API_LIMIT = 500
 
@@ -259,7 +264,13 @@ def create_app(
             models, models.c.id == predictions.c.model_id
         )
         stmt = (
-            sa.select(instances.c.path, models.c.spec, models.c.path.label("model_path"), models.c.sha256)
+            sa.select(
+                instances.c.path,
+                models.c.spec,
+                models.c.path.label("model_path"),
+                models.c.sha256,
+                predictions.c.label.label("predicted"),
+            )
             .select_from(shown)
             .where(instances.c.id == instance_id)
         )
@@ -279,9 +290,10 @@ def create_app(
 
     def gradcam(request: Request) -> Response:
         row = _instance(request.path_params["instance_id"])
-        label = request.query_params.get("label") or ""
         if row["sha256"] is None:
             return Response("the instance has no prediction", status_code=404, media_type="text/plain")
+        # Without ?label= the map of the predicted label (was "the model has no label "); any case.
+        label = (request.query_params.get("label") or "").strip().upper() or _label_value(row["predicted"])
         try:
             data = render.grad_cam(row["path"], row["model_path"], row["sha256"], label)
         except render.RenderError as exc:
