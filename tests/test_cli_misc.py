@@ -6,10 +6,12 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 import shutil
 import stat
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from db_support import scan, small_archive, sorter
 from pydicom.data import get_testdata_file
@@ -40,6 +42,31 @@ def test_the_documented_python_api(tiny_model, tmp_path):
     assert sorted(by_name) == ["ct.dcm", "notes.txt"]
     assert by_name["ct.dcm"]["header_label"] == "CT" and by_name["ct.dcm"]["label"] in ALL_LABEL_VALUES
     assert by_name["notes.txt"]["status"] in {"failed", "skipped"} and "label" not in by_name["notes.txt"]
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "SC_rgb.dcm"])
+def test_predict_images_takes_arrays_the_caller_decoded(name):
+    """The README offers ``predict_images`` for "images you decoded yourself"; an array was an
+    AttributeError ('numpy.ndarray' object has no attribute 'frames')."""
+    import numpy as np
+    from pydicom import dcmread
+
+    from sorter import Classifier
+    from sorter.dicom.pixels import DecodedImage, load_image
+
+    path = get_testdata_file(name)
+    ds = dcmread(path)
+    pixels = ds.pixel_array.astype(np.float64)  # (H, W) grey or (H, W, 3) RGB
+    if "RescaleSlope" in ds:
+        pixels = pixels * float(ds.RescaleSlope) + float(ds.RescaleIntercept)  # Hounsfield units
+    classifier = Classifier.load(device="cpu")
+    [mine] = classifier.predict_images([pixels])
+    [decoded] = classifier.predict_images([load_image(path)])
+    assert mine.label == decoded.label
+    assert mine.probabilities == pytest.approx(decoded.probabilities, abs=1e-5)
+    for bad, words in ((np.zeros((0, 4)), "not (1, 0, 4)"), (np.array([["a"]]), "must hold numbers")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            DecodedImage.from_array(bad)
 
 
 def test_summaries_count_in_english(tiny_model, sqlite_url, tmp_path):

@@ -240,8 +240,8 @@ def test_gradcam_overlay_for_the_predicted_label(scanned):
     assert client.get(cam.split("?")[0] + "?label=ZZ").status_code == 422
     # Without a label (or in lower case), the predicted label's map, not "the model has no label ".
     predicted = cam.rsplit("=", 1)[1]
-    for query in ("", f"?label={predicted.lower()}"):
-        other = client.get(cam.split("?")[0] + query)
+    for suffix in ("", f"?label={predicted.lower()}"):
+        other = client.get(cam.split("?")[0] + suffix)
         assert other.status_code == 200 and other.content == response.content, other.text
 
 

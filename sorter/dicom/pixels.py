@@ -76,6 +76,34 @@ class DecodedImage:
     stored_shape: tuple[int, int] | None = None
     grid_step: int = 1
 
+    @classmethod
+    def from_array(cls, array: np.ndarray) -> DecodedImage:
+        """An image decoded by the caller, for :meth:`sorter.model.classifier.Classifier.predict_images`.
+
+        Parameters
+        ----------
+        array : numpy.ndarray
+            ``(H, W)`` grey or ``(k, H, W)`` frames, in modality units (rescale slope and
+            intercept applied: Hounsfield units for CT), or ``(H, W, 3)`` RGB on a 0-255 scale.
+            NaN and infinities become 0, as in a decoded file.
+
+        Raises
+        ------
+        ValueError
+            Any other shape, an empty image, or values that are not numbers.
+        """
+        arr = np.asarray(array)
+        if arr.dtype.kind not in "biuf":
+            raise ValueError(f"an image must hold numbers, not {arr.dtype}")
+        if arr.ndim == 3 and arr.shape[-1] == 3:
+            rgb = finite_float32(arr)
+            return cls(rgb_to_grey(rgb)[np.newaxis], colourfulness(rgb), 1, "RGB")
+        if arr.ndim == 2:
+            arr = arr[np.newaxis]
+        if arr.ndim != 3 or 0 in arr.shape:
+            raise ValueError(f"an image is (H, W), (frames, H, W) or (H, W, 3) RGB, not {arr.shape}")
+        return cls(finite_float32(arr), 0.0, int(arr.shape[0]), "MONOCHROME2")
+
     @property
     def shape(self) -> tuple[int, int]:
         """``(rows, columns)`` of the stored image, whatever resolution ``frames`` were decoded at."""

@@ -180,10 +180,17 @@ class Classifier:
         return self.predict_logits(self.logits_prepared(prepared, headers))
 
     def predict_images(
-        self, images: Sequence[DecodedImage], headers: Sequence[Label | None] | None = None
+        self, images: Sequence[DecodedImage | np.ndarray], headers: Sequence[Label | None] | None = None
     ) -> list[Prediction]:
-        """Classify decoded images in one batched forward pass (``headers``: see :meth:`logits_prepared`)."""
-        return self.predict_prepared([self.prepare(image) for image in images], headers)
+        """Classify decoded images in one batched forward pass (``headers``: see :meth:`logits_prepared`).
+
+        An image is a :class:`~sorter.dicom.pixels.DecodedImage` or an array that
+        :meth:`DecodedImage.from_array` takes: ``(H, W)`` in modality units, or ``(H, W, 3)`` RGB.
+        """
+        decoded = [
+            image if isinstance(image, DecodedImage) else DecodedImage.from_array(image) for image in images
+        ]
+        return self.predict_prepared([self.prepare(image) for image in decoded], headers)
 
     def to_prediction(self, probs: np.ndarray) -> Prediction:
         """Top-2 view of one probability vector."""
