@@ -69,6 +69,25 @@ def test_predict_images_takes_arrays_the_caller_decoded(name):
             DecodedImage.from_array(bad)
 
 
+def test_predict_images_reads_headers_as_a_scan_does(corpus):
+    """A header given as the Modality text: 'ct' and 'DX' were silently read as no header, so
+    the bundled model's partner never confirmed them (as it does 'CT' on this slice)."""
+    from sorter import Classifier
+    from sorter.dicom.pixels import load_image
+    from sorter.domain import Label
+
+    image = load_image(corpus / "CT" / "nema_wg04_ct1" / "CT1_J2KR.dcm")
+    classifier = Classifier.load(device="cpu")
+
+    def predict(header: object) -> dict:
+        return classifier.predict_images([image], [header])[0].probabilities
+
+    confirmed, unheaded = predict(Label.CT), predict(None)
+    assert confirmed != unheaded  # the partner confirms the CT header alone on this slice
+    assert predict("CT") == predict("ct") == predict(" ct ") == confirmed
+    assert predict("DX") == predict(Label.XR) and predict("SR") == unheaded
+
+
 def test_summaries_count_in_english(tiny_model, sqlite_url, tmp_path):
     archive = tmp_path / "a"
     archive.mkdir()

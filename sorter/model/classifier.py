@@ -19,6 +19,7 @@ from sorter.model.graph_cache import GraphCache
 from sorter.model.ort import OnnxRunner, logits_per_instance
 from sorter.model.preprocess import prepare_image
 from sorter.model.spec import ModelSpec
+from sorter.taxonomy import header_label
 
 if TYPE_CHECKING:
     from sorter.config import Settings
@@ -180,21 +181,32 @@ class Classifier:
         return self.predict_logits(self.logits_prepared(prepared, headers))
 
     def predict_images(
-        self, images: Sequence[DecodedImage | np.ndarray], headers: Sequence[Label | None] | None = None
+        self,
+        images: Sequence[DecodedImage | np.ndarray],
+        headers: Sequence[Label | str | None] | None = None,
     ) -> list[Prediction]:
         """Classify decoded images in one batched forward pass (``headers``: see :meth:`logits_prepared`).
 
         An image is a :class:`~sorter.dicom.pixels.DecodedImage` or an array that
         :meth:`DecodedImage.from_array` takes: ``(H, W)`` in modality units, or ``(H, W, 3)`` RGB.
+        A header is a :class:`Label`, a Modality value as the header holds it (``"DX"`` reads as
+        XR, ``"ct"`` as CT; one outside the taxonomy as no header) or ``None``.
         """
         decoded = [
             image if isinstance(image, DecodedImage) else DecodedImage.from_array(image) for image in images
         ]
-        return self.predict_prepared([self.prepare(image) for image in decoded], headers)
+        labels = None if headers is None else [_header(header) for header in headers]
+        return self.predict_prepared([self.prepare(image) for image in decoded], labels)
 
     def to_prediction(self, probs: np.ndarray) -> Prediction:
         """Top-2 view of one probability vector."""
         return top_two(probs, self.labels)
+
+
+def _header(header: Label | str | None) -> Label | None:
+    """A header as the model takes it: a Label, or a Modality value mapped as a scan maps it (a
+    lower-case 'ct' or a 'DX' was silently read as no header)."""
+    return header if header is None or isinstance(header, Label) else header_label(header)
 
 
 def top_two(probs: np.ndarray, labels: Sequence[Label]) -> Prediction:
