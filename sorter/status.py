@@ -53,7 +53,10 @@ def pipeline_status(session: Session, now: datetime | None = None) -> dict[str, 
     created = Prediction.created_at
 
     def classified_since(delta: timedelta) -> int:
-        stmt = sa.select(n).select_from(Prediction).where(created >= db_time(session, now - delta))
+        # Instances, not predictions: `reclassify` with a second model and `adapt`'s out-of-fold
+        # predictions add rows for instances already counted (272 classified read as 350).
+        instances_classified = sa.func.count(sa.distinct(Prediction.instance_id))
+        stmt = sa.select(instances_classified).where(created >= db_time(session, now - delta))
         return int(session.execute(stmt).scalar_one())
 
     latest = as_utc(session.execute(sa.select(sa.func.max(created))).scalar_one())

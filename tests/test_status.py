@@ -49,7 +49,8 @@ def test_status_table_lists_every_metric(sqlite_url, tiny_model, tmp_path):
     assert table["pending"] == "0" and table["pending.oldest_age_s"] == "-"
     assert table["failed.truncated"] == "1" and table["failed.not_dicom"] == "1"
     assert table["classified.last_hour"] == "7"
-    assert any(key.startswith("model.mobilenet_v3_small.") and value == "7" for key, value in table.items())
+    [sha] = {key.split(".")[1] for key in table if key.startswith("model.")}
+    assert table[f"model.{sha}.arch"] == "mobilenet_v3_small" and table[f"model.{sha}.predictions"] == "7"
 
 
 def test_pending_backlog_and_its_age(sqlite_url, tiny_model, tmp_path):
@@ -70,3 +71,15 @@ def test_pending_backlog_and_its_age(sqlite_url, tiny_model, tmp_path):
     assert status["pending"]["oldest_registered_at"] == datetime(2026, 1, 1, tzinfo=UTC)
     assert status["pending"]["oldest_age_s"] == timedelta(hours=2).total_seconds()
     assert status["instances"]["pending"] == 2 and status["instances"]["done"] == 5
+
+
+def test_status_counts_instances_classified_not_predictions(db_url, tiny_model, tiny_model_b, tmp_path):
+    """A second model's predictions (`sorter reclassify`, `sorter adapt`'s out-of-fold ones) are
+    rows for instances already classified: 7 instances read as 14 classified in the last hour."""
+    _scanned(db_url, tiny_model, tmp_path)
+    sorter("reclassify", "--model", str(tiny_model_b), "--workers", "1", "--no-progress", url=db_url)
+
+    data = json.loads(sorter("status", "--format", "json", url=db_url).stdout)
+
+    assert data["classified"]["last_hour"] == data["classified"]["last_day"] == 7
+    assert [model["predictions"] for model in data["models"]] == [7, 7]

@@ -33,7 +33,10 @@ def flatten(status: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield {"metric": "classified.latest_prediction_at", "value": _when(classified["latest_prediction_at"])}
     yield {"metric": "discrepancies", "value": status["discrepancies"]}
     for model in status["models"]:
-        name = f"model.{model['arch']}.{model['sha256']}"
+        # Keyed by the sha256 alone: an ensemble's arch has spaces ("efficientnet_lite0 +
+        # mobilenet_v3_small (confirms headers)"), which broke the metric column for awk and cut.
+        name = f"model.{model['sha256']}"
+        yield {"metric": f"{name}.arch", "value": model["arch"]}
         yield {"metric": f"{name}.predictions", "value": model["predictions"]}
         yield {"metric": f"{name}.latest", "value": _when(model["latest"])}
     for row in status["rule_actions"]:
