@@ -76,6 +76,11 @@ def test_an_unknown_model_is_one_line(two_models):
     result = sorter("find", "--label", "CT", "--model", "nope", url=two_models, expect=1)
     assert "no model 'nope' in this database; known: tiny.pt" in result.output
     assert "Traceback" not in result.output
+    prefix = _models(two_models)["tiny.pt"]["sha256"][:4]
+    short = sorter("models", "use", prefix, url=two_models, expect=1)
+    assert (
+        f"no model '{prefix}' in this database: a sha256 prefix needs at least 6 characters" in short.output
+    )
 
 
 def test_reclassify_takes_filters(db_url, tiny_model, tiny_model_b, tmp_path):

@@ -136,7 +136,9 @@ def resolve(session: Session, ref: str) -> ModelRecord:
         return found[0]
     if not found:
         known = ", ".join(f"{r.name} ({r.sha256[:12]})" for r in records) or "none yet"
-        raise UnknownModel(f"no model {ref!r} in this database; known: {known}")
+        short = ref and any(r.sha256.startswith(ref.lower()) for r in records)
+        why = ": a sha256 prefix needs at least 6 characters" if short else ""
+        raise UnknownModel(f"no model {ref!r} in this database{why}; known: {known}")
     raise UnknownModel(
         f"{ref!r} matches {len(found)} models ("
         + ", ".join(f"{r.name} {r.sha256[:12]}" for r in found)
