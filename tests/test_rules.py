@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from db_support import query, scan, small_archive, sorter, tree_rules
 
 from sorter.cli import main
+from sorter.domain import ALL_LABELS
 from sorter.rules.spec import RulesError, load_rules
 
 pytest_plugins = ["db_fixtures"]
@@ -222,6 +223,39 @@ def test_a_different_file_at_the_target_is_never_overwritten_and_heals(sqlite_ur
         "(SELECT id FROM instances WHERE sop_instance_uid = :s)",
         s=sop,
     ) == [("done", 2)]
+
+
+def test_scan_says_what_its_rules_did_in_this_run(sqlite_url, tiny_model, tmp_path):
+    """Rules act after each batch, then once more over PATH; the summary showed only that last
+    pass, so a scan that filed 7 files said "0 done, 7 already done", and counted a failure
+    twice (the batch's, and the closing pass's try again)."""
+    from pydicom import dcmread
+
+    drop = tmp_path / "drop"
+    files = small_archive(drop)
+    root = tmp_path / "sorted"
+    rules = str(tree_rules(tmp_path / "rules.toml", root))
+    squatted = dcmread(files["ct0"], stop_before_pixels=True).SOPInstanceUID
+    for label in (
+        label.value for label in ALL_LABELS
+    ):  # whatever the untrained model says, ct0's target is taken
+        (root / label).mkdir(parents=True)
+        (root / label / f"{squatted}.dcm").write_bytes(b"someone else's file")
+    scan_args = (
+        "scan",
+        "--model",
+        str(tiny_model),
+        "--workers",
+        "1",
+        "--no-progress",
+        "--apply-rules",
+        rules,
+    )
+
+    first = sorter(*scan_args, str(drop), url=sqlite_url)
+    assert "rules: 7 classified instances checked; tree: 6 done, 1 failed" in first.output, first.output
+    again = sorter(*scan_args, str(drop), url=sqlite_url)
+    assert "rules: 7 classified instances checked; tree: 0 done, 6 already done, 1 failed" in again.output
 
 
 def test_first_match_conditions_link_and_move(sqlite_url, tiny_model, tmp_path):

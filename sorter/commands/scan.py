@@ -8,6 +8,7 @@ exits with 130 (143 for SIGTERM); re-running the same command resumes.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,7 @@ from sorter.commands.runs import (
     sqlite_files,
 )
 from sorter.domain import Status
-from sorter.rules.engine import apply_rules
+from sorter.rules.engine import RulesReport, apply_rules
 from sorter.scan import Scan
 from sorter.summary import RunSummary
 
@@ -103,10 +104,18 @@ def scan(
         rules = None
     rule_set = read_rules(rules) if rules is not None else None
     summary = RunSummary()
+    batches, batches_lock = RulesReport(), threading.Lock()
+
+    def on_rules(report: RulesReport) -> None:  # from the batch loop and the senders' thread
+        with batches_lock:
+            batches.add(report)
+
     with interruptible(), database(settings.database_url, create=True) as (engine, sessions):
         bar = progress_bar(progress, "scan")
         try:
-            with executor_for(settings, sessions, summary, bar, statuses=CLAIMABLE) as executor:
+            with executor_for(
+                settings, sessions, summary, bar, statuses=CLAIMABLE, on_rules=on_rules
+            ) as executor:
                 Scan(
                     sessions,
                     executor,
@@ -121,6 +130,9 @@ def scan(
             # After each batch (SORTER_RULES) and once more over PATH: what an earlier run classified,
             # and series that matched only once complete.
             report = apply_rules(sessions, rule_set, under=[str(p) for p in paths]) if rule_set else None
+            if report is not None:
+                with batches_lock:
+                    report = report.after(batches)
         finally:
             if bar is not None:
                 bar.close()

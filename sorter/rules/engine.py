@@ -57,6 +57,38 @@ class RulesReport:
     dead: Counter[str] = field(default_factory=Counter)
     instances: int = 0
 
+    def add(self, other: RulesReport) -> None:
+        """Count what ``other`` did too (one run's batches, each reported on its own)."""
+        for mine, theirs in (
+            (self.done, other.done),
+            (self.already, other.already),
+            (self.failed, other.failed),
+            (self.dead, other.dead),
+        ):
+            mine.update(theirs)
+        self.instances += other.instances
+
+    def after(self, batches: RulesReport) -> RulesReport:
+        """This closing pass's report joined with what the same run's batches did before it.
+
+        What a batch did is ``already`` done when the closing pass sees it: counted once, as
+        done (a scan that moved 5 files said "0 done, 5 already done"). An action that failed in
+        a batch and again in the closing pass (a file action is tried again at once; a forward is
+        once its backoff is due) is one failure, not two, so the larger of the two counts is taken.
+        """
+        joined = RulesReport(instances=self.instances)
+        for rule in (
+            set(self.done) | set(self.already) | set(self.failed) | set(self.dead) | set(batches.done)
+        ):
+            joined.done[rule] = batches.done[rule] + self.done[rule]
+            joined.already[rule] = max(0, self.already[rule] - batches.done[rule])
+            joined.failed[rule] = max(batches.failed[rule], self.failed[rule])
+            joined.dead[rule] = batches.dead[rule] + self.dead[rule]
+        for counter in (joined.done, joined.already, joined.failed, joined.dead):
+            for rule in [rule for rule, n in counter.items() if not n]:
+                del counter[rule]
+        return joined
+
     def line(self) -> str:
         """One line for the command's summary."""
         parts = [f"{self.instances} classified instances checked"]
