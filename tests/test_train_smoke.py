@@ -307,11 +307,11 @@ def test_cascade_of_two_loso_runs_then_export_serves_one_graph(fitted, corpus, t
     ],
 )
 def test_a_bad_config_is_one_line_not_a_traceback(tmp_path, config, message):
-    """Checked before anything is written (the manifest here has no rows)."""
+    """Checked before anything is written or read (the manifest's one file does not exist)."""
     path = tmp_path / "bad.yaml"
     path.write_text(config)
     manifest = tmp_path / "manifest.csv"
-    manifest.write_text("path,label,source,group\n")
+    manifest.write_text("path,label,source,group\nmissing.dcm,CT,s,g\n")
     for command in ("fit", "loso"):
         args = [command, "--manifest", str(manifest), "--out", str(tmp_path / command)]
         result = CliRunner().invoke(main, [*args, "--config", str(path)])
