@@ -318,3 +318,23 @@ def test_explain_says_which_condition_failed(sqlite_url, tiny_model, tmp_path):
     assert "odd: no match: station is" in result.output and "the rule wants NOWHERE" in result.output
     missing = sorter("rules", "explain", "1.2.3.4", "--rules", str(rules), url=sqlite_url, expect=1)
     assert "no instance 1.2.3.4" in missing.output
+
+
+def test_a_runs_batches_and_its_closing_pass_are_counted_once():
+    """What a batch did is 'already done' to the closing pass; a forward that failed in a batch
+    and is not due again in the closing pass is still reported."""
+    from collections import Counter
+
+    from sorter.rules.engine import RulesReport
+
+    batches = RulesReport(
+        done=Counter(file=5, fwd=2), failed=Counter(file=1, fwd=3), dead=Counter(fwd=1), instances=9
+    )
+    closing = RulesReport(
+        done=Counter(file=1), already=Counter(file=7, fwd=2), failed=Counter(file=1), instances=10
+    )
+    joined = closing.after(batches)
+    assert joined.line() == (
+        "rules: 10 classified instances checked; file: 6 done, 2 already done, 1 failed; "
+        "fwd: 2 done, 3 failed, 1 dead-lettered"
+    )

@@ -77,9 +77,16 @@ class RulesReport:
         once its backoff is due) is one failure, not two, so the larger of the two counts is taken.
         """
         joined = RulesReport(instances=self.instances)
-        for rule in (
-            set(self.done) | set(self.already) | set(self.failed) | set(self.dead) | set(batches.done)
-        ):
+        counters = (
+            self.done,
+            self.already,
+            self.failed,
+            self.dead,
+            batches.done,
+            batches.failed,
+            batches.dead,
+        )
+        for rule in set().union(*counters):
             joined.done[rule] = batches.done[rule] + self.done[rule]
             joined.already[rule] = max(0, self.already[rule] - batches.done[rule])
             joined.failed[rule] = max(batches.failed[rule], self.failed[rule])
