@@ -258,7 +258,7 @@ def test_scan_says_what_its_rules_did_in_this_run(sqlite_url, tiny_model, tmp_pa
     assert "rules: 7 classified instances checked; tree: 0 done, 6 already done, 1 failed" in again.output
 
 
-def test_first_match_conditions_link_and_move(sqlite_url, tiny_model, tmp_path):
+def test_first_match_conditions_link_and_move(sqlite_url, tiny_model, tiny_model_b, tmp_path):
     drop = tmp_path / "drop"
     files = small_archive(drop)
     scan(sqlite_url, tiny_model, drop, tmp=tmp_path)
@@ -302,6 +302,13 @@ how = "move"
     assert len(moved) == 4 and not files["mr0"].exists() and not files["rgb"].exists()
     # The ledger holds one action per instance: mode "first" stopped at the first rule that matched.
     assert query(sqlite_url, "SELECT count(*), count(DISTINCT instance_id) FROM rule_actions") == [(7, 7)]
+    # A moved instance's path follows its file: reclassify, export and the review page read it
+    # there (with the old path kept, reclassify turned the 4 moved instances into failed/unreadable).
+    paths = [Path(row.path) for row in query(sqlite_url, "SELECT path FROM instances")]
+    assert sum(out / "moved" in p.parents for p in paths) == 4 and all(p.exists() for p in paths)
+    assert not query(sqlite_url, "SELECT path FROM files WHERE path = :p", p=str(files["mr0"]))
+    sorter("reclassify", "--model", str(tiny_model_b), "--workers", "1", "--no-progress", url=sqlite_url)
+    assert query(sqlite_url, "SELECT count(*) FROM instances WHERE status = 'done'") == [(7,)]
 
 
 def test_explain_says_which_condition_failed(sqlite_url, tiny_model, tmp_path):

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sorter.db import views
 from sorter.db.models import Base, RuleAction
-from sorter.db.queries import as_utc, db_time, insert_for, instances, path_under
+from sorter.db.queries import as_utc, db_time, files, insert_for, instances, path_under
 from sorter.domain import Status
 from sorter.fspath import decode_path
 from sorter.rules.filing import file_instance
@@ -76,7 +76,8 @@ class RulesReport:
         a batch and again in the closing pass (a file action is tried again at once; a forward is
         once its backoff is due) is one failure, not two, so the larger of the two counts is taken.
         """
-        joined = RulesReport(instances=self.instances)
+        # A move takes what a batch filed out from under PATH, where the closing pass looks.
+        joined = RulesReport(instances=max(self.instances, batches.instances))
         counters = (
             self.done,
             self.already,
@@ -277,6 +278,8 @@ def _file(
     status = "done" if filed.error is None else "failed"
     values = {"status": status, "target": str(filed.target), "error": filed.error, "detail": filed.detail}
     _record(session, instance_id, rule, action.kind, values)
+    if filed.error is None and action.how == "move":
+        _moved(session, instance_id, item["path"], str(filed.target))
     if filed.error is None:
         report.done[rule] += 1
     else:
@@ -288,6 +291,16 @@ def _file(
             filed.error,
             filed.detail,
         )
+
+
+def _moved(session: Session, instance_id: int, old: str, new: str) -> None:
+    """The instance lives at ``new`` now: its path follows the file, and the ledger forgets the
+    old one. With the old path kept, `sorter reclassify` turned every moved instance into
+    ``failed`` (unreadable), `export` listed files that were gone and the review page had no
+    thumbnails; spool retention would have looked for a file that left the spool."""
+    # Both path columns store through FsPath, which escapes a path that is not UTF-8 itself.
+    session.execute(sa.update(instances).where(instances.c.id == instance_id).values(path=new))
+    session.execute(sa.delete(files).where(files.c.path == old))
 
 
 def _queue(session: Session, instance_id: int, rule: str, action: ForwardAction | SeriesAction) -> None:
