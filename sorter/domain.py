@@ -86,6 +86,7 @@ class Claimed:
     id: int
     path: str
     header_label: Label | None
+    status: Status = Status.PENDING  # DONE: classified before (`sorter reclassify`)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,10 @@ class Outcome:
     verdict: Verdict | None = None
     error: str | None = None
     detail: str | None = None
+    # A classified instance whose file could not be read again (deleted by `watch --after delete`
+    # or spool retention, moved, changed): ``status`` and ``error`` say why, but the instance
+    # keeps its status and earlier predictions (it was turned into ``failed``).
+    kept: bool = False
 
 
 @dataclass(frozen=True)

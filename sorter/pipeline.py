@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from sorter.compare import compare
@@ -66,7 +67,7 @@ def infer(
     out: list[Outcome] = []
     for item, result in zip(items, decoded, strict=True):
         if isinstance(result, Outcome):
-            out.append(result)
+            out.append(replace(result, kept=True) if item.status is Status.DONE else result)
             continue
         prediction = next(predictions)
         verdict = compare(item.header_label, prediction, classifier.labels, thresholds)
@@ -103,7 +104,7 @@ def write_outcomes(session: Session, model_id: int, outcomes: Sequence[Outcome])
         [
             {"b_id": o.instance_id, "status": o.status, "error": o.error, "detail": o.detail}
             for o in outcomes
-            if o.status is not Status.DONE
+            if o.status is not Status.DONE and not o.kept
         ],
     )
 

@@ -24,6 +24,8 @@ class RunSummary:
     confusion: Counter[tuple[str, str]] = field(default_factory=Counter)  # (header label, predicted)
     skipped: Counter[str] = field(default_factory=Counter)
     failed: Counter[str] = field(default_factory=Counter)
+    # Classified instances whose file could not be read again, by reason (kept as they were).
+    not_read_again: Counter[str] = field(default_factory=Counter)
     elapsed_s: float = 0.0
     # Where the classifying process spent its time (LocalExecutor.stage_seconds),
     # and what ran the model: the way to see which stage bounds a run.
@@ -39,7 +41,9 @@ class RunSummary:
     def add_outcomes(self, outcomes: list[Outcome]) -> None:
         """Count a committed batch."""
         for outcome in outcomes:
-            if outcome.status is Status.DONE and outcome.prediction is not None:
+            if outcome.kept:
+                self.not_read_again[outcome.error or "unknown"] += 1
+            elif outcome.status is Status.DONE and outcome.prediction is not None:
                 self.classified += 1
                 self.verdicts[outcome.verdict.value if outcome.verdict else "none"] += 1
                 header = outcome.header_label.value if outcome.header_label else "-"
@@ -76,6 +80,7 @@ class RunSummary:
             "confusion": confusion,
             "skipped": dict(sorted(self.skipped.items())),
             "failed": dict(sorted(self.failed.items())),
+            "not_read_again": dict(sorted(self.not_read_again.items())),
             "elapsed_s": round(self.elapsed_s, 3),
             "files_per_s": round(self.files / self.elapsed_s, 1) if self.elapsed_s > 0 else None,
             "model_runtime": self.model_runtime,

@@ -83,6 +83,24 @@ def test_an_unknown_model_is_one_line(two_models):
     )
 
 
+def test_reclassify_keeps_instances_whose_file_is_gone(db_url, tiny_model, tiny_model_b, tmp_path):
+    """A file deleted after it was classified (`watch --after delete`, spool retention): reclassify
+    turned its instance from done into failed (unreadable); now it keeps its status and its
+    earlier prediction, and the summary says so."""
+    files = small_archive(tmp_path / "archive")
+    scan(db_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
+    files["ct0"].unlink()
+    summary = tmp_path / "r.json"
+    args = ("reclassify", "--model", str(tiny_model_b), "--workers", "1", "--no-progress")
+    result = sorter(*args, "--json-summary", str(summary), url=db_url)
+    data = json.loads(summary.read_text())
+    assert data["classified"] == 6 and data["not_read_again"] == {"unreadable": 1} and data["failed"] == {}
+    assert "not read again: unreadable 1 (classified before;" in result.output
+    done = query(db_url, "SELECT count(*) FROM instances WHERE status = 'done'")
+    assert done == [(7,)]
+    assert query(db_url, "SELECT count(*) FROM latest_predictions") == [(7,)]  # the first model's, shown
+
+
 def test_reclassify_takes_filters(db_url, tiny_model, tiny_model_b, tmp_path):
     small_archive(tmp_path / "archive")
     scan(db_url, tiny_model, tmp_path / "archive", tmp=tmp_path)

@@ -135,6 +135,12 @@ def print_summary(summary: RunSummary, json_path: Path | None) -> None:
     for title, counter in (("skipped", summary.skipped), ("failed", summary.failed)):
         if counter:
             click.echo(f"{title}: " + ", ".join(f"{reason} {n}" for reason, n in counter.most_common()))
+    if summary.not_read_again:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in summary.not_read_again.most_common())
+        click.echo(
+            f"not read again: {reasons} (classified before; their files are gone or changed, so they keep "
+            "their status and earlier predictions; `sorter scan` reads changed files again)"
+        )
     stages = summary.stage_line()
     if stages:
         click.echo(stages)
