@@ -245,6 +245,23 @@ def test_gradcam_overlay_for_the_predicted_label(scanned):
         assert other.status_code == 200 and other.content == response.content, other.text
 
 
+def test_a_thumbnail_of_a_deleted_file_says_why_without_its_path(scanned):
+    """A file deleted since it was classified (spool retention, `watch --after delete`): the page
+    said "cannot decode the stored file: UnreadableFile"."""
+    url, _uids = scanned
+    [(instance_id, path)] = query(
+        url, "SELECT id, path FROM instances WHERE status = 'done' ORDER BY id LIMIT 1"
+    )
+    Path(path).unlink()
+    response = _client(url).get(f"/instances/{instance_id}/thumb.png")
+    assert response.status_code == 422
+    assert response.text == (
+        "cannot decode the stored file (unreadable: No such file or directory; it was deleted or moved "
+        "since it was classified)"
+    )
+    assert Path(path).name not in response.text
+
+
 def test_serve_refuses_a_public_address_without_a_guard(tmp_path):
     result = sorter("serve", "--bind", "0.0.0.0", url=f"sqlite:///{tmp_path / 'x.db'}", expect=2)
     assert "refusing to serve" in result.output

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from sorter.dicom.pixels import load_image
+from sorter.errors import InputError
 from sorter.model.preprocess import preprocess_frame
 from sorter.model.spec import ModelSpec, PreprocessParams
 
@@ -43,12 +44,23 @@ def _png(grey: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+def _unreadable(exc: Exception) -> RenderError:
+    """What kept the stored file from decoding, in words (never its path: paths may name patients);
+    it said only the exception's class ("UnreadableFile")."""
+    if not isinstance(exc, InputError):
+        return RenderError(f"cannot decode the stored file ({type(exc).__name__})")
+    words = f"{exc.reason}: {exc.detail}" if exc.detail else str(exc.reason)
+    if isinstance(exc.__cause__, FileNotFoundError):
+        words += "; it was deleted or moved since it was classified"
+    return RenderError(f"cannot decode the stored file ({words})")
+
+
 def thumbnail(path: str, spec: dict[str, Any] | None) -> bytes:
     """A PNG of the instance at ``path`` as the model ``spec`` preprocesses it, at display size."""
     try:
         image = load_image(path, frames=1, min_side=DISPLAY_SIZE)
     except Exception as exc:  # any decode failure becomes a one-line reason on the page
-        raise RenderError(f"cannot decode the stored file: {type(exc).__name__}") from exc
+        raise _unreadable(exc) from exc
     channels, _ = preprocess_frame(image.frames[0], image.colourfulness, display_params(spec), finite=True)
     return _png(channels[0])
 
@@ -101,7 +113,7 @@ def grad_cam(path: str, model_path: str | None, sha256: str, label: str) -> byte
     try:
         image = load_image(path, frames=1, min_side=spec.preprocess.input_size)  # as the scan decoded it
     except Exception as exc:
-        raise RenderError(f"cannot decode the stored file: {type(exc).__name__}") from exc
+        raise _unreadable(exc) from exc
     x, features = preprocess_frame(
         image.frames[0],
         image.colourfulness,
