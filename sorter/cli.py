@@ -13,7 +13,7 @@ from sorter.commands.db import db_group
 from sorter.commands.export import export
 from sorter.commands.listen import listen
 from sorter.commands.models import models_group
-from sorter.commands.oneline import OneLineErrors
+from sorter.commands.oneline import CONTEXT_SETTINGS, OneLineErrors
 from sorter.commands.reclassify import reclassify
 from sorter.commands.report import discrepancies, failures, find, report
 from sorter.commands.rules import rules_group
@@ -26,7 +26,7 @@ from sorter.dicom.quiet import quiet_pydicom
 from sorter.logs import FORMATS, configure_logging
 
 
-@click.group(cls=OneLineErrors)
+@click.group(cls=OneLineErrors, context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, prog_name="sorter")
 @click.option("-v", "--verbose", count=True, help="-v for info, -vv for debug logging.")
 @click.option(

@@ -194,3 +194,20 @@ def test_a_json_logging_worker_prints_json_only(tmp_path):
     assert any("ready" in line for line in lines), lines[-5:]
     for line in lines:
         assert line.startswith("{") and isinstance(json.loads(line), dict), line
+
+
+@pytest.mark.parametrize(
+    "args", [["-h"], ["scan", "-h"], ["db", "upgrade", "-h"], ["rules", "check", "-h"], ["--version"]]
+)
+def test_both_tools_take_dash_h_and_version(args):
+    """`sorter -h` was "No such option: -h"; `sorter-train --version` did not exist."""
+    from train.cli import main as train_main
+
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0 and ("Usage: " in result.output or "version 0." in result.output), (
+        result.output
+    )
+    trained = CliRunner().invoke(train_main, ["loso", "-h"] if args != ["--version"] else args)
+    assert trained.exit_code == 0 and (
+        "Usage: " in trained.output or "sorter-train, version" in trained.output
+    )

@@ -13,7 +13,8 @@ from typing import Any
 import click
 import numpy as np
 
-from sorter.commands.oneline import OneLineErrors
+from sorter import __version__
+from sorter.commands.oneline import CONTEXT_SETTINGS, OneLineErrors
 from sorter.dicom.quiet import quiet_pydicom
 from sorter.model.artefact import load_artefact, save_artefact
 from train.config import PRESETS, FitConfig, resolve_config, save_config
@@ -124,7 +125,8 @@ def _command_line() -> str:
     return "sorter-train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-@click.group(cls=OneLineErrors)
+@click.group(cls=OneLineErrors, context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, prog_name="sorter-train")
 @click.option("-v", "--verbose", is_flag=True)
 def main(verbose: bool) -> None:
     """Train, evaluate and export dicom-sorter models."""

@@ -22,6 +22,9 @@ from sorter.errors import SorterError
 
 log = logging.getLogger(__name__)
 
+#: Both command-line tools and every command take ``-h`` as well as ``--help`` (children inherit it).
+CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
+
 
 class OneLineErrors(click.Group):
     """A :class:`click.Group` whose commands end with one ``Error:`` line on the errors above."""
