@@ -180,6 +180,7 @@ def register(session: Session, items: Sequence[Registration]) -> list[Registered
             log.info("duplicate of SOP Instance UID %s at %s", found.sop_instance_uid, row["path"])
         out.append(Registered(row["path"], found.id, found.status, duplicate))
     _forget_stale_path_rows(session, items, out)
+    _lose_overwritten(session, items, out)
     queries.upsert_files(
         session,
         [
@@ -195,6 +196,26 @@ def register(session: Session, items: Sequence[Registration]) -> list[Registered
         ],
     )
     return out
+
+
+def _lose_overwritten(session: Session, items: Sequence[Registration], out: Sequence[Registered]) -> None:
+    """A real instance whose file now holds another instance (a drop folder that reuses file
+    names) has no file any more: it keeps its row and predictions, but becomes ``failed``
+    (``vanished``), so that `reclassify`, `export`, `adapt` and the review page never take the
+    other instance's pixels for its own (reclassify called such a CT "pixels say US", and
+    export listed the US file under the CT label)."""
+    lost = {
+        i.replaces: i.path
+        for i, r in zip(items, out, strict=True)
+        if i.replaces is not None and i.replaces != r.instance_id
+    }
+    if not lost:
+        return
+    gone = queries.instance_paths(session, list(lost))  # path-derived rows are deleted already
+    overwritten = [instance_id for instance_id, path in gone.items() if path == lost[instance_id]]
+    queries.lose_instances(session, overwritten, "its file was overwritten by another instance")
+    for instance_id in overwritten:
+        log.info("instance %d: its file %s now holds another instance", instance_id, lost[instance_id])
 
 
 def _forget_stale_path_rows(

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from db_support import query, scan, small_archive, sorter
+from db_support import copy_dicom, pydicom_file, query, scan, small_archive, sorter
 
 pytest_plugins = ["db_fixtures"]
 
@@ -99,6 +99,43 @@ def test_reclassify_keeps_instances_whose_file_is_gone(db_url, tiny_model, tiny_
     done = query(db_url, "SELECT count(*) FROM instances WHERE status = 'done'")
     assert done == [(7,)]
     assert query(db_url, "SELECT count(*) FROM latest_predictions") == [(7,)]  # the first model's, shown
+
+
+def test_an_instance_whose_file_another_overwrote_leaves_the_views(
+    db_url, tiny_model, tiny_model_b, tmp_path
+):
+    """A drop folder that reuses a file name: the CT instance kept its path, now holding an MR,
+    so reclassify judged the MR's pixels as the CT's ("header CT, pixels MR": a false
+    discrepancy) and export listed the MR file under the CT label."""
+    archive = tmp_path / "archive"
+    ct = copy_dicom(pydicom_file("CT_small.dcm"), archive / "IMG0001.dcm")
+    scan(db_url, tiny_model, archive, tmp=tmp_path)
+    ct.unlink()
+    copy_dicom(pydicom_file("MR_small.dcm"), archive / "IMG0001.dcm")  # the next export, same name
+    scan(db_url, tiny_model, archive, tmp=tmp_path)
+
+    rows = query(
+        db_url, "SELECT header_modality, status, error, detail, prediction_id FROM instances ORDER BY id"
+    )
+    assert tuple(rows[0]) == (
+        "CT",
+        "failed",
+        "vanished",
+        "its file was overwritten by another instance",
+        None,
+    )
+    assert [r.status for r in rows] == ["failed", "done"]
+    summary = tmp_path / "r.json"
+    args = ("reclassify", "--model", str(tiny_model_b), "--workers", "1", "--no-progress", "--json-summary")
+    sorter(*args, str(summary), url=db_url)
+    assert json.loads(summary.read_text())["classified"] == 1  # the MR only
+    sorter("models", "use", "tiny-b.pt", url=db_url)
+    assert [r.header_modality for r in query(db_url, "SELECT header_modality FROM latest_predictions")] == [
+        "MR"
+    ]
+    out = tmp_path / "m.csv"
+    sorter("export", "--label-from", "header", "--out", str(out), url=db_url)
+    assert [row["header_modality"] for row in csv.DictReader(out.open())] == ["MR"]
 
 
 def test_reclassify_takes_filters(db_url, tiny_model, tiny_model_b, tmp_path):

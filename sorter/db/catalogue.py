@@ -157,7 +157,11 @@ def activate(session: Session, model_id: int) -> tuple[int, int]:
     )
     theirs = predicted_by(model_id).scalar_subquery()
     has = sa.exists(predicted_by(model_id))
-    result = session.execute(sa.update(instances).where(has).values(prediction_id=theirs))
+    # Classified instances only: one whose file was overwritten, or changed and not read again
+    # yet, must not show a prediction of pixels it no longer holds.
+    result = session.execute(
+        sa.update(instances).where(has, instances.c.status == Status.DONE).values(prediction_id=theirs)
+    )
     shown = getattr(result, "rowcount", 0)  # a CursorResult for an UPDATE
     missing = session.execute(
         sa.select(sa.func.count()).select_from(instances).where(instances.c.status == Status.DONE, ~has)

@@ -496,6 +496,31 @@ def mark_done(session: Session, ids: Collection[int], model_id: int) -> None:
     )
 
 
+def instance_paths(session: Session, ids: Collection[int]) -> dict[int, str]:
+    """The stored path of each instance of ``ids`` that exists."""
+    if not ids:
+        return {}
+    stmt = sa.select(instances.c.id, instances.c.path).where(instances.c.id.in_(list(ids)))
+    return {int(row.id): str(row.path) for row in session.execute(stmt)}
+
+
+def lose_instances(session: Session, ids: Collection[int], detail: str) -> None:
+    """Instances whose file is gone: ``failed`` (``vanished``, with ``detail``) and shown by no
+    view (their prediction rows stay, as a re-read instance's do)."""
+    if ids:
+        session.execute(
+            sa.update(instances)
+            .where(instances.c.id.in_(list(ids)))
+            .values(
+                status=Status.FAILED,
+                error=FailureReason.VANISHED,
+                detail=detail,
+                prediction_id=None,
+                updated_at=sa.func.now(),
+            )
+        )
+
+
 def mark_finished(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
     """Set a terminal status with its reason (``b_id, status, error, detail``) per instance."""
     if rows:
