@@ -158,6 +158,7 @@ def register(session: Session, items: Sequence[Registration]) -> list[Registered
     new: dict[str, dict[str, Any]] = {}
     reread: list[dict[str, Any]] = []
     moves: dict[int, str] = {}
+    found_again: set[int] = set()
     for item, row in zip(items, rows, strict=True):
         uid, old = row["sop_instance_uid"], before.get(row["sop_instance_uid"])
         if old is None:
@@ -165,6 +166,11 @@ def register(session: Session, items: Sequence[Registration]) -> list[Registered
         elif old.path == row["path"]:
             if item.changed:
                 reread.append({**row, "b_id": old.id})
+        elif old.status == Status.FAILED and row["status"] is Status.PENDING and old.id not in found_again:
+            # A failed instance (its file overwritten, or unreadable) read well at another path:
+            # it lives here now, and is classified again.
+            found_again.add(old.id)
+            reread.append({**row, "b_id": old.id})
         elif not os.path.lexists(old.path):
             moves[old.id] = row["path"]  # rare: one stat per duplicate, never per file
     queries.insert_instances(session, list(new.values()))
@@ -213,6 +219,18 @@ def _lose_overwritten(session: Session, items: Sequence[Registration], out: Sequ
         return
     gone = queries.instance_paths(session, list(lost))  # path-derived rows are deleted already
     overwritten = [instance_id for instance_id, path in gone.items() if path == lost[instance_id]]
+    # A copy registered as its duplicate elsewhere (moved there before the name was reused) is
+    # where it lives now.
+    at_risk = set(overwritten)
+    candidates = queries.ledger_paths_of(session, overwritten)
+    candidates += [(r.path, r.instance_id) for r in out if r.duplicate]  # this batch's, not in the ledger yet
+    copies = {
+        instance_id: path
+        for path, instance_id in candidates
+        if instance_id in at_risk and path != lost[instance_id] and os.path.lexists(path)
+    }
+    queries.move_instances(session, copies)
+    overwritten = [instance_id for instance_id in overwritten if instance_id not in copies]
     queries.lose_instances(session, overwritten, "its file was overwritten by another instance")
     for instance_id in overwritten:
         log.info("instance %d: its file %s now holds another instance", instance_id, lost[instance_id])

@@ -138,6 +138,28 @@ def test_an_instance_whose_file_another_overwrote_leaves_the_views(
     assert [row["header_modality"] for row in csv.DictReader(out.open())] == ["MR"]
 
 
+@pytest.mark.parametrize("moved_to", ["later/IMG0001.dcm", "A-moved.dcm"])
+def test_an_instance_moved_before_its_name_was_reused_follows_its_file(
+    db_url, tiny_model, tmp_path, moved_to
+):
+    """The CT moved away, then an MR took its old name: the CT lives at its new path (walked after
+    the old one, or before it and first counted as a duplicate), not `vanished`."""
+    archive = tmp_path / "archive"
+    ct = copy_dicom(pydicom_file("CT_small.dcm"), archive / "IMG0001.dcm")
+    scan(db_url, tiny_model, archive, tmp=tmp_path)
+    (archive / moved_to).parent.mkdir(exist_ok=True)
+    ct.rename(archive / moved_to)
+    copy_dicom(pydicom_file("MR_small.dcm"), archive / "IMG0001.dcm")
+    scan(db_url, tiny_model, archive, tmp=tmp_path)
+
+    rows = query(db_url, "SELECT header_modality, status, path FROM instances ORDER BY id")
+    assert [(r.header_modality, r.status, Path(r.path)) for r in rows] == [
+        ("CT", "done", archive / moved_to),
+        ("MR", "done", archive / "IMG0001.dcm"),
+    ]
+    assert len(query(db_url, "SELECT instance_id FROM latest_predictions")) == 2
+
+
 def test_reclassify_takes_filters(db_url, tiny_model, tiny_model_b, tmp_path):
     small_archive(tmp_path / "archive")
     scan(db_url, tiny_model, tmp_path / "archive", tmp=tmp_path)

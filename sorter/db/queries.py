@@ -496,6 +496,14 @@ def mark_done(session: Session, ids: Collection[int], model_id: int) -> None:
     )
 
 
+def ledger_paths_of(session: Session, ids: Collection[int]) -> list[tuple[str, int]]:
+    """``(path, instance id)`` of every ledger row that points at an instance of ``ids``."""
+    if not ids:
+        return []
+    stmt = sa.select(files.c.path, files.c.instance_id).where(files.c.instance_id.in_(list(ids)))
+    return [(str(row.path), int(row.instance_id)) for row in session.execute(stmt)]
+
+
 def instance_paths(session: Session, ids: Collection[int]) -> dict[int, str]:
     """The stored path of each instance of ``ids`` that exists."""
     if not ids:
