@@ -15,6 +15,7 @@ One series or one hospital therefore cannot fill a label on its own.
 from __future__ import annotations
 
 import csv
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -127,6 +128,8 @@ class Written:
     counts: Counter[tuple[str, str]] = field(default_factory=Counter)
     #: Files whose names are not valid UTF-8: a manifest is UTF-8 text and cannot name them.
     not_utf8: int = 0
+    #: Files that are gone (`watch --after delete`, spool retention): training could not read them.
+    gone: int = 0
 
 
 def write_manifest(rows: Iterator[dict[str, Any]], out: Path, stream: TextIO | None = None) -> Written:
@@ -139,6 +142,9 @@ def write_manifest(rows: Iterator[dict[str, Any]], out: Path, stream: TextIO | N
             path = decode_path(row["path"])
             if not is_utf8(path):
                 written.not_utf8 += 1
+                continue
+            if not os.path.isfile(path):  # one stat per row: cheap beside what training reads
+                written.gone += 1
                 continue
             label, source = str(row["export_label"]), str(row["export_source"])
             confidence = "" if row["confidence"] is None else f"{row['confidence']:.4f}"

@@ -86,7 +86,7 @@ def test_an_unknown_model_is_one_line(two_models):
 def test_reclassify_keeps_instances_whose_file_is_gone(db_url, tiny_model, tiny_model_b, tmp_path):
     """A file deleted after it was classified (`watch --after delete`, spool retention): reclassify
     turned its instance from done into failed (unreadable); now it keeps its status and its
-    earlier prediction, and the summary says so."""
+    earlier prediction, and the summary says so. Export listed the missing file."""
     files = small_archive(tmp_path / "archive")
     scan(db_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
     files["ct0"].unlink()
@@ -99,6 +99,10 @@ def test_reclassify_keeps_instances_whose_file_is_gone(db_url, tiny_model, tiny_
     done = query(db_url, "SELECT count(*) FROM instances WHERE status = 'done'")
     assert done == [(7,)]
     assert query(db_url, "SELECT count(*) FROM latest_predictions") == [(7,)]  # the first model's, shown
+    out = tmp_path / "m.csv"  # export leaves the file out: training could not read it
+    exported = sorter("export", "--label-from", "header", "--out", str(out), url=db_url)
+    assert "left out 1 instances whose file is gone" in exported.output
+    assert len(list(csv.DictReader(out.open()))) == 6
 
 
 def test_an_instance_whose_file_another_overwrote_leaves_the_views(

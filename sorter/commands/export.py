@@ -107,6 +107,12 @@ def export(
                 + "); lower --per-label or --min-confidence, or classify more",
                 err=True,
             )
+    if written.gone:
+        click.echo(
+            f"left out {written.gone} instances whose file is gone (deleted or moved since they were "
+            "classified): training could not read them",
+            err=True,
+        )
     if written.not_utf8:
         click.echo(
             f"left out {written.not_utf8} instances whose file names are not valid UTF-8 "
