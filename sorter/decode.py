@@ -18,6 +18,7 @@ import numpy as np
 from sorter.dicom import native
 from sorter.dicom.pixels import load_image
 from sorter.dicom.quiet import quiet_pydicom
+from sorter.dicom.reading import read_dataset
 from sorter.domain import Claimed, FailureReason, Outcome, Status
 from sorter.errors import INTERRUPTS, InputError, NonImageObject, describe
 from sorter.lifeline import watch_parent
@@ -26,6 +27,9 @@ from sorter.model.preprocess import prepare_image
 from sorter.model.spec import PreprocessParams
 
 log = logging.getLogger(__name__)
+
+#: (0008,0018) SOP Instance UID.
+_SOP_INSTANCE_UID = 0x00080018
 
 
 @dataclass(frozen=True)
@@ -113,9 +117,28 @@ def _prepare_full(item: Claimed, params: PreprocessParams, frames: int) -> Prepa
     return _load_and_prepare(item, params, frames, None)
 
 
+def _another_instance(item: Claimed) -> Outcome | None:
+    """For an instance classified before (`sorter reclassify`): a failure when its file now holds
+    another instance (a name reused before any scan saw it), whose pixels must not be judged as
+    its own. One header read, so only these instances pay it, never a scan's new ones."""
+    if item.status is not Status.DONE or not item.sop_instance_uid:
+        return None
+    try:
+        held = read_dataset(item.path, specific_tags=[_SOP_INSTANCE_UID]).get(_SOP_INSTANCE_UID)
+    except InputError:
+        return None  # reading it again says why
+    if held is None or str(held.value).strip() == item.sop_instance_uid:
+        return None
+    detail = "its file now holds another instance; `sorter scan` registers it"
+    return Outcome(item.id, Status.FAILED, item.header_label, error=FailureReason.VANISHED, detail=detail)
+
+
 def _load_and_prepare(
     item: Claimed, params: PreprocessParams, frames: int, min_side: int | None
 ) -> Prepared | Outcome:
+    replaced = _another_instance(item)
+    if replaced is not None:
+        return replaced
     try:
         with native.caught() as said:
             image = load_image(item.path, frames=frames, min_side=min_side)

@@ -87,6 +87,7 @@ class Claimed:
     path: str
     header_label: Label | None
     status: Status = Status.PENDING  # DONE: classified before (`sorter reclassify`)
+    sop_instance_uid: str | None = None
 
 
 @dataclass(frozen=True)

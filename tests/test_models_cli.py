@@ -142,6 +142,22 @@ def test_an_instance_whose_file_another_overwrote_leaves_the_views(
     assert [row["header_modality"] for row in csv.DictReader(out.open())] == ["MR"]
 
 
+def test_reclassify_never_judges_another_instance_at_the_path(db_url, tiny_model, tiny_model_b, tmp_path):
+    """The name reused before any scan saw it: reclassify read the MR now at the CT's path and
+    stored its prediction as the CT's."""
+    archive = tmp_path / "archive"
+    ct = copy_dicom(pydicom_file("CT_small.dcm"), archive / "IMG0001.dcm")
+    scan(db_url, tiny_model, archive, tmp=tmp_path)
+    ct.unlink()
+    copy_dicom(pydicom_file("MR_small.dcm"), archive / "IMG0001.dcm")
+    summary = tmp_path / "r.json"
+    args = ("reclassify", "--model", str(tiny_model_b), "--workers", "1", "--no-progress", "--json-summary")
+    sorter(*args, str(summary), url=db_url)
+    data = json.loads(summary.read_text())
+    assert data["classified"] == 0 and data["not_read_again"] == {"vanished": 1}
+    assert query(db_url, "SELECT count(*) FROM predictions") == [(1,)]  # the first model's only
+
+
 @pytest.mark.parametrize("moved_to", ["later/IMG0001.dcm", "A-moved.dcm"])
 def test_an_instance_moved_before_its_name_was_reused_follows_its_file(
     db_url, tiny_model, tmp_path, moved_to

@@ -290,12 +290,21 @@ def claim(
     if not id_list:
         return []
     stmt = (
-        sa.select(instances.c.id, instances.c.path, instances.c.header_label, instances.c.status)
+        sa.select(
+            instances.c.id,
+            instances.c.path,
+            instances.c.header_label,
+            instances.c.status,
+            instances.c.sop_instance_uid,
+        )
         .where(instances.c.id.in_(id_list), instances.c.status.in_(list(statuses)))
         .order_by(instances.c.id)
         .with_for_update(skip_locked=True, key_share=True, of=instances)
     )
-    return [Claimed(r.id, r.path, r.header_label, Status(r.status)) for r in session.execute(stmt)]
+    return [
+        Claimed(r.id, r.path, r.header_label, Status(r.status), r.sop_instance_uid)
+        for r in session.execute(stmt)
+    ]
 
 
 @dataclass(frozen=True)
