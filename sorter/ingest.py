@@ -21,7 +21,7 @@ import logging
 import os
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -78,6 +78,7 @@ class Registered:
     instance_id: int
     status: Status
     duplicate: bool = False
+    lost: bool = False  # the instance this path held before lost its file (``failed/vanished``)
 
 
 def from_header(header: InstanceHeader, **extra: Any) -> Registration:
@@ -186,7 +187,8 @@ def register(session: Session, items: Sequence[Registration]) -> list[Registered
             log.info("duplicate of SOP Instance UID %s at %s", found.sop_instance_uid, row["path"])
         out.append(Registered(row["path"], found.id, found.status, duplicate))
     _forget_stale_path_rows(session, items, out)
-    _lose_overwritten(session, items, out)
+    lost = _lose_overwritten(session, items, out)
+    out = [replace(r, lost=True) if i.replaces in lost else r for i, r in zip(items, out, strict=True)]
     queries.upsert_files(
         session,
         [
@@ -204,7 +206,7 @@ def register(session: Session, items: Sequence[Registration]) -> list[Registered
     return out
 
 
-def _lose_overwritten(session: Session, items: Sequence[Registration], out: Sequence[Registered]) -> None:
+def _lose_overwritten(session: Session, items: Sequence[Registration], out: Sequence[Registered]) -> set[int]:
     """A real instance whose file now holds another instance (a drop folder that reuses file
     names) has no file any more: it keeps its row and predictions, but becomes ``failed``
     (``vanished``), so that `reclassify`, `export`, `adapt` and the review page never take the
@@ -216,7 +218,7 @@ def _lose_overwritten(session: Session, items: Sequence[Registration], out: Sequ
         if i.replaces is not None and i.replaces != r.instance_id
     }
     if not lost:
-        return
+        return set()
     gone = queries.instance_paths(session, list(lost))  # path-derived rows are deleted already
     overwritten = [instance_id for instance_id, path in gone.items() if path == lost[instance_id]]
     # A copy registered as its duplicate elsewhere (moved there before the name was reused) is
@@ -234,6 +236,7 @@ def _lose_overwritten(session: Session, items: Sequence[Registration], out: Sequ
     queries.lose_instances(session, overwritten, "its file was overwritten by another instance")
     for instance_id in overwritten:
         log.info("instance %d: its file %s now holds another instance", instance_id, lost[instance_id])
+    return set(overwritten)
 
 
 def _forget_stale_path_rows(

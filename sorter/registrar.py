@@ -188,6 +188,8 @@ class Registrar:
         for item, result in zip(todo, registered, strict=True):
             if self.summary is not None:
                 self.summary.registered += 1
+                if result.lost:  # the instance this path held: its file now holds another one
+                    self.summary.count_terminal(Status.FAILED, FailureReason.VANISHED)
             if result.duplicate:
                 if self.summary is not None:
                     self.summary.duplicates += 1

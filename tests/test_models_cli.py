@@ -116,7 +116,7 @@ def test_an_instance_whose_file_another_overwrote_leaves_the_views(
     scan(db_url, tiny_model, archive, tmp=tmp_path)
     ct.unlink()
     copy_dicom(pydicom_file("MR_small.dcm"), archive / "IMG0001.dcm")  # the next export, same name
-    scan(db_url, tiny_model, archive, tmp=tmp_path)
+    assert scan(db_url, tiny_model, archive, tmp=tmp_path)["failed"] == {"vanished": 1}  # said so
 
     rows = query(
         db_url, "SELECT header_modality, status, error, detail, prediction_id FROM instances ORDER BY id"
