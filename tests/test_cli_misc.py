@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from db_support import scan, small_archive, sorter
+from db_support import query, scan, small_archive, sorter
 from pydicom.data import get_testdata_file
 from support import umask
 
@@ -211,3 +211,17 @@ def test_both_tools_take_dash_h_and_version(args):
     assert trained.exit_code == 0 and (
         "Usage: " in trained.output or "sorter-train, version" in trained.output
     )
+
+
+def test_a_blank_source_is_the_default_not_none(tiny_model, sqlite_url, tmp_path):
+    """`--source "  "` (or SORTER_SOURCE set to spaces in an environment file) recorded no source
+    at all; it now means the option was left out: the first folder under PATH."""
+    archive = tmp_path / "a"
+    shutil.copy(
+        get_testdata_file("CT_small.dcm"),
+        (archive / "site").mkdir(parents=True) or archive / "site" / "ct.dcm",
+    )
+    sorter(
+        "scan", "--model", str(tiny_model), "--workers", "1", "--source", "   ", str(archive), url=sqlite_url
+    )
+    assert [r.source for r in query(sqlite_url, "SELECT source FROM instances")] == ["site"]

@@ -155,6 +155,12 @@ def format_option(func: F) -> F:
     )(func)
 
 
+def blank_is_unset(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """A value of spaces only is the option left out: ``--source "  "`` recorded no source at all
+    instead of the default (the folder or the calling AE)."""
+    return (value.strip() or None) if isinstance(value, str) else value
+
+
 def check_output_file(_ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
     """An option's file to write, checked before any work (a summary written after an hour's scan
     into a folder that could not be made failed with a traceback at the end)."""

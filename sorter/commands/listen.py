@@ -21,6 +21,7 @@ import click
 from sqlalchemy.orm import Session, sessionmaker
 
 from sorter.commands.common import (
+    blank_is_unset,
     command_settings,
     database_option,
     metrics_options,
@@ -164,7 +165,10 @@ def _retention(_ctx: click.Context, _param: click.Parameter, value: str) -> Rete
     help="Refuse associations and stores while the spool volume has less free space.",
 )
 @click.option(
-    "--source", envvar="SORTER_SOURCE", help="Source name for every instance (default: the calling AE)."
+    "--source",
+    envvar="SORTER_SOURCE",
+    callback=blank_is_unset,
+    help="Source name for every instance (default: the calling AE).",
 )
 @click.option(
     "--spool-sweep-interval",

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from sorter.commands.common import command_settings, database
+from sorter.commands.common import blank_is_unset, command_settings, database
 from sorter.commands.preflight import require_broker
 from sorter.commands.rules import read_rules, rules_option
 from sorter.commands.runs import (
@@ -50,6 +50,7 @@ FAIL_ON = {"failed": 3, "discrepancy": 4}
 @click.option(
     "--source",
     envvar="SORTER_SOURCE",
+    callback=blank_is_unset,
     help="Source name for every file (default: the first folder under each PATH).",
 )
 @click.option(

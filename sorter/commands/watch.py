@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import click
 
 from sorter.commands.common import (
+    blank_is_unset,
     command_settings,
     database,
     database_option,
@@ -108,6 +109,7 @@ def serve(
 @click.option(
     "--source",
     envvar="SORTER_SOURCE",
+    callback=blank_is_unset,
     help="Source name of every file (default: first folder under DIR).",
 )
 @rules_option
