@@ -217,10 +217,8 @@ def test_a_blank_source_is_the_default_not_none(tiny_model, sqlite_url, tmp_path
     """`--source "  "` (or SORTER_SOURCE set to spaces in an environment file) recorded no source
     at all; it now means the option was left out: the first folder under PATH."""
     archive = tmp_path / "a"
-    shutil.copy(
-        get_testdata_file("CT_small.dcm"),
-        (archive / "site").mkdir(parents=True) or archive / "site" / "ct.dcm",
-    )
+    (archive / "site").mkdir(parents=True)
+    shutil.copy(get_testdata_file("CT_small.dcm"), archive / "site" / "ct.dcm")
     sorter(
         "scan", "--model", str(tiny_model), "--workers", "1", "--source", "   ", str(archive), url=sqlite_url
     )
