@@ -9,7 +9,7 @@ import socket
 import click
 import sqlalchemy as sa
 
-from sorter.commands.common import database, database_option
+from sorter.commands.common import blank_is_unset, database, database_option
 
 
 @click.command()
@@ -32,6 +32,7 @@ from sorter.commands.common import database, database_option
 @click.option(
     "--reviewer",
     envvar="SORTER_REVIEWER",
+    callback=blank_is_unset,
     help="Name recorded on decisions without basic auth (default: this login's user name).",
 )
 @database_option
