@@ -129,11 +129,6 @@ def _filters(params: Any) -> store.Filters:
     )
 
 
-def _label_value(label: Any) -> str:
-    """A stored label as its text (the enum's value, or the text itself)."""
-    return str(getattr(label, "value", label) or "")
-
-
 #: The most rows one ``GET /api/queue`` returns.
 MAX_API_LIMIT = 500
 
@@ -293,7 +288,7 @@ def create_app(
         if row["sha256"] is None:
             return Response("the instance has no prediction", status_code=404, media_type="text/plain")
         # Without ?label= the map of the predicted label (was "the model has no label "); any case.
-        label = (request.query_params.get("label") or "").strip().upper() or _label_value(row["predicted"])
+        label = (request.query_params.get("label") or "").strip().upper() or row["predicted"].value
         try:
             data = render.grad_cam(row["path"], row["model_path"], row["sha256"], label)
         except render.RenderError as exc:

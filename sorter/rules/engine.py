@@ -92,9 +92,6 @@ class RulesReport:
             joined.already[rule] = max(0, self.already[rule] - batches.done[rule])
             joined.failed[rule] = max(batches.failed[rule], self.failed[rule])
             joined.dead[rule] = batches.dead[rule] + self.dead[rule]
-        for counter in (joined.done, joined.already, joined.failed, joined.dead):
-            for rule in [rule for rule, n in counter.items() if not n]:
-                del counter[rule]
         return joined
 
     def line(self) -> str:
@@ -278,9 +275,9 @@ def _file(
     status = "done" if filed.error is None else "failed"
     values = {"status": status, "target": str(filed.target), "error": filed.error, "detail": filed.detail}
     _record(session, instance_id, rule, action.kind, values)
-    if filed.error is None and action.how == "move":
-        _moved(session, instance_id, item["path"], str(filed.target))
     if filed.error is None:
+        if action.how == "move":
+            _moved(session, instance_id, item["path"], str(filed.target))
         report.done[rule] += 1
     else:
         report.failed[rule] += 1
