@@ -22,6 +22,7 @@ then hourly.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -189,7 +190,8 @@ class SpoolWorker:
     queue_size, batch_size, flush_s
         Bounded queue length; paths registered per transaction; longest wait for a batch to fill.
     sweep_s, retry_s
-        Interval of the spool sweep; wait before reconnecting after a failure.
+        Interval of the spool sweep (0: only at start-up and reconnection); wait before
+        reconnecting after a failure.
     grace_s
         Age a file without its calling AE title in its meta (written by an older
         version) must reach before a sweep registers it: a younger one may still
@@ -298,7 +300,7 @@ class SpoolWorker:
 
     def _serve(self, ingest: SpoolIngest) -> None:
         ingest.sweep()
-        next_sweep = time.monotonic() + self.sweep_s
+        next_sweep = self._next_sweep()
         next_tick = 0.0
         while True:
             batch = self._next_batch()
@@ -309,10 +311,14 @@ class SpoolWorker:
             if time.monotonic() >= next_sweep:
                 self._tidy()
                 ingest.sweep()
-                next_sweep = time.monotonic() + self.sweep_s
+                next_sweep = self._next_sweep()
             if time.monotonic() >= next_tick:
                 self._tick(ingest)
                 next_tick = time.monotonic() + self.tick_s
+
+    def _next_sweep(self) -> float:
+        """When the next periodic sweep is due; never while ``sweep_s`` is 0 (off)."""
+        return time.monotonic() + self.sweep_s if self.sweep_s > 0 else math.inf
 
     def _tick(self, ingest: SpoolIngest) -> None:
         """Retention and the backlog gauges; a database error here surfaces in the next batch."""

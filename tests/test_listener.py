@@ -427,3 +427,32 @@ def test_files_rejected_at_registration_are_reported_by_status_and_reason(tmp_pa
     worker.stop(timeout=120)
     assert rejected == [("failed", "not_dicom")]
     assert sorted(r.status for r in query(sqlite_url, "SELECT status FROM instances")) == ["done", "failed"]
+
+
+def test_a_spool_sweep_interval_of_0_sweeps_only_at_start_up(tmp_path, sqlite_url, tiny_model, monkeypatch):
+    """0 walked the whole spool after every batch (each second); now it turns the periodic sweep off."""
+    from sorter import spool as spool_module
+
+    sweeps: list[float] = []
+    real_sweep = spool_module.SpoolIngest.sweep
+
+    def counted(self: Any) -> Any:
+        sweeps.append(time.monotonic())
+        return real_sweep(self)
+
+    monkeypatch.setattr(spool_module.SpoolIngest, "sweep", counted)
+    spool = tmp_path / "spool"
+    (spool / "study" / "series").mkdir(parents=True)
+    ct = spool / "study" / "series" / "ct.dcm"
+    ct.write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    settings = Settings.from_env(database_url=sqlite_url, model=tiny_model, workers=1, device="cpu")
+    worker = SpoolWorker(spool, backend(settings, RunSummary()), sweep_s=0.0, flush_s=0.05, grace_s=0.0)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not worker.connected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # twenty empty batches
+    worker.offer(ct, "MODALITY")
+    worker.stop(timeout=120)
+    assert len(sweeps) == 1
+    assert [r.status for r in query(sqlite_url, "SELECT status FROM instances")] == ["done"]

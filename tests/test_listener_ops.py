@@ -225,3 +225,26 @@ def test_the_listener_s_old_sweep_variable_still_works_and_warns():
             ctx = listen.make_context("listen", ["--ae-title", "SORTER", "--port", "11112"])
             assert ctx.params["sweep_interval"] == expected, env
             assert ("deprecated" in err.getvalue().decode()) is warned, env
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--spool-sweep-interval", "-1"], {}, "--spool-sweep-interval"),
+        (["--sweep-grace", "-5"], {}, "--sweep-grace"),
+        ([], {"SORTER_SPOOL_SWEEP_INTERVAL": "-300"}, "--spool-sweep-interval"),
+        ([], {"SORTER_SWEEP_INTERVAL": "-300"}, "SORTER_SWEEP_INTERVAL='-300' must be 0 or more"),
+    ],
+)
+def test_a_negative_sweep_interval_or_grace_is_refused(args, env, named):
+    """-1 swept the whole spool after every batch; a negative grace said nothing."""
+    import click
+    from click.testing import CliRunner
+
+    from sorter.commands.listen import listen
+
+    unset = {"SORTER_SWEEP_INTERVAL": None, "SORTER_SPOOL_SWEEP_INTERVAL": None, "SORTER_SWEEP_GRACE": None}
+    with CliRunner().isolation(env={**unset, **env}), pytest.raises(click.BadParameter) as refused:
+        # Parsing only (a regression must fail here, not start a listener).
+        listen.make_context("listen", ["--ae-title", "SORTER", "--port", "11112", *args])
+    assert named in refused.value.format_message()

@@ -76,9 +76,11 @@ def _spool_sweep_interval(ctx: click.Context, param: click.Parameter, value: flo
             err=True,
         )
         try:
-            return float(old)
+            value = float(old)
         except ValueError as exc:
             raise click.BadParameter(f"SORTER_SWEEP_INTERVAL={old!r} is not a number of seconds") from exc
+        if not value >= 0:  # also NaN
+            raise click.BadParameter(f"SORTER_SWEEP_INTERVAL={old!r} must be 0 or more seconds")
     return value
 
 
@@ -174,16 +176,21 @@ def _retention(_ctx: click.Context, _param: click.Parameter, value: str) -> Rete
     "--spool-sweep-interval",
     "--sweep-interval",  # the earlier name, kept
     "sweep_interval",
-    type=float,
+    # 0 or less swept the whole spool after every batch (a full walk each second); 0 is "off" now,
+    # as for the workers' sweep: the sweeps at start-up and at each reconnection still run.
+    type=click.FloatRange(min=0),
     envvar="SORTER_SPOOL_SWEEP_INTERVAL",
     default=300.0,
     show_default=True,
     callback=_spool_sweep_interval,
-    help="Seconds between spool sweeps that register files the queue missed.",
+    help=(
+        "Seconds between spool sweeps that register files the queue missed; 0: only at start-up"
+        " and reconnection."
+    ),
 )
 @click.option(
     "--sweep-grace",
-    type=float,
+    type=click.FloatRange(min=0),
     envvar="SORTER_SWEEP_GRACE",
     default=60.0,
     show_default=True,
