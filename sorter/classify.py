@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +23,18 @@ from sorter.domain import InstanceHeader, Status
 from sorter.errors import InputError, NonImageObject
 from sorter.model.classifier import Classifier
 from sorter.taxonomy import header_label
-from sorter.walk import distinct_roots, file_entry
+from sorter.walk import Entry, distinct_roots, walk
 
 log = logging.getLogger(__name__)
 
 
-def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
-    """Files named by ``paths``, walking folders recursively in sorted order.
+def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Entry]:
+    """Every file under ``paths`` as ``sorter scan`` walks it, under the names the user gave.
 
-    Symbolic links to folders are not followed, so a link loop cannot trap the walk. A path given
-    twice, or inside another given path, is walked once, under the name it was first given.
+    :func:`sorter.walk.walk` does the walking (links to folders followed once, a loop or a broken
+    link an entry with its reason, FIFOs and devices ``not_regular_file``), so both commands see the
+    same files; ``os.walk`` here skipped linked folders and unreadable ones without a word. A path
+    given twice, or inside another given path, is walked once, under the name it was first given.
     """
     given = list(paths)
     distinct, seen = set(distinct_roots(given)), set()
@@ -41,14 +43,10 @@ def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
         if absolute not in distinct or absolute in seen:
             continue
         seen.add(absolute)
-        path = Path(raw)
-        if path.is_dir():
-            for root, dirs, files in os.walk(path):
-                dirs.sort()
-                for name in sorted(files):
-                    yield Path(root) / name
-        else:
-            yield path
+        for entry in walk([raw]):
+            # walk() makes paths absolute; show them as given (``sorter classify a`` prints a/...).
+            shown = (os.fspath(raw).rstrip(os.sep) or os.sep) + entry.path[len(absolute) :]
+            yield replace(entry, path=str(Path(shown)))  # as pathlib writes it: no "./", no "//"
 
 
 @dataclass(frozen=True)
@@ -68,20 +66,6 @@ def decode_file(path: Path, frames: int = 1, min_side: int | None = None) -> Dec
     """
     said: list[str] = []  # what C decoders wrote, where the command caught it (sorter.dicom.native)
     try:
-        st = os.stat(path)
-    except OSError:
-        pass  # read_dataset names the problem
-    else:
-        entry = file_entry(str(path), st)
-        if entry.reason is not None:  # a FIFO would block the read for ever, a device never end
-            log.info("skipped %s: %s (%s)", path, entry.reason, entry.detail)
-            return {
-                "path": str(path),
-                "status": entry.status.value,
-                "reason": entry.reason,
-                "detail": entry.detail,
-            }
-    try:
         ds = read_dataset(path)
         header = header_from_dataset(ds, path)
         reason = non_image_reason(header)
@@ -95,6 +79,11 @@ def decode_file(path: Path, frames: int = 1, min_side: int | None = None) -> Dec
         detail = native.with_said(exc.detail, said)
         log.info("%s %s: %s", status.value, path, exc)
         return {"path": str(path), "status": status.value, "reason": exc.reason, "detail": detail}
+
+
+def _status_record(entry: Entry) -> dict[str, Any]:
+    """The contract's status object for a path the walk could not read as a file."""
+    return {"path": entry.path, "status": entry.status.value, "reason": entry.reason, "detail": entry.detail}
 
 
 def result_record(item: Decoded, classifier: Classifier, prediction: Any) -> dict[str, Any]:
@@ -139,8 +128,12 @@ def classify_paths(
             yield result_record(item, classifier, next(predictions)) if isinstance(item, Decoded) else item
         pending.clear()
 
-    for path in iter_files(paths):
-        pending.append(decode_file(path, frames, min_side))
+    for entry in iter_files(paths):
+        if entry.reason is not None:  # a FIFO would block the read for ever, a device never end
+            log.info("%s %s: %s (%s)", entry.status.value, entry.path, entry.reason, entry.detail)
+            pending.append(_status_record(entry))
+        else:
+            pending.append(decode_file(Path(entry.path), frames, min_side))
         if sum(isinstance(item, Decoded) for item in pending) >= batch_size:
             yield from flush()
     yield from flush()

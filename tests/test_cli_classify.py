@@ -140,6 +140,26 @@ def test_a_fifo_or_a_device_is_skipped_not_read(tiny_model, archive):
     assert records["CT_small.dcm"]["verdict"] in {v.value for v in Verdict}
 
 
+def test_classify_walks_linked_folders_as_scan_does(tiny_model, archive, tmp_path_factory, monkeypatch):
+    """``sorter classify`` skipped a linked folder (an archive's year on another disk) without a
+    word, and called a broken link ``unreadable``; it walks as ``sorter scan`` does now, and shows
+    paths as given."""
+    elsewhere = tmp_path_factory.mktemp("disk2") / "2024"
+    elsewhere.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), elsewhere / "ct.dcm")
+    (archive / "2024").symlink_to(elsewhere)
+    (archive / "nested" / "gone.dcm").symlink_to(archive / "nowhere.dcm")
+    (archive / "nested" / "loop").symlink_to(archive)
+    monkeypatch.chdir(archive.parent)
+    result = CliRunner().invoke(main, ["classify", "--json", "--model", str(tiny_model), f"{archive.name}/"])
+    assert result.exit_code == 0, result.output
+    records = {r["path"]: r for r in _lines(result.stdout)}
+    assert records[f"{archive.name}/2024/ct.dcm"]["label"] in {label.value for label in ALL_LABELS}
+    assert records[f"{archive.name}/nested/gone.dcm"]["reason"] == "broken_symlink"
+    assert records[f"{archive.name}/nested/loop"]["reason"] == "symlink_loop"
+    assert len(records) == 10  # the seven of the folder, the linked file, the broken link, the loop
+
+
 @pytest.mark.parametrize("content", [b"junk", b"", b"PK\x03\x04 a zip cut short"])
 def test_mismatched_model_gives_a_clear_error(tmp_path, archive, content):
     junk = tmp_path / "junk.pt"
