@@ -98,6 +98,41 @@ def test_build_manifest_from_dicom_tree(archive: Path, tmp_path: Path) -> None:
     assert all(row.format == "dcm" and row.extra["header_modality"] == row.label for row in rows)
 
 
+def test_a_linked_site_is_read_and_what_is_no_file_is_counted(archive: Path, tmp_path: Path) -> None:
+    """os.walk skipped a site linked in from another disk without a word: a model trained on
+    less than the archive; the walk is ``sorter scan``'s now, and a broken link or a loop says so."""
+    elsewhere = tmp_path / "disk2" / "siteC"
+    elsewhere.mkdir(parents=True)
+    shutil.copy(Path(data_file("CT_small.dcm")), elsewhere / "ct.dcm")
+    (archive / "siteC").symlink_to(elsewhere)
+    (archive / "siteA" / "gone.dcm").symlink_to(archive / "nowhere.dcm")
+    (archive / "siteA" / "loop").symlink_to(archive)
+    out = tmp_path / "m.csv"
+    summary = build_manifest(archive, out, progress=False)
+    assert summary.sources_by_label["CT"] == {"siteA": 1, "siteB": 1, "siteC": 1}
+    assert summary.skipped == {"broken_symlink": 1, "non_image": 1, "not_dicom": 1, "symlink_loop": 1}
+    assert archive / "siteC" / "ct.dcm" in {row.path for row in read_manifest(out)}
+
+
+def test_a_file_name_that_is_not_utf8_is_counted_not_a_traceback(archive: Path, tmp_path: Path) -> None:
+    """A Latin-1 name (an old share's ``caf\xe9.dcm``) stopped the manifest's writing with
+    UnicodeEncodeError after every header was read; it is left out and counted now."""
+    import os
+
+    shutil.copy(Path(data_file("CT_small.dcm")), archive / "siteB" / os.fsdecode(b"caf\xe9.dcm"))
+    out = tmp_path / "m.csv"
+    summary = build_manifest(archive, out, progress=False)
+    assert summary.skipped == {"name_not_utf8": 1, "non_image": 1, "not_dicom": 1}
+    assert summary.rows == 4 and len(read_manifest(out)) == 4
+    from click.testing import CliRunner
+
+    from train.cli import main
+
+    built = CliRunner().invoke(main, ["manifest", str(archive), "--out", str(tmp_path / "cli.csv")])
+    assert built.exit_code == 0, built.output
+    assert "skipped 1: name_not_utf8 (a manifest is UTF-8 text: rename them" in built.output
+
+
 def test_manifest_inside_root_is_not_read_back(archive: Path) -> None:
     out = archive / "manifest.csv"
     first = build_manifest(archive, out, progress=False)

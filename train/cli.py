@@ -137,6 +137,10 @@ def main(verbose: bool) -> None:
     quiet_pydicom(verbose)
 
 
+#: What to do about a skipped file, where the reason alone does not say.
+_SKIP_HINTS = {"name_not_utf8": " (a manifest is UTF-8 text: rename them to train on them)"}
+
+
 @main.command()
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
@@ -164,7 +168,7 @@ def manifest(root: Path, out: Path, source_from: str, limit_per_series: int | No
         more = f", +{len(sources) - 5} more" if len(sources) > 5 else ""
         click.echo(f"  {label}: {count} files from {len(sources)} sources ({top}{more})")
     for reason, count in sorted(summary.skipped.items()):
-        click.echo(f"  skipped {count}: {reason}")
+        click.echo(f"  skipped {count}: {reason}{_SKIP_HINTS.get(reason, '')}")
     if not summary.rows:
         out.unlink(missing_ok=True)
         raise click.ClickException(f"no DICOM image with a Modality under {root}: no manifest written")

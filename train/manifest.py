@@ -28,8 +28,10 @@ from pydicom.multival import MultiValue
 from tqdm import tqdm
 
 from sorter.domain import Label
+from sorter.fspath import is_utf8
 from sorter.manifests import group_key, relative_path, write_csv_atomic
 from sorter.taxonomy import header_label, is_non_image_modality, normalise_modality
+from sorter.walk import walk
 
 logger = logging.getLogger(__name__)
 
@@ -160,12 +162,19 @@ def _evenly_spaced(entries: list[_Entry], limit: int) -> list[_Entry]:
     return [entries[i] for i in keep]
 
 
-def _walk(root: Path, exclude: Path) -> list[Path]:
+def _walk(root: Path, exclude: Path, skipped: Counter[str]) -> list[Path]:
+    """The regular files under ``root``, walked as ``sorter scan`` walks (links to folders followed
+    once: ``os.walk`` skipped them without a word); what is no readable file is counted in
+    ``skipped`` by the scan's reason (a FIFO, a link loop, a broken link ...), and so is a file
+    whose name is not valid UTF-8 (``name_not_utf8``; it stopped the writing with a traceback)."""
     files: list[Path] = []
-    for folder, dirs, names in os.walk(root):
-        dirs.sort()
-        # Regular files only: opening a FIFO or socket would block the walk.
-        files.extend(p for p in (Path(folder) / n for n in sorted(names)) if p != exclude and p.is_file())
+    for entry in walk([root], exclude=frozenset({str(exclude)})):
+        if entry.reason is not None:
+            skipped[entry.reason] += 1
+        elif not is_utf8(relative_path(entry.path, exclude)):  # a UTF-8 manifest cannot name it
+            skipped["name_not_utf8"] += 1
+        else:
+            files.append(Path(entry.path))
     return files
 
 
@@ -209,7 +218,9 @@ def build_manifest(
     -------
     ManifestSummary
         Rows written, rows by label, sources by label and skipped files by reason: ``not_dicom``,
-        ``unreadable``, ``non_image``, ``no_modality``, ``unmapped_modality``, ``series_limit``.
+        ``unreadable``, ``non_image``, ``no_modality``, ``unmapped_modality``, ``series_limit``,
+        ``name_not_utf8`` (a manifest is UTF-8 text) and the walk's (``symlink_loop``,
+        ``broken_symlink``, ``not_regular_file`` ...).
     """
     root = Path(root).resolve()
     out_csv = Path(out_csv).resolve()
@@ -223,7 +234,8 @@ def build_manifest(
 
     skipped: Counter[str] = Counter()
     by_series: dict[str, list[_Entry]] = defaultdict(list)
-    for path in tqdm(_walk(root, out_csv), desc="reading headers", unit="file", disable=not progress):
+    files = _walk(root, out_csv, skipped)
+    for path in tqdm(files, desc="reading headers", unit="file", disable=not progress):
         try:
             ds = _read_header(path, tags)
             result = "not_dicom" if ds is None else _entry(path, root, ds, source_from)
