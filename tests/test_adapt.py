@@ -15,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 from db_support import copy_dicom, query, scan, sorter
 from pydicom.uid import generate_uid
 from test_reports_discrepancy import readme_sql
 
+from sorter.db.session import create_db_engine
 from sorter.model.artefact import DEFAULT_MODEL_PATH, read_spec
 
 pytest_plugins = ["db_fixtures"]
@@ -149,6 +151,24 @@ def test_scan_adapt_views_report_and_listings(scanned, tmp_path):
         assert [r.series_instance_uid for r in query(url, recipe)] == [uids["ct_labelled_mr"]]
         [parting] = [sql for sql in readme_sql() if "FROM adapted_instances" in sql]
         assert sum(r.n for r in query(url, parting)) == PER_SERIES * len(SERIES)
+
+    # Files without a Series / Study Instance UID (a broken exporter) form no series or study; the
+    # adapted views made them one series across sources, as series_summary never did (0010).
+    unnamed = (uids["mr_a"], uids["pt_a"])
+    engine = create_db_engine(url)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "UPDATE instances SET series_instance_uid = NULL, study_instance_uid = NULL"
+                " WHERE series_instance_uid IN (:a, :b)"
+            ),
+            {"a": unnamed[0], "b": unnamed[1]},
+        )
+    engine.dispose()
+    left = query(url, "SELECT series_instance_uid FROM adapted_series")
+    assert len(left) == len(SERIES) - 2 and None not in {r.series_instance_uid for r in left}
+    assert None not in {r[0] for r in query(url, "SELECT study_instance_uid FROM adapted_studies")}
+    assert query(url, "SELECT count(*) FROM adapted_instances WHERE series_instance_uid IS NULL")[0][0] == 12
 
     # Reclassify with the adapted model: the rest of the archive gets its verdict too.
     sorter("reclassify", "--model", str(out / "model.pt"), "--workers", "1", "--no-progress", url=url)
