@@ -8,6 +8,8 @@ import pytest
 
 from sorter.adaptation.sample import Candidate, assign_folds, interleave, sample
 
+pytest_plugins = ["db_fixtures"]
+
 
 def archive() -> list[Candidate]:
     """A lopsided archive: CT mostly from one big scanner, a few MR studies, one small XR source."""
@@ -88,3 +90,34 @@ def test_bad_arguments_are_refused():
         sample(archive(), per_label=0, per_series=1)
     with pytest.raises(ValueError):
         assign_folds(sample(archive(), 10, 1), folds=1)
+
+
+def test_instances_without_series_uids_are_kept_together_by_folder(tmp_path, sqlite_url, tiny_model):
+    """A UID-less series (a broken exporter) was one series and one study per slice: it escaped the
+    per-series cap and its neighbouring slices were dealt to different folds."""
+    import pydicom
+    from db_support import copy_dicom, pydicom_file, scan
+
+    from sorter.adaptation.store import candidates
+    from sorter.db.session import open_database
+
+    for folder, count in (("dump-a", 5), ("dump-b", 2)):
+        for i in range(count):
+            path = copy_dicom(pydicom_file("CT_small.dcm"), tmp_path / "archive" / folder / f"{i}.dcm")
+            ds = pydicom.dcmread(path)
+            del ds.SeriesInstanceUID, ds.StudyInstanceUID
+            ds.save_as(path, enforce_file_format=False)
+    copy_dicom(pydicom_file("CT_small.dcm"), tmp_path / "archive" / "dump-b" / "named.dcm")
+    assert scan(sqlite_url, tiny_model, tmp_path / "archive", tmp=tmp_path)["classified"] == 8
+    engine, sessions = open_database(sqlite_url)
+    try:
+        with sessions() as session:
+            pool, _paths = candidates(session)
+    finally:
+        engine.dispose()
+    groups = Counter((c.study, c.series) for c in pool)
+    assert sorted(groups.values()) == [1, 2, 5]  # one series per folder, its own study; the named one apart
+    kept = sample(pool, per_label=100, per_series=3)
+    assert len(kept) == 3 + 2 + 1
+    folds = assign_folds(kept, 3)
+    assert len({folds[c.study] for c in kept if c.series.endswith("dump-a")}) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,7 +53,11 @@ def candidates(session: Session) -> tuple[list[Candidate], dict[int, str]]:
     pool: list[Candidate] = []
     paths: dict[int, str] = {}
     for row in session.execute(stmt).yield_per(10_000):
-        series = row.series_instance_uid or row.sop_instance_uid
+        # A file without a Series Instance UID (a broken exporter) was its own series and study: the
+        # slices of one UID-less series escaped the per-series cap and crossed folds, so a
+        # neighbouring slice trained the model that judged it. Its folder stands in for the series
+        # (an export writes one series per folder); a missing study is the series.
+        series = row.series_instance_uid or f"folder:{posixpath.dirname(row.path or row.sop_instance_uid)}"
         pool.append(
             Candidate(
                 int(row.id),
