@@ -6,7 +6,7 @@ The Python API, for notebooks and scripts::
 
     classifier = Classifier.load()            # the bundled model; Classifier.load(path) for another
     for record in classify_paths(["/archive/study1"], classifier):
-        print(record["path"], record["label"], record["verdict"])
+        print(record["path"], record.get("label"), record.get("verdict") or record["reason"])
 
 Imported lazily: the command line must not pay for the model runtime it may not use.
 """

@@ -106,7 +106,7 @@ def result_record(item: Decoded, classifier: Classifier, prediction: Any) -> dic
 
 
 def classify_paths(
-    paths: Iterable[str | os.PathLike[str]],
+    paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     classifier: Classifier,
     batch_size: int = 32,
     frames: int = 1,
@@ -114,9 +114,15 @@ def classify_paths(
 ) -> Iterator[dict[str, Any]]:
     """Yield one record per file, in input order, inferring in batches of ``batch_size``.
 
-    JPEG 2000 and JPEG frames are decoded at the reduced resolution that still covers the
-    model's input, as a scan decodes them; ``full_decode`` decodes every pixel.
+    ``paths``: files or folders (folders are walked), or a single one. JPEG 2000 and JPEG frames
+    are decoded at the reduced resolution that still covers the model's input, as a scan decodes
+    them; ``full_decode`` decodes every pixel.
     """
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        # One path, not a list: iterating "/archive" would classify "/", "a", "r" ... (the whole disk).
+        paths = [os.fsdecode(paths)]
+    if batch_size < 1 or frames < 1:
+        raise ValueError(f"batch_size and frames must be at least 1 (got {batch_size} and {frames})")
     min_side = None if full_decode else classifier.spec.preprocess.input_size
     pending: list[Decoded | dict[str, Any]] = []
 

@@ -44,6 +44,22 @@ def test_the_documented_python_api(tiny_model, tmp_path):
     assert by_name["notes.txt"]["status"] in {"failed", "skipped"} and "label" not in by_name["notes.txt"]
 
 
+def test_the_python_api_takes_one_path_and_refuses_a_zero_batch(tiny_model, tmp_path, monkeypatch):
+    """``classify_paths("/archive/study1", ...)`` iterated the string: "/", "a", "r" ... (the
+    root first: the whole disk); one path, str or Path, is one path now."""
+    from sorter import Classifier, classify_paths
+
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "ct.dcm")
+    (tmp_path / "notes.txt").write_text("not an image")
+    classifier = Classifier.load(tiny_model, device="cpu")
+    monkeypatch.chdir(tmp_path)
+    for one in ("ct.dcm", tmp_path, str(tmp_path)):  # a regression fails at the first, never walks /
+        names = sorted(Path(r["path"]).name for r in classify_paths(one, classifier))
+        assert names == (["ct.dcm"] if one == "ct.dcm" else ["ct.dcm", "notes.txt"]), one
+    with pytest.raises(ValueError, match="batch_size and frames must be at least 1"):
+        next(classify_paths([tmp_path], classifier, batch_size=0))
+
+
 @pytest.mark.parametrize("name", ["CT_small.dcm", "SC_rgb.dcm"])
 def test_predict_images_takes_arrays_the_caller_decoded(name):
     """The README offers ``predict_images`` for "images you decoded yourself"; an array was an
