@@ -83,6 +83,14 @@ def test_predict_images_takes_arrays_the_caller_decoded(name):
     for bad, words in ((np.zeros((0, 4)), "not (1, 0, 4)"), (np.array([["a"]]), "must hold numbers")):
         with pytest.raises(ValueError, match=re.escape(words)):
             DecodedImage.from_array(bad)
+    # One image or one header where a list belongs: said so, not a row of pixels "not (H, W)", an
+    # ONNX Runtime GatherElements error or a NumPy broadcast error.
+    with pytest.raises(TypeError, match=re.escape("pass [image] for one")):
+        classifier.predict_images(pixels)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=re.escape("pass [header] for one")):
+        classifier.predict_images([pixels], "CT")
+    with pytest.raises(ValueError, match="2 images but 1 headers"):
+        classifier.predict_images([pixels, pixels], ["CT"])
 
 
 def test_predict_images_reads_headers_as_a_scan_does(corpus):

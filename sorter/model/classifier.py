@@ -192,6 +192,14 @@ class Classifier:
         A header is a :class:`Label`, a Modality value as the header holds it (``"DX"`` reads as
         XR, ``"ct"`` as CT; one outside the taxonomy as no header) or ``None``.
         """
+        # One image or one header where a list belongs failed deep inside: a row of pixels "not
+        # (H, W)", an ONNX Runtime GatherElements error, a NumPy broadcast error.
+        if isinstance(images, (np.ndarray, DecodedImage)):
+            raise TypeError("images is a list of images: pass [image] for one")
+        if isinstance(headers, (str, Label)):
+            raise TypeError("headers is a list, one per image: pass [header] for one")
+        if headers is not None and len(headers) != len(images):
+            raise ValueError(f"{len(images)} images but {len(headers)} headers: give one header per image")
         decoded = [
             image if isinstance(image, DecodedImage) else DecodedImage.from_array(image) for image in images
         ]
