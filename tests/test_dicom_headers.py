@@ -160,6 +160,36 @@ def test_png_is_not_dicom(tmp_path: Path) -> None:
         read_header(path)
 
 
+def test_what_a_non_dicom_file_is_is_named_where_its_first_bytes_say(tmp_path: Path) -> None:
+    """Every one read "no DICM prefix and no data set at the start of the file": a PACS's study
+    export as a ZIP deserves "unpack it" in `sorter failures`, a PNG beside the DICOM "not DICOM"."""
+    import gzip
+    import struct
+    import zipfile
+
+    Image.new("L", (32, 32), color=128).save(tmp_path / "image.png")
+    Image.new("L", (32, 32), color=128).save(tmp_path / "image.jpg")
+    with zipfile.ZipFile(tmp_path / "study.zip", "w") as archive:
+        archive.write(data_file("CT_small.dcm"), "CT_small.dcm")
+    (tmp_path / "series.gz").write_bytes(gzip.compress(Path(data_file("CT_small.dcm")).read_bytes()))
+    (tmp_path / "volume.nii").write_bytes(struct.pack("<i", 348) + b"\0" * 344 + b"n+1\0" + b"\0" * 100)
+    (tmp_path / "report.pdf").write_bytes(b"%PDF-1.7\n" + b"\0" * 200)
+    (tmp_path / "notes.txt").write_text("This is not a DICOM file.\n" * 20)
+    expected = {
+        "image.png": "a PNG image, not DICOM",
+        "image.jpg": "a JPEG image, not DICOM",
+        "study.zip": "a ZIP archive, not DICOM: if it holds DICOM, unpack it and scan the folder",
+        "series.gz": "a gzip-compressed file, not DICOM: if it holds DICOM, unpack it and scan that",
+        "volume.nii": "a NIfTI volume, not DICOM",
+        "report.pdf": "a PDF document, not DICOM",
+        "notes.txt": "no DICM prefix and no data set at the start of the file",
+    }
+    for name, detail in expected.items():
+        with pytest.raises(NotDicom) as refused:
+            read_header(tmp_path / name)
+        assert refused.value.detail == detail, name
+
+
 def test_empty_file_is_not_dicom(tmp_path: Path) -> None:
     path = tmp_path / "empty.dcm"
     path.write_bytes(b"")

@@ -161,6 +161,30 @@ def read_dataset(path: str | os.PathLike[str], specific_tags: Sequence[Any] | No
     return ds
 
 
+#: Leading bytes of what lands in archives beside DICOM, and what to do about it. A handful of
+#: signatures, so no file-type library: the message only has to tell "unpack it" from "not DICOM".
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"PK\x03\x04", "a ZIP archive, not DICOM: if it holds DICOM, unpack it and scan the folder"),
+    (b"\x1f\x8b", "a gzip-compressed file, not DICOM: if it holds DICOM, unpack it and scan that"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive, not DICOM: if it holds DICOM, unpack it and scan the folder"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image, not DICOM"),
+    (b"\xff\xd8\xff", "a JPEG image, not DICOM"),
+    (b"%PDF-", "a PDF document, not DICOM"),
+)
+#: A NIfTI-1 (348) or NIfTI-2 (540) header starts with its own size, in either byte order.
+_NIFTI_HEADER_SIZES = {n.to_bytes(4, order) for n in (348, 540) for order in ("little", "big")}
+
+
+def _not_dicom_detail(head: bytes) -> str:
+    """Why a file with no DICM prefix is not read: what it is where its first bytes say so."""
+    for magic, what in _SIGNATURES:
+        if head.startswith(magic):
+            return what
+    if head[:4] in _NIFTI_HEADER_SIZES:
+        return "a NIfTI volume, not DICOM"
+    return "no DICM prefix and no data set at the start of the file"
+
+
 def _parse(
     fp: BinaryIO, name: str, specific_tags: Sequence[Any] | None
 ) -> tuple[Dataset, _TrackedFile, bool]:
@@ -171,7 +195,7 @@ def _parse(
         raise NotDicom(name, "empty file")
     forced = head[128:132] != b"DICM"
     if forced and not _looks_like_raw_dataset(head, size):
-        raise NotDicom(name, "no DICM prefix and no data set at the start of the file")
+        raise NotDicom(name, _not_dicom_detail(head))
     fp.seek(0)
     tracked = _TrackedFile(fp, size, name)
     try:
