@@ -262,6 +262,47 @@ def test_a_thumbnail_of_a_deleted_file_says_why_without_its_path(scanned):
     assert Path(path).name not in response.text
 
 
+def test_under_a_root_path_login_redirects_cookies_and_the_api_stay_under_it(scanned):
+    """``--root-path /sorter`` (a reverse proxy's https://host/sorter/): what the browser test
+    cannot see: the login's redirects, the session cookie's path, a decision's ``next`` that
+    leaves the prefix, the JSON API, and the bare root pointing at the prefix."""
+    url, uids = scanned
+    token, target = "s3cret-token-of-some-length", uids["ct_labelled_mr"]
+    _engine, sessions = open_database(url)
+    client = TestClient(create_app(sessions, Access(token=token, reviewer="ana"), root_path="/sorter"))
+    assert client.get("/", follow_redirects=False).headers["location"] == "/sorter/login"
+    assert client.get("/sorter/queue", follow_redirects=False).headers["location"] == "/sorter/login"
+    assert client.get("/sorter/api/queue").status_code == 401
+    login_page = client.get("/sorter/login").text
+    assert 'action="/sorter/login"' in login_page and 'href="/sorter/static/review.css"' in login_page
+    logged_in = client.post("/sorter/login", data={"token": token}, follow_redirects=False)
+    assert logged_in.headers["location"] == "/sorter/"
+    assert "Path=/sorter/" in logged_in.headers["set-cookie"]
+    page = client.get(f"/sorter/series/{target}")
+    assert page.status_code == 200 and 'src="/sorter/instances/' in page.text
+    assert 'href="/queue' not in page.text and 'src="/instances' not in page.text
+    form = {"csrf": _csrf(page.text), "level": "series", "uid": target, "decision": "skip"}
+    for given, landed in (
+        ("/sorter/queue?level=study", "/sorter/queue?level=study"),
+        ("/queue", "/sorter/queue"),
+    ):
+        done = client.post(
+            "/sorter/review", data={**form, "next": given}, headers=ORIGIN, follow_redirects=False
+        )
+        assert done.status_code == 303 and done.headers["location"] == landed, given
+    bearer = TestClient(client.app, headers={"authorization": f"Bearer {token}"})
+    assert bearer.get("/sorter/api/queue?level=series&review=any").json()["rows"]
+    assert client.get("/sorter/healthz").text == "ok\n"
+    # The session cookie is the prefix's: a bare-root visit logs in again; without a token, the
+    # bare root points at the prefix.
+    assert client.get("/", follow_redirects=False).headers["location"] == "/sorter/login"
+    open_page = TestClient(create_app(sessions, Access(reviewer="ana"), root_path="/sorter"))
+    assert open_page.get("/", follow_redirects=False).headers["location"] == "/sorter/"
+    for bad in ("sorter", "/a b", "/../x", "//evil.example", "/x?y"):
+        refused = sorter("serve", "--root-path", bad, url=url, expect=2)
+        assert "--root-path must be a URL path such as /sorter" in refused.output, bad
+
+
 def test_serve_refuses_a_public_address_without_a_guard(tmp_path):
     result = sorter("serve", "--bind", "0.0.0.0", url=f"sqlite:///{tmp_path / 'x.db'}", expect=2)
     assert "refusing to serve" in result.output

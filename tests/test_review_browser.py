@@ -53,21 +53,34 @@ def _free_port() -> int:
 
 
 @pytest.fixture()
-def server(corpus: Path, tmp_path: Path) -> Iterator[tuple[str, str, dict[str, str]]]:
-    """``sorter serve`` over a scanned archive: (base URL, database URL, UIDs)."""
+def server(request, corpus: Path, tmp_path: Path) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """``sorter serve`` over a scanned archive: (base URL, database URL, UIDs); an indirect
+    parameter is its ``--root-path`` (the base URL then ends with it)."""
+    root = getattr(request, "param", "")
     url = f"sqlite:///{tmp_path / 'sorter.db'}"
     uids = make_archive(corpus, tmp_path / "archive")
     assert scan(url, DEFAULT_MODEL_PATH, tmp_path / "archive", tmp=tmp_path)["classified"] == PER_SERIES * 3
     port = _free_port()
     log = (tmp_path / "serve.log").open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "sorter", "serve", "--port", str(port), "--reviewer", "ana"],
+        [
+            sys.executable,
+            "-m",
+            "sorter",
+            "serve",
+            "--port",
+            str(port),
+            "--reviewer",
+            "ana",
+            "--root-path",
+            root,
+        ],
         env={**os.environ, "SORTER_DATABASE_URL": url},
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
     )
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{port}{root}"
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -166,3 +179,33 @@ def test_a_reviewer_finds_the_mislabelled_series_and_confirms_it(server, browser
     sorter("export", "--reviewed", "--out", str(out), url=url)
     labels = {(r["label"], r["header_modality"]) for r in csv.DictReader(out.open())}
     assert labels == {("CT", "MR")}
+
+
+@pytest.mark.parametrize("server", ["/imaging/sorter"], indirect=True)
+def test_behind_a_proxy_under_a_prefix_every_link_keeps_it(server, browser):
+    """A reverse proxy that serves the page under https://host/imaging/sorter/ and passes the path
+    on: every link, image, form and redirect must stay under the prefix (only the prefixed paths
+    exist, so one that drops it fails here)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, url, uids = server
+    driver, wait = browser, WebDriverWait(browser, 60)
+    target = uids["ct_labelled_mr"]
+    driver.get(base + "/")
+    assert "Overview" in driver.find_element(By.TAG_NAME, "h1").text
+    rules = "return Array.from(document.styleSheets).reduce((n, s) => n + s.cssRules.length, 0)"
+    assert driver.execute_script(rules) > 0  # the stylesheet came from under the prefix
+    driver.find_element(By.LINK_TEXT, "Series").click()
+    wait.until(lambda d: d.current_url.startswith(base + "/queue"))
+    driver.find_element(By.LINK_TEXT, target).click()
+    wait.until(lambda d: d.current_url.startswith(f"{base}/series/{target}"))
+    wait.until(lambda d: _images_loaded(d, ".thumb img"))
+    body = driver.find_element(By.TAG_NAME, "body")
+    body.send_keys("1")
+    body.send_keys("c")  # confirm: the form posts under the prefix and redirects within it
+    wait.until(lambda d: f"/series/{target}" not in d.current_url)
+    assert driver.current_url.startswith(base + "/"), driver.current_url
+    assert "Not Found" not in driver.find_element(By.TAG_NAME, "body").text
+    [row] = query(url, "SELECT uid, decision, label FROM reviews")
+    assert tuple(row) == (target, "confirm", "CT")

@@ -12,6 +12,15 @@ import sqlalchemy as sa
 from sorter.commands.common import blank_is_unset, database, database_option
 
 
+def _root_path(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
+    from sorter.review.security import root_path_of
+
+    try:
+        return root_path_of(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
 @click.command()
 @click.option("--bind", default="127.0.0.1", show_default=True, envvar="SORTER_SERVE_BIND", help="Address.")
 @click.option(
@@ -35,6 +44,15 @@ from sorter.commands.common import blank_is_unset, database, database_option
     callback=blank_is_unset,
     help="Name recorded on decisions without basic auth (default: this login's user name).",
 )
+@click.option(
+    "--root-path",
+    envvar="SORTER_SERVE_ROOT_PATH",
+    callback=_root_path,
+    help=(
+        "URL prefix the pages live under behind a reverse proxy that passes it on (e.g. /sorter"
+        " for https://host/sorter/); default: the root."
+    ),
+)
 @database_option
 def serve(
     bind: str,
@@ -42,6 +60,7 @@ def serve(
     token: str | None,
     basic_auth: str | None,
     reviewer: str | None,
+    root_path: str,
     database_url: str | None,
 ) -> None:
     """Serve the review page: discrepancies with thumbnails and Grad-CAM; confirm, reject or skip.
@@ -84,10 +103,10 @@ def serve(
             ) from exc
         if built is not None:
             click.echo(f"review queue {built.kind}: {built.series} series in {built.seconds:.1f} s", err=True)
-        app = create_app(sessions, access, refresher, overview_at_start=True)
+        app = create_app(sessions, access, refresher, overview_at_start=True, root_path=root_path)
         guard = "token" if token else ("basic auth" if basic_auth else "loopback only, no login")
         listening = _bound_socket(bind, port)  # before the page is announced
-        click.echo(f"review page on http://{bind}:{port}/ ({guard}); Ctrl-C stops it", err=True)
+        click.echo(f"review page on http://{bind}:{port}{root_path}/ ({guard}); Ctrl-C stops it", err=True)
         config = uvicorn.Config(app, host=bind, port=port, log_level="warning", access_log=False)
         server = uvicorn.Server(config)
         try:

@@ -115,3 +115,22 @@ def same_origin(origin: str | None, referer: str | None, host: str | None) -> bo
     if not source or not host:
         return False
     return urlsplit(source).netloc.lower() == host.lower()
+
+
+def root_path_of(text: str | None) -> str:
+    """``--root-path`` as the app takes it: ``""`` for none or ``/``, else ``/a/b`` (no trailing
+    slash); ``ValueError`` for one a URL cannot carry as it is (the pages' links are built on it)."""
+    value = (text or "").strip().rstrip("/")
+    if not value:
+        return ""
+    parts = value.split("/")
+    if (
+        not value.startswith("/")
+        or any(part in ("", ".", "..") for part in parts[1:])
+        or not all(ch.isascii() and (ch.isalnum() or ch in "-._~/") for ch in value)
+    ):
+        raise ValueError(
+            f"--root-path must be a URL path such as /sorter (letters, digits, - . _ ~ between slashes), "
+            f"not {text!r}"
+        )
+    return value

@@ -164,10 +164,14 @@ def create_app(
     access: Access,
     refresher: state.Refresher | None = None,
     overview_at_start: bool = False,
+    root_path: str = "",
 ) -> Starlette:
     """The review app over ``sessions``' database, with ``access`` guarding it; ``refresher`` keeps
     the queue's summary table current (a new one when not given). ``overview_at_start`` begins
-    computing the overview at once rather than on its first request."""
+    computing the overview at once rather than on its first request. ``root_path`` (``/sorter``,
+    from :func:`~sorter.review.security.root_path_of`) serves every page under that prefix, for a
+    reverse proxy that passes it on; ``""`` serves them at the root."""
+    root = root_path
     templates = Jinja2Templates(directory=str(_HERE / "templates"))
     overview_cache = Overview(sessions)
     if overview_at_start:
@@ -188,6 +192,7 @@ def create_app(
             "labels": [label.value for label in ALL_LABELS],
             "reviewer": request.state.reviewer,
             "login_required": bool(access.token),
+            "root": root,
             **context,
         }
         return templates.TemplateResponse(request, name, context, status_code=status_code)
@@ -325,9 +330,9 @@ def create_app(
             await run_in_threadpool(_decide, request, form)
         except store.ReviewError as exc:
             return page(request, "error.html", {"message": str(exc)}, 400)
-        target = str(form.get("next") or "/queue")
-        if not target.startswith("/") or target.startswith("//"):
-            target = "/queue"
+        target = str(form.get("next") or "")
+        if not target.startswith(f"{root}/") or target.startswith("//"):  # ours only, never another site
+            target = f"{root}/queue"
         return RedirectResponse(target, status_code=303)
 
     def api_queue(request: Request) -> Response:
@@ -377,8 +382,8 @@ def create_app(
         if not access.check_token(str(form.get("token") or "")):
             log.warning("review page: a wrong token from %s", request.client.host if request.client else "?")
             return page(request, "login.html", {"error": "Wrong token."}, 401)
-        response = RedirectResponse("/", status_code=303)
-        _set_session(response, access.new_session())
+        response = RedirectResponse(f"{root}/", status_code=303)
+        _set_session(response, access.new_session(), root)
         return response
 
     def healthz(_request: Request) -> Response:
@@ -403,11 +408,17 @@ def create_app(
         # One line in the log and on the page, not a traceback: the database is the usual cause.
         log.warning("review page: %s failed: %s", request.url.path, str(exc).splitlines()[0][:200])
         message = "The results database is not answering; try again in a moment."
-        if request.url.path.startswith("/api/"):
+        if local_path(request, root).startswith("/api/"):
             return JSONResponse({"error": message}, status_code=503)
         return page(request, "error.html", {"message": message}, 503)
 
-    middleware = [Middleware(_Guard, access=access)]
+    if root:
+        # Every page under the prefix; the bare root (a direct visit past the proxy) points there.
+        routes = [
+            Route("/", lambda _request: RedirectResponse(f"{root}/", status_code=307)),
+            Mount(root, routes=routes),
+        ]
+    middleware = [Middleware(_Guard, access=access, root=root)]
     if access.allowed_hosts:
         middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=list(access.allowed_hosts)))
     return Starlette(
@@ -415,23 +426,34 @@ def create_app(
     )
 
 
-def _set_session(response: Response, value: str) -> None:
-    response.set_cookie(SESSION_COOKIE, value, httponly=True, samesite="strict", max_age=12 * 3600)
+def _set_session(response: Response, value: str, root: str) -> None:
+    response.set_cookie(
+        SESSION_COOKIE, value, httponly=True, samesite="strict", max_age=12 * 3600, path=f"{root}/"
+    )
+
+
+def local_path(request: Request, root: str) -> str:
+    """The request's path below ``root`` (``/sorter/api/queue`` -> ``/api/queue``)."""
+    path = request.url.path
+    if root and (path == root or path.startswith(f"{root}/")):
+        return path[len(root) :] or "/"
+    return path
 
 
 class _Guard(BaseHTTPMiddleware):
     """Authentication, the per-client session the CSRF tokens bind to, origin checks on POST,
     and security headers on every response."""
 
-    def __init__(self, app: Any, access: Access) -> None:
+    def __init__(self, app: Any, access: Access, root: str = "") -> None:
         super().__init__(app)
         self.access = access
+        self.root = root
 
     async def dispatch(
         self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        access = self.access
-        path = request.url.path
+        access, root = self.access, self.root
+        path = local_path(request, root)
         cookie = request.cookies.get(SESSION_COOKIE)
         session_ok = access.valid_session(cookie)
         request.state.reviewer = access.reviewer
@@ -457,7 +479,7 @@ class _Guard(BaseHTTPMiddleware):
             elif not session_ok:
                 if path.startswith("/api/"):
                     return _secured(JSONResponse({"error": "log in or send a bearer token"}, status_code=401))
-                return _secured(RedirectResponse("/login", status_code=303))
+                return _secured(RedirectResponse(f"{root}/login", status_code=303))
         # Without a token every client gets a session on its first request (the CSRF tokens bind
         # to it); with one, only /login issues sessions.
         issue = not session_ok and not access.token
@@ -474,7 +496,7 @@ class _Guard(BaseHTTPMiddleware):
             return _secured(Response("Cross-origin request refused.\n", status_code=403))
         response = await call_next(request)
         if issue:
-            _set_session(response, request.state.session)
+            _set_session(response, request.state.session, root)
         return _secured(response)
 
 
