@@ -4,6 +4,7 @@ classified. A real ``sorter listen`` process, real associations on loopback."""
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import subprocess
@@ -248,3 +249,41 @@ def test_a_negative_sweep_interval_or_grace_is_refused(args, env, named):
         # Parsing only (a regression must fail here, not start a listener).
         listen.make_context("listen", ["--ae-title", "SORTER", "--port", "11112", *args])
     assert named in refused.value.format_message()
+
+
+@pytest.mark.parametrize(
+    ("code", "port", "hint"),
+    [
+        (errno.EACCES, 104, "ports below 1024 need root or CAP_NET_BIND_SERVICE"),
+        (errno.EADDRINUSE, 11112, "another program, or another sorter, has it"),
+        (errno.EADDRNOTAVAIL, 11112, "no network interface of this machine has that address"),
+        (errno.EACCES, 11112, ""),  # above 1024 the capability is not the cause: no hint
+    ],
+)
+def test_a_port_that_cannot_be_had_says_what_to_do(code, port, hint):
+    """`SORTER_PORT=104` under the systemd unit's user said only "Permission denied"."""
+    import os
+
+    from sorter.commands.common import cannot_bind
+
+    message = cannot_bind("listen", "0.0.0.0", port, OSError(code, os.strerror(code))).format_message()
+    assert message.startswith(f"cannot listen on 0.0.0.0:{port}: {os.strerror(code)}")
+    assert (hint in message) if hint else message.endswith(os.strerror(code))
+
+
+def test_listen_on_a_busy_port_says_so_in_one_line(tmp_path, sqlite_url, tiny_model):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = listen_env("SORTER", port, tmp_path / "spool", sqlite_url, tiny_model, "")
+        result = subprocess.run(
+            [sys.executable, "-m", "sorter", "listen"], env=env, capture_output=True, text=True, timeout=120
+        )
+    assert result.returncode == 1, result.stderr
+    assert (
+        f"Error: cannot listen on 127.0.0.1:{port}: Address already in use (another program" in result.stderr
+    )
+    assert "Traceback" not in result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import json
 import sys
 import tempfile
@@ -26,6 +27,24 @@ F = TypeVar("F", bound=Callable[..., Any])
 FORMATS = ("table", "csv", "json")
 #: Rows used to size table columns; later rows are printed as they come.
 _TABLE_SAMPLE = 200
+
+
+def cannot_bind(what: str, host: str, port: int, exc: OSError) -> click.ClickException:
+    """One line for a port that cannot be had, with what to do about the usual causes (an admin
+    who sets the DICOM port 104 under the systemd unit's unprivileged user got "Permission
+    denied" and nothing more)."""
+    hint = ""
+    if exc.errno == errno.EADDRINUSE:
+        hint = " (another program, or another sorter, has it; choose another port)"
+    elif exc.errno in (errno.EACCES, errno.EPERM) and 0 < port < 1024:
+        hint = (
+            " (ports below 1024 need root or CAP_NET_BIND_SERVICE: add"
+            " AmbientCapabilities=CAP_NET_BIND_SERVICE to the systemd unit, or use a port from 1024 up,"
+            " such as 11112)"
+        )
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        hint = " (no network interface of this machine has that address; 0.0.0.0 means every one)"
+    return click.ClickException(f"cannot {what} on {host}:{port}: {exc.strerror or exc}{hint}")
 
 
 def database_option(func: F) -> F:
@@ -132,9 +151,7 @@ def metrics_server(settings: Settings, health: HealthCheck | None = None) -> Ite
     try:
         server = start_metrics_server(settings.metrics_port, settings.metrics_bind, metrics, health)
     except OSError as exc:
-        raise click.ClickException(
-            f"cannot serve metrics on {settings.metrics_bind}:{settings.metrics_port}: {exc.strerror or exc}"
-        ) from exc
+        raise cannot_bind("serve metrics", settings.metrics_bind, settings.metrics_port, exc) from exc
     click.echo(f"metrics on http://{settings.metrics_bind}:{settings.metrics_port}/metrics", err=True)
     try:
         yield metrics

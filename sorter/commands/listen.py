@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sorter.commands.common import (
     blank_is_unset,
+    cannot_bind,
     command_settings,
     database_option,
     metrics_options,
@@ -306,7 +307,7 @@ def listen(
             try:
                 server = listener.start(config, counted(worker.offer, metrics, gauges), tracker)
             except OSError as exc:
-                raise click.ClickException(f"cannot listen on {bind}:{port}: {exc.strerror or exc}") from exc
+                raise cannot_bind("listen", bind, port, exc) from exc
             state["server"] = server
             click.echo(
                 f"listening as {ae_title} on {bind}:{port}; spool {config.spool} "

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import errno
 import getpass
 import socket
 
 import click
 import sqlalchemy as sa
 
-from sorter.commands.common import blank_is_unset, database, database_option
+from sorter.commands.common import blank_is_unset, cannot_bind, database, database_option
 
 
 def _root_path(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
@@ -137,12 +136,7 @@ def _bound_socket(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        hint = (
-            " (another program, or another sorter serve, has it; choose --port)"
-            if exc.errno == errno.EADDRINUSE
-            else ""
-        )
-        raise click.ClickException(f"cannot serve on {host}:{port}: {exc.strerror or exc}{hint}") from exc
+        raise cannot_bind("serve", host, port, exc) from exc
     return sock
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import click
 
 from sorter.commands.common import (
+    cannot_bind,
     command_settings,
     database_option,
     device_option,
@@ -142,10 +143,7 @@ def worker(
         try:
             server = start_multiprocess_server(settings.metrics_port, settings.metrics_bind, folder)
         except OSError as exc:
-            raise click.ClickException(
-                f"cannot serve metrics on {settings.metrics_bind}:{settings.metrics_port}: "
-                f"{exc.strerror or exc}"
-            ) from exc
+            raise cannot_bind("serve metrics", settings.metrics_bind, settings.metrics_port, exc) from exc
         click.echo(f"metrics on http://{settings.metrics_bind}:{settings.metrics_port}/metrics", err=True)
         try:
             _run(app, argv)
