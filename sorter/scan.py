@@ -196,7 +196,9 @@ class Scan:
         def count(ids: list[int]) -> None:
             log.info("classifying %d %s instances", len(ids), status.value)
             if status is Status.PENDING:
-                self.summary.resumed += len(ids)
+                # With a broker, what this run registered is still pending (a worker has it): a
+                # fresh scan said "1 registered, 1 resumed". Only what an earlier run left counts.
+                self.summary.resumed += len(ids) - self.executor.already_submitted(ids)
 
         submit_pending(
             self.sessions,

@@ -20,6 +20,7 @@ class RunSummary:
     duplicates: int = 0  # another path already holds the SOP Instance UID
     resumed: int = 0  # pending instances left by an earlier, interrupted run
     classified: int = 0
+    queued: int = 0  # instances sent to the broker for ``sorter worker`` (SORTER_BROKER_URL)
     verdicts: Counter[str] = field(default_factory=Counter)
     confusion: Counter[tuple[str, str]] = field(default_factory=Counter)  # (header label, predicted)
     skipped: Counter[str] = field(default_factory=Counter)
@@ -75,6 +76,7 @@ class RunSummary:
             "duplicates": self.duplicates,
             "resumed": self.resumed,
             "classified": self.classified,
+            "queued": self.queued,
             "discrepancies": self.discrepancies,
             "verdicts": dict(sorted(self.verdicts.items())),
             "confusion": confusion,

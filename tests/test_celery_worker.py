@@ -23,7 +23,17 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from db_support import copy_dicom, pydicom_file, query, scalar, scan, small_archive, tree_rules, truncate
+from db_support import (
+    copy_dicom,
+    pydicom_file,
+    query,
+    scalar,
+    scan,
+    small_archive,
+    sorter,
+    tree_rules,
+    truncate,
+)
 from pydicom.uid import generate_uid
 from support import free_port
 
@@ -180,6 +190,12 @@ def test_scan_with_a_broker_flows_to_done(tmp_path, pg_url, tiny_model, broker_e
     summary = scan(pg_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
     assert summary["classified"] == 0  # nothing classified in the producer: all of it was queued
     assert int(scalar(pg_url, "SELECT count(*) FROM instances WHERE status = 'pending'")) == 7
+    # What this run queued is not "resumed" (a fresh scan said "7 registered, 7 resumed"), and the
+    # summary says where it went; a second scan before any worker ran resumes them, and says so.
+    assert (summary["queued"], summary["resumed"]) == (7, 0), summary
+    again = sorter("scan", "--model", str(tiny_model), "--no-progress", str(tmp_path / "archive"), url=pg_url)
+    assert "0 registered, 9 unchanged" in again.output and "7 resumed" in again.output, again.output
+    assert "queued: 7 instances for `sorter worker` to classify" in again.output
 
     worker = Worker(pg_url, tiny_model, broker_env, tmp_path / "worker.log")
     try:

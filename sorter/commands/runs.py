@@ -141,6 +141,12 @@ def print_summary(summary: RunSummary, json_path: Path | None) -> None:
             f"not read again: {reasons} (classified before; their files are gone or changed, so they keep "
             "their status and earlier predictions; `sorter scan` reads changed files again)"
         )
+    if summary.queued:
+        # "0 classified" alone read as if nothing had happened: the workers classify them.
+        click.echo(
+            f"queued: {plural(summary.queued, 'instance')} for `sorter worker` to classify "
+            "(`sorter status` shows the backlog)"
+        )
     stages = summary.stage_line()
     if stages:
         click.echo(stages)

@@ -42,6 +42,11 @@ class Executor(Protocol):
     def drain(self) -> None:
         """Finish everything queued (a queue executor sends its partial batch and returns)."""
 
+    def already_submitted(self, ids: Sequence[int]) -> int:
+        """How many of ``ids`` this executor was given before: a queue executor remembers what it
+        sent (a scan's closing resume finds them still pending); the in-process one finishes what
+        it is given before anyone reads again, so for it none."""
+
 
 def submit_pending(
     sessions: sessionmaker[Session],
@@ -169,5 +174,8 @@ def open_executor(
 
     app = make_celery(settings)
     with CeleryExecutor(app, batch_size=settings.batch_size, queue=settings.queue) as queued:
-        yield queued
+        try:
+            yield queued
+        finally:
+            summary.queued += queued.sent  # what was sent, also when the run stopped early
     log.info("%d instances sent to queue %r", queued.sent, settings.queue)

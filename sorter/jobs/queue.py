@@ -67,6 +67,10 @@ class CeleryExecutor:
             self._send(self._waiting[: self.batch_size])
             del self._waiting[: self.batch_size]
 
+    def already_submitted(self, ids: Sequence[int]) -> int:
+        """How many of ``ids`` were submitted to this executor before (sent or about to be)."""
+        return sum(1 for i in ids if i in self._seen)
+
     def drain(self) -> None:
         """Send the partial batch (the workers finish it; this does not wait)."""
         if self._waiting:
