@@ -211,6 +211,27 @@ def test_scan_with_a_broker_flows_to_done(tmp_path, pg_url, tiny_model, broker_e
     )
 
 
+def test_a_worker_on_another_database_says_so(tmp_path, pg_url, tiny_model, broker_env):
+    """`sorter scan` with the broker but the default database (sqlite:///sorter.db in its working
+    directory) and a worker on PostgreSQL: the worker claimed nothing, said nothing, and the
+    scanned instances stayed pending for ever."""
+    small_archive(tmp_path / "archive")
+    elsewhere = f"sqlite:///{tmp_path / 'sorter.db'}"
+    assert scan(elsewhere, tiny_model, tmp_path / "archive", tmp=tmp_path)["queued"] == 7
+    worker = Worker(pg_url, tiny_model, broker_env, tmp_path / "worker.log")
+    said = "does not hold: the process that queued them writes to another database"
+    try:
+        deadline = time.monotonic() + 60
+        while said not in worker.output() and time.monotonic() < deadline:
+            assert worker.process.poll() is None, worker.output()
+            time.sleep(0.2)
+    finally:
+        worker.stop()
+    [line] = [line for line in worker.log.read_text(errors="replace").splitlines() if said in line][:1]
+    assert "this worker's database (postgresql" in line and "SORTER_DATABASE_URL" in line, line
+    assert int(scalar(elsewhere, "SELECT count(*) FROM instances WHERE status = 'pending'")) == 7
+
+
 def test_a_worker_with_rules_files_each_batch_it_commits(
     tmp_path, pg_url, tiny_model, broker_env, monkeypatch
 ):

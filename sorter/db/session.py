@@ -299,3 +299,15 @@ def open_database(url: str) -> tuple[Engine, sessionmaker[Session]]:
         engine.dispose()
         raise
     return engine, make_session_factory(engine)
+
+
+def describe_database(url: str) -> str:
+    """A database URL for messages: its password hidden, a SQLite file as an absolute path (the
+    default ``sqlite:///sorter.db`` is another file in each working directory)."""
+    path = sqlite_file(url)
+    if path is not None:
+        return f"SQLite file {path}"
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "an unparseable URL"

@@ -26,6 +26,8 @@ import sqlalchemy as sa
 from celery import Task, shared_task
 
 from sorter.db import queries
+from sorter.db.queries import instances
+from sorter.db.session import describe_database
 from sorter.decode import decoder_for
 from sorter.domain import FailureReason, Status
 from sorter.jobs.celery_app import CLASSIFY_TASK, SWEEP_TASK, worker_state
@@ -78,6 +80,27 @@ def _count_failed(reason: str, n: int) -> None:
             log.warning("failed instances not counted", exc_info=True)
 
 
+def _warn_if_unknown(ids: Sequence[int]) -> None:
+    """Say so when this database holds none of a task's instances: the producer (scan, listen,
+    watch) writes to another one, and its instances stay ``pending`` there for ever. The usual
+    cause is the default ``sqlite:///sorter.db``, which is a different file in every working
+    directory. A task whose instances are done already (a duplicate delivery) says nothing."""
+    with worker_state().sessions() as session:
+        known = session.execute(
+            sa.select(sa.func.count()).select_from(instances).where(instances.c.id.in_(list(ids)))
+        ).scalar_one()
+    if known == 0 and ids:
+        log.warning(
+            "a task named %d instances (ids %d..%d) this worker's database (%s) does not hold: the "
+            "process that queued them writes to another database; give every process the same "
+            "SORTER_DATABASE_URL (PostgreSQL for workers on several machines)",
+            len(ids),
+            min(ids),
+            max(ids),
+            describe_database(worker_state().settings.database_url),
+        )
+
+
 class ClassifyTask(Task):
     """Gives a batch up for good: its pending instances become ``failed`` rather than stuck."""
 
@@ -121,6 +144,8 @@ def classify_ids(ids: list[int]) -> int:
     if taken.exhausted:
         log.warning("instances %s failed: %d tries never finished", taken.exhausted, MAX_ATTEMPTS)
         _count_failed(FailureReason.ATTEMPTS_EXHAUSTED, len(taken.exhausted))
+    if not (taken.fresh or taken.retried or taken.exhausted):
+        _warn_if_unknown(ids)
     if not taken.fresh:
         return 0
     ids = taken.fresh
