@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 from db_support import query, sorter
+from pydicom.data import get_testdata_file
 
 import sorter.db.session as db_session
 from sorter.cli import main
@@ -51,6 +53,17 @@ def test_downgrade_to_nothing_and_back(db_url):
     engine.dispose()
 
 
+def test_sorter_db_downgrade_base_and_back_on_a_database_in_use(db_url, tmp_path):
+    """On SQLite `sorter db downgrade base` stopped at 0002 ("error in view latest_predictions: no
+    such table: main.instances": a batch rebuild renamed under 0001's views) and left its copy
+    of the table behind, so the next try said "_alembic_tmp_instances already exists"."""
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "ct.dcm")
+    sorter("scan", "--no-progress", str(tmp_path), url=db_url)
+    assert "(empty)" in sorter("db", "downgrade", "base", url=db_url).output
+    assert f"database at revision {head_revision()}" in sorter("db", "upgrade", url=db_url).output
+    assert "models and migrations agree" in sorter("db", "check", url=db_url).output
+
+
 def test_a_database_stamped_behind_its_tables_says_so_and_how_to_mend_it(db_url):
     """``sorter db stamp`` to an older revision by hand: every command then tried to migrate
     and stopped at "table model_thresholds already exists", and ``db check`` said only "Target
@@ -68,6 +81,34 @@ def test_a_database_stamped_behind_its_tables_says_so_and_how_to_mend_it(db_url)
         assert "Traceback" not in result.output
     sorter("db", "stamp", "head", url=db_url)
     assert "models and migrations agree" in sorter("db", "check", url=db_url).output
+
+
+def test_a_database_without_the_schema_is_filled_only_on_purpose(db_url, tmp_path):
+    """Pointed at the wrong database, `sorter status` created dicom-sorter's tables in it and
+    reported zeros, and `sorter scan` put them beside another application's tables."""
+    from alembic import command
+
+    engine = create_db_engine(db_url)
+    command.downgrade(alembic_config(engine), "base")
+    refused = sorter("status", url=db_url, expect=1)
+    assert "holds no dicom-sorter results yet: `sorter scan PATH`" in refused.output, refused.output
+    assert current_revision(engine) is None
+    assert set(sa.inspect(engine).get_table_names()) <= {"alembic_version"}
+    (tmp_path / "empty").mkdir()
+    sorter("scan", "--no-progress", str(tmp_path / "empty"), url=db_url)  # a command that writes: creates
+    assert current_revision(engine) == head_revision()
+
+    command.downgrade(alembic_config(engine), "base")
+    with engine.begin() as connection:
+        connection.execute(sa.text("CREATE TABLE patients (id INTEGER)"))
+    taken = sorter("scan", "--no-progress", str(tmp_path / "empty"), url=db_url, expect=1)
+    assert "holds tables (patients) but no dicom-sorter schema: it is another application's" in taken.output
+    assert set(sa.inspect(engine).get_table_names()) <= {"alembic_version", "patients"}
+    sorter("db", "upgrade", url=db_url)  # on purpose: allowed
+    assert current_revision(engine) == head_revision()
+    with engine.begin() as connection:
+        connection.execute(sa.text("DROP TABLE patients"))
+    engine.dispose()
 
 
 def test_drift_between_models_and_database_fails_the_check(sqlite_url):

@@ -232,7 +232,7 @@ def database(url: str | None, create: bool = False) -> Iterator[tuple[Engine, se
             "or point --database-url / SORTER_DATABASE_URL at the one they wrote"
         )
     try:
-        engine, sessions = open_database(settings.database_url)
+        engine, sessions = open_database(settings.database_url, migrate_new=create)
     except DatabaseError as exc:
         raise click.ClickException(str(exc)) from exc
     try:

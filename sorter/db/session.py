@@ -228,13 +228,19 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def ensure_schema(engine: Engine) -> None:
+def ensure_schema(engine: Engine, migrate_new: bool = True) -> None:
     """Migrate SQLite and empty databases to head; refuse an outdated PostgreSQL schema.
+
+    ``migrate_new=False`` (a command that only reads results) refuses a database without the
+    schema instead of creating it: pointed at the wrong database, ``sorter status`` created
+    dicom-sorter's tables there and reported zeros.
 
     Raises
     ------
     DatabaseError
-        A PostgreSQL database at an older (or unknown) revision.
+        A PostgreSQL database at an older (or unknown) revision; a database without the schema
+        that holds other tables (another application's: never filled with ours on the side), or,
+        with ``migrate_new=False``, any database without the schema.
     """
     current, head = current_revision(engine), head_revision()
     if current == head:
@@ -245,6 +251,25 @@ def ensure_schema(engine: Engine) -> None:
             f"{head}): it was migrated by a newer dicom-sorter or is another application's; upgrade "
             "dicom-sorter, or point --database-url at another database"
         )
+    if current is None:
+        where = describe_database(engine.url.render_as_string(hide_password=False))
+        where = where if where.startswith("SQLite") else f"the database {where}"
+        ours = ("alembic_version",)  # left empty by `sorter db downgrade base`
+        tables = sa.inspect(engine).get_table_names()
+        others = sorted(t for t in tables if t not in ours and not t.startswith("sqlite_"))
+        if others:
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise DatabaseError(
+                f"{where} holds tables ({shown}) but no dicom-sorter schema: it is another "
+                "application's; point --database-url / SORTER_DATABASE_URL at an empty database or at "
+                "a dicom-sorter one (`sorter db upgrade` adds ours to it on purpose)"
+            )
+        if not migrate_new:
+            raise DatabaseError(
+                f"{where} holds no dicom-sorter results yet: `sorter scan PATH` (or listen, watch, "
+                "or `sorter db upgrade`) creates them; or point --database-url / SORTER_DATABASE_URL "
+                "at the one they wrote"
+            )
     if is_sqlite(engine) or current is None:
         log.info("migrating %s database from %s to %s", engine.dialect.name, current, head)
         upgrade(engine)
@@ -274,13 +299,15 @@ def database_problem(exc: sa.exc.DBAPIError) -> str:
     return f"{problem}; {hint}" if hint else problem
 
 
-def open_database(url: str) -> tuple[Engine, sessionmaker[Session]]:
+def open_database(url: str, migrate_new: bool = True) -> tuple[Engine, sessionmaker[Session]]:
     """Engine and session factory for ``url``, with the schema ready to use.
 
     Parameters
     ----------
     url
         Database URL (``Settings.database_url``).
+    migrate_new
+        Create the schema in an empty database (else refuse it: :func:`ensure_schema`).
 
     Returns
     -------
@@ -289,7 +316,7 @@ def open_database(url: str) -> tuple[Engine, sessionmaker[Session]]:
     """
     engine = create_db_engine(url)  # a missing driver or a malformed URL raises DatabaseError
     try:
-        ensure_schema(engine)
+        ensure_schema(engine, migrate_new)
     except sa.exc.DBAPIError as exc:  # the server or file cannot be reached, or is no database
         engine.dispose()
         raise DatabaseError(

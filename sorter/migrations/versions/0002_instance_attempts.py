@@ -26,6 +26,11 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    """Drop the counter (SQLite rebuilds the table in batch mode)."""
-    with op.batch_alter_table("instances") as batch:
-        batch.drop_column("attempts")
+    """Drop the counter.
+
+    Plain DROP COLUMN (SQLite 3.35+, PostgreSQL): a batch operation rebuilds ``instances`` and
+    renames the copy into place, which SQLite refuses while 0001's views refer to the table
+    (`sorter db downgrade base` stopped at "error in view latest_predictions: no such table:
+    main.instances", leaving the copy behind).
+    """
+    op.execute("ALTER TABLE instances DROP COLUMN attempts")
