@@ -408,3 +408,15 @@ def test_failures_takes_known_reasons_only(archive, tmp_path):
         "no reason not_dicm",
         "not_dicom, truncated",
     )
+    # A reason of the other status listed nothing without a word (a link loop is skipped).
+    (archive / "site" / "loop").symlink_to(archive)
+    assert _run(["scan", str(archive), "--database-url", url]).exit_code == 0
+    looped = _run(["failures", "--reason", "symlink_loop", "--database-url", url])
+    assert (
+        "0 failed" in looped.output
+        and "skipped instances have that reason: list them with --skipped" in looped.output
+    )
+    listed = _run(["failures", "--reason", "symlink_loop", "--skipped", "--database-url", url])
+    assert "loop" in listed.output and "have that reason" not in listed.output
+    inverse = _run(["failures", "--skipped", "--reason", "not_dicom", "--database-url", url])
+    assert "failed instances have that reason: list them without --skipped" in inverse.output

@@ -189,5 +189,17 @@ def failures(
             limit=limit,
         )
         count = write_rows(rows, reports.FAILURE_FIELDS, fmt)
+        # `--reason symlink_loop` without --skipped listed nothing: the loop is skipped, not failed.
+        other = Status.FAILED if skipped else Status.SKIPPED
+        elsewhere = (
+            bool(reason)
+            and not count
+            and bool(
+                list(reports.failures(session, reasons=reason, statuses=[other], under=prefixes, limit=1))
+            )
+        )
     if fmt == "table":
         click.echo(f"{count} {'skipped' if skipped else 'failed'}", err=True)
+    if elsewhere:
+        switch = "without --skipped" if skipped else "with --skipped"
+        click.echo(f"{other.value} instances have that reason: list them {switch}", err=True)
