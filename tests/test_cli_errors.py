@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 from pathlib import Path
@@ -119,6 +120,21 @@ def test_the_worker_refuses_a_device_it_cannot_use_instead_of_failing_every_task
 def test_a_device_that_is_no_device_is_refused(device, archive):
     result = _run(["classify", str(archive), "--device", device])
     _one_line_error(result, 1, f"--device '{device}' is not a device", "cpu, cuda or cuda:N")
+
+
+@pytest.mark.parametrize(
+    ("device", "said"), [("tpu", "'tpu' is not a device"), ("cuda", "cuda: no CUDA GPU")]
+)
+def test_the_python_api_refuses_a_device_in_the_same_words(device, said):
+    """`Classifier.load(device="cuda")` without a GPU raised torch's "Found no NVIDIA driver on
+    your system", and "tpu" its list of twenty device types."""
+    from sorter import Classifier
+    from sorter.errors import ModelError
+
+    if device == "cuda":
+        _skip_with_cuda()
+    with pytest.raises(ModelError, match=re.escape(f"device {said}")):
+        Classifier.load(device=device)
 
 
 # -- the listener -----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,6 +74,11 @@ def test_version_mismatch_and_garbage_are_refused(tmp_path):
         load_artefact(junk)
     with pytest.raises(ModelError, match="does not exist"):
         load_artefact(tmp_path / "missing.pt")
+    # A folder or a device is not "missing" (both said "does not exist").
+    with pytest.raises(ModelError, match=r"is a folder, not a model file \(name the .pt in it\)"):
+        load_artefact(tmp_path)
+    with pytest.raises(ModelError, match="is not a regular file"):
+        load_artefact(Path("/dev/null"))
 
 
 def test_architecture_mismatch_is_refused(tmp_path):

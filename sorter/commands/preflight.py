@@ -46,35 +46,11 @@ def require_device(requested: str | None) -> None:
     Checked at start so that a worker never reports ready and then fails every task, and a
     scan never registers files it cannot classify.
     """
-    if requested is None or requested.strip().lower() == "cpu":
-        return
-    try:
-        import torch
-    except ImportError as exc:  # a CPU-only install serves with ONNX Runtime
-        raise click.ClickException(
-            f"--device {requested}: PyTorch is not installed; install it for GPU inference "
-            "(pip install 'dicom-sorter[gpu]') or use --device cpu"
-        ) from exc
-    try:
-        device = torch.device(requested)
-    except RuntimeError as exc:
-        raise click.ClickException(
-            f"--device {requested!r} is not a device: use cpu, cuda or cuda:N (or leave it unset)"
-        ) from exc
-    if device.type == "cpu":
-        return
-    if device.type != "cuda":
-        raise click.ClickException(f"--device {requested}: only cpu and cuda devices are supported")
-    if not torch.cuda.is_available():
-        raise click.ClickException(
-            f"--device {requested}: no CUDA GPU is usable on this host (no driver or no device); "
-            "use --device cpu, or leave --device unset to use a GPU only when there is one"
-        )
-    count = torch.cuda.device_count()
-    if device.index is not None and device.index >= count:
-        raise click.ClickException(
-            f"--device {requested}: this host has {count} CUDA device(s), numbered from cuda:0"
-        )
+    from sorter.model.devices import device_problem
+
+    problem = device_problem(requested)
+    if problem is not None:
+        raise click.ClickException(f"--device {problem}")
 
 
 def require_broker(url: str | None, timeout_s: float = 5.0) -> None:

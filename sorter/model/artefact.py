@@ -80,13 +80,24 @@ def save_artefact(network: SorterNet, spec: ModelSpec, path: Path) -> str:
     return file_sha256(path)
 
 
+def require_file(path: Path) -> None:
+    """Raise :class:`ModelError` unless ``path`` is a file, saying what it is instead (a folder
+    or /dev/null was "does not exist")."""
+    if path.is_file():
+        return
+    if path.is_dir():
+        raise ModelError(f"model artefact {path} is a folder, not a model file (name the .pt in it)")
+    if path.exists():
+        raise ModelError(f"model artefact {path} is not a regular file")
+    raise ModelError(f"model artefact {path} does not exist")
+
+
 def read_spec(path: Path) -> tuple[ModelSpec, dict[str, Any], dict[str, torch.Tensor]]:
     """Read and validate an artefact without building the network."""
     import torch
 
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"model artefact {path} does not exist")
+    require_file(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file; all mean the same here

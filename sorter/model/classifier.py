@@ -14,7 +14,8 @@ import numpy as np
 from sorter.dicom.pixels import DecodedImage
 from sorter.domain import Label, Prediction
 from sorter.errors import ModelError
-from sorter.model.artefact import DEFAULT_MODEL_PATH, file_sha256
+from sorter.model.artefact import DEFAULT_MODEL_PATH, file_sha256, require_file
+from sorter.model.devices import device_problem
 from sorter.model.graph_cache import GraphCache
 from sorter.model.ort import OnnxRunner, logits_per_instance
 from sorter.model.preprocess import prepare_image
@@ -33,9 +34,18 @@ GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
 
 
 def pick_device(requested: str | None = None) -> str:
-    """``requested`` if given, else ``cuda`` when available, else ``cpu``."""
+    """``requested`` if given, else ``cuda`` when available, else ``cpu``.
+
+    Raises
+    ------
+    ModelError
+        ``requested`` cannot run here (torch said only "Found no NVIDIA driver on your system").
+    """
     if requested == "cpu":
         return requested
+    problem = device_problem(requested)
+    if problem is not None:
+        raise ModelError(f"device {problem}")
     if not requested and "torch" not in sys.modules and not any(map(os.path.exists, GPU_DEVICE_NODES)):
         return "cpu"
     import torch
@@ -88,8 +98,7 @@ class Classifier:
         torch at all; a run that exports stores its graph there.
         """
         path = Path(path) if path else DEFAULT_MODEL_PATH
-        if not path.is_file():
-            raise ModelError(f"model artefact {path} does not exist")
+        require_file(path)
         device = pick_device(device)
         if device == "cpu" and runtime in ("auto", "onnx"):
             sha256 = file_sha256(path)
