@@ -47,6 +47,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from sorter.associations import SPOOL_FULL, AssociationTracker
 from sorter.dicom.storage import has_free_space, store_instance
+from sorter.tls import load_authorities, load_identity
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +109,9 @@ def tls_context(cert: Path, key: Path, ca: Path | None = None) -> ssl.SSLContext
     """A server TLS context; with ``ca``, clients must present a certificate it signed (mutual TLS)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(certfile=str(cert), keyfile=str(key))
+    load_identity(context, str(cert), str(key), names=("--tls-cert", "--tls-key"))
     if ca is not None:
-        context.load_verify_locations(cafile=str(ca))
+        load_authorities(context, str(ca), name="--tls-ca")
         context.verify_mode = ssl.CERT_REQUIRED
     return context
 

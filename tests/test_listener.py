@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
 import ssl
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -347,6 +349,49 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_ca(tmp_path)
             if with_cert:
                 assert int(c_echo(assoc).Status) == listener.StoreStatus.SUCCESS
                 assoc.release()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI needed to make test certificates")
+def test_tls_files_that_cannot_be_used_say_why_in_one_line(tmp_path):
+    """The ssl module said "[SSL] PEM lib (_ssl.c:3905)" for a certificate and key swapped, "key
+    values mismatch" for another's key, and OpenSSL asked for an encrypted key's pass phrase on a
+    terminal a service does not have. `sorter listen` and `sorter rules check` say why now."""
+    pki = _pki(tmp_path / "pki")
+    _openssl("genrsa", "-aes256", "-passout", "pass:secret", "-out", "locked.key", "2048", cwd=pki)
+    _openssl("req", "-x509", "-new", "-key", "locked.key", "-passin", "pass:secret", "-out", "locked.pem",
+             "-days", "1", "-subj", "/CN=locked", cwd=pki)  # fmt: skip
+    cases = [
+        (("server.pem", "client.key", None), "the key does not belong to the certificate"),
+        (
+            ("server.key", "server.pem", None),
+            "not a PEM certificate and its PEM private key (given the wrong",
+        ),
+        (("locked.pem", "locked.key", None), "the key is encrypted; give an unencrypted copy"),
+        (("server.pem", "server.key", "server.key"), "cannot use --tls-ca"),
+    ]
+    for (cert, key, ca), said in cases:
+        args = ["--tls-cert", str(pki / cert), "--tls-key", str(pki / key)]
+        args += ["--tls-ca", str(pki / ca)] if ca else []
+        command = [sys.executable, "-m", "sorter", "listen", "--ae-title", "X", "--port", str(free_port())]
+        env = {**os.environ, "SORTER_DATABASE_URL": f"sqlite:///{tmp_path / 'l.db'}"}
+        result = subprocess.run(
+            [*command, *args], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, env=env
+        )
+        assert result.returncode == 1 and said in result.stderr, (cert, key, result.stderr)
+        assert "Traceback" not in result.stderr and "_ssl.c" not in result.stderr
+    rules = tmp_path / "forward.toml"
+    rules.write_text(
+        'mode = "all"\n[[rule]]\nname = "f"\n[rule.forward]\nae_title = "X"\nhost = "127.0.0.1"\n'
+        f'port = 11112\ntls = true\ntls_cert = "{pki / "server.pem"}"\ntls_key = "{pki / "client.key"}"\n'
+    )
+    from click.testing import CliRunner
+
+    from sorter.cli import main
+
+    checked = CliRunner().invoke(main, ["rules", "check", str(rules)])
+    assert checked.exit_code == 2, checked.output
+    assert "forward.toml:9: cannot use tls_cert" in checked.output, checked.output
+    assert "the key does not belong to the certificate" in checked.output
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI needed to make test certificates")

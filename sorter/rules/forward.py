@@ -26,9 +26,10 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 
-from sorter.errors import describe
+from sorter.errors import ConfigError, describe
 from sorter.listener import QuickAckSSLSocket, ack_now
 from sorter.scu import c_store
+from sorter.tls import client_context, load_identity
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,10 @@ class ForwardAction:
         """The client TLS context, or ``None`` without TLS."""
         if not self.tls:
             return None
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.tls_ca)
+        context = client_context(self.tls_ca, name="tls_ca")
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         if self.tls_cert:
-            context.load_cert_chain(self.tls_cert, self.tls_key)
+            load_identity(context, self.tls_cert, self.tls_key, names=("tls_cert", "tls_key"))
         return context
 
     @property
@@ -131,9 +132,12 @@ def send(action: ForwardAction, items: list[Item], timeout_s: float = 30.0) -> l
     _contexts(ae, items)
     try:
         context = action.tls_context()
+    except ConfigError as exc:  # our own files (changed since `rules check`): not the destination's fault
+        return [Sent(i, "tls_config", str(exc)) for i in items]
+    try:
         tls_args = (context, action.host) if context is not None else None
         assoc = ae.associate(action.host, action.port, ae_title=action.ae_title, tls_args=tls_args)
-    except OSError as exc:  # a name that does not resolve, a certificate file gone (ssl.SSLError too)
+    except OSError as exc:  # a name that does not resolve, a TLS handshake refused (ssl.SSLError too)
         return [Sent(i, "destination_unreachable", describe(exc)) for i in items]
     if not assoc.is_established:
         why = "rejected the association" if assoc.is_rejected else "could not be reached"

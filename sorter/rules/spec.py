@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from sorter.domain import Label, Verdict
-from sorter.errors import SorterError
+from sorter.errors import ConfigError, SorterError
 from sorter.rules.forward import ForwardAction
 from sorter.rules.notify import NotifyAction, OrthancAction
 
@@ -376,7 +376,7 @@ def _check_forward(raw: Any, bad: Callable[[str, str], None]) -> ForwardAction |
         fail("port", f"port must be a number from 1 to 65535 (it is {port!r})")
     if fail.n or len(values) < 4:
         return None
-    return ForwardAction(
+    action = ForwardAction(
         values["ae_title"],
         values["host"],
         int(port),
@@ -386,6 +386,12 @@ def _check_forward(raw: Any, bad: Callable[[str, str], None]) -> ForwardAction |
         files["tls_cert"],
         files["tls_key"],
     )
+    try:  # a key that does not match, files the wrong way round: said here, not at every send
+        action.tls_context()
+    except ConfigError as exc:
+        fail("tls_ca" if str(exc).startswith("cannot use tls_ca") else "tls_cert", str(exc))
+        return None
+    return action
 
 
 def _check_notify(raw: Any, bad: Callable[[str, str], None]) -> NotifyAction | None:
