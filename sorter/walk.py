@@ -105,7 +105,19 @@ def distinct_roots(roots: Iterable[str | os.PathLike[str]]) -> list[str]:
     """Each root once, absolute, and none that lies inside another: ``sorter scan /a /a /a/b``
     walks ``/a`` once (it read and counted every file three times)."""
     paths = list(dict.fromkeys(os.path.abspath(root) for root in roots))
-    return [p for p in paths if not any(p != q and p.startswith(q.rstrip(os.sep) + os.sep) for q in paths)]
+    given = set(paths)
+
+    def inside_another(path: str) -> bool:
+        # Its ancestors looked up in a set: comparing every pair took 7 s for 5 000 files named
+        # on the command line (xargs), minutes for 30 000.
+        parent = os.path.dirname(path)
+        while parent != path:
+            if parent in given:
+                return True
+            path, parent = parent, os.path.dirname(parent)
+        return False
+
+    return [p for p in paths if not inside_another(p)]
 
 
 def file_entry(path: str, st: os.stat_result) -> Entry:
