@@ -7,7 +7,10 @@ import shutil
 from pathlib import Path
 
 import pydicom
+import sqlalchemy as sa
 from db_support import copy_dicom, pydicom_file, query, scalar, scan, small_archive
+
+from sorter.db.session import create_db_engine
 
 pytest_plugins = ["db_fixtures"]
 
@@ -118,3 +121,29 @@ def test_a_file_completed_after_a_failed_scan_loses_its_failure(db_url, tiny_mod
 
     assert again["classified"] == 1 and again["failed"] == {}
     assert [tuple(r) for r in query(db_url, "SELECT status, error FROM instances")] == [("done", None)]
+
+
+def test_thousands_of_files_named_on_the_command_line(sqlite_url, tiny_model, tmp_path, monkeypatch):
+    """`find ... | xargs sorter scan`: past about a thousand files the closing resume built one
+    OR of every path and SQLite stopped at "Expression tree is too large (maximum depth 1000)",
+    exit 1, after every file was registered. The paths now go in groups, and every group is
+    resumed (a run cut short left instances pending under several of them)."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for i in range(1200):
+        (notes / f"n{i}.txt").write_text("not DICOM")
+    named = sorted(str(p) for p in notes.iterdir())
+    summary = scan(sqlite_url, tiny_model, *map(Path, named), tmp=tmp_path)
+    assert summary["failed"] == {"not_dicom": 1200}, summary
+
+    files = small_archive(tmp_path / "archive")
+    images = [files[name] for name in ("ct0", "ct1", "ct2", "mr0", "mr1", "mr2")]
+    scan(sqlite_url, tiny_model, *images, tmp=tmp_path)
+    engine = create_db_engine(sqlite_url)
+    with engine.begin() as connection:  # as a run killed before these were classified leaves them
+        connection.execute(sa.text("UPDATE instances SET status = 'pending', prediction_id = NULL"
+                                   " WHERE path LIKE '%archive%'"))  # fmt: skip
+    engine.dispose()
+    monkeypatch.setattr("sorter.db.queries.PREFIX_CHUNK", 2)  # three groups of two files
+    again = scan(sqlite_url, tiny_model, *images, tmp=tmp_path)
+    assert again["resumed"] == 6 and again["classified"] == 6, again

@@ -65,26 +65,29 @@ def submit_pending(
     ``drain_each_page`` finishes each page before reading the next (resuming: the next page then
     starts from committed work); ``on_page`` is told each page's ids (progress, counters).
     """
-    after, total = 0, 0
-    while True:
-        with sessions() as session:
-            ids = queries.next_ids(
-                session,
-                after=after,
-                limit=PAGE,
-                statuses=list(statuses),
-                under=under,
-                without_model=without_model,
-                only=only,
-            )
-        if not ids:
-            return total
-        after, total = ids[-1], total + len(ids)
-        if on_page is not None:
-            on_page(ids)
-        executor.submit(ids)
-        if drain_each_page:
-            executor.drain()
+    total = 0
+    for part in queries.prefix_chunks(list(under)):  # many PATHs: one query per group of them
+        after = 0
+        while True:
+            with sessions() as session:
+                ids = queries.next_ids(
+                    session,
+                    after=after,
+                    limit=PAGE,
+                    statuses=list(statuses),
+                    under=part,
+                    without_model=without_model,
+                    only=only,
+                )
+            if not ids:
+                break
+            after, total = ids[-1], total + len(ids)
+            if on_page is not None:
+                on_page(ids)
+            executor.submit(ids)
+            if drain_each_page:
+                executor.drain()
+    return total
 
 
 OutcomeObserver = Callable[[list["Outcome"]], None]

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sorter.db import views
 from sorter.db.models import Base, RuleAction
-from sorter.db.queries import as_utc, db_time, files, insert_for, instances, path_under
+from sorter.db.queries import as_utc, db_time, files, insert_for, instances, path_under, prefix_chunks
 from sorter.domain import Status
 from sorter.fspath import decode_path
 from sorter.rules.filing import file_instance
@@ -185,15 +185,15 @@ def classified_ids(session: Session, under: Iterable[str] = ()) -> Iterator[list
     prefixes = [
         os.path.abspath(p).rstrip(os.sep) + os.sep if os.path.isdir(p) else os.path.abspath(p) for p in under
     ]
-    if prefixes:
-        query = query.where(path_under(i.path, prefixes))
-    last = 0
-    while True:
-        chunk = list(session.scalars(query.where(i.id > last).order_by(i.id).limit(_CHUNK)))
-        if not chunk:
-            return
-        yield chunk
-        last = chunk[-1]
+    for part in prefix_chunks(prefixes):  # many PATHs: one query per group of them
+        where = query.where(path_under(i.path, part)) if part else query
+        last = 0
+        while True:
+            chunk = list(session.scalars(where.where(i.id > last).order_by(i.id).limit(_CHUNK)))
+            if not chunk:
+                break
+            yield chunk
+            last = chunk[-1]
 
 
 def _record(session: Session, instance_id: int, rule: str, action: str, values: dict[str, Any]) -> None:
