@@ -145,6 +145,15 @@ def _rejection_reason(event: Event, calling: str) -> str:
     ae = event.assoc.ae
     allowed = [title.strip() for title in (ae.require_calling_aet or [])]
     if allowed and calling not in allowed:
+        # An admin who typed `--allow-ae pacs01` for PACS01 saw only "calling_ae_not_allowed".
+        near = [title for title in allowed if title.upper() == calling.upper()]
+        if near:
+            log.warning(
+                "calling AE title %r is not allowed, but %r is: AE titles are case-sensitive; "
+                "allow the title exactly as the sender sends it (--allow-ae / SORTER_ALLOW_AE)",
+                calling,
+                near[0],
+            )
         return NOT_ALLOWED
     primitive = event.assoc.requestor.primitive
     called = str(getattr(primitive, "called_ae_title", "") or "").strip()

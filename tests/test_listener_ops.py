@@ -103,6 +103,7 @@ def test_associations_metrics_health_and_retention(tmp_path, sqlite_url, tiny_mo
         wait_for_port(metrics_port, process, 30, log)
         assert _associate(port, "MODALITY1", [_dataset(), _dataset()]) == [0, 0]
         assert _associate(port, "INTRUDER", [_dataset()]) is None  # not in --allow-ae
+        assert _associate(port, "modality1", [_dataset()]) is None  # AE titles are case-sensitive
 
         status, body = _get(f"{base}/healthz")
         assert status == 200, body
@@ -123,7 +124,7 @@ def test_associations_metrics_health_and_retention(tmp_path, sqlite_url, tiny_mo
         text = _get(f"{base}/metrics")[1]
         assert _metric(text, "sorter_associations_total", reason="", result="released") == 1
         refused = {"reason": "calling_ae_not_allowed", "result": "rejected"}
-        assert _metric(text, "sorter_associations_total", **refused) == 1
+        assert _metric(text, "sorter_associations_total", **refused) == 2
         assert (_metric(text, "sorter_last_store_timestamp_seconds") or 0) > time.time() - 300
         assert (_metric(text, "sorter_spool_free_bytes") or 0) > 0
         assert _metric(text, "sorter_oldest_pending_age_seconds") == 0.0
@@ -134,6 +135,12 @@ def test_associations_metrics_health_and_retention(tmp_path, sqlite_url, tiny_mo
     peer = r"at 127\.0\.0\.1:\d+"
     assert re.search(rf"association from MODALITY1 {peer}: released, stored 2, failed 0", output)
     assert re.search(rf"association from INTRUDER {peer}: rejected \(calling_ae_not_allowed\)", output)
+    # The admin who typed the sender's title in another case is told so, once per association.
+    assert (
+        "calling AE title 'modality1' is not allowed, but 'MODALITY1' is: AE titles are case-sensitive"
+        in output
+    )
+    assert "calling AE title 'INTRUDER' is not allowed" not in output
     assert "retention: delete-after-classify" in output
 
 
