@@ -137,6 +137,14 @@ def test_the_python_api_refuses_a_device_in_the_same_words(device, said):
         Classifier.load(device=device)
 
 
+@pytest.mark.parametrize("device", ["CPU", " cpu"])
+def test_cpu_in_any_case_is_the_cpu(device, archive):
+    """The --device check took "CPU" as the CPU, then torch refused it with a traceback."""
+    result = _run(["classify", str(archive), "--device", device])
+    assert result.exit_code == 0, result.output
+    assert "1 of 1 files classified" in result.output
+
+
 # -- the listener -----------------------------------------------------------------------------
 
 

@@ -41,8 +41,8 @@ def pick_device(requested: str | None = None) -> str:
     ModelError
         ``requested`` cannot run here (torch said only "Found no NVIDIA driver on your system").
     """
-    if requested == "cpu":
-        return requested
+    if requested is not None and requested.strip().lower() == "cpu":
+        return "cpu"  # as device_problem reads it: "CPU" passed the check, then torch refused it
     problem = device_problem(requested)
     if problem is not None:
         raise ModelError(f"device {problem}")
