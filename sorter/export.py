@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from sorter.db import views
 from sorter.domain import Verdict
 from sorter.fspath import decode_path, is_utf8
-from sorter.manifests import group_key, relative_path, write_csv_atomic
+from sorter.manifests import RelativePaths, group_key, write_csv_atomic
 
 LABEL_SOURCES = ("agree", "predicted", "header", "reviewed")
 COLUMNS = ("path", "label", "source", "group", "format", "header_modality", "sop_instance_uid", "confidence")
@@ -136,6 +136,7 @@ def write_manifest(rows: Iterator[dict[str, Any]], out: Path, stream: TextIO | N
     """Write ``rows`` as a manifest at ``out`` atomically, or to ``stream`` with paths relative to
     ``out``'s folder (``Path("-")``: the working directory); return what was written."""
     written = Written()
+    relative = RelativePaths(out)
 
     def lines() -> Iterator[list[str]]:
         for row in rows:
@@ -150,7 +151,7 @@ def write_manifest(rows: Iterator[dict[str, Any]], out: Path, stream: TextIO | N
             confidence = "" if row["confidence"] is None else f"{row['confidence']:.4f}"
             written.counts[(label, source)] += 1
             yield [
-                relative_path(path, out),
+                relative(path),
                 label,
                 source,
                 group_key(row["study_instance_uid"], path),

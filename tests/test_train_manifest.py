@@ -12,6 +12,7 @@ import pytest
 from support import CORPUS, data_file
 
 from sorter.domain import Label
+from sorter.manifests import RelativePaths, relative_path
 from train.manifest import FORMATS, MANIFEST_COLUMNS, build_manifest, read_manifest, source_problems
 
 
@@ -245,3 +246,27 @@ def test_a_manifest_that_cannot_be_written_is_one_line_naming_it(archive: Path, 
     assert "Traceback" not in result.output
     last = result.output.splitlines()[-1]  # the OS's words ("File exists": mkdir of the folder)
     assert last.startswith("Error: ") and str(taken) in last, result.output
+
+
+@pytest.mark.parametrize("manifest", ["out/m.csv", "m.csv", "out/deep/er/m.csv", "/elsewhere/m.csv"])
+def test_relative_paths_match_relpath_for_every_kind_of_path(tmp_path, monkeypatch, manifest):
+    """The per-folder cache of ``sorter export`` and ``sorter-train manifest`` gives what
+    ``os.path.relpath`` gives, path by path, in any order (it once took half an export's time)."""
+    monkeypatch.chdir(tmp_path)
+    paths = [
+        str(tmp_path / "out" / "a.dcm"),
+        str(tmp_path / "out" / "s1" / "b.dcm"),
+        str(tmp_path / "out" / "s1" / "c.dcm"),
+        str(tmp_path / "x" / "y" / "d.dcm"),
+        str(tmp_path / "out" / "s1" / ".." / "e.dcm"),
+        str(tmp_path / "out" / "." / "s1" / "f.dcm"),
+        str(tmp_path / "out" / "s1" / ".."),
+        "rel/g.dcm",
+        "h.dcm",
+        "./i.dcm",
+        "/top.dcm",
+        str(tmp_path / "out" / "caf\udce9" / "j.dcm"),  # a Latin-1 name, as os.fsdecode gives it
+    ]
+    relative = RelativePaths(Path(manifest))
+    for path in paths + paths[::-1]:
+        assert relative(path) == relative_path(path, Path(manifest)), path

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from sorter.domain import Label
 from sorter.fspath import is_utf8
-from sorter.manifests import group_key, relative_path, write_csv_atomic
+from sorter.manifests import RelativePaths, group_key, write_csv_atomic
 from sorter.taxonomy import header_label, is_non_image_modality, normalise_modality
 from sorter.walk import walk
 
@@ -168,10 +168,11 @@ def _walk(root: Path, exclude: Path, skipped: Counter[str]) -> list[Path]:
     ``skipped`` by the scan's reason (a FIFO, a link loop, a broken link ...), and so is a file
     whose name is not valid UTF-8 (``name_not_utf8``; it stopped the writing with a traceback)."""
     files: list[Path] = []
+    relative = RelativePaths(exclude)
     for entry in walk([root], exclude=frozenset({str(exclude)})):
         if entry.reason is not None:
             skipped[entry.reason] += 1
-        elif not is_utf8(relative_path(entry.path, exclude)):  # a UTF-8 manifest cannot name it
+        elif not is_utf8(relative(entry.path)):  # a UTF-8 manifest cannot name it
             skipped["name_not_utf8"] += 1
         else:
             files.append(Path(entry.path))
@@ -179,13 +180,11 @@ def _walk(root: Path, exclude: Path, skipped: Counter[str]) -> list[Path]:
 
 
 def _write_csv(entries: list[_Entry], out_csv: Path) -> None:
+    relative = RelativePaths(out_csv)
     write_csv_atomic(
         out_csv,
         MANIFEST_COLUMNS,
-        (
-            [relative_path(e.path, out_csv), e.label, e.header_modality, e.source, e.group, "dcm"]
-            for e in entries
-        ),
+        ([relative(e.path), e.label, e.header_modality, e.source, e.group, "dcm"] for e in entries),
     )
 
 
