@@ -266,6 +266,30 @@ def source_contradictions(
     return _all_contradictions({by: _groups(session, by) for by in RATE_SECTIONS}, min_instances, min_rate)
 
 
+def _labels_and_verdicts(session: Session) -> dict[str, list[dict[str, Any]]]:
+    """``labels`` (header label x predicted label) and ``verdicts`` of :func:`report`, from one scan.
+
+    Asked alone, the verdict count made SQLite walk the predictions by their verdict index and
+    fetch each instance out of order: 10 s of a 31 s report on a million instances.
+    """
+    lp = views.latest_predictions
+    stmt = (
+        sa.select(lp.c.header_label, lp.c.label, lp.c.verdict, sa.func.count())
+        .group_by(lp.c.header_label, lp.c.label, lp.c.verdict)
+        .order_by(lp.c.header_label, lp.c.label)
+    )
+    labels: dict[tuple[Any, Any], int] = {}  # in the database's order of the pairs
+    verdicts: Counter[str] = Counter()
+    for header, label, verdict, count in session.execute(stmt):
+        labels[(header, label)] = labels.get((header, label), 0) + count
+        verdicts[verdict] += count
+    return {
+        "labels": [{"header_label": h, "label": lab, "n": n} for (h, lab), n in labels.items()],
+        # Verdicts are a few lower-case ASCII names: Python orders them as every database does.
+        "verdicts": [{"verdict": v, "n": verdicts[v]} for v in sorted(verdicts)],
+    }
+
+
 def report(session: Session) -> dict[str, list[dict[str, Any]]]:
     """The whole database in a few tables.
 
@@ -282,7 +306,7 @@ def report(session: Session) -> dict[str, list[dict[str, Any]]]:
         precision on reviewed discrepancies, per predicted label; see
         :func:`sorter.review.store.review_counts`).
     """
-    lp, ss, st = views.latest_predictions, views.series_summary, views.study_summary
+    ss, st = views.series_summary, views.study_summary
     n = sa.func.count().label("n")
     groups = {by: _groups(session, by) for by in RATE_SECTIONS}
     return {
@@ -290,13 +314,7 @@ def report(session: Session) -> dict[str, list[dict[str, Any]]]:
             session,
             sa.select(instances.c.status, n).group_by(instances.c.status).order_by(instances.c.status),
         ),
-        "labels": _rows(
-            session,
-            sa.select(lp.c.header_label, lp.c.label, n)
-            .group_by(lp.c.header_label, lp.c.label)
-            .order_by(lp.c.header_label, lp.c.label),
-        ),
-        "verdicts": _rows(session, sa.select(lp.c.verdict, n).group_by(lp.c.verdict).order_by(lp.c.verdict)),
+        **_labels_and_verdicts(session),
         **{RATE_SECTIONS[by]: _rates(by, groups[by]) for by in RATE_SECTIONS},
         "source_contradictions": _all_contradictions(groups),
         "failures": _rows(

@@ -33,6 +33,12 @@ def test_report_counts_labels_rates_and_failures(db_url):
 
     labels = {(r["header_label"], r["label"]): r["n"] for r in data["labels"]}
     assert labels[("MR", "CT")] == 3 and labels[("CT", "CT")] == 9
+    # labels and verdicts come from one scan: each as the database counts and orders it alone
+    pairs = "SELECT header_label, label, count(*) AS n FROM latest_predictions GROUP BY 1, 2 ORDER BY 1, 2"
+    assert data["labels"] == [dict(r._mapping) for r in query(db_url, pairs)]
+    counts = "SELECT verdict, count(*) AS n FROM latest_predictions GROUP BY 1 ORDER BY 1"
+    assert data["verdicts"] == [dict(r._mapping) for r in query(db_url, counts)]
+    assert len(data["verdicts"]) > 1 and len(data["labels"]) > 2
     by_source = {r["source"]: r for r in data["by_source"]}
     assert (by_source["siteA"]["classified"], by_source["siteA"]["disagree"]) == (6, 3)
     assert by_source["siteA"]["rate"] == 0.5 and by_source["siteB"]["disagree"] == 0
