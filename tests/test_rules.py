@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from db_support import query, scan, small_archive, sorter, tree_rules
+from db_support import (
+    query,
+    result_header,
+    scan,
+    small_archive,
+    sorter,
+    synthetic_results,
+    tree_rules,
+    write_results,
+)
 
 from sorter.cli import main
 from sorter.domain import ALL_LABELS
@@ -345,3 +355,77 @@ def test_a_runs_batches_and_its_closing_pass_are_counted_once():
         "rules: 10 classified instances checked; file: 6 done, 2 already done, 1 failed; "
         "fwd: 2 done, 3 failed, 1 dead-lettered"
     )
+
+
+def _joined_facts(url: str) -> dict[int, tuple[Any, ...]]:
+    """Each instance's series verdict and label and study verdict, as the views give them joined
+    (what the rules read before they computed the series and studies of a chunk only)."""
+    rows = query(
+        url,
+        "SELECT lp.instance_id, ss.verdict, ss.label, st.verdict FROM latest_predictions lp "
+        "LEFT JOIN series_summary ss ON ss.series_instance_uid = lp.series_instance_uid "
+        "LEFT JOIN study_summary st ON st.study_instance_uid = lp.study_instance_uid",
+    )
+    return {int(r[0]): tuple(r[1:]) for r in rows}
+
+
+def test_rule_facts_give_the_views_series_and_study_verdicts(db_url):
+    """Series and study facts for a chunk are what the views say, for every study verdict: one
+    study per verdict, a series without a study, and an instance without a series."""
+    from pydicom.uid import generate_uid
+
+    from sorter.db.session import open_database
+    from sorter.domain import Label, Verdict
+    from sorter.rules.engine import facts_for
+
+    synthetic_results(db_url)  # studies that disagree (one bad series) and are uncertain
+    plan = [  # study, series, modality, p(CT), p(MR), verdict: one study each agree, no_header, unsupported
+        ("mixed", "m1", "CT", 0.50, 0.49, Verdict.UNCERTAIN),  # uncertain first, disagree wins
+        ("mixed", "m2", "MR", 0.96, 0.03, Verdict.DISAGREE),
+        ("agree", "a1", "CT", 0.97, 0.02, Verdict.AGREE),
+        ("agree", "a2", "MR", 0.02, 0.97, Verdict.AGREE),
+        ("nohead", "n1", None, 0.90, 0.05, Verdict.NO_HEADER),
+        ("unsup", "u1", "MG", 0.90, 0.05, Verdict.UNSUPPORTED),
+        (None, "orphan", "CT", 0.97, 0.02, Verdict.AGREE),
+        ("loose", None, "MR", 0.96, 0.03, Verdict.DISAGREE),
+    ]
+    uids: dict[str | None, str | None] = {None: None}
+    rows = []
+    for study, series, modality, p_ct, p_mr, verdict in plan:
+        for key in (study, series):
+            uids.setdefault(key, generate_uid())
+        for n in range(2):
+            header = result_header(f"/archive/x/{series}/{n}.dcm", uids[study], uids[series], modality)
+            probs = {Label.CT: p_ct, Label.MR: p_mr, Label.XR: round(1 - p_ct - p_mr, 6)}
+            label = Label(modality) if modality else None
+            rows.append((header, "siteX", label, probs, verdict))
+    model = {
+        "sha256": "f" * 64,
+        "arch": "resnet18",
+        "labels": "CT,MR,XR",
+        "min_confidence": 0.8,
+        "min_margin": 0.2,
+    }
+    write_results(db_url, model, rows)
+
+    expected = _joined_facts(db_url)
+    assert {v[2] for v in expected.values()} >= {
+        "agree",
+        "disagree",
+        "uncertain",
+        "no_header",
+        "unsupported",
+        None,
+    }
+    engine, sessions = open_database(db_url)
+    try:
+        with sessions() as session:
+            ids = sorted(expected)
+            for chunk in (ids, *([i] for i in ids)):  # whole studies, and one instance of each
+                facts = facts_for(session, chunk)
+                got = {
+                    i: (f["series_verdict"], f["series_label"], f["study_verdict"]) for i, f in facts.items()
+                }
+                assert got == {i: expected[i] for i in chunk}
+    finally:
+        engine.dispose()
