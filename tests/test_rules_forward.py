@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -298,3 +299,32 @@ def test_a_service_sends_and_retries_in_the_background(sqlite_url, tiny_model, t
     assert not watcher.is_alive()
     assert len(set(_received(out))) == 3 and len(list(out.iterdir())) == 3
     assert query(sqlite_url, "SELECT DISTINCT status FROM rule_actions") == [("done",)]
+
+
+def test_a_destination_that_is_down_is_tried_once_per_run(db_url, tiny_model, tmp_path, monkeypatch, caplog):
+    """One association that cannot be made leaves the run's other forwards for the next run,
+    untried (each would wait for the same timeout), with one warning instead of one per instance."""
+    drop = tmp_path / "drop"
+    small_archive(drop)
+    scan(db_url, tiny_model, drop, tmp=tmp_path)
+    port = free_port()
+    rules = _rules(tmp_path, port, 'modality = ["CT", "MR"]')
+    monkeypatch.setattr("sorter.rules.engine._CHUNK", 2)  # 6 forwards: 3 associations' worth
+
+    with caplog.at_level(logging.WARNING, logger="sorter.rules.engine"):
+        result = sorter("rules", "apply", str(rules), url=db_url, expect=3)
+    assert "to-storescp: 0 done, 2 failed, 4 wait for the next run (destination unreachable)" in result.output
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "sorter.rules.engine"]
+    assert "could not forward 2 instances (destination_unreachable, try 1)" in warning
+    assert "4 more wait for the next run" in warning
+    rows = query(db_url, "SELECT status, attempts FROM rule_actions")
+    assert sorted(rows) == [("failed", 1)] * 2 + [("pending", 0)] * 4
+
+    out = tmp_path / "received"
+    process = _storescp(port, out, tmp_path / "storescp.log")
+    try:
+        assert "to-storescp: 4 done" in sorter("rules", "apply", str(rules), url=db_url).output
+        assert "to-storescp: 2 done" in sorter("rules", "apply", "--retry-now", str(rules), url=db_url).output
+    finally:
+        stop_process_group(process)
+    assert len(_received(out)) == len(set(_received(out))) == 6

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -137,3 +138,19 @@ def test_a_webhooks_secrets_are_never_shown(sqlite_url, tiny_model, tmp_path, re
     assert "webhook_refused" in written and f"http://127.0.0.1:{receiver.port}/... #" in written
     for secret in ("hookuser", "pa55word", "services", "t0ps3cret", "k3y"):
         assert secret not in written, secret
+
+
+def test_a_webhook_that_is_down_is_tried_once_per_run(sqlite_url, tiny_model, tmp_path, caplog):
+    """The first series whose call cannot connect leaves the others for the next run, with one
+    warning for the series, not one per instance."""
+    drop = tmp_path / "drop"
+    small_archive(drop)  # 3 series, 7 instances
+    scan(sqlite_url, tiny_model, drop, tmp=tmp_path)
+    rules = _rules(tmp_path, f"http://127.0.0.1:{free_port()}/hook", 0)  # nothing listens there
+    with caplog.at_level(logging.WARNING, logger="sorter.rules.engine"):
+        result = sorter("rules", "apply", str(rules), url=sqlite_url, expect=3)
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "sorter.rules.engine"]
+    assert "(webhook_unreachable, try 1)" in warning and "wait for the next run" in warning
+    counts = dict(query(sqlite_url, "SELECT status, count(*) FROM rule_actions GROUP BY status"))
+    assert counts["failed"] in (1, 3) and counts["failed"] + counts["pending"] == 7
+    assert f"{counts['failed']} failed, {counts['pending']} wait for the next run" in result.output
