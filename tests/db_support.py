@@ -181,6 +181,16 @@ def scan(url: str, model: Path, *paths: Path, tmp: Path, extra: tuple[str, ...] 
     return data
 
 
+#: The ``models`` row of :func:`synthetic_results`: a model that can say CT, MR and XR only.
+SYNTHETIC_MODEL = {
+    "sha256": "f" * 64,
+    "arch": "resnet18",
+    "labels": "CT,MR,XR",
+    "min_confidence": 0.8,
+    "min_margin": 0.2,
+}
+
+
 def synthetic_results(url: str) -> dict[str, str]:
     """Instances and predictions written through the real write path, with chosen probabilities.
 
@@ -223,14 +233,7 @@ def synthetic_results(url: str) -> dict[str, str]:
             probs = dict(zip(labels, (p_ct, p_mr, p_xr), strict=True))
             header_label = Label(modality) if modality in ("CT", "MR", "MG") else None
             rows.append((header, source, header_label, probs, verdict))
-    model = {
-        "sha256": "f" * 64,
-        "arch": "resnet18",
-        "labels": "CT,MR,XR",
-        "min_confidence": 0.8,
-        "min_margin": 0.2,
-    }
-    write_results(url, model, rows)
+    write_results(url, SYNTHETIC_MODEL, rows)
     return uids
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from db_support import (
+    SYNTHETIC_MODEL,
     query,
     result_header,
     scan,
@@ -399,14 +400,7 @@ def test_rule_facts_give_the_views_series_and_study_verdicts(db_url):
             probs = {Label.CT: p_ct, Label.MR: p_mr, Label.XR: round(1 - p_ct - p_mr, 6)}
             label = Label(modality) if modality else None
             rows.append((header, "siteX", label, probs, verdict))
-    model = {
-        "sha256": "f" * 64,
-        "arch": "resnet18",
-        "labels": "CT,MR,XR",
-        "min_confidence": 0.8,
-        "min_margin": 0.2,
-    }
-    write_results(db_url, model, rows)
+    write_results(db_url, SYNTHETIC_MODEL, rows)  # the same model: one models row
 
     expected = _joined_facts(db_url)
     assert {v[2] for v in expected.values()} >= {
