@@ -142,7 +142,7 @@ def _facts_query(ids: Sequence[int]) -> sa.Select[Any]:
 
 
 #: A study's verdict from its series' verdicts, most telling first: the ``study_summary`` view's
-#: CASE (migration 0001), which :func:`study_verdict` follows.
+#: CASE (migrations 0001 and 0008), which :func:`study_verdict` follows.
 _STUDY_VERDICT_ORDER = ("disagree", "uncertain", "agree", "no_header")
 
 
