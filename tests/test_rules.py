@@ -423,3 +423,19 @@ def test_rule_facts_give_the_views_series_and_study_verdicts(db_url):
                 assert got == {i: expected[i] for i in chunk}
     finally:
         engine.dispose()
+
+
+def test_rules_apply_shows_its_progress_over_the_classified_instances(
+    sqlite_url, tiny_model, tmp_path, monkeypatch
+):
+    """`rules apply` on a large archive takes minutes: --progress counts the instances checked
+    against the classified total (a bar on a terminal by default, never in a pipe or a log)."""
+    small_archive(tmp_path / "drop")
+    scan(sqlite_url, tiny_model, tmp_path / "drop", tmp=tmp_path)
+    rules = tree_rules(tmp_path / "rules.toml", tmp_path / "sorted")
+    monkeypatch.setattr("sorter.rules.engine._CHUNK", 3)  # 7 instances: chunks of 3, 3 and 1
+    shown = sorter("rules", "apply", "--progress", str(rules), url=sqlite_url)
+    assert "rules: 100%" in shown.stderr and "7/7" in shown.stderr and "instance" in shown.stderr
+    assert "tree: 7 done" in shown.stdout
+    quiet = sorter("rules", "apply", str(rules), url=sqlite_url)  # no terminal: no bar
+    assert "7/7" not in quiet.stderr and "tree: 0 done, 7 already done" in quiet.stdout

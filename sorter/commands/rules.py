@@ -6,10 +6,13 @@ from pathlib import Path
 
 import click
 import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
 
 from sorter.commands.common import database, database_option, format_option, write_rows
+from sorter.commands.runs import progress_bar
 from sorter.db.models import Instance, RuleAction
-from sorter.db.queries import as_utc
+from sorter.db.queries import as_utc, instances
+from sorter.domain import Status
 from sorter.rules.engine import apply_rules, facts_for, why_not
 from sorter.rules.spec import RulesError, RuleSet, load_rules
 
@@ -122,18 +125,47 @@ def explain(instance: str, rules_file: Path, database_url: str | None) -> None:
     is_flag=True,
     help="Send failed forwards now, without waiting for their backoff, and dead-lettered ones once more.",
 )
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    envvar="SORTER_PROGRESS",
+    help="Progress bar over the instances checked (default: when stderr is a terminal).",
+)
 @database_option
-def apply(file: Path, paths: tuple[Path, ...], retry_now: bool, database_url: str | None) -> None:
+def apply(
+    file: Path, paths: tuple[Path, ...], retry_now: bool, progress: bool | None, database_url: str | None
+) -> None:
     """Apply FILE to the classified instances (under PATHS, or all) and send the forwards that are
     due; what a rule did already is skipped, what failed is tried again. Run it from cron to keep
     retrying a destination that was down. Exit status 3 when an action failed."""
     rules = read_rules(file)
     with database(database_url) as (_engine, sessions):
-        report = apply_rules(sessions, rules, under=[str(p) for p in paths], retry_now=retry_now)
+        # A million instances take a minute or more: say how far it is (the total only without
+        # PATHS, where one count over the status index gives it).
+        bar = progress_bar(progress, "rules", None if paths else _classified(sessions), unit="instance")
+        try:
+            report = apply_rules(
+                sessions,
+                rules,
+                under=[str(p) for p in paths],
+                retry_now=retry_now,
+                on_chunk=None if bar is None else bar.update,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
     click.echo(report.line())
     if sum(report.failed.values()) + sum(report.dead.values()):
         click.echo("some actions failed: `sorter rules failed` lists them and why", err=True)
         raise click.exceptions.Exit(3)
+
+
+def _classified(sessions: sessionmaker[Session]) -> int:
+    """How many instances ``rules apply`` checks without PATHS: the classified ones."""
+    i = instances.c
+    with sessions() as session:
+        query = sa.select(sa.func.count()).where(i.status == Status.DONE, i.prediction_id.is_not(None))
+        return int(session.execute(query).scalar_one())
 
 
 #: Columns of `sorter rules failed`.

@@ -174,8 +174,10 @@ def interruptible() -> Iterator[None]:
         sys.exit(128 + (signal.SIGTERM if isinstance(exc, interrupts.Terminated) else signal.SIGINT))
 
 
-def progress_bar(enabled: bool | None, desc: str, total: int | None = None) -> tqdm[Any] | None:
-    """A tqdm bar (files/s, ETA once the total is known) or ``None``."""
+def progress_bar(
+    enabled: bool | None, desc: str, total: int | None = None, unit: str = "file"
+) -> tqdm[Any] | None:
+    """A tqdm bar (``unit``/s, ETA once the total is known) or ``None``."""
     if enabled is None:
         enabled = sys.stderr.isatty()
-    return tqdm(desc=desc, total=total, unit="file", dynamic_ncols=True, smoothing=0.05) if enabled else None
+    return tqdm(desc=desc, total=total, unit=unit, dynamic_ncols=True, smoothing=0.05) if enabled else None

@@ -266,12 +266,14 @@ def apply_rules(
     ids: Iterable[int] | None = None,
     retry_now: bool = False,
     deliver: bool = True,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> RulesReport:
     """Act on every classified instance (under ``under``, or among ``ids``) that a rule matches
     and that rule has not already acted on: file now, queue forwards, then send the forwards that
     are due (unless ``deliver`` is false: a :class:`~sorter.rules.delivery.Deliverer` sends them).
     Failed actions are tried again (forwards after their backoff, unless ``retry_now``, which also
-    gives dead-lettered forwards one more try)."""
+    gives dead-lettered forwards one more try). ``on_chunk`` hears how many instances each
+    committed chunk checked (a progress bar)."""
     report = RulesReport()
     with sessions() as session:
         chunks: Iterable[list[int]]
@@ -283,6 +285,8 @@ def apply_rules(
         for chunk in chunks:
             _act_on(session, rules, chunk, report)
             session.commit()
+            if on_chunk is not None:
+                on_chunk(len(chunk))
         if deliver:
             _deliver(session, rules, report, retry_now)
     return report
