@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -142,7 +143,9 @@ def apply(
     with database(database_url) as (_engine, sessions):
         # A million instances take a minute or more: say how far it is (the total only without
         # PATHS, where one count over the status index gives it).
-        bar = progress_bar(progress, "rules", None if paths else _classified(sessions), unit="instance")
+        show = sys.stderr.isatty() if progress is None else progress
+        total = _classified(sessions) if show and not paths else None
+        bar = progress_bar(show, "rules", total, unit="instance")
         try:
             report = apply_rules(
                 sessions,
