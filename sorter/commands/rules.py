@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, sessionmaker
 
 from sorter.commands.common import database, database_option, format_option, write_rows
 from sorter.commands.runs import progress_bar
 from sorter.db.models import Instance, RuleAction
-from sorter.db.queries import as_utc, instances
-from sorter.domain import Status
-from sorter.rules.engine import apply_rules, facts_for, why_not
+from sorter.db.queries import as_utc
+from sorter.rules.engine import apply_rules, classified_count, facts_for, why_not
 from sorter.rules.spec import RulesError, RuleSet, load_rules
 
 RULES_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -143,10 +140,11 @@ def apply(
     with database(database_url) as (_engine, sessions):
         # A million instances take a minute or more: say how far it is (the total only without
         # PATHS, where one count over the status index gives it).
-        show = sys.stderr.isatty() if progress is None else progress
-        total = _classified(sessions) if show and not paths else None
-        bar = progress_bar(show, "rules", total, unit="instance")
+        bar = progress_bar(progress, "rules", unit="instance")
         try:
+            if bar is not None and not paths:
+                with sessions() as session:
+                    bar.total = classified_count(session)
             report = apply_rules(
                 sessions,
                 rules,
@@ -161,14 +159,6 @@ def apply(
     if sum(report.failed.values()) + sum(report.dead.values()):
         click.echo("some actions failed: `sorter rules failed` lists them and why", err=True)
         raise click.exceptions.Exit(3)
-
-
-def _classified(sessions: sessionmaker[Session]) -> int:
-    """How many instances ``rules apply`` checks without PATHS: the classified ones."""
-    i = instances.c
-    with sessions() as session:
-        query = sa.select(sa.func.count()).where(i.status == Status.DONE, i.prediction_id.is_not(None))
-        return int(session.execute(query).scalar_one())
 
 
 #: Columns of `sorter rules failed`.

@@ -226,10 +226,21 @@ def matching(rules: RuleSet, facts: dict[str, Any]) -> list[Rule]:
     return hits[:1] if rules.mode == "first" else hits
 
 
+def _classified() -> sa.ColumnElement[bool]:
+    """The instances rules act on: classified, with a prediction to show."""
+    i = instances.c
+    return sa.and_(i.status == Status.DONE, i.prediction_id.is_not(None))
+
+
+def classified_count(session: Session) -> int:
+    """How many instances :func:`classified_ids` yields without paths."""
+    return int(session.execute(sa.select(sa.func.count()).where(_classified())).scalar_one())
+
+
 def classified_ids(session: Session, under: Iterable[str] = ()) -> Iterator[list[int]]:
     """Ids of classified instances (optionally under paths), in chunks, in id order."""
     i = instances.c
-    query = sa.select(i.id).where(i.status == Status.DONE, i.prediction_id.is_not(None))
+    query = sa.select(i.id).where(_classified())
     # As the scan stores paths (absolute, links kept); the separator keeps /a/b from matching /a/bc.
     prefixes = [
         os.path.abspath(p).rstrip(os.sep) + os.sep if os.path.isdir(p) else os.path.abspath(p) for p in under
