@@ -15,7 +15,7 @@ from sorter.dicom.pixels import DecodedImage
 from sorter.domain import Label, Prediction
 from sorter.errors import ModelError
 from sorter.model.artefact import DEFAULT_MODEL_PATH, file_sha256, require_file
-from sorter.model.devices import device_problem
+from sorter.model.devices import device_problem, is_cpu
 from sorter.model.graph_cache import GraphCache
 from sorter.model.ort import OnnxRunner, logits_per_instance
 from sorter.model.preprocess import prepare_image
@@ -41,7 +41,7 @@ def pick_device(requested: str | None = None) -> str:
     ModelError
         ``requested`` cannot run here (torch said only "Found no NVIDIA driver on your system").
     """
-    if requested is not None and requested.strip().lower() == "cpu":
+    if is_cpu(requested):
         return "cpu"  # as device_problem reads it: "CPU" passed the check, then torch refused it
     problem = device_problem(requested)
     if problem is not None:

@@ -8,10 +8,15 @@ for a device other than the CPU.
 from __future__ import annotations
 
 
+def is_cpu(requested: str | None) -> bool:
+    """Whether ``requested`` names the CPU, in any case and with stray spaces (``"CPU"``, ``" cpu"``)."""
+    return requested is not None and requested.strip().lower() == "cpu"
+
+
 def device_problem(requested: str | None) -> str | None:
     """Why a model cannot run on ``requested`` on this host, starting with the device as given,
     or ``None`` when it can (``None``, the default, always can)."""
-    if requested is None or requested.strip().lower() == "cpu":
+    if requested is None or is_cpu(requested):
         return None
     try:
         import torch
