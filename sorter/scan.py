@@ -136,7 +136,7 @@ class Scan:
                     self.progress.total = max(counter.total, self.summary.files)
                 self.progress.update(len(chunk))
         self.executor.drain()
-        prefixes = [r if not os.path.isdir(r) else r.rstrip(os.sep) + os.sep for r in roots]
+        prefixes = queries.path_scope(roots)
         self.resume(prefixes)
         if self.unseen_by is not None:
             self.resume(prefixes, Status.DONE, self.unseen_by)

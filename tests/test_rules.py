@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from click.testing import CliRunner
 from db_support import (
     SYNTHETIC_MODEL,
+    copy_dicom,
     query,
     result_header,
     scan,
@@ -19,8 +21,10 @@ from db_support import (
     tree_rules,
     write_results,
 )
+from pydicom.uid import generate_uid
 
 from sorter.cli import main
+from sorter.db.session import create_db_engine
 from sorter.domain import ALL_LABELS
 from sorter.rules.spec import RulesError, load_rules
 
@@ -439,3 +443,30 @@ def test_rules_apply_shows_its_progress_over_the_classified_instances(
     assert "tree: 7 done" in shown.stdout
     quiet = sorter("rules", "apply", str(rules), url=sqlite_url)  # no terminal: no bar
     assert "7/7" not in quiet.stderr and "tree: 0 done, 7 already done" in quiet.stdout
+
+
+def test_a_file_named_as_path_is_that_file_not_every_name_it_starts(sqlite_url, tiny_model, tmp_path):
+    """`rules apply RULES a/ct0.dcm` (and a scan of that one file) acted on `a/ct0.dcm.bak` and
+    `a/ct0.dcm.1` too: a file PATH was matched as a prefix of stored paths, as a folder is."""
+    files = small_archive(tmp_path / "drop")
+    named = files["ct0"]
+    for suffix in (".bak", ".1"):  # other instances, in a series of their own
+        copy_dicom(named, named.with_name(named.name + suffix), series=generate_uid())
+    scan(sqlite_url, tiny_model, tmp_path / "drop", tmp=tmp_path)
+    rules = tree_rules(tmp_path / "rules.toml", tmp_path / "sorted")
+
+    result = sorter("rules", "apply", str(rules), str(named), url=sqlite_url)
+    assert "1 classified instances checked" in result.output, result.output
+    assert len(list((tmp_path / "sorted").rglob("*.dcm"))) == 1
+
+    # Work cut short on all three is resumed only for the file the scan names.
+    engine = create_db_engine(sqlite_url)
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE instances SET status = 'pending', prediction_id = NULL"
+                                   " WHERE path LIKE '%ct0.dcm%'"))  # fmt: skip
+    engine.dispose()
+    again = scan(sqlite_url, tiny_model, named, tmp=tmp_path, extra=("--apply-rules", str(rules)))
+    assert (again["resumed"], again["classified"]) == (1, 1), again
+    left = query(sqlite_url, "SELECT path FROM instances WHERE status = 'pending' ORDER BY path")
+    assert [os.path.basename(row[0]) for row in left] == ["ct0.dcm.1", "ct0.dcm.bak"]
+    assert len(list((tmp_path / "sorted").rglob("*.dcm"))) == 1

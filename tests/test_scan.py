@@ -144,6 +144,6 @@ def test_thousands_of_files_named_on_the_command_line(sqlite_url, tiny_model, tm
         connection.execute(sa.text("UPDATE instances SET status = 'pending', prediction_id = NULL"
                                    " WHERE path LIKE '%archive%'"))  # fmt: skip
     engine.dispose()
-    monkeypatch.setattr("sorter.db.queries.PREFIX_CHUNK", 2)  # three groups of two files
+    monkeypatch.setattr("sorter.db.queries.GROUP_SIZE", 2)  # three groups of two files
     again = scan(sqlite_url, tiny_model, *images, tmp=tmp_path)
     assert again["resumed"] == 6 and again["classified"] == 6, again

@@ -8,6 +8,7 @@ SKIP LOCKED`` compiles to nothing on SQLite).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from sorter.db.models import Base
 from sorter.domain import Claimed, FailureReason, Label, Status, Verdict
-from sorter.fspath import stored_prefixes
+from sorter.fspath import encode_path, stored_prefixes
 
 instances = Base.metadata.tables["instances"]
 files = Base.metadata.tables["files"]
@@ -54,28 +55,43 @@ def db_time(session: Session, value: datetime) -> datetime:
     return value.replace(tzinfo=None) if session.get_bind().dialect.name == "sqlite" else value
 
 
-#: Most prefixes one query tests (:func:`prefix_chunks`): `sorter scan` of 11 000 files named on
+#: Most values one query tests (:func:`query_groups`): `sorter scan` of 11 000 files named on
 #: the command line stopped at SQLite's "Expression tree is too large (maximum depth 1000)".
-PREFIX_CHUNK = 400
+GROUP_SIZE = 400
 
 
-def prefix_chunks(prefixes: Sequence[str]) -> list[Sequence[str]]:
-    """``prefixes`` in groups a query can take (``[()]``, one group meaning "anywhere", for none);
-    callers run their query once per group."""
-    if not prefixes:
+def query_groups(values: Sequence[str]) -> list[Sequence[str]]:
+    """``values`` (paths for :func:`path_under`, UIDs for an ``IN``) in groups one query can take;
+    ``[()]``, one empty group, for none (no paths: "anywhere"). Callers query once per group."""
+    if not values:
         return [()]
-    return [prefixes[i : i + PREFIX_CHUNK] for i in range(0, len(prefixes), PREFIX_CHUNK)]
+    return [values[i : i + GROUP_SIZE] for i in range(0, len(values), GROUP_SIZE)]
 
 
-def path_under(column: sa.ColumnElement[str], prefixes: Iterable[str]) -> sa.ColumnElement[bool]:
-    """``column`` (an :class:`~sorter.db.models.FsPath`) starts with one of ``prefixes``.
+def path_scope(paths: Iterable[str]) -> list[str]:
+    """Command-line PATHs as :func:`path_under` takes them, as the scan stores paths (absolute,
+    links kept): a folder ends with the separator (``/a/b`` is not ``/a/bc``), a file is itself."""
+    return [
+        os.path.abspath(p).rstrip(os.sep) + os.sep if os.path.isdir(p) else os.path.abspath(p) for p in paths
+    ]
+
+
+def path_under(column: sa.ColumnElement[str], paths: Iterable[str]) -> sa.ColumnElement[bool]:
+    """``column`` (an :class:`~sorter.db.models.FsPath`) is under one of ``paths``: starts with
+    each that ends with the separator (a folder), equals each other (a file: ``x.dcm`` named
+    alone is not ``x.dcm.bak``).
 
     Compared as stored text: a path that had to be escaped is stored under
     another prefix (:func:`sorter.fspath.stored_prefixes`).
     """
-    text = sa.type_coerce(column, sa.Text)
-    forms = dict.fromkeys(form for prefix in prefixes for form in stored_prefixes(prefix))
-    return sa.or_(*(text.startswith(form, autoescape=True) for form in forms))
+    text, paths = sa.type_coerce(column, sa.Text), list(paths)
+    folders = [p for p in paths if p.endswith(os.sep)]
+    files = [encode_path(p) for p in paths if not p.endswith(os.sep)]
+    forms = dict.fromkeys(form for prefix in folders for form in stored_prefixes(prefix))
+    tests = [text.startswith(form, autoescape=True) for form in forms]
+    if files:
+        tests.append(text.in_(files))
+    return sa.or_(*tests)
 
 
 def insert_for(session: Session, table: sa.Table) -> Any:

@@ -66,7 +66,7 @@ def submit_pending(
     starts from committed work); ``on_page`` is told each page's ids (progress, counters).
     """
     total = 0
-    for part in queries.prefix_chunks(list(under)):  # many PATHs: one query per group of them
+    for part in queries.query_groups(list(under)):  # many PATHs: one query per group of them
         after = 0
         while True:
             with sessions() as session:

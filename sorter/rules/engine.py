@@ -9,7 +9,6 @@ and the SQL recipes show: the active model's prediction, and the series and stud
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -24,7 +23,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from sorter.db import views
 from sorter.db.models import Base, RuleAction
-from sorter.db.queries import as_utc, db_time, files, insert_for, instances, path_under, prefix_chunks
+from sorter.db.queries import (
+    as_utc,
+    db_time,
+    files,
+    insert_for,
+    instances,
+    path_scope,
+    path_under,
+    query_groups,
+)
 from sorter.domain import Status
 from sorter.fspath import decode_path
 from sorter.rules.filing import file_instance
@@ -162,13 +170,13 @@ def _context(session: Session, series: set[str], studies: set[str]) -> tuple[dic
     """
     i, ss = instances.c, views.series_summary
     wanted = set(series)
-    for part in prefix_chunks(sorted(studies)):
+    for part in query_groups(sorted(studies)):
         of_studies = sa.select(i.series_instance_uid).where(
             i.study_instance_uid.in_(list(part)), i.series_instance_uid.is_not(None)
         )
         wanted.update(session.execute(of_studies.distinct()).scalars())
     rows: dict[str, Any] = {}
-    for part in prefix_chunks(sorted(wanted)):
+    for part in query_groups(sorted(wanted)):
         query = sa.select(ss.c.series_instance_uid, ss.c.study_instance_uid, ss.c.verdict, ss.c.label)
         for row in session.execute(query.where(ss.c.series_instance_uid.in_(list(part)))):
             rows[row.series_instance_uid] = row
@@ -241,11 +249,7 @@ def classified_ids(session: Session, under: Iterable[str] = ()) -> Iterator[list
     """Ids of classified instances (optionally under paths), in chunks, in id order."""
     i = instances.c
     query = sa.select(i.id).where(_classified())
-    # As the scan stores paths (absolute, links kept); the separator keeps /a/b from matching /a/bc.
-    prefixes = [
-        os.path.abspath(p).rstrip(os.sep) + os.sep if os.path.isdir(p) else os.path.abspath(p) for p in under
-    ]
-    for part in prefix_chunks(prefixes):  # many PATHs: one query per group of them
+    for part in query_groups(path_scope(under)):  # many PATHs: one query per group of them
         where = query.where(path_under(i.path, part)) if part else query
         last = 0
         while True:
