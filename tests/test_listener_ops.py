@@ -82,7 +82,8 @@ def _metric(text: str, name: str, **labels: str) -> float | None:
 def test_associations_metrics_health_and_retention(tmp_path, sqlite_url, tiny_model):
     port, metrics_port = free_port(), free_port()
     spool = tmp_path / "spool"
-    env = listen_env(OUR_AE, port, spool, sqlite_url, tiny_model, "MODALITY1")
+    # Comma separated: a title may hold inner spaces (space separated, it allowed "CT" and "SCANNER").
+    env = listen_env(OUR_AE, port, spool, sqlite_url, tiny_model, "MODALITY1, CT SCANNER 1")
     env |= {
         "SORTER_METRICS_PORT": str(metrics_port),
         "SORTER_SPOOL_RETENTION": "delete-after-classify",
@@ -104,6 +105,8 @@ def test_associations_metrics_health_and_retention(tmp_path, sqlite_url, tiny_mo
         assert _associate(port, "MODALITY1", [_dataset(), _dataset()]) == [0, 0]
         assert _associate(port, "INTRUDER", [_dataset()]) is None  # not in --allow-ae
         assert _associate(port, "modality1", [_dataset()]) is None  # AE titles are case-sensitive
+        assert _associate(port, "CT SCANNER 1", [_dataset()]) == [0]
+        assert _associate(port, "SCANNER", [_dataset()]) is None
 
         status, body = _get(f"{base}/healthz")
         assert status == 200, body
@@ -111,10 +114,10 @@ def test_associations_metrics_health_and_retention(tmp_path, sqlite_url, tiny_mo
         assert health["ok"] and health["accepting"] and health["spool_above_floor"]
 
         done = "SELECT count(*) FROM instances WHERE status = 'done'"
-        _wait(lambda: query(sqlite_url, done)[0][0] == 2, "not classified", log)
+        _wait(lambda: query(sqlite_url, done)[0][0] == 3, "not classified", log)
         # delete-after-classify: the classified files leave the spool; rows and predictions stay.
         _wait(lambda: not list(spool.rglob("*.dcm")), "the spool still holds classified files", log)
-        assert query(sqlite_url, "SELECT count(*) FROM predictions")[0][0] == 2
+        assert query(sqlite_url, "SELECT count(*) FROM predictions")[0][0] == 3
         assert query(sqlite_url, "SELECT count(*) FROM files")[0][0] == 0
 
         def pending_reported() -> bool:
@@ -122,9 +125,9 @@ def test_associations_metrics_health_and_retention(tmp_path, sqlite_url, tiny_mo
 
         _wait(pending_reported, "the backlog gauge never reported", log)
         text = _get(f"{base}/metrics")[1]
-        assert _metric(text, "sorter_associations_total", reason="", result="released") == 1
+        assert _metric(text, "sorter_associations_total", reason="", result="released") == 2
         refused = {"reason": "calling_ae_not_allowed", "result": "rejected"}
-        assert _metric(text, "sorter_associations_total", **refused) == 2
+        assert _metric(text, "sorter_associations_total", **refused) == 3
         assert (_metric(text, "sorter_last_store_timestamp_seconds") or 0) > time.time() - 300
         assert (_metric(text, "sorter_spool_free_bytes") or 0) > 0
         assert _metric(text, "sorter_oldest_pending_age_seconds") == 0.0
@@ -135,6 +138,7 @@ def test_associations_metrics_health_and_retention(tmp_path, sqlite_url, tiny_mo
     peer = r"at 127\.0\.0\.1:\d+"
     assert re.search(rf"association from MODALITY1 {peer}: released, stored 2, failed 0", output)
     assert re.search(rf"association from INTRUDER {peer}: rejected \(calling_ae_not_allowed\)", output)
+    assert re.search(rf"association from CT SCANNER 1 {peer}: released, stored 1, failed 0", output)
     # The admin who typed the sender's title in another case is told so, once per association.
     assert (
         "calling AE title 'modality1' is not allowed, but 'MODALITY1' is: AE titles are case-sensitive"

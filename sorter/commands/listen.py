@@ -29,7 +29,7 @@ from sorter.commands.common import (
     metrics_server,
     model_options,
 )
-from sorter.commands.preflight import exit_for_signal, validate_ae_title
+from sorter.commands.preflight import AeTitles, exit_for_signal, validate_ae_title
 from sorter.commands.rules import rules_option
 from sorter.commands.runs import executor_for
 from sorter.config import Settings
@@ -120,9 +120,11 @@ def _retention(_ctx: click.Context, _param: click.Parameter, value: str) -> Rete
     "--allow-ae",
     "allow_ae",
     multiple=True,
+    type=AeTitles(),
     envvar="SORTER_ALLOW_AE",
     callback=validate_ae_title,
-    help="Calling AE title allowed to associate (repeat; env: space separated). Default: any.",
+    help="Calling AE title allowed to associate (repeat; env: space separated, or comma separated "
+    "for titles with inner spaces). Default: any.",
 )
 @click.option(
     "--max-associations",

@@ -29,6 +29,20 @@ def ae_title_problem(title: str) -> str | None:
     return None
 
 
+class AeTitles(click.ParamType):
+    """AE titles, one per use of a repeated option; from an environment variable, separated by
+    commas when it holds one (an AE title may hold inner spaces: ``CT SCANNER 1,PACS01``), else by
+    spaces (``ORTHANC PACS01``). Commas are legal in AE titles but no sender we know uses them."""
+
+    name = "text"
+
+    def split_envvar_value(self, rv: str) -> list[str]:
+        """``rv`` split on commas (each part stripped) when it holds one, else on whitespace."""
+        if "," in rv:
+            return [part.strip() for part in rv.split(",") if part.strip()]
+        return rv.split()
+
+
 def validate_ae_title(ctx: click.Context, param: click.Parameter, value: object) -> object:
     """Click callback for an AE title option (one value, or a tuple of them for a repeated option)."""
     if value is None:
