@@ -106,9 +106,36 @@ def test_a_database_without_the_schema_is_filled_only_on_purpose(db_url, tmp_pat
     assert set(sa.inspect(engine).get_table_names()) <= {"alembic_version", "patients"}
     sorter("db", "upgrade", url=db_url)  # on purpose: allowed
     assert current_revision(engine) == head_revision()
+    assert "models and migrations agree" in sorter("db", "check", url=db_url).output  # ours only
     with engine.begin() as connection:
         connection.execute(sa.text("DROP TABLE patients"))
     engine.dispose()
+
+
+def test_tables_an_extension_made_are_no_other_applications(postgres_database, tmp_path):
+    """A database created from a template with PostGIS holds PostGIS's `spatial_ref_sys` from the
+    start: `sorter scan` refused it as another application's. A table an extension owns is part
+    of the database's setup (made so here by adding it to plpgsql, as CREATE EXTENSION does)."""
+    from alembic import command
+
+    url = postgres_database
+    engine = create_db_engine(url)
+    command.downgrade(alembic_config(engine), "base")
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.text("CREATE TABLE spatial_ref_sys (srid INTEGER PRIMARY KEY)"))
+            connection.execute(sa.text("ALTER EXTENSION plpgsql ADD TABLE spatial_ref_sys"))
+        (tmp_path / "empty").mkdir()
+        sorter("scan", "--no-progress", str(tmp_path / "empty"), url=url)
+        assert current_revision(engine) == head_revision()
+        # Nor is the table drift between our models and migrations.
+        assert "models and migrations agree" in sorter("db", "check", url=url).output
+    finally:
+        with engine.begin() as connection:
+            connection.execute(sa.text("ALTER EXTENSION plpgsql DROP TABLE spatial_ref_sys"))
+            connection.execute(sa.text("DROP TABLE spatial_ref_sys"))
+        command.upgrade(alembic_config(engine), "head")
+        engine.dispose()
 
 
 def test_drift_between_models_and_database_fails_the_check(sqlite_url):

@@ -228,6 +228,21 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
+def extension_tables(engine: Engine) -> set[str]:
+    """Tables of the current schema that a PostgreSQL extension owns (PostGIS's
+    ``spatial_ref_sys``, in every database made from a template that has PostGIS): part of the
+    database's setup, not another application's data. None on SQLite."""
+    if is_sqlite(engine):
+        return set()
+    owned = sa.text(
+        "SELECT c.relname FROM pg_depend d JOIN pg_class c ON c.oid = d.objid"
+        " WHERE d.classid = 'pg_class'::regclass AND d.deptype = 'e'"
+        " AND c.relnamespace = current_schema()::regnamespace"
+    )
+    with engine.connect() as connection:
+        return set(connection.execute(owned).scalars())
+
+
 def ensure_schema(engine: Engine, migrate_new: bool = True) -> None:
     """Migrate SQLite and empty databases to head; refuse an outdated PostgreSQL schema.
 
@@ -255,7 +270,7 @@ def ensure_schema(engine: Engine, migrate_new: bool = True) -> None:
         where = describe_database(engine.url.render_as_string(hide_password=False))
         where = where if where.startswith("SQLite") else f"the database {where}"
         ours = ("alembic_version",)  # left empty by `sorter db downgrade base`
-        tables = sa.inspect(engine).get_table_names()
+        tables = set(sa.inspect(engine).get_table_names()) - extension_tables(engine)
         others = sorted(t for t in tables if t not in ours and not t.startswith("sqlite_"))
         if others:
             shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")

@@ -36,6 +36,13 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+def _ours(name: str | None, type_: str, _parents: object) -> bool:
+    """Compare only dicom-sorter's tables: a database may hold others beside them on purpose
+    (another application's, with `sorter db upgrade`; PostGIS's ``spatial_ref_sys``), and
+    ``sorter db check`` called them drift to remove."""
+    return type_ != "table" or name in Base.metadata.tables
+
+
 def run_migrations_online() -> None:
     """Apply migrations on a live connection."""
     engine = _engine()
@@ -45,6 +52,7 @@ def run_migrations_online() -> None:
             target_metadata=Base.metadata,
             render_as_batch=True,  # SQLite cannot ALTER most things; batch mode recreates tables
             compare_type=True,
+            include_name=_ours,
         )
         with context.begin_transaction():
             if connection.dialect.name == "postgresql":
