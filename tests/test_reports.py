@@ -44,6 +44,23 @@ def test_report_counts_labels_rates_and_failures(db_url):
     assert by_source["siteA"]["rate"] == 0.5 and by_source["siteB"]["disagree"] == 0
     by_station = {r["station_name"]: r["disagree"] for r in data["by_station"]}
     assert by_station["MR1"] == 3
+    # The three breakdowns come from one scan: each as the database counts it alone, most
+    # disagreeing first, ties by value with the empty value last.
+    for column, section in (
+        ("source", "by_source"),
+        ("station_name", "by_station"),
+        ("calling_ae", "by_calling_ae"),
+    ):
+        alone = (
+            f"SELECT {column} AS key, count(*), sum(CASE WHEN verdict = 'disagree' THEN 1 ELSE 0 END),"
+            f" sum(CASE WHEN verdict = 'uncertain' THEN 1 ELSE 0 END) FROM latest_predictions GROUP BY 1"
+        )
+        rows = data[section]
+        assert {r[column]: (r["classified"], r["disagree"], r["uncertain"]) for r in rows} == {
+            key: (n, d, u) for key, n, d, u in query(db_url, alone)
+        }
+        assert rows == sorted(rows, key=lambda r: (-r["disagree"], r[column] is None, r[column] or ""))
+    assert len(data["by_station"]) > 1 and len({r["disagree"] for r in data["by_source"]}) > 1
     assert {r["verdict"]: r["n"] for r in data["series"]}["disagree"] == 1
     assert {r["verdict"]: r["n"] for r in data["studies"]} == {"disagree": 1, "uncertain": 1}
 
