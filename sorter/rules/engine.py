@@ -187,10 +187,18 @@ def _context(session: Session, series: set[str], studies: set[str]) -> tuple[dic
     return rows, {study: study_verdict(v) for study, v in verdicts.items()}
 
 
-def facts_for(session: Session, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+def facts_for(
+    session: Session, ids: Sequence[int], rules: RuleSet | None = None
+) -> dict[int, dict[str, Any]]:
     """What rules may match on and name, per classified instance id: the instance's row of
-    ``latest_predictions``, its series' verdict and label, and its study's verdict."""
-    items = [dict(row) for row in session.execute(_facts_query(ids)).mappings()]
+    ``latest_predictions``, its series' verdict and label, and its study's verdict; with
+    ``rules``, only for the instances whose row :func:`could_match` one of them."""
+    query = _facts_query(ids)
+    if rules is not None and (narrowed := _narrowed(query, rules)) is not None:
+        query = narrowed
+    items = [dict(row) for row in session.execute(query).mappings()]
+    if not items:
+        return {}
     series, studies = _context(
         session,
         {item["SeriesInstanceUID"] for item in items if item["SeriesInstanceUID"] is not None},
@@ -226,6 +234,48 @@ def why_not(rule: Rule, facts: dict[str, Any]) -> str | None:
             shown = "none" if value is None else repr(str(value))
             return f"{key} is {shown}, the rule wants {' or '.join(wanted)}"
     return None
+
+
+#: Conditions the database tests on an instance's own row of ``latest_predictions``, as
+#: :func:`why_not` does: the value is one of the wanted ones (NULL never is).
+_ROW_COLUMNS = {"label": "label", "header": "header_label", "verdict": "verdict"}
+
+
+def could_match(rules: RuleSet, row: sa.FromClause) -> sa.ColumnElement[bool] | None:
+    """What an instance's ``row`` (``latest_predictions`` or a select of its columns) must hold
+    for any rule to match it: some rule's conditions on the row itself (label, header, verdict,
+    confidence range), or ``None`` when a rule has none of those and any instance may match.
+
+    Facts were fetched for every classified instance: 1 000 000 of them on PostgreSQL took
+    82 s for a rule that matched 36. This only narrows what :func:`why_not` then decides on
+    (patterns and series and study verdicts are left to it), so it must never be stricter.
+    """
+    alternatives = []
+    for rule in rules.rules:
+        tests = []
+        for key, wanted in rule.match.items():
+            if key in _ROW_COLUMNS:
+                tests.append(row.c[_ROW_COLUMNS[key]].in_(list(wanted)))
+            elif key == "min_confidence":
+                tests.append(row.c.confidence >= wanted)
+            elif key == "max_confidence":
+                tests.append(row.c.confidence <= wanted)
+        if not tests:
+            return None
+        alternatives.append(sa.and_(*tests))
+    return sa.or_(*alternatives) if alternatives else sa.false()
+
+
+def _narrowed(query: sa.Select[Any], rules: RuleSet) -> sa.Select[Any] | None:
+    """``query``'s rows that :func:`could_match` ``rules``, or ``None`` when all could.
+
+    The rows are selected first (a materialised CTE), then tested: given the conditions with
+    the ids, SQLite walked its verdict index through every disagreeing prediction for each
+    chunk of 500 ids, five times slower than fetching them all.
+    """
+    chunk = query.cte("chunk").prefix_with("MATERIALIZED")
+    condition = could_match(rules, chunk)
+    return None if condition is None else sa.select(chunk).where(condition)
 
 
 def matching(rules: RuleSet, facts: dict[str, Any]) -> list[Rule]:
@@ -294,7 +344,9 @@ def apply_rules(
         chunks: Iterable[list[int]]
         if ids is not None:
             wanted = sorted(set(ids))
-            chunks = (wanted[i : i + _CHUNK] for i in range(0, len(wanted), _CHUNK))
+            chunks = (
+                _classified_among(session, wanted[i : i + _CHUNK]) for i in range(0, len(wanted), _CHUNK)
+            )
         else:
             chunks = classified_ids(session, under)
         for chunk in chunks:
@@ -307,18 +359,27 @@ def apply_rules(
     return report
 
 
+def _classified_among(session: Session, ids: Sequence[int]) -> list[int]:
+    """Those of ``ids`` that are classified (as :func:`classified_ids` yields them)."""
+    i = instances.c
+    return list(session.scalars(sa.select(i.id).where(i.id.in_(ids), _classified()).order_by(i.id)))
+
+
 def _act_on(session: Session, rules: RuleSet, chunk: list[int], report: RulesReport) -> None:
-    facts = facts_for(session, chunk)
+    """Act on the classified instances ``chunk`` as ``rules`` say."""
+    report.instances += len(chunk)
+    facts = facts_for(session, chunk, rules)
+    if not facts:
+        return
     seen = {
         (row.instance_id, row.rule, row.action): row.status
         for row in session.execute(
             sa.select(RuleAction.instance_id, RuleAction.rule, RuleAction.action, RuleAction.status).where(
-                RuleAction.instance_id.in_(chunk)
+                RuleAction.instance_id.in_(list(facts))
             )
         )
     }
     for instance_id, item in facts.items():
-        report.instances += 1
         for rule in matching(rules, item):
             for action in rule.actions:
                 status = seen.get((instance_id, rule.name, action.kind))
