@@ -305,3 +305,33 @@ def tree_rules(path: Path, root: Path, name: str = "tree") -> Path:
         f'[rule.file]\nto = "{root}/{{label}}/{{SOPInstanceUID}}.dcm"\n'
     )
     return path
+
+
+def every_verdict_results(url: str) -> None:
+    """:func:`synthetic_results`, then one study for each study verdict (agree, disagree over
+    uncertain, no_header, unsupported), a series without a study and an instance without a
+    series, two instances each, from the same model."""
+    from sorter.domain import Label, Verdict
+
+    synthetic_results(url)  # studies that disagree (one bad series) and are uncertain
+    plan = [  # study, series, modality, p(CT), p(MR), verdict
+        ("mixed", "m1", "CT", 0.50, 0.49, Verdict.UNCERTAIN),  # uncertain first, disagree wins
+        ("mixed", "m2", "MR", 0.96, 0.03, Verdict.DISAGREE),
+        ("agree", "a1", "CT", 0.97, 0.02, Verdict.AGREE),
+        ("agree", "a2", "MR", 0.02, 0.97, Verdict.AGREE),
+        ("nohead", "n1", None, 0.90, 0.05, Verdict.NO_HEADER),
+        ("unsup", "u1", "MG", 0.90, 0.05, Verdict.UNSUPPORTED),
+        (None, "orphan", "CT", 0.97, 0.02, Verdict.AGREE),
+        ("loose", None, "MR", 0.96, 0.03, Verdict.DISAGREE),
+    ]
+    uids: dict[str | None, str | None] = {None: None}
+    rows = []
+    for study, series, modality, p_ct, p_mr, verdict in plan:
+        for key in (study, series):
+            uids.setdefault(key, generate_uid())
+        for n in range(2):
+            header = result_header(f"/archive/x/{series}/{n}.dcm", uids[study], uids[series], modality)
+            probs = {Label.CT: p_ct, Label.MR: p_mr, Label.XR: round(1 - p_ct - p_mr, 6)}
+            label = Label(modality) if modality else None
+            rows.append((header, "siteX", label, probs, verdict))
+    write_results(url, SYNTHETIC_MODEL, rows)  # the same model: one models row

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from db_support import (
     copy_dicom,
+    every_verdict_results,
     pydicom_file,
     query,
     result_header,
@@ -68,6 +69,24 @@ def test_report_counts_labels_rates_and_failures(db_url):
     assert "== by source" in table and "siteA" in table
     rows = list(csv.DictReader(io.StringIO(sorter("report", "--format", "csv", url=db_url).output)))
     assert {r["section"] for r in rows} >= {"labels", "by_source", "series"}
+
+
+def test_report_counts_series_and_studies_as_the_views_do(db_url):
+    """The series and study verdict counts come from one scan of the series (the study verdicts
+    by study_summary's rule): each as the view counts it, for every study verdict, with a series
+    without a study and an instance without a series."""
+    every_verdict_results(db_url)
+    data = json.loads(sorter("report", "--format", "json", url=db_url).output)
+    for section, view in (("series", "series_summary"), ("studies", "study_summary")):
+        counts = f"SELECT verdict, count(*) AS n FROM {view} GROUP BY 1 ORDER BY 1"
+        assert data[section] == [dict(r._mapping) for r in query(db_url, counts)], section
+    assert {r["verdict"] for r in data["studies"]} == {
+        "agree",
+        "disagree",
+        "uncertain",
+        "no_header",
+        "unsupported",
+    }
 
 
 def test_discrepancies_at_every_level(db_url):

@@ -10,16 +10,14 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 from db_support import (
-    SYNTHETIC_MODEL,
     copy_dicom,
+    every_verdict_results,
     query,
-    result_header,
     scan,
     small_archive,
     sorter,
     synthetic_results,
     tree_rules,
-    write_results,
 )
 from pydicom.uid import generate_uid
 
@@ -377,35 +375,10 @@ def _joined_facts(url: str) -> dict[int, tuple[Any, ...]]:
 def test_rule_facts_give_the_views_series_and_study_verdicts(db_url):
     """Series and study facts for a chunk are what the views say, for every study verdict: one
     study per verdict, a series without a study, and an instance without a series."""
-    from pydicom.uid import generate_uid
-
     from sorter.db.session import open_database
-    from sorter.domain import Label, Verdict
     from sorter.rules.engine import facts_for
 
-    synthetic_results(db_url)  # studies that disagree (one bad series) and are uncertain
-    plan = [  # study, series, modality, p(CT), p(MR), verdict: one study each agree, no_header, unsupported
-        ("mixed", "m1", "CT", 0.50, 0.49, Verdict.UNCERTAIN),  # uncertain first, disagree wins
-        ("mixed", "m2", "MR", 0.96, 0.03, Verdict.DISAGREE),
-        ("agree", "a1", "CT", 0.97, 0.02, Verdict.AGREE),
-        ("agree", "a2", "MR", 0.02, 0.97, Verdict.AGREE),
-        ("nohead", "n1", None, 0.90, 0.05, Verdict.NO_HEADER),
-        ("unsup", "u1", "MG", 0.90, 0.05, Verdict.UNSUPPORTED),
-        (None, "orphan", "CT", 0.97, 0.02, Verdict.AGREE),
-        ("loose", None, "MR", 0.96, 0.03, Verdict.DISAGREE),
-    ]
-    uids: dict[str | None, str | None] = {None: None}
-    rows = []
-    for study, series, modality, p_ct, p_mr, verdict in plan:
-        for key in (study, series):
-            uids.setdefault(key, generate_uid())
-        for n in range(2):
-            header = result_header(f"/archive/x/{series}/{n}.dcm", uids[study], uids[series], modality)
-            probs = {Label.CT: p_ct, Label.MR: p_mr, Label.XR: round(1 - p_ct - p_mr, 6)}
-            label = Label(modality) if modality else None
-            rows.append((header, "siteX", label, probs, verdict))
-    write_results(db_url, SYNTHETIC_MODEL, rows)  # the same model: one models row
-
+    every_verdict_results(db_url)
     expected = _joined_facts(db_url)
     assert {v[2] for v in expected.values()} >= {
         "agree",

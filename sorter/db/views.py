@@ -6,6 +6,8 @@ Alembic's autogenerate never mistakes them for tables to create.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import sqlalchemy as sa
 
 from sorter.db.models import PROBABILITY_COLUMNS
@@ -156,3 +158,15 @@ ADAPTED_STUDY_COLUMNS = (
 adapted_instances = _view("adapted_instances", ADAPTED_INSTANCE_COLUMNS)
 adapted_series = _view("adapted_series", ADAPTED_SERIES_COLUMNS)
 adapted_studies = _view("adapted_studies", ADAPTED_STUDY_COLUMNS)
+
+
+#: A study's verdict from its series' verdicts, most telling first: the ``study_summary`` view's
+#: CASE (migrations 0001 and 0008), which :func:`study_verdict` follows.
+_STUDY_VERDICT_ORDER = ("disagree", "uncertain", "agree", "no_header")
+
+
+def study_verdict(series_verdicts: Iterable[str | None]) -> str:
+    """The verdict ``study_summary`` gives a study whose series have ``series_verdicts``: for
+    the rules' facts and the report, which would otherwise compute both views over the archive."""
+    present = set(series_verdicts)
+    return next((v for v in _STUDY_VERDICT_ORDER if v in present), "unsupported")

@@ -149,17 +149,6 @@ def _facts_query(ids: Sequence[int]) -> sa.Select[Any]:
     ).where(lp.c.instance_id.in_(ids))
 
 
-#: A study's verdict from its series' verdicts, most telling first: the ``study_summary`` view's
-#: CASE (migrations 0001 and 0008), which :func:`study_verdict` follows.
-_STUDY_VERDICT_ORDER = ("disagree", "uncertain", "agree", "no_header")
-
-
-def study_verdict(series_verdicts: Iterable[str | None]) -> str:
-    """The verdict ``study_summary`` gives a study whose series have ``series_verdicts``."""
-    present = set(series_verdicts)
-    return next((v for v in _STUDY_VERDICT_ORDER if v in present), "unsupported")
-
-
 def _context(session: Session, series: set[str], studies: set[str]) -> tuple[dict[str, Any], dict[str, str]]:
     """``series_summary`` rows of ``series`` and the ``study_summary`` verdict of ``studies``.
 
@@ -184,7 +173,7 @@ def _context(session: Session, series: set[str], studies: set[str]) -> tuple[dic
     for row in rows.values():
         if row.study_instance_uid in studies:
             verdicts[row.study_instance_uid].append(row.verdict)
-    return rows, {study: study_verdict(v) for study, v in verdicts.items()}
+    return rows, {study: views.study_verdict(v) for study, v in verdicts.items()}
 
 
 def facts_for(
