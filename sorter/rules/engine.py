@@ -183,7 +183,7 @@ def facts_for(
     ``latest_predictions``, its series' verdict and label, and its study's verdict; with
     ``rules``, only for the instances whose row :func:`could_match` one of them."""
     query = _facts_query(ids)
-    if rules is not None and (narrowed := _narrowed(query, rules)) is not None:
+    if rules is not None and _materializes(session) and (narrowed := _narrowed(query, rules)) is not None:
         query = narrowed
     items = [dict(row) for row in session.execute(query).mappings()]
     if not items:
@@ -253,6 +253,13 @@ def could_match(rules: RuleSet, row: sa.FromClause) -> sa.ColumnElement[bool] | 
             return None
         alternatives.append(sa.and_(*tests))
     return sa.or_(*alternatives) if alternatives else sa.false()
+
+
+def _materializes(session: Session) -> bool:
+    """Whether the database takes ``WITH ... AS MATERIALIZED`` (SQLite 3.35, PostgreSQL 12); an
+    older one gets every instance's facts, as before :func:`could_match`."""
+    dialect = session.connection().dialect
+    return (dialect.server_version_info or (0,)) >= ((3, 35) if dialect.name == "sqlite" else (12,))
 
 
 def _narrowed(query: sa.Select[Any], rules: RuleSet) -> sa.Select[Any] | None:
