@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -298,3 +299,28 @@ def test_a_station_is_reported_when_its_images_all_doubt_the_header_or_a_third_a
     assert found["CT_SOMETIMES_PT"]["rate"] == 0.3333 and found["CT_SOMETIMES_PT"]["pixels"] == "PT"
     assert reports.contradicts(12, 0, 0.0119, 0.008) and not reports.contradicts(12, 0, 0.0121, 0.008)
     assert not reports.contradicts(9, 9, 0.0, 0.008)  # too few instances to speak for a station
+
+
+def test_under_takes_a_file_or_a_folder_that_is_gone(sqlite_url, tiny_model, tiny_model_b, tmp_path):
+    """`failures --under x.dcm` listed nothing (taken as the folder x.dcm/), and `--under` a share
+    that is no longer mounted must still find what was stored under it."""
+    files = small_archive(tmp_path / "archive")
+    (tmp_path / "archive" / "siteA" / "notes.txt.bak").write_text("not DICOM either")
+    scan(sqlite_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
+    notes = tmp_path / "archive" / "siteA" / "notes.txt"
+
+    def failed_under(*under: Path) -> list[str]:
+        args = [a for u in under for a in ("--under", str(u))]
+        listed = sorter("failures", *args, "--format", "json", url=sqlite_url).output
+        return sorted(Path(r["path"]).name for r in json.loads(listed))
+
+    assert failed_under(notes) == ["notes.txt"]
+    assert failed_under(tmp_path / "archive" / "siteA") == ["notes.txt", "notes.txt.bak"]
+    summary = tmp_path / "r.json"
+    args = ("reclassify", "--model", str(tiny_model_b), "--workers", "1", "--no-progress")
+    sorter(*args, "--under", str(files["ct0"]), "--json-summary", str(summary), url=sqlite_url)
+    assert json.loads(summary.read_text())["classified"] == 1
+
+    shutil.move(tmp_path / "archive", tmp_path / "unmounted")  # the share is gone
+    assert failed_under(tmp_path / "archive" / "siteA") == ["notes.txt", "notes.txt.bak"]
+    assert failed_under(notes) == ["notes.txt"]

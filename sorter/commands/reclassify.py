@@ -9,7 +9,6 @@ same model does nothing.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -51,7 +50,7 @@ _LABELS = click.Choice([label.value for label in Label], case_sensitive=False)
     "--under",
     multiple=True,
     type=click.Path(path_type=str),
-    help="Only files under this folder (repeatable).",
+    help="Only this file, or the files under this folder (repeatable).",
 )
 @classify_options
 def reclassify(
@@ -78,7 +77,7 @@ def reclassify(
         headers=tuple(Label(x.upper()) for x in header),
         sources=source,
         verdicts=tuple(Verdict(v) for v in verdict),
-        under=tuple(os.path.abspath(u).rstrip(os.sep) + os.sep for u in under),
+        under=tuple(queries.path_scope(under)),
     )
     summary = RunSummary()
     started = time.monotonic()

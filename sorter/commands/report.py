@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import click
@@ -17,6 +16,7 @@ from sorter.commands.common import (
     view_model_option,
     write_rows,
 )
+from sorter.db import queries
 from sorter.domain import FailureReason, Label, Status
 
 _LABELS = click.Choice([label.value for label in Label], case_sensitive=False)
@@ -165,7 +165,7 @@ def _reasons(_ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
     "--under",
     multiple=True,
     type=click.Path(path_type=str),
-    help="Only files under this folder (repeatable).",
+    help="Only this file, or the files under this folder (repeatable).",
 )
 @limit_option
 @format_option
@@ -179,7 +179,7 @@ def failures(
     database_url: str | None,
 ) -> None:
     """Files that failed, with their reason: fix them, then `sorter scan` retries what can heal."""
-    prefixes = [os.path.abspath(u).rstrip(os.sep) + os.sep for u in under]
+    prefixes = queries.path_scope(under)
     with database(database_url) as (_engine, sessions), sessions() as session:
         rows = reports.failures(
             session,

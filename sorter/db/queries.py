@@ -70,10 +70,19 @@ def query_groups(values: Sequence[str]) -> list[Sequence[str]]:
 
 def path_scope(paths: Iterable[str]) -> list[str]:
     """Command-line PATHs as :func:`path_under` takes them, as the scan stores paths (absolute,
-    links kept): a folder ends with the separator (``/a/b`` is not ``/a/bc``), a file is itself."""
-    return [
-        os.path.abspath(p).rstrip(os.sep) + os.sep if os.path.isdir(p) else os.path.abspath(p) for p in paths
-    ]
+    links kept): a folder ends with the separator (``/a/b`` is not ``/a/bc``), a file is itself,
+    and a path that is no longer there (a share unmounted, a folder moved away) is both."""
+    scope = []
+    for given in paths:
+        path = os.path.abspath(given)
+        folder = path.rstrip(os.sep) + os.sep
+        if os.path.isdir(path):
+            scope.append(folder)
+        elif os.path.lexists(path):
+            scope.append(path)
+        else:
+            scope += [path, folder]
+    return scope
 
 
 def path_under(column: sa.ColumnElement[str], paths: Iterable[str]) -> sa.ColumnElement[bool]:
