@@ -328,3 +328,43 @@ def test_a_destination_that_is_down_is_tried_once_per_run(db_url, tiny_model, tm
     finally:
         stop_process_group(process)
     assert len(_received(out)) == len(set(_received(out))) == 6
+
+
+def test_a_sender_leaves_a_destination_that_is_down_alone_for_longer_each_time(
+    sqlite_url, tiny_model, tmp_path, monkeypatch, caplog
+):
+    """A listener's sender asked a PACS that refuses connections at every batch and every look
+    (a warning each time, 17 000 a day); it now waits 15 s, doubling up to 5 minutes, whatever is
+    queued meanwhile, and sends at once when the destination answers again."""
+    from sorter.rules.delivery import Deliverer
+    from sorter.rules.engine import apply_rules
+    from sorter.rules.spec import load_rules
+
+    small_archive(tmp_path / "drop")
+    scan(sqlite_url, tiny_model, tmp_path / "drop", tmp=tmp_path)
+    port = free_port()
+    rules = load_rules(_rules(tmp_path, port, 'modality = ["CT", "MR"]'))
+    engine, sessions = open_database(sqlite_url)
+    apply_rules(sessions, rules, deliver=False)  # six forwards queued
+    monkeypatch.setattr("sorter.rules.engine._CHUNK", 1)  # one forward per association
+    monkeypatch.setattr("sorter.rules.delivery.DOWN_FIRST_S", 1.0)
+    deliverer = Deliverer(sessions, rules, poll_s=0.02)
+    out, process = tmp_path / "received", None
+    try:
+        with caplog.at_level(logging.INFO, logger="sorter.rules"):
+            deliverer.start()
+            for _ in range(125):  # 2.5 s of batches waking the sender
+                deliverer.wake()
+                time.sleep(0.02)
+            tries = [r for r in caplog.records if "could not forward" in r.getMessage()]
+            assert len(tries) == 2, [r.getMessage() for r in tries]  # at 0 s and 1 s; next at 3 s
+            assert "is down; asking again in 2 s" in caplog.text
+            process = _storescp(port, out, tmp_path / "storescp.log")
+            # The four forwards never tried go at the next ask; the two that failed, at their own backoff.
+            wait_for(lambda: len(list(out.iterdir())) == 4, timeout=30, what="four received")
+            wait_for(lambda: "answers again" in caplog.text, timeout=10, what="the sender's note")
+    finally:
+        deliverer.stop()
+        engine.dispose()
+        if process is not None:
+            stop_process_group(process)

@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 
 #: Seconds between looks for due work when no batch wakes a sender.
 POLL_S = 5.0
+#: A destination found down is not asked again for this long, doubling each time it is still
+#: down, up to the cap, whatever batches queue meanwhile: asked at every batch and every look, a
+#: PACS that refuses connections cost a warning every 5 s (17 000 a day) while it was away.
+DOWN_FIRST_S = 15.0
+DOWN_MAX_S = 300.0
 
 
 class Deliverer:
@@ -77,18 +82,29 @@ class Deliverer:
     def _run(self, rule: str, action: ForwardAction | SeriesAction, wake: threading.Event) -> None:
         from sorter.rules.engine import RulesReport, deliver_action
 
+        pause = 0.0  # while the destination is down: how long it is left alone
         while not self._stop.is_set():
-            wake.wait(self.poll_s)
+            if pause:
+                self._stop.wait(pause)
+            else:
+                wake.wait(self.poll_s)
             wake.clear()
             if self._stop.is_set():
                 return
             report = RulesReport()
             try:
                 with self.sessions() as session:
-                    deliver_action(session, rule, action, report)
+                    down = deliver_action(session, rule, action, report)
             except Exception:  # the database away, say: the next look tries again
                 log.exception("rule %s: could not send what is due to %s", rule, action.to)
                 continue
+            if down:
+                pause = min(DOWN_MAX_S, max(DOWN_FIRST_S, 2 * pause))
+                log.info("rule %s: %s is down; asking again in %.0f s", rule, action.to, pause)
+            elif pause:  # it answered, or nothing was due to ask it with
+                if report.done:
+                    log.info("rule %s: %s answers again", rule, action.to)
+                pause = 0.0
             if self.on_report is not None and (report.done or report.failed or report.dead):
                 self.on_report(report)
 

@@ -453,12 +453,12 @@ def deliver_action(
     action: ForwardAction | SeriesAction,
     report: RulesReport,
     retry_now: bool = False,
-) -> None:
-    """Send what is due of one rule's forward or notify action (claimed first: see :func:`_claim`)."""
+) -> bool:
+    """Send what is due of one rule's forward or notify action (claimed first: see :func:`_claim`);
+    whether the destination was down (:data:`DESTINATION_DOWN`: the rest waits for the next run)."""
     now = datetime.now(UTC)
     if isinstance(action, NotifyAction | OrthancAction):
-        _notify(session, rule, action, now, report, retry_now)
-        return
+        return _notify(session, rule, action, now, report, retry_now)
     last = 0  # an id cursor: each item is tried at most once per run
     while candidates := _candidates(session, rule, "forward", now, retry_now, last):
         last = candidates[-1][0]
@@ -476,7 +476,8 @@ def deliver_action(
                 _due_after(session, rule, "forward", now, retry_now, last),
                 report,
             )
-            return
+            return True
+    return False
 
 
 def _claimable(session: Session, now: datetime, retry_now: bool) -> sa.ColumnElement[bool]:
@@ -582,8 +583,9 @@ def _claim(session: Session, ids: Sequence[int], now: datetime, retry_now: bool)
 
 def _notify(
     session: Session, rule: str, action: SeriesAction, now: datetime, report: RulesReport, retry_now: bool
-) -> None:
-    """Deliver each complete series with due queued instances once, and settle all of them."""
+) -> bool:
+    """Deliver each complete series with due queued instances once, and settle all of them;
+    whether the address was down (the rest waits for the next run)."""
     by_series: dict[str | None, list[int]] = defaultdict(list)
     last = 0
     while candidates := _candidates(session, rule, action.kind, now, retry_now, last):
@@ -605,7 +607,7 @@ def _notify(
         session.commit()
         if error in DESTINATION_DOWN:
             _postpone(rule, action.kind, results, sum(len(rest) for _, rest in pending[n + 1 :]), report)
-            return
+            return True
         if error is not None:
             log.warning(
                 "rule %s could not notify about series %s (%d instances; %s, try %d): %s",
@@ -616,6 +618,7 @@ def _notify(
                 items[0].attempts + 1,
                 detail,
             )
+    return False
 
 
 def _complete_series(session: Session, series: str | None, quiet_since: datetime) -> dict[str, Any] | None:
