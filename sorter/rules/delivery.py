@@ -102,8 +102,8 @@ class Deliverer:
                 pause = min(DOWN_MAX_S, max(DOWN_FIRST_S, 2 * pause))
                 log.info("rule %s: %s is down; asking again in %.0f s", rule, action.to, pause)
             elif pause:  # it answered, or nothing was due to ask it with
-                if report.done:
-                    log.info("rule %s: %s answers again", rule, action.to)
+                if report.done:  # a warning, as the ones it ends: a sender process logs no less
+                    log.warning("rule %s: %s answers again", rule, action.to)
                 pause = 0.0
             if self.on_report is not None and (report.done or report.failed or report.dead):
                 self.on_report(report)
