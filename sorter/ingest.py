@@ -10,7 +10,9 @@ none) and records it with a constant number of statements per batch:
   seen, is re-read: header columns overwritten, back to ``pending``, current
   prediction dropped (an unchanged re-registration changes nothing);
 - the same UID at another path is a duplicate copy: the first row stays,
-  unless its file has vanished (then the instance moved);
+  unless its file has vanished (then the instance moved), or failed (then it
+  is read from the copy; :mod:`sorter.copies` does the same when the first
+  file fails later, at decoding);
 - a file without a usable SOP Instance UID (not DICOM, unreadable, ...) gets
   a UID derived from its path, so every failure has a row and a reason.
 """
@@ -111,7 +113,8 @@ def _uid(item: Registration) -> str:
     return uid
 
 
-def _row(item: Registration) -> dict[str, Any]:
+def instance_row(item: Registration) -> dict[str, Any]:
+    """The ``instances`` row of a registration (a path-derived UID when it has no usable one)."""
     h = item.header
     modality = normalise_modality(_text(h.modality, _LIMITS["modality"])) if h else None
     return {
@@ -152,7 +155,7 @@ def register(session: Session, items: Sequence[Registration]) -> list[Registered
         In input order. ``status`` is the instance's status after registration:
         ``pending`` ones are the caller's to classify (after its commit).
     """
-    rows = [_row(item) for item in items]
+    rows = [instance_row(item) for item in items]
     uids = {row["sop_instance_uid"] for row in rows}
     before = queries.instances_by_uid(session, uids)
 

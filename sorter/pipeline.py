@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from sorter.compare import compare
+from sorter.copies import read_other_copies
 from sorter.db import queries
 from sorter.db.catalogue import activate_if_none
 from sorter.db.models import PROBABILITY_COLUMNS
@@ -94,19 +95,39 @@ def prediction_row(outcome: Outcome, model_id: int) -> dict[str, Any]:
     return row
 
 
-def write_outcomes(session: Session, model_id: int, outcomes: Sequence[Outcome]) -> None:
-    """Store a batch's predictions and terminal statuses: three statements, whatever its size."""
+@dataclass(frozen=True)
+class Written:
+    """What :func:`write_outcomes` stored: the outcomes to report, and the instances to submit again.
+
+    An instance that failed but has a copy elsewhere is ``pending`` at the copy (``again``, for the
+    caller to submit after its commit); ``outcomes`` then reports the bad file's own failure row
+    in its place (:mod:`sorter.copies`).
+    """
+
+    outcomes: list[Outcome]
+    again: list[int] = field(default_factory=list)
+
+
+def write_outcomes(session: Session, model_id: int, outcomes: Sequence[Outcome]) -> Written:
+    """Store a batch's predictions and terminal statuses: three statements, whatever its size, and
+    one more when instances failed (their copies; a few more when one is found)."""
     done = [o for o in outcomes if o.status is Status.DONE]
     queries.upsert_predictions(session, [prediction_row(o, model_id) for o in done])
     queries.mark_done(session, [o.instance_id for o in done], model_id)
+    finished = [o for o in outcomes if o.status is not Status.DONE and not o.kept]
+    moved = read_other_copies(session, [o for o in finished if o.status is Status.FAILED])
     queries.mark_finished(
         session,
         [
             {"b_id": o.instance_id, "status": o.status, "error": o.error, "detail": o.detail}
-            for o in outcomes
-            if o.status is not Status.DONE and not o.kept
+            for o in finished
+            if o.instance_id not in moved
         ],
     )
+    if not moved:
+        return Written(list(outcomes))
+    reported = [moved.get(o.instance_id, o) for o in outcomes]
+    return Written([o for o in reported if o is not None], list(moved))
 
 
 def register_model(session: Session, classifier: Classifier) -> int:
@@ -150,8 +171,9 @@ def classify_batch(
     frames: int = 1,
     statuses: Collection[Status] = (Status.PENDING,),
     decode: Decoder = decode_one,
-) -> list[Outcome]:
-    """Claim, decode (in this process), infer and write one batch; the caller commits.
+) -> Written:
+    """Claim, decode (in this process), infer and write one batch; the caller commits, then
+    submits what :class:`Written` says to classify again.
 
     This is the whole pipeline for a queue task; :mod:`sorter.jobs.local` runs
     the same steps with decoding spread over a process pool.
@@ -159,5 +181,4 @@ def classify_batch(
     items = claim_batch(session, ids, statuses)
     params = classifier.spec.preprocess
     outcomes = infer(classifier, items, [run_decoder(decode, item, params, frames) for item in items])
-    write_outcomes(session, model_id, outcomes)
-    return outcomes
+    return write_outcomes(session, model_id, outcomes)

@@ -133,6 +133,19 @@ def pydicom_file(name: str) -> str:
     return str(path)
 
 
+def copies_of_one_instance(archive: Path, names: dict[str, int | None]) -> dict[str, Path]:
+    """One instance at several paths: ``name -> bytes kept`` (``None``: the whole file). A cut
+    inside the pixel data leaves a header that reads: the file fails only when it is decoded."""
+    whole = Path(copy_dicom(pydicom_file("CT_small.dcm"), archive / ".whole.dcm")).read_bytes()
+    (archive / ".whole.dcm").unlink()
+    paths = {}
+    for name, keep in names.items():
+        paths[name] = archive / name / "ct.dcm"
+        paths[name].parent.mkdir(parents=True)
+        paths[name].write_bytes(whole if keep is None else whole[:keep])
+    return paths
+
+
 def small_archive(root: Path) -> dict[str, Path]:
     """A small real archive: a CT series, an MR series, a colour image, an RT plan and a text file."""
     ct_series, mr_series, study = generate_uid(), generate_uid(), generate_uid()

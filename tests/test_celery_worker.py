@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from db_support import (
+    copies_of_one_instance,
     copy_dicom,
     pydicom_file,
     query,
@@ -290,6 +291,25 @@ def test_tried_instances_are_retried_alone_and_failed_after_the_last_attempt(
     assert (rows[survivor].status, rows[survivor].attempts) == ("done", 2)  # retried alone, counted
     assert {(rows[i].status, rows[i].attempts) for i in ids[2:]} == {("done", 1)}
     assert _counts(pg_url)["duplicate_predictions"] == 0
+
+
+def test_a_worker_reads_an_instance_from_its_next_copy_when_the_first_is_cut_short(
+    tmp_path, pg_url, tiny_model, broker_env
+):
+    """The worker that fails an instance at its first path queues it again at a whole copy."""
+    paths = copies_of_one_instance(tmp_path / "archive", {"a": -1500, "b": None})
+    scan(pg_url, tiny_model, tmp_path / "archive", tmp=tmp_path)
+
+    worker = Worker(pg_url, tiny_model, broker_env, tmp_path / "worker.log")
+    try:
+        _wait_for(pg_url, "SELECT count(*) FROM instances WHERE status = 'pending'", lambda n: n == 0, worker)
+    finally:
+        worker.stop()
+    rows = query(pg_url, "SELECT path, status, error FROM instances ORDER BY path")
+    assert [tuple(r) for r in rows] == [
+        (str(paths["a"]), "failed", "truncated"),
+        (str(paths["b"]), "done", None),
+    ]
 
 
 def test_kill_9_mid_batch_then_a_new_worker_finishes_each_instance_once(

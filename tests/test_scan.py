@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pydicom
 import sqlalchemy as sa
-from db_support import copy_dicom, pydicom_file, query, scalar, scan, small_archive
+from db_support import copies_of_one_instance, copy_dicom, pydicom_file, query, scalar, scan, small_archive
 
 from sorter.db.session import create_db_engine
 
@@ -104,6 +104,57 @@ def test_copies_of_one_instance_are_one_row_and_a_moved_file_keeps_its_row(db_ur
 
     assert again["classified"] == 0
     assert [tuple(r) for r in query(db_url, "SELECT path, status FROM instances")] == [(str(moved), "done")]
+
+
+def test_an_instance_whose_first_copy_is_cut_short_is_read_from_a_whole_copy(db_url, tiny_model, tmp_path):
+    """An interrupted transfer beside a complete one: the instance was registered at the first
+    path seen (a/, cut inside its pixel data), failed there as `truncated`, and stayed failed for
+    good; the whole copies were duplicates that no scan read again. Now it is read from the next
+    copy, and each bad file keeps a failure row of its own that names the copy."""
+    archive = tmp_path / "archive"
+    paths = copies_of_one_instance(archive, {"a": -1500, "b": -700, "c": None})
+
+    first = scan(db_url, tiny_model, archive, tmp=tmp_path)
+
+    assert first["classified"] == 1 and first["failed"] == {"truncated": 2}, first
+    assert first["duplicates"] == 2 and first["registered"] == 3, first
+    rows = query(db_url, "SELECT path, status, error, sop_instance_uid, detail FROM instances ORDER BY path")
+    assert [(r.path, r.status, r.error) for r in rows] == [
+        (str(paths["a"]), "failed", "truncated"),
+        (str(paths["b"]), "failed", "truncated"),
+        (str(paths["c"]), "done", None),
+    ]
+    uid = rows[2].sop_instance_uid
+    assert all(r.sop_instance_uid.startswith("2.25.") for r in rows[:2]), "the bad files' own rows"
+    assert all(f"its instance {uid} is read from a copy" in r.detail for r in rows[:2]), rows
+    ledger = query(
+        db_url, "SELECT f.path, i.path AS at FROM files f JOIN instances i ON i.id = f.instance_id"
+    )
+    assert sorted((r.path, r.at) for r in ledger) == sorted((str(p), str(p)) for p in paths.values())
+
+    again = scan(db_url, tiny_model, archive, tmp=tmp_path)
+    assert again["unchanged"] == 3 and again["registered"] == 0 and again["classified"] == 0, again
+
+    paths["a"].write_bytes(paths["c"].read_bytes())  # the transfer is done again, in full
+    os.utime(paths["a"], ns=(1, 1))
+    repaired = scan(db_url, tiny_model, archive, tmp=tmp_path)
+    assert repaired["duplicates"] == 1 and repaired["classified"] == 0, repaired
+    rows = query(db_url, "SELECT path, status FROM instances ORDER BY path")
+    assert [(r.path, r.status) for r in rows] == [(str(paths["b"]), "failed"), (str(paths["c"]), "done")]
+
+
+def test_an_instance_whose_every_copy_is_bad_tries_each_once(db_url, tiny_model, tmp_path):
+    archive = tmp_path / "archive"
+    paths = copies_of_one_instance(archive, {"a": -1500, "b": -700})
+
+    first = scan(db_url, tiny_model, archive, tmp=tmp_path)
+
+    assert first["classified"] == 0 and first["failed"] == {"truncated": 2}, first
+    rows = query(db_url, "SELECT path, status, sop_instance_uid FROM instances ORDER BY path")
+    assert [(r.path, r.status) for r in rows] == [(str(paths["a"]), "failed"), (str(paths["b"]), "failed")]
+    assert rows[0].sop_instance_uid.startswith("2.25.") and not rows[1].sop_instance_uid.startswith("2.25.")
+    again = scan(db_url, tiny_model, archive, tmp=tmp_path)
+    assert again["unchanged"] == 2 and again["registered"] == 0 and again["failed"] == {}, again
 
 
 def test_a_file_completed_after_a_failed_scan_loses_its_failure(db_url, tiny_model, tmp_path):

@@ -551,6 +551,63 @@ def ledger_paths_of(session: Session, ids: Collection[int]) -> list[tuple[str, i
     return [(str(row.path), int(row.instance_id)) for row in session.execute(stmt)]
 
 
+@dataclass(frozen=True)
+class Copy:
+    """A ledger path that holds a copy of an instance read from another path (``at``)."""
+
+    instance_id: int
+    path: str
+    at: str
+    sop_instance_uid: str
+    source: str | None
+    calling_ae: str | None
+
+
+def other_copies(session: Session, ids: Collection[int]) -> list[Copy]:
+    """The ledger's copies of the instances of ``ids`` at a path other than the one each is read
+    from, first seen first; one query."""
+    if not ids:
+        return []
+    stmt = (
+        sa.select(
+            files.c.instance_id,
+            files.c.path,
+            instances.c.path.label("at"),
+            instances.c.sop_instance_uid,
+            instances.c.source,
+            instances.c.calling_ae,
+        )
+        .join(instances, instances.c.id == files.c.instance_id)
+        .where(files.c.instance_id.in_(list(ids)), files.c.path != instances.c.path)
+        .order_by(files.c.id)
+    )
+    return [
+        Copy(int(r.instance_id), str(r.path), str(r.at), r.sop_instance_uid, r.source, r.calling_ae)
+        for r in session.execute(stmt)
+    ]
+
+
+def read_from(session: Session, moves: Mapping[int, str]) -> None:
+    """Instances to be read again from another path: moved there, ``pending``, reason cleared."""
+    if moves:
+        stmt = (
+            sa.update(instances)
+            .where(instances.c.id == sa.bindparam("b_id"))
+            .values(status=Status.PENDING, error=None, detail=None, attempts=0, updated_at=sa.func.now())
+        )
+        session.execute(stmt, [{"b_id": i, "path": p} for i, p in moves.items()])
+
+
+def link_files(session: Session, links: Mapping[str, int | None]) -> None:
+    """Point the ledger entries of paths at other instances (``None``: forget the path)."""
+    gone = [path for path, instance_id in links.items() if instance_id is None]
+    if gone:
+        session.execute(sa.delete(files).where(files.c.path.in_(gone)))
+    kept = [{"b_path": path, "instance_id": i} for path, i in links.items() if i is not None]
+    if kept:
+        session.execute(sa.update(files).where(files.c.path == sa.bindparam("b_path")), kept)
+
+
 def instance_paths(session: Session, ids: Collection[int]) -> dict[int, str]:
     """The stored path of each instance of ``ids`` that exists."""
     if not ids:

@@ -193,12 +193,15 @@ class LocalExecutor:
         return 0
 
     def drain(self) -> None:
-        """Start the partial batch and finish everything in flight."""
-        if self._waiting:
-            self._start(self._waiting)
-            self._waiting = []
-        while self._in_flight:
-            self._finish_oldest()
+        """Start the partial batch and finish everything in flight (and what that submits again:
+        instances read from another copy once their first file failed)."""
+        while self._waiting or self._in_flight:
+            if self._waiting:
+                # Taken first: finishing a batch inside _start may submit again.
+                ids, self._waiting = self._waiting, []
+                self._start(ids)
+            while self._in_flight:
+                self._finish_oldest()
 
     def _start(self, ids: Sequence[int]) -> None:
         assert self._pool is not None, "use LocalExecutor as a context manager"
@@ -239,8 +242,10 @@ class LocalExecutor:
             decoded_at = time.perf_counter()
             outcomes = infer(self.classifier, batch.items, decoded)
             inferred_at = time.perf_counter()
-            write_outcomes(batch.session, self.model_id, outcomes)
+            written = write_outcomes(batch.session, self.model_id, outcomes)
             batch.session.commit()
+            outcomes = written.outcomes
+            self._waiting.extend(written.again)  # started by the next submit or drain
             done_at = time.perf_counter()
         finally:
             self._in_flight.popleft()

@@ -163,10 +163,13 @@ def classify_ids(ids: list[int]) -> int:
 
     started = time.perf_counter()
     with state.sessions() as session:
-        outcomes = classify_batch(
+        written = classify_batch(
             session, ids, state.classifier, state.model_id, frames=state.settings.frames, decode=decode
         )
         session.commit()
+    outcomes = written.outcomes
+    if written.again:  # failed here, but a copy elsewhere may read
+        classify_ids.apply_async(args=[written.again], queue=state.settings.queue)
     if state.rules is not None and outcomes:
         state.rules(outcomes)  # never raises: a committed batch is never retried for its rules
     if state.observe is not None and outcomes:  # a redelivered batch already done claims nothing
