@@ -407,7 +407,8 @@ def test_a_database_failure_is_a_503_with_one_line_not_a_traceback(sqlite_url, c
 def test_serve_says_in_one_line_when_it_cannot_read_the_database(sqlite_url):
     _drop_queue_table(sqlite_url)
     result = sorter("serve", "--port", "1", url=sqlite_url, expect=1)
-    assert "cannot read the results database: no such table: series_state" in result.output
+    assert "cannot use the results database: no such table: series_state" in result.output
+    assert "(is it migrated? sorter db check)" in result.output
     assert "Traceback" not in result.output
 
 

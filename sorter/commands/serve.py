@@ -9,6 +9,7 @@ import click
 import sqlalchemy as sa
 
 from sorter.commands.common import blank_is_unset, cannot_bind, database, database_option
+from sorter.db.session import UNDEFINED_TABLE, database_problem
 
 
 def _root_path(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
@@ -96,10 +97,10 @@ def serve(
             with sessions() as session:  # the queue's summary: built once here, then kept current
                 built = refresher.ensure(session, force=True)
         except sa.exc.DBAPIError as exc:
-            first = str(exc.orig or exc).splitlines()[0]
-            raise click.ClickException(
-                f"cannot read the results database: {first} (is it migrated? sorter db check)"
-            ) from exc
+            problem = database_problem(exc)
+            if getattr(exc.orig, "sqlstate", None) == UNDEFINED_TABLE or "no such table" in problem:
+                problem += " (is it migrated? sorter db check)"
+            raise click.ClickException(f"cannot use the results database: {problem}") from exc
         if built is not None:
             click.echo(f"review queue {built.kind}: {built.series} series in {built.seconds:.1f} s", err=True)
         app = create_app(sessions, access, refresher, overview_at_start=True, root_path=root_path)

@@ -305,12 +305,28 @@ _SQLITE_HINTS = (
 )
 
 
+#: PostgreSQL's SQLSTATE for a role that lacks a privilege (``permission denied for table ...``).
+INSUFFICIENT_PRIVILEGE = "42501"
+#: ... and for a table that is not there (a database without the schema, or another one's).
+UNDEFINED_TABLE = "42P01"
+#: What to do about it: every command but the queries writes (see README, "PostgreSQL roles").
+PRIVILEGE_HINT = (
+    "this role may not do that: commands that write (scan, listen, watch, worker, serve, rules, "
+    "reclassify, models use, adapt) need SELECT, INSERT, UPDATE and DELETE on dicom-sorter's tables "
+    "and USAGE on their sequences; report, find, discrepancies, failures, status and export need "
+    "SELECT (README: PostgreSQL roles)"
+)
+
+
 def database_problem(exc: sa.exc.DBAPIError) -> str:
     """The driver's own words on one line (psycopg's come on several, and SQLAlchemy's text adds
-    the SQL and a web link), with what to do where SQLite's words leave it unsaid."""
+    the SQL and a web link), with what to do where the words leave it unsaid (SQLite's, and a
+    PostgreSQL role without a privilege)."""
     problem = "; ".join(line.strip() for line in str(exc.orig or exc).splitlines() if line.strip())
     lowered = problem.lower()
     hint = next((hint for words, hint in _SQLITE_HINTS if words in lowered), None)
+    if getattr(exc.orig, "sqlstate", None) == INSUFFICIENT_PRIVILEGE:
+        hint = PRIVILEGE_HINT
     return f"{problem}; {hint}" if hint else problem
 
 
