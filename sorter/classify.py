@@ -73,6 +73,7 @@ def decode_file(path: Path, frames: int = 1, min_side: int | None = None) -> Dec
             raise NonImageObject(str(path), reason)
         with native.caught() as said:
             image = decode_dataset(ds, str(path), frames=frames, min_side=min_side)
+            image = image.without_blank_frames(str(path))
         return Decoded(str(path), header, image)
     except InputError as exc:
         status = Status.SKIPPED if isinstance(exc, NonImageObject) else Status.FAILED

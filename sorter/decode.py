@@ -141,7 +141,7 @@ def _load_and_prepare(
         return replaced
     try:
         with native.caught() as said:
-            image = load_image(item.path, frames=frames, min_side=min_side)
+            image = load_image(item.path, frames=frames, min_side=min_side).without_blank_frames(item.path)
     except NonImageObject as exc:
         return Outcome(item.id, Status.SKIPPED, item.header_label, error=exc.reason, detail=exc.detail)
     except InputError as exc:

@@ -157,6 +157,7 @@ class FailureReason(enum.StrEnum):
     UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"
     DECODE_ERROR = "decode_error"
     NON_IMAGE = "non_image"
+    BLANK = "blank"
     UNREADABLE = "unreadable"
     PERMISSION_DENIED = "permission_denied"
     VANISHED = "vanished"

@@ -76,6 +76,12 @@ class NonImageObject(InputError):
     reason = FailureReason.NON_IMAGE
 
 
+class BlankImage(NonImageObject):
+    """Every pixel of what was read holds one value: nothing shows what made the image."""
+
+    reason = FailureReason.BLANK
+
+
 class UnreadableFile(InputError):
     """The file vanished or cannot be opened (permissions, I/O error)."""
 

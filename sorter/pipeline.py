@@ -30,7 +30,7 @@ from sorter.decode import (
     decode_one,
     run_decoder,
 )
-from sorter.domain import Claimed, Label, Outcome, Status
+from sorter.domain import Claimed, FailureReason, Label, Outcome, Status
 
 if TYPE_CHECKING:  # torch stays out of the decode processes
     from sqlalchemy.orm import Session
@@ -68,7 +68,10 @@ def infer(
     out: list[Outcome] = []
     for item, result in zip(items, decoded, strict=True):
         if isinstance(result, Outcome):
-            out.append(replace(result, kept=True) if item.status is Status.DONE else result)
+            # A classified instance that cannot be read now keeps what it was; a blank one never
+            # had anything to classify, so its earlier prediction goes.
+            kept = item.status is Status.DONE and result.error != FailureReason.BLANK
+            out.append(replace(result, kept=True) if kept else result)
             continue
         prediction = next(predictions)
         verdict = compare(item.header_label, prediction, classifier.labels, thresholds)

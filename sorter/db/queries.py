@@ -634,12 +634,13 @@ def lose_instances(session: Session, ids: Collection[int], detail: str) -> None:
 
 
 def mark_finished(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Set a terminal status with its reason (``b_id, status, error, detail``) per instance."""
+    """Set a terminal status with its reason (``b_id, status, error, detail``) per instance; a
+    ``failed`` or ``skipped`` instance shows no prediction."""
     if rows:
         stmt = (
             sa.update(instances)
             .where(instances.c.id == sa.bindparam("b_id"))
-            .values(updated_at=sa.func.now())
+            .values(updated_at=sa.func.now(), prediction_id=None)
         )
         session.execute(stmt, [{k: row[k] for k in ("b_id", "status", "error", "detail")} for row in rows])
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ from sorter.dicom.nonimage import non_image_reason
 from sorter.dicom.reading import PIXEL_TAGS, read_dataset, transfer_syntax_of
 from sorter.errors import (
     INTERRUPTS,
+    BlankImage,
     DecodeError,
     InputError,
     NonImageObject,
@@ -36,7 +37,7 @@ from sorter.errors import (
     UnsupportedTransferSyntax,
     describe,
 )
-from sorter.imageops import colourfulness, finite_float32, rgb_to_grey, stack_frames
+from sorter.imageops import blank_frames, colourfulness, finite_float32, rgb_to_grey, stack_frames
 
 logger = logging.getLogger(__name__)
 
@@ -98,11 +99,31 @@ class DecodedImage:
         if arr.ndim == 3 and arr.shape[-1] == 3:
             rgb = finite_float32(arr)
             return cls(rgb_to_grey(rgb)[np.newaxis], colourfulness(rgb), 1, "RGB")
+        given = arr.shape
         if arr.ndim == 2:
             arr = arr[np.newaxis]
         if arr.ndim != 3 or 0 in arr.shape:
-            raise ValueError(f"an image is (H, W), (frames, H, W) or (H, W, 3) RGB, not {arr.shape}")
+            raise ValueError(f"an image is (H, W), (frames, H, W) or (H, W, 3) RGB, not {given}")
         return cls(finite_float32(arr), 0.0, int(arr.shape[0]), "MONOCHROME2")
+
+    def without_blank_frames(self, path: str) -> DecodedImage:
+        """This image without its blank frames (one value in every pixel: :func:`blank_frames`).
+
+        Raises
+        ------
+        BlankImage
+            Every frame read is blank: the instance is ``skipped``, never classified.
+        """
+        blank = blank_frames(self.frames)
+        if not blank.any():
+            return self
+        if blank.all():
+            if len(blank) == 1:
+                which = f"the frame read holds one value ({float(self.frames.flat[0]):g})"
+            else:
+                which = f"each of the {len(blank)} frames read holds one value"
+            raise BlankImage(path, f"{which} in every pixel: nothing shows what made it")
+        return replace(self, frames=self.frames[~blank])
 
     @property
     def shape(self) -> tuple[int, int]:
