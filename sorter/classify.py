@@ -22,7 +22,7 @@ from sorter.dicom.reading import read_dataset
 from sorter.domain import InstanceHeader, Status
 from sorter.errors import InputError, NonImageObject
 from sorter.model.classifier import Classifier
-from sorter.taxonomy import header_label
+from sorter.taxonomy import label_of
 from sorter.walk import Entry, distinct_roots, walk
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def _status_record(entry: Entry) -> dict[str, Any]:
 
 def result_record(item: Decoded, classifier: Classifier, prediction: Any) -> dict[str, Any]:
     """The JSON object for one classified instance (ARCHITECTURE §6)."""
-    label = header_label(item.header.modality)
+    label = label_of(item.header)
     verdict = compare(label, prediction, classifier.labels, classifier.spec.thresholds)
     return {
         "path": item.path,
@@ -129,7 +129,7 @@ def classify_paths(
 
     def flush() -> Iterator[dict[str, Any]]:
         decoded = [item for item in pending if isinstance(item, Decoded)]
-        headers = [header_label(item.header.modality) for item in decoded]
+        headers = [label_of(item.header) for item in decoded]
         predictions = iter(classifier.predict_images([item.image for item in decoded], headers))
         for item in pending:
             yield result_record(item, classifier, next(predictions)) if isinstance(item, Decoded) else item

@@ -61,6 +61,8 @@ class InstanceHeader:
     number_of_frames: int = 1
     institution_name: str | None = None
     station_name: str | None = None
+    #: Image Type (0008,0008) names LOCALIZER: a scout, topogram or surview.
+    localizer: bool = False
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from sorter.db import queries
 from sorter.dicom.nonimage import non_image_reason
 from sorter.domain import FailureReason, InstanceHeader, Status
 from sorter.fspath import encode_path
-from sorter.taxonomy import header_label, normalise_modality
+from sorter.taxonomy import expected_label, normalise_modality
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,11 @@ def instance_row(item: Registration) -> dict[str, Any]:
         "series_instance_uid": _text(h.series_instance_uid if h else None, _LIMITS["uid"]),
         "sop_class_uid": _text(h.sop_class_uid if h else None, _LIMITS["uid"]),
         "header_modality": modality,
-        "header_label": header_label(modality),
+        "header_label": expected_label(
+            modality, localizer=h.localizer, sop_class_uid=_text(h.sop_class_uid, _LIMITS["uid"])
+        )
+        if h
+        else None,
         "transfer_syntax_uid": _text(h.transfer_syntax_uid if h else None, _LIMITS["uid"]),
         "rows": h.rows if h else None,
         "columns": h.columns if h else None,

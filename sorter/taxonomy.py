@@ -6,7 +6,9 @@ once, and nowhere else.
 
 from __future__ import annotations
 
-from sorter.domain import Label
+from collections.abc import Sequence
+
+from sorter.domain import InstanceHeader, Label
 
 _HEADER_TO_LABEL: dict[str, Label] = {
     "CT": Label.CT,
@@ -70,6 +72,60 @@ NON_IMAGE_MODALITIES: frozenset[str] = frozenset(
         "M3D",
     }
 )
+
+
+#: Secondary Capture SOP classes (PS3.4 B.5 and the multi-frame ones). Such an object often
+#: carries its study's Modality (CT, MR ...) while its pixels are a page of text (a CT dose
+#: report, a protocol page), a 3D rendering or a processing screen: under a tomographic or nuclear
+#: label the Modality is no claim about what the pixels look like, and every CT study's dose page
+#: was a false discrepancy. (Under XR, MG and US a capture is mostly a digitised film or a
+#: scanner's screen of that modality, and keeps its claim.)
+SECONDARY_CAPTURE_CLASSES: frozenset[str] = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.7",
+        "1.2.840.10008.5.1.4.1.1.7.1",
+        "1.2.840.10008.5.1.4.1.1.7.2",
+        "1.2.840.10008.5.1.4.1.1.7.3",
+        "1.2.840.10008.5.1.4.1.1.7.4",
+    }
+)
+#: Modalities whose localizer (Image Type LOCALIZER) is a projection radiograph: a CT scout,
+#: topogram or surview looks like an X-ray, not like a slice. (An MR localizer is MR.)
+PROJECTION_LOCALIZERS: frozenset[str] = frozenset({"CT"})
+#: Labels a secondary capture's Modality makes no claim for (see SECONDARY_CAPTURE_CLASSES).
+_CAPTURE_WITHOUT_CLAIM: frozenset[Label] = frozenset({Label.CT, Label.MR, Label.PT, Label.NM})
+
+
+def expected_label(
+    modality: object, *, localizer: bool = False, sop_class_uid: str | None = None
+) -> Label | None:
+    """What the header says the pixels look like: :func:`header_label`, except that a CT
+    localizer looks like XR, and a secondary capture under CT, MR, PT or NM makes no claim
+    (``None``: the verdict is ``no_header``)."""
+    label = header_label(modality)
+    if label is None:
+        return None
+    if sop_class_uid in SECONDARY_CAPTURE_CLASSES and label in _CAPTURE_WITHOUT_CLAIM:
+        return None
+    if localizer and normalise_modality(modality) in PROJECTION_LOCALIZERS:
+        return Label.XR
+    return label
+
+
+def label_of(header: InstanceHeader) -> Label | None:
+    """:func:`expected_label` of a header read from a file."""
+    return expected_label(header.modality, localizer=header.localizer, sop_class_uid=header.sop_class_uid)
+
+
+def is_localizer(image_type: object) -> bool:
+    """True when an Image Type (0008,0008) value names LOCALIZER (in any of its values)."""
+    if image_type is None:
+        return False
+    if isinstance(image_type, Sequence) and not isinstance(image_type, str | bytes):
+        values: Sequence[object] = image_type  # pydicom's MultiValue
+    else:
+        values = str(image_type).split("\\")
+    return any(str(value).strip().upper() == "LOCALIZER" for value in values)
 
 
 def normalise_modality(value: object) -> str | None:

@@ -30,7 +30,13 @@ from tqdm import tqdm
 from sorter.domain import Label
 from sorter.fspath import is_utf8
 from sorter.manifests import RelativePaths, group_key, write_csv_atomic
-from sorter.taxonomy import header_label, is_non_image_modality, normalise_modality
+from sorter.taxonomy import (
+    expected_label,
+    header_label,
+    is_localizer,
+    is_non_image_modality,
+    normalise_modality,
+)
 from sorter.walk import walk
 
 logger = logging.getLogger(__name__)
@@ -44,6 +50,7 @@ HEADER_TAGS: tuple[str, ...] = (
     "InstitutionName",
     "StationName",
     "SOPInstanceUID",
+    "ImageType",
 )
 MANIFEST_COLUMNS: tuple[str, ...] = ("path", "label", "header_modality", "source", "group", "format")
 REQUIRED_COLUMNS: tuple[str, ...] = ("path", "label", "source", "group")
@@ -140,9 +147,14 @@ def _entry(path: Path, root: Path, ds: Dataset, source_from: str) -> _Entry | st
         return "no_modality"
     if is_non_image_modality(modality):
         return "non_image"
-    label = header_label(modality)
-    if label is None:
+    if header_label(modality) is None:
         return "unmapped_modality"
+    # As a scan reads the header: a CT localizer is XR, and a secondary capture filed under its
+    # study's CT or MR (a dose report page, a rendering) says nothing about what it shows.
+    sop_class = _text_of(ds, "SOPClassUID") or None
+    label = expected_label(modality, localizer=is_localizer(ds.get("ImageType")), sop_class_uid=sop_class)
+    if label is None:
+        return "secondary_capture"
     rel = path.relative_to(root)
     if source_from == "top_folder":
         source = rel.parts[0] if len(rel.parts) > 1 else root.name
@@ -217,7 +229,8 @@ def build_manifest(
     -------
     ManifestSummary
         Rows written, rows by label, sources by label and skipped files by reason: ``not_dicom``,
-        ``unreadable``, ``non_image``, ``no_modality``, ``unmapped_modality``, ``series_limit``,
+        ``unreadable``, ``non_image``, ``no_modality``, ``unmapped_modality``, ``secondary_capture``,
+        ``series_limit``,
         ``name_not_utf8`` (a manifest is UTF-8 text) and the walk's (``symlink_loop``,
         ``broken_symlink``, ``not_regular_file`` ...).
     """

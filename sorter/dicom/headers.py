@@ -16,6 +16,7 @@ from sorter.dicom import lean
 from sorter.dicom.nonimage import MEDIA_STORAGE_DIRECTORY, non_image_reason
 from sorter.dicom.reading import read_dataset, transfer_syntax_of
 from sorter.domain import InstanceHeader
+from sorter.taxonomy import is_localizer
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ HEADER_TAGS: tuple[str, ...] = (
     "NumberOfFrames",
     "InstitutionName",
     "StationName",
+    "ImageType",
     "FileSetID",
     "OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity",
 )
@@ -105,6 +107,7 @@ def header_from_dataset(ds: Dataset, path: str | os.PathLike[str]) -> InstanceHe
         number_of_frames=frames if frames is not None and frames > 0 else 1,
         institution_name=_text(ds, "InstitutionName"),
         station_name=_text(ds, "StationName"),
+        localizer=is_localizer(_value(ds, "ImageType")),
     )
 
 

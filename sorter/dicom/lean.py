@@ -57,6 +57,7 @@ _VRS = _LONG_VRS | _SHORT_VRS
 #: Elements whose raw value is kept: the header's and the Image Pixel module's.
 _KEEP: dict[int, str] = {
     0x00020010: "TransferSyntaxUID",
+    0x00080008: "ImageType",
     0x00080016: "SOPClassUID",
     0x00080018: "SOPInstanceUID",
     0x00080060: "Modality",
@@ -266,6 +267,11 @@ def _text(raw: bytes | None) -> str | None:
     return raw.decode("ascii").strip("\x00 ") or None
 
 
+def _localizer(raw: bytes | None) -> bool:
+    """Whether a raw Image Type value (CS, backslash-separated) names LOCALIZER."""
+    return raw is not None and b"LOCALIZER" in (value.strip(b"\x00 ").upper() for value in raw.split(b"\\"))
+
+
 def _us(raw: bytes | None) -> int | None:
     if raw is None:
         return None
@@ -341,6 +347,7 @@ def read_header(path: str) -> InstanceHeader | None:
             number_of_frames=frames if frames is not None and frames > 0 else 1,
             institution_name=_text(v.get("InstitutionName")),
             station_name=_text(v.get("StationName")),
+            localizer=_localizer(v.get("ImageType")),
         )
     except _Decline:
         return None
