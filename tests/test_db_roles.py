@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
-from db_support import copy_dicom, pydicom_file, small_archive, truncate
+from db_support import copy_dicom, pydicom_file, scan, small_archive, truncate
 from support import free_port
 
 from sorter.cli import main
@@ -80,16 +80,7 @@ def _refused(*args: str, url: str) -> str:
 def test_the_readme_roles_write_and_read_and_a_missing_privilege_is_one_line(roles, tiny_model, tmp_path):
     service, analyst = roles["sorter_service"], roles["analyst"]
     small_archive(tmp_path / "archive")
-    _sorter(
-        "scan",
-        "--model",
-        str(tiny_model),
-        "--workers",
-        "1",
-        "--no-progress",
-        str(tmp_path / "archive"),
-        url=service,
-    )
+    scan(service, tiny_model, tmp_path / "archive", tmp=tmp_path)
     _sorter("models", "use", "tiny.pt", url=service)
 
     for command in (
