@@ -24,9 +24,11 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from sorter.db import queries
+from sorter.dicom.headers import read_header
 from sorter.domain import FailureReason, Outcome, Status
+from sorter.errors import InputError
 from sorter.fspath import display_path
-from sorter.ingest import failure, instance_row
+from sorter.ingest import failure, instance_row, other_series
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +96,23 @@ def read_other_copies(session: Session, failed: Sequence[Outcome]) -> dict[int, 
 
 
 def _readable_copy(copy: queries.Copy) -> bool:
-    """A copy worth trying: a file (or a link to one) that is not the failed file itself."""
+    """A copy worth trying: a file (or a link to one) that is not the failed file itself, and
+    still holds the instance (its header is read: one read per failed instance with a copy)."""
     if not os.path.isfile(copy.path):
         return False
     try:
-        return not os.path.samefile(copy.path, copy.at)
+        if os.path.samefile(copy.path, copy.at):
+            return False
     except OSError:  # the failed file is gone
-        return True
+        pass
+    try:
+        header = read_header(copy.path)
+    except InputError:
+        return False
+    # Changed since, or another image under the same UID (another series): not a copy of this one.
+    return header.sop_instance_uid == copy.sop_instance_uid and not other_series(
+        copy.series_instance_uid, header.series_instance_uid
+    )
 
 
 def _bad_file_row(outcome: Outcome, copy: queries.Copy) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from sorter.db import queries
 from sorter.dicom.nonimage import non_image_reason
 from sorter.domain import FailureReason, InstanceHeader, Status
-from sorter.fspath import encode_path
+from sorter.fspath import display_path, encode_path
 from sorter.taxonomy import expected_label, normalise_modality
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,8 @@ class Registered:
     instance_id: int
     status: Status
     duplicate: bool = False
+    #: A duplicate from another series: another image under a SOP Instance UID already registered.
+    reused_uid: bool = False
     lost: bool = False  # the instance this path held before lost its file (``failed/vanished``)
 
 
@@ -174,9 +176,14 @@ def register(session: Session, items: Sequence[Registration]) -> list[Registered
         elif old.path == row["path"]:
             if item.changed:
                 reread.append({**row, "b_id": old.id})
-        elif old.status == Status.FAILED and row["status"] is Status.PENDING and old.id not in found_again:
+        elif (
+            old.status == Status.FAILED
+            and row["status"] is Status.PENDING
+            and old.id not in found_again
+            and not other_series(old.series_instance_uid, row["series_instance_uid"])
+        ):
             # A failed instance (its file overwritten, or unreadable) read well at another path:
-            # it lives here now, and is classified again.
+            # it lives here now, and is classified again. (Not another image under its UID.)
             found_again.add(old.id)
             reread.append({**row, "b_id": old.id})
         elif not os.path.lexists(old.path):
@@ -190,9 +197,18 @@ def register(session: Session, items: Sequence[Registration]) -> list[Registered
     for row in rows:
         found = after[row["sop_instance_uid"]]
         duplicate = found.path != row["path"]
-        if duplicate:
+        reused = duplicate and other_series(found.series_instance_uid, row["series_instance_uid"])
+        if reused:
+            log.info(
+                "SOP Instance UID %s is another image's too (series %s, not %s): %s is not classified",
+                found.sop_instance_uid,
+                row["series_instance_uid"],
+                found.series_instance_uid,
+                display_path(row["path"]),
+            )
+        elif duplicate:
             log.info("duplicate of SOP Instance UID %s at %s", found.sop_instance_uid, row["path"])
-        out.append(Registered(row["path"], found.id, found.status, duplicate))
+        out.append(Registered(row["path"], found.id, found.status, duplicate, reused))
     _forget_stale_path_rows(session, items, out)
     lost = _lose_overwritten(session, items, out)
     out = [replace(r, lost=True) if i.replaces in lost else r for i, r in zip(items, out, strict=True)]
@@ -211,6 +227,12 @@ def register(session: Session, items: Sequence[Registration]) -> list[Registered
         ],
     )
     return out
+
+
+def other_series(stored: str | None, found: str | None) -> bool:
+    """Whether two files under one SOP Instance UID belong to different series: two images, not
+    two copies of one (a device or an anonymiser that reuses UIDs)."""
+    return stored is not None and found is not None and stored != found
 
 
 def _lose_overwritten(session: Session, items: Sequence[Registration], out: Sequence[Registered]) -> set[int]:

@@ -193,6 +193,7 @@ class Registrar:
             if result.duplicate:
                 if self.summary is not None:
                     self.summary.duplicates += 1
+                    self.summary.reused_uids += int(result.reused_uid)
             elif result.status is Status.PENDING:
                 pending.append(result.instance_id)
             elif item.status is not Status.PENDING:

@@ -18,6 +18,7 @@ class RunSummary:
     unchanged: int = 0  # skipped by the ledger: same size and mtime as last time
     registered: int = 0  # new or changed files recorded this run
     duplicates: int = 0  # another path already holds the SOP Instance UID
+    reused_uids: int = 0  # of the duplicates, those from another series: another image, not classified
     resumed: int = 0  # pending instances left by an earlier, interrupted run
     classified: int = 0
     queued: int = 0  # instances sent to the broker for ``sorter worker`` (SORTER_BROKER_URL)
@@ -74,6 +75,7 @@ class RunSummary:
             "unchanged": self.unchanged,
             "registered": self.registered,
             "duplicates": self.duplicates,
+            "reused_uids": self.reused_uids,
             "resumed": self.resumed,
             "classified": self.classified,
             "queued": self.queued,

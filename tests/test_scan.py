@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pydicom
 import sqlalchemy as sa
-from db_support import copies_of_one_instance, copy_dicom, pydicom_file, query, scalar, scan, small_archive
+from db_support import (
+    copies_of_one_instance,
+    copy_dicom,
+    pydicom_file,
+    query,
+    scalar,
+    scan,
+    small_archive,
+    sorter,
+)
 
 from sorter.db.session import create_db_engine
 
@@ -155,6 +164,33 @@ def test_an_instance_whose_every_copy_is_bad_tries_each_once(db_url, tiny_model,
     assert rows[0].sop_instance_uid.startswith("2.25.") and not rows[1].sop_instance_uid.startswith("2.25.")
     again = scan(db_url, tiny_model, archive, tmp=tmp_path)
     assert again["unchanged"] == 2 and again["registered"] == 0 and again["failed"] == {}, again
+
+
+def test_another_image_under_a_reused_uid_is_counted_and_never_read_as_a_copy(db_url, tiny_model, tmp_path):
+    """A device or an anonymiser that reuses SOP Instance UIDs: the second image was a silent
+    "duplicate", never classified, and could even stand in for the first when that one failed. It
+    is now counted apart (another series), and never read in the first one's place."""
+    archive = tmp_path / "archive"
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    first = copy_dicom(pydicom_file("CT_small.dcm"), archive / "a" / "x.dcm", sop=uid)
+    first.write_bytes(first.read_bytes()[:-1500])  # cut inside its pixel data
+    other = copy_dicom(pydicom_file("MR_small.dcm"), archive / "b" / "x.dcm", sop=uid)  # another series
+    copy = archive / "c" / "x.dcm"
+    copy.parent.mkdir()
+    shutil.copy(other, copy)  # a true copy of the second image: same series
+
+    summary = scan(db_url, tiny_model, archive, tmp=tmp_path)
+
+    assert summary["duplicates"] == 2 and summary["reused_uids"] == 2, summary
+    assert summary["classified"] == 0 and summary["failed"] == {"truncated": 1}, summary
+    rows = query(db_url, "SELECT path, status, header_modality FROM instances")
+    assert [tuple(r) for r in rows] == [(str(first), "failed", "CT")]
+    output = sorter("scan", "--model", str(tiny_model), "--no-progress", str(archive), url=db_url).output
+    assert "reused UIDs" not in output  # nothing read again: the ledger knows both
+    (archive / "d").mkdir()
+    shutil.copy(other, archive / "d" / "x.dcm")
+    output = sorter("scan", "--model", str(tiny_model), "--no-progress", str(archive), url=db_url).output
+    assert "reused UIDs: 1 duplicate from another series" in output, output
 
 
 def test_a_file_completed_after_a_failed_scan_loses_its_failure(db_url, tiny_model, tmp_path):

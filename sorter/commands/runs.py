@@ -124,6 +124,11 @@ def print_summary(summary: RunSummary, json_path: Path | None) -> None:
         f"{plural(summary.duplicates, 'duplicate')}, {summary.resumed} resumed, "
         f"{summary.classified} classified, {plural(summary.discrepancies, 'discrepancy', 'discrepancies')}"
     )
+    if summary.reused_uids:
+        click.echo(
+            f"reused UIDs: {plural(summary.reused_uids, 'duplicate')} from another series: another image "
+            "under a SOP Instance UID already registered, not classified (-v lists them)"
+        )
     if summary.confusion:
         headers = sorted({h for h, _ in summary.confusion})
         labels = [label.value for label in Label if any(p == label.value for _, p in summary.confusion)]

@@ -135,6 +135,7 @@ class ExistingInstance:
     sop_instance_uid: str
     path: str
     status: Status
+    series_instance_uid: str | None = None
 
 
 def ledger_lookup(session: Session, paths: Collection[str]) -> dict[str, LedgerEntry]:
@@ -190,11 +191,20 @@ def instances_by_uid(session: Session, uids: Collection[str]) -> dict[str, Exist
     if not uids:
         return {}
     rows = session.execute(
-        sa.select(instances.c.id, instances.c.sop_instance_uid, instances.c.path, instances.c.status).where(
-            instances.c.sop_instance_uid.in_(list(uids))
-        )
+        sa.select(
+            instances.c.id,
+            instances.c.sop_instance_uid,
+            instances.c.path,
+            instances.c.status,
+            instances.c.series_instance_uid,
+        ).where(instances.c.sop_instance_uid.in_(list(uids)))
     )
-    return {r.sop_instance_uid: ExistingInstance(r.id, r.sop_instance_uid, r.path, r.status) for r in rows}
+    return {
+        r.sop_instance_uid: ExistingInstance(
+            r.id, r.sop_instance_uid, r.path, r.status, r.series_instance_uid
+        )
+        for r in rows
+    }
 
 
 def insert_instances(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -561,6 +571,7 @@ class Copy:
     sop_instance_uid: str
     source: str | None
     calling_ae: str | None
+    series_instance_uid: str | None = None
 
 
 def other_copies(session: Session, ids: Collection[int]) -> list[Copy]:
@@ -576,13 +587,22 @@ def other_copies(session: Session, ids: Collection[int]) -> list[Copy]:
             instances.c.sop_instance_uid,
             instances.c.source,
             instances.c.calling_ae,
+            instances.c.series_instance_uid,
         )
         .join(instances, instances.c.id == files.c.instance_id)
         .where(files.c.instance_id.in_(list(ids)), files.c.path != instances.c.path)
         .order_by(files.c.id)
     )
     return [
-        Copy(int(r.instance_id), str(r.path), str(r.at), r.sop_instance_uid, r.source, r.calling_ae)
+        Copy(
+            int(r.instance_id),
+            str(r.path),
+            str(r.at),
+            r.sop_instance_uid,
+            r.source,
+            r.calling_ae,
+            r.series_instance_uid,
+        )
         for r in session.execute(stmt)
     ]
 
