@@ -198,8 +198,8 @@ def register(session: Session, items: Sequence[Registration]) -> list[Registered
         found = after[row["sop_instance_uid"]]
         duplicate = found.path != row["path"]
         reused = duplicate and other_series(found.series_instance_uid, row["series_instance_uid"])
-        if reused:
-            log.info(
+        if reused:  # rare and a data problem at the source: said even by a service that logs warnings only
+            log.warning(
                 "SOP Instance UID %s is another image's too (series %s, not %s): %s is not classified",
                 found.sop_instance_uid,
                 row["series_instance_uid"],

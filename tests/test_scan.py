@@ -166,7 +166,9 @@ def test_an_instance_whose_every_copy_is_bad_tries_each_once(db_url, tiny_model,
     assert again["unchanged"] == 2 and again["registered"] == 0 and again["failed"] == {}, again
 
 
-def test_another_image_under_a_reused_uid_is_counted_and_never_read_as_a_copy(db_url, tiny_model, tmp_path):
+def test_another_image_under_a_reused_uid_is_counted_and_never_read_as_a_copy(
+    db_url, tiny_model, tmp_path, caplog
+):
     """A device or an anonymiser that reuses SOP Instance UIDs: the second image was a silent
     "duplicate", never classified, and could even stand in for the first when that one failed. It
     is now counted apart (another series), and never read in the first one's place."""
@@ -191,6 +193,10 @@ def test_another_image_under_a_reused_uid_is_counted_and_never_read_as_a_copy(db
     shutil.copy(other, archive / "d" / "x.dcm")
     output = sorter("scan", "--model", str(tiny_model), "--no-progress", str(archive), url=db_url).output
     assert "reused UIDs: 1 duplicate from another series" in output, output
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"SOP Instance UID {uid} is another image's too" in m and "/d/x.dcm" in m for m in warned), (
+        warned
+    )
 
 
 def test_a_file_completed_after_a_failed_scan_loses_its_failure(db_url, tiny_model, tmp_path):

@@ -127,7 +127,7 @@ def print_summary(summary: RunSummary, json_path: Path | None) -> None:
     if summary.reused_uids:
         click.echo(
             f"reused UIDs: {plural(summary.reused_uids, 'duplicate')} from another series: another image "
-            "under a SOP Instance UID already registered, not classified (-v lists them)"
+            "under a SOP Instance UID already registered, not classified (each logged as a warning)"
         )
     if summary.confusion:
         headers = sorted({h for h, _ in summary.confusion})
