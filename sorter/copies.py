@@ -42,7 +42,7 @@ def read_other_copies(session: Session, failed: Sequence[Outcome]) -> dict[int, 
         The caller's session, whose transaction claimed the instances; the caller commits, then
         submits the moved instances again.
     failed
-        ``failed`` outcomes of the batch.
+        The batch's outcomes that are not ``done``; the ``failed`` ones are looked at.
 
     Returns
     -------
@@ -65,15 +65,12 @@ def read_other_copies(session: Session, failed: Sequence[Outcome]) -> dict[int, 
     rows = [_bad_file_row(outcome, copy) for outcome, copy in bad.values()]
     queries.insert_instances(session, rows)
     own = queries.instances_by_uid(session, {row["sop_instance_uid"] for row in rows})
+    row_of = {row["path"]: own[row["sop_instance_uid"]].id for row in rows}
     # The row may be older (the path once held a file without a UID): it takes this failure.
     queries.mark_finished(
         session,
-        [
-            {"b_id": own[row["sop_instance_uid"]].id, **{k: row[k] for k in ("status", "error", "detail")}}
-            for row in rows
-        ],
+        [{"b_id": row_of[row["path"]], **{k: row[k] for k in ("status", "error", "detail")}} for row in rows],
     )
-    row_of = {row["path"]: own[row["sop_instance_uid"]].id for row in rows}
     queries.link_files(session, {copy.at: row_of.get(copy.at) for copy in chosen.values()})
     queries.read_from(session, {instance_id: copy.path for instance_id, copy in chosen.items()})
     reported: dict[int, Outcome | None] = {}

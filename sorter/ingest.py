@@ -125,6 +125,7 @@ def instance_row(item: Registration) -> dict[str, Any]:
         "series_instance_uid": _text(h.series_instance_uid if h else None, _LIMITS["uid"]),
         "sop_class_uid": _text(h.sop_class_uid if h else None, _LIMITS["uid"]),
         "header_modality": modality,
+        # From the cleaned Modality (a NUL inside "C\0T" is dropped), so not taxonomy.label_of(h).
         "header_label": expected_label(
             modality, localizer=h.localizer, sop_class_uid=_text(h.sop_class_uid, _LIMITS["uid"])
         )

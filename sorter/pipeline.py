@@ -118,7 +118,7 @@ def write_outcomes(session: Session, model_id: int, outcomes: Sequence[Outcome])
     queries.upsert_predictions(session, [prediction_row(o, model_id) for o in done])
     queries.mark_done(session, [o.instance_id for o in done], model_id)
     finished = [o for o in outcomes if o.status is not Status.DONE and not o.kept]
-    moved = read_other_copies(session, [o for o in finished if o.status is Status.FAILED])
+    moved = read_other_copies(session, finished)
     queries.mark_finished(
         session,
         [
