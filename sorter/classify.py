@@ -22,7 +22,7 @@ from sorter.dicom.reading import read_dataset
 from sorter.domain import InstanceHeader, Status
 from sorter.errors import InputError, NonImageObject
 from sorter.model.classifier import Classifier
-from sorter.taxonomy import label_of
+from sorter.taxonomy import class_contradiction, label_of
 from sorter.walk import Entry, distinct_roots, walk
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,10 @@ def _status_record(entry: Entry) -> dict[str, Any]:
 def result_record(item: Decoded, classifier: Classifier, prediction: Any) -> dict[str, Any]:
     """The JSON object for one classified instance (ARCHITECTURE §6)."""
     label = label_of(item.header)
-    verdict = compare(label, prediction, classifier.labels, classifier.spec.thresholds)
+    contradicted_by = class_contradiction(item.header.modality, item.header.sop_class_uid)
+    verdict = compare(
+        label, prediction, classifier.labels, classifier.spec.thresholds, contradicted_by=contradicted_by
+    )
     return {
         "path": item.path,
         "sop_instance_uid": item.header.sop_instance_uid,
@@ -103,6 +106,8 @@ def result_record(item: Decoded, classifier: Classifier, prediction: Any) -> dic
             [prediction.second_label.value, round(prediction.second_confidence, 4)],
         ],
         "verdict": verdict.value,
+        # What the SOP class allows when it contradicts the Modality (None: it does not).
+        "class_allows": sorted(label.value for label in contradicted_by) if contradicted_by else None,
     }
 
 

@@ -12,6 +12,8 @@ def compare(
     prediction: Prediction,
     supported: Collection[Label],
     thresholds: Thresholds | None = None,
+    *,
+    contradicted_by: Collection[Label] | None = None,
 ) -> Verdict:
     """Decide whether the header label and the predicted label disagree.
 
@@ -25,6 +27,9 @@ def compare(
         Labels the model can emit.
     thresholds
         The model's operating point (see :class:`~sorter.model.spec.Thresholds`).
+    contradicted_by
+        The labels the object's SOP class allows, when they exclude the header's
+        (:func:`sorter.taxonomy.class_contradiction`): a header at odds with itself.
 
     Returns
     -------
@@ -35,8 +40,23 @@ def compare(
         least its ``agree_at``, ``disagree`` when at most its ``disagree_at``,
         otherwise ``uncertain``. Without it: ``uncertain`` when the prediction is below
         the confidence threshold or its top-2 margin is too small; otherwise
-        ``agree`` or ``disagree`` by the argmax.
+        ``agree`` or ``disagree`` by the argmax. An ``uncertain`` header that its own SOP
+        class contradicts is ``disagree`` when the pixels' top label is one the class allows:
+        two independent witnesses against the Modality, where the pixels alone fall short.
     """
+    verdict = _pixels_verdict(header, prediction, supported, thresholds)
+    if verdict is Verdict.UNCERTAIN and contradicted_by and prediction.label in contradicted_by:
+        return Verdict.DISAGREE
+    return verdict
+
+
+def _pixels_verdict(
+    header: Label | None,
+    prediction: Prediction,
+    supported: Collection[Label],
+    thresholds: Thresholds | None,
+) -> Verdict:
+    """:func:`compare` on the pixels alone."""
     limits = thresholds or Thresholds()
     if header is None:
         return Verdict.NO_HEADER

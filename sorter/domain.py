@@ -90,6 +90,8 @@ class Claimed:
     header_label: Label | None
     status: Status = Status.PENDING  # DONE: classified before (`sorter reclassify`)
     sop_instance_uid: str | None = None
+    # The labels its SOP class allows, when they exclude the Modality's (taxonomy.class_contradiction).
+    contradicted_by: frozenset[Label] | None = None
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,9 @@ def infer(
             out.append(replace(result, kept=True) if kept else result)
             continue
         prediction = next(predictions)
-        verdict = compare(item.header_label, prediction, classifier.labels, thresholds)
+        verdict = compare(
+            item.header_label, prediction, classifier.labels, thresholds, contradicted_by=item.contradicted_by
+        )
         out.append(Outcome(item.id, Status.DONE, item.header_label, prediction, verdict))
     return out
 

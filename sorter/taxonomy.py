@@ -89,6 +89,83 @@ SECONDARY_CAPTURE_CLASSES: frozenset[str] = frozenset(
         "1.2.840.10008.5.1.4.1.1.7.4",
     }
 )
+#: What a standard image storage SOP class (PS3.4 B.5) says its pixels are: the IOD fixes the
+#: acquisition, so a CT Image Storage object whose Modality says MR contradicts itself. Both tags
+#: are written by the device, but routers, anonymisers and hand edits rewrite the Modality and
+#: leave the class (see :func:`class_contradiction`). Projection classes allow XR and MG: CR and
+#: DX objects hold mammograms in the wild. Secondary capture, 3D X-ray and private classes claim
+#: nothing.
+_CLASS_LABELS: dict[str, frozenset[Label]] = {
+    **dict.fromkeys(
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"),
+        frozenset({Label.CT}),
+    ),
+    **dict.fromkeys(
+        (
+            "1.2.840.10008.5.1.4.1.1.4",
+            "1.2.840.10008.5.1.4.1.1.4.1",
+            "1.2.840.10008.5.1.4.1.1.4.3",
+            "1.2.840.10008.5.1.4.1.1.4.4",
+        ),
+        frozenset({Label.MR}),
+    ),
+    **dict.fromkeys(
+        ("1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.128.1", "1.2.840.10008.5.1.4.1.1.130"),
+        frozenset({Label.PT}),
+    ),
+    **dict.fromkeys(("1.2.840.10008.5.1.4.1.1.20", "1.2.840.10008.5.1.4.1.1.5"), frozenset({Label.NM})),
+    **dict.fromkeys(
+        (
+            "1.2.840.10008.5.1.4.1.1.6.1",
+            "1.2.840.10008.5.1.4.1.1.6.2",
+            "1.2.840.10008.5.1.4.1.1.3.1",
+            "1.2.840.10008.5.1.4.1.1.6",  # retired US and US multi-frame classes
+            "1.2.840.10008.5.1.4.1.1.3",
+        ),
+        frozenset({Label.US}),
+    ),
+    **dict.fromkeys(
+        (
+            "1.2.840.10008.5.1.4.1.1.1.2",
+            "1.2.840.10008.5.1.4.1.1.1.2.1",
+            "1.2.840.10008.5.1.4.1.1.13.1.3",
+            "1.2.840.10008.5.1.4.1.1.13.1.4",
+            "1.2.840.10008.5.1.4.1.1.13.1.5",
+        ),
+        frozenset({Label.MG}),
+    ),
+    **dict.fromkeys(
+        ("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1"),
+        frozenset({Label.XR, Label.MG}),
+    ),
+    **dict.fromkeys(
+        (
+            "1.2.840.10008.5.1.4.1.1.1.3",
+            "1.2.840.10008.5.1.4.1.1.1.3.1",
+            "1.2.840.10008.5.1.4.1.1.12.1",
+            "1.2.840.10008.5.1.4.1.1.12.1.1",
+            "1.2.840.10008.5.1.4.1.1.12.2",
+            "1.2.840.10008.5.1.4.1.1.12.2.1",
+            "1.2.840.10008.5.1.4.1.1.481.1",
+        ),
+        frozenset({Label.XR}),
+    ),
+    **dict.fromkeys(
+        (
+            "1.2.840.10008.5.1.4.1.1.77.1.1",
+            "1.2.840.10008.5.1.4.1.1.77.1.1.1",
+            "1.2.840.10008.5.1.4.1.1.77.1.2",
+            "1.2.840.10008.5.1.4.1.1.77.1.2.1",
+            "1.2.840.10008.5.1.4.1.1.77.1.3",
+            "1.2.840.10008.5.1.4.1.1.77.1.4",
+            "1.2.840.10008.5.1.4.1.1.77.1.4.1",
+            "1.2.840.10008.5.1.4.1.1.77.1.5.1",
+            "1.2.840.10008.5.1.4.1.1.77.1.5.2",
+            "1.2.840.10008.5.1.4.1.1.77.1.6",
+        ),
+        frozenset({Label.OT}),
+    ),
+}
 #: Modalities whose localizer (Image Type LOCALIZER) is a projection radiograph: a CT scout,
 #: topogram or surview looks like an X-ray, not like a slice. (An MR localizer is MR.)
 PROJECTION_LOCALIZERS: frozenset[str] = frozenset({"CT"})
@@ -115,6 +192,26 @@ def expected_label(
 def label_of(header: InstanceHeader) -> Label | None:
     """:func:`expected_label` of a header read from a file."""
     return expected_label(header.modality, localizer=header.localizer, sop_class_uid=header.sop_class_uid)
+
+
+def class_labels(sop_class_uid: object) -> frozenset[Label] | None:
+    """The labels a standard image SOP class allows its pixels (``None``: it claims nothing)."""
+    return _CLASS_LABELS.get(str(sop_class_uid).strip().rstrip("\0")) if sop_class_uid else None
+
+
+def class_contradiction(modality: object, sop_class_uid: object) -> frozenset[Label] | None:
+    """The labels the SOP class allows when they exclude the Modality's label, else ``None``.
+
+    A CT Image Storage object whose Modality is MR gives ``{CT}``: two tags of one header say
+    different things, and :func:`sorter.compare.compare` then lets the pixels decide between
+    them. The Modality's own label counts, not :func:`expected_label`'s (a CT localizer is a CT
+    object that looks like XR, no contradiction).
+    """
+    allowed = class_labels(sop_class_uid)
+    label = header_label(modality)
+    if allowed is None or label is None or label in allowed:
+        return None
+    return allowed
 
 
 def is_localizer(image_type: object) -> bool:

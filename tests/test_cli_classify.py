@@ -26,6 +26,7 @@ FIELDS = {
     "confidence",
     "top2",
     "verdict",
+    "class_allows",
 }
 
 

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from sorter.db.models import Base
 from sorter.domain import Claimed, FailureReason, Label, Status, Verdict
 from sorter.fspath import encode_path, stored_prefixes
+from sorter.taxonomy import class_contradiction
 
 instances = Base.metadata.tables["instances"]
 files = Base.metadata.tables["files"]
@@ -344,13 +345,22 @@ def claim(
             instances.c.header_label,
             instances.c.status,
             instances.c.sop_instance_uid,
+            instances.c.header_modality,
+            instances.c.sop_class_uid,
         )
         .where(instances.c.id.in_(id_list), instances.c.status.in_(list(statuses)))
         .order_by(instances.c.id)
         .with_for_update(skip_locked=True, key_share=True, of=instances)
     )
     return [
-        Claimed(r.id, r.path, r.header_label, Status(r.status), r.sop_instance_uid)
+        Claimed(
+            r.id,
+            r.path,
+            r.header_label,
+            Status(r.status),
+            r.sop_instance_uid,
+            class_contradiction(r.header_modality, r.sop_class_uid),
+        )
         for r in session.execute(stmt)
     ]
 

@@ -16,7 +16,7 @@ from sorter.dicom import lean
 from sorter.dicom.nonimage import MEDIA_STORAGE_DIRECTORY, non_image_reason
 from sorter.dicom.reading import read_dataset, transfer_syntax_of
 from sorter.domain import InstanceHeader
-from sorter.taxonomy import is_localizer
+from sorter.taxonomy import class_contradiction, is_localizer
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +175,11 @@ def describe_series(path: str | os.PathLike[str]) -> dict[str, str]:
         text = _text(ds, keyword)
         if text is not None:
             out[keyword] = UID(text).name if keyword == "SOPClassUID" else text
+    allows = class_contradiction(out.get("Modality"), _text(ds, "SOPClassUID"))
+    if allows:  # the verdict may rest on it (sorter.compare): the reviewer sees why
+        out["SOPClassUID"] += (
+            f" (allows {' or '.join(sorted(label.value for label in allows))}, not the Modality)"
+        )
     syntax = transfer_syntax_of(ds)
     if syntax:
         out["TransferSyntax"] = UID(str(syntax)).name

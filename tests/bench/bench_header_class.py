@@ -1,0 +1,135 @@
+"""The SOP class as a second witness, on leave-sources-out predictions.
+
+Every held-out image of RUN (a finished ``sorter-train loso`` run) is judged from its out-of-fold
+probabilities at the run's own temperature, with the operating point ``sorter-train export``
+would choose on them (:func:`train.operating_point.choose`), twice: on the pixels alone and with
+the header's SOP class (:func:`sorter.compare.compare`, ``contradicted_by``). Right headers are
+each image with its own file's Modality; relabelled copies are each image once with every other
+label's Modality written in (CT, MR, PT, NM, DX, MG, US, OT) and its SOP class left as the file
+has it, as a router or a hand edit leaves it. Only DICOM images can change (a picture or a volume
+has no SOP class); both the DICOM images and all images are reported, per image and averaged
+over (source, label) groups as the model card averages.
+
+Run: .venv/bin/python tests/bench/bench_header_class.py --run runs/loso5-eff \\
+         [--out tests/bench/results-header-class-2core.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from sorter.compare import compare  # noqa: E402
+from sorter.domain import Label, Verdict  # noqa: E402
+from sorter.model.classifier import top_two  # noqa: E402
+from sorter.model.spec import Thresholds  # noqa: E402
+from sorter.taxonomy import class_contradiction  # noqa: E402
+from train.calibrate import softmax_np  # noqa: E402
+from train.config import load_run_config  # noqa: E402
+from train.operating_point import choose, read_out_of_fold  # noqa: E402
+from train.runs import images_for, select_rows  # noqa: E402
+
+#: The Modality a relabelled copy gets for each label.
+MODALITY = {"CT": "CT", "MR": "MR", "PT": "PT", "NM": "NM", "XR": "DX", "MG": "MG", "US": "US", "OT": "OT"}
+
+
+def _header(path: Path) -> tuple[str | None, str | None]:
+    """(Modality, SOP Class UID) of a DICOM file."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    return ds.get("Modality"), (str(ds.SOPClassUID) if "SOPClassUID" in ds else None)
+
+
+def _shares(tally: dict[str, list[tuple[str, Verdict]]]) -> dict[str, float]:
+    """Shares of right headers agreed and refuted and of copies refuted and agreed, per image and
+    per (source, label) group."""
+    out: dict[str, float] = {"right": 0, "relabelled": 0}
+    for kind, verdict, name in (
+        ("right", Verdict.AGREE, "agree"),
+        ("right", Verdict.DISAGREE, "false_disagree"),
+        ("copy", Verdict.DISAGREE, "caught"),
+        ("copy", Verdict.AGREE, "false_agree"),
+    ):
+        items = tally[kind]
+        if not items:
+            continue
+        out[name] = float(np.mean([v is verdict for _, v in items]))
+        groups: dict[str, list[bool]] = defaultdict(list)
+        for group, v in items:
+            groups[group].append(v is verdict)
+        out[f"{name}_sources"] = float(np.mean([np.mean(g) for g in groups.values()]))
+    out["right"], out["relabelled"] = len(tally["right"]), len(tally["copy"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    oof = read_out_of_fold(args.run)
+    config, manifest = load_run_config(args.run)
+    rows = select_rows(manifest, config)
+    images = images_for(rows, config, progress=False)  # the run's cache: the same images, in order
+    if len(images) != len(oof.y) or list(images.labels) != list(oof.data["labels"]):
+        sys.exit(
+            "the run's out-of-fold images are not its manifest's: an unfinished run, or another manifest"
+        )
+    probs = softmax_np(oof.data["logits"], float(oof.data["temperature"]))
+    agree_at, disagree_at = choose(probs, oof.y)
+    labels = [Label(v) for v in oof.labels]
+    thresholds = Thresholds(
+        agree_at={lab.value: float(a) for lab, a in zip(labels, agree_at, strict=True)},
+        disagree_at={lab.value: float(d) for lab, d in zip(labels, disagree_at, strict=True)},
+    )
+    headers: dict[int, tuple[str | None, str | None]] = {}
+    tallies: dict[str, dict[str, dict[str, list[tuple[str, Verdict]]]]] = {
+        scope: {rule: defaultdict(list) for rule in ("pixels", "with_class")} for scope in ("dicom", "all")
+    }
+    for i, row_index in enumerate(images.rows):
+        row = rows[int(row_index)]
+        is_dicom = row.format == "dcm"
+        if is_dicom and row_index not in headers:
+            headers[int(row_index)] = _header(row.path)
+        modality, sop_class = headers.get(int(row_index), (None, None))
+        prediction = top_two(probs[i], labels)
+        group = f"{row.source}/{row.label}"
+        truth = Label(str(oof.data["labels"][i]))
+        cases = [("right", truth, modality)] + [
+            ("copy", label, MODALITY[label.value]) for label in labels if label is not truth
+        ]
+        for kind, header, written in cases:
+            contradicted = class_contradiction(written, sop_class) if is_dicom else None
+            for rule, by in (("pixels", None), ("with_class", contradicted)):
+                verdict = compare(header, prediction, labels, thresholds, contradicted_by=by)
+                for scope in ("dicom", "all") if is_dicom else ("all",):
+                    tallies[scope][rule][kind].append((group, verdict))
+    result: dict[str, Any] = {
+        "run": str(args.run),
+        "protocol": "leave-sources-out out-of-fold probabilities; operating point chosen on them",
+        "class_contradicts_right_headers": sum(
+            class_contradiction(m, c) is not None for m, c in headers.values()
+        ),
+        "dicom_files": len(headers),
+    }
+    for scope, rules in tallies.items():
+        result[scope] = {rule: _shares(tally) for rule, tally in rules.items()}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
