@@ -11,11 +11,13 @@ NM as CT at 0.93, and called both headers `uncertain`: they never reached `discr
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 
 import pydicom
 import pytest
+import sqlalchemy as sa
 from click.testing import CliRunner
-from db_support import copy_dicom, pydicom_file, query, scan
+from db_support import copy_dicom, pydicom_file, query, scan, sorter
 from pydicom.uid import (
     ComputedRadiographyImageStorage,
     CTImageStorage,
@@ -27,6 +29,7 @@ from pydicom.uid import (
 
 from sorter.cli import main
 from sorter.compare import compare
+from sorter.db.session import create_db_engine
 from sorter.domain import ALL_LABELS, Label, Prediction, Verdict
 from sorter.model.artefact import DEFAULT_MODEL_PATH
 from sorter.model.spec import Thresholds
@@ -175,3 +178,35 @@ def test_the_review_page_header_says_the_class_contradicts_the_modality(tmp_path
         "CT Image Storage (allows CT, not the Modality)"
     )
     assert describe_series(_relabelled(tmp_path, "CT_small.dcm", "CT"))["SOPClassUID"] == "CT Image Storage"
+
+
+def test_a_database_from_before_gets_the_new_verdicts_by_reclassifying_what_it_predicted_before(
+    db_url, tmp_path
+):
+    """Upgrading changes nothing stored: the model's predictions stand until `reclassify
+    --predicted-before` (the day of the upgrade) makes them again, resumably."""
+    relabelled = _relabelled(tmp_path, "MR_small.dcm", "DX")
+    right = _relabelled(tmp_path, "CT_small.dcm", "CT")
+    scan(db_url, DEFAULT_MODEL_PATH, tmp_path / "archive", tmp=tmp_path)
+    engine = create_db_engine(db_url)
+    try:
+        with engine.begin() as connection:  # as a release before the rule stored them, a day ago
+            connection.execute(
+                sa.text("UPDATE predictions SET verdict = 'uncertain', created_at = :t"),
+                {"t": datetime.now(UTC) - timedelta(days=1)},
+            )
+    finally:
+        engine.dispose()
+    model = ("--model", str(DEFAULT_MODEL_PATH), "--no-progress")
+
+    unchanged = sorter("reclassify", *model, url=db_url)
+    assert "nothing classified again" in unchanged.stderr and "--predicted-before DATE" in unchanged.stderr
+
+    since = (datetime.now() - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S")  # local time
+    sorter("reclassify", *model, "--verdict", "uncertain", "--predicted-before", since, url=db_url)
+    verdicts = {r.path: r.verdict for r in query(db_url, "SELECT path, verdict FROM latest_predictions")}
+    assert verdicts == {str(relabelled): "disagree", str(right): "agree"}
+    assert query(db_url, "SELECT count(*) AS n FROM predictions")[0].n == 2  # replaced, not added
+
+    again = sorter("reclassify", *model, "--predicted-before", since, url=db_url)
+    assert "nothing classified again" in again.stderr  # what it redid is newer than the cut-off

@@ -4,12 +4,14 @@ Predictions are kept per model; the views show the active model's (``sorter
 models use``), so classifying with another model never switches them. The work
 list is "instances without a prediction from this model" (narrowed by the same
 filters as ``find``), so the command is resumable and a second run with the
-same model does nothing.
+same model does nothing; ``--predicted-before`` counts that model's older
+predictions as none (after an upgrade), and stays resumable.
 """
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -52,6 +54,14 @@ _LABELS = click.Choice([label.value for label in Label], case_sensitive=False)
     type=click.Path(path_type=str),
     help="Only this file, or the files under this folder (repeatable).",
 )
+@click.option(
+    "--predicted-before",
+    type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M"]),
+    help="Also classify again instances whose prediction from this model was made before this "
+    "date or time (local time), e.g. the day you upgraded sorter: a release that reads pixels or "
+    "judges headers differently changes nothing stored until then. Resumable: a rerun with the "
+    "same value skips what it redid.",
+)
 @classify_options
 def reclassify(
     include_failed: bool,
@@ -60,6 +70,7 @@ def reclassify(
     source: tuple[str, ...],
     verdict: tuple[str, ...],
     under: tuple[str, ...],
+    predicted_before: datetime | None,
     model: Path | None,
     workers: int | None,
     batch_size: int | None,
@@ -101,6 +112,8 @@ def reclassify(
                     executor,
                     statuses=[Status.DONE],
                     without_model=executor.model_id,
+                    # Naive is local time, as `find -newermt` reads it; the database compares UTC.
+                    predicted_before=predicted_before.astimezone(UTC) if predicted_before else None,
                     only=only,
                     drain_each_page=False,
                     on_page=count,
@@ -117,7 +130,8 @@ def reclassify(
     if not summary.files and not summary.registered:
         click.echo(
             "\nnothing classified again: no classified instance matches the filters, or each match "
-            "already has this model's prediction (`sorter report` lists sources and labels)",
+            "already has this model's prediction (`sorter report` lists sources and labels; "
+            "--predicted-before DATE classifies again what it predicted before DATE)",
             err=True,
         )
     if active is not None and active.id != model_id:

@@ -457,6 +457,7 @@ def next_ids(
     statuses: Collection[Status],
     under: Sequence[str] = (),
     without_model: int | None = None,
+    predicted_before: datetime | None = None,
     only: InstanceFilter | None = None,
 ) -> list[int]:
     """A page of instance ids (keyset pagination on ``id``), for resuming and reclassifying.
@@ -475,6 +476,9 @@ def next_ids(
         Only instances whose path starts with one of these folder prefixes.
     without_model
         Only instances without a prediction from this model id.
+    predicted_before
+        With ``without_model``: a prediction of that model made before this (aware) time counts
+        as none, so it is made again (``reclassify --predicted-before``).
     only
         Further filters (``reclassify``'s options).
     """
@@ -484,7 +488,10 @@ def next_ids(
     if under:
         stmt = stmt.where(path_under(instances.c.path, under))
     if without_model is not None:
-        stmt = stmt.where(~sa.exists(predicted_by(without_model)))
+        made = predicted_by(without_model)
+        if predicted_before is not None:
+            made = made.where(predictions.c.created_at >= db_time(session, predicted_before))
+        stmt = stmt.where(~sa.exists(made))
     return list(session.execute(stmt.order_by(instances.c.id).limit(limit)).scalars())
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -55,12 +56,14 @@ def submit_pending(
     statuses: Sequence[Status] = (Status.PENDING,),
     under: Sequence[str] = (),
     without_model: int | None = None,
+    predicted_before: datetime | None = None,
     only: queries.InstanceFilter | None = None,
     drain_each_page: bool = True,
     on_page: Callable[[list[int]], None] | None = None,
 ) -> int:
     """Submit every stored instance in ``statuses`` (under the folder prefixes ``under``, without a
-    prediction from ``without_model``, kept by ``only``) page by page; returns how many.
+    prediction from ``without_model`` made at or after ``predicted_before``, kept by ``only``)
+    page by page; returns how many.
 
     ``drain_each_page`` finishes each page before reading the next (resuming: the next page then
     starts from committed work); ``on_page`` is told each page's ids (progress, counters).
@@ -77,6 +80,7 @@ def submit_pending(
                     statuses=list(statuses),
                     under=part,
                     without_model=without_model,
+                    predicted_before=predicted_before,
                     only=only,
                 )
             if not ids:
