@@ -95,76 +95,21 @@ SECONDARY_CAPTURE_CLASSES: frozenset[str] = frozenset(
 #: leave the class (see :func:`class_contradiction`). Projection classes allow XR and MG: CR and
 #: DX objects hold mammograms in the wild. Secondary capture, 3D X-ray and private classes claim
 #: nothing.
+_IMAGE_CLASSES: tuple[tuple[frozenset[Label], tuple[str, ...]], ...] = (
+    (frozenset({Label.CT}), ("2", "2.1", "2.2")),  # CT, Enhanced CT, Legacy Converted Enhanced CT
+    (frozenset({Label.MR}), ("4", "4.1", "4.3", "4.4")),  # MR, Enhanced MR (and colour), Legacy
+    (frozenset({Label.PT}), ("128", "128.1", "130")),  # PET, Legacy Converted Enhanced, Enhanced
+    (frozenset({Label.NM}), ("20", "5")),  # NM, and its retired class
+    (frozenset({Label.US}), ("6.1", "6.2", "3.1", "6", "3")),  # US, Enhanced US Volume, multi-frame
+    (frozenset({Label.MG}), ("1.2", "1.2.1", "13.1.3", "13.1.4", "13.1.5")),  # mammography, tomo
+    (frozenset({Label.XR, Label.MG}), ("1", "1.1", "1.1.1")),  # CR, DX
+    (frozenset({Label.XR}), ("1.3", "1.3.1", "12.1", "12.1.1", "12.2", "12.2.1", "481.1")),  # IO, XA, RF, RT
+    # VL endoscopic, microscopic, slide-coordinates, photographic (and video), ophthalmic, whole slide
+    (frozenset({Label.OT}), ("77.1.1", "77.1.1.1", "77.1.2", "77.1.2.1", "77.1.3", "77.1.4", "77.1.4.1")),
+    (frozenset({Label.OT}), ("77.1.5.1", "77.1.5.2", "77.1.6")),
+)
 _CLASS_LABELS: dict[str, frozenset[Label]] = {
-    **dict.fromkeys(
-        ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"),
-        frozenset({Label.CT}),
-    ),
-    **dict.fromkeys(
-        (
-            "1.2.840.10008.5.1.4.1.1.4",
-            "1.2.840.10008.5.1.4.1.1.4.1",
-            "1.2.840.10008.5.1.4.1.1.4.3",
-            "1.2.840.10008.5.1.4.1.1.4.4",
-        ),
-        frozenset({Label.MR}),
-    ),
-    **dict.fromkeys(
-        ("1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.128.1", "1.2.840.10008.5.1.4.1.1.130"),
-        frozenset({Label.PT}),
-    ),
-    **dict.fromkeys(("1.2.840.10008.5.1.4.1.1.20", "1.2.840.10008.5.1.4.1.1.5"), frozenset({Label.NM})),
-    **dict.fromkeys(
-        (
-            "1.2.840.10008.5.1.4.1.1.6.1",
-            "1.2.840.10008.5.1.4.1.1.6.2",
-            "1.2.840.10008.5.1.4.1.1.3.1",
-            "1.2.840.10008.5.1.4.1.1.6",  # retired US and US multi-frame classes
-            "1.2.840.10008.5.1.4.1.1.3",
-        ),
-        frozenset({Label.US}),
-    ),
-    **dict.fromkeys(
-        (
-            "1.2.840.10008.5.1.4.1.1.1.2",
-            "1.2.840.10008.5.1.4.1.1.1.2.1",
-            "1.2.840.10008.5.1.4.1.1.13.1.3",
-            "1.2.840.10008.5.1.4.1.1.13.1.4",
-            "1.2.840.10008.5.1.4.1.1.13.1.5",
-        ),
-        frozenset({Label.MG}),
-    ),
-    **dict.fromkeys(
-        ("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1"),
-        frozenset({Label.XR, Label.MG}),
-    ),
-    **dict.fromkeys(
-        (
-            "1.2.840.10008.5.1.4.1.1.1.3",
-            "1.2.840.10008.5.1.4.1.1.1.3.1",
-            "1.2.840.10008.5.1.4.1.1.12.1",
-            "1.2.840.10008.5.1.4.1.1.12.1.1",
-            "1.2.840.10008.5.1.4.1.1.12.2",
-            "1.2.840.10008.5.1.4.1.1.12.2.1",
-            "1.2.840.10008.5.1.4.1.1.481.1",
-        ),
-        frozenset({Label.XR}),
-    ),
-    **dict.fromkeys(
-        (
-            "1.2.840.10008.5.1.4.1.1.77.1.1",
-            "1.2.840.10008.5.1.4.1.1.77.1.1.1",
-            "1.2.840.10008.5.1.4.1.1.77.1.2",
-            "1.2.840.10008.5.1.4.1.1.77.1.2.1",
-            "1.2.840.10008.5.1.4.1.1.77.1.3",
-            "1.2.840.10008.5.1.4.1.1.77.1.4",
-            "1.2.840.10008.5.1.4.1.1.77.1.4.1",
-            "1.2.840.10008.5.1.4.1.1.77.1.5.1",
-            "1.2.840.10008.5.1.4.1.1.77.1.5.2",
-            "1.2.840.10008.5.1.4.1.1.77.1.6",
-        ),
-        frozenset({Label.OT}),
-    ),
+    f"1.2.840.10008.5.1.4.1.1.{suffix}": labels for labels, suffixes in _IMAGE_CLASSES for suffix in suffixes
 }
 #: Modalities whose localizer (Image Type LOCALIZER) is a projection radiograph: a CT scout,
 #: topogram or surview looks like an X-ray, not like a slice. (An MR localizer is MR.)

@@ -63,6 +63,16 @@ def test_class_contradiction(modality, sop_class, expected):
     assert class_contradiction(modality, sop_class) == (None if expected is None else frozenset(expected))
 
 
+def test_every_class_in_the_table_is_a_standard_image_storage_class():
+    from pydicom.uid import UID
+
+    from sorter.taxonomy import _CLASS_LABELS
+
+    names = {uid: UID(uid).name for uid in _CLASS_LABELS}
+    assert all("Storage" in name for name in names.values()), names  # no typo, no unknown UID
+    assert len(_CLASS_LABELS) == 42
+
+
 def test_every_label_has_a_class_that_claims_it():
     claimed = {label for uid in _STANDARD_CLASSES for label in class_labels(uid) or ()}
     assert claimed == set(ALL_LABELS)
