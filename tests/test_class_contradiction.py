@@ -164,6 +164,22 @@ def test_a_scan_flags_the_relabelled_series(db_url, tmp_path):
     )
     assert [tuple(r) for r in rows] == [("XR", "MR", "disagree")]
 
+    copy_dicom(pydicom_file("CT_small.dcm"), tmp_path / "archive" / "right.dcm")  # no contradiction
+    scan(db_url, DEFAULT_MODEL_PATH, tmp_path / "archive", tmp=tmp_path)
+    report = json.loads(sorter("report", "--format", "json", url=db_url).stdout)
+    assert report["class_contradictions"] == [
+        {
+            "sop_class": "MR Image Storage",
+            "sop_class_uid": MRImageStorage,
+            "header_modality": "DX",
+            "class_allows": "MR",
+            "n": 3,
+            "disagree": 3,
+            "uncertain": 0,
+            "agree": 0,
+        }
+    ]
+
 
 def test_right_headers_in_another_class_stay_agreed(corpus):
     """Ultrasound frames a device stored as CR objects (five in the corpus): the class contradicts
