@@ -67,12 +67,20 @@ from sorter.adaptation.crossfit import HeadRecipe  # noqa: E402
 from sorter.adaptation.embed import head_inputs  # noqa: E402
 from sorter.adaptation.sample import Candidate, assign_folds, sample  # noqa: E402
 from sorter.adaptation.scoring import label_issues  # noqa: E402
+from sorter.compare import compare  # noqa: E402
+from sorter.domain import Label  # noqa: E402
 from sorter.model.artefact import load_artefact  # noqa: E402
+from sorter.model.classifier import top_two  # noqa: E402
+from sorter.model.spec import Thresholds  # noqa: E402
 from sorter.reports import CONTRADICTION_MIN_INSTANCES, contradicts  # noqa: E402
+from sorter.taxonomy import class_labels  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
 from train.config import load_run_config  # noqa: E402
 from train.operating_point import operating_point  # noqa: E402
 from train.runs import images_for, select_rows  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tests" / "bench"))
+from bench_header_class import dicom_headers  # noqa: E402
 
 SPORADIC_SHARE = 0.02
 
@@ -96,6 +104,24 @@ def header_verdicts(
         "agree" if v >= agree_at[h] else "disagree" if v <= disagree_at[h] else "uncertain"
         for v, h in zip(p, header, strict=True)
     ]
+
+
+def class_verdicts(
+    probs: np.ndarray,
+    header: np.ndarray,
+    classes: list[frozenset[Label] | None],
+    labels: list[str],
+    thresholds: Thresholds,
+) -> list[str]:
+    """:func:`sorter.compare.compare` for every image, with its file's SOP class as the second
+    witness (a sporadic or systematic error rewrites the Modality and leaves the class)."""
+    names = [Label(label) for label in labels]
+    out = []
+    for i, h in enumerate(header):
+        allowed = classes[i]
+        by = allowed if allowed is not None and names[h] not in allowed else None
+        out.append(compare(names[h], top_two(probs[i], names), names, thresholds, contradicted_by=by).value)
+    return out
 
 
 def fuse(generic: np.ndarray, adapted: np.ndarray) -> np.ndarray:
@@ -176,6 +202,7 @@ def fold_result(
     point: dict[str, Any],
     labels: list[str],
     repeats: int,
+    classes_of_row: dict[int, frozenset[Label] | None],
 ) -> dict[str, Any]:
     """Every repeat on fold ``fold``; sums and per-repeat rows."""
     held = np.asarray([fold_of[str(s)] == fold for s in images.sources])
@@ -198,6 +225,8 @@ def fold_result(
     generic = softmax_np(logits, point["temperature"])
     agree_at = np.asarray([point["agree_at"][label] for label in labels])
     disagree_at = np.asarray([point["disagree_at"][label] for label in labels])
+    thresholds = Thresholds(agree_at=point["agree_at"], disagree_at=point["disagree_at"])
+    classes = [classes_of_row.get(int(r)) for r in archive.rows]
     rng = np.random.default_rng(args.seed + fold)
     sums: dict[str, float] = defaultdict(float)
     rows = []
@@ -207,6 +236,9 @@ def fold_result(
             series_of, source_of, truth, len(labels), rng
         )
         verdicts = header_verdicts(generic, header, agree_at, disagree_at)
+        with_class = class_verdicts(generic, header, classes, labels, thresholds)
+        if repeat == 0:  # the vectorised header test is compare()'s, where no class speaks
+            assert class_verdicts(generic, header, [None] * len(header), labels, thresholds) == verdicts
         candidates = [
             Candidate(i, labels[header[i]], source_of[i], series_of[i], series_of[i])
             for i in range(len(archive))
@@ -230,9 +262,12 @@ def fold_result(
         for n, c in enumerate(chosen):
             flagged_instances[c.series].append(bool(result.issues.is_issue[n]))
         by_series_verdicts: dict[str, list[str]] = defaultdict(list)
+        by_series_class: dict[str, list[str]] = defaultdict(list)
         for i, v in enumerate(verdicts):
             by_series_verdicts[series_of[i]].append(v)
+            by_series_class[series_of[i]].append(with_class[i])
         generic_series = {s: vote(v) for s, v in by_series_verdicts.items()}
+        class_series = {s: vote(v) for s, v in by_series_class.items()}
         adapted_flag = {s: 2 * sum(f) >= len(f) for s, f in flagged_instances.items()}
         # Confident learning on both opinions at once: the geometric mean of the generic and the
         # adapted probabilities, so that a header either model finds implausible scores low.
@@ -252,6 +287,10 @@ def fold_result(
             "adapted": {s for s, f in adapted_flag.items() if f},
             "combination": {s for s, f in adapted_flag.items() if f and generic_series[s] != "agree"},
             "fused": {s for s, f in fused_flag.items() if f},
+            # The same two, with the SOP class as a second witness (sorter scan's verdicts since
+            # 2026-12-06): only DICOM images have one.
+            "generic_class": {s for s, v in class_series.items() if v == "disagree"},
+            "combination_class": {s for s, f in adapted_flag.items() if f and class_series[s] != "agree"},
             "agreement": {
                 s
                 for s, f in adapted_flag.items()
@@ -291,6 +330,9 @@ def fold_result(
         sums["systematic_reported_before"] += station_reported(
             generic, header, verdicts, in_source, disagree_at, RATE_BEFORE
         )
+        sums["systematic_reported_class"] += station_reported(
+            generic, header, with_class, in_source, disagree_at
+        )
         sums["systematic_eligible"] += bool(in_source.sum() >= CONTRADICTION_MIN_INSTANCES)
         # The honest sources of the archive (no header of theirs touched): accused? A source
         # holding a sporadic series is left out: when that series is most of it, reporting it is right.
@@ -304,6 +346,9 @@ def fold_result(
                 sums["honest_sources_reported"] += accused
                 sums["honest_sources_reported_before"] += station_reported(
                     generic, header, verdicts, mask, disagree_at, RATE_BEFORE
+                )
+                sums["honest_sources_reported_class"] += station_reported(
+                    generic, header, with_class, mask, disagree_at
                 )
                 if accused:
                     row["honest_sources_reported"].append(other)
@@ -329,9 +374,12 @@ def fold_result(
     }
 
 
+METHODS = ("generic", "adapted", "combination", "fused", "agreement", "generic_class", "combination_class")
+
+
 def summarise(sums: dict[str, float]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name in ("generic", "adapted", "combination", "fused", "agreement"):
+    for name in METHODS:
         flagged = sums.get(f"{name}_flagged", 0)
         out[name] = {
             "precision": sums.get(f"{name}_right", 0) / flagged if flagged else float("nan"),
@@ -349,6 +397,14 @@ def summarise(sums: dict[str, float]) -> dict[str, Any]:
     out["systematic_reported_before"] = (
         f"{int(sums.get('systematic_reported_before', 0))} of {int(sums.get('systematic_eligible', 0))}"
         f" (rate >= {RATE_BEFORE} alone)"
+    )
+    out["systematic_reported_class"] = (
+        f"{int(sums.get('systematic_reported_class', 0))} of {int(sums.get('systematic_eligible', 0))}"
+        " (with the SOP class)"
+    )
+    out["honest_sources_reported_class"] = (
+        f"{int(sums.get('honest_sources_reported_class', 0))} of {int(sums.get('honest_sources', 0))} checks"
+        " (with the SOP class)"
     )
     out["honest_sources_reported"] = (
         f"{int(sums.get('honest_sources_reported', 0))} of {int(sums.get('honest_sources', 0))} checks"
@@ -434,7 +490,12 @@ def main() -> None:
         parser.error("--generic RUN or --scale N")
     run = args.generic
     config, manifest = load_run_config(run)
-    images = images_for(select_rows(manifest, config), config, progress=False)
+    rows = select_rows(manifest, config)
+    images = images_for(rows, config, progress=False)
+    classes_of_row = {
+        index: class_labels(sop_class)
+        for index, (_, sop_class) in dicom_headers(rows, (int(r) for r in images.rows)).items()
+    }
     fold_of = json.loads((run / "folds.json").read_text())
     labels = [str(v) for v in config.labels]
     point = operating_point(run)
@@ -442,7 +503,9 @@ def main() -> None:
 
     torch.set_num_threads(os.cpu_count() or 1)
     folds = sorted(set(fold_of.values()))
-    per_fold = [fold_result(args, run, images, f, fold_of, point, labels, args.repeats) for f in folds]
+    per_fold = [
+        fold_result(args, run, images, f, fold_of, point, labels, args.repeats, classes_of_row) for f in folds
+    ]
     total: dict[str, float] = defaultdict(float)
     for r in per_fold:
         for k, v in r["sums"].items():
@@ -482,7 +545,7 @@ def main() -> None:
             + ", ".join(
                 f"{m} P {s[m]['precision']:.2f} R {s[m]['recall_sporadic']:.2f} "
                 f"clean {s[m]['clean_flagged_share']:.3f}"
-                for m in ("generic", "adapted", "combination", "fused", "agreement")
+                for m in METHODS
             )
         )
 

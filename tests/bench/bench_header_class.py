@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,15 @@ from train.runs import images_for, select_rows  # noqa: E402
 MODALITY = {"CT": "CT", "MR": "MR", "PT": "PT", "NM": "NM", "XR": "DX", "MG": "MG", "US": "US", "OT": "OT"}
 
 
-def _header(path: Path) -> tuple[str | None, str | None]:
-    """(Modality, SOP Class UID) of a DICOM file."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    return ds.get("Modality"), (str(ds.SOPClassUID) if "SOPClassUID" in ds else None)
+def dicom_headers(rows: Sequence[Any], indices: Iterable[int]) -> dict[int, tuple[str | None, str | None]]:
+    """(Modality, SOP Class UID) of each DICOM manifest row of ``indices``, read once per file
+    (pictures and volumes have neither and are left out)."""
+    out = {}
+    for index in sorted(set(indices)):
+        if rows[index].format == "dcm":
+            ds = pydicom.dcmread(rows[index].path, stop_before_pixels=True, force=True)
+            out[index] = ds.get("Modality"), (str(ds.SOPClassUID) if "SOPClassUID" in ds else None)
+    return out
 
 
 def _shares(tally: dict[str, list[tuple[str, Verdict]]]) -> dict[str, float]:
@@ -94,15 +100,13 @@ def main() -> None:
         agree_at={lab.value: float(a) for lab, a in zip(labels, agree_at, strict=True)},
         disagree_at={lab.value: float(d) for lab, d in zip(labels, disagree_at, strict=True)},
     )
-    headers: dict[int, tuple[str | None, str | None]] = {}
+    headers = dicom_headers(rows, (int(r) for r in images.rows))
     tallies: dict[str, dict[str, dict[str, list[tuple[str, Verdict]]]]] = {
         scope: {rule: defaultdict(list) for rule in ("pixels", "with_class")} for scope in ("dicom", "all")
     }
     for i, row_index in enumerate(images.rows):
         row = rows[int(row_index)]
-        is_dicom = row.format == "dcm"
-        if is_dicom and row_index not in headers:
-            headers[int(row_index)] = _header(row.path)
+        is_dicom = int(row_index) in headers
         modality, sop_class = headers.get(int(row_index), (None, None))
         prediction = top_two(probs[i], labels)
         group = f"{row.source}/{row.label}"
