@@ -96,9 +96,10 @@ def test_scan_adapt_views_report_and_listings(scanned, tmp_path):
     assert len(series) == len(SERIES) and all(r.n_scored == PER_SERIES for r in series)
     assert series[0].series_instance_uid == uids["ct_labelled_mr"], series
     assert series[0].is_label_issue == 1 and series[0].n_label_issues >= PER_SERIES // 2
-    # The generic model refutes it too; the adapted model's own operating point, chosen on 54
-    # out-of-fold predictions with a 1 % false-refutation budget, at least does not confirm it.
-    assert series[0].generic_verdict == "disagree" and series[0].adapted_verdict != "agree"
+    # The generic model refutes it too. The adapted model's own operating point, chosen on 54
+    # out-of-fold predictions with a 1 % false-refutation budget, may leave its MR in doubt, but
+    # its CT slices are CT Image Storage objects: the SOP class is a second witness, as in a scan.
+    assert series[0].generic_verdict == "disagree" and series[0].adapted_verdict == "disagree"
     honest = [r for r in series[1:]]
     assert all(r.is_label_issue == 0 for r in honest), honest
     assert series[0].label_issue_score > max(r.label_issue_score for r in honest)

@@ -14,11 +14,12 @@ from sorter.adaptation.sample import Candidate
 from sorter.adaptation.scoring import Issues
 from sorter.compare import compare
 from sorter.db.models import Base
-from sorter.db.queries import instances, upsert_predictions
+from sorter.db.queries import GROUP_SIZE, instances, upsert_predictions
 from sorter.domain import Label, Outcome, Status
 from sorter.model.classifier import top_two
 from sorter.model.spec import ModelSpec
 from sorter.pipeline import prediction_row, register_artefact
+from sorter.taxonomy import class_contradiction
 
 adaptations = Base.metadata.tables["adaptations"]
 label_issues = Base.metadata.tables["label_issues"]
@@ -69,6 +70,22 @@ def candidates(session: Session) -> tuple[list[Candidate], dict[int, str]]:
         )
         paths[int(row.id)] = row.path
     return pool, paths
+
+
+def class_contradictions(session: Session, ids: Sequence[int]) -> dict[int, frozenset[Label]]:
+    """The instances of ``ids`` whose SOP class rules out their Modality's label, with the labels
+    it allows (:func:`sorter.taxonomy.class_contradiction`), as a scan judges them."""
+    out = {}
+    for start in range(0, len(ids), GROUP_SIZE):
+        group = [int(i) for i in ids[start : start + GROUP_SIZE]]
+        stmt = sa.select(instances.c.id, instances.c.header_modality, instances.c.sop_class_uid).where(
+            instances.c.id.in_(group)
+        )
+        for row in session.execute(stmt):
+            allowed = class_contradiction(row.header_modality, row.sop_class_uid)
+            if allowed:
+                out[int(row.id)] = allowed
+    return out
 
 
 def register_models(
@@ -125,11 +142,14 @@ def write_adaptation(
         ).scalar_one()
     )
     labels = spec.labels
+    contradicted = class_contradictions(session, ids.tolist())
     rows, issue_rows = [], []
     for n, instance_id in enumerate(ids.tolist()):
         header = Label(headers[n])
         prediction = top_two(probs[n], labels)
-        verdict = compare(header, prediction, labels, spec.thresholds)
+        verdict = compare(
+            header, prediction, labels, spec.thresholds, contradicted_by=contradicted.get(int(instance_id))
+        )
         rows.append(
             prediction_row(Outcome(int(instance_id), Status.DONE, header, prediction, verdict), oof_id)
         )
