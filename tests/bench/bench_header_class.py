@@ -6,7 +6,8 @@ would choose on them (:func:`train.operating_point.choose`), twice: on the pixel
 the header's SOP class (:func:`sorter.compare.compare`, ``contradicted_by``). Right headers are
 each image with its own file's Modality; relabelled copies are each image once with every other
 label's Modality written in (CT, MR, PT, NM, DX, MG, US, OT) and its SOP class left as the file
-has it, as a router or a hand edit leaves it. Only DICOM images can change (a picture or a volume
+has it, as a router or a hand edit leaves it; two looser rules than the shipped one are scored
+beside it (``with_class_top2``, ``class_alone``). Only DICOM images can change (a picture or a volume
 has no SOP class); both the DICOM images and all images are reported, per image and averaged
 over (source, label) groups as the model card averages.
 
@@ -40,6 +41,8 @@ from train.config import load_run_config  # noqa: E402
 from train.operating_point import choose, read_out_of_fold  # noqa: E402
 from train.runs import images_for, select_rows  # noqa: E402
 
+#: Pixels alone; the shipped rule (the pixels' top label is one the class allows); two looser ones.
+RULES = ("pixels", "with_class", "with_class_top2", "class_alone")
 #: The Modality a relabelled copy gets for each label.
 MODALITY = {"CT": "CT", "MR": "MR", "PT": "PT", "NM": "NM", "XR": "DX", "MG": "MG", "US": "US", "OT": "OT"}
 
@@ -102,7 +105,7 @@ def main() -> None:
     )
     headers = dicom_headers(rows, (int(r) for r in images.rows))
     tallies: dict[str, dict[str, dict[str, list[tuple[str, Verdict]]]]] = {
-        scope: {rule: defaultdict(list) for rule in ("pixels", "with_class")} for scope in ("dicom", "all")
+        scope: {rule: defaultdict(list) for rule in RULES} for scope in ("dicom", "all")
     }
     for i, row_index in enumerate(images.rows):
         row = rows[int(row_index)]
@@ -116,8 +119,19 @@ def main() -> None:
         ]
         for kind, header, written in cases:
             contradicted = class_contradiction(written, sop_class) if is_dicom else None
-            for rule, by in (("pixels", None), ("with_class", contradicted)):
-                verdict = compare(header, prediction, labels, thresholds, contradicted_by=by)
+            pixels = compare(header, prediction, labels, thresholds)
+            shipped = compare(header, prediction, labels, thresholds, contradicted_by=contradicted)
+            # Looser rules, measured and not shipped: the class alone refutes an uncertain header
+            # when the pixels' runner-up is a label it allows, or whatever the pixels say.
+            doubted = pixels is Verdict.UNCERTAIN and contradicted is not None
+            top2 = doubted and prediction.second_label in (contradicted or ())
+            verdicts = {
+                "pixels": pixels,
+                "with_class": shipped,
+                "with_class_top2": Verdict.DISAGREE if top2 else shipped,
+                "class_alone": Verdict.DISAGREE if doubted else shipped,
+            }
+            for rule, verdict in verdicts.items():
                 for scope in ("dicom", "all") if is_dicom else ("all",):
                     tallies[scope][rule][kind].append((group, verdict))
     result: dict[str, Any] = {
