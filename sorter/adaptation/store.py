@@ -14,7 +14,7 @@ from sorter.adaptation.sample import Candidate
 from sorter.adaptation.scoring import Issues
 from sorter.compare import compare
 from sorter.db.models import Base
-from sorter.db.queries import GROUP_SIZE, instances, upsert_predictions
+from sorter.db.queries import instances, query_groups, upsert_predictions
 from sorter.domain import Label, Outcome, Status
 from sorter.model.classifier import top_two
 from sorter.model.spec import ModelSpec
@@ -76,10 +76,9 @@ def class_contradictions(session: Session, ids: Sequence[int]) -> dict[int, froz
     """The instances of ``ids`` whose SOP class rules out their Modality's label, with the labels
     it allows (:func:`sorter.taxonomy.class_contradiction`), as a scan judges them."""
     out = {}
-    for start in range(0, len(ids), GROUP_SIZE):
-        group = [int(i) for i in ids[start : start + GROUP_SIZE]]
+    for group in query_groups(ids) if ids else []:
         stmt = sa.select(instances.c.id, instances.c.header_modality, instances.c.sop_class_uid).where(
-            instances.c.id.in_(group)
+            instances.c.id.in_(list(group))
         )
         for row in session.execute(stmt):
             allowed = class_contradiction(row.header_modality, row.sop_class_uid)

@@ -9,7 +9,7 @@ import click
 import sqlalchemy as sa
 
 from sorter.commands.common import blank_is_unset, cannot_bind, database, database_option
-from sorter.db.session import UNDEFINED_TABLE, database_problem
+from sorter.db.session import UNDEFINED_TABLE, database_problem, sqlstate
 
 
 def _root_path(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
@@ -98,7 +98,7 @@ def serve(
                 built = refresher.ensure(session, force=True)
         except sa.exc.DBAPIError as exc:
             problem = database_problem(exc)
-            if getattr(exc.orig, "sqlstate", None) == UNDEFINED_TABLE or "no such table" in problem:
+            if sqlstate(exc) == UNDEFINED_TABLE or "no such table" in problem:
                 problem += " (is it migrated? sorter db check)"
             raise click.ClickException(f"cannot use the results database: {problem}") from exc
         if built is not None:

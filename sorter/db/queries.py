@@ -12,7 +12,7 @@ import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -56,13 +56,15 @@ def db_time(session: Session, value: datetime) -> datetime:
     return value.replace(tzinfo=None) if session.get_bind().dialect.name == "sqlite" else value
 
 
+T = TypeVar("T")
+
 #: Most values one query tests (:func:`query_groups`): `sorter scan` of 11 000 files named on
 #: the command line stopped at SQLite's "Expression tree is too large (maximum depth 1000)".
 GROUP_SIZE = 400
 
 
-def query_groups(values: Sequence[str]) -> list[Sequence[str]]:
-    """``values`` (paths for :func:`path_under`, UIDs for an ``IN``) in groups one query can take;
+def query_groups(values: Sequence[T]) -> list[Sequence[T]]:
+    """``values`` (paths for :func:`path_under`, UIDs or ids for an ``IN``) in groups one query can take;
     ``[()]``, one empty group, for none (no paths: "anywhere"). Callers query once per group."""
     if not values:
         return [()]

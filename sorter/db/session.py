@@ -318,6 +318,11 @@ PRIVILEGE_HINT = (
 )
 
 
+def sqlstate(exc: sa.exc.DBAPIError) -> str | None:
+    """PostgreSQL's SQLSTATE of a driver error (psycopg's ``sqlstate``); ``None`` for SQLite's."""
+    return getattr(exc.orig, "sqlstate", None)
+
+
 def database_problem(exc: sa.exc.DBAPIError) -> str:
     """The driver's own words on one line (psycopg's come on several, and SQLAlchemy's text adds
     the SQL and a web link), with what to do where the words leave it unsaid (SQLite's, and a
@@ -325,7 +330,7 @@ def database_problem(exc: sa.exc.DBAPIError) -> str:
     problem = "; ".join(line.strip() for line in str(exc.orig or exc).splitlines() if line.strip())
     lowered = problem.lower()
     hint = next((hint for words, hint in _SQLITE_HINTS if words in lowered), None)
-    if getattr(exc.orig, "sqlstate", None) == INSUFFICIENT_PRIVILEGE:
+    if sqlstate(exc) == INSUFFICIENT_PRIVILEGE:
         hint = PRIVILEGE_HINT
     return f"{problem}; {hint}" if hint else problem
 

@@ -36,8 +36,10 @@ sys.path.insert(0, str(ROOT))
 
 from sorter.taxonomy import class_contradiction  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tests" / "bench"))
+from bench_header_class import MODALITY  # noqa: E402
+
 CORPUS = ROOT.parent / "shared" / "corpus"
-MODALITY = {"CT": "CT", "MR": "MR", "PT": "PT", "NM": "NM", "XR": "DX", "MG": "MG", "US": "US", "OT": "OT"}
 
 
 def write_copies(corpus: Path, out: Path) -> int:
