@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sorter.model.preprocess import preprocess_frame
-from train.augment import _border, _export8, _text, acquisition_shift, unit_gain
+from train.augment import _border, _export8, _text, acquisition_shift, polarity_flip, unit_gain
 
 
 def _ct(n: int = 8, size: int = 64) -> torch.Tensor:
@@ -90,3 +90,40 @@ def test_unit_augment_is_a_probability():
     assert resolve_config("default", unit_augment=0.5).unit_augment == 0.5
     with pytest.raises(ValueError, match=r"unit_augment must be in \[0, 1\], not 1.5"):
         resolve_config("default", unit_augment=1.5)
+
+
+def test_polarity_flip_off_draws_nothing():
+    x, gen = _pet(), torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    assert torch.equal(polarity_flip(x, torch.ones(len(x), dtype=torch.bool), gen, 0.0), x)
+    assert torch.equal(gen.get_state(), state)  # runs without it stay bit for bit as before
+
+
+def test_polarity_flip_inverts_only_flagged_frames_and_keeps_letterbox_bars():
+    # A non-square PET frame letterboxed as training caches it: bars at the frame's minimum.
+    pet = _pet(4, size=64)
+    boxed = torch.zeros(4, 64, 96)
+    boxed[:, :, 16:80] = pet + 1.0  # content above the bars' minimum
+    x = torch.cat([_ct(2, size=96)[:, :64, :], boxed])
+    flippable = torch.tensor([False, False, True, True, True, True])
+    out = polarity_flip(x, flippable, torch.Generator().manual_seed(0), 1.0)
+    assert torch.equal(out[:2], x[:2])  # CT is never shown inverted
+    for frame, before in zip(out[2:], x[2:], strict=True):
+        low, high = before.min(), before.max()
+        assert torch.equal(frame[:, :16], before[:, :16]) and torch.equal(frame[:, 80:], before[:, 80:])
+        assert torch.allclose(frame[:, 16:80], high + low - before[:, 16:80])  # the hot spot is now darkest
+        assert frame[:, 16:80].argmin() == before[:, 16:80].argmax()
+    some = polarity_flip(x, flippable, torch.Generator().manual_seed(0), 0.5)
+    flipped = [not torch.equal(some[i], x[i]) for i in range(2, 6)]
+    assert 0 < sum(flipped) < 4 or len(set(flipped)) == 1  # a draw per frame, seeded
+    assert torch.equal(some, polarity_flip(x, flippable, torch.Generator().manual_seed(0), 0.5))
+
+
+def test_polarity_augment_is_a_probability():
+    import pytest
+
+    from train.config import resolve_config
+
+    assert resolve_config("default", polarity_augment=0.5).polarity_augment == 0.5
+    with pytest.raises(ValueError, match=r"polarity_augment must be in \[0, 1\], not 2"):
+        resolve_config("default", polarity_augment=2.0)

@@ -21,6 +21,12 @@ up to 10^5 called PT). A random gain on frames of the other labels makes that
 scale uninformative while CT keeps its own. Measured on the corpus it raised
 source-averaged recall but confirmed fewer right headers (README, The default
 model), so it is off by default.
+
+Polarity (``polarity``, 0 = off): nuclear medicine and PET are read in either
+polarity. Planar scintigrams, SPECT and PET MIPs are displayed, printed and
+exported black on white as often as white on black, while a CT, MR or ultrasound
+image shown inverted is a mistake. Inverting frames of those labels at random
+teaches the network that their polarity says nothing about them.
 """
 
 from __future__ import annotations
@@ -205,6 +211,34 @@ def unit_gain(raw: torch.Tensor, unitless: torch.Tensor, gen: torch.Generator, r
     return raw * torch.where(fires, gain, torch.ones_like(gain))[:, None, None]
 
 
+#: Labels whose images are displayed and exported in either polarity (see ``polarity`` above).
+EITHER_POLARITY = frozenset({"NM", "PT"})
+
+
+def polarity_flip(
+    raw: torch.Tensor, flippable: torch.Tensor, gen: torch.Generator, rate: float
+) -> torch.Tensor:
+    """Invert each frame flagged ``flippable`` (B,), with probability ``rate``, in physical units.
+
+    A frame's values v become max + min - v, as in an inverted export. Whole rows and columns at
+    the frame's minimum (the letterbox bars a non-square frame was cached with) stay at the
+    minimum: serving letterboxes an inverted picture with its own minimum too. ``rate`` 0 draws
+    nothing from ``gen``.
+    """
+    if rate <= 0:
+        return raw
+    fires = (torch.rand(raw.shape[0], generator=gen) < rate) & flippable
+    if not fires.any():
+        return raw
+    out = raw.clone()
+    for index in torch.nonzero(fires).flatten().tolist():
+        frame = raw[index]
+        low, high = frame.min(), frame.max()
+        bars = (frame == low).all(dim=1)[:, None] | (frame == low).all(dim=0)[None, :]
+        out[index] = torch.where(bars, low, high + low - frame)
+    return out
+
+
 def augment_batch(
     raw: torch.Tensor,
     features: torch.Tensor,
@@ -213,16 +247,22 @@ def augment_batch(
     shift: float = 0.0,
     unitless: torch.Tensor | None = None,
     units: float = 0.0,
+    flippable: torch.Tensor | None = None,
+    polarity: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment cached frames (B, R, R) in physical units into network input (B, C, S, S).
 
     ``unitless`` (B,) flags the frames whose label has no physical scale
     (:data:`PHYSICAL_UNITS`); ``units`` is the probability that such a frame gets a random gain
-    (:func:`unit_gain`).
+    (:func:`unit_gain`). ``flippable`` (B,) flags the frames whose label is read in either
+    polarity (:data:`EITHER_POLARITY`); ``polarity`` is the probability that such a frame is
+    inverted (:func:`polarity_flip`).
     """
     raw = raw.float()
     if unitless is not None:
         raw = unit_gain(raw, unitless, gen, units)
+    if flippable is not None:
+        raw = polarity_flip(raw, flippable, gen, polarity)
     small = acquisition_shift(_geometry(raw, params.input_size, gen), gen, shift)
     channels = []
     for name in params.channels:

@@ -53,6 +53,10 @@ class FitConfig:
     # random gain (train/augment.py, unit_gain), so that the hu channel cannot learn each
     # training source's storage scale (SUV, Bq/ml, counts) as the label's. 0 = off.
     unit_augment: float = 0.0
+    # Probability that a frame of a label read in either polarity (NM, PT: scintigrams, MIPs and
+    # exports are shown black on white as often as white on black) is inverted in training
+    # (train/augment.py, polarity_flip). 0 = off.
+    polarity_augment: float = 0.0
     # Knowledge distillation: a teacher artefact (fit), or a loso run whose fold-N/model.pt teaches
     # fold N (loso; same manifest, folds and seed). Its inputs must be this configuration's.
     teacher: str | None = None
@@ -228,6 +232,7 @@ _FRACTIONS: dict[str, tuple[float, float, bool]] = {
     "label_smoothing": (0.0, 1.0, False),
     "shift_augment": (0.0, 1.0, True),
     "unit_augment": (0.0, 1.0, True),
+    "polarity_augment": (0.0, 1.0, True),
     "distill_weight": (0.0, 1.0, True),
     "group_balance": (0.0, 1.0, True),
     "source_balance": (0.0, 1.0, True),

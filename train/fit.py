@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from sorter.model.network import SorterNet, build_network, load_pretrained
 from sorter.model.spec import ModelSpec
-from train.augment import PHYSICAL_UNITS, augment_batch
+from train.augment import EITHER_POLARITY, PHYSICAL_UNITS, augment_batch
 from train.calibrate import softmax_np
 from train.config import FitConfig
 from train.data import ImageSet
@@ -142,6 +142,7 @@ def train_one_epoch(
     targets_all = torch.tensor([label_index[str(v)] for v in images.labels])
     raw_all, feat_all = torch.from_numpy(images.raw), torch.from_numpy(images.features)
     unitless_all = torch.tensor([str(v) not in PHYSICAL_UNITS for v in images.labels], dtype=torch.bool)
+    flippable_all = torch.tensor([str(v) in EITHER_POLARITY for v in images.labels], dtype=torch.bool)
     losses: list[float] = []
     bar = tqdm(picks.split(config.batch_size), desc="train", unit="batch", leave=False, disable=not progress)
     for batch in bar:
@@ -155,6 +156,8 @@ def train_one_epoch(
             config.shift_augment,
             unitless_all[batch],
             config.unit_augment,
+            flippable_all[batch],
+            config.polarity_augment,
         )
         x = x.to(device, memory_format=torch.channels_last)
         f, y = f.to(device), targets_all[batch].to(device)
