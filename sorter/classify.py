@@ -22,6 +22,7 @@ from sorter.dicom.reading import read_dataset
 from sorter.domain import InstanceHeader, Status
 from sorter.errors import InputError, NonImageObject
 from sorter.model.classifier import Classifier
+from sorter.nuclides import nuclide_contradiction
 from sorter.taxonomy import class_contradiction, label_of
 from sorter.walk import Entry, distinct_roots, walk
 
@@ -91,8 +92,14 @@ def result_record(item: Decoded, classifier: Classifier, prediction: Any) -> dic
     """The JSON object for one classified instance (ARCHITECTURE §6)."""
     label = label_of(item.header)
     contradicted_by = class_contradiction(item.header.modality, item.header.sop_class_uid)
+    nuclide_allows = nuclide_contradiction(label, item.header.radionuclide)
     verdict = compare(
-        label, prediction, classifier.labels, classifier.spec.thresholds, contradicted_by=contradicted_by
+        label,
+        prediction,
+        classifier.labels,
+        classifier.spec.thresholds,
+        contradicted_by=contradicted_by,
+        nuclide_allows=nuclide_allows,
     )
     return {
         "path": item.path,
@@ -108,6 +115,9 @@ def result_record(item: Decoded, classifier: Classifier, prediction: Any) -> dic
         "verdict": verdict.value,
         # What the SOP class allows when it contradicts the Modality (None: it does not).
         "class_allows": sorted(label.value for label in contradicted_by) if contradicted_by else None,
+        # The radionuclide's code value, and what it allows when it rules the header out.
+        "radionuclide": item.header.radionuclide,
+        "nuclide_allows": sorted(label.value for label in nuclide_allows) if nuclide_allows else None,
     }
 
 

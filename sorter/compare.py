@@ -14,6 +14,7 @@ def compare(
     thresholds: Thresholds | None = None,
     *,
     contradicted_by: Collection[Label] | None = None,
+    nuclide_allows: Collection[Label] | None = None,
 ) -> Verdict:
     """Decide whether the header label and the predicted label disagree.
 
@@ -30,6 +31,10 @@ def compare(
     contradicted_by
         The labels the object's SOP class allows, when they exclude the header's
         (:func:`sorter.taxonomy.class_contradiction`): a header at odds with itself.
+    nuclide_allows
+        The labels the header's radionuclide allows, when they exclude the header's
+        (:func:`sorter.nuclides.nuclide_contradiction`): a PT header naming a single-photon
+        emitter, an NM header naming a positron emitter.
 
     Returns
     -------
@@ -43,10 +48,19 @@ def compare(
         ``agree`` or ``disagree`` by the argmax. An ``uncertain`` header that its own SOP
         class contradicts is ``disagree`` when the pixels' top label is one the class allows:
         two independent witnesses against the Modality, where the pixels alone fall short.
+        A header its radionuclide rules out is ``disagree`` unless the pixels refute every label
+        the nuclide allows: the nuclide says which scanner took the image, which the pixels of
+        a SPECT and a PET slice seldom tell apart, so it decides wherever the pixels leave room.
     """
     verdict = _pixels_verdict(header, prediction, supported, thresholds)
     if verdict is Verdict.UNCERTAIN and contradicted_by and prediction.label in contradicted_by:
         return Verdict.DISAGREE
+    if verdict is not Verdict.DISAGREE and nuclide_allows:
+        room = any(
+            _pixels_verdict(label, prediction, supported, thresholds) is not Verdict.DISAGREE
+            for label in nuclide_allows
+        )
+        return Verdict.DISAGREE if room else verdict
     return verdict
 
 

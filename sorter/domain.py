@@ -63,6 +63,9 @@ class InstanceHeader:
     station_name: str | None = None
     #: Image Type (0008,0008) names LOCALIZER: a scout, topogram or surview.
     localizer: bool = False
+    #: The first radiopharmaceutical's Radionuclide Code Sequence (0054,0016)/(0054,0300) code
+    #: value (C-111A1, 77004003 ...): which scanner can have imaged it (:mod:`sorter.nuclides`).
+    radionuclide: str | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,8 @@ class Claimed:
     sop_instance_uid: str | None = None
     # The labels its SOP class allows, when they exclude the Modality's (taxonomy.class_contradiction).
     contradicted_by: frozenset[Label] | None = None
+    # The labels its radionuclide allows, when they exclude the header's (nuclides.nuclide_contradiction).
+    nuclide_allows: frozenset[Label] | None = None
 
 
 @dataclass(frozen=True)

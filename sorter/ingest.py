@@ -37,7 +37,16 @@ from sorter.taxonomy import expected_label, normalise_modality
 log = logging.getLogger(__name__)
 
 #: Length limits of the ``instances`` columns (PostgreSQL refuses longer values).
-_LIMITS = {"uid": 64, "modality": 16, "institution": 128, "station": 64, "ae": 16, "source": 255, "error": 64}
+_LIMITS = {
+    "uid": 64,
+    "code": 64,
+    "modality": 16,
+    "institution": 128,
+    "station": 64,
+    "ae": 16,
+    "source": 255,
+    "error": 64,
+}
 
 
 def path_uid(path: str) -> str:
@@ -131,6 +140,7 @@ def instance_row(item: Registration) -> dict[str, Any]:
         )
         if h
         else None,
+        "radionuclide": _text(h.radionuclide if h else None, _LIMITS["code"]),
         "transfer_syntax_uid": _text(h.transfer_syntax_uid if h else None, _LIMITS["uid"]),
         "rows": h.rows if h else None,
         "columns": h.columns if h else None,

@@ -75,7 +75,12 @@ def infer(
             continue
         prediction = next(predictions)
         verdict = compare(
-            item.header_label, prediction, classifier.labels, thresholds, contradicted_by=item.contradicted_by
+            item.header_label,
+            prediction,
+            classifier.labels,
+            thresholds,
+            contradicted_by=item.contradicted_by,
+            nuclide_allows=item.nuclide_allows,
         )
         out.append(Outcome(item.id, Status.DONE, item.header_label, prediction, verdict))
     return out

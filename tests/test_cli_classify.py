@@ -27,6 +27,8 @@ FIELDS = {
     "top2",
     "verdict",
     "class_allows",
+    "radionuclide",
+    "nuclide_allows",
 }
 
 

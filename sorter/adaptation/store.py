@@ -18,6 +18,7 @@ from sorter.db.queries import instances, query_groups, upsert_predictions
 from sorter.domain import Label, Outcome, Status
 from sorter.model.classifier import top_two
 from sorter.model.spec import ModelSpec
+from sorter.nuclides import nuclide_contradiction
 from sorter.pipeline import prediction_row, register_artefact
 from sorter.taxonomy import class_contradiction
 
@@ -72,18 +73,24 @@ def candidates(session: Session) -> tuple[list[Candidate], dict[int, str]]:
     return pool, paths
 
 
-def class_contradictions(session: Session, ids: Sequence[int]) -> dict[int, frozenset[Label]]:
-    """The instances of ``ids`` whose SOP class rules out their Modality's label, with the labels
-    it allows (:func:`sorter.taxonomy.class_contradiction`), as a scan judges them."""
+def header_witnesses(
+    session: Session, ids: Sequence[int]
+) -> dict[int, tuple[frozenset[Label] | None, frozenset[Label] | None]]:
+    """The instances of ``ids`` whose header contradicts itself, as a scan judges them: the labels
+    their SOP class allows when it rules out the Modality's
+    (:func:`sorter.taxonomy.class_contradiction`), and those their radionuclide allows when it
+    rules out the header's (:func:`sorter.nuclides.nuclide_contradiction`)."""
     out = {}
+    columns = (instances.c.header_modality, instances.c.sop_class_uid, instances.c.header_label)
     for group in query_groups(ids) if ids else []:
-        stmt = sa.select(instances.c.id, instances.c.header_modality, instances.c.sop_class_uid).where(
+        stmt = sa.select(instances.c.id, *columns, instances.c.radionuclide).where(
             instances.c.id.in_(list(group))
         )
         for row in session.execute(stmt):
-            allowed = class_contradiction(row.header_modality, row.sop_class_uid)
-            if allowed:
-                out[int(row.id)] = allowed
+            by_class = class_contradiction(row.header_modality, row.sop_class_uid)
+            by_nuclide = nuclide_contradiction(row.header_label, row.radionuclide)
+            if by_class or by_nuclide:
+                out[int(row.id)] = (by_class, by_nuclide)
     return out
 
 
@@ -141,13 +148,14 @@ def write_adaptation(
         ).scalar_one()
     )
     labels = spec.labels
-    contradicted = class_contradictions(session, ids.tolist())
+    witnesses = header_witnesses(session, ids.tolist())
     rows, issue_rows = [], []
     for n, instance_id in enumerate(ids.tolist()):
         header = Label(headers[n])
         prediction = top_two(probs[n], labels)
+        by_class, by_nuclide = witnesses.get(int(instance_id), (None, None))
         verdict = compare(
-            header, prediction, labels, spec.thresholds, contradicted_by=contradicted.get(int(instance_id))
+            header, prediction, labels, spec.thresholds, contradicted_by=by_class, nuclide_allows=by_nuclide
         )
         rows.append(
             prediction_row(Outcome(int(instance_id), Status.DONE, header, prediction, verdict), oof_id)

@@ -168,6 +168,8 @@ class Instance(Base):
     sop_class_uid: Mapped[str | None] = mapped_column(sa.String(64))
     header_modality: Mapped[str | None] = mapped_column(sa.String(16))
     header_label: Mapped[Label | None] = mapped_column(enum_by_value(Label, "header_label"))
+    # The radionuclide's code value (migration 0011; sorter.nuclides).
+    radionuclide: Mapped[str | None] = mapped_column(sa.String(64))
     transfer_syntax_uid: Mapped[str | None] = mapped_column(sa.String(64))
     rows: Mapped[int | None] = mapped_column(sa.Integer)
     columns: Mapped[int | None] = mapped_column(sa.Integer)

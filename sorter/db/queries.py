@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from sorter.db.models import Base
 from sorter.domain import Claimed, FailureReason, Label, Status, Verdict
 from sorter.fspath import encode_path, stored_prefixes
+from sorter.nuclides import nuclide_contradiction
 from sorter.taxonomy import class_contradiction
 
 instances = Base.metadata.tables["instances"]
@@ -228,6 +229,7 @@ _REREAD_COLUMNS = (
     "sop_class_uid",
     "header_modality",
     "header_label",
+    "radionuclide",
     "transfer_syntax_uid",
     "rows",
     "columns",
@@ -349,6 +351,7 @@ def claim(
             instances.c.sop_instance_uid,
             instances.c.header_modality,
             instances.c.sop_class_uid,
+            instances.c.radionuclide,
         )
         .where(instances.c.id.in_(id_list), instances.c.status.in_(list(statuses)))
         .order_by(instances.c.id)
@@ -362,6 +365,7 @@ def claim(
             Status(r.status),
             r.sop_instance_uid,
             class_contradiction(r.header_modality, r.sop_class_uid),
+            nuclide_contradiction(r.header_label, r.radionuclide),
         )
         for r in session.execute(stmt)
     ]

@@ -16,7 +16,8 @@ from sorter.dicom import lean
 from sorter.dicom.nonimage import MEDIA_STORAGE_DIRECTORY, non_image_reason
 from sorter.dicom.reading import read_dataset, transfer_syntax_of
 from sorter.domain import InstanceHeader
-from sorter.taxonomy import class_contradiction, is_localizer
+from sorter.nuclides import nuclide_contradiction
+from sorter.taxonomy import class_contradiction, header_label, is_localizer
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ HEADER_TAGS: tuple[str, ...] = (
     "InstitutionName",
     "StationName",
     "ImageType",
+    "RadiopharmaceuticalInformationSequence",
     "FileSetID",
     "OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity",
 )
@@ -77,6 +79,18 @@ def _sop_class_uid(ds: Dataset) -> str | None:
     return uid
 
 
+def _radionuclide(ds: Dataset) -> str | None:
+    """The first radiopharmaceutical's radionuclide code value, as the lean reader finds it."""
+    try:
+        for item in ds.get("RadiopharmaceuticalInformationSequence") or ():
+            for code in item.get("RadionuclideCodeSequence") or ():
+                return _text(code, "CodeValue")
+            return None
+    except Exception as exc:  # a malformed sequence must not cost us the rest of the header
+        logger.debug("unparseable radiopharmaceutical: %s", exc)
+    return None
+
+
 def header_from_dataset(ds: Dataset, path: str | os.PathLike[str]) -> InstanceHeader:
     """Build an :class:`~sorter.domain.InstanceHeader` from an already-read data set.
 
@@ -108,6 +122,7 @@ def header_from_dataset(ds: Dataset, path: str | os.PathLike[str]) -> InstanceHe
         institution_name=_text(ds, "InstitutionName"),
         station_name=_text(ds, "StationName"),
         localizer=is_localizer(_value(ds, "ImageType")),
+        radionuclide=_radionuclide(ds),
     )
 
 
@@ -155,7 +170,19 @@ DESCRIBE_TAGS: tuple[str, ...] = (
     "Rows",
     "Columns",
     "NumberOfFrames",
+    "RadiopharmaceuticalInformationSequence",
 )
+
+
+def _nuclide_name(ds: Dataset) -> str | None:
+    """The first radionuclide's code meaning (``^18^Fluorine``), else its code value."""
+    try:
+        for item in ds.get("RadiopharmaceuticalInformationSequence") or ():
+            for code in item.get("RadionuclideCodeSequence") or ():
+                return _text(code, "CodeMeaning") or _text(code, "CodeValue")
+    except Exception:  # the page shows what it can
+        return None
+    return None
 
 
 def describe_series(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -171,7 +198,7 @@ def describe_series(path: str | os.PathLike[str]) -> dict[str, str]:
     except Exception as exc:  # the page shows the reason; the database still has the rest
         return {"error": f"cannot read the header: {type(exc).__name__}"}
     out: dict[str, str] = {}
-    for keyword in DESCRIBE_TAGS:
+    for keyword in DESCRIBE_TAGS[:-1]:
         text = _text(ds, keyword)
         if text is not None:
             out[keyword] = UID(text).name if keyword == "SOPClassUID" else text
@@ -180,6 +207,12 @@ def describe_series(path: str | os.PathLike[str]) -> dict[str, str]:
         out["SOPClassUID"] += (
             f" (allows {' or '.join(sorted(label.value for label in allows))}, not the Modality)"
         )
+    nuclide = _nuclide_name(ds)
+    if nuclide is not None:
+        out["Radionuclide"] = nuclide
+        allowed = nuclide_contradiction(header_label(out.get("Modality")), _radionuclide(ds))
+        if allowed:
+            out["Radionuclide"] += f" (imaged by {' or '.join(sorted(label.value for label in allowed))})"
     syntax = transfer_syntax_of(ds)
     if syntax:
         out["TransferSyntax"] = UID(str(syntax)).name

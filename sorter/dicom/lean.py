@@ -89,6 +89,9 @@ _PIXEL_DECLINE = frozenset(
     }
 )  # fmt: skip
 _WATCHED = _HEADER_DECLINE | _PIXEL_DECLINE
+#: Radiopharmaceutical Information Sequence > Radionuclide Code Sequence > Code Value: the one
+#: nested value kept (:func:`_first_nested`), under the keyword ``Radionuclide``.
+_RADIONUCLIDE_PATH = (0x00540016, 0x00540300, 0x00080100)
 
 
 class _Decline(Exception):
@@ -174,6 +177,44 @@ def _skip_item(buf: bytes, pos: int, end: int, explicit: bool, depth: int) -> in
     raise _Decline
 
 
+def _first_nested(
+    buf: bytes, pos: int, stop: int, explicit: bool, path: tuple[int, ...], depth: int
+) -> bytes | None:
+    """The first value at ``path`` inside the items of a sequence whose value is ``buf[pos:stop]``.
+
+    ``path`` names the elements below the sequence, the last one a plain value; every other one
+    is a sequence (known by its tag, as in Implicit VR a defined-length sequence has no VR).
+    """
+    if depth > _MAX_DEPTH:
+        raise _Decline
+    while pos + 8 <= stop:
+        tag, length = _tag(buf, pos), int.from_bytes(buf[pos + 4 : pos + 8], "little")
+        pos += 8
+        if tag == _SEQUENCE_END:
+            return None
+        if tag != _ITEM:
+            raise _Decline
+        item_end = _skip_item(buf, pos, stop, explicit, depth) if length == _UNDEFINED else pos + length
+        at = pos
+        while at < item_end and _tag(buf, at) != _ITEM_END:
+            tag, value_at, length, _ = _element(buf, at, item_end, explicit)
+            if length == _UNDEFINED:
+                at = _skip_sequence(buf, value_at, item_end, explicit, depth + 1)
+            else:
+                at = value_at + length
+            if at > item_end:
+                raise _Decline
+            if tag != path[0]:
+                continue
+            if len(path) == 1:
+                return None if length == _UNDEFINED else buf[value_at:at]
+            found = _first_nested(buf, value_at, at, explicit, path[1:], depth + 1)
+            if found is not None:
+                return found
+        pos = item_end
+    return None
+
+
 def _walk_top(buf: bytes, pos: int, end: int, found: LeanFile) -> int:
     """Walk top-level elements from ``pos``; return where the pixel data element starts, or ``end``."""
     explicit = found.transfer_syntax == EXPLICIT_LE
@@ -188,13 +229,17 @@ def _walk_top(buf: bytes, pos: int, end: int, found: LeanFile) -> int:
         if length == _UNDEFINED:
             if not sequence:
                 raise _Decline
-            pos = _skip_sequence(buf, value_at, end, explicit, 1)
-            continue
-        pos = value_at + length
-        if pos > end:
-            raise _Decline  # truncated, or a header read that needs more bytes
-        if (name := _KEEP.get(tag)) is not None:
-            found.values[name] = buf[value_at:pos]
+            start, pos = value_at, _skip_sequence(buf, value_at, end, explicit, 1)
+        else:
+            start, pos = value_at, value_at + length
+            if pos > end:
+                raise _Decline  # truncated, or a header read that needs more bytes
+            if (name := _KEEP.get(tag)) is not None:
+                found.values[name] = buf[value_at:pos]
+        if tag == _RADIONUCLIDE_PATH[0] and "Radionuclide" not in found.values:
+            code = _first_nested(buf, start, pos, explicit, _RADIONUCLIDE_PATH[1:], 1)
+            if code is not None:
+                found.values["Radionuclide"] = code
     return end
 
 
@@ -348,6 +393,7 @@ def read_header(path: str) -> InstanceHeader | None:
             institution_name=_text(v.get("InstitutionName")),
             station_name=_text(v.get("StationName")),
             localizer=_localizer(v.get("ImageType")),
+            radionuclide=_text(v.get("Radionuclide")),
         )
     except _Decline:
         return None

@@ -58,6 +58,27 @@ def dicom_headers(rows: Sequence[Any], indices: Iterable[int]) -> dict[int, tupl
     return out
 
 
+def judged_out_of_fold(run: Path) -> tuple[Any, Any, Any, np.ndarray, list[Label], Thresholds]:
+    """A finished loso run's manifest rows, images, out-of-fold predictions, their calibrated
+    probabilities, labels, and the operating point ``sorter-train export`` would choose on them."""
+    oof = read_out_of_fold(run)
+    config, manifest = load_run_config(run)
+    rows = select_rows(manifest, config)
+    images = images_for(rows, config, progress=False)  # the run's cache: the same images, in order
+    if len(images) != len(oof.y) or list(images.labels) != list(oof.data["labels"]):
+        sys.exit(
+            "the run's out-of-fold images are not its manifest's: an unfinished run, or another manifest"
+        )
+    probs = softmax_np(oof.data["logits"], float(oof.data["temperature"]))
+    agree_at, disagree_at = choose(probs, oof.y)
+    labels = [Label(v) for v in oof.labels]
+    thresholds = Thresholds(
+        agree_at={lab.value: float(a) for lab, a in zip(labels, agree_at, strict=True)},
+        disagree_at={lab.value: float(d) for lab, d in zip(labels, disagree_at, strict=True)},
+    )
+    return rows, images, oof, probs, labels, thresholds
+
+
 def _shares(tally: dict[str, list[tuple[str, Verdict]]]) -> dict[str, float]:
     """Shares of right headers agreed and refuted and of copies refuted and agreed, per image and
     per (source, label) group."""
@@ -88,21 +109,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    oof = read_out_of_fold(args.run)
-    config, manifest = load_run_config(args.run)
-    rows = select_rows(manifest, config)
-    images = images_for(rows, config, progress=False)  # the run's cache: the same images, in order
-    if len(images) != len(oof.y) or list(images.labels) != list(oof.data["labels"]):
-        sys.exit(
-            "the run's out-of-fold images are not its manifest's: an unfinished run, or another manifest"
-        )
-    probs = softmax_np(oof.data["logits"], float(oof.data["temperature"]))
-    agree_at, disagree_at = choose(probs, oof.y)
-    labels = [Label(v) for v in oof.labels]
-    thresholds = Thresholds(
-        agree_at={lab.value: float(a) for lab, a in zip(labels, agree_at, strict=True)},
-        disagree_at={lab.value: float(d) for lab, d in zip(labels, disagree_at, strict=True)},
-    )
+    rows, images, oof, probs, labels, thresholds = judged_out_of_fold(args.run)
     headers = dicom_headers(rows, (int(r) for r in images.rows))
     tallies: dict[str, dict[str, dict[str, list[tuple[str, Verdict]]]]] = {
         scope: {rule: defaultdict(list) for rule in RULES} for scope in ("dicom", "all")

@@ -1,0 +1,152 @@
+"""The radionuclide as a witness, on leave-sources-out predictions.
+
+Every held-out image of RUN (a finished ``sorter-train loso`` run) is judged from its
+out-of-fold probabilities at the run's own temperature, with the operating point ``sorter-train
+export`` would choose on them, as ``bench_header_class.py`` judges it: on the pixels alone, with
+the SOP class (the rule shipped before), and with the SOP class and the radionuclide
+(:func:`sorter.compare.compare`, ``nuclide_allows``). Each image names its nuclide as a PET or NM
+object of it would: its file's own Radionuclide Code Sequence where it has one (the corpus's
+PET files name F-18, its planar NM files Tc-99m), else F-18 for PT and Tc-99m for NM (the isotope
+modules are mandatory in both IODs); pictures and volumes have no SOP class.
+
+Three cases per image:
+
+* ``right``: its own label's header. The nuclide agrees with it, so the rule cannot change it
+  (reported to show it does not).
+* ``swapped``: the other emission label's Modality (PT written as NM, NM as PT), its file's SOP
+  class and nuclide left as they were: a router's or a hand edit.
+* ``exported``: the other emission label's Modality and SOP class, the nuclide left as it was: a
+  SPECT exported as a PET object for dosimetry software, a PET saved as NM on a workstation. The
+  class then agrees with the wrong Modality; only the nuclide contradicts it.
+* ``wrong_nuclide``: its own label's header with the other emission label's nuclide: what the
+  rule costs where the nuclide, not the Modality, is wrong (a right header then refuted).
+* ``every_copy``: every held-out image (all labels) under each other label's Modality, its class
+  and nuclide as above: issue 12's share of relabelled copies refuted.
+
+Run: .venv/bin/python tests/bench/bench_nuclide.py --run runs/loso5-eff \\
+         [--out tests/bench/results-nuclide-2core.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_header_class import MODALITY, judged_out_of_fold  # noqa: E402
+
+from sorter.compare import compare  # noqa: E402
+from sorter.domain import Label, Verdict  # noqa: E402
+from sorter.model.classifier import top_two  # noqa: E402
+from sorter.nuclides import nuclide_contradiction  # noqa: E402
+from sorter.taxonomy import class_contradiction  # noqa: E402
+
+RULES = ("pixels", "with_class", "with_class_and_nuclide")
+#: The nuclide an image without its own names: F-18 (SNOMED RT) for PT, Tc-99m for NM.
+TYPICAL = {Label.PT: "C-111A1", Label.NM: "C-163A8"}
+OTHER = {Label.PT: Label.NM, Label.NM: Label.PT}
+CASES = ("right", "swapped", "exported", "wrong_nuclide", "every_copy")
+
+
+def file_header(path: str) -> tuple[str | None, str | None]:
+    """(SOP Class UID, first radionuclide code value) of a DICOM file."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    code = None
+    for item in ds.get("RadiopharmaceuticalInformationSequence") or ():
+        for entry in item.get("RadionuclideCodeSequence") or ():
+            code = str(entry.CodeValue)
+            break
+        break
+    return (str(ds.SOPClassUID) if "SOPClassUID" in ds else None), code
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    rows, images, oof, probs, labels, thresholds = judged_out_of_fold(args.run)
+    headers: dict[int, tuple[str | None, str | None]] = {}
+    tally: dict[str, dict[str, dict[str, list[Verdict]]]] = {
+        case: {rule: defaultdict(list) for rule in RULES} for case in CASES
+    }
+    own_codes: dict[str, int] = defaultdict(int)
+    for i, row_index in enumerate(images.rows):
+        truth = Label(str(oof.data["labels"][i]))
+        row = rows[int(row_index)]
+        if row.format == "dcm" and int(row_index) not in headers:
+            headers[int(row_index)] = file_header(row.path)
+        sop_class, own = headers.get(int(row_index), (None, None))
+        prediction = top_two(probs[i], labels)
+        # Every image under every other label's Modality, its class and nuclide as they are (the
+        # share issue 12 counts: PT and NM images name their nuclide, the others none).
+        code = own or TYPICAL.get(truth)
+        cases = [("every_copy", header, code, sop_class) for header in labels if header is not truth]
+        if truth in OTHER:
+            own_codes[f"{truth.value}: {own or 'none (given ' + TYPICAL[truth] + ')'}"] += 1
+            cases += [
+                ("right", truth, code, sop_class),
+                ("swapped", OTHER[truth], code, sop_class),
+                ("exported", OTHER[truth], code, None),  # a class matching the Modality: no witness
+                ("wrong_nuclide", truth, TYPICAL[OTHER[truth]], sop_class),
+            ]
+        for case, header, nuclide, file_class in cases:
+            contradicted = class_contradiction(MODALITY[header.value], file_class)
+            allows = nuclide_contradiction(header, nuclide)
+            verdicts = {
+                "pixels": compare(header, prediction, labels, thresholds),
+                "with_class": compare(header, prediction, labels, thresholds, contradicted_by=contradicted),
+                "with_class_and_nuclide": compare(
+                    header,
+                    prediction,
+                    labels,
+                    thresholds,
+                    contradicted_by=contradicted,
+                    nuclide_allows=allows,
+                ),
+            }
+            for rule, verdict in verdicts.items():
+                tally[case][rule][truth.value].append(verdict)
+
+    def shares(verdicts: list[Verdict]) -> dict[str, float]:
+        return {
+            v.value: float(np.mean([x is v for x in verdicts])) for v in (Verdict.AGREE, Verdict.DISAGREE)
+        }
+
+    result: dict[str, Any] = {
+        "run": str(args.run),
+        "protocol": "leave-sources-out out-of-fold probabilities; operating point chosen on them",
+        "nuclides": dict(sorted(own_codes.items())),
+        "thresholds": {"agree_at": thresholds.agree_at, "disagree_at": thresholds.disagree_at},
+    }
+    for case, rules in tally.items():
+        result[case] = {
+            rule: {
+                "all": {
+                    "n": sum(map(len, by_label.values())),
+                    **shares([v for vs in by_label.values() for v in vs]),
+                },
+                **{f"{label} images": {"n": len(vs), **shares(vs)} for label, vs in sorted(by_label.items())},
+            }
+            for rule, by_label in rules.items()
+        }
+    print(json.dumps(result, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""The radionuclide as a witness: a PT header naming Lu-177, an NM header naming F-18.
+
+A PET scanner images positron emitters and a gamma camera single-photon ones, so the nuclide in
+the Radiopharmaceutical Information Sequence says which scanner took the image, which the pixels
+of SPECT and PET slices seldom tell apart. Before, a Lu-177 SPECT written as PET Image Storage
+with Modality PT (as dosimetry exports do) was `agree` or `uncertain` on 7 of its 8 slices.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pydicom
+import pytest
+from click.testing import CliRunner
+from db_support import pydicom_file, query, scan
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+
+from sorter.cli import main
+from sorter.compare import compare
+from sorter.db.session import create_db_engine, make_session_factory
+from sorter.dicom import lean
+from sorter.dicom.headers import HEADER_TAGS, describe_series, header_from_dataset
+from sorter.dicom.reading import read_dataset
+from sorter.domain import ALL_LABELS, Label, Prediction, Verdict
+from sorter.model.artefact import DEFAULT_MODEL_PATH
+from sorter.model.spec import Thresholds
+from sorter.nuclides import nuclide_contradiction, nuclide_labels
+
+pytest_plugins = ["db_fixtures"]
+
+PET_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
+LU177 = ("447553000", "SCT", "^177^Lutetium")
+F18_RETIRED = ("C-111A1", "SRT", "^18^Fluorine")
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        ("C-111A1", {Label.PT}),  # ^18^Fluorine, the retired SNOMED RT code most archives hold
+        ("77004003", {Label.PT}),  # the same in SNOMED CT
+        ("C-131A3", {Label.PT}),  # ^68^Gallium
+        ("C-163A8", {Label.NM}),  # ^99m^Technetium
+        ("72454006", {Label.NM}),
+        ("447553000", {Label.NM}),  # ^177^Lutetium
+        ("C-114B1", {Label.NM}),  # ^131^Iodine
+        (" C-163A8\0", {Label.NM}),  # padded as some writers leave it
+        ("C-162F9", None),  # ^90^Yttrium: imaged by PET and by bremsstrahlung SPECT
+        ("12345", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_nuclide_labels(code, expected):
+    assert nuclide_labels(code) == (None if expected is None else frozenset(expected))
+
+
+@pytest.mark.parametrize(
+    ("label", "code", "expected"),
+    [
+        (Label.PT, "447553000", {Label.NM}),
+        (Label.NM, "C-111A1", {Label.PT}),
+        (Label.PT, "C-111A1", None),
+        (Label.NM, "C-163A8", None),
+        (Label.CT, "C-111A1", None),  # a PET/CT's CT often carries the PET's radiopharmaceutical
+        (None, "C-111A1", None),
+        (Label.PT, None, None),
+    ],
+)
+def test_nuclide_contradiction(label, code, expected):
+    assert nuclide_contradiction(label, code) == (None if expected is None else frozenset(expected))
+
+
+def _probs(**values: float) -> Prediction:
+    probabilities = {label: values.get(label.value, 0.0) for label in ALL_LABELS}
+    ranked = sorted(probabilities.items(), key=lambda kv: kv[1], reverse=True)
+    return Prediction(ranked[0][0], ranked[0][1], ranked[1][0], ranked[1][1], probabilities)
+
+
+THRESHOLDS = Thresholds(agree_at={"NM": 0.4, "PT": 0.5}, disagree_at={"NM": 0.01, "PT": 0.015})
+
+
+@pytest.mark.parametrize(
+    ("header", "prediction", "allows", "verdict"),
+    [
+        # SPECT pixels the network calls PET: the nuclide decides where NM is left room
+        (Label.PT, _probs(PT=0.78, NM=0.04, MR=0.18), {Label.NM}, Verdict.DISAGREE),
+        (Label.PT, _probs(PT=0.78, NM=0.04, MR=0.18), None, Verdict.AGREE),
+        (Label.PT, _probs(NM=0.8, PT=0.1, MR=0.1), {Label.NM}, Verdict.DISAGREE),
+        (Label.NM, _probs(PT=0.5, NM=0.45, MR=0.05), {Label.PT}, Verdict.DISAGREE),
+        # the pixels refute what the nuclide allows and confirm the header: the tag is wrong
+        (Label.PT, _probs(PT=0.995, NM=0.005), {Label.NM}, Verdict.AGREE),
+        # refuted on the pixels alone, with or without the nuclide
+        (Label.PT, _probs(CT=0.99, PT=0.01), {Label.NM}, Verdict.DISAGREE),
+    ],
+)
+def test_a_header_its_nuclide_rules_out_is_refuted_unless_the_pixels_rule_out_the_nuclide(
+    header, prediction, allows, verdict
+):
+    assert compare(header, prediction, set(ALL_LABELS), THRESHOLDS, nuclide_allows=allows) is verdict
+
+
+def _with_nuclide(ds: Dataset, code: tuple[str, str, str]) -> None:
+    value, scheme, meaning = code
+    item = Dataset()
+    item.Radiopharmaceutical = "test"
+    item.RadionuclideCodeSequence = Sequence(
+        [Dataset(), Dataset()]  # the first code counts
+    )
+    first, second = item.RadionuclideCodeSequence
+    first.CodeValue, first.CodingSchemeDesignator, first.CodeMeaning = value, scheme, meaning
+    second.CodeValue, second.CodingSchemeDesignator, second.CodeMeaning = "C-163A8", "SRT", "Tc"
+    ds.RadiopharmaceuticalInformationSequence = Sequence([item])
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+@pytest.mark.parametrize("undefined", [False, True])
+def test_the_lean_reader_finds_the_nuclide_as_pydicom_does(tmp_path, syntax, undefined):
+    implicit = syntax == ImplicitVRLittleEndian
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.Modality = "PT"
+    ds.file_meta.TransferSyntaxUID = syntax
+    _with_nuclide(ds, LU177)
+    item = ds.RadiopharmaceuticalInformationSequence[0]
+    for holder, tag in ((ds, 0x00540016), (item, 0x00540300)):
+        holder[tag].is_undefined_length = undefined
+        for inner in holder[tag].value:
+            inner.is_undefined_length_sequence_item = undefined
+    path = tmp_path / "pt.dcm"
+    ds.save_as(path, enforce_file_format=True, implicit_vr=implicit, little_endian=True)
+    header = b"\x54\x00\x16\x00" + (b"" if implicit else b"SQ\0\0")
+    assert (header + b"\xff\xff\xff\xff" in path.read_bytes()) is undefined  # the encoding asked for
+    read = lean.read_header(str(path))
+    assert read is not None and read.radionuclide == "447553000"
+    assert read == header_from_dataset(read_dataset(path, specific_tags=HEADER_TAGS), str(path))
+    assert lean.load_frames(str(path), lambda n: range(n)) is not None  # its pixels stay lean
+
+
+def _spect_as_pet(corpus, archive, n: int = 8) -> list:
+    """Slices of the corpus's real Lu-177 SPECT written as PET Image Storage, Modality PT, naming
+    Lu-177: a SPECT exported as PET for dosimetry software."""
+    import nibabel as nib
+
+    volume = np.asarray(
+        nib.load(corpus / "NM" / "tumorseg_lu177_spect" / "spect.nii.gz").dataobj, dtype=np.float32
+    )
+    series, study, paths = generate_uid(), generate_uid(), []
+    archive.mkdir(parents=True, exist_ok=True)
+    for k, z in enumerate(np.linspace(40, 190, n).astype(int)):
+        ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+        frame = np.rot90(volume[:, :, z])
+        slope = max(float(frame.max()), 1.0) / 32767
+        ds.Rows, ds.Columns = frame.shape
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept = f"{slope:.6g}", "0"
+        ds.PixelData = np.clip(frame / slope, 0, 65535).astype("<u2").tobytes()
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = PET_IMAGE_STORAGE
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.Modality, ds.Units = series, study, "PT", "BQML"
+        for keyword in ("WindowCenter", "WindowWidth"):
+            ds.pop(keyword, None)
+        _with_nuclide(ds, LU177)
+        paths.append(archive / f"lu177-{k}.dcm")
+        ds.save_as(paths[-1])
+    return paths
+
+
+def test_a_spect_stored_as_pet_is_flagged_per_slice_and_per_series(db_url, tmp_path, corpus):
+    paths = _spect_as_pet(corpus, tmp_path / "archive")
+    summary = scan(db_url, DEFAULT_MODEL_PATH, tmp_path / "archive", tmp=tmp_path)
+    assert summary["classified"] == len(paths), summary
+    rows = query(
+        db_url,
+        "SELECT i.radionuclide, p.verdict FROM latest_predictions p JOIN instances i ON i.id = p.instance_id",
+    )
+    assert [tuple(r) for r in rows] == [("447553000", "disagree")] * len(paths)
+    series = query(db_url, "SELECT header_label, verdict FROM series_summary")
+    assert [tuple(r) for r in series] == [("PT", "disagree")]
+    # `sorter adapt` judges its out-of-fold predictions with the same witnesses
+    from sorter.adaptation.store import header_witnesses
+
+    ids = [r.id for r in query(db_url, "SELECT id FROM instances")]
+    engine = create_db_engine(db_url)
+    try:
+        with make_session_factory(engine)() as session:
+            witnesses = header_witnesses(session, ids)
+    finally:
+        engine.dispose()
+    assert witnesses == dict.fromkeys(ids, (None, frozenset({Label.NM})))
+
+
+def test_classify_names_the_nuclide_and_the_review_page_shows_it(tmp_path, corpus):
+    spect = _spect_as_pet(corpus, tmp_path / "spect", n=2)
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.Modality, ds.SOPClassUID = "PT", PET_IMAGE_STORAGE
+    _with_nuclide(ds, F18_RETIRED)
+    consistent = tmp_path / "pt-f18.dcm"
+    ds.save_as(consistent)
+    result = CliRunner().invoke(main, ["classify", "--json", *map(str, spect), str(consistent)])
+    assert result.exit_code == 0, result.output
+    records = {r["path"]: r for r in map(json.loads, result.stdout.splitlines())}
+    assert {
+        (r["radionuclide"], tuple(r["nuclide_allows"]), r["verdict"])
+        for r in map(records.get, map(str, spect))
+    } == {("447553000", ("NM",), "disagree")}
+    assert (records[str(consistent)]["radionuclide"], records[str(consistent)]["nuclide_allows"]) == (
+        "C-111A1",
+        None,
+    )
+    assert describe_series(spect[0])["Radionuclide"] == "^177^Lutetium (imaged by NM)"
+    assert describe_series(consistent)["Radionuclide"] == "^18^Fluorine"
