@@ -13,8 +13,9 @@ import json
 import numpy as np
 import pydicom
 import pytest
+import sqlalchemy as sa
 from click.testing import CliRunner
-from db_support import pydicom_file, query, scan
+from db_support import pydicom_file, query, scan, sorter
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
@@ -212,3 +213,41 @@ def test_classify_names_the_nuclide_and_the_review_page_shows_it(tmp_path, corpu
     )
     assert describe_series(spect[0])["Radionuclide"] == "^177^Lutetium (imaged by NM)"
     assert describe_series(consistent)["Radionuclide"] == "^18^Fluorine"
+
+
+def test_an_archive_scanned_before_gets_the_nuclide_by_rereading_headers(db_url, tmp_path, corpus):
+    """Upgrading leaves the stored rows of unchanged files as they were (no radionuclide, the old
+    verdicts); `reclassify --reread-headers` reads their headers again and classifies what changed."""
+    paths = _spect_as_pet(corpus, tmp_path / "archive", n=3)
+    scan(db_url, DEFAULT_MODEL_PATH, tmp_path / "archive", tmp=tmp_path)
+    engine = create_db_engine(db_url)
+    try:
+        with engine.begin() as connection:  # as a release before migration 0011 left them
+            connection.execute(sa.text("UPDATE instances SET radionuclide = NULL"))
+            connection.execute(sa.text("UPDATE predictions SET verdict = 'agree'"))
+    finally:
+        engine.dispose()
+    paths[2].unlink()  # a file gone since: left as it was, and said so
+    model = ("--model", str(DEFAULT_MODEL_PATH), "--no-progress")
+
+    unchanged = sorter("scan", *model, str(tmp_path / "archive"), url=db_url)
+    assert "unchanged" in unchanged.output
+    assert query(db_url, "SELECT count(*) AS n FROM instances WHERE radionuclide IS NOT NULL")[0].n == 0
+
+    result = sorter("reclassify", *model, "--reread-headers", "--header", "pt", url=db_url)
+    assert "headers read again: 3 (2 changed and classified again, 1 unreadable now" in result.stderr
+    rows = query(
+        db_url,
+        "SELECT i.path, i.radionuclide, p.verdict FROM latest_predictions p"
+        " JOIN instances i ON i.id = p.instance_id ORDER BY i.path",
+    )
+    assert [tuple(r) for r in rows] == [
+        (str(paths[0]), "447553000", "disagree"),
+        (str(paths[1]), "447553000", "disagree"),
+        (str(paths[2]), None, "agree"),
+    ]
+    assert query(db_url, "SELECT count(*) AS n FROM predictions")[0].n == 3  # replaced, not added
+
+    again = sorter("reclassify", *model, "--reread-headers", url=db_url)
+    assert "headers read again: 3 (0 changed" in again.stderr
+    assert "nothing classified again" in again.stderr

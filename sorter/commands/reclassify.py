@@ -5,7 +5,9 @@ models use``), so classifying with another model never switches them. The work
 list is "instances without a prediction from this model" (narrowed by the same
 filters as ``find``), so the command is resumable and a second run with the
 same model does nothing; ``--predicted-before`` counts that model's older
-predictions as none (after an upgrade), and stays resumable.
+predictions as none (after an upgrade), and stays resumable; ``--reread-headers``
+reads the selected instances' headers again and classifies those whose stored header
+changed (:mod:`sorter.reread`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from sorter.commands.runs import (
 from sorter.db import catalogue, queries
 from sorter.domain import Label, Status, Verdict
 from sorter.jobs.executor import submit_pending
+from sorter.reread import Reread
+from sorter.reread import reread_headers as reread_headers_of
 from sorter.scan import Scan
 from sorter.summary import RunSummary
 
@@ -62,6 +66,13 @@ _LABELS = click.Choice([label.value for label in Label], case_sensitive=False)
     "judges headers differently changes nothing stored until then. Resumable: a rerun with the "
     "same value skips what it redid.",
 )
+@click.option(
+    "--reread-headers",
+    is_flag=True,
+    help="First read the selected instances' headers again (not their pixels), store what changed "
+    "(header label, SOP class, radionuclide ...) and classify those again: a release that reads "
+    "headers differently changes nothing stored for files a rescan skips as unchanged.",
+)
 @classify_options
 def reclassify(
     include_failed: bool,
@@ -71,6 +82,7 @@ def reclassify(
     verdict: tuple[str, ...],
     under: tuple[str, ...],
     predicted_before: datetime | None,
+    reread_headers: bool,
     model: Path | None,
     workers: int | None,
     batch_size: int | None,
@@ -91,6 +103,7 @@ def reclassify(
         under=tuple(queries.path_scope(under)),
     )
     summary = RunSummary()
+    reread = Reread()
     started = time.monotonic()
     with interruptible(), database(settings.database_url) as (_engine, sessions):
         bar = progress_bar(progress, "reclassify")
@@ -105,6 +118,12 @@ def reclassify(
                     summary.files += len(ids)
                     if bar is not None:
                         bar.update(len(ids))
+
+                if reread_headers:
+                    reread = reread_headers_of(sessions, only)
+                    count(reread.changed)
+                    executor.submit(reread.changed)
+                    executor.drain()  # before the pages below: what it redid is then newer
 
                 # One drain at the end: pages keep the decode processes fed meanwhile.
                 submit_pending(
@@ -127,6 +146,13 @@ def reclassify(
             active = next((r for r in catalogue.list_models(session) if r.active), None)
     summary.elapsed_s = time.monotonic() - started
     print_summary(summary, json_summary)
+    if reread_headers:
+        click.echo(
+            f"\nheaders read again: {reread.read} ({len(reread.changed)} changed and classified again, "
+            f"{reread.unreadable} unreadable now, {reread.replaced} now another instance: "
+            "`sorter scan` records those)",
+            err=True,
+        )
     if not summary.files and not summary.registered:
         click.echo(
             "\nnothing classified again: no classified instance matches the filters, or each match "

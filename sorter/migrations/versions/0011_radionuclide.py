@@ -4,7 +4,7 @@ The first radiopharmaceutical's Radionuclide Code Sequence code value ((0054,001
 > (0008,0100); C-111A1, 77004003 ...). A PET scanner images positron emitters, a gamma camera
 single-photon ones, so a PT header naming Lu-177 or an NM header naming F-18 contradicts itself
 (``sorter.nuclides``). Rows registered before this revision hold NULL until their file is read
-again (``sorter scan`` of the same files re-reads what changed; ``sorter reclassify`` does not).
+again: ``sorter scan`` re-reads a file that changed, ``sorter reclassify --reread-headers`` any.
 
 Revision ID: 0011
 Revises: 0010
