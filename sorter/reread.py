@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from sorter.db import queries
-from sorter.db.queries import instances
+from sorter.db.queries import HEADER_COLUMNS, instances
 from sorter.dicom.headers import read_header
 from sorter.domain import Status
 from sorter.errors import InputError
@@ -25,22 +25,6 @@ from sorter.ingest import from_header, instance_row
 from sorter.jobs.executor import PAGE
 
 log = logging.getLogger(__name__)
-
-#: The columns a header read fills and a re-read may change (never the path, source or status).
-HEADER_COLUMNS = (
-    "study_instance_uid",
-    "series_instance_uid",
-    "sop_class_uid",
-    "header_modality",
-    "header_label",
-    "radionuclide",
-    "transfer_syntax_uid",
-    "rows",
-    "columns",
-    "number_of_frames",
-    "institution_name",
-    "station_name",
-)
 
 
 @dataclass

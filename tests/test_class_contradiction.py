@@ -26,11 +26,12 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
     UltrasoundImageStorage,
 )
+from verdict_support import prediction_of
 
 from sorter.cli import main
 from sorter.compare import compare
 from sorter.db.session import create_db_engine
-from sorter.domain import ALL_LABELS, Label, Prediction, Verdict
+from sorter.domain import ALL_LABELS, Label, Verdict
 from sorter.model.artefact import DEFAULT_MODEL_PATH
 from sorter.model.spec import Thresholds
 from sorter.taxonomy import class_contradiction, class_labels
@@ -90,12 +91,6 @@ _STANDARD_CLASSES = [
 ]
 
 
-def _probs(**values: float) -> Prediction:
-    probabilities = {label: values.get(label.value, 0.0) for label in ALL_LABELS}
-    ranked = sorted(probabilities.items(), key=lambda kv: kv[1], reverse=True)
-    return Prediction(ranked[0][0], ranked[0][1], ranked[1][0], ranked[1][1], probabilities)
-
-
 THRESHOLDS = Thresholds(agree_at={"NM": 0.4, "MR": 0.5}, disagree_at={"NM": 0.01, "MR": 0.01})
 
 
@@ -103,14 +98,14 @@ THRESHOLDS = Thresholds(agree_at={"NM": 0.4, "MR": 0.5}, disagree_at={"NM": 0.01
     ("header", "prediction", "contradicted_by", "verdict"),
     [
         # uncertain on the pixels; the class names the pixels' top label: refuted
-        (Label.NM, _probs(CT=0.93, NM=0.05, PT=0.02), {Label.CT}, Verdict.DISAGREE),
-        (Label.NM, _probs(CT=0.93, NM=0.05, PT=0.02), None, Verdict.UNCERTAIN),
+        (Label.NM, prediction_of(CT=0.93, NM=0.05, PT=0.02), {Label.CT}, Verdict.DISAGREE),
+        (Label.NM, prediction_of(CT=0.93, NM=0.05, PT=0.02), None, Verdict.UNCERTAIN),
         # the class names another label than the pixels' top one: no second witness
-        (Label.NM, _probs(PT=0.6, NM=0.3, CT=0.1), {Label.CT}, Verdict.UNCERTAIN),
+        (Label.NM, prediction_of(PT=0.6, NM=0.3, CT=0.1), {Label.CT}, Verdict.UNCERTAIN),
         # the pixels confirm the Modality: the class does not overrule them
-        (Label.NM, _probs(NM=0.7, CT=0.3), {Label.CT}, Verdict.AGREE),
+        (Label.NM, prediction_of(NM=0.7, CT=0.3), {Label.CT}, Verdict.AGREE),
         # refuted on the pixels alone, with or without the class
-        (Label.MR, _probs(CT=0.995, MR=0.005), {Label.CT}, Verdict.DISAGREE),
+        (Label.MR, prediction_of(CT=0.995, MR=0.005), {Label.CT}, Verdict.DISAGREE),
     ],
 )
 def test_a_self_contradicting_header_is_refuted_when_the_pixels_lean_the_class_way(
@@ -121,7 +116,7 @@ def test_a_self_contradicting_header_is_refuted_when_the_pixels_lean_the_class_w
 
 
 def test_without_the_header_test_the_class_turns_a_low_confidence_call_too():
-    weak = _probs(CT=0.6, MR=0.4)  # below min_confidence 0.8: uncertain on the pixels
+    weak = prediction_of(CT=0.6, MR=0.4)  # below min_confidence 0.8: uncertain on the pixels
     assert compare(Label.MR, weak, set(ALL_LABELS)) is Verdict.UNCERTAIN
     assert compare(Label.MR, weak, set(ALL_LABELS), contradicted_by={Label.CT}) is Verdict.DISAGREE
 

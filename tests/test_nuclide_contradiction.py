@@ -19,6 +19,7 @@ from db_support import pydicom_file, query, scan, sorter
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from verdict_support import prediction_of
 
 from sorter.cli import main
 from sorter.compare import compare
@@ -26,7 +27,7 @@ from sorter.db.session import create_db_engine, make_session_factory
 from sorter.dicom import lean
 from sorter.dicom.headers import HEADER_TAGS, describe_series, header_from_dataset
 from sorter.dicom.reading import read_dataset
-from sorter.domain import ALL_LABELS, Label, Prediction, Verdict
+from sorter.domain import ALL_LABELS, Label, Verdict
 from sorter.model.artefact import DEFAULT_MODEL_PATH
 from sorter.model.spec import Thresholds
 from sorter.nuclides import nuclide_contradiction, nuclide_labels
@@ -75,12 +76,6 @@ def test_nuclide_contradiction(label, code, expected):
     assert nuclide_contradiction(label, code) == (None if expected is None else frozenset(expected))
 
 
-def _probs(**values: float) -> Prediction:
-    probabilities = {label: values.get(label.value, 0.0) for label in ALL_LABELS}
-    ranked = sorted(probabilities.items(), key=lambda kv: kv[1], reverse=True)
-    return Prediction(ranked[0][0], ranked[0][1], ranked[1][0], ranked[1][1], probabilities)
-
-
 THRESHOLDS = Thresholds(agree_at={"NM": 0.4, "PT": 0.5}, disagree_at={"NM": 0.01, "PT": 0.015})
 
 
@@ -88,14 +83,14 @@ THRESHOLDS = Thresholds(agree_at={"NM": 0.4, "PT": 0.5}, disagree_at={"NM": 0.01
     ("header", "prediction", "allows", "verdict"),
     [
         # SPECT pixels the network calls PET: the nuclide decides where NM is left room
-        (Label.PT, _probs(PT=0.78, NM=0.04, MR=0.18), {Label.NM}, Verdict.DISAGREE),
-        (Label.PT, _probs(PT=0.78, NM=0.04, MR=0.18), None, Verdict.AGREE),
-        (Label.PT, _probs(NM=0.8, PT=0.1, MR=0.1), {Label.NM}, Verdict.DISAGREE),
-        (Label.NM, _probs(PT=0.5, NM=0.45, MR=0.05), {Label.PT}, Verdict.DISAGREE),
+        (Label.PT, prediction_of(PT=0.78, NM=0.04, MR=0.18), {Label.NM}, Verdict.DISAGREE),
+        (Label.PT, prediction_of(PT=0.78, NM=0.04, MR=0.18), None, Verdict.AGREE),
+        (Label.PT, prediction_of(NM=0.8, PT=0.1, MR=0.1), {Label.NM}, Verdict.DISAGREE),
+        (Label.NM, prediction_of(PT=0.5, NM=0.45, MR=0.05), {Label.PT}, Verdict.DISAGREE),
         # the pixels refute what the nuclide allows and confirm the header: the tag is wrong
-        (Label.PT, _probs(PT=0.995, NM=0.005), {Label.NM}, Verdict.AGREE),
+        (Label.PT, prediction_of(PT=0.995, NM=0.005), {Label.NM}, Verdict.AGREE),
         # refuted on the pixels alone, with or without the nuclide
-        (Label.PT, _probs(CT=0.99, PT=0.01), {Label.NM}, Verdict.DISAGREE),
+        (Label.PT, prediction_of(CT=0.99, PT=0.01), {Label.NM}, Verdict.DISAGREE),
     ],
 )
 def test_a_header_its_nuclide_rules_out_is_refuted_unless_the_pixels_rule_out_the_nuclide(

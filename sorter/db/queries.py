@@ -222,8 +222,8 @@ def insert_instances(session: Session, rows: Sequence[Mapping[str, Any]]) -> Non
         session.execute(stmt, list(rows))
 
 
-#: Columns a re-read file may change; ``b_id`` selects the row.
-_REREAD_COLUMNS = (
+#: The columns a header read fills (``sorter reclassify --reread-headers`` rewrites them alone).
+HEADER_COLUMNS = (
     "study_instance_uid",
     "series_instance_uid",
     "sop_class_uid",
@@ -236,13 +236,9 @@ _REREAD_COLUMNS = (
     "number_of_frames",
     "institution_name",
     "station_name",
-    "calling_ae",
-    "source",
-    "path",
-    "status",
-    "error",
-    "detail",
 )
+#: Columns a re-read file may change; ``b_id`` selects the row.
+_REREAD_COLUMNS = (*HEADER_COLUMNS, "calling_ae", "source", "path", "status", "error", "detail")
 
 
 def reset_instances(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
