@@ -26,7 +26,9 @@ Polarity (``polarity``, 0 = off): nuclear medicine and PET are read in either
 polarity. Planar scintigrams, SPECT and PET MIPs are displayed, printed and
 exported black on white as often as white on black, while a CT, MR or ultrasound
 image shown inverted is a mistake. Inverting frames of those labels at random
-teaches the network that their polarity says nothing about them.
+teaches the network that their polarity says nothing about them. Measured on the
+corpus it got inverted scintigrams right but PET slices wrong, and confirmed fewer
+right headers (README, The default model), so it is off by default.
 """
 
 from __future__ import annotations
