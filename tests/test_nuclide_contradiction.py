@@ -246,3 +246,14 @@ def test_an_archive_scanned_before_gets_the_nuclide_by_rereading_headers(db_url,
     again = sorter("reclassify", *model, "--reread-headers", url=db_url)
     assert "headers read again: 3 (0 changed" in again.stderr
     assert "nothing classified again" in again.stderr
+
+
+def test_an_empty_first_code_gives_the_next_one_on_both_readers(tmp_path):
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    ds.Modality = "NM"
+    _with_nuclide(ds, ("", "SCT", "unknown"))  # the second code is Tc-99m's
+    path = tmp_path / "nm.dcm"
+    ds.save_as(path)
+    read = lean.read_header(str(path))
+    assert read is not None and read.radionuclide == "C-163A8"
+    assert read == header_from_dataset(read_dataset(path, specific_tags=HEADER_TAGS), str(path))

@@ -17,7 +17,7 @@ from sorter.dicom.nonimage import MEDIA_STORAGE_DIRECTORY, non_image_reason
 from sorter.dicom.reading import read_dataset, transfer_syntax_of
 from sorter.domain import InstanceHeader
 from sorter.nuclides import nuclide_contradiction
-from sorter.taxonomy import class_contradiction, header_label, is_localizer
+from sorter.taxonomy import class_contradiction, expected_label, is_localizer
 
 logger = logging.getLogger(__name__)
 
@@ -79,16 +79,23 @@ def _sop_class_uid(ds: Dataset) -> str | None:
     return uid
 
 
-def _radionuclide(ds: Dataset) -> str | None:
-    """The first radiopharmaceutical's radionuclide code value, as the lean reader finds it."""
+def _radionuclide_code(ds: Dataset) -> Dataset | None:
+    """The first radiopharmaceutical code with a Code Value (0054,0016) > (0054,0300), as the lean
+    reader finds it; ``None`` without one."""
     try:
         for item in ds.get("RadiopharmaceuticalInformationSequence") or ():
             for code in item.get("RadionuclideCodeSequence") or ():
-                return _text(code, "CodeValue")
-            return None
+                if _text(code, "CodeValue") is not None:
+                    return code
     except Exception as exc:  # a malformed sequence must not cost us the rest of the header
         logger.debug("unparseable radiopharmaceutical: %s", exc)
     return None
+
+
+def _radionuclide(ds: Dataset) -> str | None:
+    """The radionuclide's code value (:func:`_radionuclide_code`)."""
+    code = _radionuclide_code(ds)
+    return None if code is None else _text(code, "CodeValue")
 
 
 def header_from_dataset(ds: Dataset, path: str | os.PathLike[str]) -> InstanceHeader:
@@ -174,17 +181,6 @@ DESCRIBE_TAGS: tuple[str, ...] = (
 )
 
 
-def _nuclide_name(ds: Dataset) -> str | None:
-    """The first radionuclide's code meaning (``^18^Fluorine``), else its code value."""
-    try:
-        for item in ds.get("RadiopharmaceuticalInformationSequence") or ():
-            for code in item.get("RadionuclideCodeSequence") or ():
-                return _text(code, "CodeMeaning") or _text(code, "CodeValue")
-    except Exception:  # the page shows what it can
-        return None
-    return None
-
-
 def describe_series(path: str | os.PathLike[str]) -> dict[str, str]:
     """The header fields a reviewer needs, read from one instance of a series (no pixel data).
 
@@ -198,8 +194,8 @@ def describe_series(path: str | os.PathLike[str]) -> dict[str, str]:
     except Exception as exc:  # the page shows the reason; the database still has the rest
         return {"error": f"cannot read the header: {type(exc).__name__}"}
     out: dict[str, str] = {}
-    for keyword in DESCRIBE_TAGS[:-1]:
-        text = _text(ds, keyword)
+    for keyword in DESCRIBE_TAGS:
+        text = _text(ds, keyword) if keyword != "RadiopharmaceuticalInformationSequence" else None
         if text is not None:
             out[keyword] = UID(text).name if keyword == "SOPClassUID" else text
     allows = class_contradiction(out.get("Modality"), _text(ds, "SOPClassUID"))
@@ -207,10 +203,11 @@ def describe_series(path: str | os.PathLike[str]) -> dict[str, str]:
         out["SOPClassUID"] += (
             f" (allows {' or '.join(sorted(label.value for label in allows))}, not the Modality)"
         )
-    nuclide = _nuclide_name(ds)
-    if nuclide is not None:
-        out["Radionuclide"] = nuclide
-        allowed = nuclide_contradiction(header_label(out.get("Modality")), _radionuclide(ds))
+    code = _radionuclide_code(ds)
+    if code is not None:  # its meaning (^18^Fluorine), else its value
+        out["Radionuclide"] = _text(code, "CodeMeaning") or str(_text(code, "CodeValue"))
+        label = expected_label(out.get("Modality"), sop_class_uid=_text(ds, "SOPClassUID"))
+        allowed = nuclide_contradiction(label, _text(code, "CodeValue"))
         if allowed:
             out["Radionuclide"] += f" (imaged by {' or '.join(sorted(label.value for label in allowed))})"
     syntax = transfer_syntax_of(ds)

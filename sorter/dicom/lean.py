@@ -180,7 +180,7 @@ def _skip_item(buf: bytes, pos: int, end: int, explicit: bool, depth: int) -> in
 def _first_nested(
     buf: bytes, pos: int, stop: int, explicit: bool, path: tuple[int, ...], depth: int
 ) -> bytes | None:
-    """The first value at ``path`` inside the items of a sequence whose value is ``buf[pos:stop]``.
+    """The first non-empty value at ``path`` inside the items of a sequence whose value is ``buf[pos:stop]``.
 
     ``path`` names the elements below the sequence, the last one a plain value; every other one
     is a sequence (known by its tag, as in Implicit VR a defined-length sequence has no VR).
@@ -207,7 +207,9 @@ def _first_nested(
             if tag != path[0]:
                 continue
             if len(path) == 1:
-                return None if length == _UNDEFINED else buf[value_at:at]
+                if length != _UNDEFINED and buf[value_at:at].strip(b"\0 "):
+                    return buf[value_at:at]
+                continue  # an empty value: the next item's, as pydicom's reading takes it
             found = _first_nested(buf, value_at, at, explicit, path[1:], depth + 1)
             if found is not None:
                 return found
