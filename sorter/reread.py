@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,7 +33,7 @@ class Reread:
 
     read: int = 0
     #: Instances whose stored header changed: to be classified again.
-    changed: list[int] = field(default_factory=list)
+    changed: int = 0
     #: Files that cannot be read now (left as they were; ``sorter scan`` records why).
     unreadable: int = 0
     #: Files that now hold another instance (left to ``sorter scan``, which re-registers them).
@@ -43,13 +43,15 @@ class Reread:
 def reread_headers(
     sessions: sessionmaker[Session],
     only: queries.InstanceFilter | None = None,
-    on_page: Callable[[int], None] | None = None,
+    on_changed: Callable[[list[int]], None] | None = None,
 ) -> Reread:
     """Read again the headers of the classified instances ``only`` keeps; store what changed.
 
-    One transaction per page of instances (keyset pagination on ``id``), so an interrupted run
-    keeps what it stored; a rerun finds nothing more to change. ``on_page`` is told how many
-    instances each page held (progress).
+    One transaction per page of instances (keyset pagination on ``id``); ``on_changed`` is told
+    each page's changed ids after its commit, to classify them before the next page is read. An
+    interrupted run keeps what it stored, and a rerun finds nothing more to change: only the
+    page in flight may keep its old verdicts (``--predicted-before`` the first run's start
+    redoes them).
     """
     result = Reread()
     after = 0
@@ -78,7 +80,7 @@ def reread_headers(
                     continue
                 if any(fresh[name] != getattr(row, name) for name in HEADER_COLUMNS):
                     updates.append({"b_id": row.id, **{name: fresh[name] for name in HEADER_COLUMNS}})
-                    result.changed.append(int(row.id))
+                    result.changed += 1
             if updates:
                 stmt_update = (
                     sa.update(instances)
@@ -87,5 +89,5 @@ def reread_headers(
                 )
                 session.execute(stmt_update, updates)
             session.commit()
-        if on_page is not None:
-            on_page(len(ids))
+        if on_changed is not None and updates:
+            on_changed([update["b_id"] for update in updates])

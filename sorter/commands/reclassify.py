@@ -119,11 +119,13 @@ def reclassify(
                     if bar is not None:
                         bar.update(len(ids))
 
-                if reread_headers:
-                    reread = reread_headers_of(sessions, only)
-                    count(reread.changed)
-                    executor.submit(reread.changed)
+                def classify_now(ids: list[int]) -> None:
+                    count(ids)
+                    executor.submit(ids)
                     executor.drain()  # before the pages below: what it redid is then newer
+
+                if reread_headers:
+                    reread = reread_headers_of(sessions, only, on_changed=classify_now)
 
                 # One drain at the end: pages keep the decode processes fed meanwhile.
                 submit_pending(
@@ -148,7 +150,7 @@ def reclassify(
     print_summary(summary, json_summary)
     if reread_headers:
         click.echo(
-            f"\nheaders read again: {reread.read} ({len(reread.changed)} changed and classified again, "
+            f"\nheaders read again: {reread.read} ({reread.changed} changed and classified again, "
             f"{reread.unreadable} unreadable now, {reread.replaced} now another instance: "
             "`sorter scan` records those)",
             err=True,
