@@ -104,19 +104,15 @@ def test_sorter_listen_killed_outright_leaves_no_process_holding_its_output(tmp_
     reader = threading.Thread(target=lambda: output.extend(process.communicate()), daemon=True)
     try:
         wait_for_port(port, process, 90)
-        helpers = wait_for(
-            lambda: (
-                [
-                    c
-                    for p in _session_pids(process.pid)
-                    if p != process.pid and ("forkserver" in (c := _cmdline(p)) or "spawn_main" in c)
-                ]
-                if len(_session_pids(process.pid)) >= 4
-                else None
-            ),
-            30,
-            "the decode processes and the rules sender",
-        )
+
+        def started() -> list[str] | None:
+            # Both kinds, not a count of processes: a fresh child shows its parent's command line
+            # until it execs, so four processes could still lack the forkserver's name (a CI flake).
+            helpers = [_cmdline(p) for p in _session_pids(process.pid) if p != process.pid]
+            kinds = [any(kind in c for c in helpers) for kind in ("forkserver", "spawn_main")]
+            return helpers if all(kinds) else None
+
+        helpers = wait_for(started, 30, "the decode processes and the rules sender")
         assert any("forkserver" in c for c in helpers) and any("spawn_main" in c for c in helpers), helpers
         os.kill(process.pid, signal.SIGKILL)
         wait_for(lambda: _state(process.pid) == "Z", 10, "the listener to die")
