@@ -163,8 +163,9 @@ def read_header(path: str | os.PathLike[str]) -> InstanceHeader:
     return header_from_dataset(ds, path)
 
 
-#: What the review page shows of a series: acquisition context, never patient attributes.
-DESCRIBE_TAGS: tuple[str, ...] = (
+#: What the review page shows of a series, value for value: acquisition context, never patient
+#: attributes.
+_SHOWN_TAGS: tuple[str, ...] = (
     "Modality",
     "SOPClassUID",
     "StationName",
@@ -177,8 +178,9 @@ DESCRIBE_TAGS: tuple[str, ...] = (
     "Rows",
     "Columns",
     "NumberOfFrames",
-    "RadiopharmaceuticalInformationSequence",
 )
+#: What the review page reads: the shown values, and the radionuclide it names (with its meaning).
+DESCRIBE_TAGS: tuple[str, ...] = (*_SHOWN_TAGS, "RadiopharmaceuticalInformationSequence")
 
 
 def describe_series(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -194,8 +196,8 @@ def describe_series(path: str | os.PathLike[str]) -> dict[str, str]:
     except Exception as exc:  # the page shows the reason; the database still has the rest
         return {"error": f"cannot read the header: {type(exc).__name__}"}
     out: dict[str, str] = {}
-    for keyword in DESCRIBE_TAGS:
-        text = _text(ds, keyword) if keyword != "RadiopharmaceuticalInformationSequence" else None
+    for keyword in _SHOWN_TAGS:
+        text = _text(ds, keyword)
         if text is not None:
             out[keyword] = UID(text).name if keyword == "SOPClassUID" else text
     allows = class_contradiction(out.get("Modality"), _text(ds, "SOPClassUID"))

@@ -231,15 +231,15 @@ def _walk_top(buf: bytes, pos: int, end: int, found: LeanFile) -> int:
         if length == _UNDEFINED:
             if not sequence:
                 raise _Decline
-            start, pos = value_at, _skip_sequence(buf, value_at, end, explicit, 1)
+            pos = _skip_sequence(buf, value_at, end, explicit, 1)
         else:
-            start, pos = value_at, value_at + length
+            pos = value_at + length
             if pos > end:
                 raise _Decline  # truncated, or a header read that needs more bytes
             if (name := _KEEP.get(tag)) is not None:
                 found.values[name] = buf[value_at:pos]
         if tag == _RADIONUCLIDE_PATH[0] and "Radionuclide" not in found.values:
-            code = _first_nested(buf, start, pos, explicit, _RADIONUCLIDE_PATH[1:], 1)
+            code = _first_nested(buf, value_at, pos, explicit, _RADIONUCLIDE_PATH[1:], 1)
             if code is not None:
                 found.values["Radionuclide"] = code
     return end

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -46,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_header_class import MODALITY, judged_out_of_fold  # noqa: E402
 
 from sorter.compare import compare  # noqa: E402
+from sorter.dicom.headers import read_header  # noqa: E402
 from sorter.domain import Label, Verdict  # noqa: E402
 from sorter.model.classifier import top_two  # noqa: E402
 from sorter.nuclides import nuclide_contradiction  # noqa: E402
@@ -59,15 +59,9 @@ CASES = ("right", "swapped", "exported", "wrong_nuclide", "every_copy")
 
 
 def file_header(path: str) -> tuple[str | None, str | None]:
-    """(SOP Class UID, first radionuclide code value) of a DICOM file."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    code = None
-    for item in ds.get("RadiopharmaceuticalInformationSequence") or ():
-        for entry in item.get("RadionuclideCodeSequence") or ():
-            code = str(entry.CodeValue)
-            break
-        break
-    return (str(ds.SOPClassUID) if "SOPClassUID" in ds else None), code
+    """(SOP Class UID, radionuclide code value) of a DICOM file, as a scan reads them."""
+    header = read_header(path)
+    return header.sop_class_uid, header.radionuclide
 
 
 def main() -> None:
