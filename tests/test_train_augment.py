@@ -127,3 +127,18 @@ def test_polarity_augment_is_a_probability():
     assert resolve_config("default", polarity_augment=0.5).polarity_augment == 0.5
     with pytest.raises(ValueError, match=r"polarity_augment must be in \[0, 1\], not 2"):
         resolve_config("default", polarity_augment=2.0)
+
+
+def test_polarity_labels_choose_the_frames_training_may_invert():
+    import pytest
+
+    from train.config import resolve_config
+    from train.fit import frames_of
+
+    assert resolve_config("default").polarity_labels == ("NM", "PT")  # runs before the knob unchanged
+    nm_only = resolve_config("default", polarity_labels=["NM"])
+    labels = ["CT", "NM", "PT", "NM", "MR"]
+    assert frames_of(labels, nm_only.polarity_labels).tolist() == [False, True, False, True, False]
+    assert frames_of(labels, ("NM", "PT")).tolist() == [False, True, True, True, False]
+    with pytest.raises(ValueError, match="polarity_labels names SPECT, not among the labels"):
+        resolve_config("default", polarity_labels=["NM", "SPECT"])

@@ -29,7 +29,7 @@ def test_the_shipped_recipes_resolve():
     from train.config import resolve_config
 
     recipes = sorted((Path(__file__).resolve().parents[1] / "train" / "recipes").glob("*.yaml"))
-    assert len(recipes) == 13
+    assert len(recipes) == 14
     configs = {path.stem: resolve_config("default", path) for path in recipes}
     assert configs["pretrained"].pretrained and configs["pretrained"].arch == "efficientnet_lite0"
     for n in (1, 2):  # the larger candidates: the bundled recipe but for the backbone
@@ -46,11 +46,14 @@ def test_the_shipped_recipes_resolve():
     # The unit-augmentation candidate: the bundled recipe but for unit_augment.
     units = configs["pretrained-units"]
     assert units.unit_augment == 1.0 and replace(units, unit_augment=0.0) == configs["pretrained"]
-    # The polarity candidate: the bundled recipe but for inverting NM and PT frames in training.
+    # The polarity candidates: the bundled recipe but for inverting NM and PT (or NM alone) in training.
     polarity = configs["pretrained-polarity"]
     assert (
         polarity.polarity_augment == 0.5 and replace(polarity, polarity_augment=0.0) == configs["pretrained"]
     )
+    nm_only = configs["pretrained-polarity-nm"]
+    assert nm_only.polarity_labels == ("NM",)
+    assert replace(nm_only, polarity_labels=("NM", "PT")) == polarity
     # The linear-probing candidate: the bundled recipe but for the probing epochs before it.
     lpft = configs["pretrained-lpft"]
     assert lpft.probe_epochs > 0 and replace(lpft, probe_epochs=0) == configs["pretrained"]

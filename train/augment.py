@@ -213,10 +213,6 @@ def unit_gain(raw: torch.Tensor, unitless: torch.Tensor, gen: torch.Generator, r
     return raw * torch.where(fires, gain, torch.ones_like(gain))[:, None, None]
 
 
-#: Labels whose images are displayed and exported in either polarity (see ``polarity`` above).
-EITHER_POLARITY = frozenset({"NM", "PT"})
-
-
 def polarity_flip(
     raw: torch.Tensor, flippable: torch.Tensor, gen: torch.Generator, rate: float
 ) -> torch.Tensor:
@@ -257,7 +253,7 @@ def augment_batch(
     ``unitless`` (B,) flags the frames whose label has no physical scale
     (:data:`PHYSICAL_UNITS`); ``units`` is the probability that such a frame gets a random gain
     (:func:`unit_gain`). ``flippable`` (B,) flags the frames whose label is read in either
-    polarity (:data:`EITHER_POLARITY`); ``polarity`` is the probability that such a frame is
+    polarity (the configuration's ``polarity_labels``); ``polarity`` is the probability that such a frame is
     inverted (:func:`polarity_flip`).
     """
     raw = raw.float()

@@ -57,6 +57,9 @@ class FitConfig:
     # exports are shown black on white as often as white on black) is inverted in training
     # (train/augment.py, polarity_flip). 0 = off.
     polarity_augment: float = 0.0
+    # The labels whose frames polarity_augment may invert (train/augment.py, polarity_flip).
+    # PET slices are stored white on black; planar scintigrams are exported in either polarity.
+    polarity_labels: tuple[str, ...] = ("NM", "PT")
     # Knowledge distillation: a teacher artefact (fit), or a loso run whose fold-N/model.pt teaches
     # fold N (loso; same manifest, folds and seed). Its inputs must be this configuration's.
     teacher: str | None = None
@@ -258,6 +261,10 @@ def _check_ranges(config: FitConfig) -> None:
         if not (low <= value <= high if closed else low <= value < high):
             bracket = "]" if closed else ")"
             raise ValueError(f"{name} must be in [{low:g}, {high:g}{bracket}, not {value}")
+    stray = sorted(set(config.polarity_labels) - set(config.labels))
+    if stray:
+        known = ", ".join(config.labels)
+        raise ValueError(f"polarity_labels names {', '.join(stray)}, not among the labels {known}")
     if config.mixup < 0:
         raise ValueError(f"mixup is a Beta distribution's alpha: {config.mixup} is negative")
 

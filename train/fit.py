@@ -22,13 +22,19 @@ from tqdm import tqdm
 
 from sorter.model.network import SorterNet, build_network, load_pretrained
 from sorter.model.spec import ModelSpec
-from train.augment import EITHER_POLARITY, PHYSICAL_UNITS, augment_batch
+from train.augment import PHYSICAL_UNITS, augment_batch
 from train.calibrate import softmax_np
 from train.config import FitConfig
 from train.data import ImageSet
 from train.metrics import compute_metrics
 
 log = logging.getLogger(__name__)
+
+
+def frames_of(labels: Any, names: Any) -> torch.Tensor:
+    """A boolean mask (N,) of the frames whose label is one of ``names``."""
+    wanted = {str(name) for name in names}
+    return torch.tensor([str(v) in wanted for v in labels], dtype=torch.bool)
 
 
 def sample_weights(images: ImageSet, group_balance: float, source_balance: float) -> np.ndarray:
@@ -141,8 +147,8 @@ def train_one_epoch(
     picks = torch.multinomial(weights, config.epoch_size, replacement=True, generator=gen)
     targets_all = torch.tensor([label_index[str(v)] for v in images.labels])
     raw_all, feat_all = torch.from_numpy(images.raw), torch.from_numpy(images.features)
-    unitless_all = torch.tensor([str(v) not in PHYSICAL_UNITS for v in images.labels], dtype=torch.bool)
-    flippable_all = torch.tensor([str(v) in EITHER_POLARITY for v in images.labels], dtype=torch.bool)
+    unitless_all = ~frames_of(images.labels, PHYSICAL_UNITS)
+    flippable_all = frames_of(images.labels, config.polarity_labels)
     losses: list[float] = []
     bar = tqdm(picks.split(config.batch_size), desc="train", unit="batch", leave=False, disable=not progress)
     for batch in bar:
