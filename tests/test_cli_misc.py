@@ -93,6 +93,28 @@ def test_predict_images_takes_arrays_the_caller_decoded(name):
         classifier.predict_images([pixels, pixels], ["CT"])
 
 
+def test_predict_images_leaves_blank_frames_out_as_a_scan_does():
+    """A blank array got a label with a confidence (the bundled model: MR at 0.48); the scan skips it."""
+    import numpy as np
+    from pydicom import dcmread
+
+    from sorter import Classifier
+
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    classifier = Classifier.load(device="cpu")
+    for blank, words in (
+        (np.zeros((64, 64)), "images[1] is blank: the frame read holds one value (0)"),
+        (np.full((3, 8, 8), -1024.0), "images[1] is blank: each of the 3 frames"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            classifier.predict_images([hu, blank])
+    # A multi-frame image with a blank frame is judged by its other frames alone.
+    with_blank = np.stack([hu, np.full_like(hu, -1024.0)])
+    [alone], [mixed] = classifier.predict_images([hu]), classifier.predict_images([with_blank])
+    assert mixed.probabilities == pytest.approx(alone.probabilities, abs=1e-6)
+
+
 def test_predict_images_reads_headers_as_a_scan_does(corpus):
     """A header given as the Modality text: 'ct' and 'DX' were silently read as no header, so
     the bundled model's partner never confirmed them (as it does 'CT' on this slice)."""

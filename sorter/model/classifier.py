@@ -13,7 +13,7 @@ import numpy as np
 
 from sorter.dicom.pixels import DecodedImage
 from sorter.domain import Label, Prediction
-from sorter.errors import ModelError
+from sorter.errors import BlankImage, ModelError
 from sorter.model.artefact import DEFAULT_MODEL_PATH, file_sha256, require_file
 from sorter.model.devices import device_problem, is_cpu
 from sorter.model.graph_cache import GraphCache
@@ -200,6 +200,10 @@ class Classifier:
         :meth:`DecodedImage.from_array` takes: ``(H, W)`` in modality units, or ``(H, W, 3)`` RGB.
         A header is a :class:`Label`, a Modality value as the header holds it (``"DX"`` reads as
         XR, ``"ct"`` as CT; one outside the taxonomy as no header) or ``None``.
+
+        Blank frames (one value in every pixel) are left out of a multi-frame image, as a scan
+        leaves them out; an image with nothing else raises ``ValueError``: nothing in it shows what
+        made it, and any label the model gave it would be a guess.
         """
         # One image or one header where a list belongs failed deep inside: a row of pixels "not
         # (H, W)", an ONNX Runtime GatherElements error, a NumPy broadcast error.
@@ -210,7 +214,8 @@ class Classifier:
         if headers is not None and len(headers) != len(images):
             raise ValueError(f"{len(images)} images but {len(headers)} headers: give one header per image")
         decoded = [
-            image if isinstance(image, DecodedImage) else DecodedImage.from_array(image) for image in images
+            _not_blank(image if isinstance(image, DecodedImage) else DecodedImage.from_array(image), index)
+            for index, image in enumerate(images)
         ]
         labels = None if headers is None else [_header(header) for header in headers]
         return self.predict_prepared([self.prepare(image) for image in decoded], labels)
@@ -218,6 +223,14 @@ class Classifier:
     def to_prediction(self, probs: np.ndarray) -> Prediction:
         """Top-2 view of one probability vector."""
         return top_two(probs, self.labels)
+
+
+def _not_blank(image: DecodedImage, index: int) -> DecodedImage:
+    """``image`` without its blank frames; ``ValueError`` naming ``images[index]`` when all are."""
+    try:
+        return image.without_blank_frames(f"images[{index}]")
+    except BlankImage as exc:
+        raise ValueError(f"images[{index}] is blank: {exc.detail}") from None
 
 
 def _header(header: Label | str | None) -> Label | None:
