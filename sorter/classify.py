@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sorter.compare import compare
+from sorter.compare import compare, witnesses_of
 from sorter.dicom import native
 from sorter.dicom.headers import header_from_dataset
 from sorter.dicom.nonimage import non_image_reason
@@ -22,8 +22,7 @@ from sorter.dicom.reading import read_dataset
 from sorter.domain import InstanceHeader, Status
 from sorter.errors import InputError, NonImageObject
 from sorter.model.classifier import Classifier
-from sorter.nuclides import nuclide_contradiction
-from sorter.taxonomy import class_contradiction, label_of
+from sorter.taxonomy import label_of
 from sorter.walk import Entry, distinct_roots, walk
 
 log = logging.getLogger(__name__)
@@ -90,17 +89,10 @@ def _status_record(entry: Entry) -> dict[str, Any]:
 
 def result_record(item: Decoded, classifier: Classifier, prediction: Any) -> dict[str, Any]:
     """The JSON object for one classified instance (ARCHITECTURE §6)."""
-    label = label_of(item.header)
-    contradicted_by = class_contradiction(item.header.modality, item.header.sop_class_uid)
-    nuclide_allows = nuclide_contradiction(label, item.header.radionuclide)
-    verdict = compare(
-        label,
-        prediction,
-        classifier.labels,
-        classifier.spec.thresholds,
-        contradicted_by=contradicted_by,
-        nuclide_allows=nuclide_allows,
-    )
+    label, header = label_of(item.header), item.header
+    witnesses = witnesses_of(header.modality, header.sop_class_uid, label, header.radionuclide)
+    verdict = compare(label, prediction, classifier.labels, classifier.spec.thresholds, witnesses)
+    contradicted_by, nuclide_allows = witnesses.contradicted_by, witnesses.nuclide_allows
     return {
         "path": item.path,
         "sop_instance_uid": item.header.sop_instance_uid,
@@ -118,6 +110,8 @@ def result_record(item: Decoded, classifier: Classifier, prediction: Any) -> dic
         # The radionuclide's code value, and what it allows when it rules the header out.
         "radionuclide": item.header.radionuclide,
         "nuclide_allows": sorted(label.value for label in nuclide_allows) if nuclide_allows else None,
+        # Whether it is one only the header's scanner images (then PT and NM pixels alike agree).
+        "nuclide_confirms": witnesses.nuclide_confirms,
     }
 
 

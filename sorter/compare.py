@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from sorter.domain import Label, Prediction, Thresholds, Verdict
+from sorter.domain import NO_WITNESSES, Label, Prediction, Thresholds, Verdict, Witnesses
+from sorter.nuclides import nuclide_confirms, nuclide_contradiction
+from sorter.taxonomy import class_contradiction
+
+#: Emission imaging: the labels whose pixels (SPECT and PET slices above all) seldom tell them
+#: apart, and whose radionuclide says which scanner took the image (:mod:`sorter.nuclides`).
+EMISSION = frozenset({Label.PT, Label.NM})
 
 
 def compare(
@@ -12,9 +18,7 @@ def compare(
     prediction: Prediction,
     supported: Collection[Label],
     thresholds: Thresholds | None = None,
-    *,
-    contradicted_by: Collection[Label] | None = None,
-    nuclide_allows: Collection[Label] | None = None,
+    witnesses: Witnesses = NO_WITNESSES,
 ) -> Verdict:
     """Decide whether the header label and the predicted label disagree.
 
@@ -28,13 +32,13 @@ def compare(
         Labels the model can emit.
     thresholds
         The model's operating point (see :class:`~sorter.model.spec.Thresholds`).
-    contradicted_by
-        The labels the object's SOP class allows, when they exclude the header's
-        (:func:`sorter.taxonomy.class_contradiction`): a header at odds with itself.
-    nuclide_allows
-        The labels the header's radionuclide allows, when they exclude the header's
-        (:func:`sorter.nuclides.nuclide_contradiction`): a PT header naming a single-photon
-        emitter, an NM header naming a positron emitter.
+    witnesses
+        What the header's other attributes say (:func:`witnesses_of`): the labels the object's
+        SOP class allows when they exclude the header's (``contradicted_by``: a header at odds
+        with itself); the labels its radionuclide allows when they exclude the header's
+        (``nuclide_allows``: a PT header naming a single-photon emitter, an NM header naming a
+        positron emitter); whether its radionuclide is one only the header's scanner images
+        (``nuclide_confirms``: a PT header naming F-18, an NM header naming Tc-99m).
 
     Returns
     -------
@@ -51,10 +55,19 @@ def compare(
         A header its radionuclide rules out is ``disagree`` unless the pixels refute every label
         the nuclide allows: the nuclide says which scanner took the image, which the pixels of
         a SPECT and a PET slice seldom tell apart, so it decides wherever the pixels leave room.
+        For the same reason a header its radionuclide confirms (and its SOP class does not
+        contradict) is ``agree`` when the probability of emission imaging, PT and NM together,
+        reaches the header's ``agree_at``: the pixels show a SPECT or PET image, the nuclide says
+        which. It never makes a verdict ``disagree`` or ``uncertain``.
     """
     verdict = _pixels_verdict(header, prediction, supported, thresholds)
+    contradicted_by, nuclide_allows = witnesses.contradicted_by, witnesses.nuclide_allows
     if verdict is Verdict.UNCERTAIN and contradicted_by and prediction.label in contradicted_by:
         return Verdict.DISAGREE
+    if witnesses.nuclide_confirms and not contradicted_by and _emission(header, prediction, thresholds):
+        # Only ever towards agree: pixels that do not look like emission imaging keep their verdict
+        # (a PET/CT's CT carries the PET's radiopharmaceutical; relabelled PT, it stays refuted).
+        return Verdict.AGREE
     if verdict is not Verdict.DISAGREE and nuclide_allows:
         room = any(
             _pixels_verdict(label, prediction, supported, thresholds) is not Verdict.DISAGREE
@@ -62,6 +75,26 @@ def compare(
         )
         return Verdict.DISAGREE if room else verdict
     return verdict
+
+
+def _emission(header: Label | None, prediction: Prediction, thresholds: Thresholds | None) -> bool:
+    """Whether a PT or NM header's ``agree_at`` is reached by PT and NM together."""
+    bounds = (thresholds or Thresholds()).bounds(header) if header in EMISSION else None
+    if bounds is None:  # another label, or a model without the header test
+        return False
+    return sum(prediction.probabilities.get(label, 0.0) for label in EMISSION) >= bounds[0]
+
+
+def witnesses_of(
+    modality: str | None, sop_class_uid: str | None, label: Label | None, radionuclide: str | None
+) -> Witnesses:
+    """What a header's SOP class and radionuclide say about its Modality (``modality``, read as
+    ``label``), as every path that classifies reads them."""
+    return Witnesses(
+        contradicted_by=class_contradiction(modality, sop_class_uid),
+        nuclide_allows=nuclide_contradiction(label, radionuclide),
+        nuclide_confirms=nuclide_confirms(label, radionuclide),
+    )
 
 
 def _pixels_verdict(

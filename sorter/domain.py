@@ -85,6 +85,23 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class Witnesses:
+    """What a header's other attributes say about its Modality's label (:func:`sorter.compare.compare`;
+    :func:`sorter.compare.witnesses_of` reads them as every path that classifies does)."""
+
+    # The labels its SOP class allows, when they exclude the Modality's (taxonomy.class_contradiction).
+    contradicted_by: frozenset[Label] | None = None
+    # The labels its radionuclide allows, when they exclude the header's (nuclides.nuclide_contradiction).
+    nuclide_allows: frozenset[Label] | None = None
+    # Its radionuclide is one only the header's scanner images (nuclides.nuclide_confirms).
+    nuclide_confirms: bool = False
+
+
+#: A header with nothing but its Modality to go on.
+NO_WITNESSES = Witnesses()
+
+
+@dataclass(frozen=True)
 class Claimed:
     """An instance taken for classification: what the decode side needs."""
 
@@ -93,10 +110,7 @@ class Claimed:
     header_label: Label | None
     status: Status = Status.PENDING  # DONE: classified before (`sorter reclassify`)
     sop_instance_uid: str | None = None
-    # The labels its SOP class allows, when they exclude the Modality's (taxonomy.class_contradiction).
-    contradicted_by: frozenset[Label] | None = None
-    # The labels its radionuclide allows, when they exclude the header's (nuclides.nuclide_contradiction).
-    nuclide_allows: frozenset[Label] | None = None
+    witnesses: Witnesses = NO_WITNESSES
 
 
 @dataclass(frozen=True)

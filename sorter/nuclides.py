@@ -6,7 +6,8 @@ single-photon emitters (Tc-99m, I-123, Lu-177 ...). The Radiopharmaceutical Info
 nuclide is Lu-177, or an NM header whose nuclide is F-18, contradicts itself: a SPECT exported
 as PT for dosimetry software, a PET processed on a nuclear medicine workstation and saved as NM.
 The pixels alone seldom tell SPECT from PET slices; the nuclide does (see
-:func:`sorter.compare.compare`).
+:func:`sorter.compare.compare`), both ways: a PT header naming F-18, or an NM header naming
+Tc-99m, is confirmed by it wherever the pixels show emission imaging at all.
 
 The code lists are DICOM's own, as pydicom ships them: CID 4020 "PET Radionuclide" and CID 18
 "Isotopes in Radiopharmaceuticals", by SNOMED CT code, with the retired SNOMED RT codes (C-111A1
@@ -66,3 +67,10 @@ def nuclide_contradiction(label: Label | None, code_value: object) -> frozenset[
         return None
     allowed = nuclide_labels(code_value)
     return allowed if allowed is not None and label not in allowed else None
+
+
+def nuclide_confirms(label: Label | None, code_value: object) -> bool:
+    """Whether the header's label is PT or NM and its nuclide is one only that scanner images."""
+    if label not in (Label.PT, Label.NM):
+        return False
+    return nuclide_labels(code_value) == frozenset({Label(label)})  # a stored label is its text

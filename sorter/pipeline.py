@@ -79,8 +79,7 @@ def infer(
             prediction,
             classifier.labels,
             thresholds,
-            contradicted_by=item.contradicted_by,
-            nuclide_allows=item.nuclide_allows,
+            item.witnesses,
         )
         out.append(Outcome(item.id, Status.DONE, item.header_label, prediction, verdict))
     return out

@@ -103,6 +103,7 @@ class Group(NamedTuple):
     n: int
     disagree: int
     uncertain: int
+    agree: int
     #: Sums over the predictions that carry a header test (NULL probabilities and thresholds
     #: count nowhere): the header label's probability, its ``disagree_at``, and how many.
     p_header: float
@@ -138,6 +139,7 @@ def _groups(session: Session) -> dict[str, Groups]:
         sa.func.count(),
         count(Verdict.DISAGREE),
         count(Verdict.UNCERTAIN),
+        count(Verdict.AGREE),
         sa.func.sum(sa.case((tested, p_header), else_=0.0)),
         sa.func.sum(sa.case((tested, lp.c.disagree_at), else_=0.0)),
         sa.func.sum(sa.case((tested, 1), else_=0)),
@@ -146,7 +148,7 @@ def _groups(session: Session) -> dict[str, Groups]:
     for row in session.execute(stmt):
         keys, (header, label, *values) = row[: len(columns)], row[len(columns) :]
         for by, key in zip(RATE_SECTIONS, keys, strict=True):
-            total = sums[by].setdefault((key, header, label), [0, 0, 0, 0.0, 0.0, 0])
+            total = sums[by].setdefault((key, header, label), [0, 0, 0, 0, 0.0, 0.0, 0])
             for i, value in enumerate(values):
                 total[i] += value or 0
 
@@ -155,8 +157,8 @@ def _groups(session: Session) -> dict[str, Groups]:
 
     return {
         by: [
-            Group(k, h, lab, int(n), int(d), int(u), float(sp), float(sd), int(t))
-            for (k, h, lab), (n, d, u, sp, sd, t) in sorted(totals.items(), key=order)
+            Group(k, h, lab, int(n), int(d), int(u), int(a), float(sp), float(sd), int(t))
+            for (k, h, lab), (n, d, u, a, sp, sd, t) in sorted(totals.items(), key=order)
         ]
         for by, totals in sums.items()
     }
@@ -194,6 +196,7 @@ def contradicts(
     mean_disagree_at: float | None,
     min_instances: int = CONTRADICTION_MIN_INSTANCES,
     min_rate: float = CONTRADICTION_RATE,
+    n_agree: int = 0,
 ) -> bool:
     """Whether ``n`` instances with one header label, from one source, contradict that label.
 
@@ -204,12 +207,15 @@ def contradicts(
     very low because the model often doubts right headers of theirs), is a systematic error.
     Both bounds were chosen on two leave-sources-out runs' predictions, with a margin to the
     honest sources nearest them (``tests/bench/bench_station.py``; README, Adaptation benchmark).
+    The mean rule stays silent where most of the images (``n_agree``) confirm the header: a PT or
+    NM header its radionuclide confirms is ``agree`` on slices whose own label's probability is
+    low (:func:`sorter.compare.compare`), and the mean of that label alone would accuse it.
     """
     if n < min_instances:
         return False
     if n_disagree / n >= min_rate:
         return True
-    if mean_p_header is None or mean_disagree_at is None:
+    if mean_p_header is None or mean_disagree_at is None or 2 * n_agree > n:
         return False
     return mean_p_header <= CONTRADICTION_MEAN_FACTOR * mean_disagree_at
 
@@ -221,19 +227,20 @@ def _contradictions(by: str, groups: Groups, min_instances: int, min_rate: float
         if group.key is None or group.header is None:
             continue
         pair = (str(group.key), str(group.header))
-        sums = totals.setdefault(pair, [0, 0, 0.0, 0.0, 0])
+        sums = totals.setdefault(pair, [0, 0, 0, 0.0, 0.0, 0])
         sums[0] += group.n
         sums[1] += group.disagree
-        sums[2] += group.p_header
-        sums[3] += group.disagree_at
-        sums[4] += group.tested
+        sums[2] += group.agree
+        sums[3] += group.p_header
+        sums[4] += group.disagree_at
+        sums[5] += group.tested
         if group.label != group.header:
             pixels.setdefault(pair, Counter())[str(group.label)] += group.n
     rows = []
-    for (name, header), (n, n_disagree, p_sum, d_sum, tested) in totals.items():
+    for (name, header), (n, n_disagree, n_agree, p_sum, d_sum, tested) in totals.items():
         mean_p = p_sum / tested if tested else None
         mean_d = d_sum / tested if tested else None
-        if not contradicts(int(n), int(n_disagree), mean_p, mean_d, min_instances, min_rate):
+        if not contradicts(int(n), int(n_disagree), mean_p, mean_d, min_instances, min_rate, int(n_agree)):
             continue
         shown = pixels.get((name, header))
         rows.append(

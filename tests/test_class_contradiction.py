@@ -31,7 +31,7 @@ from verdict_support import prediction_of
 from sorter.cli import main
 from sorter.compare import compare
 from sorter.db.session import create_db_engine
-from sorter.domain import ALL_LABELS, Label, Verdict
+from sorter.domain import ALL_LABELS, Label, Verdict, Witnesses
 from sorter.model.artefact import DEFAULT_MODEL_PATH
 from sorter.model.spec import Thresholds
 from sorter.taxonomy import class_contradiction, class_labels
@@ -112,13 +112,19 @@ def test_a_self_contradicting_header_is_refuted_when_the_pixels_lean_the_class_w
     header, prediction, contradicted_by, verdict
 ):
     supported = set(ALL_LABELS)
-    assert compare(header, prediction, supported, THRESHOLDS, contradicted_by=contradicted_by) is verdict
+    assert (
+        compare(header, prediction, supported, THRESHOLDS, Witnesses(contradicted_by=contradicted_by))
+        is verdict
+    )
 
 
 def test_without_the_header_test_the_class_turns_a_low_confidence_call_too():
     weak = prediction_of(CT=0.6, MR=0.4)  # below min_confidence 0.8: uncertain on the pixels
     assert compare(Label.MR, weak, set(ALL_LABELS)) is Verdict.UNCERTAIN
-    assert compare(Label.MR, weak, set(ALL_LABELS), contradicted_by={Label.CT}) is Verdict.DISAGREE
+    assert (
+        compare(Label.MR, weak, set(ALL_LABELS), witnesses=Witnesses(contradicted_by=frozenset({Label.CT})))
+        is Verdict.DISAGREE
+    )
 
 
 def _relabelled(tmp_path, name: str, modality: str, folder: str = "archive"):

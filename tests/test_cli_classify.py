@@ -29,6 +29,7 @@ FIELDS = {
     "class_allows",
     "radionuclide",
     "nuclide_allows",
+    "nuclide_confirms",
 }
 
 

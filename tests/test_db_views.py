@@ -154,3 +154,32 @@ def test_series_verdicts_of_a_header_test_model(db_url):
     assert sorted(tuple(r) for r in latest) == [("CT", 0.9, 0.5), ("PT", 0.2, 0.01)]
     studies = {r.study_instance_uid: r.verdict for r in query(db_url, "SELECT * FROM study_summary")}
     assert studies[study] == "disagree"
+
+
+def test_a_series_whose_instances_agree_is_never_refuted_by_its_mean(db_url):
+    """An NM header naming Tc-99m is ``agree`` on slices whose pixels say PET (the nuclide decides
+    between the two: sorter.compare), so its mean p(NM) can be below NM's ``disagree_at``: such a
+    series was ``disagree`` with no instance refuted."""
+    model = {**_ARGMAX_MODEL, "sha256": "e" * 64}
+    op = {"NM": (0.3, 0.02), "PT": (0.4, 0.01)}
+    spect = {"PT": 0.95, "NM": 0.01, "CT": 0.02, "MR": 0.02}  # p(NM) below 0.02; PT + NM 0.96
+
+    def series(votes: list[tuple[dict[str, float], str]]) -> str:
+        return _series_of(db_url, "NM", votes, model, op)[0]
+
+    confirmed = series([(spect, "agree")] * 4)
+    mostly = series([(spect, "agree")] * 3 + [({"NM": 0.25, "PT": 0.7, "CT": 0.05}, "uncertain")])
+    unsure = series([(spect, "agree")] * 2 + [({"NM": 0.03, "PT": 0.9, "MR": 0.07}, "uncertain")] * 2)
+    # A refuted instance leaves the mean its say, and the majority rule stands first.
+    refuted = series([(spect, "agree")] * 3 + [({"NM": 0.001, "CT": 0.999}, "disagree")])
+    half = series([(spect, "agree")] * 2 + [({"NM": 0.2, "PT": 0.8}, "uncertain")] * 2)
+    rows = {r.series_instance_uid: r for r in query(db_url, "SELECT * FROM series_summary")}
+    assert all(rows[s].p_nm <= 0.02 for s in (confirmed, refuted, unsure))
+    assert rows[confirmed].verdict == "agree"
+    assert rows[mostly].verdict == "agree"
+    assert rows[unsure].verdict == "uncertain"  # no majority, nothing refuted: not disagree
+    assert rows[refuted].verdict == "disagree"
+    assert rows[half].verdict == "uncertain"
+    assert not {confirmed, mostly, unsure, half} & {
+        r.series_instance_uid for r in query(db_url, "SELECT * FROM series_discrepancies")
+    }

@@ -27,10 +27,10 @@ from sorter.db.session import create_db_engine, make_session_factory
 from sorter.dicom import lean
 from sorter.dicom.headers import HEADER_TAGS, describe_series, header_from_dataset
 from sorter.dicom.reading import read_dataset
-from sorter.domain import ALL_LABELS, Label, Verdict
+from sorter.domain import ALL_LABELS, NO_WITNESSES, Label, Verdict, Witnesses
 from sorter.model.artefact import DEFAULT_MODEL_PATH
 from sorter.model.spec import Thresholds
-from sorter.nuclides import nuclide_contradiction, nuclide_labels
+from sorter.nuclides import nuclide_confirms, nuclide_contradiction, nuclide_labels
 
 pytest_plugins = ["db_fixtures"]
 
@@ -96,7 +96,93 @@ THRESHOLDS = Thresholds(agree_at={"NM": 0.4, "PT": 0.5}, disagree_at={"NM": 0.01
 def test_a_header_its_nuclide_rules_out_is_refuted_unless_the_pixels_rule_out_the_nuclide(
     header, prediction, allows, verdict
 ):
-    assert compare(header, prediction, set(ALL_LABELS), THRESHOLDS, nuclide_allows=allows) is verdict
+    assert (
+        compare(header, prediction, set(ALL_LABELS), THRESHOLDS, Witnesses(nuclide_allows=allows)) is verdict
+    )
+
+
+@pytest.mark.parametrize(
+    ("label", "code", "expected"),
+    [
+        (Label.PT, "C-111A1", True),
+        ("PT", "77004003", True),  # a stored header label is its text
+        (Label.NM, "C-163A8", True),
+        (Label.NM, "447553000", True),  # Lu-177: a gamma camera's
+        (Label.PT, "447553000", False),  # contradicts instead
+        (Label.PT, "C-162F9", False),  # Y-90 claims nothing
+        (Label.PT, None, False),
+        (Label.CT, "C-111A1", False),  # a PET/CT's CT: no label but PT and NM is judged by it
+    ],
+)
+def test_nuclide_confirms(label, code, expected):
+    assert nuclide_confirms(label, code) is expected
+
+
+@pytest.mark.parametrize(
+    ("header", "prediction", "witnesses", "verdict"),
+    [
+        # SPECT slices the network calls PET under an NM header naming Tc-99m: PT and NM together
+        # reach NM's agree_at; on p(NM) alone they were refuted
+        (
+            Label.NM,
+            prediction_of(PT=0.95, NM=0.005, MR=0.045),
+            Witnesses(nuclide_confirms=True),
+            Verdict.AGREE,
+        ),
+        (Label.NM, prediction_of(PT=0.95, NM=0.005, MR=0.045), NO_WITNESSES, Verdict.DISAGREE),
+        (Label.PT, prediction_of(NM=0.5, PT=0.2, MR=0.3), Witnesses(nuclide_confirms=True), Verdict.AGREE),
+        (Label.PT, prediction_of(NM=0.5, PT=0.2, MR=0.3), NO_WITNESSES, Verdict.UNCERTAIN),
+        # not emission imaging: the pixels keep their verdict (a PET/CT's CT relabelled PT)
+        (
+            Label.PT,
+            prediction_of(CT=0.99, PT=0.005, NM=0.005),
+            Witnesses(nuclide_confirms=True),
+            Verdict.DISAGREE,
+        ),
+        (
+            Label.PT,
+            prediction_of(MR=0.6, PT=0.2, NM=0.2),
+            Witnesses(nuclide_confirms=True),
+            Verdict.UNCERTAIN,
+        ),
+        # a SOP class that rules the Modality out outweighs the nuclide
+        (
+            Label.PT,
+            prediction_of(NM=0.5, PT=0.2, CT=0.3),
+            Witnesses(contradicted_by=frozenset({Label.CT}), nuclide_confirms=True),
+            Verdict.UNCERTAIN,
+        ),
+    ],
+)
+def test_a_header_its_nuclide_confirms_agrees_where_pet_and_spect_together_do(
+    header, prediction, witnesses, verdict
+):
+    assert compare(header, prediction, set(ALL_LABELS), THRESHOLDS, witnesses) is verdict
+    # a model without the header test keeps its argmax rule whatever the nuclide
+    assert compare(header, prediction, set(ALL_LABELS), None, witnesses) is compare(
+        header, prediction, set(ALL_LABELS), None
+    )
+
+
+def test_a_real_pet_slice_naming_f18_is_confirmed_where_the_pixels_alone_were_unsure(tmp_path, corpus):
+    """A soft-tissue sarcoma PET slice (the corpus's, F-18 in its header) that the bundled model
+    gives PT 0.50 and NM 0.36: below PT's agree_at alone, above it together."""
+    path = corpus / "PT" / "tcia_sts_ibsi" / "STS_003_000030.dcm"
+    ds = pydicom.dcmread(path)
+    assert ds.Modality == "PT" and "RadiopharmaceuticalInformationSequence" in ds
+    del ds.RadiopharmaceuticalInformationSequence  # the same slice, naming no nuclide
+    anonymous = tmp_path / "no-nuclide.dcm"
+    ds.save_as(anonymous)
+    result = CliRunner().invoke(main, ["classify", "--json", str(path), str(anonymous)])
+    assert result.exit_code == 0, result.output
+    named, unnamed = map(json.loads, result.stdout.splitlines())
+    assert (named["radionuclide"], named["nuclide_confirms"], named["verdict"]) == ("C-111A1", True, "agree")
+    assert (unnamed["radionuclide"], unnamed["nuclide_confirms"], unnamed["verdict"]) == (
+        None,
+        False,
+        "uncertain",
+    )
+    assert named["label"] == unnamed["label"] == "PT" and named["confidence"] == unnamed["confidence"]
 
 
 def _with_nuclide(ds: Dataset, code: tuple[str, str, str]) -> None:
@@ -185,7 +271,7 @@ def test_a_spect_stored_as_pet_is_flagged_per_slice_and_per_series(db_url, tmp_p
             witnesses = header_witnesses(session, ids)
     finally:
         engine.dispose()
-    assert witnesses == dict.fromkeys(ids, (None, frozenset({Label.NM})))
+    assert witnesses == dict.fromkeys(ids, Witnesses(nuclide_allows=frozenset({Label.NM})))
 
 
 def test_classify_names_the_nuclide_and_the_review_page_shows_it(tmp_path, corpus):

@@ -236,7 +236,7 @@ def _station_results(url: str) -> None:
     with a header test (NM: agree_at 0.43, disagree_at 0.008; CT: 0.24, 0.24), each instance's
     verdict the header test's own."""
     from sorter.compare import compare
-    from sorter.domain import Label, Thresholds
+    from sorter.domain import Label, Thresholds, Witnesses
 
     labels = (Label.CT, Label.PT, Label.NM)
     bounds = {"NM": (0.43, 0.008), "CT": (0.24, 0.235), "PT": (0.58, 0.015)}
@@ -248,6 +248,9 @@ def _station_results(url: str) -> None:
         "NM_HONEST": ("NM", [0.05] * 12),  # the model doubts NM headers: uncertain, not implausible
         "CT_SOMETIMES_PT": ("CT", [0.9] * 8 + [0.01] * 4),  # 4 of 12 refuted: 33 %
         "CT_HONEST": ("CT", [0.9] * 10 + [0.01] * 2),  # 2 of 12: not enough to accuse a station
+        # SPECT whose NM headers name Tc-99m: every slice agrees (PT + NM reach NM's agree_at), so
+        # the mean p(NM), as low as the first station's, accuses nobody.
+        "SPECT_NAMING_TC99M": ("NM", [0.011] * 12),
     }
     rows = []
     for station, (modality, p_header) in plan.items():
@@ -260,7 +263,8 @@ def _station_results(url: str) -> None:
             probs = {label: 0.0 for label in labels}
             probs[Label(modality)] = p
             probs[Label.PT] += 1 - p
-            verdict = compare(Label(modality), top2_prediction(probs), labels, thresholds)
+            witnesses = Witnesses(nuclide_confirms=station == "SPECT_NAMING_TC99M")
+            verdict = compare(Label(modality), top2_prediction(probs), labels, thresholds, witnesses)
             rows.append((header, station, Label(modality), probs, verdict))
     model = {
         "sha256": "e" * 64,
@@ -299,6 +303,9 @@ def test_a_station_is_reported_when_its_images_all_doubt_the_header_or_a_third_a
     assert found["CT_SOMETIMES_PT"]["rate"] == 0.3333 and found["CT_SOMETIMES_PT"]["pixels"] == "PT"
     assert reports.contradicts(12, 0, 0.0119, 0.008) and not reports.contradicts(12, 0, 0.0121, 0.008)
     assert not reports.contradicts(9, 9, 0.0, 0.008)  # too few instances to speak for a station
+    assert reports.contradicts(12, 0, 0.0119, 0.008, n_agree=6)
+    assert not reports.contradicts(12, 0, 0.0119, 0.008, n_agree=7)  # most confirmed: the mean is silent
+    assert reports.contradicts(12, 4, 0.5, 0.008, n_agree=8)  # a third refuted speaks regardless
 
 
 def test_under_takes_a_file_or_a_folder_that_is_gone(sqlite_url, tiny_model, tiny_model_b, tmp_path):

@@ -12,15 +12,13 @@ from sqlalchemy.orm import Session
 
 from sorter.adaptation.sample import Candidate
 from sorter.adaptation.scoring import Issues
-from sorter.compare import compare
+from sorter.compare import compare, witnesses_of
 from sorter.db.models import Base
 from sorter.db.queries import instances, query_groups, upsert_predictions
-from sorter.domain import Label, Outcome, Status
+from sorter.domain import NO_WITNESSES, Label, Outcome, Status, Witnesses
 from sorter.model.classifier import top_two
 from sorter.model.spec import ModelSpec
-from sorter.nuclides import nuclide_contradiction
 from sorter.pipeline import prediction_row, register_artefact
-from sorter.taxonomy import class_contradiction
 
 adaptations = Base.metadata.tables["adaptations"]
 label_issues = Base.metadata.tables["label_issues"]
@@ -73,13 +71,9 @@ def candidates(session: Session) -> tuple[list[Candidate], dict[int, str]]:
     return pool, paths
 
 
-def header_witnesses(
-    session: Session, ids: Sequence[int]
-) -> dict[int, tuple[frozenset[Label] | None, frozenset[Label] | None]]:
-    """The instances of ``ids`` whose header contradicts itself, as a scan judges them: the labels
-    their SOP class allows when it rules out the Modality's
-    (:func:`sorter.taxonomy.class_contradiction`), and those their radionuclide allows when it
-    rules out the header's (:func:`sorter.nuclides.nuclide_contradiction`)."""
+def header_witnesses(session: Session, ids: Sequence[int]) -> dict[int, Witnesses]:
+    """What the headers of ``ids`` say besides their Modality, as a scan reads them
+    (:func:`sorter.compare.witnesses_of`): only the instances where it says something."""
     out = {}
     columns = (instances.c.header_modality, instances.c.sop_class_uid, instances.c.header_label)
     for group in query_groups(ids) if ids else []:
@@ -87,10 +81,9 @@ def header_witnesses(
             instances.c.id.in_(list(group))
         )
         for row in session.execute(stmt):
-            by_class = class_contradiction(row.header_modality, row.sop_class_uid)
-            by_nuclide = nuclide_contradiction(row.header_label, row.radionuclide)
-            if by_class or by_nuclide:
-                out[int(row.id)] = (by_class, by_nuclide)
+            said = witnesses_of(row.header_modality, row.sop_class_uid, row.header_label, row.radionuclide)
+            if said != NO_WITNESSES:
+                out[int(row.id)] = said
     return out
 
 
@@ -153,9 +146,8 @@ def write_adaptation(
     for n, instance_id in enumerate(ids.tolist()):
         header = Label(headers[n])
         prediction = top_two(probs[n], labels)
-        by_class, by_nuclide = witnesses.get(int(instance_id), (None, None))
         verdict = compare(
-            header, prediction, labels, spec.thresholds, contradicted_by=by_class, nuclide_allows=by_nuclide
+            header, prediction, labels, spec.thresholds, witnesses.get(int(instance_id), NO_WITNESSES)
         )
         rows.append(
             prediction_row(Outcome(int(instance_id), Status.DONE, header, prediction, verdict), oof_id)

@@ -18,11 +18,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from sorter.compare import witnesses_of
 from sorter.db.models import Base
 from sorter.domain import Claimed, FailureReason, Label, Status, Verdict
 from sorter.fspath import encode_path, stored_prefixes
-from sorter.nuclides import nuclide_contradiction
-from sorter.taxonomy import class_contradiction
 
 instances = Base.metadata.tables["instances"]
 files = Base.metadata.tables["files"]
@@ -360,8 +359,7 @@ def claim(
             r.header_label,
             Status(r.status),
             r.sop_instance_uid,
-            class_contradiction(r.header_modality, r.sop_class_uid),
-            nuclide_contradiction(r.header_label, r.radionuclide),
+            witnesses_of(r.header_modality, r.sop_class_uid, r.header_label, r.radionuclide),
         )
         for r in session.execute(stmt)
     ]

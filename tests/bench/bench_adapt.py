@@ -68,7 +68,7 @@ from sorter.adaptation.embed import head_inputs  # noqa: E402
 from sorter.adaptation.sample import Candidate, assign_folds, sample  # noqa: E402
 from sorter.adaptation.scoring import label_issues  # noqa: E402
 from sorter.compare import compare  # noqa: E402
-from sorter.domain import Label  # noqa: E402
+from sorter.domain import Label, Witnesses  # noqa: E402
 from sorter.model.artefact import load_artefact  # noqa: E402
 from sorter.model.classifier import top_two  # noqa: E402
 from sorter.model.spec import Thresholds  # noqa: E402
@@ -120,7 +120,11 @@ def class_verdicts(
     for i, h in enumerate(header):
         allowed = classes[i]
         by = allowed if allowed is not None and names[h] not in allowed else None
-        out.append(compare(names[h], top_two(probs[i], names), names, thresholds, contradicted_by=by).value)
+        out.append(
+            compare(
+                names[h], top_two(probs[i], names), names, thresholds, Witnesses(contradicted_by=by)
+            ).value
+        )
     return out
 
 

@@ -3,7 +3,7 @@
 Every held-out image of RUN (a finished ``sorter-train loso`` run) is judged from its out-of-fold
 probabilities at the run's own temperature, with the operating point ``sorter-train export``
 would choose on them (:func:`train.operating_point.choose`), twice: on the pixels alone and with
-the header's SOP class (:func:`sorter.compare.compare`, ``contradicted_by``). Right headers are
+the header's SOP class (:func:`sorter.compare.compare`, ``Witnesses.contradicted_by``). Right headers are
 each image with its own file's Modality; relabelled copies are each image once with every other
 label's Modality written in (CT, MR, PT, NM, DX, MG, US, OT) and its SOP class left as the file
 has it, as a router or a hand edit leaves it; two looser rules than the shipped one are scored
@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from sorter.compare import compare  # noqa: E402
-from sorter.domain import Label, Verdict  # noqa: E402
+from sorter.dicom.headers import read_header  # noqa: E402
+from sorter.domain import Label, Verdict, Witnesses  # noqa: E402
 from sorter.model.classifier import top_two  # noqa: E402
 from sorter.model.spec import Thresholds  # noqa: E402
 from sorter.taxonomy import class_contradiction  # noqa: E402
@@ -48,13 +48,14 @@ MODALITY = {"CT": "CT", "MR": "MR", "PT": "PT", "NM": "NM", "XR": "DX", "MG": "M
 
 
 def dicom_headers(rows: Sequence[Any], indices: Iterable[int]) -> dict[int, tuple[str | None, str | None]]:
-    """(Modality, SOP Class UID) of each DICOM manifest row of ``indices``, read once per file
-    (pictures and volumes have neither and are left out)."""
+    """(Modality, SOP Class UID) of each DICOM manifest row of ``indices``, read once per file as
+    a scan reads them (:func:`sorter.dicom.headers.read_header`: a class held only in the File
+    Meta Information counts; pictures and volumes have neither and are left out)."""
     out = {}
     for index in sorted(set(indices)):
         if rows[index].format == "dcm":
-            ds = pydicom.dcmread(rows[index].path, stop_before_pixels=True, force=True)
-            out[index] = ds.get("Modality"), (str(ds.SOPClassUID) if "SOPClassUID" in ds else None)
+            header = read_header(rows[index].path)
+            out[index] = header.modality, header.sop_class_uid
     return out
 
 
@@ -127,7 +128,7 @@ def main() -> None:
         for kind, header, written in cases:
             contradicted = class_contradiction(written, sop_class) if is_dicom else None
             pixels = compare(header, prediction, labels, thresholds)
-            shipped = compare(header, prediction, labels, thresholds, contradicted_by=contradicted)
+            shipped = compare(header, prediction, labels, thresholds, Witnesses(contradicted_by=contradicted))
             # Looser rules, measured and not shipped: the class alone refutes an uncertain header
             # when the pixels' runner-up is a label it allows, or whatever the pixels say.
             doubted = pixels is Verdict.UNCERTAIN and contradicted is not None

@@ -13,6 +13,8 @@ Three cases per image:
 
 * ``right``: its own label's header. The nuclide agrees with it, so the rule cannot change it
   (reported to show it does not).
+* ``right_own_code``: the same, only the images whose own file names its nuclide (the corpus's
+  DICOM PET and planar NM files): no assumed code.
 * ``swapped``: the other emission label's Modality (PT written as NM, NM as PT), its file's SOP
   class and nuclide left as they were: a router's or a hand edit.
 * ``exported``: the other emission label's Modality and SOP class, the nuclide left as it was: a
@@ -20,8 +22,18 @@ Three cases per image:
   class then agrees with the wrong Modality; only the nuclide contradicts it.
 * ``wrong_nuclide``: its own label's header with the other emission label's nuclide: what the
   rule costs where the nuclide, not the Modality, is wrong (a right header then refuted).
+* ``every_right``: every held-out image (all labels) under its own label's header, its class and
+  nuclide as above: issue 12's share of right headers confirmed.
 * ``every_copy``: every held-out image (all labels) under each other label's Modality, its class
   and nuclide as above: issue 12's share of relabelled copies refuted.
+* ``copy_naming_the_header_nuclide``: every held-out image under PT and NM headers of another
+  label, with the nuclide that header's scanner images (F-18 for PT, Tc-99m for NM) and its own
+  file's class: the worst case for the confirming rule (a PET/CT's CT carrying the PET's
+  radiopharmaceutical, relabelled PT; a SPECT rewritten as PET, nuclide and all).
+
+Rules: ``pixels``, ``with_class``, ``with_class_and_nuclide`` (the nuclide refutes a header it rules
+out) and ``nuclide_confirms`` (as well, a PT or NM header its nuclide confirms is tested on p(PT) +
+p(NM): the pixels must show emission imaging, the nuclide says which).
 
 Run: .venv/bin/python tests/bench/bench_nuclide.py --run runs/loso5-eff \\
          [--out tests/bench/results-nuclide-2core.json]
@@ -33,6 +45,7 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,16 +59,25 @@ from bench_header_class import MODALITY, judged_out_of_fold  # noqa: E402
 
 from sorter.compare import compare  # noqa: E402
 from sorter.dicom.headers import read_header  # noqa: E402
-from sorter.domain import Label, Verdict  # noqa: E402
+from sorter.domain import NO_WITNESSES, Label, Verdict, Witnesses  # noqa: E402
 from sorter.model.classifier import top_two  # noqa: E402
-from sorter.nuclides import nuclide_contradiction  # noqa: E402
+from sorter.nuclides import nuclide_confirms, nuclide_contradiction  # noqa: E402
 from sorter.taxonomy import class_contradiction  # noqa: E402
 
-RULES = ("pixels", "with_class", "with_class_and_nuclide")
+RULES = ("pixels", "with_class", "with_class_and_nuclide", "nuclide_confirms")
 #: The nuclide an image without its own names: F-18 (SNOMED RT) for PT, Tc-99m for NM.
 TYPICAL = {Label.PT: "C-111A1", Label.NM: "C-163A8"}
 OTHER = {Label.PT: Label.NM, Label.NM: Label.PT}
-CASES = ("right", "swapped", "exported", "wrong_nuclide", "every_copy")
+CASES = (
+    "right",
+    "right_own_code",
+    "swapped",
+    "exported",
+    "wrong_nuclide",
+    "every_right",
+    "every_copy",
+    "copy_naming_the_header_nuclide",
+)
 
 
 def file_header(path: str) -> tuple[str | None, str | None]:
@@ -88,11 +110,18 @@ def main() -> None:
         # Every image under every other label's Modality, its class and nuclide as they are (the
         # share issue 12 counts: PT and NM images name their nuclide, the others none).
         code = own or TYPICAL.get(truth)
-        cases = [("every_copy", header, code, sop_class) for header in labels if header is not truth]
+        cases = [("every_right", truth, code, sop_class)]
+        cases += [("every_copy", header, code, sop_class) for header in labels if header is not truth]
+        cases += [
+            ("copy_naming_the_header_nuclide", header, TYPICAL[header], sop_class)
+            for header in OTHER
+            if header is not truth
+        ]
         if truth in OTHER:
             own_codes[f"{truth.value}: {own or 'none (given ' + TYPICAL[truth] + ')'}"] += 1
             cases += [
                 ("right", truth, code, sop_class),
+                *([("right_own_code", truth, own, sop_class)] if own else []),
                 ("swapped", OTHER[truth], code, sop_class),
                 ("exported", OTHER[truth], code, None),  # a class matching the Modality: no witness
                 ("wrong_nuclide", truth, TYPICAL[OTHER[truth]], sop_class),
@@ -100,17 +129,14 @@ def main() -> None:
         for case, header, nuclide, file_class in cases:
             contradicted = class_contradiction(MODALITY[header.value], file_class)
             allows = nuclide_contradiction(header, nuclide)
+            by_class = Witnesses(contradicted_by=contradicted)
+            by_nuclide = replace(by_class, nuclide_allows=allows)
+            confirmed = replace(by_nuclide, nuclide_confirms=nuclide_confirms(header, nuclide))
             verdicts = {
-                "pixels": compare(header, prediction, labels, thresholds),
-                "with_class": compare(header, prediction, labels, thresholds, contradicted_by=contradicted),
-                "with_class_and_nuclide": compare(
-                    header,
-                    prediction,
-                    labels,
-                    thresholds,
-                    contradicted_by=contradicted,
-                    nuclide_allows=allows,
-                ),
+                rule: compare(header, prediction, labels, thresholds, witnesses)
+                for rule, witnesses in zip(
+                    RULES, (NO_WITNESSES, by_class, by_nuclide, confirmed), strict=True
+                )
             }
             for rule, verdict in verdicts.items():
                 tally[case][rule][truth.value].append(verdict)
