@@ -293,7 +293,7 @@ def test_classify_names_the_nuclide_and_the_review_page_shows_it(tmp_path, corpu
         None,
     )
     assert describe_series(spect[0])["Radionuclide"] == "^177^Lutetium (imaged by NM)"
-    assert describe_series(consistent)["Radionuclide"] == "^18^Fluorine"
+    assert describe_series(consistent)["Radionuclide"] == "^18^Fluorine (imaged by PT, as the Modality says)"
 
 
 def test_an_archive_scanned_before_gets_the_nuclide_by_rereading_headers(db_url, tmp_path, corpus):

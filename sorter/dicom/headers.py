@@ -16,7 +16,7 @@ from sorter.dicom import lean
 from sorter.dicom.nonimage import MEDIA_STORAGE_DIRECTORY, non_image_reason
 from sorter.dicom.reading import read_dataset, transfer_syntax_of
 from sorter.domain import InstanceHeader
-from sorter.nuclides import nuclide_contradiction
+from sorter.nuclides import nuclide_confirms, nuclide_contradiction
 from sorter.taxonomy import class_contradiction, expected_label, is_localizer
 
 logger = logging.getLogger(__name__)
@@ -212,6 +212,8 @@ def describe_series(path: str | os.PathLike[str]) -> dict[str, str]:
         allowed = nuclide_contradiction(label, _text(code, "CodeValue"))
         if allowed:
             out["Radionuclide"] += f" (imaged by {' or '.join(sorted(label.value for label in allowed))})"
+        elif label is not None and nuclide_confirms(label, _text(code, "CodeValue")):
+            out["Radionuclide"] += f" (imaged by {label.value}, as the Modality says)"
     syntax = transfer_syntax_of(ds)
     if syntax:
         out["TransferSyntax"] = UID(str(syntax)).name
