@@ -24,6 +24,8 @@ Three cases per image:
   rule costs where the nuclide, not the Modality, is wrong (a right header then refuted).
 * ``every_right``: every held-out image (all labels) under its own label's header, its class and
   nuclide as above: issue 12's share of right headers confirmed.
+* ``every_right_as_stored`` and ``every_copy_as_stored``: the same two with only the nuclides the
+  files name themselves (no assumed F-18 or Tc-99m): the corpus as a scan reads it.
 * ``every_copy``: every held-out image (all labels) under each other label's Modality, its class
   and nuclide as above: issue 12's share of relabelled copies refuted.
 * ``copy_naming_the_header_nuclide``: every held-out image under PT and NM headers of another
@@ -76,6 +78,8 @@ CASES = (
     "wrong_nuclide",
     "every_right",
     "every_copy",
+    "every_right_as_stored",
+    "every_copy_as_stored",
     "copy_naming_the_header_nuclide",
 )
 
@@ -110,8 +114,13 @@ def main() -> None:
         # Every image under every other label's Modality, its class and nuclide as they are (the
         # share issue 12 counts: PT and NM images name their nuclide, the others none).
         code = own or TYPICAL.get(truth)
-        cases = [("every_right", truth, code, sop_class)]
-        cases += [("every_copy", header, code, sop_class) for header in labels if header is not truth]
+        cases = [("every_right", truth, code, sop_class), ("every_right_as_stored", truth, own, sop_class)]
+        for header in labels:
+            if header is not truth:
+                cases += [
+                    ("every_copy", header, code, sop_class),
+                    ("every_copy_as_stored", header, own, sop_class),
+                ]
         cases += [
             ("copy_naming_the_header_nuclide", header, TYPICAL[header], sop_class)
             for header in OTHER
