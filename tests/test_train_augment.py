@@ -140,5 +140,6 @@ def test_polarity_labels_choose_the_frames_training_may_invert():
     labels = ["CT", "NM", "PT", "NM", "MR"]
     assert frames_of(labels, nm_only.polarity_labels).tolist() == [False, True, False, True, False]
     assert frames_of(labels, ("NM", "PT")).tolist() == [False, True, True, True, False]
-    with pytest.raises(ValueError, match="polarity_labels names SPECT, not among the labels"):
+    with pytest.raises(ValueError, match="polarity_labels names SPECT, not among the labels CT, MR, PT"):
         resolve_config("default", polarity_labels=["NM", "SPECT"])
+    assert resolve_config("default", labels=["CT", "MR"]).polarity_labels == ("NM", "PT")  # none to invert

@@ -261,10 +261,11 @@ def _check_ranges(config: FitConfig) -> None:
         if not (low <= value <= high if closed else low <= value < high):
             bracket = "]" if closed else ")"
             raise ValueError(f"{name} must be in [{low:g}, {high:g}{bracket}, not {value}")
-    stray = sorted(set(config.polarity_labels) - set(config.labels))
+    # Against the taxonomy, not the run's labels: a run without NM simply has no NM frame to invert.
+    known = [label.value for label in ALL_LABELS]
+    stray = sorted(set(config.polarity_labels) - set(known))
     if stray:
-        known = ", ".join(config.labels)
-        raise ValueError(f"polarity_labels names {', '.join(stray)}, not among the labels {known}")
+        raise ValueError(f"polarity_labels names {', '.join(stray)}, not among the labels {', '.join(known)}")
     if config.mixup < 0:
         raise ValueError(f"mixup is a Beta distribution's alpha: {config.mixup} is negative")
 
