@@ -12,12 +12,12 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from sorter.compare import witnesses_of
 from sorter.dicom import lean
 from sorter.dicom.nonimage import MEDIA_STORAGE_DIRECTORY, non_image_reason
 from sorter.dicom.reading import read_dataset, transfer_syntax_of
 from sorter.domain import InstanceHeader
-from sorter.nuclides import nuclide_confirms, nuclide_contradiction
-from sorter.taxonomy import class_contradiction, expected_label, is_localizer
+from sorter.taxonomy import expected_label, is_localizer
 
 logger = logging.getLogger(__name__)
 
@@ -200,19 +200,18 @@ def describe_series(path: str | os.PathLike[str]) -> dict[str, str]:
         text = _text(ds, keyword)
         if text is not None:
             out[keyword] = UID(text).name if keyword == "SOPClassUID" else text
-    allows = class_contradiction(out.get("Modality"), _text(ds, "SOPClassUID"))
-    if allows:  # the verdict may rest on it (sorter.compare): the reviewer sees why
-        out["SOPClassUID"] += (
-            f" (allows {' or '.join(sorted(label.value for label in allows))}, not the Modality)"
-        )
-    code = _radionuclide_code(ds)
+    sop_class, code = _text(ds, "SOPClassUID"), _radionuclide_code(ds)
+    code_value = None if code is None else _text(code, "CodeValue")
+    label = expected_label(out.get("Modality"), sop_class_uid=sop_class)
+    said = witnesses_of(out.get("Modality"), sop_class, label, code_value)
+    if said.contradicted_by:  # the verdict may rest on it (sorter.compare): the reviewer sees why
+        allows = " or ".join(sorted(x.value for x in said.contradicted_by))
+        out["SOPClassUID"] += f" (allows {allows}, not the Modality)"
     if code is not None:  # its meaning (^18^Fluorine), else its value
-        out["Radionuclide"] = _text(code, "CodeMeaning") or str(_text(code, "CodeValue"))
-        label = expected_label(out.get("Modality"), sop_class_uid=_text(ds, "SOPClassUID"))
-        allowed = nuclide_contradiction(label, _text(code, "CodeValue"))
-        if allowed:
-            out["Radionuclide"] += f" (imaged by {' or '.join(sorted(label.value for label in allowed))})"
-        elif label is not None and nuclide_confirms(label, _text(code, "CodeValue")):
+        out["Radionuclide"] = _text(code, "CodeMeaning") or str(code_value)
+        if said.nuclide_allows:
+            out["Radionuclide"] += f" (imaged by {' or '.join(sorted(x.value for x in said.nuclide_allows))})"
+        elif said.nuclide_confirms and label is not None:
             out["Radionuclide"] += f" (imaged by {label.value}, as the Modality says)"
     syntax = transfer_syntax_of(ds)
     if syntax:
