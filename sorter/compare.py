@@ -5,12 +5,8 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from sorter.domain import NO_WITNESSES, Label, Prediction, Thresholds, Verdict, Witnesses
-from sorter.nuclides import nuclide_confirms, nuclide_contradiction
+from sorter.nuclides import EMISSION, nuclide_confirms, nuclide_contradiction
 from sorter.taxonomy import class_contradiction
-
-#: Emission imaging: the labels whose pixels (SPECT and PET slices above all) seldom tell them
-#: apart, and whose radionuclide says which scanner took the image (:mod:`sorter.nuclides`).
-EMISSION = frozenset({Label.PT, Label.NM})
 
 
 def compare(

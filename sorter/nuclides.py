@@ -20,6 +20,9 @@ from functools import cache
 
 from sorter.domain import Label
 
+#: Emission imaging: the labels whose pixels (SPECT and PET slices above all) seldom tell them
+#: apart, and the only ones a radionuclide judges (a PET/CT's CT often names the PET's).
+EMISSION: frozenset[Label] = frozenset({Label.PT, Label.NM})
 #: CID 4020 (PET Radionuclide) and CID 18 (Isotopes in Radiopharmaceuticals), PS3.16.
 _PET_CID, _ISOTOPE_CID = 4020, 18
 #: Nuclides imaged both ways in practice: Y-90 microspheres by PET and by bremsstrahlung SPECT.
@@ -63,7 +66,7 @@ def nuclide_contradiction(label: Label | None, code_value: object) -> frozenset[
 
     ``None`` for any other label: a PET/CT's CT often carries the PET's radiopharmaceutical.
     """
-    if label not in (Label.PT, Label.NM):
+    if label not in EMISSION:
         return None
     allowed = nuclide_labels(code_value)
     return allowed if allowed is not None and label not in allowed else None
@@ -71,6 +74,6 @@ def nuclide_contradiction(label: Label | None, code_value: object) -> frozenset[
 
 def nuclide_confirms(label: Label | None, code_value: object) -> bool:
     """Whether the header's label is PT or NM and its nuclide is one only that scanner images."""
-    if label not in (Label.PT, Label.NM):
+    if label not in EMISSION:
         return False
     return nuclide_labels(code_value) == frozenset({Label(label)})  # a stored label is its text
