@@ -53,8 +53,9 @@ def compare(
         a SPECT and a PET slice seldom tell apart, so it decides wherever the pixels leave room.
         For the same reason a header its radionuclide confirms (and its SOP class does not
         contradict) is ``agree`` when the probability of emission imaging, PT and NM together,
-        reaches the header's ``agree_at``: the pixels show a SPECT or PET image, the nuclide says
-        which. It never makes a verdict ``disagree`` or ``uncertain``.
+        reaches the model's ``emission_agree_at`` (older models: the header's ``agree_at``): the
+        pixels show a SPECT or PET image, the nuclide says which. It never makes a verdict
+        ``disagree`` or ``uncertain``.
     """
     verdict = _pixels_verdict(header, prediction, supported, thresholds)
     contradicted_by, nuclide_allows = witnesses.contradicted_by, witnesses.nuclide_allows
@@ -74,11 +75,12 @@ def compare(
 
 
 def _emission(header: Label | None, prediction: Prediction, thresholds: Thresholds | None) -> bool:
-    """Whether a PT or NM header's ``agree_at`` is reached by PT and NM together."""
-    bounds = (thresholds or Thresholds()).bounds(header) if header in EMISSION else None
-    if bounds is None:  # another label, or a model without the header test
+    """Whether a PT or NM header's emission threshold (``emission_agree_at``, else its
+    ``agree_at``) is reached by PT and NM together."""
+    bound = (thresholds or Thresholds()).emission_bound(header) if header in EMISSION else None
+    if bound is None:  # another label, or a model without the header test
         return False
-    return sum(prediction.probabilities.get(label, 0.0) for label in EMISSION) >= bounds[0]
+    return sum(prediction.probabilities.get(label, 0.0) for label in EMISSION) >= bound
 
 
 def witnesses_of(

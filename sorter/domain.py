@@ -142,16 +142,26 @@ class Thresholds:
     (``train/operating_point.py``), per label because the model refutes a CT
     header far more safely than an NM one. Without them (older artefacts) a
     prediction must be confident (both bounds below hold) and its argmax decides.
+
+    ``emission_agree_at`` (models since 2026-12-06) is where a PT or NM header that its
+    radionuclide confirms is ``agree``: the probability of emission imaging, PT and NM together,
+    at which no more than the share of other labels' images that ``agree_at`` lets through would
+    pass. ``None`` (older artefacts): that header label's own ``agree_at``.
     """
 
     min_confidence: float = 0.8
     min_margin: float = 0.2
     agree_at: dict[str, float] = field(default_factory=dict)
     disagree_at: dict[str, float] = field(default_factory=dict)
+    emission_agree_at: float | None = None
 
     def __post_init__(self) -> None:
         if set(self.agree_at) != set(self.disagree_at):
             raise ValueError("agree_at and disagree_at must name the same labels")
+        if self.emission_agree_at is not None and not 0.5 <= self.emission_agree_at <= 1.0:
+            # At least even odds: a header is never confirmed where the pixels favour another kind
+            # of imaging than emission.
+            raise ValueError(f"emission_agree_at must be in [0.5, 1], not {self.emission_agree_at}")
         for label, high in self.agree_at.items():
             low = self.disagree_at[label]
             if not 0.0 <= low < high <= 1.0:
@@ -167,6 +177,14 @@ class Thresholds:
         if label.value not in self.agree_at:
             return None
         return self.agree_at[label.value], self.disagree_at[label.value]
+
+    def emission_bound(self, label: Label) -> float | None:
+        """Where PT and NM together confirm a ``label`` header its radionuclide confirms, or
+        ``None`` without the header test for it."""
+        bounds = self.bounds(label)
+        if bounds is None:
+            return None
+        return bounds[0] if self.emission_agree_at is None else self.emission_agree_at
 
 
 class FailureReason(enum.StrEnum):

@@ -175,3 +175,21 @@ def test_the_hu_window_is_part_of_the_spec_and_old_specs_keep_today_s():
     assert np.allclose(default_hu, 1000.0 / 3000.0) and np.allclose(narrow_hu, 0.5)
     with pytest.raises(ValueError, match="hu window must rise"):
         PreprocessParams(hu_low=10.0, hu_high=-10.0)
+
+
+def test_the_emission_threshold_round_trips_and_older_specs_read_without_it():
+    """A model without ``emission_agree_at`` writes no key (a release before it reads the file);
+    one with it keeps it through save and load; a spec before it reads as ``None``."""
+    from sorter.domain import Thresholds
+
+    header_test = Thresholds(agree_at={"PT": 0.9, "NM": 0.8}, disagree_at={"PT": 0.01, "NM": 0.02})
+    old = replace(_spec(), thresholds=header_test)
+    assert "emission_agree_at" not in old.to_dict()["thresholds"]
+    assert ModelSpec.from_dict(old.to_dict()).thresholds.emission_agree_at is None
+    new = replace(old, thresholds=replace(header_test, emission_agree_at=0.62))
+    assert new.to_dict()["thresholds"]["emission_agree_at"] == 0.62
+    assert ModelSpec.from_dict(new.to_dict()).thresholds == new.thresholds
+    with pytest.raises(IncompatibleModelError, match="emission_agree_at"):
+        ModelSpec.from_dict(
+            {**new.to_dict(), "thresholds": {**new.to_dict()["thresholds"], "emission_agree_at": 2}}
+        )

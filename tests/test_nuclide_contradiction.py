@@ -9,6 +9,7 @@ with Modality PT (as dosimetry exports do) was `agree` or `uncertain` on 7 of it
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pydicom
@@ -162,6 +163,34 @@ def test_a_header_its_nuclide_confirms_agrees_where_pet_and_spect_together_do(
     assert compare(header, prediction, set(ALL_LABELS), None, witnesses) is compare(
         header, prediction, set(ALL_LABELS), None
     )
+
+
+def test_the_model_s_emission_threshold_decides_the_confirmation_where_it_has_one():
+    """``emission_agree_at`` (chosen on other labels' images, not on the other emission label's)
+    replaces the header's own ``agree_at``, lower or higher; an older model keeps ``agree_at``."""
+    limits = Thresholds(
+        agree_at={"NM": 0.9, "PT": 0.9}, disagree_at={"NM": 0.01, "PT": 0.01}, emission_agree_at=0.6
+    )
+    spect = prediction_of(PT=0.35, NM=0.3, MR=0.35)  # 0.65 emission: above 0.6, below NM's 0.9
+    faint = prediction_of(PT=0.3, NM=0.25, MR=0.45)  # 0.55: below it
+    confirms = Witnesses(nuclide_confirms=True)
+    labels = set(ALL_LABELS)
+    assert compare(Label.NM, spect, labels, limits, confirms) is Verdict.AGREE
+    assert compare(Label.NM, faint, labels, limits, confirms) is Verdict.UNCERTAIN
+    assert (
+        compare(Label.NM, spect, labels, replace(limits, emission_agree_at=None), confirms)
+        is Verdict.UNCERTAIN
+    )
+    assert compare(Label.NM, spect, labels, limits, NO_WITNESSES) is Verdict.UNCERTAIN  # no nuclide
+    # higher than agree_at: the header's own agree_at still confirms on p(header) alone
+    strict = replace(limits, agree_at={"NM": 0.3, "PT": 0.3}, emission_agree_at=0.99)
+    assert compare(Label.NM, spect, labels, strict, confirms) is Verdict.AGREE
+    assert (
+        compare(Label.PT, prediction_of(NM=0.6, PT=0.2, MR=0.2), labels, strict, confirms)
+        is Verdict.UNCERTAIN
+    )
+    with pytest.raises(ValueError, match="emission_agree_at"):
+        replace(limits, emission_agree_at=0.45)  # never below even odds
 
 
 def test_a_real_pet_slice_naming_f18_is_confirmed_where_the_pixels_alone_were_unsure(tmp_path, corpus):

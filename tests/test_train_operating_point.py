@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from train.operating_point import choose, header_shares
+from train.operating_point import choose, choose_emission, header_shares, point_for, shares_markdown
 
 
 def _probs(p_true: np.ndarray, k: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -59,3 +59,39 @@ def test_budgets_hold_on_each_side_of_a_tie_free_boundary():
     s = header_shares(probs, y, agree_at, disagree_at)
     assert s.false_disagree == 0 and s.false_agree == 0
     assert disagree_at[0] < 0.05  # the smallest right header is never refuted
+
+
+def test_the_emission_threshold_lets_through_the_allowed_share_of_other_labels_and_no_more():
+    """``choose_emission`` counts only images of labels other than PT and NM, holds them to
+    ``agree_at``'s tolerance and never goes below even odds."""
+    labels = ["CT", "PT", "NM"]
+    others = np.linspace(0.0, 0.99, 100)  # p(PT) + p(NM) of 100 CT images
+    ct = np.stack([1 - others, others / 2, others / 2], axis=1)
+    spect = np.tile([0.0, 0.9, 0.1], (30, 1))  # NM images the network calls PT: they do not count
+    probs = np.concatenate([ct, spect])
+    y = np.concatenate([np.zeros(100, np.int64), np.full(30, 2)])
+    found = choose_emission(probs, y, labels, max_false_agree=0.05)
+    emission = probs[:, 1:].sum(axis=1)
+    assert np.mean(emission[:100] >= found) == pytest.approx(0.05)  # 5 of 100, not 6
+    assert found == pytest.approx(others[-6], abs=1e-12)
+    assert choose_emission(probs, y, labels, max_false_agree=0.5) == 0.5  # never below even odds
+    assert choose_emission(probs[:, :1], y * 0, ["CT"]) is None  # no emission label
+    assert choose_emission(spect, np.full(30, 2), labels) is None  # no image of another label
+
+
+def test_the_operating_point_reports_the_emission_threshold_and_its_shares():
+    labels = ["CT", "PT", "NM"]
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 600)
+    logits = rng.normal(size=(600, 3))
+    logits[np.arange(600), y] += 2.0
+    logits[y == 2, 1] += 2.5  # SPECT the network mostly calls PET
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    point = point_for(probs, y, labels, np.asarray([f"s{v}" for v in y]), 1.0)
+    assert point["emission_agree_at"] == choose_emission(probs, y, labels)
+    nm = point["emission"]["NM"]
+    assert nm["right"] == int((y == 2).sum()) and nm["others"] == int((y == 0).sum())
+    # PT + NM confirms more right NM headers than p(NM) alone, at no more than the tolerance
+    assert nm["agree_at_emission_agree_at"] > nm["agree_pixels"]
+    assert nm["others_agree_at_emission_agree_at"] <= nm["others_agree_pixels"] + 0.05
+    assert "emission_agree_at" in shares_markdown(point)

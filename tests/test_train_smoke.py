@@ -159,10 +159,11 @@ def test_loso_then_export_calibrated_artefact(fitted, corpus, tmp_path):
     # The verdict's operating point comes from the same out-of-fold predictions.
     point = loaded.spec.metrics["operating_point"]
     assert loaded.spec.thresholds.header_test
-    assert (loaded.spec.thresholds.agree_at, loaded.spec.thresholds.disagree_at) == (
-        point["agree_at"],
-        point["disagree_at"],
-    )
+    assert (
+        loaded.spec.thresholds.agree_at,
+        loaded.spec.thresholds.disagree_at,
+        loaded.spec.thresholds.emission_agree_at,
+    ) == (point["agree_at"], point["disagree_at"], point["emission_agree_at"])
     assert point["n"] == metrics["n"] and "Operating point" in card.read_text()
 
 

@@ -42,7 +42,12 @@ def export_model(
         # The header test's thresholds, chosen on the same out-of-fold predictions.
         point = operating_point(Path(loso_dir), temperature)
         metrics = {"leave_sources_out": loso, "operating_point": point}
-        thresholds = replace(thresholds, agree_at=point["agree_at"], disagree_at=point["disagree_at"])
+        thresholds = replace(
+            thresholds,
+            agree_at=point["agree_at"],
+            disagree_at=point["disagree_at"],
+            emission_agree_at=point["emission_agree_at"],
+        )
         if confirm is not None and partner is not None:
             from train.confirm import confirm_for_run
 

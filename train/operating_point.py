@@ -21,6 +21,7 @@ Each share is given per image and averaged over (source, label) groups, so a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,11 @@ from typing import Any
 import numpy as np
 import yaml
 
+from sorter.nuclides import EMISSION
 from train.calibrate import softmax_np
 
+#: The emission labels (:data:`sorter.nuclides.EMISSION`) as the run's label names.
+EMISSION_LABELS = frozenset(label.value for label in EMISSION)
 #: Targets of the issue that introduced the header test (model card and README quote them).
 TARGETS = {"agree": 0.90, "false_disagree": 0.01, "caught": 0.80}
 #: At most this share of the copies relabelled to any one label may be confirmed as ``agree``.
@@ -163,6 +167,60 @@ def choose(
     return agree_at, disagree_at
 
 
+def choose_emission(
+    probs: np.ndarray, y: np.ndarray, labels: Sequence[str], max_false_agree: float = MAX_FALSE_AGREE
+) -> float | None:
+    """``emission_agree_at``: where p(PT) + p(NM) confirms a PT or NM header its radionuclide
+    confirms (:func:`sorter.compare.compare`).
+
+    Held to ``agree_at``'s standard: at most ``max_false_agree`` of the images of every other label
+    (CT, MR, XR ...), were they under such a header, would be confirmed, and never below even odds
+    (0.5). The PT and NM images themselves do not count against it: under the other emission
+    label's header they name a nuclide that contradicts it. ``None`` when the model has neither
+    label or no image of another label is known.
+    """
+    columns = [i for i, label in enumerate(labels) if label in EMISSION_LABELS]
+    if not columns:
+        return None
+    emission = probs[:, columns].sum(axis=1)
+    wrong = np.sort(emission[~np.isin(y, columns)])
+    if not len(wrong):
+        return None
+    allowed = int(np.floor(max_false_agree * len(wrong)))
+    # Just above the (allowed + 1)-th largest, as agree_at.
+    found = float(np.nextafter(wrong[-allowed - 1], 1)) if allowed < len(wrong) else 0.0
+    return min(max(found, 0.5), 1.0)
+
+
+def emission_shares(
+    probs: np.ndarray, y: np.ndarray, labels: Sequence[str], agree_at: np.ndarray, emission_agree_at: float
+) -> dict[str, dict[str, float]]:
+    """Per emission header label h (PT, NM), were every image to name a nuclide that h's scanner
+    images: the share of right h headers confirmed by the pixels alone, by PT + NM at h's
+    ``agree_at`` (the rule before ``emission_agree_at``) and at ``emission_agree_at``; and the same
+    for the other labels' images under an h header (the worst case: a PET/CT's CT carries the
+    PET's radiopharmaceutical)."""
+    columns = [i for i, label in enumerate(labels) if label in EMISSION_LABELS]
+    emission = probs[:, columns].sum(axis=1)
+    others = ~np.isin(y, columns)
+    out = {}
+    for h in columns:
+        right, pixels = y == h, probs[:, h] >= agree_at[h]
+        out[labels[h]] = {
+            "right": int(right.sum()),
+            "agree_pixels": float(np.mean(pixels[right])),
+            "agree_at_agree_at": float(np.mean((pixels | (emission >= agree_at[h]))[right])),
+            "agree_at_emission_agree_at": float(np.mean((pixels | (emission >= emission_agree_at))[right])),
+            "others": int(others.sum()),
+            "others_agree_pixels": float(np.mean(pixels[others])),
+            "others_agree_at_agree_at": float(np.mean((pixels | (emission >= agree_at[h]))[others])),
+            "others_agree_at_emission_agree_at": float(
+                np.mean((pixels | (emission >= emission_agree_at))[others])
+            ),
+        }
+    return out
+
+
 def by_header_label(
     probs: np.ndarray, y: np.ndarray, agree_at: np.ndarray, disagree_at: np.ndarray, labels: list[str]
 ) -> dict[str, dict[str, float]]:
@@ -191,9 +249,12 @@ def point_for(
     image, averaged over ``groups`` (source/label) and per header label."""
     agree_at, disagree_at = choose(probs, y)
     per_label = by_header_label(probs, y, agree_at, disagree_at, labels)
+    emission = choose_emission(probs, y, labels)
     return {
         "agree_at": {label: row["agree_at"] for label, row in per_label.items()},
         "disagree_at": {label: row["disagree_at"] for label, row in per_label.items()},
+        "emission_agree_at": emission,
+        **({} if emission is None else {"emission": emission_shares(probs, y, labels, agree_at, emission)}),
         "temperature": temperature,
         "n": len(y),
         "images": asdict(header_shares(probs, y, agree_at, disagree_at)),
@@ -262,7 +323,32 @@ def shares_markdown(point: dict[str, Any]) -> str:
             f"| {label} | {r['agree_at']:.4g} | {r['disagree_at']:.4g} | {r['right']} | {r['agree']:.3f} | "
             f"{r['false_disagree']:.3f} | {r['caught']:.3f} | {r['false_agree']:.3f} |"
         )
+    if point.get("emission"):
+        lines += ["", *_emission_markdown(point)]
     return "\n".join(lines) + "\n"
+
+
+def _emission_markdown(point: dict[str, Any]) -> list[str]:
+    """The radionuclide's confirmation at ``emission_agree_at``, as :func:`shares_markdown` ends."""
+    lines = [
+        f"A PT or NM header whose radionuclide only its own scanner images (F-18 for PT, Tc-99m for NM) is "
+        f"also confirmed where PT and NM together reach `emission_agree_at` = "
+        f"{point['emission_agree_at']:.4g}: the pixels show emission imaging, the nuclide says which. "
+        f"Chosen so that at most {point['max_false_agree']:.0%} of the other labels' images would pass. "
+        "Shares were every image to name such a nuclide (as stored, many name none):",
+        "",
+        "| header label | right headers | agree: pixels | agree: PT + NM at agree_at | "
+        "agree: at emission_agree_at | other labels' images | their agree: pixels | at agree_at | "
+        "at emission_agree_at |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, r in point["emission"].items():
+        lines.append(
+            f"| {label} | {r['right']} | {r['agree_pixels']:.3f} | {r['agree_at_agree_at']:.3f} | "
+            f"{r['agree_at_emission_agree_at']:.3f} | {r['others']} | {r['others_agree_pixels']:.3f} | "
+            f"{r['others_agree_at_agree_at']:.3f} | {r['others_agree_at_emission_agree_at']:.3f} |"
+        )
+    return lines
 
 
 __all__ = [
@@ -270,6 +356,8 @@ __all__ = [
     "HeaderShares",
     "by_header_label",
     "choose",
+    "choose_emission",
+    "emission_shares",
     "header_shares",
     "operating_point",
     "point_for",

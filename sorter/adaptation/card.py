@@ -44,6 +44,13 @@ def model_card(spec: ModelSpec) -> str:
             f"{spec.thresholds.agree_at.get(label, float('nan')):.4f} | "
             f"{spec.thresholds.disagree_at.get(label, float('nan')):.4f} |"
         )
+    emission = spec.thresholds.emission_agree_at
+    if emission is not None:
+        lines += [
+            "",
+            f"A PT or NM header whose radionuclide only its own scanner images is also `agree` where PT and "
+            f"NM together reach {emission:.4f} (`emission_agree_at`).",
+        ]
     lines += ["", "| source | instances | accuracy |", "|---|---:|---:|"]
     for source, row in m.get("per_source", {}).items():
         lines.append(f"| {source} | {row['n']} | {_pct(row['accuracy'])} |")

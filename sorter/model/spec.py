@@ -214,6 +214,8 @@ class ModelSpec:
                 del data[second]
         if self.partner is not None and self.partner.confirm is None:
             del data["partner"]["confirm"]  # an ensemble without it reads in releases before the field
+        if self.thresholds.emission_agree_at is None:
+            del data["thresholds"]["emission_agree_at"]  # likewise a model without it
         return data
 
     @classmethod

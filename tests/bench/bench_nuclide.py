@@ -34,8 +34,11 @@ Three cases per image:
   radiopharmaceutical, relabelled PT; a SPECT rewritten as PET, nuclide and all).
 
 Rules: ``pixels``, ``with_class``, ``with_class_and_nuclide`` (the nuclide refutes a header it rules
-out) and ``nuclide_confirms`` (as well, a PT or NM header its nuclide confirms is tested on p(PT) +
-p(NM): the pixels must show emission imaging, the nuclide says which).
+out), ``nuclide_confirms`` (as well, a PT or NM header its nuclide confirms is tested on p(PT) +
+p(NM) against that header's ``agree_at``: the pixels must show emission imaging, the nuclide says
+which) and ``confirms_at_emission_agree_at`` (the same against ``emission_agree_at``, chosen on
+the same predictions by ``train.operating_point.choose_emission``: what models exported since
+2026-12-06 do).
 
 Run: .venv/bin/python tests/bench/bench_nuclide.py --run runs/loso5-eff \\
          [--out tests/bench/results-nuclide-2core.json]
@@ -65,8 +68,15 @@ from sorter.domain import NO_WITNESSES, Label, Verdict, Witnesses  # noqa: E402
 from sorter.model.classifier import top_two  # noqa: E402
 from sorter.nuclides import nuclide_confirms, nuclide_contradiction  # noqa: E402
 from sorter.taxonomy import class_contradiction  # noqa: E402
+from train.operating_point import choose_emission  # noqa: E402
 
-RULES = ("pixels", "with_class", "with_class_and_nuclide", "nuclide_confirms")
+RULES = (
+    "pixels",
+    "with_class",
+    "with_class_and_nuclide",
+    "nuclide_confirms",
+    "confirms_at_emission_agree_at",
+)
 #: The nuclide an image without its own names: F-18 (SNOMED RT) for PT, Tc-99m for NM.
 TYPICAL = {Label.PT: "C-111A1", Label.NM: "C-163A8"}
 OTHER = {Label.PT: Label.NM, Label.NM: Label.PT}
@@ -99,6 +109,7 @@ def main() -> None:
     args = parser.parse_args()
 
     rows, images, oof, probs, labels, thresholds = judged_out_of_fold(args.run)
+    at_emission = replace(thresholds, emission_agree_at=choose_emission(probs, oof.y, oof.labels))
     headers: dict[int, tuple[str | None, str | None]] = {}
     tally: dict[str, dict[str, dict[str, list[Verdict]]]] = {
         case: {rule: defaultdict(list) for rule in RULES} for case in CASES
@@ -142,9 +153,12 @@ def main() -> None:
             by_nuclide = replace(by_class, nuclide_allows=allows)
             confirmed = replace(by_nuclide, nuclide_confirms=nuclide_confirms(header, nuclide))
             verdicts = {
-                rule: compare(header, prediction, labels, thresholds, witnesses)
-                for rule, witnesses in zip(
-                    RULES, (NO_WITNESSES, by_class, by_nuclide, confirmed), strict=True
+                rule: compare(header, prediction, labels, limits, witnesses)
+                for rule, witnesses, limits in zip(
+                    RULES,
+                    (NO_WITNESSES, by_class, by_nuclide, confirmed, confirmed),
+                    (thresholds, thresholds, thresholds, thresholds, at_emission),
+                    strict=True,
                 )
             }
             for rule, verdict in verdicts.items():
@@ -159,7 +173,11 @@ def main() -> None:
         "run": str(args.run),
         "protocol": "leave-sources-out out-of-fold probabilities; operating point chosen on them",
         "nuclides": dict(sorted(own_codes.items())),
-        "thresholds": {"agree_at": thresholds.agree_at, "disagree_at": thresholds.disagree_at},
+        "thresholds": {
+            "agree_at": thresholds.agree_at,
+            "disagree_at": thresholds.disagree_at,
+            "emission_agree_at": at_emission.emission_agree_at,
+        },
     }
     for case, rules in tally.items():
         result[case] = {
