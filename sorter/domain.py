@@ -158,10 +158,8 @@ class Thresholds:
     def __post_init__(self) -> None:
         if set(self.agree_at) != set(self.disagree_at):
             raise ValueError("agree_at and disagree_at must name the same labels")
-        if self.emission_agree_at is not None and not 0.5 <= self.emission_agree_at <= 1.0:
-            # At least even odds: a header is never confirmed where the pixels favour another kind
-            # of imaging than emission.
-            raise ValueError(f"emission_agree_at must be in [0.5, 1], not {self.emission_agree_at}")
+        if self.emission_agree_at is not None and not 0.0 < self.emission_agree_at <= 1.0:
+            raise ValueError(f"emission_agree_at must be in (0, 1], not {self.emission_agree_at}")
         for label, high in self.agree_at.items():
             low = self.disagree_at[label]
             if not 0.0 <= low < high <= 1.0:

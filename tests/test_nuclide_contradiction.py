@@ -190,7 +190,7 @@ def test_the_model_s_emission_threshold_decides_the_confirmation_where_it_has_on
         is Verdict.UNCERTAIN
     )
     with pytest.raises(ValueError, match="emission_agree_at"):
-        replace(limits, emission_agree_at=0.45)  # never below even odds
+        replace(limits, emission_agree_at=0.0)  # 0 would confirm whatever the pixels show
 
 
 def test_a_real_pet_slice_naming_f18_is_confirmed_where_the_pixels_alone_were_unsure(tmp_path, corpus):

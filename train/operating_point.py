@@ -174,10 +174,11 @@ def choose_emission(
     confirms (:func:`sorter.compare.compare`).
 
     Held to ``agree_at``'s standard: at most ``max_false_agree`` of the images of every other label
-    (CT, MR, XR ...), were they under such a header, would be confirmed, and never below even odds
-    (0.5). The PT and NM images themselves do not count against it: under the other emission
-    label's header they name a nuclide that contradicts it. ``None`` when the model has neither
-    label or no image of another label is known.
+    (CT, MR, XR ...), were they under such a header, would be confirmed. Like ``agree_at`` it asks
+    whether the pixels leave room for emission imaging, so it may sit below even odds. The PT and
+    NM images themselves do not count against it: under the other emission label's header they
+    name a nuclide that contradicts it. ``None`` when the model has neither label or no image of
+    another label is known.
     """
     columns = [i for i, label in enumerate(labels) if label in EMISSION_LABELS]
     if not columns:
@@ -187,9 +188,8 @@ def choose_emission(
     if not len(wrong):
         return None
     allowed = int(np.floor(max_false_agree * len(wrong)))
-    # Just above the (allowed + 1)-th largest, as agree_at.
-    found = float(np.nextafter(wrong[-allowed - 1], 1)) if allowed < len(wrong) else 0.0
-    return min(max(found, 0.5), 1.0)
+    # Just above the (allowed + 1)-th largest, as agree_at (allowed < len(wrong): max_false_agree < 1).
+    return min(float(np.nextafter(wrong[-allowed - 1], 1)), 1.0)
 
 
 def emission_shares(

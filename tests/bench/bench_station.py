@@ -12,7 +12,11 @@ temperature, with the operating point chosen on the run (as an exported model's 
 group, and it is scored under each of the eight header labels: under its own label it is an honest
 station, under any other it is a station that writes that label on every image (a systematic
 error, as a camera that stores every SPECT as PT). Rules compared: ``sorter report``'s
-(:func:`sorter.reports.contradicts`), and the one before 2026-12-05 (half the images refuted).
+(:func:`sorter.reports.contradicts`), and the one before 2026-12-05 (half the images refuted), on
+the pixels' verdicts; and ``sorter report``'s on the verdicts a scan stores
+(:func:`sorter.compare.compare` with the radionuclide as a witness, ``emission_agree_at``
+included), where every PT and NM image names the nuclide its scanner images (F-18, Tc-99m), as a
+DICOM object of it would, and no other image names one.
 Reported per run: the share of systematic errors reported, by the header label written, and the
 honest groups reported.
 """
@@ -24,6 +28,7 @@ import json
 import sys
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +37,44 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from sorter.compare import compare, witnesses_of  # noqa: E402
+from sorter.domain import Label, Thresholds, Verdict  # noqa: E402
+from sorter.model.classifier import top_two  # noqa: E402
 from sorter.reports import CONTRADICTION_MIN_INSTANCES, contradicts  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
 from train.operating_point import point_for, read_out_of_fold  # noqa: E402
 
-#: (n, disagree, mean p(header), mean disagree_at) -> reported
-Rule = Callable[[int, int, float, float], bool]
-RULES: dict[str, Rule] = {
-    "sorter report (rate >= 0.3 or mean p <= 1.5 x disagree_at)": contradicts,
-    "before 2026-12-05 (rate >= 0.5)": lambda n, d, _p, _t: contradicts(n, d, None, None, min_rate=0.5),
+
+@dataclass(frozen=True)
+class Group:
+    """One (source, true label) group under one header label."""
+
+    source: str
+    true: str
+    header: str
+    n: int
+    refuted: int  # images refuted by the pixels alone
+    mean_p: float  # mean p(header)
+    disagree_at: float  # the header label's
+    disagree: int  # images a scan calls disagree, the nuclide named (module docstring)
+    agree: int  # ... and agree
+
+    @property
+    def honest(self) -> bool:
+        return self.header == self.true
+
+
+RULES: dict[str, Callable[[Group], bool]] = {
+    "sorter report (rate >= 0.3 or mean p <= 1.5 x disagree_at)": lambda g: contradicts(
+        g.n, g.refuted, g.mean_p, g.disagree_at
+    ),
+    "before 2026-12-05 (rate >= 0.5)": lambda g: contradicts(g.n, g.refuted, None, None, min_rate=0.5),
+    "sorter report, on verdicts with the radionuclide (PT: F-18, NM: Tc-99m)": lambda g: contradicts(
+        g.n, g.disagree, g.mean_p, g.disagree_at, n_agree=g.agree
+    ),
 }
+#: The nuclide each emission label's images name: F-18 (SNOMED RT) for PT, Tc-99m for NM.
+NAMED = {"PT": "C-111A1", "NM": "C-163A8"}
 
 
 def run_result(run: Path) -> dict[str, Any]:
@@ -50,32 +83,52 @@ def run_result(run: Path) -> dict[str, Any]:
     temperature = float(oof.data["temperature"])
     probs = softmax_np(oof.data["logits"], temperature)
     point = point_for(probs, oof.y, oof.labels, oof.groups, temperature)
-    disagree_at = np.asarray([point["disagree_at"][label] for label in oof.labels])
+    thresholds = Thresholds(
+        agree_at=point["agree_at"],
+        disagree_at=point["disagree_at"],
+        emission_agree_at=point["emission_agree_at"],
+    )
+    labels = [Label(v) for v in oof.labels]
+    predictions = [top_two(row, labels) for row in probs]
     sources = np.asarray([str(s) for s in oof.data["sources"]])
     out: dict[str, Any] = {"run": str(run), "groups": 0, "rules": {}}
-    scored: list[tuple[str, str, str, bool, int, int, float]] = []
+    scored: list[Group] = []
     for source in sorted(set(sources.tolist())):
         for true in sorted(set(oof.y[sources == source].tolist())):
             mask = (sources == source) & (oof.y == true)
             if mask.sum() < CONTRADICTION_MIN_INSTANCES:
                 continue
             out["groups"] += 1
-            for header, label in enumerate(oof.labels):
+            for header, label in enumerate(labels):
                 p = probs[mask, header]
-                refuted = int((p <= disagree_at[header]).sum())
-                honest = header == true
+                disagree_at = point["disagree_at"][label.value]
+                witnesses = witnesses_of(label.value, None, label, NAMED.get(oof.labels[true]))
+                verdicts = [
+                    compare(label, predictions[i], labels, thresholds, witnesses)
+                    for i in np.flatnonzero(mask)
+                ]
                 scored.append(
-                    (source, oof.labels[true], label, honest, int(mask.sum()), refuted, float(p.mean()))
+                    Group(
+                        source,
+                        oof.labels[true],
+                        label.value,
+                        int(mask.sum()),
+                        int((p <= disagree_at).sum()),
+                        float(p.mean()),
+                        disagree_at,
+                        verdicts.count(Verdict.DISAGREE),
+                        verdicts.count(Verdict.AGREE),
+                    )
                 )
     for name, rule in RULES.items():
         by_header: dict[str, list[bool]] = defaultdict(list)
         accused = []
-        for source, true, header, honest, n, refuted, mean_p in scored:
-            reported = rule(n, refuted, mean_p, float(disagree_at[oof.labels.index(header)]))
-            if honest and reported:
-                accused.append(f"{source}/{true}")
-            elif not honest:
-                by_header[header].append(reported)
+        for group in scored:
+            reported = rule(group)
+            if group.honest and reported:
+                accused.append(f"{group.source}/{group.true}")
+            elif not group.honest:
+                by_header[group.header].append(reported)
         systematic = [r for v in by_header.values() for r in v]
         out["rules"][name] = {
             "systematic_reported": f"{sum(systematic)} of {len(systematic)}",
