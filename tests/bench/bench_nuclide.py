@@ -36,9 +36,13 @@ Three cases per image:
 Rules: ``pixels``, ``with_class``, ``with_class_and_nuclide`` (the nuclide refutes a header it rules
 out), ``nuclide_confirms`` (as well, a PT or NM header its nuclide confirms is tested on p(PT) +
 p(NM) against that header's ``agree_at``: the pixels must show emission imaging, the nuclide says
-which) and ``confirms_at_emission_agree_at`` (the same against ``emission_agree_at``, chosen on
+which), ``confirms_at_emission_agree_at`` (the same against ``emission_agree_at``, chosen on
 the same predictions by ``train.operating_point.choose_emission``: what models exported since
-2026-12-06 do).
+2026-12-06 do) and, for a run that ``sorter-train ensemble`` wrote (it keeps its partner's
+out-of-fold logits), ``with_confirming_partner``: the same, where the partner alone gives the
+header's label at least its ``confirm_at`` (cross-fitted over the folds by ``train.confirm``,
+tolerance 0.01, as ``sorter-train export --confirm`` chooses it) the image is judged on the
+partner's probabilities, as the bundled model serves it.
 
 Run: .venv/bin/python tests/bench/bench_nuclide.py --run runs/loso5-eff \\
          [--out tests/bench/results-nuclide-2core.json]
@@ -68,6 +72,8 @@ from sorter.domain import NO_WITNESSES, Label, Verdict, Witnesses  # noqa: E402
 from sorter.model.classifier import top_two  # noqa: E402
 from sorter.nuclides import nuclide_confirms, nuclide_contradiction  # noqa: E402
 from sorter.taxonomy import class_contradiction  # noqa: E402
+from train.calibrate import softmax_np  # noqa: E402
+from train.confirm import TOLERANCE, confirm_point  # noqa: E402
 from train.operating_point import choose_emission  # noqa: E402
 
 RULES = (
@@ -76,6 +82,7 @@ RULES = (
     "with_class_and_nuclide",
     "nuclide_confirms",
     "confirms_at_emission_agree_at",
+    "with_confirming_partner",
 )
 #: The nuclide an image without its own names: F-18 (SNOMED RT) for PT, Tc-99m for NM.
 TYPICAL = {Label.PT: "C-111A1", Label.NM: "C-163A8"}
@@ -100,6 +107,26 @@ def file_header(path: str) -> tuple[str | None, str | None]:
     return header.sop_class_uid, header.radionuclide
 
 
+def confirming_partner(oof: Any, probs: np.ndarray, thresholds: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The partner's calibrated out-of-fold probabilities and, per image and header label, the
+    ``confirm_at`` chosen on the other folds; a run without a partner confirms nothing (the rule
+    ``with_confirming_partner`` is then ``confirms_at_emission_agree_at``)."""
+    if "partner_logits" not in oof.data:
+        return probs, np.full(probs.shape, np.inf)
+    partner = softmax_np(oof.data["partner_logits"], float(oof.data["partner_temperature"]))
+    bounds = [
+        np.asarray([getattr(thresholds, key)[lab] for lab in oof.labels])
+        for key in ("agree_at", "disagree_at")
+    ]
+    folds = np.asarray(oof.data["folds"])
+    point = confirm_point(
+        probs, partner, oof.y, folds, oof.groups, (bounds[0], bounds[1]), oof.labels, TOLERANCE
+    )
+    per_fold = point["per_fold"] or {int(f): point["confirm_at"] for f in folds}  # one fold: its own
+    at = np.asarray([[per_fold[int(f)][lab] for lab in oof.labels] for f in folds])
+    return partner, at
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -110,6 +137,7 @@ def main() -> None:
 
     rows, images, oof, probs, labels, thresholds = judged_out_of_fold(args.run)
     at_emission = replace(thresholds, emission_agree_at=choose_emission(probs, oof.y, oof.labels))
+    partner, confirm_at = confirming_partner(oof, probs, thresholds)
     headers: dict[int, tuple[str | None, str | None]] = {}
     tally: dict[str, dict[str, dict[str, list[Verdict]]]] = {
         case: {rule: defaultdict(list) for rule in RULES} for case in CASES
@@ -152,12 +180,15 @@ def main() -> None:
             by_class = Witnesses(contradicted_by=contradicted)
             by_nuclide = replace(by_class, nuclide_allows=allows)
             confirmed = replace(by_nuclide, nuclide_confirms=nuclide_confirms(header, nuclide))
+            h = labels.index(header)
+            served = top_two(partner[i], labels) if partner[i, h] >= confirm_at[i, h] else prediction
             verdicts = {
-                rule: compare(header, prediction, labels, limits, witnesses)
-                for rule, witnesses, limits in zip(
+                rule: compare(header, shown, labels, limits, witnesses)
+                for rule, witnesses, limits, shown in zip(
                     RULES,
-                    (NO_WITNESSES, by_class, by_nuclide, confirmed, confirmed),
-                    (thresholds, thresholds, thresholds, thresholds, at_emission),
+                    (NO_WITNESSES, by_class, by_nuclide, confirmed, confirmed, confirmed),
+                    (thresholds, thresholds, thresholds, thresholds, at_emission, at_emission),
+                    (prediction,) * 5 + (served,),
                     strict=True,
                 )
             }
