@@ -325,6 +325,28 @@ def test_classify_names_the_nuclide_and_the_review_page_shows_it(tmp_path, corpu
     assert describe_series(consistent)["Radionuclide"] == "^18^Fluorine (imaged by PT, as the Modality says)"
 
 
+def test_the_review_page_names_the_nuclide_and_its_scanner_beside_the_header(sqlite_url, tmp_path, corpus):
+    """What a reviewer reads on the series page of a flagged SPECT-as-PET series: the nuclide and
+    which scanner images it, no patient data."""
+    from starlette.testclient import TestClient
+
+    from sorter.review.security import Access
+    from sorter.review.web import create_app
+
+    spect = _spect_as_pet(corpus, tmp_path / "archive", n=2)
+    assert scan(sqlite_url, DEFAULT_MODEL_PATH, tmp_path / "archive", tmp=tmp_path)["classified"] == 2
+    uid = pydicom.dcmread(spect[0], stop_before_pixels=True).SeriesInstanceUID
+    engine = create_db_engine(sqlite_url)
+    try:
+        client = TestClient(create_app(make_session_factory(engine), Access(reviewer="ana")))
+        page = client.get(f"/series/{uid}")
+    finally:
+        engine.dispose()
+    assert page.status_code == 200
+    assert "^177^Lutetium (imaged by NM)" in page.text
+    assert "PatientName" not in page.text and str(spect[0]) not in page.text
+
+
 def test_an_archive_scanned_before_gets_the_nuclide_by_rereading_headers(db_url, tmp_path, corpus):
     """Upgrading leaves the stored rows of unchanged files as they were (no radionuclide, the old
     verdicts); `reclassify --reread-headers` reads their headers again and classifies what changed."""

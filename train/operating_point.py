@@ -333,8 +333,9 @@ def _emission_markdown(point: dict[str, Any]) -> list[str]:
     lines = [
         f"A PT or NM header whose radionuclide only its own scanner images (F-18 for PT, Tc-99m for NM) is "
         f"also confirmed where PT and NM together reach `emission_agree_at` = "
-        f"{point['emission_agree_at']:.4g}: the pixels show emission imaging, the nuclide says which. "
-        f"Chosen so that at most {point['max_false_agree']:.0%} of the other labels' images would pass. "
+        f"{point['emission_agree_at']:.4g}: the pixels leave room for emission imaging, the nuclide says "
+        f"which. Chosen, as `agree_at` is, so that at most {point['max_false_agree']:.0%} of the other "
+        "labels' images would pass. "
         "Shares were every image to name such a nuclide (as stored, many name none):",
         "",
         "| header label | right headers | agree: pixels | agree: PT + NM at agree_at | "
