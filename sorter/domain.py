@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 
@@ -178,11 +179,16 @@ class Thresholds:
 
     def emission_bound(self, label: Label) -> float | None:
         """Where PT and NM together confirm a ``label`` header its radionuclide confirms, or
-        ``None`` without the header test for it."""
+        ``None`` without the header test for it. Always above the label's ``disagree_at``, as its
+        ``agree_at`` is: a header that all of emission imaging's probability would leave refuted
+        stays refuted."""
         bounds = self.bounds(label)
         if bounds is None:
             return None
-        return bounds[0] if self.emission_agree_at is None else self.emission_agree_at
+        agree_at, disagree_at = bounds
+        if self.emission_agree_at is None:
+            return agree_at
+        return max(self.emission_agree_at, math.nextafter(disagree_at, 1.0))
 
 
 class FailureReason(enum.StrEnum):

@@ -189,6 +189,13 @@ def test_the_model_s_emission_threshold_decides_the_confirmation_where_it_has_on
         compare(Label.PT, prediction_of(NM=0.6, PT=0.2, MR=0.2), labels, strict, confirms)
         is Verdict.UNCERTAIN
     )
+    # never at or below the header's disagree_at: all of emission's probability would not save it
+    bold = replace(limits, disagree_at={"NM": 0.01, "PT": 0.5}, emission_agree_at=0.1)
+    assert compare(Label.PT, prediction_of(PT=0.3, MR=0.7), labels, bold, confirms) is Verdict.DISAGREE
+    assert compare(Label.PT, prediction_of(PT=0.3, NM=0.25, MR=0.45), labels, bold, confirms) is Verdict.AGREE
+    assert (
+        compare(Label.NM, prediction_of(PT=0.05, NM=0.06, MR=0.89), labels, bold, confirms) is Verdict.AGREE
+    )
     with pytest.raises(ValueError, match="emission_agree_at"):
         replace(limits, emission_agree_at=0.0)  # 0 would confirm whatever the pixels show
 
