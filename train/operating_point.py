@@ -193,30 +193,41 @@ def choose_emission(
 
 
 def emission_shares(
-    probs: np.ndarray, y: np.ndarray, labels: Sequence[str], agree_at: np.ndarray, emission_agree_at: float
+    probs: np.ndarray,
+    y: np.ndarray,
+    labels: Sequence[str],
+    thresholds: tuple[np.ndarray, np.ndarray],
+    emission_agree_at: float,
 ) -> dict[str, dict[str, float]]:
     """Per emission header label h (PT, NM), were every image to name a nuclide that h's scanner
     images: the share of right h headers confirmed by the pixels alone, by PT + NM at h's
     ``agree_at`` (the rule before ``emission_agree_at``) and at ``emission_agree_at``; and the same
     for the other labels' images under an h header (the worst case: a PET/CT's CT carries the
-    PET's radiopharmaceutical)."""
+    PET's radiopharmaceutical). ``thresholds`` is ``(agree_at, disagree_at)`` per label; the
+    emission bound is never at or below the header's ``disagree_at``, as
+    :meth:`sorter.domain.Thresholds.emission_bound` serves it."""
+    agree_at, disagree_at = thresholds
     columns = [i for i, label in enumerate(labels) if label in EMISSION_LABELS]
     emission = probs[:, columns].sum(axis=1)
     others = ~np.isin(y, columns)
+
+    def share(hit: np.ndarray, among: np.ndarray) -> float:
+        return float(hit[among].mean()) if among.any() else float("nan")
+
     out = {}
     for h in columns:
         right, pixels = y == h, probs[:, h] >= agree_at[h]
+        before = pixels | (emission >= agree_at[h])
+        now = pixels | (emission >= max(emission_agree_at, float(np.nextafter(disagree_at[h], 1))))
         out[labels[h]] = {
             "right": int(right.sum()),
-            "agree_pixels": float(np.mean(pixels[right])),
-            "agree_at_agree_at": float(np.mean((pixels | (emission >= agree_at[h]))[right])),
-            "agree_at_emission_agree_at": float(np.mean((pixels | (emission >= emission_agree_at))[right])),
+            "agree_pixels": share(pixels, right),
+            "agree_at_agree_at": share(before, right),
+            "agree_at_emission_agree_at": share(now, right),
             "others": int(others.sum()),
-            "others_agree_pixels": float(np.mean(pixels[others])),
-            "others_agree_at_agree_at": float(np.mean((pixels | (emission >= agree_at[h]))[others])),
-            "others_agree_at_emission_agree_at": float(
-                np.mean((pixels | (emission >= emission_agree_at))[others])
-            ),
+            "others_agree_pixels": share(pixels, others),
+            "others_agree_at_agree_at": share(before, others),
+            "others_agree_at_emission_agree_at": share(now, others),
         }
     return out
 
@@ -254,7 +265,11 @@ def point_for(
         "agree_at": {label: row["agree_at"] for label, row in per_label.items()},
         "disagree_at": {label: row["disagree_at"] for label, row in per_label.items()},
         "emission_agree_at": emission,
-        **({} if emission is None else {"emission": emission_shares(probs, y, labels, agree_at, emission)}),
+        **(
+            {}
+            if emission is None
+            else {"emission": emission_shares(probs, y, labels, (agree_at, disagree_at), emission)}
+        ),
         "temperature": temperature,
         "n": len(y),
         "images": asdict(header_shares(probs, y, agree_at, disagree_at)),
