@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from sorter.domain import Label, Thresholds
 from sorter.nuclides import EMISSION
 from train.calibrate import softmax_np
 
@@ -167,6 +168,11 @@ def choose(
     return agree_at, disagree_at
 
 
+def _emission_columns(labels: Sequence[str]) -> list[int]:
+    """The columns of PT and NM among ``labels``."""
+    return [i for i, label in enumerate(labels) if label in EMISSION_LABELS]
+
+
 def choose_emission(
     probs: np.ndarray, y: np.ndarray, labels: Sequence[str], max_false_agree: float = MAX_FALSE_AGREE
 ) -> float | None:
@@ -180,7 +186,7 @@ def choose_emission(
     name a nuclide that contradicts it. ``None`` when the model has neither label or no image of
     another label is known.
     """
-    columns = [i for i, label in enumerate(labels) if label in EMISSION_LABELS]
+    columns = _emission_columns(labels)
     if not columns:
         return None
     emission = probs[:, columns].sum(axis=1)
@@ -204,10 +210,14 @@ def emission_shares(
     ``agree_at`` (the rule before ``emission_agree_at``) and at ``emission_agree_at``; and the same
     for the other labels' images under an h header (the worst case: a PET/CT's CT carries the
     PET's radiopharmaceutical). ``thresholds`` is ``(agree_at, disagree_at)`` per label; the
-    emission bound is never at or below the header's ``disagree_at``, as
-    :meth:`sorter.domain.Thresholds.emission_bound` serves it."""
+    bound is :meth:`sorter.domain.Thresholds.emission_bound`'s, as a scan serves it."""
     agree_at, disagree_at = thresholds
-    columns = [i for i, label in enumerate(labels) if label in EMISSION_LABELS]
+    limits = Thresholds(
+        agree_at={label: float(a) for label, a in zip(labels, agree_at, strict=True)},
+        disagree_at={label: float(d) for label, d in zip(labels, disagree_at, strict=True)},
+        emission_agree_at=emission_agree_at,
+    )
+    columns = _emission_columns(labels)
     emission = probs[:, columns].sum(axis=1)
     others = ~np.isin(y, columns)
 
@@ -218,7 +228,7 @@ def emission_shares(
     for h in columns:
         right, pixels = y == h, probs[:, h] >= agree_at[h]
         before = pixels | (emission >= agree_at[h])
-        now = pixels | (emission >= max(emission_agree_at, float(np.nextafter(disagree_at[h], 1))))
+        now = pixels | (emission >= limits.emission_bound(Label(labels[h])))
         out[labels[h]] = {
             "right": int(right.sum()),
             "agree_pixels": share(pixels, right),

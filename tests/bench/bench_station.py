@@ -36,6 +36,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_nuclide import TYPICAL  # noqa: E402
 
 from sorter.compare import compare, witnesses_of  # noqa: E402
 from sorter.domain import Label, Thresholds, Verdict  # noqa: E402
@@ -73,8 +76,6 @@ RULES: dict[str, Callable[[Group], bool]] = {
         g.n, g.disagree, g.mean_p, g.disagree_at, n_agree=g.agree
     ),
 }
-#: The nuclide each emission label's images name: F-18 (SNOMED RT) for PT, Tc-99m for NM.
-NAMED = {"PT": "C-111A1", "NM": "C-163A8"}
 
 
 def run_result(run: Path) -> dict[str, Any]:
@@ -102,7 +103,7 @@ def run_result(run: Path) -> dict[str, Any]:
             for header, label in enumerate(labels):
                 p = probs[mask, header]
                 disagree_at = point["disagree_at"][label.value]
-                witnesses = witnesses_of(label.value, None, label, NAMED.get(oof.labels[true]))
+                witnesses = witnesses_of(label.value, None, label, TYPICAL.get(labels[true]))
                 verdicts = [
                     compare(label, predictions[i], labels, thresholds, witnesses)
                     for i in np.flatnonzero(mask)
