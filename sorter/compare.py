@@ -54,7 +54,7 @@ def compare(
         For the same reason a header its radionuclide confirms (and its SOP class does not
         contradict) is ``agree`` when the probability of emission imaging, PT and NM together,
         reaches the model's ``emission_agree_at`` (older models: the header's ``agree_at``): the
-        pixels show a SPECT or PET image, the nuclide says which. It never makes a verdict
+        pixels leave room for a SPECT or PET image, the nuclide says which. It never makes a verdict
         ``disagree`` or ``uncertain``.
     """
     verdict = _pixels_verdict(header, prediction, supported, thresholds)

@@ -125,6 +125,27 @@ def _greedy(gains: list[np.ndarray], budget: int, limits: list[int]) -> list[int
     return spent
 
 
+def _passing_at_most(wrong: np.ndarray, share: float) -> float:
+    """The lowest threshold that at most ``share`` of the sorted values ``wrong`` reach: just above
+    the (allowed + 1)-th largest; 0 where all may."""
+    allowed = int(np.floor(share * len(wrong)))
+    return float(np.nextafter(wrong[-allowed - 1], 1)) if allowed < len(wrong) else 0.0
+
+
+def as_thresholds(
+    labels: Sequence[str],
+    agree_at: np.ndarray,
+    disagree_at: np.ndarray,
+    emission_agree_at: float | None = None,
+) -> Thresholds:
+    """The header test's thresholds as a model serves them, from per-label arrays in ``labels``' order."""
+    return Thresholds(
+        agree_at={str(label): float(a) for label, a in zip(labels, agree_at, strict=True)},
+        disagree_at={str(label): float(d) for label, d in zip(labels, disagree_at, strict=True)},
+        emission_agree_at=emission_agree_at,
+    )
+
+
 def choose(
     probs: np.ndarray,
     y: np.ndarray,
@@ -157,13 +178,7 @@ def choose(
     limits = [int(np.floor(label_budget * len(r))) for r in right]
     used = _greedy(caught, int(np.floor(max_false_disagree * n)), limits)
     disagree_at = np.asarray([below(h, used[h]) if len(right[h]) else 0.0 for h in range(k)])
-    agree_at = np.ones(k)
-    for h in range(k):
-        allowed = int(np.floor(max_false_agree * len(wrong[h])))
-        if allowed < len(wrong[h]):  # just above the (allowed + 1)-th largest relabelled copy
-            agree_at[h] = float(np.nextafter(wrong[h][-allowed - 1], 1))
-        else:
-            agree_at[h] = 0.0
+    agree_at = np.asarray([_passing_at_most(wrong[h], max_false_agree) for h in range(k)])
     agree_at = np.minimum(np.maximum(agree_at, np.nextafter(disagree_at, 1)), 1.0)
     return agree_at, disagree_at
 
@@ -193,9 +208,7 @@ def choose_emission(
     wrong = np.sort(emission[~np.isin(y, columns)])
     if not len(wrong):
         return None
-    allowed = int(np.floor(max_false_agree * len(wrong)))
-    # Just above the (allowed + 1)-th largest, as agree_at (allowed < len(wrong): max_false_agree < 1).
-    return min(float(np.nextafter(wrong[-allowed - 1], 1)), 1.0)
+    return min(_passing_at_most(wrong, max_false_agree), 1.0)
 
 
 def emission_shares(
@@ -212,11 +225,7 @@ def emission_shares(
     PET's radiopharmaceutical). ``thresholds`` is ``(agree_at, disagree_at)`` per label; the
     bound is :meth:`sorter.domain.Thresholds.emission_bound`'s, as a scan serves it."""
     agree_at, disagree_at = thresholds
-    limits = Thresholds(
-        agree_at={label: float(a) for label, a in zip(labels, agree_at, strict=True)},
-        disagree_at={label: float(d) for label, d in zip(labels, disagree_at, strict=True)},
-        emission_agree_at=emission_agree_at,
-    )
+    limits = as_thresholds(labels, agree_at, disagree_at, emission_agree_at)
     columns = _emission_columns(labels)
     emission = probs[:, columns].sum(axis=1)
     others = ~np.isin(y, columns)
@@ -380,6 +389,7 @@ def _emission_markdown(point: dict[str, Any]) -> list[str]:
 __all__ = [
     "TARGETS",
     "HeaderShares",
+    "as_thresholds",
     "by_header_label",
     "choose",
     "choose_emission",

@@ -38,15 +38,11 @@ class Result:
 def operating_point(probs: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> Thresholds:
     """The header test's thresholds chosen on out-of-fold probabilities, the way the bundled
     model's are chosen on leave-sources-out ones (``train/operating_point.py``)."""
-    from train.operating_point import choose, choose_emission
+    from train.operating_point import as_thresholds, choose, choose_emission
 
     probs, y = np.asarray(probs, np.float64), np.asarray(y)
     agree_at, disagree_at = choose(probs, y)
-    return Thresholds(
-        agree_at={label: float(agree_at[i]) for i, label in enumerate(labels)},
-        disagree_at={label: float(disagree_at[i]) for i, label in enumerate(labels)},
-        emission_agree_at=choose_emission(probs, y, labels),
-    )
+    return as_thresholds(labels, agree_at, disagree_at, choose_emission(probs, y, labels))
 
 
 def adapt_arrays(

@@ -38,7 +38,7 @@ from sorter.model.spec import Thresholds  # noqa: E402
 from sorter.taxonomy import class_contradiction  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
 from train.config import load_run_config  # noqa: E402
-from train.operating_point import choose, read_out_of_fold  # noqa: E402
+from train.operating_point import as_thresholds, choose, read_out_of_fold  # noqa: E402
 from train.runs import images_for, select_rows  # noqa: E402
 
 #: Pixels alone; the shipped rule (the pixels' top label is one the class allows); two looser ones.
@@ -73,10 +73,7 @@ def judged_out_of_fold(run: Path) -> tuple[Any, Any, Any, np.ndarray, list[Label
     probs = softmax_np(oof.data["logits"], float(oof.data["temperature"]))
     agree_at, disagree_at = choose(probs, oof.y)
     labels = [Label(v) for v in oof.labels]
-    thresholds = Thresholds(
-        agree_at={lab.value: float(a) for lab, a in zip(labels, agree_at, strict=True)},
-        disagree_at={lab.value: float(d) for lab, d in zip(labels, disagree_at, strict=True)},
-    )
+    thresholds = as_thresholds(oof.labels, agree_at, disagree_at)
     return rows, images, oof, probs, labels, thresholds
 
 
