@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from train.operating_point import choose, choose_emission, header_shares, point_for, shares_markdown
+from train.operating_point import (
+    SHRINKS,
+    choose,
+    choose_emission,
+    choose_shrink,
+    cross_fitted,
+    header_shares,
+    point_for,
+    shares_markdown,
+)
 
 
 def _probs(p_true: np.ndarray, k: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -97,3 +106,66 @@ def test_the_operating_point_reports_the_emission_threshold_and_its_shares():
     assert nm["agree_at_emission_agree_at"] > nm["agree_pixels"]
     assert nm["others_agree_at_emission_agree_at"] <= nm["others_agree_pixels"] + 0.05
     assert "emission_agree_at" in shares_markdown(point)
+
+
+def test_cross_fitted_shares_judge_each_fold_by_the_other_folds_thresholds():
+    """A fold whose right headers are less sure than every other fold's is refuted far more often
+    by thresholds chosen elsewhere than the in-sample shares say."""
+    sure = np.tile([0.95, 0.9, 0.85, 0.8, 0.6], 40)  # 200 right headers of label 0, folds 0-3
+    shaky = np.full(50, 0.3)  # fold 4: below every right header the other folds hold
+    probs, y = _probs(np.concatenate([sure, shaky]))
+    wrong, _ = _probs(np.full(250, 0.02))  # label 1's images, p(label 0) = 0.02
+    wrong = wrong[:, [1, 0, 2, 3]]
+    probs, y = np.concatenate([probs, wrong]), np.concatenate([y, np.ones(250, np.int64)])
+    folds = np.concatenate([np.repeat([0, 1, 2, 3], 50), np.full(50, 4), np.tile([0, 1, 2, 3, 4], 50)])
+    groups = np.asarray([f"s{f}/{v}" for f, v in zip(folds, y, strict=True)])
+    point = point_for(probs, y, ["A", "B", "C", "D"], groups, 1.0, folds)
+    assert point["images"]["false_disagree"] <= 0.01  # in-sample: the budget holds by construction
+    cross = point["cross_fitted"]
+    assert cross["folds"] == 5
+    # Folds 0-3 refute below their own smallest right header (0.6), so fold 4's 0.3 is refuted,
+    # while fold 4's own thresholds (chosen with it in the training folds) are never above 0.3.
+    assert cross["per_label"]["A"]["false_disagree"] == pytest.approx(50 / 250)
+    assert cross["images"]["false_disagree"] > 0.09
+    assert cross["per_label"]["A"]["right"] == 250
+    assert "cross-fitted" in shares_markdown(point)
+    # Without folds (or with one), no cross-fitted shares.
+    assert "cross_fitted" not in point_for(probs, y, ["A", "B", "C", "D"], groups, 1.0)
+    assert "cross_fitted" not in point_for(probs, y, ["A", "B", "C", "D"], groups, 1.0, folds * 0)
+
+
+def test_the_shrink_holds_the_refuted_budget_on_folds_the_thresholds_never_saw():
+    """Each fold's least sure right headers sit lower than the other folds': thresholds set just
+    under the other folds' refute them. ``choose_shrink`` takes the largest factor that keeps the
+    cross-fitted share within the budget, and ``point_for`` ships it."""
+    rng = np.random.default_rng(3)
+    parts, folds = [], []
+    for fold in range(5):
+        floor = 0.04 * (5 - fold) if fold % 2 else 0.03 * (fold + 1)  # each fold's own floor
+        parts.append(np.concatenate([rng.uniform(floor, 1.0, 40), np.full(6, floor)]))
+        folds += [fold] * 46
+    right, _ = _probs(np.concatenate(parts))
+    low = rng.uniform(0.0, 0.02, 230)  # label 1's images: p(label 0) below every floor
+    copies = np.stack([low, 0.98 - low, np.full(230, 0.01), np.full(230, 0.01)], axis=1)
+    probs = np.concatenate([right, copies])
+    y = np.concatenate([np.zeros(230, np.int64), np.ones(230, np.int64)])
+    folds_all = np.concatenate([np.asarray(folds), np.arange(230) % 5])
+    labels, groups = (
+        ["A", "B", "C", "D"],
+        np.asarray([f"s{f}/{v}" for f, v in zip(folds_all, y, strict=True)]),
+    )
+    shrink = choose_shrink(probs, y, folds_all)
+    assert 0 < shrink < 1
+    unshrunk = cross_fitted(probs, y, labels, groups, folds_all, shrink=1.0)["images"]
+    held = cross_fitted(probs, y, labels, groups, folds_all, shrink=shrink)["images"]
+    assert unshrunk["false_disagree"] > 0.01 >= held["false_disagree"]
+    larger = SHRINKS[SHRINKS.index(shrink) - 1]
+    assert cross_fitted(probs, y, labels, groups, folds_all, shrink=larger)["images"]["false_disagree"] > 0.01
+    # label 1's images under an A header stay refuted: it shrinks, it does not silence
+    assert cross_fitted(probs, y, labels, groups, folds_all, shrink=shrink)["per_label"]["A"]["caught"] > 0.5
+    point = point_for(probs, y, labels, groups, 1.0, folds_all)
+    assert point["shrink"] == shrink
+    assert point["disagree_at"]["A"] == pytest.approx(choose(probs, y, shrink=shrink)[1][0])
+    assert point["disagree_at"]["A"] < choose(probs, y)[1][0]
+    assert len(point["cross_fitted"]["shrink_per_fold"]) == 5
+    assert choose_shrink(probs, y, folds_all * 0) == 1.0  # one fold: nothing to hold out

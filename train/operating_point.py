@@ -43,6 +43,9 @@ MAX_FALSE_AGREE = 0.05
 MAX_DISAGREE_AT = 0.5
 #: No label may bear more than this share of its own right headers refuted.
 MAX_LABEL_SHARE = 0.05
+#: Factors tried on every ``disagree_at`` (:func:`choose_shrink`), the largest first; 0 refutes
+#: nothing on the pixels alone.
+SHRINKS = (1.0, 0.8, 0.6, 0.5, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05, 0.0)
 
 
 @dataclass(frozen=True)
@@ -56,18 +59,21 @@ class HeaderShares:
 
 
 def _shares(probs: np.ndarray, y: np.ndarray, agree_at: np.ndarray, disagree_at: np.ndarray) -> np.ndarray:
-    """Per image: the four shares of :class:`HeaderShares` (N, 4), thresholds per header label."""
+    """Per image: the four shares of :class:`HeaderShares` (N, 4), thresholds per header label
+    (``(K,)``) or per image and header label (``(N, K)``: each fold's own, when cross-fitted)."""
     n, k = probs.shape
     rows = np.arange(n)
     p_true = probs[rows, y]
     other = np.ones((n, k), dtype=bool)
     other[rows, y] = False
-    refuted = probs <= disagree_at[None, :]
-    confirmed = probs >= agree_at[None, :]
+    high = np.broadcast_to(agree_at, (n, k))
+    low = np.broadcast_to(disagree_at, (n, k))
+    refuted = probs <= low
+    confirmed = probs >= high
     return np.stack(
         [
-            p_true >= agree_at[y],
-            p_true <= disagree_at[y],
+            p_true >= high[rows, y],
+            p_true <= low[rows, y],
             (refuted & other).sum(axis=1) / (k - 1),
             (confirmed & other).sum(axis=1) / (k - 1),
         ],
@@ -84,11 +90,13 @@ def header_shares(
 ) -> HeaderShares:
     """The shares over images, or averaged over ``groups`` (each group's mean counts once).
 
-    Thresholds are per header label (one per column of ``probs``) or one for all.
+    Thresholds are per header label (one per column of ``probs``), per image and header label
+    (the shape of ``probs``) or one for all.
     """
-    k = probs.shape[1]
-    high = np.broadcast_to(np.asarray(agree_at, dtype=np.float64), (k,))
-    low = np.broadcast_to(np.asarray(disagree_at, dtype=np.float64), (k,))
+    n, k = probs.shape
+    shape = (n, k) if np.ndim(agree_at) == 2 else (k,)
+    high = np.broadcast_to(np.asarray(agree_at, dtype=np.float64), shape)
+    low = np.broadcast_to(np.asarray(disagree_at, dtype=np.float64), shape)
     per_image = _shares(probs, y, high, low)
     if groups is None:
         means = per_image.mean(axis=0)
@@ -153,23 +161,26 @@ def choose(
     max_false_agree: float = MAX_FALSE_AGREE,
     cap: float = MAX_DISAGREE_AT,
     label_budget: float = MAX_LABEL_SHARE,
+    shrink: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(agree_at, disagree_at)`` per header label.
 
     ``disagree_at[h]`` sits just below a right header's probability so that at most
     ``max_false_disagree`` of all right headers are refuted, that budget spent on the labels
     where it catches the most relabelled copies, but never more than ``label_budget`` of one
-    label's right headers and never above ``cap`` (a header keeping even odds is never refuted).
-    ``agree_at[h]`` is the lowest value, above ``disagree_at[h]``, at which at most
-    ``max_false_agree`` of the copies relabelled ``h`` are confirmed: every label's ``agree``
-    is held to the same standard.
+    label's right headers and never above ``cap`` (a header keeping even odds is never refuted);
+    then times ``shrink`` (:func:`choose_shrink`: thresholds that sit just below these images'
+    least sure right header refute more of another source's). ``agree_at[h]`` is the lowest
+    value, above ``disagree_at[h]``, at which at most ``max_false_agree`` of the copies
+    relabelled ``h`` are confirmed: every label's ``agree`` is held to the same standard.
     """
     n, k = probs.shape
     right = [np.sort(probs[y == h, h]) for h in range(k)]
     wrong = [np.sort(probs[y != h, h]) for h in range(k)]
 
-    def below(h: int, u: int) -> float:  # refutes the u smallest right headers of label h
-        return min(float(np.nextafter(right[h][u], 0)), cap) if u < len(right[h]) else cap
+    def below(h: int, u: int) -> float:  # refutes at most the u smallest right headers of label h
+        edge = min(float(np.nextafter(right[h][u], 0)), cap) if u < len(right[h]) else cap
+        return edge * shrink
 
     caught = [
         np.asarray([np.searchsorted(wrong[h], below(h, u), side="right") for u in range(len(right[h]) + 1)])
@@ -181,6 +192,62 @@ def choose(
     agree_at = np.asarray([_passing_at_most(wrong[h], max_false_agree) for h in range(k)])
     agree_at = np.minimum(np.maximum(agree_at, np.nextafter(disagree_at, 1)), 1.0)
     return agree_at, disagree_at
+
+
+def _each_fold(
+    probs: np.ndarray, y: np.ndarray, folds: np.ndarray, choice: Any
+) -> tuple[np.ndarray, np.ndarray, dict[int, tuple[Any, ...]]]:
+    """Per image and header label, ``(agree_at, disagree_at)`` as ``choice(probs, y, folds)``
+    makes them on the other folds' images alone; and what ``choice`` returned, per fold."""
+    agree_at, disagree_at = np.empty_like(probs), np.empty_like(probs)
+    made = {}
+    for fold in np.unique(folds):
+        held = folds == fold
+        made[int(fold)] = choice(probs[~held], y[~held], folds[~held])
+        agree_at[held], disagree_at[held] = made[int(fold)][:2]
+    return agree_at, disagree_at, made
+
+
+def choose_shrink(
+    probs: np.ndarray,
+    y: np.ndarray,
+    folds: np.ndarray,
+    max_false_disagree: float = TARGETS["false_disagree"],
+    max_false_agree: float = MAX_FALSE_AGREE,
+) -> float:
+    """The largest :data:`SHRINKS` factor at which :func:`choose`, on all folds but one, refutes at
+    most ``max_false_disagree`` of that fold's right headers (over every fold): the budget held
+    on sources the thresholds never saw, as an archive meets them. On leave-sources-out
+    predictions the unshrunk thresholds refuted several times the budget so (a source the model
+    doubts as a whole falls below thresholds set just under the other sources' least sure right
+    header). 1 with fewer than two folds (nothing to hold out)."""
+    if len(np.unique(folds)) < 2:
+        return 1.0
+    rows = np.arange(len(y))
+    for shrink in SHRINKS:
+        _, disagree_at, _ = _each_fold(
+            probs,
+            y,
+            folds,
+            lambda p, t, _f, s=shrink: choose(p, t, max_false_disagree, max_false_agree, shrink=s),
+        )
+        if np.mean(probs[rows, y] <= disagree_at[rows, y]) <= max_false_disagree:
+            return shrink
+    return 0.0
+
+
+def choose_held_out(
+    probs: np.ndarray,
+    y: np.ndarray,
+    folds: np.ndarray,
+    max_false_disagree: float = TARGETS["false_disagree"],
+    max_false_agree: float = MAX_FALSE_AGREE,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(agree_at, disagree_at, shrink)``: :func:`choose` on every image, its ``disagree_at``
+    shrunk by :func:`choose_shrink` over ``folds``: what ``sorter-train export`` ships."""
+    shrink = choose_shrink(probs, y, folds, max_false_disagree, max_false_agree)
+    agree_at, disagree_at = choose(probs, y, max_false_disagree, max_false_agree, shrink=shrink)
+    return agree_at, disagree_at, shrink
 
 
 def _emission_columns(labels: Sequence[str]) -> list[int]:
@@ -272,12 +339,70 @@ def by_header_label(
     return out
 
 
+def cross_fitted(
+    probs: np.ndarray,
+    y: np.ndarray,
+    labels: list[str],
+    groups: np.ndarray,
+    folds: np.ndarray,
+    max_false_disagree: float = TARGETS["false_disagree"],
+    max_false_agree: float = MAX_FALSE_AGREE,
+    shrink: float | None = None,
+) -> dict[str, Any]:
+    """The header test's shares where each fold's images are judged by thresholds chosen on the
+    other folds' images only, as a new archive meets thresholds chosen on sources it does not
+    hold: by :func:`choose_held_out` there (its shrink chosen on those folds alone, nested), or
+    by :func:`choose` at a fixed ``shrink``. :func:`point_for`'s own shares are in-sample (chosen
+    and scored on the same images, so its right headers refuted stay within the budget by
+    construction)."""
+
+    def choice(p: np.ndarray, t: np.ndarray, f: np.ndarray) -> tuple[Any, ...]:
+        if shrink is not None:
+            return (*choose(p, t, max_false_disagree, max_false_agree, shrink=shrink), shrink)
+        return choose_held_out(p, t, f, max_false_disagree, max_false_agree)
+
+    agree_at, disagree_at, made = _each_fold(probs, y, folds, choice)
+    per_label = {}
+    for h, label in enumerate(labels):
+        right, copy = y == h, y != h
+        p = probs[:, h]
+        per_label[label] = {
+            "right": int(right.sum()),
+            "agree": float(np.mean(p[right] >= agree_at[right, h])) if right.any() else float("nan"),
+            "false_disagree": (
+                float(np.mean(p[right] <= disagree_at[right, h])) if right.any() else float("nan")
+            ),
+            "caught": float(np.mean(p[copy] <= disagree_at[copy, h])),
+            "false_agree": float(np.mean(p[copy] >= agree_at[copy, h])),
+        }
+    return {
+        "protocol": "each fold's images through thresholds chosen on the other folds",
+        "folds": len(np.unique(folds)),
+        "shrink_per_fold": {fold: float(found[2]) for fold, found in made.items()},
+        "images": asdict(header_shares(probs, y, agree_at, disagree_at)),
+        "sources": asdict(header_shares(probs, y, agree_at, disagree_at, groups)),
+        "per_label": per_label,
+    }
+
+
 def point_for(
-    probs: np.ndarray, y: np.ndarray, labels: list[str], groups: np.ndarray, temperature: float
+    probs: np.ndarray,
+    y: np.ndarray,
+    labels: list[str],
+    groups: np.ndarray,
+    temperature: float,
+    folds: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Choose the operating point on calibrated out-of-fold ``probs`` and report its shares, per
-    image, averaged over ``groups`` (source/label) and per header label."""
-    agree_at, disagree_at = choose(probs, y)
+    image, averaged over ``groups`` (source/label) and per header label. With the images'
+    ``folds`` (two or more) it is :func:`choose_held_out`'s, and :func:`cross_fitted` reports
+    its shares on folds it did not see; without, :func:`choose`'s."""
+    held_out = folds is not None and len(np.unique(folds)) > 1
+    if held_out:
+        assert folds is not None
+        agree_at, disagree_at, shrink = choose_held_out(probs, y, folds)
+    else:
+        (agree_at, disagree_at), shrink = choose(probs, y), 1.0
     per_label = by_header_label(probs, y, agree_at, disagree_at, labels)
     emission = choose_emission(probs, y, labels)
     return {
@@ -294,6 +419,12 @@ def point_for(
         "images": asdict(header_shares(probs, y, agree_at, disagree_at)),
         "sources": asdict(header_shares(probs, y, agree_at, disagree_at, groups)),
         "per_label": per_label,
+        "shrink": shrink,
+        **(
+            {"cross_fitted": cross_fitted(probs, y, labels, groups, folds)}
+            if held_out and folds is not None
+            else {}
+        ),
         "targets": TARGETS,
         "max_false_agree": MAX_FALSE_AGREE,
     }
@@ -323,7 +454,8 @@ def operating_point(run: Path, temperature: float | None = None) -> dict[str, An
     """:func:`point_for` on a ``sorter-train loso`` run (at its own temperature by default)."""
     oof = read_out_of_fold(run)
     t = float(oof.data["temperature"]) if temperature is None else temperature
-    return point_for(softmax_np(oof.data["logits"], t), oof.y, oof.labels, oof.groups, t)
+    probs = softmax_np(oof.data["logits"], t)
+    return point_for(probs, oof.y, oof.labels, oof.groups, t, np.asarray(oof.data["folds"]))
 
 
 def shares_markdown(point: dict[str, Any]) -> str:
@@ -334,18 +466,42 @@ def shares_markdown(point: dict[str, Any]) -> str:
         f"Chosen on {point['n']} out-of-fold images so that at most {TARGETS['false_disagree']:.0%} of "
         "right headers are refuted, that budget spent on the labels where it catches the most "
         "relabelled copies (every image once under each other label's header), and at most "
-        f"{point['max_false_agree']:.0%} of the copies relabelled to any one label are confirmed.",
+        f"{point['max_false_agree']:.0%} of the copies relabelled to any one label are confirmed."
+        + (
+            f" Every `disagree_at` is then multiplied by {point['shrink']:.2f}: the largest factor at "
+            f"which thresholds chosen on all folds but one refute at most {TARGETS['false_disagree']:.0%} "
+            "of that fold's right headers, so that the budget holds on sources the thresholds never saw."
+            if point.get("shrink", 1.0) < 1.0
+            else ""
+        ),
         "",
         "| | right header: agree | right header: disagree | relabelled: disagree | relabelled: agree |",
         "|---|---:|---:|---:|---:|",
         f"| target | >= {TARGETS['agree']:.2f} | <= {TARGETS['false_disagree']:.2f} | "
         f">= {TARGETS['caught']:.2f} | |",
     ]
-    for name, s in (("per image", point["images"]), ("per source", point["sources"])):
+    rows = [("per image", point["images"]), ("per source", point["sources"])]
+    cross = point.get("cross_fitted")
+    if cross:
+        rows += [
+            ("per image, cross-fitted", cross["images"]),
+            ("per source, cross-fitted", cross["sources"]),
+        ]
+    for name, s in rows:
         lines.append(
             f"| {name} | {s['agree']:.3f} | {s['false_disagree']:.3f} | {s['caught']:.3f} | "
             f"{s['false_agree']:.3f} |"
         )
+    if cross:
+        lines += [
+            "",
+            f"Cross-fitted: each of the {cross['folds']} folds' images judged by thresholds chosen, factor "
+            "included, on the other folds alone, as an archive meets thresholds chosen on sources it "
+            "does not hold (factors "
+            + ", ".join(f"{v:.2f}" for v in cross["shrink_per_fold"].values())
+            + "). The first two rows are in-sample: chosen and scored on the same images, so their "
+            "right headers refuted stay within the budget by construction.",
+        ]
     lines += [
         "",
         "| header label | agree_at | disagree_at | right headers | agree | disagree | "
@@ -393,6 +549,9 @@ __all__ = [
     "by_header_label",
     "choose",
     "choose_emission",
+    "choose_held_out",
+    "choose_shrink",
+    "cross_fitted",
     "emission_shares",
     "header_shares",
     "operating_point",

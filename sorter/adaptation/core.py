@@ -35,13 +35,20 @@ class Result:
     thresholds: Thresholds
 
 
-def operating_point(probs: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> Thresholds:
+def operating_point(
+    probs: np.ndarray, y: np.ndarray, labels: Sequence[str], folds: np.ndarray | None = None
+) -> Thresholds:
     """The header test's thresholds chosen on out-of-fold probabilities, the way the bundled
-    model's are chosen on leave-sources-out ones (``train/operating_point.py``)."""
-    from train.operating_point import as_thresholds, choose, choose_emission
+    model's are chosen on leave-sources-out ones (``train/operating_point.py``): with ``folds``,
+    every ``disagree_at`` shrunk until thresholds chosen on all folds but one keep the budget on
+    that fold's right headers (``choose_held_out``)."""
+    from train.operating_point import as_thresholds, choose, choose_emission, choose_held_out
 
     probs, y = np.asarray(probs, np.float64), np.asarray(y)
-    agree_at, disagree_at = choose(probs, y)
+    if folds is None:
+        agree_at, disagree_at = choose(probs, y)
+    else:
+        agree_at, disagree_at, _ = choose_held_out(probs, y, np.asarray(folds))
     return as_thresholds(labels, agree_at, disagree_at, choose_emission(probs, y, labels))
 
 
@@ -67,7 +74,8 @@ def adapt_arrays(
     probs = softmax_np(oof, temperature).astype(np.float32)
     issues = label_issues(y, probs)
     final_w, final_b = fit_head(x, y, weight, bias, recipe)
-    return Result(oof, probs, temperature, issues, final_w, final_b, operating_point(probs, y, labels))
+    point = operating_point(probs, y, labels, folds)
+    return Result(oof, probs, temperature, issues, final_w, final_b, point)
 
 
 def adapted_network(network: SorterNet, result: Result) -> SorterNet:

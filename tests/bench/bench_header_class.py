@@ -2,7 +2,7 @@
 
 Every held-out image of RUN (a finished ``sorter-train loso`` run) is judged from its out-of-fold
 probabilities at the run's own temperature, with the operating point ``sorter-train export``
-would choose on them (:func:`train.operating_point.choose`), twice: on the pixels alone and with
+would choose on them (:func:`train.operating_point.choose_held_out`), twice: on the pixels alone and with
 the header's SOP class (:func:`sorter.compare.compare`, ``Witnesses.contradicted_by``). Right headers are
 each image with its own file's Modality; relabelled copies are each image once with every other
 label's Modality written in (CT, MR, PT, NM, DX, MG, US, OT) and its SOP class left as the file
@@ -38,7 +38,7 @@ from sorter.model.spec import Thresholds  # noqa: E402
 from sorter.taxonomy import class_contradiction  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
 from train.config import load_run_config  # noqa: E402
-from train.operating_point import as_thresholds, choose, read_out_of_fold  # noqa: E402
+from train.operating_point import as_thresholds, choose_held_out, read_out_of_fold  # noqa: E402
 from train.runs import images_for, select_rows  # noqa: E402
 
 #: Pixels alone; the shipped rule (the pixels' top label is one the class allows); two looser ones.
@@ -71,7 +71,7 @@ def judged_out_of_fold(run: Path) -> tuple[Any, Any, Any, np.ndarray, list[Label
             "the run's out-of-fold images are not its manifest's: an unfinished run, or another manifest"
         )
     probs = softmax_np(oof.data["logits"], float(oof.data["temperature"]))
-    agree_at, disagree_at = choose(probs, oof.y)
+    agree_at, disagree_at, _ = choose_held_out(probs, oof.y, np.asarray(oof.data["folds"]))
     labels = [Label(v) for v in oof.labels]
     thresholds = as_thresholds(oof.labels, agree_at, disagree_at)
     return rows, images, oof, probs, labels, thresholds

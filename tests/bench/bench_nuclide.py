@@ -44,7 +44,14 @@ header's label at least its ``confirm_at`` (cross-fitted over the folds by ``tra
 tolerance 0.01, as ``sorter-train export --confirm`` chooses it) the image is judged on the
 partner's probabilities, as the bundled model serves it.
 
-Run: .venv/bin/python tests/bench/bench_nuclide.py --run runs/loso5-eff \\
+With ``--cross-fit`` every threshold (``agree_at``, ``disagree_at``, ``emission_agree_at`` and
+the partner's ``confirm_at``) that judges a fold's images is chosen on the other folds alone, as an
+archive meets thresholds chosen on sources it does not hold; without it they are chosen on every
+image (in-sample, as ``export`` chooses the artefact's), the partner's ``confirm_at`` cross-fitted.
+
+``--shrink 1`` scores the thresholds chosen before ``train.operating_point.choose_shrink``.
+
+Run: .venv/bin/python tests/bench/bench_nuclide.py --run runs/loso5-eff [--cross-fit] [--shrink 1] \\
          [--out tests/bench/results-nuclide-2core.json]
 """
 
@@ -73,8 +80,8 @@ from sorter.model.classifier import top_two  # noqa: E402
 from sorter.nuclides import nuclide_confirms, nuclide_contradiction  # noqa: E402
 from sorter.taxonomy import class_contradiction  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
-from train.confirm import TOLERANCE, confirm_point  # noqa: E402
-from train.operating_point import choose_emission  # noqa: E402
+from train.confirm import TOLERANCE, choose_confirm, confirm_point  # noqa: E402
+from train.operating_point import as_thresholds, choose, choose_emission, choose_held_out  # noqa: E402
 
 RULES = (
     "pixels",
@@ -127,17 +134,54 @@ def confirming_partner(oof: Any, probs: np.ndarray, thresholds: Any) -> tuple[np
     return partner, at
 
 
+def fold_limits(
+    oof: Any, probs: np.ndarray, partner: np.ndarray, shrink: float | None
+) -> dict[int, tuple[Any, Any, np.ndarray]]:
+    """Per fold: the header test's thresholds (``choose_held_out``'s, or ``choose``'s at a fixed
+    ``shrink``), the same with ``emission_agree_at``, and the partner's ``confirm_at`` per label,
+    each chosen on the other folds' images alone."""
+    folds = np.asarray(oof.data["folds"])
+    found = {}
+    for fold in np.unique(folds):
+        rest = folds != fold
+        if shrink is None:
+            agree_at, disagree_at, _ = choose_held_out(probs[rest], oof.y[rest], folds[rest])
+        else:
+            agree_at, disagree_at = choose(probs[rest], oof.y[rest], shrink=shrink)
+        thresholds = as_thresholds(oof.labels, agree_at, disagree_at)
+        emission = choose_emission(probs[rest], oof.y[rest], oof.labels)
+        confirm_at = (
+            choose_confirm(probs[rest], partner[rest], oof.y[rest], agree_at, TOLERANCE)
+            if "partner_logits" in oof.data
+            else np.full(len(oof.labels), np.inf)
+        )
+        found[int(fold)] = (thresholds, replace(thresholds, emission_agree_at=emission), confirm_at)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--cross-fit", action="store_true", help="judge each fold by thresholds chosen on the other folds"
+    )
+    parser.add_argument(
+        "--shrink",
+        type=float,
+        help="a fixed factor on every disagree_at (1: the rule before choose_shrink) instead of export's",
+    )
     args = parser.parse_args()
 
     rows, images, oof, probs, labels, thresholds = judged_out_of_fold(args.run)
+    if args.shrink is not None:  # the fixed factor in-sample too
+        thresholds = as_thresholds(oof.labels, *choose(probs, oof.y, shrink=args.shrink))
     at_emission = replace(thresholds, emission_agree_at=choose_emission(probs, oof.y, oof.labels))
     partner, confirm_at = confirming_partner(oof, probs, thresholds)
+    folds = np.asarray(oof.data["folds"])
+    by_fold = fold_limits(oof, probs, partner, args.shrink) if args.cross_fit else {}
     headers: dict[int, tuple[str | None, str | None]] = {}
     tally: dict[str, dict[str, dict[str, list[Verdict]]]] = {
         case: {rule: defaultdict(list) for rule in RULES} for case in CASES
@@ -174,6 +218,9 @@ def main() -> None:
                 ("exported", OTHER[truth], code, None),  # a class matching the Modality: no witness
                 ("wrong_nuclide", truth, TYPICAL[OTHER[truth]], sop_class),
             ]
+        plain, emitting, confirming = (
+            by_fold[int(folds[i])] if args.cross_fit else (thresholds, at_emission, confirm_at[i])
+        )
         for case, header, nuclide, file_class in cases:
             contradicted = class_contradiction(MODALITY[header.value], file_class)
             allows = nuclide_contradiction(header, nuclide)
@@ -181,13 +228,13 @@ def main() -> None:
             by_nuclide = replace(by_class, nuclide_allows=allows)
             confirmed = replace(by_nuclide, nuclide_confirms=nuclide_confirms(header, nuclide))
             h = labels.index(header)
-            served = top_two(partner[i], labels) if partner[i, h] >= confirm_at[i, h] else prediction
+            served = top_two(partner[i], labels) if partner[i, h] >= confirming[h] else prediction
             verdicts = {
                 rule: compare(header, shown, labels, limits, witnesses)
                 for rule, witnesses, limits, shown in zip(
                     RULES,
                     (NO_WITNESSES, by_class, by_nuclide, confirmed, confirmed, confirmed),
-                    (thresholds, thresholds, thresholds, thresholds, at_emission, at_emission),
+                    (plain, plain, plain, plain, emitting, emitting),
                     (prediction,) * 5 + (served,),
                     strict=True,
                 )
@@ -202,7 +249,12 @@ def main() -> None:
 
     result: dict[str, Any] = {
         "run": str(args.run),
-        "protocol": "leave-sources-out out-of-fold probabilities; operating point chosen on them",
+        "protocol": "leave-sources-out out-of-fold probabilities; "
+        + (
+            "each fold judged by thresholds chosen on the other folds"
+            if args.cross_fit
+            else "operating point chosen on them"
+        ),
         "nuclides": dict(sorted(own_codes.items())),
         "thresholds": {
             "agree_at": thresholds.agree_at,

@@ -83,7 +83,7 @@ def run_result(run: Path) -> dict[str, Any]:
     oof = read_out_of_fold(run)
     temperature = float(oof.data["temperature"])
     probs = softmax_np(oof.data["logits"], temperature)
-    point = point_for(probs, oof.y, oof.labels, oof.groups, temperature)
+    point = point_for(probs, oof.y, oof.labels, oof.groups, temperature, np.asarray(oof.data["folds"]))
     thresholds = Thresholds(
         agree_at=point["agree_at"],
         disagree_at=point["disagree_at"],
