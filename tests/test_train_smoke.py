@@ -114,6 +114,8 @@ def test_loso_then_export_calibrated_artefact(fitted, corpus, tmp_path):
             "3",
             "--only-fold",
             "0",
+            "--only-fold",
+            "1",
             "--cache-dir",
             str(cache),
             "--workers",
@@ -121,10 +123,10 @@ def test_loso_then_export_calibrated_artefact(fitted, corpus, tmp_path):
         ]
     )
     metrics = json.loads((loso / "metrics.json").read_text())
-    assert set(metrics) >= METRIC_KEYS and metrics["folds_evaluated"] == [0]
+    assert set(metrics) >= METRIC_KEYS and metrics["folds_evaluated"] == [0, 1]
     assert load_artefact(loso / "fold-0" / "model.pt").spec.preprocess.input_size == 64
     folds = json.loads((loso / "folds.json").read_text())
-    held = {s for s, f in folds.items() if f == 0}
+    held = {s for s, f in folds.items() if f in (0, 1)}
     assert set(metrics["per_source"]) <= held  # only held-out sources were predicted
     card = tmp_path / "card.md"
     exported = tmp_path / "model.pt"
@@ -144,6 +146,12 @@ def test_loso_then_export_calibrated_artefact(fitted, corpus, tmp_path):
     # A one-epoch network is worse on unseen sources than the bundled model, and export says so.
     assert "is below the bundled model's" in said
     assert card.read_text().startswith("# Model card: model.pt (sha256 ")
+    # Two folds: the thresholds are also judged on the fold they were not chosen on, and shipped
+    # with the factor that held the budget there.
+    point = load_artefact(exported).spec.metrics["operating_point"]
+    assert 0.0 <= point["shrink"] <= 1.0 and set(point["cross_fitted"]["shrink_per_fold"]) == {"0", "1"}
+    assert "on folds the thresholds never saw (cross-fitted)" in said
+    assert "| per image, cross-fitted |" in card.read_text()
     # A folder that is not a finished loso run is refused in one line.
     wrong = CliRunner().invoke(main, ["operating-point", str(out)])
     assert wrong.exit_code == 2 and "is not a finished `sorter-train loso` run" in wrong.output

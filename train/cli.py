@@ -427,6 +427,15 @@ def export(
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     click.echo(f"saved {out} (sha256 {digest[:12]}, temperature {spec.temperature:.3f})")
+    held = spec.metrics.get("operating_point", {}).get("cross_fitted")
+    if held:
+        shares = held["images"]
+        click.echo(
+            f"disagree_at x {spec.metrics['operating_point']['shrink']:.2f}; on folds the thresholds never "
+            f"saw (cross-fitted): right headers agree {shares['agree']:.3f}, refuted "
+            f"{shares['false_disagree']:.3f}; relabelled copies caught {shares['caught']:.3f}, confirmed "
+            f"{shares['false_agree']:.3f}"
+        )
     found = spec.metrics.get("operating_point", {}).get("confirm")
     if found:
         shares, alone = found["images"], found["ensemble_images"]

@@ -3,11 +3,12 @@ run's out-of-fold predictions: how many systematic mislabellings they report, an
 sources they accuse.
 
 Run: .venv/bin/python tests/bench/bench_station.py runs/loso5-eff [runs/loso5-eff-s1 ...]
-         [--out tests/bench/results-station-2core.json]
+         [--cross-fit] [--out tests/bench/results-station-2core.json]
      where each run is a finished ``sorter-train loso`` (see bench_adapt.py for the command).
 
 Every image's probabilities come from the fold network that never saw its source, at the run's
-temperature, with the operating point chosen on the run (as an exported model's is). Every
+temperature, with the operating point chosen on the run (as an exported model's is; with
+``--cross-fit``, on the other folds alone, as an archive meets a model's thresholds). Every
 (source, true label) with at least :data:`sorter.reports.CONTRADICTION_MIN_INSTANCES` images is one
 group, and it is scored under each of the eight header labels: under its own label it is an honest
 station, under any other it is a station that writes that label on every image (a systematic
@@ -78,17 +79,26 @@ RULES: dict[str, Callable[[Group], bool]] = {
 }
 
 
-def run_result(run: Path) -> dict[str, Any]:
-    """Every rule on every group of ``run`` (see the module docstring)."""
-    oof = read_out_of_fold(run)
-    temperature = float(oof.data["temperature"])
-    probs = softmax_np(oof.data["logits"], temperature)
-    point = point_for(probs, oof.y, oof.labels, oof.groups, temperature, np.asarray(oof.data["folds"]))
-    thresholds = Thresholds(
+def _thresholds(probs: np.ndarray, oof: Any, rows: np.ndarray, temperature: float) -> Thresholds:
+    """The operating point ``sorter-train export`` chooses on the images ``rows``."""
+    folds = np.asarray(oof.data["folds"])[rows]
+    point = point_for(probs[rows], oof.y[rows], oof.labels, oof.groups[rows], temperature, folds)
+    return Thresholds(
         agree_at=point["agree_at"],
         disagree_at=point["disagree_at"],
         emission_agree_at=point["emission_agree_at"],
     )
+
+
+def run_result(run: Path, cross_fit: bool = False) -> dict[str, Any]:
+    """Every rule on every group of ``run`` (see the module docstring); with ``cross_fit`` each
+    source judged by the operating point chosen on the other folds alone."""
+    oof = read_out_of_fold(run)
+    temperature = float(oof.data["temperature"])
+    probs = softmax_np(oof.data["logits"], temperature)
+    folds = np.asarray(oof.data["folds"])
+    every = _thresholds(probs, oof, np.ones(len(folds), dtype=bool), temperature)
+    by_fold = {int(f): _thresholds(probs, oof, folds != f, temperature) for f in np.unique(folds)}
     labels = [Label(v) for v in oof.labels]
     predictions = [top_two(row, labels) for row in probs]
     sources = np.asarray([str(s) for s in oof.data["sources"]])
@@ -100,9 +110,10 @@ def run_result(run: Path) -> dict[str, Any]:
             if mask.sum() < CONTRADICTION_MIN_INSTANCES:
                 continue
             out["groups"] += 1
+            thresholds = by_fold[int(folds[mask][0])] if cross_fit else every
             for header, label in enumerate(labels):
                 p = probs[mask, header]
-                disagree_at = point["disagree_at"][label.value]
+                disagree_at = thresholds.disagree_at[label.value]
                 witnesses = witnesses_of(label.value, None, label, TYPICAL.get(labels[true]))
                 verdicts = [
                     compare(label, predictions[i], labels, thresholds, witnesses)
@@ -147,8 +158,11 @@ def main() -> None:
     )
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--cross-fit", action="store_true", help="judge each source by thresholds chosen on the other folds"
+    )
     args = parser.parse_args()
-    results = [run_result(run) for run in args.runs]
+    results = [run_result(run, args.cross_fit) for run in args.runs]
     for result in results:
         print(
             f"{result['run']}: {result['groups']} (source, label) groups of >= {CONTRADICTION_MIN_INSTANCES}"
