@@ -174,20 +174,23 @@ def _summary(logits: np.ndarray, run: LosoRun, temperature: float) -> dict[str, 
 
 def scores(logits: np.ndarray, run: LosoRun) -> dict[str, float]:
     """Balanced, source-averaged and plain accuracy of out-of-fold ``logits`` (at ``run``'s
-    temperature), and at their own operating point the shares of right headers confirmed
-    (``agree``) and of relabelled copies refuted (``caught``)."""
-    from train.compare import score
+    temperature), and at their own operating point (export's) the shares of right headers
+    confirmed (``agree``) and of relabelled copies refuted (``caught``), cross-fitted over the
+    run's folds (:func:`train.compare.held_out_shares`)."""
+    from train.compare import held_out_shares, score
 
     labels = [str(v) for v in run.config["labels"]]
     y, sources = [str(v) for v in run.labels], [str(v) for v in run.sources]
-    metrics, macro, point = score(y, softmax_np(logits, run.temperature), labels, sources, run.temperature)
+    probs = softmax_np(logits, run.temperature)
+    metrics, macro, point = score(y, probs, labels, sources, run.temperature, folds=np.asarray(run.folds))
     assert point is not None
+    shares = held_out_shares(point)
     return {
         "balanced_accuracy": float(metrics["balanced_accuracy"]),
         "source_macro": float(macro["balanced_accuracy"]),
         "accuracy": float(metrics["accuracy"]),
-        "agree": float(point["images"]["agree"]),
-        "caught": float(point["images"]["caught"]),
+        "agree": float(shares["agree"]),
+        "caught": float(shares["caught"]),
     }
 
 

@@ -551,6 +551,7 @@ def cascade(
     metrics = write_cascade_run(main_run, screen_run, tolerance, out_run)
     found = metrics["cascade"]
     click.echo(
+        "header test cross-fitted (thresholds judged on folds they were not chosen on)\n"
         "| out of fold | to main network | balanced acc. | source-averaged | accuracy | right: agree "
         "| relabelled: disagree |"
     )
@@ -608,6 +609,7 @@ def ensemble(
         chosen = ", ".join(f"fold {k}: {v:.1f}" for k, v in found["weights_per_fold"].items())
         click.echo(f"partner weight chosen on the other folds ({chosen}); on every fold: {weight:.1f}")
     click.echo(
+        "header test cross-fitted (thresholds judged on folds they were not chosen on)\n"
         "| out of fold | balanced acc. | source-averaged | accuracy | right: agree | relabelled: disagree |"
     )
     click.echo("|---|---:|---:|---:|---:|---:|")

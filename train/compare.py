@@ -26,10 +26,12 @@ def score(
     sources: list[str],
     temperature: float,
     point: bool = True,
+    folds: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
     """Calibrated out-of-fold ``probs`` scored as every loso report scores them: the image metrics
     (:func:`compute_metrics`, with ``per_source_label`` added), the source-averaged recall (each
-    source counted once per label) and, with ``point``, the operating point chosen on them."""
+    source counted once per label) and, with ``point``, the operating point chosen on them (with
+    the images' ``folds``, export's, and its shares cross-fitted: :func:`held_out_shares`)."""
     metrics = compute_metrics(y, probs, labels, sources)
     keyed = [f"{s}/{label}" for s, label in zip(sources, y, strict=True)]
     by_source = compute_metrics(y, probs, labels, keyed)
@@ -39,7 +41,19 @@ def score(
         return metrics, macro, None
     index = {label: i for i, label in enumerate(labels)}
     targets = np.asarray([index[label] for label in y])
-    return metrics, macro, point_for(probs, targets, labels, np.asarray(keyed), temperature)
+    return metrics, macro, point_for(probs, targets, labels, np.asarray(keyed), temperature, folds)
+
+
+def held_out_shares(point: dict[str, Any]) -> dict[str, Any]:
+    """The header test's shares per image and, per header label, the relabelled copies caught:
+    cross-fitted where ``point`` has them (thresholds judged on folds they were not chosen on),
+    else in-sample (one fold)."""
+    shares = point.get("cross_fitted") or point
+    return {
+        **shares["images"],
+        "caught_by_header": {k: v["caught"] for k, v in shares["per_label"].items()},
+        "cross_fitted": "cross_fitted" in point,
+    }
 
 
 class LoadedRuns(NamedTuple):
@@ -85,7 +99,8 @@ def compare_runs(runs: list[Path] | LoadedRuns) -> tuple[list[int], list[dict[st
         labels = [str(v) for v in d["config"]["labels"]]
         probs = softmax_np(d["logits"][mask], float(d["temperature"]))
         y, sources = [str(v) for v in d["labels"][mask]], [str(v) for v in d["sources"][mask]]
-        metrics, macro, point = score(y, probs, labels, sources, float(d["temperature"]))
+        folds = np.asarray(d["folds"])[mask]
+        metrics, macro, point = score(y, probs, labels, sources, float(d["temperature"]), folds=folds)
         cfg = d["config"]
         rows.append(
             {
@@ -99,10 +114,7 @@ def compare_runs(runs: list[Path] | LoadedRuns) -> tuple[list[int], list[dict[st
                 "source_balanced_accuracy": macro["balanced_accuracy"],
                 "ece": metrics["ece"],
                 "recall": {k: v["recall"] for k, v in metrics["per_class"].items()},
-                "operating_point": {
-                    **point["images"],
-                    "caught_by_header": {k: v["caught"] for k, v in point["per_label"].items()},
-                },
+                "operating_point": held_out_shares(point),
             }
         )
     return common, rows
@@ -178,8 +190,14 @@ def comparison_markdown(common: list[int], rows: list[dict[str, Any]], speed: di
         )
     lines += [
         "",
-        "Header test at each run's own operating point (train/operating_point.py): right headers "
-        "called agree / disagree, relabelled copies called disagree / agree, per image.",
+        "Header test at each run's own operating point (train/operating_point.py, as export chooses "
+        "it): right headers called agree / disagree, relabelled copies called disagree / agree, per "
+        "image; "
+        + (
+            "cross-fitted (each fold judged by thresholds chosen on the other folds)."
+            if all(r["operating_point"]["cross_fitted"] for r in rows)
+            else "in-sample (chosen and scored on the same images: one fold)."
+        ),
         "",
         "| model | right: agree | right: disagree | relabelled: disagree | relabelled: agree | "
         + " | ".join(f"relabelled {label}: disagree" for label in labels)
