@@ -3,7 +3,7 @@ run's out-of-fold predictions: how many systematic mislabellings they report, an
 sources they accuse.
 
 Run: .venv/bin/python tests/bench/bench_station.py runs/loso5-eff [runs/loso5-eff-s1 ...]
-         [--cross-fit] [--out tests/bench/results-station-2core.json]
+         [--cross-fit] [--shrink 1] [--out tests/bench/results-station-2core.json]
      where each run is a finished ``sorter-train loso`` (see bench_adapt.py for the command).
 
 Every image's probabilities come from the fold network that never saw its source, at the run's
@@ -46,7 +46,7 @@ from sorter.domain import Label, Thresholds, Verdict  # noqa: E402
 from sorter.model.classifier import top_two  # noqa: E402
 from sorter.reports import CONTRADICTION_MIN_INSTANCES, contradicts  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
-from train.operating_point import point_for, read_out_of_fold  # noqa: E402
+from train.operating_point import as_thresholds, choose, point_for, read_out_of_fold  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,17 @@ RULES: dict[str, Callable[[Group], bool]] = {
 }
 
 
-def _thresholds(probs: np.ndarray, oof: Any, rows: np.ndarray, temperature: float) -> Thresholds:
-    """The operating point ``sorter-train export`` chooses on the images ``rows``."""
-    folds = np.asarray(oof.data["folds"])[rows]
+def _thresholds(
+    probs: np.ndarray, oof: Any, rows: np.ndarray, temperature: float, shrink: float | None
+) -> Thresholds:
+    """The operating point ``sorter-train export`` chooses on the images ``rows``; with ``shrink``,
+    :func:`train.operating_point.choose`'s at that fixed factor (1: the rule before 2026-12-06's
+    last export)."""
+    folds = np.asarray(oof.data["folds"])[rows] if shrink is None else None
     point = point_for(probs[rows], oof.y[rows], oof.labels, oof.groups[rows], temperature, folds)
+    if shrink is not None:
+        agree_at, disagree_at = choose(probs[rows], oof.y[rows], shrink=shrink)
+        return as_thresholds(oof.labels, agree_at, disagree_at, point["emission_agree_at"])
     return Thresholds(
         agree_at=point["agree_at"],
         disagree_at=point["disagree_at"],
@@ -90,15 +97,15 @@ def _thresholds(probs: np.ndarray, oof: Any, rows: np.ndarray, temperature: floa
     )
 
 
-def run_result(run: Path, cross_fit: bool = False) -> dict[str, Any]:
+def run_result(run: Path, cross_fit: bool = False, shrink: float | None = None) -> dict[str, Any]:
     """Every rule on every group of ``run`` (see the module docstring); with ``cross_fit`` each
     source judged by the operating point chosen on the other folds alone."""
     oof = read_out_of_fold(run)
     temperature = float(oof.data["temperature"])
     probs = softmax_np(oof.data["logits"], temperature)
     folds = np.asarray(oof.data["folds"])
-    every = _thresholds(probs, oof, np.ones(len(folds), dtype=bool), temperature)
-    by_fold = {int(f): _thresholds(probs, oof, folds != f, temperature) for f in np.unique(folds)}
+    every = _thresholds(probs, oof, np.ones(len(folds), dtype=bool), temperature, shrink)
+    by_fold = {int(f): _thresholds(probs, oof, folds != f, temperature, shrink) for f in np.unique(folds)}
     labels = [Label(v) for v in oof.labels]
     predictions = [top_two(row, labels) for row in probs]
     sources = np.asarray([str(s) for s in oof.data["sources"]])
@@ -161,8 +168,11 @@ def main() -> None:
     parser.add_argument(
         "--cross-fit", action="store_true", help="judge each source by thresholds chosen on the other folds"
     )
+    parser.add_argument(
+        "--shrink", type=float, help="a fixed factor on every disagree_at (1: the rule before)"
+    )
     args = parser.parse_args()
-    results = [run_result(run, args.cross_fit) for run in args.runs]
+    results = [run_result(run, args.cross_fit, args.shrink) for run in args.runs]
     for result in results:
         print(
             f"{result['run']}: {result['groups']} (source, label) groups of >= {CONTRADICTION_MIN_INSTANCES}"

@@ -1,0 +1,139 @@
+"""Test-time augmentation on a leave-sources-out run's fold networks: does averaging each image's
+logits over mirrored views help on sources never seen in training?
+
+Run: .venv/bin/python tests/bench/bench_tta.py --main runs/eff0 --partner runs/screen0 --weight 0.4
+         [--views hflip,vflip] [--out tests/bench/results-tta-2core.json]
+     where ``--main`` is a finished ``sorter-train loso`` of ``train/recipes/pretrained.yaml`` and
+     ``--partner`` one of ``train/recipes/screen-loso.yaml`` on the same folds (README, The default
+     model: Reproduce).
+
+Every image is predicted by the fold networks that never saw its source, on the exact serving
+inputs the run was scored on (its decode cache), once as stored and once per view; a view's
+logits are averaged with the stored one's. Each variant is scored as ``sorter-train ensemble``
+scores a run (:func:`train.cascade.scores`: balanced, source-averaged and plain accuracy, and the
+header test at its own operating point), with its temperature refitted on its own logits. The
+training views include horizontal mirroring (``train/augment.py``), not vertical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from train.calibrate import fit_temperature  # noqa: E402
+from train.cascade import LosoRun, average_logits, scores  # noqa: E402
+from train.config import load_run_config  # noqa: E402
+from train.fit import load_teacher  # noqa: E402
+from train.runs import images_for, select_rows  # noqa: E402
+
+VIEWS = {"hflip": (-1,), "vflip": (-2,), "rot180": (-2, -1)}
+
+
+def view_logits(run: Path, views: list[str]) -> dict[str, np.ndarray]:
+    """Each view's out-of-fold logits (``none`` = as stored), in the run's image order."""
+    config, manifest = load_run_config(run)
+    spec = config.spec()
+    images = images_for(select_rows(manifest, config), config, progress=False)
+    fold_of = json.loads((run / "folds.json").read_text())
+    image_fold = np.asarray([fold_of[str(s)] for s in images.sources])
+    stored = LosoRun.read(run)
+    if not (np.array_equal(images.labels, stored.labels) and np.array_equal(images.sources, stored.sources)):
+        raise SystemExit(f"{run}: the decoded images are not the run's (another manifest or cache?)")
+    out = {name: np.zeros((len(images), len(spec.labels)), np.float32) for name in ["none", *views]}
+    device = torch.device("cpu")
+    for fold in np.unique(image_fold):
+        held = np.flatnonzero(image_fold == fold)
+        network = load_teacher(run / f"fold-{fold}" / "model.pt", spec, device)
+        with torch.inference_mode():
+            for start in range(0, len(held), 128):
+                rows = held[start : start + 128]
+                x = torch.from_numpy(images.eval[rows])
+                f = torch.from_numpy(images.features[rows])
+                out["none"][rows] = network(x, f).float().numpy()
+                for name in views:
+                    out[name][rows] = network(torch.flip(x, VIEWS[name]), f).float().numpy()
+    if not np.allclose(out["none"], stored.logits, atol=1e-3):
+        raise SystemExit(f"{run}: its fold networks no longer give its stored logits")
+    return out
+
+
+def _scored(run: LosoRun, logits: np.ndarray) -> dict[str, float]:
+    temperature = float(fit_temperature(logits, label_indices_of(run)))
+    return {
+        "temperature": temperature,
+        **scores(logits, replace(run, logits=logits, temperature=temperature)),
+    }
+
+
+def label_indices_of(run: LosoRun) -> np.ndarray:
+    """The runs' integer targets (``labels`` in the order of the run's config)."""
+    index = {str(label): i for i, label in enumerate(run.config["labels"])}
+    return np.asarray([index[str(v)] for v in run.labels])
+
+
+def variants(run: LosoRun, views: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """As stored; each view averaged with it; every view averaged."""
+    found = {"none": views["none"]}
+    named = [v for v in views if v != "none"]
+    for name in named:
+        found[name] = (views["none"] + views[name]) / 2
+    if len(named) > 1:
+        found["all"] = np.mean([views[v] for v in views], axis=0)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--main", type=Path, required=True)
+    parser.add_argument("--partner", type=Path)
+    parser.add_argument("--weight", type=float, default=0.4)
+    parser.add_argument("--views", default="hflip,vflip")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    views = [v for v in args.views.split(",") if v]
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown:
+        raise SystemExit(f"--views: {unknown[0]} is not one of {', '.join(VIEWS)}")
+    main_run = LosoRun.read(args.main)
+    results: dict[str, Any] = {"main": str(args.main), "partner": str(args.partner), "weight": args.weight}
+    main_views = variants(main_run, view_logits(args.main, views))
+    results["main"] = {name: _scored(main_run, logits) for name, logits in main_views.items()}
+    if args.partner:
+        partner_run = LosoRun.read(args.partner)
+        partner_views = variants(partner_run, view_logits(args.partner, views))
+        temps = {
+            name: (
+                float(fit_temperature(main_views[name], label_indices_of(main_run))),
+                float(fit_temperature(partner_views[name], label_indices_of(partner_run))),
+            )
+            for name in main_views
+        }
+        ensemble = {}
+        for name in main_views:  # both networks see the same views
+            ensemble[f"both:{name}"] = average_logits(
+                main_views[name], partner_views[name], temps[name], args.weight
+            )
+        for name in main_views:  # only the main network does
+            pair = (temps[name][0], temps["none"][1])
+            ensemble[f"main:{name}"] = average_logits(
+                main_views[name], partner_views["none"], pair, args.weight
+            )
+        results["ensemble"] = {name: _scored(main_run, logits) for name, logits in ensemble.items()}
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
