@@ -208,15 +208,9 @@ def _each_fold(
     return agree_at, disagree_at, made
 
 
-def choose_shrink(
-    probs: np.ndarray,
-    y: np.ndarray,
-    folds: np.ndarray,
-    max_false_disagree: float = TARGETS["false_disagree"],
-    max_false_agree: float = MAX_FALSE_AGREE,
-) -> float:
+def choose_shrink(probs: np.ndarray, y: np.ndarray, folds: np.ndarray) -> float:
     """The largest :data:`SHRINKS` factor at which :func:`choose`, on all folds but one, refutes at
-    most ``max_false_disagree`` of that fold's right headers (over every fold): the budget held
+    most its budget (1 %) of that fold's right headers (over every fold): the budget held
     on sources the thresholds never saw, as an archive meets them. On leave-sources-out
     predictions the unshrunk thresholds refuted several times the budget so (a source the model
     doubts as a whole falls below thresholds set just under the other sources' least sure right
@@ -229,24 +223,20 @@ def choose_shrink(
             probs,
             y,
             folds,
-            lambda p, t, _f, s=shrink: choose(p, t, max_false_disagree, max_false_agree, shrink=s),
+            lambda p, t, _f, s=shrink: choose(p, t, shrink=s),
         )
-        if np.mean(probs[rows, y] <= disagree_at[rows, y]) <= max_false_disagree:
+        if np.mean(probs[rows, y] <= disagree_at[rows, y]) <= TARGETS["false_disagree"]:
             return shrink
     return 0.0
 
 
 def choose_held_out(
-    probs: np.ndarray,
-    y: np.ndarray,
-    folds: np.ndarray,
-    max_false_disagree: float = TARGETS["false_disagree"],
-    max_false_agree: float = MAX_FALSE_AGREE,
+    probs: np.ndarray, y: np.ndarray, folds: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """``(agree_at, disagree_at, shrink)``: :func:`choose` on every image, its ``disagree_at``
     shrunk by :func:`choose_shrink` over ``folds``: what ``sorter-train export`` ships."""
-    shrink = choose_shrink(probs, y, folds, max_false_disagree, max_false_agree)
-    agree_at, disagree_at = choose(probs, y, max_false_disagree, max_false_agree, shrink=shrink)
+    shrink = choose_shrink(probs, y, folds)
+    agree_at, disagree_at = choose(probs, y, shrink=shrink)
     return agree_at, disagree_at, shrink
 
 
@@ -345,8 +335,6 @@ def cross_fitted(
     labels: list[str],
     groups: np.ndarray,
     folds: np.ndarray,
-    max_false_disagree: float = TARGETS["false_disagree"],
-    max_false_agree: float = MAX_FALSE_AGREE,
     shrink: float | None = None,
 ) -> dict[str, Any]:
     """The header test's shares where each fold's images are judged by thresholds chosen on the
@@ -358,8 +346,8 @@ def cross_fitted(
 
     def choice(p: np.ndarray, t: np.ndarray, f: np.ndarray) -> tuple[Any, ...]:
         if shrink is not None:
-            return (*choose(p, t, max_false_disagree, max_false_agree, shrink=shrink), shrink)
-        return choose_held_out(p, t, f, max_false_disagree, max_false_agree)
+            return (*choose(p, t, shrink=shrink), shrink)
+        return choose_held_out(p, t, f)
 
     agree_at, disagree_at, made = _each_fold(probs, y, folds, choice)
     per_label = {}
