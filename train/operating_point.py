@@ -43,6 +43,8 @@ MAX_FALSE_AGREE = 0.05
 MAX_DISAGREE_AT = 0.5
 #: No label may bear more than this share of its own right headers refuted.
 MAX_LABEL_SHARE = 0.05
+#: The per-label shares the model card gives cross-fitted beside the in-sample ones.
+HELD_OUT_COLUMNS = ("agree", "false_disagree", "caught", "false_agree")
 #: Factors tried on every ``disagree_at`` (:func:`choose_shrink`), the largest first; 0 refutes
 #: nothing on the pixels alone.
 SHRINKS = (1.0, 0.8, 0.6, 0.5, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05, 0.0)
@@ -493,13 +495,17 @@ def shares_markdown(point: dict[str, Any]) -> str:
     lines += [
         "",
         "| header label | agree_at | disagree_at | right headers | agree | disagree | "
-        "relabelled to it: disagree | relabelled: agree |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "relabelled to it: disagree | relabelled: agree |"
+        + (" cross-fitted: agree | disagree | relabelled: disagree | relabelled: agree |" if cross else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" * 4 if cross else ""),
     ]
     for label, r in point["per_label"].items():
+        held = (
+            "".join(f" {cross['per_label'][label][key]:.3f} |" for key in HELD_OUT_COLUMNS) if cross else ""
+        )
         lines.append(
             f"| {label} | {r['agree_at']:.4g} | {r['disagree_at']:.4g} | {r['right']} | {r['agree']:.3f} | "
-            f"{r['false_disagree']:.3f} | {r['caught']:.3f} | {r['false_agree']:.3f} |"
+            f"{r['false_disagree']:.3f} | {r['caught']:.3f} | {r['false_agree']:.3f} |{held}"
         )
     if point.get("emission"):
         lines += ["", *_emission_markdown(point)]
