@@ -53,6 +53,18 @@ def test_runs_are_compared_on_the_folds_every_run_evaluated(tmp_path):
     table = comparison_markdown(common, rows, {"good@2x128x128": 500.0})
     assert "| good: good (percentile) | 2x128x128 | 500.0 | 1.000 | 1.000 |" in table
     assert "Same source-disjoint folds [1, 2] (16 held-out images)" in table
+    # The header test as export ships it, judged on the folds its thresholds were not chosen on.
+    assert all(r["operating_point"]["cross_fitted"] for r in rows)
+    assert "cross-fitted (each fold judged by thresholds chosen on the other folds)" in table
+
+
+def test_one_common_fold_reports_the_header_test_in_sample(tmp_path):
+    first = _run(tmp_path / "first", [0, 1], right=0.75)
+    second = _run(tmp_path / "second", [1, 2], right=0.75)
+    common, rows = compare_runs([first, second])
+    assert common == [1] and not any(r["operating_point"]["cross_fitted"] for r in rows)
+    table = comparison_markdown(common, rows, {})
+    assert "in-sample (chosen and scored on the same images: one fold)" in table
 
 
 def test_runs_dealt_other_folds_are_refused(tmp_path):
