@@ -239,11 +239,13 @@ def choose_shrink(probs: np.ndarray, y: np.ndarray, folds: np.ndarray) -> float:
 
 
 def choose_held_out(
-    probs: np.ndarray, y: np.ndarray, folds: np.ndarray
+    probs: np.ndarray, y: np.ndarray, folds: np.ndarray, shrink: float | None = None
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """``(agree_at, disagree_at, shrink)``: :func:`choose` on every image, its ``disagree_at``
-    shrunk by :func:`choose_shrink` over ``folds``: what ``sorter-train export`` ships."""
-    shrink = choose_shrink(probs, y, folds)
+    shrunk by :func:`choose_shrink` over ``folds``: what ``sorter-train export`` ships. A given
+    ``shrink`` is used as it is (1: the thresholds exported before :func:`choose_shrink`)."""
+    if shrink is None:
+        shrink = choose_shrink(probs, y, folds)
     agree_at, disagree_at = choose(probs, y, shrink=shrink)
     return agree_at, disagree_at, shrink
 
@@ -347,17 +349,14 @@ def cross_fitted(
 ) -> dict[str, Any]:
     """The header test's shares where each fold's images are judged by thresholds chosen on the
     other folds' images only, as a new archive meets thresholds chosen on sources it does not
-    hold: by :func:`choose_held_out` there (its shrink chosen on those folds alone, nested), or
-    by :func:`choose` at a fixed ``shrink``. :func:`point_for`'s own shares are in-sample (chosen
+    hold: by :func:`choose_held_out` there (its shrink chosen on those folds alone, nested, or
+    the given ``shrink``). :func:`point_for`'s own shares are in-sample (chosen
     and scored on the same images, so its right headers refuted stay within the budget by
     construction)."""
 
-    def choice(p: np.ndarray, t: np.ndarray, f: np.ndarray) -> tuple[Any, ...]:
-        if shrink is not None:
-            return (*choose(p, t, shrink=shrink), shrink)
-        return choose_held_out(p, t, f)
-
-    agree_at, disagree_at, made = _each_fold(probs, y, folds, choice)
+    agree_at, disagree_at, made = _each_fold(
+        probs, y, folds, lambda p, t, f: choose_held_out(p, t, f, shrink)
+    )
     per_label = {}
     for h, label in enumerate(labels):
         right, copy = y == h, y != h

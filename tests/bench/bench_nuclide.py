@@ -81,7 +81,7 @@ from sorter.nuclides import nuclide_confirms, nuclide_contradiction  # noqa: E40
 from sorter.taxonomy import class_contradiction  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
 from train.confirm import TOLERANCE, choose_confirm, confirm_point  # noqa: E402
-from train.operating_point import as_thresholds, choose, choose_emission, choose_held_out  # noqa: E402
+from train.operating_point import as_thresholds, choose_emission, choose_held_out  # noqa: E402
 
 RULES = (
     "pixels",
@@ -137,17 +137,14 @@ def confirming_partner(oof: Any, probs: np.ndarray, thresholds: Any) -> tuple[np
 def fold_limits(
     oof: Any, probs: np.ndarray, partner: np.ndarray, shrink: float | None
 ) -> dict[int, tuple[Any, Any, np.ndarray]]:
-    """Per fold: the header test's thresholds (``choose_held_out``'s, or ``choose``'s at a fixed
-    ``shrink``), the same with ``emission_agree_at``, and the partner's ``confirm_at`` per label,
+    """Per fold: the header test's thresholds (``choose_held_out``'s, at a fixed ``shrink`` if
+    given), the same with ``emission_agree_at``, and the partner's ``confirm_at`` per label,
     each chosen on the other folds' images alone."""
     folds = np.asarray(oof.data["folds"])
     found = {}
     for fold in np.unique(folds):
         rest = folds != fold
-        if shrink is None:
-            agree_at, disagree_at, _ = choose_held_out(probs[rest], oof.y[rest], folds[rest])
-        else:
-            agree_at, disagree_at = choose(probs[rest], oof.y[rest], shrink=shrink)
+        agree_at, disagree_at, _ = choose_held_out(probs[rest], oof.y[rest], folds[rest], shrink)
         thresholds = as_thresholds(oof.labels, agree_at, disagree_at)
         emission = choose_emission(probs[rest], oof.y[rest], oof.labels)
         confirm_at = (
@@ -177,7 +174,8 @@ def main() -> None:
 
     rows, images, oof, probs, labels, thresholds = judged_out_of_fold(args.run)
     if args.shrink is not None:  # the fixed factor in-sample too
-        thresholds = as_thresholds(oof.labels, *choose(probs, oof.y, shrink=args.shrink))
+        folds = np.asarray(oof.data["folds"])
+        thresholds = as_thresholds(oof.labels, *choose_held_out(probs, oof.y, folds, args.shrink)[:2])
     at_emission = replace(thresholds, emission_agree_at=choose_emission(probs, oof.y, oof.labels))
     partner, confirm_at = confirming_partner(oof, probs, thresholds)
     folds = np.asarray(oof.data["folds"])

@@ -30,7 +30,6 @@ sys.path.insert(0, str(ROOT))
 
 from train.calibrate import softmax_np  # noqa: E402
 from train.operating_point import (  # noqa: E402
-    choose,
     choose_held_out,
     cross_fitted,
     header_shares,
@@ -43,10 +42,7 @@ FIXED = (1.0, 0.6, 0.4, 0.3, 0.25, 0.2, 0.1)
 
 def _row(probs: np.ndarray, oof: Any, folds: np.ndarray, shrink: float | None) -> dict[str, Any]:
     """One rule's shares: in-sample (chosen and scored on every image) and cross-fitted."""
-    if shrink is None:
-        agree_at, disagree_at, chosen = choose_held_out(probs, oof.y, folds)
-    else:
-        (agree_at, disagree_at), chosen = choose(probs, oof.y, shrink=shrink), shrink
+    agree_at, disagree_at, chosen = choose_held_out(probs, oof.y, folds, shrink)
     cross = cross_fitted(probs, oof.y, oof.labels, oof.groups, folds, shrink=shrink)
     return {
         "shrink": chosen,

@@ -46,7 +46,7 @@ from sorter.domain import Label, Thresholds, Verdict  # noqa: E402
 from sorter.model.classifier import top_two  # noqa: E402
 from sorter.reports import CONTRADICTION_MIN_INSTANCES, contradicts  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
-from train.operating_point import as_thresholds, choose, point_for, read_out_of_fold  # noqa: E402
+from train.operating_point import as_thresholds, choose_emission, choose_held_out, read_out_of_fold  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -79,22 +79,13 @@ RULES: dict[str, Callable[[Group], bool]] = {
 }
 
 
-def _thresholds(
-    probs: np.ndarray, oof: Any, rows: np.ndarray, temperature: float, shrink: float | None
-) -> Thresholds:
-    """The operating point ``sorter-train export`` chooses on the images ``rows``; with ``shrink``,
-    :func:`train.operating_point.choose`'s at that fixed factor (1: the rule before 2026-12-06's
-    last export)."""
-    folds = np.asarray(oof.data["folds"])[rows] if shrink is None else None
-    point = point_for(probs[rows], oof.y[rows], oof.labels, oof.groups[rows], temperature, folds)
-    if shrink is not None:
-        agree_at, disagree_at = choose(probs[rows], oof.y[rows], shrink=shrink)
-        return as_thresholds(oof.labels, agree_at, disagree_at, point["emission_agree_at"])
-    return Thresholds(
-        agree_at=point["agree_at"],
-        disagree_at=point["disagree_at"],
-        emission_agree_at=point["emission_agree_at"],
-    )
+def _thresholds(probs: np.ndarray, oof: Any, rows: np.ndarray, shrink: float | None) -> Thresholds:
+    """The operating point ``sorter-train export`` chooses on the images ``rows`` (at a fixed
+    ``shrink`` if given; 1: the rule before 2026-12-06's last export)."""
+    folds = np.asarray(oof.data["folds"])[rows]
+    agree_at, disagree_at, _ = choose_held_out(probs[rows], oof.y[rows], folds, shrink)
+    emission = choose_emission(probs[rows], oof.y[rows], oof.labels)
+    return as_thresholds(oof.labels, agree_at, disagree_at, emission)
 
 
 def run_result(run: Path, cross_fit: bool = False, shrink: float | None = None) -> dict[str, Any]:
@@ -104,8 +95,8 @@ def run_result(run: Path, cross_fit: bool = False, shrink: float | None = None) 
     temperature = float(oof.data["temperature"])
     probs = softmax_np(oof.data["logits"], temperature)
     folds = np.asarray(oof.data["folds"])
-    every = _thresholds(probs, oof, np.ones(len(folds), dtype=bool), temperature, shrink)
-    by_fold = {int(f): _thresholds(probs, oof, folds != f, temperature, shrink) for f in np.unique(folds)}
+    every = _thresholds(probs, oof, np.ones(len(folds), dtype=bool), shrink)
+    by_fold = {int(f): _thresholds(probs, oof, folds != f, shrink) for f in np.unique(folds)}
     labels = [Label(v) for v in oof.labels]
     predictions = [top_two(row, labels) for row in probs]
     sources = np.asarray([str(s) for s in oof.data["sources"]])
