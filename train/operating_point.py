@@ -27,7 +27,7 @@ thresholds never saw (:func:`choose_shrink`), and report both.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -203,7 +203,10 @@ def choose(
 
 
 def _each_fold(
-    probs: np.ndarray, y: np.ndarray, folds: np.ndarray, choice: Any
+    probs: np.ndarray,
+    y: np.ndarray,
+    folds: np.ndarray,
+    choice: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[Any, ...]],
 ) -> tuple[np.ndarray, np.ndarray, dict[int, tuple[Any, ...]]]:
     """Per image and header label, ``(agree_at, disagree_at)`` as ``choice(probs, y, folds)``
     makes them on the other folds' images alone; and what ``choice`` returned, per fold."""
@@ -318,25 +321,38 @@ def emission_shares(
     return out
 
 
+def _label_shares(
+    probs: np.ndarray, y: np.ndarray, agree_at: np.ndarray, disagree_at: np.ndarray, h: int
+) -> dict[str, float]:
+    """Header label h's shares: right h headers called agree and disagree, the other labels'
+    images relabelled h called disagree and agree. Thresholds per header label (``(K,)``) or per
+    image and header label (``(N, K)``, as :func:`header_shares` takes them)."""
+    high = np.broadcast_to(agree_at, probs.shape)[:, h]
+    low = np.broadcast_to(disagree_at, probs.shape)[:, h]
+    confirmed, refuted = probs[:, h] >= high, probs[:, h] <= low
+    right, copy = y == h, y != h
+    return {
+        "right": int(right.sum()),
+        "agree": float(np.mean(confirmed[right])) if right.any() else float("nan"),
+        "false_disagree": float(np.mean(refuted[right])) if right.any() else float("nan"),
+        "caught": float(np.mean(refuted[copy])),
+        "false_agree": float(np.mean(confirmed[copy])),
+    }
+
+
 def by_header_label(
     probs: np.ndarray, y: np.ndarray, agree_at: np.ndarray, disagree_at: np.ndarray, labels: list[str]
 ) -> dict[str, dict[str, float]]:
-    """Per header label h: its thresholds, the shares of right h headers called agree and disagree,
-    and of the other labels' images relabelled h called disagree and agree."""
-    out = {}
-    for h, label in enumerate(labels):
-        p_right, p_copy = probs[y == h, h], probs[y != h, h]
-        out[label] = {
-            # Unrounded: agree_at may sit one float above disagree_at.
+    """Per header label h: its thresholds and :func:`_label_shares`."""
+    return {
+        # Unrounded: agree_at may sit one float above disagree_at.
+        label: {
             "agree_at": float(agree_at[h]),
             "disagree_at": float(disagree_at[h]),
-            "right": len(p_right),
-            "agree": float(np.mean(p_right >= agree_at[h])) if len(p_right) else float("nan"),
-            "false_disagree": float(np.mean(p_right <= disagree_at[h])) if len(p_right) else float("nan"),
-            "caught": float(np.mean(p_copy <= disagree_at[h])),
-            "false_agree": float(np.mean(p_copy >= agree_at[h])),
+            **_label_shares(probs, y, agree_at, disagree_at, h),
         }
-    return out
+        for h, label in enumerate(labels)
+    }
 
 
 def cross_fitted(
@@ -357,19 +373,7 @@ def cross_fitted(
     agree_at, disagree_at, made = _each_fold(
         probs, y, folds, lambda p, t, f: choose_held_out(p, t, f, shrink)
     )
-    per_label = {}
-    for h, label in enumerate(labels):
-        right, copy = y == h, y != h
-        p = probs[:, h]
-        per_label[label] = {
-            "right": int(right.sum()),
-            "agree": float(np.mean(p[right] >= agree_at[right, h])) if right.any() else float("nan"),
-            "false_disagree": (
-                float(np.mean(p[right] <= disagree_at[right, h])) if right.any() else float("nan")
-            ),
-            "caught": float(np.mean(p[copy] <= disagree_at[copy, h])),
-            "false_agree": float(np.mean(p[copy] >= agree_at[copy, h])),
-        }
+    per_label = {label: _label_shares(probs, y, agree_at, disagree_at, h) for h, label in enumerate(labels)}
     return {
         "protocol": "each fold's images through thresholds chosen on the other folds",
         "folds": len(np.unique(folds)),
