@@ -124,3 +124,22 @@ def test_by_source_lists_what_each_run_said_per_held_out_source(tmp_path):
         cell = row["runs"][1]
         line = f"| {row['label']} | {row['source']} | 4/4 | {cell['right']}/4"
         assert (line in result.output) == (row in erring)  # only the sources where a run errs
+
+
+def test_benchmarks_refuse_a_folder_that_is_not_a_finished_run_in_one_line(tmp_path):
+    """The benchmarks that read loso runs take them through one argparse type: no traceback."""
+    import argparse
+
+    from train.runs import loso_run_argument
+
+    finished = _run(tmp_path / "a", [0, 1], right=1.0)
+    assert loso_run_argument(str(finished)) == finished
+    with pytest.raises(argparse.ArgumentTypeError, match=r"no such folder"):
+        loso_run_argument(str(tmp_path / "absent"))
+    (tmp_path / "fit").mkdir()
+    (tmp_path / "fit" / "config.yaml").write_text("{}")
+    with pytest.raises(
+        argparse.ArgumentTypeError,
+        match=r"not a finished `sorter-train loso` run \(no metrics.json, oof.npz\)",
+    ):
+        loso_run_argument(str(tmp_path / "fit"))

@@ -103,14 +103,11 @@ def _manifest_option(help: str | None = None) -> Callable[[Callable[..., Any]], 
 
 def _loso_run(_ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
     """Accept only a finished ``sorter-train loso`` run: one line instead of a traceback."""
-    if value is not None:
-        missing = [
-            name for name in ("config.yaml", "metrics.json", "oof.npz") if not (value / name).is_file()
-        ]
-        if missing:
-            raise click.BadParameter(
-                f"{value} is not a finished `sorter-train loso` run (no {', '.join(missing)})"
-            )
+    from train.runs import not_a_loso_run
+
+    why = None if value is None else not_a_loso_run(value)
+    if why:
+        raise click.BadParameter(why)
     return value
 
 

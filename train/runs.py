@@ -111,6 +111,30 @@ def write_report(metrics: dict[str, Any], out_dir: Path, name: str = "metrics") 
     (out_dir / f"{name}.txt").write_text(format_metrics_table(metrics) + "\n")
 
 
+#: What every finished ``sorter-train loso`` run holds.
+LOSO_RUN_FILES = ("config.yaml", "metrics.json", "oof.npz")
+
+
+def not_a_loso_run(path: Path) -> str | None:
+    """Why ``path`` is not a finished ``sorter-train loso`` run (one line), or None when it is."""
+    if not path.is_dir():
+        return f"{path} is not a finished `sorter-train loso` run (no such folder)"
+    missing = [name for name in LOSO_RUN_FILES if not (path / name).is_file()]
+    if missing:
+        return f"{path} is not a finished `sorter-train loso` run (no {', '.join(missing)})"
+    return None
+
+
+def loso_run_argument(text: str) -> Path:
+    """An ``argparse`` type for the benchmarks: a finished loso run, else one line, no traceback."""
+    import argparse
+
+    why = not_a_loso_run(Path(text))
+    if why:
+        raise argparse.ArgumentTypeError(why)
+    return Path(text)
+
+
 def label_indices(images: ImageSet, spec: ModelSpec) -> np.ndarray:
     """Integer targets of ``images`` in the order of ``spec.labels``."""
     order = {label.value: i for i, label in enumerate(spec.labels)}

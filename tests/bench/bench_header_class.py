@@ -39,7 +39,7 @@ from sorter.taxonomy import class_contradiction  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
 from train.config import load_run_config  # noqa: E402
 from train.operating_point import as_thresholds, choose_held_out, read_out_of_fold  # noqa: E402
-from train.runs import images_for, select_rows  # noqa: E402
+from train.runs import images_for, loso_run_argument, select_rows  # noqa: E402
 
 #: Pixels alone; the shipped rule (the pixels' top label is one the class allows); two looser ones.
 RULES = ("pixels", "with_class", "with_class_top2", "class_alone")
@@ -103,7 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--run", type=loso_run_argument, required=True)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 

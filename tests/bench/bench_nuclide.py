@@ -82,6 +82,7 @@ from sorter.taxonomy import class_contradiction  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
 from train.confirm import TOLERANCE, choose_confirm, confirm_point  # noqa: E402
 from train.operating_point import as_thresholds, choose_emission, choose_held_out  # noqa: E402
+from train.runs import loso_run_argument  # noqa: E402
 
 RULES = (
     "pixels",
@@ -160,7 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--run", type=loso_run_argument, required=True)
     parser.add_argument("--out", type=Path)
     parser.add_argument(
         "--cross-fit", action="store_true", help="judge each fold by thresholds chosen on the other folds"

@@ -35,6 +35,7 @@ from train.operating_point import (  # noqa: E402
     header_shares,
     read_out_of_fold,
 )
+from train.runs import loso_run_argument  # noqa: E402
 
 #: Fixed factors on every ``disagree_at`` (1: the rule before 2026-12-06's second change).
 FIXED = (1.0, 0.6, 0.4, 0.3, 0.25, 0.2, 0.1)
@@ -70,7 +71,7 @@ def scored(run: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", type=Path, nargs="+")
+    parser.add_argument("runs", type=loso_run_argument, nargs="+")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     results = {"runs": [scored(run) for run in args.runs]}

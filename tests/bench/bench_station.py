@@ -47,6 +47,7 @@ from sorter.model.classifier import top_two  # noqa: E402
 from sorter.reports import CONTRADICTION_MIN_INSTANCES, contradicts  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
 from train.operating_point import as_thresholds, choose_emission, choose_held_out, read_out_of_fold  # noqa: E402
+from train.runs import loso_run_argument  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("runs", nargs="+", type=loso_run_argument)
     parser.add_argument("--out", type=Path)
     parser.add_argument(
         "--cross-fit", action="store_true", help="judge each source by thresholds chosen on the other folds"

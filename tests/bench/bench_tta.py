@@ -20,9 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -32,28 +33,51 @@ sys.path.insert(0, str(ROOT))
 
 from train.calibrate import fit_temperature  # noqa: E402
 from train.cascade import LosoRun, average_logits, scores  # noqa: E402
-from train.config import load_run_config  # noqa: E402
+from train.config import FitConfig, load_run_config  # noqa: E402
+from train.data import ImageSet  # noqa: E402
 from train.fit import load_teacher  # noqa: E402
-from train.runs import images_for, select_rows  # noqa: E402
+from train.runs import images_for, loso_run_argument, select_rows  # noqa: E402
 
 VIEWS = {"hflip": (-1,), "vflip": (-2,), "rot180": (-2, -1)}
 
 
-def view_logits(run: Path, views: list[str]) -> dict[str, np.ndarray]:
-    """Each view's out-of-fold logits (``none`` = as stored), in the run's image order."""
+class HeldOut(NamedTuple):
+    """A finished loso run's images, decoded as it scored them, and the fold of each."""
+
+    config: FitConfig
+    images: ImageSet
+    fold: np.ndarray
+    stored: LosoRun
+
+    def networks(self, run: Path) -> Iterator[tuple[np.ndarray, torch.nn.Module]]:
+        """Each fold's held-out image indices and the fold network that never saw them."""
+        spec = self.config.spec()
+        for fold in np.unique(self.fold):
+            yield (
+                np.flatnonzero(self.fold == fold),
+                load_teacher(run / f"fold-{fold}" / "model.pt", spec, torch.device("cpu")),
+            )
+
+
+def held_out(run: Path) -> HeldOut:
+    """Decode ``run``'s images as it was scored (its decode cache), refusing another manifest."""
+    if not (run / "oof.npz").is_file() or not (run / "folds.json").is_file():
+        raise SystemExit(f"{run}: not a finished sorter-train loso run (no oof.npz / folds.json)")
     config, manifest = load_run_config(run)
-    spec = config.spec()
     images = images_for(select_rows(manifest, config), config, progress=False)
     fold_of = json.loads((run / "folds.json").read_text())
-    image_fold = np.asarray([fold_of[str(s)] for s in images.sources])
     stored = LosoRun.read(run)
     if not (np.array_equal(images.labels, stored.labels) and np.array_equal(images.sources, stored.sources)):
         raise SystemExit(f"{run}: the decoded images are not the run's (another manifest or cache?)")
-    out = {name: np.zeros((len(images), len(spec.labels)), np.float32) for name in ["none", *views]}
-    device = torch.device("cpu")
-    for fold in np.unique(image_fold):
-        held = np.flatnonzero(image_fold == fold)
-        network = load_teacher(run / f"fold-{fold}" / "model.pt", spec, device)
+    return HeldOut(config, images, np.asarray([fold_of[str(s)] for s in images.sources]), stored)
+
+
+def view_logits(run: Path, views: list[str]) -> dict[str, np.ndarray]:
+    """Each view's out-of-fold logits (``none`` = as stored), in the run's image order."""
+    found = held_out(run)
+    images, stored = found.images, found.stored
+    out = {name: np.zeros((len(images), len(found.config.labels)), np.float32) for name in ["none", *views]}
+    for held, network in found.networks(run):
         with torch.inference_mode():
             for start in range(0, len(held), 128):
                 rows = held[start : start + 128]
@@ -94,8 +118,8 @@ def variants(run: LosoRun, views: dict[str, np.ndarray]) -> dict[str, np.ndarray
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--main", type=Path, required=True)
-    parser.add_argument("--partner", type=Path)
+    parser.add_argument("--main", type=loso_run_argument, required=True)
+    parser.add_argument("--partner", type=loso_run_argument)
     parser.add_argument("--weight", type=float, default=0.4)
     parser.add_argument("--views", default="hflip,vflip")
     parser.add_argument("--out", type=Path)
