@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -42,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_tta import _scored, held_out, label_indices_of  # noqa: E402
+from bench_tta import _scored, held_out, label_indices_of, write_results  # noqa: E402
 
 from train.calibrate import fit_temperature  # noqa: E402
 from train.cascade import LosoRun, average_logits  # noqa: E402
@@ -147,10 +146,7 @@ def main() -> None:
             )
             ensemble[name] = average_logits(main_logits[name], partner_logits[name], temps, args.weight)
         results["ensemble"] = {name: _scored_by_label(main_run, logits) for name, logits in ensemble.items()}
-    text = json.dumps(results, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

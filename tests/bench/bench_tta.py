@@ -116,6 +116,14 @@ def variants(run: LosoRun, views: dict[str, np.ndarray]) -> dict[str, np.ndarray
     return found
 
 
+def write_results(results: dict[str, Any], out: Path | None) -> None:
+    """Print ``results`` as JSON, and write them to ``out`` when given."""
+    text = json.dumps(results, indent=1)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--main", type=loso_run_argument, required=True)
@@ -153,10 +161,7 @@ def main() -> None:
                 main_views[name], partner_views["none"], pair, args.weight
             )
         results["ensemble"] = {name: _scored(main_run, logits) for name, logits in ensemble.items()}
-    text = json.dumps(results, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":
