@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from collections import Counter, defaultdict
@@ -127,8 +128,6 @@ def not_a_loso_run(path: Path) -> str | None:
 
 def loso_run_argument(text: str) -> Path:
     """An ``argparse`` type for the benchmarks: a finished loso run, else one line, no traceback."""
-    import argparse
-
     why = not_a_loso_run(Path(text))
     if why:
         raise argparse.ArgumentTypeError(why)

@@ -45,6 +45,8 @@ from bench_tta import _scored, held_out, label_indices_of, write_results  # noqa
 
 from train.calibrate import fit_temperature  # noqa: E402
 from train.cascade import LosoRun, average_logits  # noqa: E402
+from train.config import FitConfig  # noqa: E402
+from train.data import ImageSet  # noqa: E402
 from train.fit import predict_logits, recalibrate_batchnorm  # noqa: E402
 from train.runs import loso_run_argument  # noqa: E402
 
@@ -55,7 +57,9 @@ def _norms(network: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNo
     return [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
 
-def adapt(network: torch.nn.Module, images: Any, config: Any, mode: str, seed: int, batches: int) -> None:
+def adapt(
+    network: torch.nn.Module, images: ImageSet, config: FitConfig, mode: str, seed: int, batches: int
+) -> None:
     """Re-estimate ``network``'s BatchNorm statistics on ``batches`` batches of ``images`` drawn
     as ``mode`` says."""
     gen = torch.Generator().manual_seed(seed)
