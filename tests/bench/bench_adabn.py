@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_tta import _scored, held_out, label_indices_of, write_results  # noqa: E402
+from bench_tta import _scored, held_out, label_indices_of, names_in, write_results  # noqa: E402
 
 from train.calibrate import fit_temperature  # noqa: E402
 from train.cascade import LosoRun, average_logits  # noqa: E402
@@ -126,10 +126,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    modes = [m for m in args.modes.split(",") if m]
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise SystemExit(f"--modes: {unknown[0]} is not one of {', '.join(MODES)}")
+    modes = names_in(args.modes, MODES, "--modes")
     main_run = LosoRun.read(args.main)
     results: dict[str, Any] = {
         "command": " ".join(sys.argv),

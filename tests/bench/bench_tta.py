@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -116,6 +116,15 @@ def variants(run: LosoRun, views: dict[str, np.ndarray]) -> dict[str, np.ndarray
     return found
 
 
+def names_in(text: str, known: Iterable[str], option: str) -> list[str]:
+    """The comma-separated names of ``text``, each one of ``known``, else one line naming ``option``."""
+    names, allowed = [n for n in text.split(",") if n], list(known)
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise SystemExit(f"{option}: {unknown[0]} is not one of {', '.join(allowed)}")
+    return names
+
+
 def write_results(results: dict[str, Any], out: Path | None) -> None:
     """Print ``results`` as JSON, and write them to ``out`` when given."""
     text = json.dumps(results, indent=1)
@@ -132,10 +141,7 @@ def main() -> None:
     parser.add_argument("--views", default="hflip,vflip")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    views = [v for v in args.views.split(",") if v]
-    unknown = [v for v in views if v not in VIEWS]
-    if unknown:
-        raise SystemExit(f"--views: {unknown[0]} is not one of {', '.join(VIEWS)}")
+    views = names_in(args.views, VIEWS, "--views")
     main_run = LosoRun.read(args.main)
     results: dict[str, Any] = {"main": str(args.main), "partner": str(args.partner), "weight": args.weight}
     main_views = variants(main_run, view_logits(args.main, views))
