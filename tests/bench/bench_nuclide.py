@@ -174,12 +174,11 @@ def main() -> None:
     args = parser.parse_args()
 
     rows, images, oof, probs, labels, thresholds = judged_out_of_fold(args.run)
+    folds = np.asarray(oof.data["folds"])
     if args.shrink is not None:  # the fixed factor in-sample too
-        folds = np.asarray(oof.data["folds"])
         thresholds = as_thresholds(oof.labels, *choose_held_out(probs, oof.y, folds, args.shrink)[:2])
     at_emission = replace(thresholds, emission_agree_at=choose_emission(probs, oof.y, oof.labels))
     partner, confirm_at = confirming_partner(oof, probs, thresholds)
-    folds = np.asarray(oof.data["folds"])
     by_fold = fold_limits(oof, probs, partner, args.shrink) if args.cross_fit else {}
     headers: dict[int, tuple[str | None, str | None]] = {}
     tally: dict[str, dict[str, dict[str, list[Verdict]]]] = {

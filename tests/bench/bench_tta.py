@@ -36,7 +36,7 @@ from train.cascade import LosoRun, average_logits, scores  # noqa: E402
 from train.config import FitConfig, load_run_config  # noqa: E402
 from train.data import ImageSet  # noqa: E402
 from train.fit import load_teacher  # noqa: E402
-from train.runs import images_for, loso_run_argument, select_rows  # noqa: E402
+from train.runs import images_for, loso_run_argument, not_a_loso_run, select_rows  # noqa: E402
 
 VIEWS = {"hflip": (-1,), "vflip": (-2,), "rot180": (-2, -1)}
 
@@ -61,8 +61,9 @@ class HeldOut(NamedTuple):
 
 def held_out(run: Path) -> HeldOut:
     """Decode ``run``'s images as it was scored (its decode cache), refusing another manifest."""
-    if not (run / "oof.npz").is_file() or not (run / "folds.json").is_file():
-        raise SystemExit(f"{run}: not a finished sorter-train loso run (no oof.npz / folds.json)")
+    why = not_a_loso_run(run) or (None if (run / "folds.json").is_file() else f"{run}: no folds.json")
+    if why:
+        raise SystemExit(why)
     config, manifest = load_run_config(run)
     images = images_for(select_rows(manifest, config), config, progress=False)
     fold_of = json.loads((run / "folds.json").read_text())
