@@ -9,6 +9,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from db_support import (
     copy_dicom,
     every_verdict_results,
@@ -232,9 +233,9 @@ def test_a_station_that_mislabels_systematically_is_reported(db_url):
 
 
 def _station_results(url: str) -> None:
-    """Four NM/CT stations of 12 instances each, written through the real write path by a model
-    with a header test (NM: agree_at 0.43, disagree_at 0.008; CT: 0.24, 0.24), each instance's
-    verdict the header test's own."""
+    """NM, PT and CT stations of 12 instances each, written through the real write path by a
+    model with a header test (NM: agree_at 0.43, disagree_at 0.008; CT: 0.24, 0.235; PT: 0.58,
+    0.015), each instance's verdict the header test's own."""
     from sorter.compare import compare
     from sorter.domain import Label, Thresholds, Witnesses
 
@@ -243,17 +244,26 @@ def _station_results(url: str) -> None:
     thresholds = Thresholds(
         agree_at={k: v[0] for k, v in bounds.items()}, disagree_at={k: v[1] for k, v in bounds.items()}
     )
-    plan = {  # station: (modality, p(header label) of each of the 12 instances, the rest to PT)
-        "SPECT_AS_NM_BUT_PT": ("NM", [0.011] * 12),  # never refuted one by one (0.011 > 0.008)
-        "NM_HONEST": ("NM", [0.05] * 12),  # the model doubts NM headers: uncertain, not implausible
-        "CT_SOMETIMES_PT": ("CT", [0.9] * 8 + [0.01] * 4),  # 4 of 12 refuted: 33 %
-        "CT_HONEST": ("CT", [0.9] * 10 + [0.01] * 2),  # 2 of 12: not enough to accuse a station
+    # station: (modality, p(header label) of each of the 12 instances, the label given the rest)
+    plan = {
+        # never refuted one by one (0.03 > 0.008), but the images all look like CT: a mean of
+        # 0.03 lies under NM's bound (0.04 to 0.13 along the way to agree_at); the rule before
+        # 2026-12-07, 1.5 x disagree_at = 0.012, missed it
+        "CT_AS_NM": ("NM", [0.03] * 12, Label.CT),
+        "NM_HONEST": ("NM", [0.2] * 12, Label.CT),  # the model doubts NM headers: uncertain, not implausible
+        # SPECT read as PET: the pixels cannot tell the two apart, so without a witness an NM
+        # header on images that look like PT accuses nobody (PT + NM is the evidence)
+        "NM_LOOKS_PT": ("NM", [0.011] * 12, Label.PT),
+        "CT_SOMETIMES_PT": ("CT", [0.9] * 8 + [0.01] * 4, Label.PT),  # 4 of 12 refuted: 33 %
+        "CT_HONEST": ("CT", [0.9] * 10 + [0.01] * 2, Label.PT),  # 2 of 12: not enough to accuse a station
         # SPECT whose NM headers name Tc-99m: every slice agrees (PT + NM reach NM's agree_at), so
         # the mean p(NM), as low as the first station's, accuses nobody.
-        "SPECT_NAMING_TC99M": ("NM", [0.011] * 12),
+        "SPECT_NAMING_TC99M": ("NM", [0.011] * 12, Label.PT),
+        # PET written as NM naming F-18, which only a PET scanner images: every slice refuted
+        "PET_AS_NM_NAMING_F18": ("NM", [0.011] * 12, Label.PT),
     }
     rows = []
-    for station, (modality, p_header) in plan.items():
+    for station, (modality, p_header, rest) in plan.items():
         series = generate_uid()
         for i, p in enumerate(p_header):
             path = f"/archive/{station}/{i}.dcm"
@@ -262,8 +272,11 @@ def _station_results(url: str) -> None:
             )
             probs = {label: 0.0 for label in labels}
             probs[Label(modality)] = p
-            probs[Label.PT] += 1 - p
-            witnesses = Witnesses(nuclide_confirms=station == "SPECT_NAMING_TC99M")
+            probs[rest] += 1 - p
+            witnesses = Witnesses(
+                nuclide_confirms=station == "SPECT_NAMING_TC99M",
+                nuclide_allows=frozenset({Label.PT}) if station == "PET_AS_NM_NAMING_F18" else None,
+            )
             verdict = compare(Label(modality), top2_prediction(probs), labels, thresholds, witnesses)
             rows.append((header, station, Label(modality), probs, verdict))
     model = {
@@ -279,8 +292,10 @@ def _station_results(url: str) -> None:
 def test_a_station_is_reported_when_its_images_all_doubt_the_header_or_a_third_are_refuted(db_url):
     """Issue 18, item 2: a station whose NM headers no single image refutes (the model's NM
     ``disagree_at`` is low) but whose images all find NM implausible, and one with a third of
-    its CT headers refuted, are station-level discrepancies; honest stations are not. Before,
-    only a disagree rate of one half counted, and both were missed."""
+    its CT headers refuted, are station-level discrepancies; honest stations are not, nor is an
+    NM station whose images the pixels read as PT without a witness to say which. Before
+    2026-12-05 only a disagree rate of one half counted; before 2026-12-07 the mean had to fall
+    under 1.5 x ``disagree_at``, which missed the first station."""
     from sorter import reports
     from sorter.db.session import open_database
 
@@ -292,19 +307,24 @@ def test_a_station_is_reported_when_its_images_all_doubt_the_header_or_a_third_a
     finally:
         engine.dispose()
     found = {r["name"]: r for r in rows}
-    assert set(found) == {"SPECT_AS_NM_BUT_PT", "CT_SOMETIMES_PT"}, rows
-    spect = found["SPECT_AS_NM_BUT_PT"]
-    assert (spect["header_label"], spect["pixels"], spect["disagree"], spect["mean_p_header"]) == (
-        "NM",
-        "PT",
-        0,
-        0.011,
-    )
+    assert set(found) == {"CT_AS_NM", "CT_SOMETIMES_PT", "PET_AS_NM_NAMING_F18"}, rows
+    nm = found["CT_AS_NM"]
+    assert (nm["header_label"], nm["pixels"], nm["disagree"], nm["mean_p_header"]) == ("NM", "CT", 0, 0.03)
     assert found["CT_SOMETIMES_PT"]["rate"] == 0.3333 and found["CT_SOMETIMES_PT"]["pixels"] == "PT"
-    assert reports.contradicts(12, 0, 0.0119, 0.008) and not reports.contradicts(12, 0, 0.0121, 0.008)
+    assert found["PET_AS_NM_NAMING_F18"]["rate"] == 1.0
+    # the mean rule's bound: the geometric way from disagree_at to agree_at
+    bound = reports.mean_bound(0.008, 0.43)
+    assert 0.008 < bound < 0.43
+    assert reports.mean_bound(0.008, 0.43, towards=0.0) == pytest.approx(0.008)
+    assert reports.mean_bound(0.008, 0.43, towards=1.0) == pytest.approx(0.43)
+    assert reports.mean_bound(0.05, None) == 0.05 and reports.mean_bound(0.07, 0.07) == 0.07
+    assert reports.contradicts(12, 0, bound * 0.99, 0.008, mean_agree_at=0.43)
+    assert not reports.contradicts(12, 0, bound * 1.01, 0.008, mean_agree_at=0.43)
+    assert reports.contradicts(12, 0, 0.0079, 0.008)  # no agree_at: disagree_at itself
+    assert not reports.contradicts(12, 0, 0.0081, 0.008)
     assert not reports.contradicts(9, 9, 0.0, 0.008)  # too few instances to speak for a station
-    assert reports.contradicts(12, 0, 0.0119, 0.008, n_agree=6)
-    assert not reports.contradicts(12, 0, 0.0119, 0.008, n_agree=7)  # most confirmed: the mean is silent
+    assert reports.contradicts(12, 0, 0.0079, 0.008, n_agree=6)
+    assert not reports.contradicts(12, 0, 0.0079, 0.008, n_agree=7)  # most confirmed: the mean is silent
     assert reports.contradicts(12, 4, 0.5, 0.008, n_agree=8)  # a third refuted speaks regardless
 
 

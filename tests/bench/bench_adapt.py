@@ -72,6 +72,7 @@ from sorter.domain import Label, Witnesses  # noqa: E402
 from sorter.model.artefact import load_artefact  # noqa: E402
 from sorter.model.classifier import top_two  # noqa: E402
 from sorter.model.spec import Thresholds  # noqa: E402
+from sorter.nuclides import EMISSION  # noqa: E402
 from sorter.reports import CONTRADICTION_MIN_INSTANCES, contradicts  # noqa: E402
 from sorter.taxonomy import class_labels  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
@@ -180,7 +181,9 @@ def station_reported(
     header: np.ndarray,
     verdicts: list[str],
     mask: np.ndarray,
+    agree_at: np.ndarray,
     disagree_at: np.ndarray,
+    emission: list[int],
     rate_only: float | None = None,
 ) -> bool:
     """``sorter report``'s station-level discrepancy (:func:`sorter.reports.contradicts`) for the
@@ -192,9 +195,15 @@ def station_reported(
     chosen = mask & (header == label)
     n = int(chosen.sum())
     refuted = sum(v == "disagree" for v, m in zip(verdicts, chosen, strict=True) if m)
+    confirmed = sum(v == "agree" for v, m in zip(verdicts, chosen, strict=True) if m)
     if rate_only is not None:  # the mean probability unknown: contradicts() tests the rate alone
         return contradicts(n, refuted, None, None, min_rate=rate_only)
-    return contradicts(n, refuted, float(generic[chosen, label].mean()), float(disagree_at[label]))
+    # the mean rule's evidence, as sorter report's: under a PT or NM header, PT + NM
+    columns = emission if label in emission else [label]
+    mean_p = float(generic[chosen][:, columns].sum(axis=1).mean())
+    return contradicts(
+        n, refuted, mean_p, float(disagree_at[label]), n_agree=confirmed, mean_agree_at=float(agree_at[label])
+    )
 
 
 def fold_result(
@@ -229,6 +238,7 @@ def fold_result(
     generic = softmax_np(logits, point["temperature"])
     agree_at = np.asarray([point["agree_at"][label] for label in labels])
     disagree_at = np.asarray([point["disagree_at"][label] for label in labels])
+    emission = [labels.index(label.value) for label in sorted(EMISSION)]
     thresholds = Thresholds(agree_at=point["agree_at"], disagree_at=point["disagree_at"])
     classes = [classes_of_row.get(int(r)) for r in archive.rows]
     rng = np.random.default_rng(args.seed + fold)
@@ -327,15 +337,15 @@ def fold_result(
             if in_source.any()
             else 0.0
         )
-        station = station_reported(generic, header, verdicts, in_source, disagree_at)
+        station = station_reported(generic, header, verdicts, in_source, agree_at, disagree_at, emission)
         row["systematic_refuted_share"] = float(refuted)
         row["systematic_is_station_discrepancy"] = station
         sums["systematic_reported"] += station
         sums["systematic_reported_before"] += station_reported(
-            generic, header, verdicts, in_source, disagree_at, RATE_BEFORE
+            generic, header, verdicts, in_source, agree_at, disagree_at, emission, RATE_BEFORE
         )
         sums["systematic_reported_class"] += station_reported(
-            generic, header, with_class, in_source, disagree_at
+            generic, header, with_class, in_source, agree_at, disagree_at, emission
         )
         sums["systematic_eligible"] += bool(in_source.sum() >= CONTRADICTION_MIN_INSTANCES)
         # The honest sources of the archive (no header of theirs touched): accused? A source
@@ -346,13 +356,13 @@ def fold_result(
             mask = source_of == other
             if mask.sum() >= CONTRADICTION_MIN_INSTANCES:
                 sums["honest_sources"] += 1
-                accused = station_reported(generic, header, verdicts, mask, disagree_at)
+                accused = station_reported(generic, header, verdicts, mask, agree_at, disagree_at, emission)
                 sums["honest_sources_reported"] += accused
                 sums["honest_sources_reported_before"] += station_reported(
-                    generic, header, verdicts, mask, disagree_at, RATE_BEFORE
+                    generic, header, verdicts, mask, agree_at, disagree_at, emission, RATE_BEFORE
                 )
                 sums["honest_sources_reported_class"] += station_reported(
-                    generic, header, with_class, mask, disagree_at
+                    generic, header, with_class, mask, agree_at, disagree_at, emission
                 )
                 if accused:
                     row["honest_sources_reported"].append(other)
