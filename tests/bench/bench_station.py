@@ -224,13 +224,13 @@ def grid_result(
     rule before 2026-12-07) or, for each ``towards`` t, ``disagree_at^(1-t) * agree_at^t``
     (:func:`sorter.reports.mean_bound`); on the verdicts a scan stores (with the radionuclide)
     and on the pixels alone."""
+    bounds = (
+        [("factor", f, _factor_rule) for f in factors]
+        + [("towards_agree_at", t, _towards_rule) for t in towards]
+        + [("towards_agree_at_emission", t, partial(_towards_rule, emission=True)) for t in towards]
+    )
     rows = []
     for rate in rates:
-        bounds = (
-            [("factor", f, _factor_rule) for f in factors]
-            + [("towards_agree_at", t, _towards_rule) for t in towards]
-            + [("towards_agree_at_emission", t, partial(_towards_rule, emission=True)) for t in towards]
-        )
         for kind, value, make in bounds:
             row: dict[str, Any] = {"rate": rate, kind: value}
             for scenario, pixels in (("verdicts", False), ("pixels", True)):
@@ -272,7 +272,13 @@ def honest_margins(scored: list[Group], pixels: bool) -> list[dict[str, Any]]:
                 "most_agree": 2 * confirmed > g.n,
             }
         )
-    return sorted(rows, key=lambda r: (r["most_agree"], r["towards_agree_at"] or float("inf")))
+    return sorted(
+        rows,
+        key=lambda r: (
+            r["most_agree"],
+            float("inf") if r["towards_agree_at"] is None else r["towards_agree_at"],
+        ),
+    )
 
 
 def main() -> None:
@@ -290,8 +296,9 @@ def main() -> None:
     parser.add_argument(
         "--grid",
         action="store_true",
-        help="also score sorter report's rule at every pair of --rates and --factors, and list how near "
-        "each honest source comes to being accused",
+        help="also score sorter report's rule at every --rates with every mean bound (--factors on "
+        "disagree_at, the rule before; --towards agree_at, the rule now), and list how near each honest "
+        "source comes to being accused",
     )
     parser.add_argument("--rates", type=_floats, default=[0.2, 0.25, 0.3, 0.4, 0.5])
     parser.add_argument("--factors", type=_floats, default=[1.5, 2, 3, 4, 5, 7.5, 10, 15])
