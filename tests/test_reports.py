@@ -328,6 +328,37 @@ def test_a_station_is_reported_when_its_images_all_doubt_the_header_or_a_third_a
     assert reports.contradicts(12, 4, 0.5, 0.008, n_agree=8)  # a third refuted speaks regardless
 
 
+def test_a_ct_scanner_writing_mr_is_listed_though_no_image_of_it_is_refuted(db_url, tmp_path, corpus):
+    """Real CT slices from one station written as MR, in MR Image Storage objects (so the class
+    agrees with the header): the bundled model's MR ``disagree_at`` is so low (held to its budget
+    on unseen sources) that no slice is refuted one by one, yet every slice finds MR implausible.
+    The mean rule lists the station; its bound before 2026-12-07 (1.5 x ``disagree_at``) did not."""
+    import pydicom
+    from pydicom.uid import MRImageStorage
+
+    from sorter.model.artefact import DEFAULT_MODEL_PATH
+
+    series, folder = generate_uid(), tmp_path / "archive" / "ct7"
+    folder.mkdir(parents=True)
+    for n, source in enumerate(sorted((corpus / "CT" / "tcia_lidc_idri_0314").glob("*"))):
+        ds = pydicom.dcmread(source)
+        ds.Modality, ds.StationName, ds.SeriesInstanceUID = "MR", "CTSCANNER7", series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.save_as(folder / f"{n}.dcm")
+    summary = scan(db_url, DEFAULT_MODEL_PATH, tmp_path / "archive", tmp=tmp_path)
+    assert summary["classified"] == 12, summary
+    rows = json.loads(sorter("report", "--format", "json", url=db_url).stdout)["source_contradictions"]
+    station = [r for r in rows if r["by"] == "station_name"]
+    assert [(r["name"], r["header_label"], r["pixels"], r["classified"]) for r in station] == [
+        ("CTSCANNER7", "MR", "CT", 12)
+    ]
+    row = station[0]
+    assert row["rate"] < 0.3  # listed by the mean rule, not by refuted images
+    disagree_at = query(db_url, "SELECT MAX(disagree_at) AS d FROM latest_predictions")[0].d
+    assert row["mean_p_header"] > 1.5 * disagree_at  # what the rule before required
+
+
 def test_under_takes_a_file_or_a_folder_that_is_gone(sqlite_url, tiny_model, tiny_model_b, tmp_path):
     """`failures --under x.dcm` listed nothing (taken as the folder x.dcm/), and `--under` a share
     that is no longer mounted must still find what was stored under it."""
