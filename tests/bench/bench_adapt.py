@@ -73,7 +73,7 @@ from sorter.model.artefact import load_artefact  # noqa: E402
 from sorter.model.classifier import top_two  # noqa: E402
 from sorter.model.spec import Thresholds  # noqa: E402
 from sorter.nuclides import EMISSION  # noqa: E402
-from sorter.reports import CONTRADICTION_MIN_INSTANCES, contradicts  # noqa: E402
+from sorter.reports import CONTRADICTION_MIN_INSTANCES, contradicts, mean_bound  # noqa: E402
 from sorter.taxonomy import class_labels  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
 from train.config import load_run_config  # noqa: E402
@@ -206,6 +206,25 @@ def station_reported(
     )
 
 
+def mean_refutes(
+    generic: np.ndarray,
+    header: np.ndarray,
+    mask: np.ndarray,
+    agree_at: np.ndarray,
+    disagree_at: np.ndarray,
+    emission: list[int],
+    verdicts: list[str],
+) -> bool:
+    """Whether the images in ``mask`` (one header label) fall under the station rule's mean arm
+    (:func:`sorter.reports.contradicts` without its minimum count and rate), ``verdicts`` theirs."""
+    label = int(header[mask][0])
+    if 2 * verdicts.count("agree") > len(verdicts):
+        return False
+    columns = emission if label in emission else [label]
+    evidence = float(generic[mask][:, columns].sum(axis=1).mean())
+    return evidence <= mean_bound(float(disagree_at[label]), float(agree_at[label]))
+
+
 def fold_result(
     args: argparse.Namespace,
     run: Path,
@@ -282,6 +301,13 @@ def fold_result(
             by_series_class[series_of[i]].append(with_class[i])
         generic_series = {s: vote(v) for s, v in by_series_verdicts.items()}
         class_series = {s: vote(v) for s, v in by_series_class.items()}
+        # The station rule's mean arm at series level (not in the views; measured here): a series
+        # most of whose images are not confirmed and whose mean evidence for its header label
+        # (PT + NM under PT and NM) is under mean_bound.
+        mean_refuted = {
+            s: mean_refutes(generic, header, series_of == s, agree_at, disagree_at, emission, v)
+            for s, v in by_series_verdicts.items()
+        }
         adapted_flag = {s: 2 * sum(f) >= len(f) for s, f in flagged_instances.items()}
         # Confident learning on both opinions at once: the geometric mean of the generic and the
         # adapted probabilities, so that a header either model finds implausible scores low.
@@ -304,6 +330,12 @@ def fold_result(
             # The same two, with the SOP class as a second witness (sorter scan's verdicts since
             # 2026-12-06): only DICOM images have one.
             "generic_class": {s for s, v in class_series.items() if v == "disagree"},
+            "generic_series_mean": {
+                s for s, v in generic_series.items() if v == "disagree" or mean_refuted[s]
+            },
+            "generic_class_series_mean": {
+                s for s, v in class_series.items() if v == "disagree" or mean_refuted[s]
+            },
             "combination_class": {s for s, f in adapted_flag.items() if f and class_series[s] != "agree"},
             "agreement": {
                 s
@@ -388,7 +420,17 @@ def fold_result(
     }
 
 
-METHODS = ("generic", "adapted", "combination", "fused", "agreement", "generic_class", "combination_class")
+METHODS = (
+    "generic",
+    "adapted",
+    "combination",
+    "fused",
+    "agreement",
+    "generic_class",
+    "combination_class",
+    "generic_series_mean",
+    "generic_class_series_mean",
+)
 
 
 def summarise(sums: dict[str, float]) -> dict[str, Any]:
