@@ -73,7 +73,7 @@ from sorter.model.artefact import load_artefact  # noqa: E402
 from sorter.model.classifier import top_two  # noqa: E402
 from sorter.model.spec import Thresholds  # noqa: E402
 from sorter.nuclides import EMISSION  # noqa: E402
-from sorter.reports import CONTRADICTION_MIN_INSTANCES, contradicts, mean_bound  # noqa: E402
+from sorter.reports import CONTRADICTION_MIN_INSTANCES, contradicts  # noqa: E402
 from sorter.taxonomy import class_labels  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
 from train.config import load_run_config  # noqa: E402
@@ -198,12 +198,17 @@ def station_reported(
     confirmed = sum(v == "agree" for v, m in zip(verdicts, chosen, strict=True) if m)
     if rate_only is not None:  # the mean probability unknown: contradicts() tests the rate alone
         return contradicts(n, refuted, None, None, min_rate=rate_only)
-    # the mean rule's evidence, as sorter report's: under a PT or NM header, PT + NM
-    columns = emission if label in emission else [label]
-    mean_p = float(generic[chosen][:, columns].sum(axis=1).mean())
+    mean_p = _evidence(generic, chosen, label, emission)
     return contradicts(
         n, refuted, mean_p, float(disagree_at[label]), n_agree=confirmed, mean_agree_at=float(agree_at[label])
     )
+
+
+def _evidence(generic: np.ndarray, mask: np.ndarray, label: int, emission: list[int]) -> float:
+    """The mean rule's evidence for ``label`` over the images in ``mask``, as ``sorter report``
+    sums it: p(label), or PT + NM under a PT or NM header."""
+    columns = emission if label in emission else [label]
+    return float(generic[mask][:, columns].sum(axis=1).mean())
 
 
 def mean_refutes(
@@ -215,14 +220,20 @@ def mean_refutes(
     emission: list[int],
     verdicts: list[str],
 ) -> bool:
-    """Whether the images in ``mask`` (one header label) fall under the station rule's mean arm
-    (:func:`sorter.reports.contradicts` without its minimum count and rate), ``verdicts`` theirs."""
+    """Whether the images in ``mask`` (one header label), ``verdicts`` theirs, fall under the
+    station rule's mean arm (:func:`sorter.reports.contradicts` without its minimum count and its
+    share refuted)."""
     label = int(header[mask][0])
-    if 2 * verdicts.count("agree") > len(verdicts):
-        return False
-    columns = emission if label in emission else [label]
-    evidence = float(generic[mask][:, columns].sum(axis=1).mean())
-    return evidence <= mean_bound(float(disagree_at[label]), float(agree_at[label]))
+    return contradicts(
+        len(verdicts),
+        0,
+        _evidence(generic, mask, label, emission),
+        float(disagree_at[label]),
+        min_instances=1,
+        min_rate=float("inf"),
+        n_agree=verdicts.count("agree"),
+        mean_agree_at=float(agree_at[label]),
+    )
 
 
 def fold_result(
