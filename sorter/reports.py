@@ -136,9 +136,18 @@ def _groups(session: Session) -> dict[str, Groups]:
         ),
         else_=None,
     )
-    emission = sum(sa.func.coalesce(lp.c[PROBABILITY_COLUMNS[label]], 0.0) for label in sorted(EMISSION))
     p_evidence = sa.case(
-        (lp.c.header_label.in_([label.value for label in EMISSION]), emission), else_=p_header
+        *(
+            (
+                lp.c.header_label == label.value,
+                sum(
+                    sa.func.coalesce(lp.c[PROBABILITY_COLUMNS[e]], 0.0)
+                    for e in sorted(evidence_labels(label))
+                ),
+            )
+            for label in PROBABILITY_COLUMNS
+        ),
+        else_=None,
     )
     tested = sa.and_(p_header.is_not(None), lp.c.disagree_at.is_not(None))
     stmt = sa.select(
@@ -203,6 +212,12 @@ CONTRADICTION_MIN_INSTANCES = 10
 CONTRADICTION_TOWARDS = 0.6
 
 
+def evidence_labels(header: Label) -> frozenset[Label]:
+    """The labels whose probabilities, summed, are the mean rule's evidence for ``header``
+    (:func:`contradicts`): PT and NM together under either, else the header label alone."""
+    return EMISSION if header in EMISSION else frozenset({header})
+
+
 def mean_bound(disagree_at: float, agree_at: float | None, towards: float = CONTRADICTION_TOWARDS) -> float:
     """The mean rule's bound on a source's mean probability of its header label:
     ``disagree_at^(1-towards) * agree_at^towards``; ``disagree_at`` itself without an
@@ -243,10 +258,11 @@ def contradicts(
     Adaptation benchmark). The mean rule stays silent where most of the images (``n_agree``)
     confirm the header: a PT or NM header its radionuclide confirms is ``agree`` on slices whose
     own label's probability is low (:func:`sorter.compare.compare`), and the mean of that label
-    alone would accuse it. Callers pass as ``mean_p_header`` the mean of PT and NM together under
-    a PT or NM header: the pixels seldom tell SPECT from PET slices (README, Where the errors
-    are), so an honest SPECT station whose images look like PET would otherwise be accused on
-    the pixels alone; the radionuclide and the SOP class refute such headers image by image.
+    alone would accuse it. Callers pass as ``mean_p_header`` the mean of the header's
+    :func:`evidence_labels`, PT and NM together under a PT or NM header: the pixels seldom tell
+    SPECT from PET slices (README, Where the errors are), so an honest SPECT station whose images
+    look like PET would otherwise be accused on the pixels alone; the radionuclide and the SOP
+    class refute such headers image by image.
     """
     if n < min_instances:
         return False

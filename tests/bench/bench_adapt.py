@@ -72,8 +72,7 @@ from sorter.domain import Label, Witnesses  # noqa: E402
 from sorter.model.artefact import load_artefact  # noqa: E402
 from sorter.model.classifier import top_two  # noqa: E402
 from sorter.model.spec import Thresholds  # noqa: E402
-from sorter.nuclides import EMISSION  # noqa: E402
-from sorter.reports import CONTRADICTION_MIN_INSTANCES, contradicts  # noqa: E402
+from sorter.reports import CONTRADICTION_MIN_INSTANCES, contradicts, evidence_labels  # noqa: E402
 from sorter.taxonomy import class_labels  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
 from train.config import load_run_config  # noqa: E402
@@ -183,7 +182,7 @@ def station_reported(
     mask: np.ndarray,
     agree_at: np.ndarray,
     disagree_at: np.ndarray,
-    emission: list[int],
+    labels: list[str],
     rate_only: float | None = None,
 ) -> bool:
     """``sorter report``'s station-level discrepancy (:func:`sorter.reports.contradicts`) for the
@@ -198,16 +197,16 @@ def station_reported(
     confirmed = sum(v == "agree" for v, m in zip(verdicts, chosen, strict=True) if m)
     if rate_only is not None:  # the mean probability unknown: contradicts() tests the rate alone
         return contradicts(n, refuted, None, None, min_rate=rate_only)
-    mean_p = _evidence(generic, chosen, label, emission)
+    mean_p = _evidence(generic, chosen, label, labels)
     return contradicts(
         n, refuted, mean_p, float(disagree_at[label]), n_agree=confirmed, mean_agree_at=float(agree_at[label])
     )
 
 
-def _evidence(generic: np.ndarray, mask: np.ndarray, label: int, emission: list[int]) -> float:
-    """The mean rule's evidence for ``label`` over the images in ``mask``, as ``sorter report``
-    sums it: p(label), or PT + NM under a PT or NM header."""
-    columns = emission if label in emission else [label]
+def _evidence(generic: np.ndarray, mask: np.ndarray, label: int, labels: list[str]) -> float:
+    """The mean rule's evidence for header ``label`` over the images in ``mask``, as ``sorter
+    report`` sums it (:func:`sorter.reports.evidence_labels`)."""
+    columns = [labels.index(e.value) for e in evidence_labels(Label(labels[label]))]
     return float(generic[mask][:, columns].sum(axis=1).mean())
 
 
@@ -217,7 +216,7 @@ def mean_refutes(
     mask: np.ndarray,
     agree_at: np.ndarray,
     disagree_at: np.ndarray,
-    emission: list[int],
+    labels: list[str],
     verdicts: list[str],
 ) -> bool:
     """Whether the images in ``mask`` (one header label), ``verdicts`` theirs, fall under the
@@ -227,7 +226,7 @@ def mean_refutes(
     return contradicts(
         len(verdicts),
         0,
-        _evidence(generic, mask, label, emission),
+        _evidence(generic, mask, label, labels),
         float(disagree_at[label]),
         min_instances=1,
         min_rate=float("inf"),
@@ -268,7 +267,6 @@ def fold_result(
     generic = softmax_np(logits, point["temperature"])
     agree_at = np.asarray([point["agree_at"][label] for label in labels])
     disagree_at = np.asarray([point["disagree_at"][label] for label in labels])
-    emission = [labels.index(label.value) for label in sorted(EMISSION)]
     thresholds = Thresholds(agree_at=point["agree_at"], disagree_at=point["disagree_at"])
     classes = [classes_of_row.get(int(r)) for r in archive.rows]
     rng = np.random.default_rng(args.seed + fold)
@@ -316,7 +314,7 @@ def fold_result(
         # most of whose images are not confirmed and whose mean evidence for its header label
         # (PT + NM under PT and NM) is under mean_bound.
         mean_refuted = {
-            s: mean_refutes(generic, header, series_of == s, agree_at, disagree_at, emission, v)
+            s: mean_refutes(generic, header, series_of == s, agree_at, disagree_at, labels, v)
             for s, v in by_series_verdicts.items()
         }
         adapted_flag = {s: 2 * sum(f) >= len(f) for s, f in flagged_instances.items()}
@@ -380,15 +378,15 @@ def fold_result(
             if in_source.any()
             else 0.0
         )
-        station = station_reported(generic, header, verdicts, in_source, agree_at, disagree_at, emission)
+        station = station_reported(generic, header, verdicts, in_source, agree_at, disagree_at, labels)
         row["systematic_refuted_share"] = float(refuted)
         row["systematic_is_station_discrepancy"] = station
         sums["systematic_reported"] += station
         sums["systematic_reported_before"] += station_reported(
-            generic, header, verdicts, in_source, agree_at, disagree_at, emission, RATE_BEFORE
+            generic, header, verdicts, in_source, agree_at, disagree_at, labels, RATE_BEFORE
         )
         sums["systematic_reported_class"] += station_reported(
-            generic, header, with_class, in_source, agree_at, disagree_at, emission
+            generic, header, with_class, in_source, agree_at, disagree_at, labels
         )
         sums["systematic_eligible"] += bool(in_source.sum() >= CONTRADICTION_MIN_INSTANCES)
         # The honest sources of the archive (no header of theirs touched): accused? A source
@@ -399,13 +397,13 @@ def fold_result(
             mask = source_of == other
             if mask.sum() >= CONTRADICTION_MIN_INSTANCES:
                 sums["honest_sources"] += 1
-                accused = station_reported(generic, header, verdicts, mask, agree_at, disagree_at, emission)
+                accused = station_reported(generic, header, verdicts, mask, agree_at, disagree_at, labels)
                 sums["honest_sources_reported"] += accused
                 sums["honest_sources_reported_before"] += station_reported(
-                    generic, header, verdicts, mask, agree_at, disagree_at, emission, RATE_BEFORE
+                    generic, header, verdicts, mask, agree_at, disagree_at, labels, RATE_BEFORE
                 )
                 sums["honest_sources_reported_class"] += station_reported(
-                    generic, header, with_class, mask, agree_at, disagree_at, emission
+                    generic, header, with_class, mask, agree_at, disagree_at, labels
                 )
                 if accused:
                     row["honest_sources_reported"].append(other)

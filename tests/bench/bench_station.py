@@ -50,7 +50,7 @@ from bench_nuclide import TYPICAL  # noqa: E402
 from sorter.compare import compare, witnesses_of  # noqa: E402
 from sorter.domain import Label, Thresholds, Verdict  # noqa: E402
 from sorter.model.classifier import top_two  # noqa: E402
-from sorter.reports import CONTRADICTION_MIN_INSTANCES, contradicts  # noqa: E402
+from sorter.reports import CONTRADICTION_MIN_INSTANCES, contradicts, evidence_labels  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
 from train.operating_point import as_thresholds, choose_emission, choose_held_out, read_out_of_fold  # noqa: E402
 from train.runs import loso_run_argument  # noqa: E402
@@ -67,7 +67,7 @@ class Group:
     refuted: int  # images refuted by the pixels alone
     confirmed: int  # ... and confirmed
     mean_p: float  # mean p(header)
-    mean_p_emission: float  # mean p(PT) + p(NM) under a PT or NM header, else mean_p
+    mean_p_emission: float  # mean evidence (sorter.reports.evidence_labels): PT + NM under PT or NM
     disagree_at: float  # the header label's
     agree_at: float  # the header label's
     disagree: int  # images a scan calls disagree, the nuclide named (module docstring)
@@ -117,7 +117,6 @@ def scored_groups(run: Path, cross_fit: bool = False, shrink: float | None = Non
     labels = [Label(v) for v in oof.labels]
     predictions = [top_two(row, labels) for row in probs]
     sources = np.asarray([str(s) for s in oof.data["sources"]])
-    emission = [labels.index(Label.PT), labels.index(Label.NM)]
     groups = 0
     scored: list[Group] = []
     for source in sorted(set(sources.tolist())):
@@ -144,9 +143,11 @@ def scored_groups(run: Path, cross_fit: bool = False, shrink: float | None = Non
                         int((p <= disagree_at).sum()),
                         int((p >= thresholds.agree_at[label.value]).sum()),
                         float(p.mean()),
-                        float(probs[mask][:, emission].sum(axis=1).mean())
-                        if header in emission
-                        else float(p.mean()),
+                        float(
+                            probs[mask][:, [labels.index(e) for e in evidence_labels(label)]]
+                            .sum(axis=1)
+                            .mean()
+                        ),
                         disagree_at,
                         thresholds.agree_at[label.value],
                         verdicts.count(Verdict.DISAGREE),
