@@ -311,10 +311,17 @@ def _contradictions(by: str, groups: Groups, min_instances: int, min_rate: float
                 "classified": int(n),
                 "disagree": int(n_disagree),
                 "rate": round(n_disagree / n, 4),
-                "mean_p_header": None if mean_p is None else round(mean_p, 4),
+                "mean_p_header": _rounded(mean_p),
+                # What the mean rule compared (PT + NM under PT and NM) and with what bound.
+                "mean_evidence": _rounded(mean_e),
+                "bound": None if mean_d is None else _rounded(mean_bound(mean_d, mean_a)),
             }
         )
     return rows
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def _all_contradictions(
@@ -337,9 +344,11 @@ def source_contradictions(
     A station that writes every SPECT as PT is no sporadic error: many of its PT-headed images
     disagree, or all of them find PT implausible. Rows: ``by`` (source, station_name,
     calling_ae), ``name``, ``header_label``, ``pixels`` (the label its images show most often
-    instead), ``classified``, ``disagree``, ``rate`` and ``mean_p_header`` (the header label's
-    mean probability), for every (name, header label) with at least ``min_instances``
-    classified instances that :func:`contradicts` its label, highest rate first.
+    instead), ``classified``, ``disagree``, ``rate``, ``mean_p_header`` (the header label's
+    mean probability), ``mean_evidence`` (the mean the rule compares: PT + NM under PT and NM)
+    and ``bound`` (:func:`mean_bound` of the thresholds' means), for every (name, header label)
+    with at least ``min_instances`` classified instances that :func:`contradicts` its label,
+    highest rate first.
     """
     return _all_contradictions(_groups(session), min_instances, min_rate)
 

@@ -310,6 +310,11 @@ def test_a_station_is_reported_when_its_images_all_doubt_the_header_or_a_third_a
     assert set(found) == {"CT_AS_NM", "CT_SOMETIMES_PT", "PET_AS_NM_NAMING_F18"}, rows
     nm = found["CT_AS_NM"]
     assert (nm["header_label"], nm["pixels"], nm["disagree"], nm["mean_p_header"]) == ("NM", "CT", 0, 0.03)
+    # the report shows what the mean rule compared (PT + NM: no PT here) and its bound
+    assert (nm["mean_evidence"], nm["bound"]) == (0.03, round(reports.mean_bound(0.008, 0.43), 4))
+    f18 = found["PET_AS_NM_NAMING_F18"]  # listed by its refuted slices; its evidence is PT + NM
+    assert (f18["mean_p_header"], f18["mean_evidence"]) == (0.011, 1.0)
+    assert f18["mean_evidence"] > f18["bound"]
     assert found["CT_SOMETIMES_PT"]["rate"] == 0.3333 and found["CT_SOMETIMES_PT"]["pixels"] == "PT"
     assert found["PET_AS_NM_NAMING_F18"]["rate"] == 1.0
     # the mean rule's bound: the geometric way from disagree_at to agree_at
@@ -357,6 +362,7 @@ def test_a_ct_scanner_writing_mr_is_listed_though_no_image_of_it_is_refuted(db_u
     assert row["rate"] < 0.3  # listed by the mean rule, not by refuted images
     disagree_at = query(db_url, "SELECT MAX(disagree_at) AS d FROM latest_predictions")[0].d
     assert row["mean_p_header"] > 1.5 * disagree_at  # what the rule before required
+    assert row["mean_evidence"] == row["mean_p_header"] < row["bound"]  # MR is its own evidence
 
 
 def test_under_takes_a_file_or_a_folder_that_is_gone(sqlite_url, tiny_model, tiny_model_b, tmp_path):

@@ -455,4 +455,5 @@ def test_the_overview_lists_the_stations_the_pixels_contradict(sqlite_url):
     _station_results(sqlite_url)
     table = _overview(_client(sqlite_url)).text.split('id="contradictions"')[1].split("</table>")[0]
     assert "CT_AS_NM" in table and "CT_SOMETIMES_PT" in table and "0.030" in table
+    assert "0.0300 / 0.0" in table  # the mean the rule compared, and its bound
     assert "NM_HONEST" not in table and "CT_HONEST" not in table and "NM_LOOKS_PT" not in table
