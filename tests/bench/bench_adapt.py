@@ -72,7 +72,12 @@ from sorter.domain import Label, Witnesses  # noqa: E402
 from sorter.model.artefact import load_artefact  # noqa: E402
 from sorter.model.classifier import top_two  # noqa: E402
 from sorter.model.spec import Thresholds  # noqa: E402
-from sorter.reports import CONTRADICTION_MIN_INSTANCES, contradicts, evidence_labels  # noqa: E402
+from sorter.reports import (  # noqa: E402
+    CONTRADICTION_MIN_INSTANCES,
+    CONTRADICTION_TOWARDS,
+    contradicts,
+    evidence_labels,
+)
 from sorter.taxonomy import class_labels  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
 from train.config import load_run_config  # noqa: E402
@@ -81,6 +86,7 @@ from train.runs import images_for, select_rows  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests" / "bench"))
 from bench_header_class import dicom_headers  # noqa: E402
+from bench_station import floats  # noqa: E402
 
 SPORADIC_SHARE = 0.02
 
@@ -218,10 +224,11 @@ def mean_refutes(
     disagree_at: np.ndarray,
     labels: list[str],
     verdicts: list[str],
+    towards: float = CONTRADICTION_TOWARDS,
 ) -> bool:
     """Whether the images in ``mask`` (one header label), ``verdicts`` theirs, fall under the
     station rule's mean arm (:func:`sorter.reports.contradicts` without its minimum count and its
-    share refuted)."""
+    share refuted), its bound ``towards`` along the way from ``disagree_at`` to ``agree_at``."""
     label = int(header[mask][0])
     return contradicts(
         len(verdicts),
@@ -232,6 +239,7 @@ def mean_refutes(
         min_rate=float("inf"),
         n_agree=verdicts.count("agree"),
         mean_agree_at=float(agree_at[label]),
+        towards=towards,
     )
 
 
@@ -313,10 +321,26 @@ def fold_result(
         # The station rule's mean arm at series level (not in the views; measured here): a series
         # most of whose images are not confirmed and whose mean evidence for its header label
         # (PT + NM under PT and NM) is under mean_bound.
+        masks = {s: series_of == s for s in by_series_verdicts}
         mean_refuted = {
-            s: mean_refutes(generic, header, series_of == s, agree_at, disagree_at, labels, v)
+            s: mean_refutes(generic, header, masks[s], agree_at, disagree_at, labels, v)
             for s, v in by_series_verdicts.items()
         }
+        # --series-towards: the same arm at other bounds, on every series or only on series of
+        # at least two images (a single image keeps its own verdict).
+        grid: dict[str, set[str]] = {}
+        for t in args.series_towards:
+            refuted_at = {
+                s: mean_refutes(generic, header, masks[s], agree_at, disagree_at, labels, v, towards=t)
+                for s, v in by_series_verdicts.items()
+            }
+            for min_images in (1, 2):
+                for name, series_verdicts in (("generic", generic_series), ("generic_class", class_series)):
+                    grid[f"{name}_series_mean@{t}/n>={min_images}"] = {
+                        s
+                        for s, v in series_verdicts.items()
+                        if v == "disagree" or (refuted_at[s] and len(by_series_verdicts[s]) >= min_images)
+                    }
         adapted_flag = {s: 2 * sum(f) >= len(f) for s, f in flagged_instances.items()}
         # Confident learning on both opinions at once: the geometric mean of the generic and the
         # adapted probabilities, so that a header either model finds implausible scores low.
@@ -351,6 +375,7 @@ def fold_result(
                 for s, f in adapted_flag.items()
                 if f and generic_label[s] == int(oof_sum[s].argmax()) != series_header[s]
             },
+            **grid,
         }
         clean = set(by_series_verdicts) - sporadic - systematic
         row: dict[str, Any] = {
@@ -442,9 +467,15 @@ METHODS = (
 )
 
 
+def methods_in(sums: dict[str, float]) -> list[str]:
+    """:data:`METHODS`, then the ``--series-towards`` grid's, in the order measured."""
+    grid = [k.removesuffix("_flagged") for k in sums if k.endswith("_flagged") and "@" in k]
+    return [*METHODS, *grid]
+
+
 def summarise(sums: dict[str, float]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name in METHODS:
+    for name in methods_in(sums):
         flagged = sums.get(f"{name}_flagged", 0)
         out[name] = {
             "precision": sums.get(f"{name}_right", 0) / flagged if flagged else float("nan"),
@@ -542,6 +573,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=HeadRecipe.lr)
     parser.add_argument("--anchor", type=float, default=HeadRecipe.anchor)
     parser.add_argument("--out", type=Path, default=ROOT / "tests/bench/results-adapt-2core.json")
+    parser.add_argument(
+        "--series-towards",
+        type=floats,
+        default=[],
+        metavar="T[,T...]",
+        help="also score the series mean rule at these bounds (0 = disagree_at, 1 = agree_at)",
+    )
     args = parser.parse_args()
     if args.scale:
         out = (

@@ -178,7 +178,8 @@ def rule_result(scored: list[Group], groups: int, rule: Callable[[Group], bool])
     }
 
 
-def _floats(text: str) -> list[float]:
+def floats(text: str) -> list[float]:
+    """A comma-separated list of numbers (an option's value), refused in one line otherwise."""
     try:
         return [float(part) for part in text.split(",")]
     except ValueError:
@@ -301,9 +302,9 @@ def main() -> None:
         "disagree_at, the rule before; --towards agree_at, the rule now), and list how near each honest "
         "source comes to being accused",
     )
-    parser.add_argument("--rates", type=_floats, default=[0.2, 0.25, 0.3, 0.4, 0.5])
-    parser.add_argument("--factors", type=_floats, default=[1.5, 2, 3, 4, 5, 7.5, 10, 15])
-    parser.add_argument("--towards", type=_floats, default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    parser.add_argument("--rates", type=floats, default=[0.2, 0.25, 0.3, 0.4, 0.5])
+    parser.add_argument("--factors", type=floats, default=[1.5, 2, 3, 4, 5, 7.5, 10, 15])
+    parser.add_argument("--towards", type=floats, default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
     args = parser.parse_args()
     results = []
     for run in args.runs:
