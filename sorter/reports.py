@@ -210,6 +210,10 @@ CONTRADICTION_MIN_INSTANCES = 10
 #: along the (geometric) way from the label's ``disagree_at``, where the model refutes it in a
 #: single image, to its ``agree_at``, where it confirms it (:func:`mean_bound`).
 CONTRADICTION_TOWARDS = 0.6
+#: The series verdict applies the same mean rule, at the same bound, to a series of at least this
+#: many images (migration 0013); a single image keeps its own verdict, whose ``disagree_at``
+#: already spends the budget the operating point allows.
+SERIES_MEAN_MIN_IMAGES = 2
 
 
 def evidence_labels(header: Label) -> frozenset[Label]:

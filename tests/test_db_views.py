@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 from db_support import query, result_header, scan, small_archive, sorter, synthetic_results, write_results
 
@@ -183,3 +185,68 @@ def test_a_series_whose_instances_agree_is_never_refuted_by_its_mean(db_url):
     assert not {confirmed, mostly, unsure, half} & {
         r.series_instance_uid for r in query(db_url, "SELECT * FROM series_discrepancies")
     }
+
+
+def test_a_series_whose_images_all_doubt_its_header_is_refuted_though_none_is_alone(db_url):
+    """Issue 18: with every ``disagree_at`` shrunk to its budget on unseen sources, a mislabelled
+    series is often ``uncertain`` image by image. Since 0013 a series of two or more images, most
+    of them unconfirmed, whose mean evidence for its header lies under the station rule's bound
+    (``sorter.reports.mean_bound``) is ``disagree``; a single image keeps its own verdict, and
+    under a PT or NM header the evidence is PT + NM. Downgraded to 0012, the same rows are not."""
+    from alembic import command
+
+    from sorter.db.session import alembic_config, create_db_engine
+    from sorter.reports import CONTRADICTION_TOWARDS, SERIES_MEAN_MIN_IMAGES, mean_bound
+
+    # the migration's SQL is frozen with it: it must be the rule sorter.reports (and the
+    # benchmarks that mirror the views) states
+    revision = importlib.import_module("sorter.migrations.versions.0013_series_mean_refutes")
+    assert (float(revision.TOWARDS), revision.MIN_IMAGES) == (CONTRADICTION_TOWARDS, SERIES_MEAN_MIN_IMAGES)
+    model = {**_ARGMAX_MODEL, "sha256": "d" * 64}
+    op = {"MR": (0.5, 0.005), "PT": (0.4, 0.01)}
+    bound = mean_bound(0.005, 0.5)
+    assert 0.05 < bound < 0.1
+
+    def mr_series(p_mr: list[float]) -> str:
+        votes = [({"MR": p, "CT": 1 - p}, "uncertain") for p in p_mr]
+        return _series_of(db_url, "MR", votes, model, op)[0]
+
+    under = mr_series([0.9 * bound] * 3)  # every image uncertain, all doubt MR
+    uneven = mr_series([0.01, 0.01, 1.5 * bound])  # the mean decides, not each image
+    over = mr_series([1.1 * bound] * 3)
+    single = mr_series([0.5 * bound])  # one image: its own disagree_at decides
+    # PT slices whose pixels say NM: PT + NM is high, the nuclide or the class must speak
+    spect = _series_of(db_url, "PT", [({"NM": 0.95, "PT": 0.005, "CT": 0.045}, "uncertain")] * 3, model, op)[
+        0
+    ]
+    # two of three confirmed: the mean stays silent however low the third
+    confirmed = _series_of(
+        db_url,
+        "MR",
+        [({"MR": 0.6, "CT": 0.4}, "agree")] * 2 + [({"MR": 0.006, "CT": 0.994}, "uncertain")],
+        model,
+        op,
+    )[0]
+
+    def verdicts() -> dict[str, str]:
+        return {r.series_instance_uid: r.verdict for r in query(db_url, "SELECT * FROM series_summary")}
+
+    now = verdicts()
+    assert [now[s] for s in (under, uneven, over, single, spect, confirmed)] == [
+        "disagree",
+        "disagree",
+        "uncertain",
+        "uncertain",
+        "uncertain",
+        "agree",
+    ]
+    discrepant = {r.series_instance_uid for r in query(db_url, "SELECT * FROM series_discrepancies")}
+    assert {under, uneven} <= discrepant and not {over, single, spect, confirmed} & discrepant
+    engine = create_db_engine(db_url)
+    try:
+        command.downgrade(alembic_config(engine), "0012")
+        assert verdicts()[under] == verdicts()[uneven] == "uncertain"
+    finally:
+        command.upgrade(alembic_config(engine), "head")
+        engine.dispose()
+    assert verdicts()[under] == "disagree"

@@ -337,7 +337,8 @@ def test_a_ct_scanner_writing_mr_is_listed_though_no_image_of_it_is_refuted(db_u
     """Real CT slices from one station written as MR, in MR Image Storage objects (so the class
     agrees with the header): the bundled model's MR ``disagree_at`` is so low (held to its budget
     on unseen sources) that no slice is refuted one by one, yet every slice finds MR implausible.
-    The mean rule lists the station; its bound before 2026-12-07 (1.5 x ``disagree_at``) did not."""
+    The mean rule lists the station; its bound before 2026-12-07 (1.5 x ``disagree_at``) did not.
+    The series is a discrepancy by the same rule (before migration 0013 it was ``uncertain``)."""
     import pydicom
     from pydicom.uid import MRImageStorage
 
@@ -363,6 +364,12 @@ def test_a_ct_scanner_writing_mr_is_listed_though_no_image_of_it_is_refuted(db_u
     disagree_at = query(db_url, "SELECT MAX(disagree_at) AS d FROM latest_predictions")[0].d
     assert row["mean_p_header"] > 1.5 * disagree_at  # what the rule before required
     assert row["mean_evidence"] == row["mean_p_header"] < row["bound"]  # MR is its own evidence
+    # ... and its series is a discrepancy by the same mean (migration 0013), though no slice is
+    listed = sorter("discrepancies", "--level", "series", "--format", "json", url=db_url).stdout
+    assert [(r["series_instance_uid"], r["verdict"], r["n_disagree"]) for r in json.loads(listed)] == [
+        (series, "disagree", 0)
+    ]
+    assert json.loads(sorter("discrepancies", "--format", "json", url=db_url).stdout) == []
 
 
 def test_under_takes_a_file_or_a_folder_that_is_gone(sqlite_url, tiny_model, tiny_model_b, tmp_path):

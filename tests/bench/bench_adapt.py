@@ -26,23 +26,27 @@ and adapts exactly as ``sorter adapt`` does (:func:`sorter.adaptation.sample.sam
 study, :func:`sorter.adaptation.core.adapt_arrays`; defaults ``--per-label 2000 --per-series 3
 --folds 5``, fewer folds where the archive has fewer studies). Series-level flags:
 
-* generic only: the generic model's series verdict (vote of its instances at the run's own
-  temperature and operating point, as the bundled model's are chosen) is ``disagree``;
+* generic only: the generic model's series verdict (its instances' verdicts at the run's own
+  temperature and operating point, as the bundled model's are chosen, by the views' rule since
+  migration 0013: a strict majority, or for a series of two images or more the station rule's
+  mean arm) is ``disagree``; ``generic_vote``: the majority alone, the views' rule before;
+  ``--series-towards`` adds the mean arm at other bounds;
 * adapted only: confident learning flags at least half of the series' sampled instances;
 * combination: adapted flags it and the generic model does not confirm the header (series
   verdict not ``agree``);
 * fused: confident learning on the geometric mean of the generic and the adapted probabilities
   flags at least half of the series' sampled instances (measured, not what ``sorter adapt`` does).
 
-Reported per fold and overall (sums over folds and repeats): precision and recall of flagged
-series for the sporadic errors (a flag on the systematic source counts as right, recall counts
-sporadic series only), the share of clean series flagged, whether the systematic source is a
-station-level discrepancy (``sorter report``'s rule, :func:`sorter.reports.contradicts`: at least
-10 instances, 30 % of them refuted by the generic model or all of them doubting the header on
-average; until 2026-12-05 half of them refuted) and how many honest sources it accuses, the adapted model's
-cross-fitted accuracy against the TRUE labels on the archive per label (labels with >= 10
-series), and CPU seconds per 1 000 sampled instances for embedding + adaptation (decoding is the
-scan's and is not counted: the run's decoded images are reused).
+Reported per fold and overall (sums over folds and repeats): precision and recall of flagged series
+for the sporadic errors (a flag on the systematic source counts as right, recall counts sporadic
+series only; ``recall_sporadic_multi``: of those with two images or more), the share of clean
+series flagged, whether the systematic source is a station-level discrepancy (``sorter report``'s
+rule, :func:`sorter.reports.contradicts`: at least 10 instances, 30 % of them refuted by the
+generic model or all of them doubting the header on average; until 2026-12-05 half of them refuted)
+and how many honest sources it accuses, the adapted model's cross-fitted accuracy against the TRUE
+labels on the archive per label (labels with >= 10 series), and CPU seconds per 1 000 sampled
+instances for embedding + adaptation (decoding is the scan's and is not counted: the run's decoded
+images are reused).
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ from sorter.model.spec import Thresholds  # noqa: E402
 from sorter.reports import (  # noqa: E402
     CONTRADICTION_MIN_INSTANCES,
     CONTRADICTION_TOWARDS,
+    SERIES_MEAN_MIN_IMAGES,
     contradicts,
     evidence_labels,
 )
@@ -92,13 +97,22 @@ SPORADIC_SHARE = 0.02
 
 
 def vote(verdicts: list[str]) -> str:
-    """The series verdict of migration 0009's views: a strict majority, else uncertain."""
+    """The series verdict of the views before migration 0013: a strict majority, else uncertain
+    (leaving out their mean arms, which refuted a header only where an image was refuted)."""
     n = len(verdicts)
     if 2 * verdicts.count("disagree") > n:
         return "disagree"
     if 2 * verdicts.count("agree") > n:
         return "agree"
     return "uncertain"
+
+
+def series_verdict(verdicts: list[str], mean_refuted: bool, min_images: int = SERIES_MEAN_MIN_IMAGES) -> str:
+    """The views' series verdict since migration 0013: :func:`vote`, and ``disagree`` where a
+    series of at least ``min_images`` images falls under the mean rule (``mean_refuted``,
+    :func:`mean_refutes`)."""
+    voted = vote(verdicts)
+    return "disagree" if voted == "uncertain" and mean_refuted and len(verdicts) >= min_images else voted
 
 
 def header_verdicts(
@@ -316,16 +330,18 @@ def fold_result(
         for i, v in enumerate(verdicts):
             by_series_verdicts[series_of[i]].append(v)
             by_series_class[series_of[i]].append(with_class[i])
-        generic_series = {s: vote(v) for s, v in by_series_verdicts.items()}
-        class_series = {s: vote(v) for s, v in by_series_class.items()}
-        # The station rule's mean arm at series level (not in the views; measured here): a series
-        # most of whose images are not confirmed and whose mean evidence for its header label
-        # (PT + NM under PT and NM) is under mean_bound.
+        # The station rule's mean arm at series level: a series most of whose images are not
+        # confirmed and whose mean evidence for its header label (PT + NM under PT and NM) is
+        # under mean_bound; the views apply it to series of two images or more (migration 0013).
         masks = {s: series_of == s for s in by_series_verdicts}
         mean_refuted = {
             s: mean_refutes(generic, header, masks[s], agree_at, disagree_at, labels, v)
             for s, v in by_series_verdicts.items()
         }
+        generic_series = {s: series_verdict(v, mean_refuted[s]) for s, v in by_series_verdicts.items()}
+        class_series = {s: series_verdict(v, mean_refuted[s]) for s, v in by_series_class.items()}
+        voted = {s: vote(v) for s, v in by_series_verdicts.items()}
+        class_voted = {s: vote(v) for s, v in by_series_class.items()}
         # --series-towards: the same arm at other bounds, on every series or only on series of
         # at least two images (a single image keeps its own verdict).
         grid: dict[str, set[str]] = {}
@@ -335,7 +351,7 @@ def fold_result(
                 for s, v in by_series_verdicts.items()
             }
             for min_images in (1, 2):
-                for name, series_verdicts in (("generic", generic_series), ("generic_class", class_series)):
+                for name, series_verdicts in (("generic", voted), ("generic_class", class_voted)):
                     grid[f"{name}_series_mean@{t}/n>={min_images}"] = {
                         s
                         for s, v in series_verdicts.items()
@@ -363,12 +379,9 @@ def fold_result(
             # The same two, with the SOP class as a second witness (sorter scan's verdicts since
             # 2026-12-06): only DICOM images have one.
             "generic_class": {s for s, v in class_series.items() if v == "disagree"},
-            "generic_series_mean": {
-                s for s, v in generic_series.items() if v == "disagree" or mean_refuted[s]
-            },
-            "generic_class_series_mean": {
-                s for s, v in class_series.items() if v == "disagree" or mean_refuted[s]
-            },
+            # The views' series verdict before migration 0013: the vote alone.
+            "generic_vote": {s for s, v in voted.items() if v == "disagree"},
+            "generic_class_vote": {s for s, v in class_voted.items() if v == "disagree"},
             "combination_class": {s for s, f in adapted_flag.items() if f and class_series[s] != "agree"},
             "agreement": {
                 s
@@ -378,6 +391,7 @@ def fold_result(
             **grid,
         }
         clean = set(by_series_verdicts) - sporadic - systematic
+        sporadic_multi = {s for s in sporadic if len(by_series_verdicts[s]) >= 2}
         row: dict[str, Any] = {
             "repeat": repeat,
             "series": len(by_series_verdicts),
@@ -393,9 +407,11 @@ def fold_result(
             sums[f"{name}_flagged"] += len(flagged)
             sums[f"{name}_right"] += right
             sums[f"{name}_tp"] += tp
+            sums[f"{name}_tp_multi"] += len(flagged & sporadic_multi)
             sums[f"{name}_false_clean"] += fp_clean
             row[name] = {"flagged": len(flagged), "sporadic_found": tp, "clean_flagged": fp_clean}
         sums["sporadic"] += len(sporadic)
+        sums["sporadic_multi"] += len(sporadic_multi)
         sums["clean"] += len(clean)
         in_source = source_of == systematic_source
         refuted = (
@@ -462,8 +478,8 @@ METHODS = (
     "agreement",
     "generic_class",
     "combination_class",
-    "generic_series_mean",
-    "generic_class_series_mean",
+    "generic_vote",
+    "generic_class_vote",
 )
 
 
@@ -481,6 +497,9 @@ def summarise(sums: dict[str, float]) -> dict[str, Any]:
             "precision": sums.get(f"{name}_right", 0) / flagged if flagged else float("nan"),
             "recall_sporadic": sums.get(f"{name}_tp", 0) / sums["sporadic"]
             if sums.get("sporadic")
+            else float("nan"),
+            "recall_sporadic_multi": sums.get(f"{name}_tp_multi", 0) / sums["sporadic_multi"]
+            if sums.get("sporadic_multi")
             else float("nan"),
             "clean_flagged_share": sums.get(f"{name}_false_clean", 0) / sums["clean"]
             if sums.get("clean")
