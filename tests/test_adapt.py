@@ -22,6 +22,7 @@ from test_reports_discrepancy import readme_sql
 
 from sorter.db.session import create_db_engine
 from sorter.model.artefact import DEFAULT_MODEL_PATH, read_spec
+from sorter.reports import mean_bound
 
 pytest_plugins = ["db_fixtures"]
 pytestmark = [pytest.mark.corpus]
@@ -156,6 +157,34 @@ def test_scan_adapt_views_report_and_listings(scanned, tmp_path):
         assert [r.series_instance_uid for r in query(url, recipe)] == [uids["ct_labelled_mr"]]
         [parting] = [sql for sql in readme_sql() if "FROM adapted_instances" in sql]
         assert sum(r.n for r in query(url, parting)) == PER_SERIES * len(SERIES)
+
+    # A series every image of which doubts its MR header, none refuted alone: series_summary calls
+    # it disagree by its mean (0013), and so does the generic verdict beside the adapted one (0014).
+    base = query(url, "SELECT base_model_id FROM adaptations WHERE status = 'done'")[0][0]
+    d, a = query(
+        url, "SELECT disagree_at, agree_at FROM model_thresholds WHERE model_id = :m AND label = 'MR'", m=base
+    )[0]
+    p = (d * mean_bound(d, a)) ** 0.5  # between MR's disagree_at and the mean arm's bound
+    engine = create_db_engine(url)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "UPDATE predictions SET p_mr = :p, p_ct = 1 - :p, p_pt = 0, p_nm = 0, p_xr = 0, p_mg = 0,"
+                " p_us = 0, p_ot = 0, label = 'CT', confidence = 1 - :p, verdict = 'uncertain'"
+                " WHERE model_id = :m AND instance_id IN"
+                " (SELECT id FROM instances WHERE series_instance_uid = :s)"
+            ),
+            {"p": p, "m": base, "s": uids["mr_b"]},
+        )
+    engine.dispose()
+    doubted = query(
+        url,
+        "SELECT generic_verdict, n_generic_disagree FROM adapted_series WHERE series_instance_uid = :s",
+        s=uids["mr_b"],
+    )
+    assert [tuple(r) for r in doubted] == [("disagree", 0)]
+    shown = query(url, "SELECT verdict FROM series_summary WHERE series_instance_uid = :s", s=uids["mr_b"])
+    assert shown[0][0] == "disagree"
 
     # Files without a Series / Study Instance UID (a broken exporter) form no series or study; the
     # adapted views made them one series across sources, as series_summary never did (0010).

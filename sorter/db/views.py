@@ -116,6 +116,10 @@ ADAPTED_INSTANCE_COLUMNS = (
     "generic_label",
     "generic_confidence",
     "generic_verdict",
+    # migration 0014: what the generic series verdict's mean arm reads
+    "generic_p_evidence",
+    "generic_agree_at",
+    "generic_disagree_at",
     "adapted_label",
     "adapted_confidence",
     "adapted_verdict",

@@ -54,23 +54,37 @@ def _power(column: str, n: int) -> str:
     return " * ".join([column] * n) if n else "1.0"
 
 
-def mean_arm(towards: Fraction = TOWARDS, min_images: int = MIN_IMAGES) -> str:
-    """The verdict's mean arm: SQL for :func:`sorter.reports.contradicts`'s mean rule on a series."""
+def under_bound(evidence: str, disagree_at: str, agree_at: str, towards: Fraction = TOWARDS) -> str:
+    """SQL: ``evidence <= disagree_at^(1-t) x agree_at^t``, as ``evidence^q <= disagree_at^(q-p)
+    x agree_at^p`` for t = p/q (every operand positive), guarded as ``sorter.reports.mean_bound``
+    is (no bound unless ``agree_at > disagree_at > 0``)."""
     p, q = towards.numerator, towards.denominator
-    bound = f"{_power('disagree_at', q - p)} * {_power('agree_at', p)}"
     return (
-        f"    WHEN agree_at IS NOT NULL AND agree_at > disagree_at AND disagree_at > 0"
-        f" AND n_instances >= {min_images} AND 2 * n_agree <= n_instances AND label <> header_label"
-        f" AND {_power('p_evidence', q)} <= {bound} THEN 'disagree'\n"
+        f"{agree_at} > {disagree_at} AND {disagree_at} > 0 AND {_power(evidence, q)}"
+        f" <= {_power(disagree_at, q - p)} * {_power(agree_at, p)}"
     )
 
 
-#: The evidence for the header label: PT + NM under either (sorter.reports.evidence_labels).
-_EVIDENCE = (
-    ", CASE WHEN header_label IN ('PT', 'NM') THEN COALESCE(p_pt, 0) + COALESCE(p_nm, 0)"
-    " ELSE CASE header_label WHEN 'CT' THEN p_ct WHEN 'MR' THEN p_mr WHEN 'XR' THEN p_xr"
-    " WHEN 'MG' THEN p_mg WHEN 'US' THEN p_us WHEN 'OT' THEN p_ot END END AS p_evidence"
-)
+def mean_arm(towards: Fraction = TOWARDS, min_images: int = MIN_IMAGES) -> str:
+    """The verdict's mean arm: SQL for :func:`sorter.reports.contradicts`'s mean rule on a series."""
+    return (
+        f"    WHEN agree_at IS NOT NULL AND n_instances >= {min_images} AND 2 * n_agree <= n_instances"
+        f" AND label <> header_label AND {under_bound('p_evidence', 'disagree_at', 'agree_at', towards)}"
+        " THEN 'disagree'\n"
+    )
+
+
+def evidence(prefix: str = "", header: str = "header_label") -> str:
+    """SQL: the evidence for the header label among probability columns ``{prefix}p_ct`` ...: PT
+    + NM under either (``sorter.reports.evidence_labels``), else the header label's own."""
+    own = " ".join(f"WHEN '{x.upper()}' THEN {prefix}p_{x}" for x in ("ct", "mr", "xr", "mg", "us", "ot"))
+    return (
+        f"CASE WHEN {header} IN ('PT', 'NM') THEN COALESCE({prefix}p_pt, 0) + COALESCE({prefix}p_nm, 0)"
+        f" ELSE CASE {header} {own} END END"
+    )
+
+
+_EVIDENCE = f", {evidence()} AS p_evidence"
 
 
 def _views(mean_refutes: bool) -> list[tuple[str, str]]:
