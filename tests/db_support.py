@@ -98,6 +98,16 @@ def query(url: str, sql: str, **params: Any) -> list[Any]:
         engine.dispose()
 
 
+def execute(url: str, sql: str, **params: Any) -> None:
+    """Run one SQL statement that writes, committed (a test's deliberate edit of stored rows)."""
+    engine = create_db_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.text(sql), params)
+    finally:
+        engine.dispose()
+
+
 def scalar(url: str, sql: str, **params: Any) -> Any:
     """The single value of one SQL statement."""
     return query(url, sql, **params)[0][0]

@@ -15,12 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import sqlalchemy as sa
-from db_support import copy_dicom, query, scan, sorter
+from db_support import copy_dicom, execute, query, scan, sorter
 from pydicom.uid import generate_uid
 from test_reports_discrepancy import readme_sql
 
-from sorter.db.session import create_db_engine
 from sorter.model.artefact import DEFAULT_MODEL_PATH, read_spec
 from sorter.reports import mean_bound
 
@@ -165,18 +163,15 @@ def test_scan_adapt_views_report_and_listings(scanned, tmp_path):
         url, "SELECT disagree_at, agree_at FROM model_thresholds WHERE model_id = :m AND label = 'MR'", m=base
     )[0]
     p = (d * mean_bound(d, a)) ** 0.5  # between MR's disagree_at and the mean arm's bound
-    engine = create_db_engine(url)
-    with engine.begin() as connection:
-        connection.execute(
-            sa.text(
-                "UPDATE predictions SET p_mr = :p, p_ct = 1 - :p, p_pt = 0, p_nm = 0, p_xr = 0, p_mg = 0,"
-                " p_us = 0, p_ot = 0, label = 'CT', confidence = 1 - :p, verdict = 'uncertain'"
-                " WHERE model_id = :m AND instance_id IN"
-                " (SELECT id FROM instances WHERE series_instance_uid = :s)"
-            ),
-            {"p": p, "m": base, "s": uids["mr_b"]},
-        )
-    engine.dispose()
+    execute(
+        url,
+        "UPDATE predictions SET p_mr = :p, p_ct = 1 - :p, p_pt = 0, p_nm = 0, p_xr = 0, p_mg = 0,"
+        " p_us = 0, p_ot = 0, label = 'CT', confidence = 1 - :p, verdict = 'uncertain'"
+        " WHERE model_id = :m AND instance_id IN (SELECT id FROM instances WHERE series_instance_uid = :s)",
+        p=p,
+        m=base,
+        s=uids["mr_b"],
+    )
     doubted = query(
         url,
         "SELECT generic_verdict, n_generic_disagree FROM adapted_series WHERE series_instance_uid = :s",
@@ -189,16 +184,13 @@ def test_scan_adapt_views_report_and_listings(scanned, tmp_path):
     # Files without a Series / Study Instance UID (a broken exporter) form no series or study; the
     # adapted views made them one series across sources, as series_summary never did (0010).
     unnamed = (uids["mr_a"], uids["pt_a"])
-    engine = create_db_engine(url)
-    with engine.begin() as connection:
-        connection.execute(
-            sa.text(
-                "UPDATE instances SET series_instance_uid = NULL, study_instance_uid = NULL"
-                " WHERE series_instance_uid IN (:a, :b)"
-            ),
-            {"a": unnamed[0], "b": unnamed[1]},
-        )
-    engine.dispose()
+    execute(
+        url,
+        "UPDATE instances SET series_instance_uid = NULL, study_instance_uid = NULL"
+        " WHERE series_instance_uid IN (:a, :b)",
+        a=unnamed[0],
+        b=unnamed[1],
+    )
     left = query(url, "SELECT series_instance_uid FROM adapted_series")
     assert len(left) == len(SERIES) - 2 and None not in {r.series_instance_uid for r in left}
     assert None not in {r[0] for r in query(url, "SELECT study_instance_uid FROM adapted_studies")}
