@@ -216,9 +216,8 @@ def test_a_series_whose_images_all_doubt_its_header_is_refuted_though_none_is_al
     over = mr_series([1.1 * bound] * 3)
     single = mr_series([0.5 * bound])  # one image: its own disagree_at decides
     # PT slices whose pixels say NM: PT + NM is high, the nuclide or the class must speak
-    spect = _series_of(db_url, "PT", [({"NM": 0.95, "PT": 0.005, "CT": 0.045}, "uncertain")] * 3, model, op)[
-        0
-    ]
+    looks_nm = {"NM": 0.95, "PT": 0.005, "CT": 0.045}
+    spect, _ = _series_of(db_url, "PT", [(looks_nm, "uncertain")] * 3, model, op)
     # two of three confirmed: the mean stays silent however low the third
     confirmed = _series_of(
         db_url,
