@@ -81,7 +81,6 @@ from sorter.reports import (  # noqa: E402
     CONTRADICTION_TOWARDS,
     SERIES_MEAN_MIN_IMAGES,
     contradicts,
-    evidence_labels,
 )
 from sorter.taxonomy import class_labels  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
@@ -91,7 +90,7 @@ from train.runs import images_for, select_rows  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests" / "bench"))
 from bench_header_class import dicom_headers  # noqa: E402
-from bench_station import floats  # noqa: E402
+from bench_station import floats, mean_evidence  # noqa: E402
 
 SPORADIC_SHARE = 0.02
 
@@ -217,17 +216,10 @@ def station_reported(
     confirmed = sum(v == "agree" for v, m in zip(verdicts, chosen, strict=True) if m)
     if rate_only is not None:  # the mean probability unknown: contradicts() tests the rate alone
         return contradicts(n, refuted, None, None, min_rate=rate_only)
-    mean_p = _evidence(generic, chosen, label, labels)
+    mean_p = mean_evidence(generic, chosen, label, labels)
     return contradicts(
         n, refuted, mean_p, float(disagree_at[label]), n_agree=confirmed, mean_agree_at=float(agree_at[label])
     )
-
-
-def _evidence(generic: np.ndarray, mask: np.ndarray, label: int, labels: list[str]) -> float:
-    """The mean rule's evidence for header ``label`` over the images in ``mask``, as ``sorter
-    report`` sums it (:func:`sorter.reports.evidence_labels`)."""
-    columns = [labels.index(e.value) for e in evidence_labels(Label(labels[label]))]
-    return float(generic[mask][:, columns].sum(axis=1).mean())
 
 
 def mean_refutes(
@@ -247,7 +239,7 @@ def mean_refutes(
     return contradicts(
         len(verdicts),
         0,
-        _evidence(generic, mask, label, labels),
+        mean_evidence(generic, mask, label, labels),
         float(disagree_at[label]),
         min_instances=1,
         min_rate=float("inf"),
@@ -351,11 +343,11 @@ def fold_result(
                 for s, v in by_series_verdicts.items()
             }
             for min_images in (1, 2):
-                for name, series_verdicts in (("generic", voted), ("generic_class", class_voted)):
+                for name, lists in (("generic", by_series_verdicts), ("generic_class", by_series_class)):
                     grid[f"{name}_series_mean@{t}/n>={min_images}"] = {
                         s
-                        for s, v in series_verdicts.items()
-                        if v == "disagree" or (refuted_at[s] and len(by_series_verdicts[s]) >= min_images)
+                        for s, v in lists.items()
+                        if series_verdict(v, refuted_at[s], min_images) == "disagree"
                     }
         adapted_flag = {s: 2 * sum(f) >= len(f) for s, f in flagged_instances.items()}
         # Confident learning on both opinions at once: the geometric mean of the generic and the

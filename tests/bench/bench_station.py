@@ -33,7 +33,7 @@ import argparse
 import json
 import sys
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -50,7 +50,13 @@ from bench_nuclide import TYPICAL  # noqa: E402
 from sorter.compare import compare, witnesses_of  # noqa: E402
 from sorter.domain import Label, Thresholds, Verdict  # noqa: E402
 from sorter.model.classifier import top_two  # noqa: E402
-from sorter.reports import CONTRADICTION_MIN_INSTANCES, contradicts, evidence_labels  # noqa: E402
+from sorter.reports import (  # noqa: E402
+    CONTRADICTION_MIN_INSTANCES,
+    CONTRADICTION_RATE,
+    CONTRADICTION_TOWARDS,
+    contradicts,
+    evidence_labels,
+)
 from train.calibrate import softmax_np  # noqa: E402
 from train.operating_point import as_thresholds, choose_emission, choose_held_out, read_out_of_fold  # noqa: E402
 from train.runs import loso_run_argument  # noqa: E402
@@ -78,21 +84,63 @@ class Group:
         return self.header == self.true
 
 
+def _counts(g: Group, pixels: bool) -> tuple[int, int]:
+    """Images refuted and confirmed: by the pixels alone, or in the verdicts a scan stores."""
+    return (g.refuted, g.confirmed) if pixels else (g.disagree, g.agree)
+
+
+def _factor_rule(rate: float, factor: float, pixels: bool) -> Callable[[Group], bool]:
+    def rule(g: Group) -> bool:
+        refuted, confirmed = _counts(g, pixels)
+        return contradicts(g.n, refuted, g.mean_p, factor * g.disagree_at, min_rate=rate, n_agree=confirmed)
+
+    return rule
+
+
+def _towards_rule(
+    rate: float, towards: float, pixels: bool, emission: bool = False
+) -> Callable[[Group], bool]:
+    def rule(g: Group) -> bool:
+        refuted, confirmed = _counts(g, pixels)
+        return contradicts(
+            g.n,
+            refuted,
+            g.mean_p_emission if emission else g.mean_p,
+            g.disagree_at,
+            min_rate=rate,
+            n_agree=confirmed,
+            mean_agree_at=g.agree_at,
+            towards=towards,
+        )
+
+    return rule
+
+
+#: ``sorter report``'s rule (the share refuted, the mean bound ``CONTRADICTION_TOWARDS`` of the way
+#: to ``agree_at`` on PT + NM under PT and NM) and the rules before it, on the pixels and on the
+#: verdicts a scan stores.
 RULES: dict[str, Callable[[Group], bool]] = {
-    "sorter report (rate >= 0.3 or mean p <= the way from disagree_at to agree_at)": lambda g: contradicts(
-        g.n, g.refuted, g.mean_p_emission, g.disagree_at, n_agree=g.confirmed, mean_agree_at=g.agree_at
+    "sorter report (rate >= 0.3 or mean p <= the way from disagree_at to agree_at)": _towards_rule(
+        CONTRADICTION_RATE, CONTRADICTION_TOWARDS, pixels=True, emission=True
     ),
-    "before 2026-12-07 (rate >= 0.3 or mean p <= 1.5 x disagree_at)": lambda g: contradicts(
-        g.n, g.refuted, g.mean_p, 1.5 * g.disagree_at, n_agree=g.confirmed
+    "before 2026-12-07 (rate >= 0.3 or mean p <= 1.5 x disagree_at)": _factor_rule(
+        CONTRADICTION_RATE, 1.5, pixels=True
     ),
     "before 2026-12-05 (rate >= 0.5)": lambda g: contradicts(g.n, g.refuted, None, None, min_rate=0.5),
-    "sorter report, on verdicts with the radionuclide (PT: F-18, NM: Tc-99m)": lambda g: contradicts(
-        g.n, g.disagree, g.mean_p_emission, g.disagree_at, n_agree=g.agree, mean_agree_at=g.agree_at
+    "sorter report, on verdicts with the radionuclide (PT: F-18, NM: Tc-99m)": _towards_rule(
+        CONTRADICTION_RATE, CONTRADICTION_TOWARDS, pixels=False, emission=True
     ),
-    "before 2026-12-07, on verdicts with the radionuclide": lambda g: contradicts(
-        g.n, g.disagree, g.mean_p, 1.5 * g.disagree_at, n_agree=g.agree
+    "before 2026-12-07, on verdicts with the radionuclide": _factor_rule(
+        CONTRADICTION_RATE, 1.5, pixels=False
     ),
 }
+
+
+def mean_evidence(probs: np.ndarray, mask: np.ndarray, header: int, labels: Sequence[str]) -> float:
+    """The mean rule's evidence for header label ``labels[header]`` over the images in ``mask``,
+    as ``sorter report`` sums it (:func:`sorter.reports.evidence_labels`: PT + NM under PT or NM)."""
+    columns = [labels.index(e.value) for e in evidence_labels(Label(labels[header]))]
+    return float(probs[mask][:, columns].sum(axis=1).mean())
 
 
 def _thresholds(probs: np.ndarray, oof: Any, rows: np.ndarray, shrink: float | None) -> Thresholds:
@@ -143,11 +191,7 @@ def scored_groups(run: Path, cross_fit: bool = False, shrink: float | None = Non
                         int((p <= disagree_at).sum()),
                         int((p >= thresholds.agree_at[label.value]).sum()),
                         float(p.mean()),
-                        float(
-                            probs[mask][:, [labels.index(e) for e in evidence_labels(label)]]
-                            .sum(axis=1)
-                            .mean()
-                        ),
+                        mean_evidence(probs, mask, header, labels),
                         disagree_at,
                         thresholds.agree_at[label.value],
                         verdicts.count(Verdict.DISAGREE),
@@ -184,38 +228,6 @@ def floats(text: str) -> list[float]:
         return [float(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, not {text!r}") from None
-
-
-def _counts(g: Group, pixels: bool) -> tuple[int, int]:
-    """Images refuted and confirmed: by the pixels alone, or in the verdicts a scan stores."""
-    return (g.refuted, g.confirmed) if pixels else (g.disagree, g.agree)
-
-
-def _factor_rule(rate: float, factor: float, pixels: bool) -> Callable[[Group], bool]:
-    def rule(g: Group) -> bool:
-        refuted, confirmed = _counts(g, pixels)
-        return contradicts(g.n, refuted, g.mean_p, factor * g.disagree_at, min_rate=rate, n_agree=confirmed)
-
-    return rule
-
-
-def _towards_rule(
-    rate: float, towards: float, pixels: bool, emission: bool = False
-) -> Callable[[Group], bool]:
-    def rule(g: Group) -> bool:
-        refuted, confirmed = _counts(g, pixels)
-        return contradicts(
-            g.n,
-            refuted,
-            g.mean_p_emission if emission else g.mean_p,
-            g.disagree_at,
-            min_rate=rate,
-            n_agree=confirmed,
-            mean_agree_at=g.agree_at,
-            towards=towards,
-        )
-
-    return rule
 
 
 def grid_result(
