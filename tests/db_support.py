@@ -121,8 +121,11 @@ def copy_dicom(
     study: str | None = None,
     modality: str | None = None,
     sop: str | None = None,
+    station: str | None = None,
+    sop_class: str | None = None,
 ) -> Path:
-    """Copy a real DICOM file under new UIDs (and optionally another header Modality)."""
+    """Copy a real DICOM file under new UIDs (and optionally another header Modality, Station
+    Name or SOP class)."""
     ds = pydicom.dcmread(source)
     uid = sop or generate_uid()
     ds.SOPInstanceUID = uid
@@ -131,6 +134,10 @@ def copy_dicom(
     ds.StudyInstanceUID = study or generate_uid()
     if modality is not None:
         ds.Modality = modality
+    if station is not None:
+        ds.StationName = station
+    if sop_class is not None:
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
     dest.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(dest, enforce_file_format=False)
     return dest

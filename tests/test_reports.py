@@ -339,19 +339,21 @@ def test_a_ct_scanner_writing_mr_is_listed_though_no_image_of_it_is_refuted(db_u
     on unseen sources) that no slice is refuted one by one, yet every slice finds MR implausible.
     The mean rule lists the station; its bound before 2026-12-07 (1.5 x ``disagree_at``) did not.
     The series is a discrepancy by the same rule (before migration 0013 it was ``uncertain``)."""
-    import pydicom
     from pydicom.uid import MRImageStorage
 
     from sorter.model.artefact import DEFAULT_MODEL_PATH
 
-    series, folder = generate_uid(), tmp_path / "archive" / "ct7"
-    folder.mkdir(parents=True)
+    series, study, folder = generate_uid(), generate_uid(), tmp_path / "archive" / "ct7"
     for n, source in enumerate(sorted((corpus / "CT" / "tcia_lidc_idri_0314").glob("*"))):
-        ds = pydicom.dcmread(source)
-        ds.Modality, ds.StationName, ds.SeriesInstanceUID = "MR", "CTSCANNER7", series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-        ds.save_as(folder / f"{n}.dcm")
+        copy_dicom(
+            source,
+            folder / f"{n}.dcm",
+            series=series,
+            study=study,
+            modality="MR",
+            station="CTSCANNER7",
+            sop_class=MRImageStorage,
+        )
     summary = scan(db_url, DEFAULT_MODEL_PATH, tmp_path / "archive", tmp=tmp_path)
     assert summary["classified"] == 12, summary
     rows = json.loads(sorter("report", "--format", "json", url=db_url).stdout)["source_contradictions"]
