@@ -534,6 +534,7 @@ LABEL_ISSUE_FIELDS = {
         "adapted_label",
         "adapted_verdict",
         "label_issue_score",
+        "joint_score",
         "is_label_issue",
     ),
     "series": (
@@ -546,6 +547,7 @@ LABEL_ISSUE_FIELDS = {
         "n_scored",
         "n_label_issues",
         "label_issue_score",
+        "joint_score",
         "generic_verdict",
         "adapted_verdict",
         "is_label_issue",
@@ -558,17 +560,24 @@ LABEL_ISSUE_FIELDS = {
         "n_series_generic_disagree",
         "n_series_adapted_disagree",
         "label_issue_score",
+        "joint_score",
     ),
 }
+#: What ``label_issues`` can rank by: the adaptation's opinion alone, or both models' (migration 0015).
+LABEL_ISSUE_ORDERS = ("label_issue_score", "joint_score")
 
 
 def label_issues(
-    session: Session, level: str = "series", limit: int | None = None
+    session: Session, level: str = "series", limit: int | None = None, by: str = "label_issue_score"
 ) -> Iterator[dict[str, Any]]:
-    """What the latest ``sorter adapt`` scored, highest label-issue score first (the rest of the
-    archive contradicts the header most), at ``level``."""
+    """What the latest ``sorter adapt`` scored at ``level``, highest score first: by
+    ``label_issue_score`` the headers the rest of the archive contradicts most, by ``joint_score``
+    those the generic model and the adaptation doubt most together (the better review order on
+    ``tests/bench/bench_adapt.py``: README, Adaptation benchmark)."""
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, not {level!r}")
+    if by not in LABEL_ISSUE_ORDERS:
+        raise ValueError(f"by must be one of {LABEL_ISSUE_ORDERS}, not {by!r}")
     view, key = {
         "instance": (views.adapted_instances, "instance_id"),
         "series": (views.adapted_series, "series_instance_uid"),
@@ -577,7 +586,7 @@ def label_issues(
     stmt = (
         sa.select(*(view.c[f] for f in LABEL_ISSUE_FIELDS[level]))
         .where(view.c.label_issue_score.is_not(None))
-        .order_by(view.c.label_issue_score.desc(), view.c[key])
+        .order_by(view.c[by].desc(), view.c[key])
     )
     yield from _stream(session, stmt, limit)
 

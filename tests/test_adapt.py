@@ -150,9 +150,42 @@ def test_scan_adapt_views_report_and_listings(scanned, tmp_path):
     }
     assert sum(side.values()) == PER_SERIES * len(SERIES)
 
+    # Both opinions in one ranking (0015): the relabelled series first, and each level's
+    # joint_score what tests/bench/bench_adapt.py ranks by: one minus the product of the generic
+    # model's mean evidence for the header (0 where its verdict refutes) and the mean out-of-fold
+    # probability of the header's label.
+    ranked = sorter("discrepancies", "--by", "joint", "--level", "series", "--format", "json", url=url)
+    joint = json.loads(ranked.output)
+    assert joint[0]["series_instance_uid"] == uids["ct_labelled_mr"] and len(joint) == len(SERIES)
+    assert [r["joint_score"] for r in joint] == sorted((r["joint_score"] for r in joint), reverse=True)
+    assert joint[0]["joint_score"] == pytest.approx(1.0)  # every slice refuted: no generic evidence
+    shown = {r["series_instance_uid"]: r["joint_score"] for r in joint}
+    for name in ("mr_a", "pt_a", "ct_b"):
+        rows = query(
+            url,
+            "SELECT generic_verdict, generic_p_evidence, self_confidence, joint_score FROM adapted_instances"
+            " WHERE series_instance_uid = :s",
+            s=uids[name],
+        )
+        kept = [0.0 if r.generic_verdict == "disagree" else r.generic_p_evidence for r in rows]
+        assert shown[uids[name]] == pytest.approx(
+            1 - np.mean(kept) * np.mean([r.self_confidence for r in rows])
+        )
+        for r, e in zip(rows, kept, strict=True):
+            assert r.joint_score == pytest.approx(1 - e * r.self_confidence)
+    studies = json.loads(
+        sorter("discrepancies", "--by", "joint", "--level", "study", "--format", "json", url=url).output
+    )
+    assert studies[0]["study_instance_uid"] == uids["study:ct_labelled_mr"]
+    assert {r["study_instance_uid"]: r["joint_score"] for r in studies}[uids["study:mr_a"]] == pytest.approx(
+        shown[uids["mr_a"]]
+    )
+
     if url.startswith("postgresql"):  # the README's recipes for adaptations find the same series
-        [recipe] = [sql for sql in readme_sql() if "FROM adapted_series" in sql]
-        assert [r.series_instance_uid for r in query(url, recipe)] == [uids["ct_labelled_mr"]]
+        flagged, ranked_sql = [sql for sql in readme_sql() if "FROM adapted_series" in sql]
+        assert [r.series_instance_uid for r in query(url, flagged)] == [uids["ct_labelled_mr"]]
+        in_order = [r.series_instance_uid for r in query(url, ranked_sql)]
+        assert in_order == [r["series_instance_uid"] for r in joint]
         [parting] = [sql for sql in readme_sql() if "FROM adapted_instances" in sql]
         assert sum(r.n for r in query(url, parting)) == PER_SERIES * len(SERIES)
 

@@ -63,11 +63,12 @@ def report(model_ref: str | None, fmt: str, database_url: str | None) -> None:
 @click.option("--unreviewed", is_flag=True, help="Only what no reviewer has decided on (sorter serve).")
 @click.option(
     "--by",
-    type=click.Choice(["verdict", "label-issue"]),
+    type=click.Choice(["verdict", "label-issue", "joint"]),
     default="verdict",
     show_default=True,
     help="verdict: the shown model's disagreements; label-issue: everything the latest `sorter adapt` "
-    "scored, the headers the rest of the archive contradicts most first.",
+    "scored, the headers the rest of the archive contradicts most first; joint: the same, the headers "
+    "the generic model and the adaptation doubt most together first (joint_score; the better review order).",
 )
 @view_model_option
 @format_option
@@ -89,14 +90,14 @@ def discrepancies(
         "study": reports.STUDY_FIELDS,
     }
     with database(database_url) as (_engine, sessions), sessions() as session:
-        if by == "label-issue":
+        if by in ("label-issue", "joint"):
             if unreviewed or min_confidence or model_ref:
-                raise click.UsageError(
-                    "--by label-issue takes neither --unreviewed, --min-confidence nor --model"
-                )
+                raise click.UsageError(f"--by {by} takes neither --unreviewed, --min-confidence nor --model")
             if not reports.has_adaptation(session):
                 raise click.ClickException("no finished `sorter adapt` in this database: run it first")
-            write_rows(reports.label_issues(session, level, limit), reports.LABEL_ISSUE_FIELDS[level], fmt)
+            order = "joint_score" if by == "joint" else "label_issue_score"
+            rows = reports.label_issues(session, level, limit, by=order)
+            write_rows(rows, reports.LABEL_ISSUE_FIELDS[level], fmt)
             return
         show_model(session, model_ref)
         rows = reports.discrepancies(session, level, min_confidence, limit, unreviewed=unreviewed)

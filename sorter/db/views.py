@@ -128,6 +128,8 @@ ADAPTED_INSTANCE_COLUMNS = (
     "self_confidence",
     "label_issue_score",
     "is_label_issue",
+    # migration 0015: both models' doubt of the header, in one ranking
+    "joint_score",
 )
 ADAPTED_SERIES_COLUMNS = (
     "series_instance_uid",
@@ -147,6 +149,7 @@ ADAPTED_SERIES_COLUMNS = (
     "label_issue_score",
     "max_label_issue_score",
     "is_label_issue",
+    "joint_score",
 )
 ADAPTED_STUDY_COLUMNS = (
     "study_instance_uid",
@@ -158,6 +161,7 @@ ADAPTED_STUDY_COLUMNS = (
     "n_series_adapted_disagree",
     "n_series_label_issues",
     "label_issue_score",
+    "joint_score",
 )
 adapted_instances = _view("adapted_instances", ADAPTED_INSTANCE_COLUMNS)
 adapted_series = _view("adapted_series", ADAPTED_SERIES_COLUMNS)

@@ -35,7 +35,16 @@ study, :func:`sorter.adaptation.core.adapt_arrays`; defaults ``--per-label 2000 
 * combination: adapted flags it and the generic model does not confirm the header (series
   verdict not ``agree``);
 * fused: confident learning on the geometric mean of the generic and the adapted probabilities
-  flags at least half of the series' sampled instances (measured, not what ``sorter adapt`` does).
+  flags at least half of the series' sampled instances (measured, not what ``sorter adapt`` does);
+* adapted verdict: ``adapted_series.adapted_verdict`` as the views compute it, from the sampled
+  instances' out-of-fold verdicts at the adaptation's own operating point, by the generic rule
+  (a strict majority, or the mean arm on two images or more); ``adapted_verdict_vote``: the
+  majority alone; ``adapted_verdict_class``: with the SOP class as a witness;
+  ``combination_verdict``: the adapted verdict ``disagree`` and the generic one not ``agree``;
+* ranked (``ranked_at_clean_0.005``): three series scores (the adaptation's label-issue score,
+  the generic model's doubt of the header, both together) cut where they flag at most 0.5 % of
+  clean series (issue 18's budget), the cut chosen on the other folds (and in-sample, as an upper
+  bound): can any threshold on them meet the targets?
 
 Reported per fold and overall (sums over folds and repeats): precision and recall of flagged series
 for the sporadic errors (a flag on the systematic source counts as right, recall counts sporadic
@@ -81,6 +90,7 @@ from sorter.reports import (  # noqa: E402
     CONTRADICTION_TOWARDS,
     SERIES_MEAN_MIN_IMAGES,
     contradicts,
+    evidence_labels,
 )
 from sorter.taxonomy import class_labels  # noqa: E402
 from train.calibrate import softmax_np  # noqa: E402
@@ -249,6 +259,169 @@ def mean_refutes(
     )
 
 
+def adapted_series_verdicts(
+    result: Any,
+    header: np.ndarray,
+    chosen: list[Candidate],
+    labels: list[str],
+    classes: list[frozenset[Label] | None] | None = None,
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The adapted series verdicts of the sampled series (``chosen``, ``header`` theirs): the
+    out-of-fold probabilities' verdicts at the adaptation's operating point (with each file's SOP
+    class as a witness where ``classes`` is given), per series with the views' rule
+    (:func:`series_verdict`, the mean arm at the adapted thresholds) and by :func:`vote` alone."""
+    point = result.thresholds
+    agree_at = np.asarray([point.agree_at[label] for label in labels])
+    disagree_at = np.asarray([point.disagree_at[label] for label in labels])
+    probs = result.oof_probs
+    if classes is None:
+        verdicts = header_verdicts(probs, header, agree_at, disagree_at)
+    else:
+        verdicts = class_verdicts(probs, header, classes, labels, point)
+    series = np.asarray([c.series for c in chosen])
+    by_series: dict[str, list[str]] = defaultdict(list)
+    for s, v in zip(series, verdicts, strict=True):
+        by_series[str(s)].append(v)
+    ruled = {
+        s: series_verdict(v, mean_refutes(probs, header, series == s, agree_at, disagree_at, labels, v))
+        for s, v in by_series.items()
+    }
+    return ruled, {s: vote(v) for s, v in by_series.items()}
+
+
+#: The share of clean series a ranked score may flag (issue 18's target).
+CLEAN_BUDGET = 0.005
+#: Scores of a sampled series, each higher where its header is more doubted (see series_scores).
+SCORES = ("adapted_score", "generic_score", "joint_score", "generic_class_score", "joint_class_score")
+
+
+def image_evidence(probs: np.ndarray, header: np.ndarray, labels: list[str]) -> np.ndarray:
+    """Each image's evidence for its header label (PT + NM under PT or NM), as
+    ``adapted_instances.generic_p_evidence`` stores it."""
+    names = [Label(label) for label in labels]
+    out = np.zeros(len(header))
+    for h in np.unique(header):
+        columns = [labels.index(e.value) for e in evidence_labels(names[int(h)])]
+        rows = header == h
+        out[rows] = probs[rows][:, columns].sum(axis=1)
+    return out
+
+
+def joint(generic_evidence: float, adapted_evidence: float) -> float:
+    """``adapted_series.joint_score`` (migration 0015): one minus the product of the two models'
+    mean evidence for the header."""
+    return 1.0 - generic_evidence * adapted_evidence
+
+
+def series_scores(
+    generic: np.ndarray,
+    header: np.ndarray,
+    masks: dict[str, np.ndarray],
+    result: Any,
+    chosen: list[Candidate],
+    labels: list[str],
+    kinds: tuple[set[str], set[str]],
+    verdicts: list[str],
+    with_class: list[str],
+) -> list[dict[str, Any]]:
+    """One row per sampled series: its kind (sporadic or systematic, as ``kinds`` holds them, else
+    clean), whether it has two images or more, and its scores, each higher the more its header is
+    doubted: ``adapted_score``, the mean label-issue score of its sampled instances
+    (``adapted_series.label_issue_score``); ``generic_score``, one minus the generic model's mean
+    evidence for the header over all its images, an image its verdict refutes counting 0;
+    ``joint_score``, :func:`joint` of the two (``adapted_series.joint_score``); ``generic_class_score``
+    and ``joint_class_score``, the same with the verdicts that read the SOP class too (as a scan
+    of DICOM stores them)."""
+    sporadic, systematic = kinds
+    adapted: dict[str, list[float]] = defaultdict(list)
+    for n, c in enumerate(chosen):
+        adapted[c.series].append(float(result.issues.score[n]))
+    evidence = image_evidence(generic, header, labels)
+    pixels = np.where(np.asarray(verdicts) == "disagree", 0.0, evidence)
+    classed = np.where(np.asarray(with_class) == "disagree", 0.0, evidence)
+    out = []
+    for s, values in adapted.items():
+        mask = masks[s]
+        adapted_p = 1.0 - float(np.mean(values))
+        generic_p, class_p = float(pixels[mask].mean()), float(classed[mask].mean())
+        out.append(
+            {
+                "kind": "sporadic" if s in sporadic else "systematic" if s in systematic else "clean",
+                "multi": bool(mask.sum() >= 2),
+                "adapted_score": 1.0 - adapted_p,
+                "generic_score": 1.0 - generic_p,
+                "joint_score": joint(generic_p, adapted_p),
+                "generic_class_score": 1.0 - class_p,
+                "joint_class_score": joint(class_p, adapted_p),
+            }
+        )
+    return out
+
+
+def budget_ranked(per_fold: list[dict[str, Any]], budget: float = CLEAN_BUDGET) -> dict[str, Any]:
+    """Each of :data:`SCORES` as a ranking cut where it flags at most ``budget`` of the clean
+    series: the cut chosen on the other folds' series (cross-fitted over the benchmark's folds,
+    as a constant shipped with the code would be) and, for reference, on all folds together
+    (in-sample, an upper bound). Precision counts flags on the systematic source as right."""
+
+    def cut(rows: list[dict[str, Any]], name: str) -> float:
+        clean = sorted((r[name] for r in rows if r["kind"] == "clean"), reverse=True)
+        allowed = int(budget * len(clean))
+        return clean[allowed] if allowed < len(clean) else float("-inf")
+
+    def scored(rows: list[dict[str, Any]], name: str, at: float) -> dict[str, float]:
+        flagged = [r for r in rows if r[name] > at]
+        sporadic = [r for r in rows if r["kind"] == "sporadic"]
+        multi = [r for r in sporadic if r["multi"]]
+        clean = [r for r in rows if r["kind"] == "clean"]
+        return {
+            "flagged": len(flagged),
+            "right": sum(r["kind"] != "clean" for r in flagged),
+            "tp": sum(r["kind"] == "sporadic" for r in flagged),
+            "tp_multi": sum(r["kind"] == "sporadic" and r["multi"] for r in flagged),
+            "false_clean": sum(r["kind"] == "clean" for r in flagged),
+            "sporadic": len(sporadic),
+            "sporadic_multi": len(multi),
+            "clean": len(clean),
+        }
+
+    def rates(sums: dict[str, float]) -> dict[str, float]:
+        return {
+            "precision": sums["right"] / sums["flagged"] if sums["flagged"] else float("nan"),
+            "recall_sporadic": sums["tp"] / sums["sporadic"] if sums["sporadic"] else float("nan"),
+            "recall_sporadic_multi": sums["tp_multi"] / sums["sporadic_multi"]
+            if sums["sporadic_multi"]
+            else float("nan"),
+            "clean_flagged_share": sums["false_clean"] / sums["clean"] if sums["clean"] else float("nan"),
+        }
+
+    from sklearn.metrics import average_precision_score
+
+    everything = [r for f in per_fold for r in f["series_scores"]]
+    out: dict[str, Any] = {}
+    for name in SCORES:
+        held: dict[str, float] = defaultdict(float)
+        cuts = []
+        for f in per_fold:
+            others = [r for g in per_fold if g is not f for r in g["series_scores"]]
+            at = cut(others, name)
+            cuts.append(at)
+            for k, v in scored(f["series_scores"], name, at).items():
+                held[k] += v
+        at_all = cut(everything, name)
+        # The ranking as a whole, sporadic against clean series (the systematic source left out:
+        # its series are many and easy): average precision, and pooled over the folds.
+        ranked = [r for r in everything if r["kind"] != "systematic"]
+        out[name] = {
+            "cross_fitted": {**rates(held), "cuts": cuts},
+            "in_sample": {**rates(scored(everything, name, at_all)), "cut": at_all},
+            "average_precision_sporadic": float(
+                average_precision_score([r["kind"] == "sporadic" for r in ranked], [r[name] for r in ranked])
+            ),
+        }
+    return out
+
+
 def fold_result(
     args: argparse.Namespace,
     run: Path,
@@ -287,6 +460,7 @@ def fold_result(
     sums: dict[str, float] = defaultdict(float)
     rows = []
     accuracy: dict[str, list[float]] = defaultdict(list)
+    scores: list[dict[str, Any]] = []
     for repeat in range(repeats):
         header, sporadic, systematic, systematic_source = inject(
             series_of, source_of, truth, len(labels), rng
@@ -350,6 +524,13 @@ def fold_result(
                         if series_verdict(v, refuted_at[s], min_images) == "disagree"
                     }
         adapted_flag = {s: 2 * sum(f) >= len(f) for s, f in flagged_instances.items()}
+        # The adapted verdict as the views show it (adapted_series.adapted_verdict): the
+        # out-of-fold probabilities of the sampled instances at the adaptation's own operating
+        # point, per series by vote, and by vote or the mean arm (--adapted-series-mean).
+        adapted_series, adapted_voted = adapted_series_verdicts(result, header[ids], chosen, labels)
+        adapted_class, _ = adapted_series_verdicts(
+            result, header[ids], chosen, labels, [classes[i] for i in ids]
+        )
         # Confident learning on both opinions at once: the geometric mean of the generic and the
         # adapted probabilities, so that a header either model finds implausible scores low.
         fused = label_issues(header[ids], fuse(generic[ids], result.oof_probs))
@@ -375,6 +556,12 @@ def fold_result(
             "generic_vote": {s for s, v in voted.items() if v == "disagree"},
             "generic_class_vote": {s for s, v in class_voted.items() if v == "disagree"},
             "combination_class": {s for s, f in adapted_flag.items() if f and class_series[s] != "agree"},
+            "adapted_verdict_vote": {s for s, v in adapted_voted.items() if v == "disagree"},
+            "adapted_verdict": {s for s, v in adapted_series.items() if v == "disagree"},
+            "adapted_verdict_class": {s for s, v in adapted_class.items() if v == "disagree"},
+            "combination_verdict": {
+                s for s, v in adapted_series.items() if v == "disagree" and generic_series[s] != "agree"
+            },
             "agreement": {
                 s
                 for s, f in adapted_flag.items()
@@ -384,6 +571,11 @@ def fold_result(
         }
         clean = set(by_series_verdicts) - sporadic - systematic
         sporadic_multi = {s for s in sporadic if len(by_series_verdicts[s]) >= 2}
+        scores.extend(
+            series_scores(
+                generic, header, masks, result, chosen, labels, (sporadic, systematic), verdicts, with_class
+            )
+        )
         row: dict[str, Any] = {
             "repeat": repeat,
             "series": len(by_series_verdicts),
@@ -459,6 +651,7 @@ def fold_result(
         "sums": dict(sums),
         "accuracy_by_label": {k: float(np.mean(v)) for k, v in accuracy.items()},
         "repeats": rows,
+        "series_scores": scores,
     }
 
 
@@ -472,6 +665,10 @@ METHODS = (
     "combination_class",
     "generic_vote",
     "generic_class_vote",
+    "adapted_verdict_vote",
+    "adapted_verdict",
+    "adapted_verdict_class",
+    "combination_verdict",
 )
 
 
@@ -637,9 +834,14 @@ def main() -> None:
         "generic_run": str(run),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "overall": summarise(total),
+        f"ranked_at_clean_{CLEAN_BUDGET}": budget_ranked(per_fold),
         "adapted_accuracy_true_labels_by_label": {k: float(np.mean(v)) for k, v in sorted(accuracy.items())},
         "per_fold": [
-            {**{k: v for k, v in r.items() if k != "sums"}, "summary": summarise(r["sums"])} for r in per_fold
+            {
+                **{k: v for k, v in r.items() if k not in ("sums", "series_scores")},
+                "summary": summarise(r["sums"]),
+            }
+            for r in per_fold
         ],
     }
     args.out.write_text(json.dumps(result, indent=1, default=float))
@@ -647,6 +849,7 @@ def main() -> None:
         json.dumps(
             {
                 "overall": result["overall"],
+                "ranked": result[f"ranked_at_clean_{CLEAN_BUDGET}"],
                 "adapted_accuracy": result["adapted_accuracy_true_labels_by_label"],
             },
             indent=1,

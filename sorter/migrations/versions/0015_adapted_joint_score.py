@@ -1,0 +1,92 @@
+"""adapted views: ``joint_score``, both models' doubt of the header in one ranking.
+
+The label-issue score ranks by the adaptation's opinion alone, and the generic verdict beside it
+is a verdict, not a rank: on ``tests/bench/bench_adapt.py`` the label-issue ranking put sporadic
+wrong series above clean ones with an average precision of 0.47, the generic model's mean
+evidence alone 0.49, and their product 0.69 (0.75 where the generic verdicts read the SOP class
+too). ``joint_score`` is one minus that product:
+
+* instance: ``1 - e x self_confidence``, where ``e`` is the generic model's evidence for the
+  header (``generic_p_evidence``: PT + NM under PT and NM), 0 where its verdict is ``disagree``
+  (a witness such as the SOP class or the radionuclide refuted it), and ``self_confidence`` the
+  out-of-fold probability of the header's label;
+* series: ``1 - mean(e) x mean(self_confidence)``, the first mean over every instance of the
+  series the generic model judged, the second over its scored (sampled) instances;
+* study: the highest of its series'.
+
+NULL where the adaptation scored none of it. Written without SQRT() (the geometric mean ranks
+the same), so SQLite needs no math functions.
+
+Revision ID: 0015
+Revises: 0014
+Create Date: 2026-12-07
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+
+from alembic import op
+
+revision: str = "0015"
+down_revision: str | None = "0014"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+#: The adapted views, in creation order (dropped in reverse).
+_VIEWS = ("adapted_instances", "adapted_series", "adapted_studies")
+_INSTANCE_AFTER = "  li.fold, li.self_confidence, li.score AS label_issue_score,\n"
+_SERIES_AFTER = "  MAX(label_issue_score) AS max_label_issue_score,\n"
+_STUDY_LAST = "  MAX(label_issue_score) AS label_issue_score\n"
+
+
+def _kept(verdict: str, evidence: str) -> str:
+    """SQL: the generic evidence an image keeps, 0 where the generic verdict refutes it."""
+    return f"CASE WHEN {verdict} = 'disagree' THEN 0 ELSE {evidence} END"
+
+
+def _views(joint: bool) -> list[tuple[str, str]]:
+    # 0014's SQL (with the revisions it builds on) is frozen with it; this one adds a column to each view.
+    previous = importlib.import_module("sorter.migrations.versions.0014_adapted_series_mean_refutes")
+    series_rule = importlib.import_module("sorter.migrations.versions.0013_series_mean_refutes")
+    views = dict(previous._views(mean_refutes=True))
+    if joint:
+        instance = _kept("g.verdict", series_rule.evidence("g.", "i.header_label"))
+        series = _kept("generic_verdict", "generic_p_evidence")
+        edits = {
+            "adapted_instances": (
+                _INSTANCE_AFTER,
+                f"{_INSTANCE_AFTER}  1 - {instance} * li.self_confidence AS joint_score,\n",
+            ),
+            "adapted_series": (
+                _SERIES_AFTER,
+                f"{_SERIES_AFTER}  1 - AVG({series}) * AVG(self_confidence) AS joint_score,\n",
+            ),
+            "adapted_studies": (
+                _STUDY_LAST,
+                "  MAX(label_issue_score) AS label_issue_score,\n  MAX(joint_score) AS joint_score\n",
+            ),
+        }
+        for name, (old, new) in edits.items():
+            sql = views[name]
+            assert sql.count(old) == 1, f"{name} is not what this revision expects: {old!r}"
+            views[name] = sql.replace(old, new)
+    return [(name, views[name]) for name in _VIEWS]
+
+
+def _replace(joint: bool) -> None:
+    for name in reversed(_VIEWS):
+        op.execute(f"DROP VIEW IF EXISTS {name}")
+    for name, sql in _views(joint):
+        op.execute(f"CREATE VIEW {name} AS {sql}")
+
+
+def upgrade() -> None:
+    """Recreate the adapted views with ``joint_score``."""
+    _replace(joint=True)
+
+
+def downgrade() -> None:
+    """Recreate them as 0014 made them."""
+    _replace(joint=False)
