@@ -479,12 +479,13 @@ def has_adaptation(session: Session) -> bool:
 
 def adaptation_sections(session: Session, top: int = 10) -> dict[str, list[dict[str, Any]]]:
     """The latest adaptation (``sorter adapt``): its summary; the generic and the adapted verdict
-    side by side over the instances it scored, with the label issues among them; and the series
-    the archive contradicts most. Empty lists before any adaptation."""
+    side by side over the instances it scored, with the label issues among them; the series the
+    archive contradicts most; and the series both models doubt most (``joint_score``, the review
+    order). Empty lists before any adaptation."""
     a = adaptations.alias("a")
     latest = session.execute(sa.select(a).where(a.c.id == _latest_adaptation())).mappings().first()
     if latest is None:
-        return {"adaptation": [], "adapted_verdicts": [], "label_issue_series": []}
+        return {"adaptation": [], "adapted_verdicts": [], "label_issue_series": [], "joint_series": []}
     summary = latest["summary"] or {}
     li, g, o = label_issue_rows.alias("li"), predictions.alias("g"), predictions.alias("o")
     n = sa.func.count().label("n")
@@ -517,6 +518,7 @@ def adaptation_sections(session: Session, top: int = 10) -> dict[str, list[dict[
         ],
         "adapted_verdicts": _rows(session, side_by_side),
         "label_issue_series": list(label_issues(session, "series", top)),
+        "joint_series": list(label_issues(session, "series", top, by="joint_score")),
     }
 
 

@@ -18,6 +18,7 @@ import pytest
 from db_support import copy_dicom, execute, query, scan, sorter
 from pydicom.uid import generate_uid
 from test_reports_discrepancy import readme_sql
+from test_review_app import _client, _overview
 
 from sorter.model.artefact import DEFAULT_MODEL_PATH, read_spec
 from sorter.reports import mean_bound
@@ -144,6 +145,7 @@ def test_scan_adapt_views_report_and_listings(scanned, tmp_path):
     report = json.loads(sorter("report", "--format", "json", url=url).output)
     assert report["adaptation"][0]["sampled"] == PER_SERIES * len(SERIES)
     assert report["label_issue_series"][0]["series_instance_uid"] == uids["ct_labelled_mr"]
+    assert report["joint_series"][0]["series_instance_uid"] == uids["ct_labelled_mr"]
     side = {
         (r["header_label"], r["generic_verdict"], r["adapted_verdict"]): r["n"]
         for r in report["adapted_verdicts"]
@@ -180,6 +182,13 @@ def test_scan_adapt_views_report_and_listings(scanned, tmp_path):
     assert {r["study_instance_uid"]: r["joint_score"] for r in studies}[uids["study:mr_a"]] == pytest.approx(
         shown[uids["mr_a"]]
     )
+
+    # The review page's overview lists them in that order, each linked to its series page.
+    client = _client(url)
+    table = _overview(client).text.split('id="joint"')[1].split("</table>")[0]
+    linked = re.findall(r'href="/series/([0-9.]+)"', table)
+    assert linked == [r["series_instance_uid"] for r in joint[: len(linked)]] and len(linked) == 10
+    assert client.get(f"/series/{linked[0]}").status_code == 200
 
     if url.startswith("postgresql"):  # the README's recipes for adaptations find the same series
         flagged, ranked_sql = [sql for sql in readme_sql() if "FROM adapted_series" in sql]

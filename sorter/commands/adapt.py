@@ -330,11 +330,12 @@ def _adapt_database(
             summary=fit["metrics"]["cross_fitted"],
         )
         session.commit()
-        top = list(reports.label_issues(session, "series", 10))
+        top = list(reports.label_issues(session, "series", 10, by="joint_score"))
     click.echo(f"adaptation {adaptation_id}: adapted model {path} ({sha[:12]}), registered, not active")
     if top:
         click.echo(
-            "\nseries the archive contradicts most (adapted_series; `sorter discrepancies --by label-issue`):"
+            "\nseries to review first, both models doubting their header most"
+            " (adapted_series.joint_score; `sorter discrepancies --by joint`):"
         )
         write_rows(top, reports.LABEL_ISSUE_FIELDS["series"], "table")
     click.echo(
