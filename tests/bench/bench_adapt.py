@@ -526,7 +526,7 @@ def fold_result(
         adapted_flag = {s: 2 * sum(f) >= len(f) for s, f in flagged_instances.items()}
         # The adapted verdict as the views show it (adapted_series.adapted_verdict): the
         # out-of-fold probabilities of the sampled instances at the adaptation's own operating
-        # point, per series by vote, and by vote or the mean arm (--adapted-series-mean).
+        # point, per series by vote, and by vote or 0013's mean arm (measured, not adopted).
         adapted_series, adapted_voted = adapted_series_verdicts(result, header[ids], chosen, labels)
         adapted_class, _ = adapted_series_verdicts(
             result, header[ids], chosen, labels, [classes[i] for i in ids]

@@ -1,10 +1,10 @@
 """adapted views: ``joint_score``, both models' doubt of the header in one ranking.
 
 The label-issue score ranks by the adaptation's opinion alone, and the generic verdict beside it
-is a verdict, not a rank: on ``tests/bench/bench_adapt.py`` the label-issue ranking put sporadic
-wrong series above clean ones with an average precision of 0.47, the generic model's mean
-evidence alone 0.49, and their product 0.69 (0.75 where the generic verdicts read the SOP class
-too). ``joint_score`` is one minus that product:
+is a verdict, not a rank: on ``tests/bench/bench_adapt.py`` (``results-adapt-joint-2core.json``)
+the label-issue ranking put sporadic wrong series above clean ones with an average precision of
+0.50, the generic model's mean evidence alone 0.60, and their product 0.75 (0.68 and 0.80 where
+the generic verdicts read the SOP class too). ``joint_score`` is one minus that product:
 
 * instance: ``1 - e x self_confidence``, where ``e`` is the generic model's evidence for the
   header (``generic_p_evidence``: PT + NM under PT and NM), 0 where its verdict is ``disagree``
