@@ -587,7 +587,7 @@ def label_issues(
     }[level]
     stmt = (
         sa.select(*(view.c[f] for f in LABEL_ISSUE_FIELDS[level]))
-        .where(view.c.label_issue_score.is_not(None))
+        .where(view.c[by].is_not(None))  # joint_score: also what only the adapted model judged
         .order_by(view.c[by].desc(), view.c[key])
     )
     yield from _stream(session, stmt, limit)

@@ -242,6 +242,38 @@ def test_scan_adapt_views_report_and_listings(scanned, tmp_path):
     sorter("reclassify", "--model", str(out / "model.pt"), "--workers", "1", "--no-progress", url=url)
     assert query(url, "SELECT count(*) FROM adapted_instances WHERE adapted_by IS NULL")[0][0] == 0
 
+    # A series the adaptation did not sample (its out-of-fold rows removed, as --per-label leaves
+    # most of a large archive out) is ranked by the adapted model's own probability of its header
+    # once reclassified: the joint listing shows it, the label-issue one cannot.
+    unsampled = "instance_id IN (SELECT id FROM instances WHERE series_instance_uid = :s)"
+    oof_model, adapted_model = query(url, "SELECT oof_model_id, adapted_model_id FROM adaptations")[0]
+    execute(url, f"DELETE FROM label_issues WHERE {unsampled}", s=uids["mr_c"])
+    execute(url, f"DELETE FROM predictions WHERE model_id = :m AND {unsampled}", m=oof_model, s=uids["mr_c"])
+    rows = query(
+        url,
+        "SELECT a.generic_verdict, a.generic_p_evidence, a.adapted_p_header, a.joint_score, a.adapted_by,"
+        " p.p_mr FROM adapted_instances a JOIN predictions p ON p.instance_id = a.instance_id"
+        " AND p.model_id = :m WHERE a.series_instance_uid = :s",
+        m=adapted_model,
+        s=uids["mr_c"],
+    )
+    assert len(rows) == PER_SERIES and {r.adapted_by for r in rows} == {"adapted_model"}
+    kept = [0.0 if r.generic_verdict == "disagree" else r.generic_p_evidence for r in rows]
+    for r, e in zip(rows, kept, strict=True):
+        assert r.adapted_p_header == pytest.approx(r.p_mr) and r.joint_score == pytest.approx(1 - e * r.p_mr)
+    listed = {
+        r["series_instance_uid"]: r
+        for r in json.loads(
+            sorter("discrepancies", "--by", "joint", "--level", "series", "--format", "json", url=url).output
+        )
+    }
+    assert listed[uids["mr_c"]]["label_issue_score"] is None
+    assert listed[uids["mr_c"]]["joint_score"] == pytest.approx(
+        1 - np.mean(kept) * np.mean([r.p_mr for r in rows])
+    )
+    issues = sorter("discrepancies", "--by", "label-issue", "--level", "series", "--format", "csv", url=url)
+    assert uids["mr_c"] not in issues.output
+
 
 def test_a_run_resumes_from_its_folder_and_refuses_other_options(corpus, tmp_path, sqlite_url):
     # The work folder is the same whatever the database: SQLite only (both run the test above).

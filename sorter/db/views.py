@@ -129,6 +129,7 @@ ADAPTED_INSTANCE_COLUMNS = (
     "label_issue_score",
     "is_label_issue",
     # migration 0015: both models' doubt of the header, in one ranking
+    "adapted_p_header",
     "joint_score",
 )
 ADAPTED_SERIES_COLUMNS = (

@@ -66,7 +66,7 @@ import os
 import platform
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from sorter.adaptation.core import adapt_arrays  # noqa: E402
-from sorter.adaptation.crossfit import HeadRecipe  # noqa: E402
+from sorter.adaptation.crossfit import HeadRecipe, logits_of  # noqa: E402
 from sorter.adaptation.embed import head_inputs  # noqa: E402
 from sorter.adaptation.sample import Candidate, assign_folds, sample  # noqa: E402
 from sorter.adaptation.scoring import label_issues  # noqa: E402
@@ -323,11 +323,14 @@ def series_scores(
     kinds: tuple[set[str], set[str]],
     verdicts: list[str],
     with_class: list[str],
+    adapted_all: np.ndarray,
 ) -> list[dict[str, Any]]:
-    """One row per sampled series: its kind (sporadic or systematic, as ``kinds`` holds them, else
-    clean), whether it has two images or more, and its scores, each higher the more its header is
-    doubted: ``adapted_score``, the mean label-issue score of its sampled instances
-    (``adapted_series.label_issue_score``); ``generic_score``, one minus the generic model's mean
+    """One row per series: its kind (sporadic or systematic, as ``kinds`` holds them, else clean),
+    whether it has two images or more, whether the adaptation sampled it, and its scores, each
+    higher the more its header is doubted: ``adapted_score``, the mean label-issue score of its
+    sampled instances (``adapted_series.label_issue_score``), or for a series not sampled one
+    minus the adapted model's mean probability of the header (``adapted_all``: every image's, as
+    ``sorter adapt --reclassify`` stores it); ``generic_score``, one minus the generic model's mean
     evidence for the header over all its images, an image its verdict refutes counting 0;
     ``joint_score``, :func:`joint` of the two (``adapted_series.joint_score``); ``generic_class_score``
     and ``joint_class_score``, the same with the verdicts that read the SOP class too (as a scan
@@ -339,15 +342,17 @@ def series_scores(
     evidence = image_evidence(generic, header, labels)
     pixels = np.where(np.asarray(verdicts) == "disagree", 0.0, evidence)
     classed = np.where(np.asarray(with_class) == "disagree", 0.0, evidence)
+    own = adapted_all[np.arange(len(header)), header]
     out = []
-    for s, values in adapted.items():
-        mask = masks[s]
-        adapted_p = 1.0 - float(np.mean(values))
+    for s, mask in masks.items():
+        sampled = s in adapted
+        adapted_p = 1.0 - float(np.mean(adapted[s])) if sampled else float(own[mask].mean())
         generic_p, class_p = float(pixels[mask].mean()), float(classed[mask].mean())
         out.append(
             {
                 "kind": "sporadic" if s in sporadic else "systematic" if s in systematic else "clean",
                 "multi": bool(mask.sum() >= 2),
+                "sampled": sampled,
                 "adapted_score": 1.0 - adapted_p,
                 "generic_score": 1.0 - generic_p,
                 "joint_score": joint(generic_p, adapted_p),
@@ -395,10 +400,13 @@ def budget_ranked(per_fold: list[dict[str, Any]], budget: float = CLEAN_BUDGET) 
             "clean_flagged_share": sums["false_clean"] / sums["clean"] if sums["clean"] else float("nan"),
         }
 
-    from sklearn.metrics import average_precision_score
-
     everything = [r for f in per_fold for r in f["series_scores"]]
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {
+        "series": {
+            part: dict(Counter(r["kind"] for r in everything if r["sampled"] == (part == "sampled")))
+            for part in ("sampled", "not_sampled")
+        }
+    }
     for name in SCORES:
         held: dict[str, float] = defaultdict(float)
         cuts = []
@@ -415,11 +423,28 @@ def budget_ranked(per_fold: list[dict[str, Any]], budget: float = CLEAN_BUDGET) 
         out[name] = {
             "cross_fitted": {**rates(held), "cuts": cuts},
             "in_sample": {**rates(scored(everything, name, at_all)), "cut": at_all},
-            "average_precision_sporadic": float(
-                average_precision_score([r["kind"] == "sporadic" for r in ranked], [r[name] for r in ranked])
+            "average_precision_sporadic": average_precision(ranked, name),
+            # with --per-label below the archive's size: the series the adaptation sampled, and
+            # those only the adapted model judged (as after `sorter adapt --reclassify`)
+            "average_precision_sporadic_sampled": average_precision(
+                [r for r in ranked if r["sampled"]], name
+            ),
+            "average_precision_sporadic_not_sampled": average_precision(
+                [r for r in ranked if not r["sampled"]], name
             ),
         }
     return out
+
+
+def average_precision(rows: list[dict[str, Any]], name: str) -> float:
+    """Average precision of score ``name`` for sporadic wrong series among ``rows`` (nan unless
+    both sporadic and clean ones are there)."""
+    from sklearn.metrics import average_precision_score
+
+    truth = [r["kind"] == "sporadic" for r in rows]
+    if all(truth) or not any(truth):
+        return float("nan")
+    return float(average_precision_score(truth, [r[name] for r in rows]))
 
 
 def fold_result(
@@ -573,7 +598,16 @@ def fold_result(
         sporadic_multi = {s for s in sporadic if len(by_series_verdicts[s]) >= 2}
         scores.extend(
             series_scores(
-                generic, header, masks, result, chosen, labels, (sporadic, systematic), verdicts, with_class
+                generic,
+                header,
+                masks,
+                result,
+                chosen,
+                labels,
+                (sporadic, systematic),
+                verdicts,
+                with_class,
+                softmax_np(logits_of(embeddings, result.weight, result.bias), result.temperature),
             )
         )
         row: dict[str, Any] = {
