@@ -100,7 +100,7 @@ from train.runs import images_for, select_rows  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests" / "bench"))
 from bench_header_class import dicom_headers  # noqa: E402
-from bench_station import floats, mean_evidence  # noqa: E402
+from bench_station import floats  # noqa: E402
 
 SPORADIC_SHARE = 0.02
 
@@ -206,18 +206,18 @@ RATE_BEFORE = 0.5
 
 
 def station_reported(
-    generic: np.ndarray,
+    evidence: np.ndarray,
     header: np.ndarray,
     verdicts: list[str],
     mask: np.ndarray,
     agree_at: np.ndarray,
     disagree_at: np.ndarray,
-    labels: list[str],
     rate_only: float | None = None,
 ) -> bool:
     """``sorter report``'s station-level discrepancy (:func:`sorter.reports.contradicts`) for the
-    images in ``mask``, under their majority header label; with ``rate_only``, the earlier rule
-    (that share refuted, the mean probability not looked at)."""
+    images in ``mask``, under their majority header label, ``evidence`` every image's
+    (:func:`image_evidence`); with ``rate_only``, the earlier rule (that share refuted, the mean
+    probability not looked at)."""
     if not mask.any():
         return False
     label = int(np.bincount(header[mask]).argmax())
@@ -227,30 +227,30 @@ def station_reported(
     confirmed = sum(v == "agree" for v, m in zip(verdicts, chosen, strict=True) if m)
     if rate_only is not None:  # the mean probability unknown: contradicts() tests the rate alone
         return contradicts(n, refuted, None, None, min_rate=rate_only)
-    mean_p = mean_evidence(generic, chosen, label, labels)
+    mean_p = float(evidence[chosen].mean())
     return contradicts(
         n, refuted, mean_p, float(disagree_at[label]), n_agree=confirmed, mean_agree_at=float(agree_at[label])
     )
 
 
 def mean_refutes(
-    generic: np.ndarray,
+    evidence: np.ndarray,
     header: np.ndarray,
     mask: np.ndarray,
     agree_at: np.ndarray,
     disagree_at: np.ndarray,
-    labels: list[str],
     verdicts: list[str],
     towards: float = CONTRADICTION_TOWARDS,
 ) -> bool:
-    """Whether the images in ``mask`` (one header label), ``verdicts`` theirs, fall under the
-    station rule's mean arm (:func:`sorter.reports.contradicts` without its minimum count and its
-    share refuted), its bound ``towards`` along the way from ``disagree_at`` to ``agree_at``."""
+    """Whether the images in ``mask`` (one header label), ``verdicts`` theirs, ``evidence`` every
+    image's (:func:`image_evidence`), fall under the station rule's mean arm
+    (:func:`sorter.reports.contradicts` without its minimum count and its share refuted), its
+    bound ``towards`` along the way from ``disagree_at`` to ``agree_at``."""
     label = int(header[mask][0])
     return contradicts(
         len(verdicts),
         0,
-        mean_evidence(generic, mask, label, labels),
+        float(evidence[mask].mean()),
         float(disagree_at[label]),
         min_instances=1,
         min_rate=float("inf"),
@@ -275,6 +275,7 @@ def adapted_series_verdicts(
     agree_at = np.asarray([point.agree_at[label] for label in labels])
     disagree_at = np.asarray([point.disagree_at[label] for label in labels])
     probs = result.oof_probs
+    evidence = image_evidence(probs, header, labels)
     if classes is None:
         verdicts = header_verdicts(probs, header, agree_at, disagree_at)
     else:
@@ -284,7 +285,7 @@ def adapted_series_verdicts(
     for s, v in zip(series, verdicts, strict=True):
         by_series[str(s)].append(v)
     ruled = {
-        s: series_verdict(v, mean_refutes(probs, header, series == s, agree_at, disagree_at, labels, v))
+        s: series_verdict(v, mean_refutes(evidence, header, series == s, agree_at, disagree_at, v))
         for s, v in by_series.items()
     }
     return ruled, {s: vote(v) for s, v in by_series.items()}
@@ -308,7 +309,7 @@ def image_evidence(probs: np.ndarray, header: np.ndarray, labels: list[str]) -> 
     """Each image's evidence for its header label (PT + NM under PT or NM), as
     ``adapted_instances.generic_p_evidence`` stores it."""
     names = [Label(label) for label in labels]
-    out = np.zeros(len(header))
+    out = np.zeros(len(header), dtype=probs.dtype)  # each mean in the probabilities' own precision
     for h in np.unique(header):
         columns = [labels.index(e.value) for e in evidence_labels(names[int(h)])]
         rows = header == h
@@ -330,12 +331,11 @@ def product(generic_evidence: float, adapted_evidence: float) -> float:
 
 
 def series_scores(
-    generic: np.ndarray,
+    evidence: np.ndarray,
     header: np.ndarray,
     masks: dict[str, np.ndarray],
     result: Any,
     chosen: list[Candidate],
-    labels: list[str],
     kinds: tuple[set[str], set[str]],
     verdicts: list[str],
     with_class: list[str],
@@ -347,7 +347,8 @@ def series_scores(
     sampled instances (``adapted_series.label_issue_score``), or for a series not sampled one
     minus the adapted model's mean probability of the header (``adapted_all``: every image's, as
     ``sorter adapt --reclassify`` stores it); ``generic_score``, one minus the generic model's mean
-    evidence for the header over all its images, an image its verdict refutes counting 0;
+    ``evidence`` for the header (:func:`image_evidence`) over all its images, an image its verdict
+    refutes counting 0;
     ``joint_score``, :func:`joint` of the two (``adapted_series.joint_score``); ``generic_class_score``
     and ``joint_class_score``, the same with the verdicts that read the SOP class too (as a scan
     of DICOM stores them); ``product_score`` and ``product_class_score``, :func:`product` instead."""
@@ -355,7 +356,6 @@ def series_scores(
     adapted: dict[str, list[float]] = defaultdict(list)
     for n, c in enumerate(chosen):
         adapted[c.series].append(float(result.issues.score[n]))
-    evidence = image_evidence(generic, header, labels)
     pixels = np.where(np.asarray(verdicts) == "disagree", 0.0, evidence)
     classed = np.where(np.asarray(with_class) == "disagree", 0.0, evidence)
     own = adapted_all[np.arange(len(header)), header]
@@ -511,6 +511,7 @@ def fold_result(
         )
         verdicts = header_verdicts(generic, header, agree_at, disagree_at)
         with_class = class_verdicts(generic, header, classes, labels, thresholds)
+        evidence = image_evidence(generic, header, labels)  # what every mean rule below averages
         if repeat == 0:  # the vectorised header test is compare()'s, where no class speaks
             assert class_verdicts(generic, header, [None] * len(header), labels, thresholds) == verdicts
         candidates = [
@@ -545,7 +546,7 @@ def fold_result(
         # under mean_bound; the views apply it to series of two images or more (migration 0013).
         masks = {s: series_of == s for s in by_series_verdicts}
         mean_refuted = {
-            s: mean_refutes(generic, header, masks[s], agree_at, disagree_at, labels, v)
+            s: mean_refutes(evidence, header, masks[s], agree_at, disagree_at, v)
             for s, v in by_series_verdicts.items()
         }
         generic_series = {s: series_verdict(v, mean_refuted[s]) for s, v in by_series_verdicts.items()}
@@ -557,7 +558,7 @@ def fold_result(
         grid: dict[str, set[str]] = {}
         for t in args.series_towards:
             refuted_at = {
-                s: mean_refutes(generic, header, masks[s], agree_at, disagree_at, labels, v, towards=t)
+                s: mean_refutes(evidence, header, masks[s], agree_at, disagree_at, v, towards=t)
                 for s, v in by_series_verdicts.items()
             }
             for min_images in (1, 2):
@@ -617,12 +618,11 @@ def fold_result(
         sporadic_multi = {s for s in sporadic if len(by_series_verdicts[s]) >= 2}
         scores.extend(
             series_scores(
-                generic,
+                evidence,
                 header,
                 masks,
                 result,
                 chosen,
-                labels,
                 (sporadic, systematic),
                 verdicts,
                 with_class,
@@ -656,15 +656,15 @@ def fold_result(
             if in_source.any()
             else 0.0
         )
-        station = station_reported(generic, header, verdicts, in_source, agree_at, disagree_at, labels)
+        station = station_reported(evidence, header, verdicts, in_source, agree_at, disagree_at)
         row["systematic_refuted_share"] = float(refuted)
         row["systematic_is_station_discrepancy"] = station
         sums["systematic_reported"] += station
         sums["systematic_reported_before"] += station_reported(
-            generic, header, verdicts, in_source, agree_at, disagree_at, labels, RATE_BEFORE
+            evidence, header, verdicts, in_source, agree_at, disagree_at, RATE_BEFORE
         )
         sums["systematic_reported_class"] += station_reported(
-            generic, header, with_class, in_source, agree_at, disagree_at, labels
+            evidence, header, with_class, in_source, agree_at, disagree_at
         )
         sums["systematic_eligible"] += bool(in_source.sum() >= CONTRADICTION_MIN_INSTANCES)
         # The honest sources of the archive (no header of theirs touched): accused? A source
@@ -675,13 +675,13 @@ def fold_result(
             mask = source_of == other
             if mask.sum() >= CONTRADICTION_MIN_INSTANCES:
                 sums["honest_sources"] += 1
-                accused = station_reported(generic, header, verdicts, mask, agree_at, disagree_at, labels)
+                accused = station_reported(evidence, header, verdicts, mask, agree_at, disagree_at)
                 sums["honest_sources_reported"] += accused
                 sums["honest_sources_reported_before"] += station_reported(
-                    generic, header, verdicts, mask, agree_at, disagree_at, labels, RATE_BEFORE
+                    evidence, header, verdicts, mask, agree_at, disagree_at, RATE_BEFORE
                 )
                 sums["honest_sources_reported_class"] += station_reported(
-                    generic, header, with_class, mask, agree_at, disagree_at, labels
+                    evidence, header, with_class, mask, agree_at, disagree_at
                 )
                 if accused:
                     row["honest_sources_reported"].append(other)
