@@ -99,6 +99,7 @@ from train.operating_point import operating_point  # noqa: E402
 from train.runs import images_for, select_rows  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests" / "bench"))
+from adapt_variants import source_folds, source_rows, source_summary, with_knn  # noqa: E402
 from bench_header_class import dicom_headers  # noqa: E402
 from bench_station import floats  # noqa: E402
 
@@ -505,6 +506,7 @@ def fold_result(
     rows = []
     accuracy: dict[str, list[float]] = defaultdict(list)
     scores: list[dict[str, Any]] = []
+    sources: list[dict[str, Any]] = []
     for repeat in range(repeats):
         header, sporadic, systematic, systematic_source = inject(
             series_of, source_of, truth, len(labels), rng
@@ -519,20 +521,38 @@ def fold_result(
             for i in range(len(archive))
         ]
         chosen = sample(candidates, args.per_label, args.per_series, seed=repeat)
-        n_studies = len({c.study for c in chosen})
-        k = min(args.folds, n_studies)
-        study_fold = assign_folds(chosen, k, seed=repeat)
+        if args.fold_by == "source":  # measured, not what sorter adapt does (adapt_variants)
+            study_fold = source_folds(chosen, args.folds, seed=repeat)
+        else:
+            study_fold = assign_folds(chosen, min(args.folds, len({c.study for c in chosen})), seed=repeat)
+        k = len(set(study_fold.values()))
         ids = np.asarray([c.instance_id for c in chosen])
+        fold_ids = np.asarray([study_fold[c.study] for c in chosen])
         started = time.process_time()
         result = adapt_arrays(
             embeddings[ids],
             header[ids],
-            np.asarray([study_fold[c.study] for c in chosen]),
+            fold_ids,
             network,
             labels,
             HeadRecipe(steps=args.steps, lr=args.lr, anchor=args.anchor),
         )
+        if args.knn:  # measured, not what sorter adapt does (adapt_variants)
+            result = with_knn(
+                result, embeddings[ids], header[ids], fold_ids, labels, args.knn, args.knn_weight
+            )
         adapt_cpu = time.process_time() - started
+        sources.extend(
+            source_rows(
+                image_evidence(result.oof_probs, header[ids], labels),
+                chosen,
+                evidence,
+                source_of,
+                systematic_source,
+                sporadic,
+                CONTRADICTION_MIN_INSTANCES,
+            )
+        )
         flagged_instances: dict[str, list[bool]] = defaultdict(list)
         for n, c in enumerate(chosen):
             flagged_instances[c.series].append(bool(result.issues.is_issue[n]))
@@ -705,6 +725,7 @@ def fold_result(
         "accuracy_by_label": {k: float(np.mean(v)) for k, v in accuracy.items()},
         "repeats": rows,
         "series_scores": scores,
+        "source_rows": sources,
     }
 
 
@@ -833,6 +854,20 @@ def main() -> None:
     )
     parser.add_argument("--lr", type=float, default=HeadRecipe.lr)
     parser.add_argument("--anchor", type=float, default=HeadRecipe.anchor)
+    parser.add_argument(
+        "--knn",
+        type=int,
+        default=0,
+        metavar="K",
+        help="mix the head's out-of-fold probabilities with K nearest neighbours' (measured, not shipped)",
+    )
+    parser.add_argument("--knn-weight", type=float, default=0.5, help="the neighbours' share (1 = alone)")
+    parser.add_argument(
+        "--fold-by",
+        choices=("study", "source"),
+        default="study",
+        help="cross-fit by study (sorter adapt) or hold whole sources out (measured, not shipped)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "tests/bench/results-adapt-2core.json")
     parser.add_argument("--rows", type=Path, help="also write every scored series' scores and evidence here")
     parser.add_argument(
@@ -890,9 +925,11 @@ def main() -> None:
         "overall": summarise(total),
         f"ranked_at_clean_{CLEAN_BUDGET}": budget_ranked(per_fold),
         "adapted_accuracy_true_labels_by_label": {k: float(np.mean(v)) for k, v in sorted(accuracy.items())},
+        # each source's mean evidence for its headers: does the systematic source stand out?
+        "sources_ranked": source_summary([row for r in per_fold for row in r["source_rows"]]),
         "per_fold": [
             {
-                **{k: v for k, v in r.items() if k not in ("sums", "series_scores")},
+                **{k: v for k, v in r.items() if k not in ("sums", "series_scores", "source_rows")},
                 "summary": summarise(r["sums"]),
             }
             for r in per_fold
@@ -909,6 +946,7 @@ def main() -> None:
                 "overall": result["overall"],
                 "ranked": result[f"ranked_at_clean_{CLEAN_BUDGET}"],
                 "adapted_accuracy": result["adapted_accuracy_true_labels_by_label"],
+                "sources_ranked": result["sources_ranked"],
             },
             indent=1,
         )
