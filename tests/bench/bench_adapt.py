@@ -46,6 +46,12 @@ study, :func:`sorter.adaptation.core.adapt_arrays`; defaults ``--per-label 2000 
   clean series (issue 18's budget), the cut chosen on the other folds (and in-sample, as an upper
   bound): can any threshold on them meet the targets?
 
+Variants measured and not shipped (``tests/bench/adapt_variants.py``): ``--knn K`` mixes the
+head's out-of-fold probabilities with K nearest neighbours' header labels (``--knn-weight``, 1 =
+the neighbours alone), ``--fold-by source`` holds whole sources out instead of studies; every
+run also ranks the archive's sources by each opinion's mean evidence (``sources_ranked``: does
+the systematic source fall below the honest ones?).
+
 Reported per fold and overall (sums over folds and repeats): precision and recall of flagged series
 for the sporadic errors (a flag on the systematic source counts as right, recall counts sporadic
 series only; ``recall_sporadic_multi``: of those with two images or more), the share of clean
