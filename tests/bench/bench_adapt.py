@@ -894,6 +894,8 @@ def main() -> None:
         return
     if args.generic is None:
         parser.error("--generic RUN or --scale N")
+    if args.knn < 0 or not 0 < args.knn_weight <= 1:
+        parser.error("--knn takes K >= 1 (0: off) and --knn-weight a share in (0, 1]")
     run = args.generic
     config, manifest = load_run_config(run)
     rows = select_rows(manifest, config)

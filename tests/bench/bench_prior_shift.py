@@ -100,6 +100,9 @@ def main() -> None:
     parser.add_argument("--reg", type=floats, default=[0.0, 0.01, 0.1], metavar="R[,R...]")
     parser.add_argument("--out", type=Path, default=ROOT / "tests/bench/results-prior-shift-2core.json")
     args = parser.parse_args()
+    for run in args.runs:
+        if not (run / "oof.npz").is_file():
+            parser.error(f"{run} holds no oof.npz: give a finished sorter-train loso run")
     results = [run_result(run, args.reg) for run in args.runs]
     args.out.write_text(json.dumps(results, indent=1))
     for r in results:
