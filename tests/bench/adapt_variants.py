@@ -18,7 +18,8 @@ from sorter.adaptation.scoring import label_issues
 
 #: Softmax temperature over cosine similarities: the nearest neighbours weigh most.
 KNN_TAU = 0.1
-#: Share of the labels' flat prior mixed into the neighbours' vote, so that no label is exactly 0.
+#: Share of a flat prior over the labels the other folds hold, mixed into the neighbours' vote, so
+#: that none of them is exactly 0 (a label no other fold holds stays 0).
 KNN_PRIOR = 0.1
 
 
