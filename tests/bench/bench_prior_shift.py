@@ -38,8 +38,7 @@ def fit_bias(logits: np.ndarray, y: np.ndarray, n_labels: int, reg: float) -> np
 
     x = torch.tensor(logits, dtype=torch.float64)
     target = torch.tensor(y)
-    counts = np.bincount(y, minlength=n_labels)
-    weight = np.where(counts[y] > 0, 1.0 / counts[y], 0.0)
+    weight = 1.0 / np.bincount(y, minlength=n_labels)[y]  # every label present weighs the same
     w = torch.tensor(weight / weight.sum())
     b = torch.zeros(n_labels, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([b], max_iter=200)
@@ -64,7 +63,7 @@ def scores(pred: np.ndarray, y: np.ndarray, sources: np.ndarray, labels: list[st
         if mask.any():
             recall[label] = float(np.mean(pred[mask] == i))
             by_source[label] = float(
-                np.mean([np.mean(pred[mask & (sources == s)] == i) for s in set(sources[mask])])
+                np.mean([np.mean(pred[mask & (sources == s)] == i) for s in sorted(set(sources[mask]))])
             )
     return {
         "balanced_accuracy": float(np.mean(list(recall.values()))),
