@@ -126,16 +126,16 @@ def source_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"systematic": len(systematic), "honest_checks": len(honest)}
     if not systematic or not honest:
         return out
+    truth = [1] * len(systematic) + [0] * len(honest)
     for name in ("adapted", "generic", "mean"):
-
-        def value(r: dict[str, Any], name: str = name) -> float:
-            return (r["adapted"] + r["generic"]) / 2 if name == "mean" else float(r[name])
-
-        lowest = min(value(r) for r in honest)
-        truth = [1] * len(systematic) + [0] * len(honest)
-        doubt = [-value(r) for r in systematic + honest]
+        lowest = min(_evidence(r, name) for r in honest)
         out[name] = {
-            "auc": float(roc_auc_score(truth, doubt)),
-            "systematic_below_every_honest": sum(value(r) < lowest for r in systematic),
+            "auc": float(roc_auc_score(truth, [-_evidence(r, name) for r in systematic + honest])),
+            "systematic_below_every_honest": sum(_evidence(r, name) < lowest for r in systematic),
         }
     return out
+
+
+def _evidence(row: dict[str, Any], name: str) -> float:
+    """A source row's evidence by one opinion, or (``mean``) the mean of both."""
+    return (row["adapted"] + row["generic"]) / 2 if name == "mean" else float(row[name])
