@@ -60,6 +60,9 @@ class FitConfig:
     # The labels whose frames polarity_augment may invert (train/augment.py, polarity_flip).
     # PET slices are stored white on black; planar scintigrams are exported in either polarity.
     polarity_labels: tuple[str, ...] = ("NM", "PT")
+    # Probability that a frame drawn for NM is replaced by a training PET frame degraded into a
+    # simulated SPECT (train/augment.py, simulate_spect), labelled NM. 0 = off.
+    spect_sim: float = 0.0
     # Knowledge distillation: a teacher artefact (fit), or a loso run whose fold-N/model.pt teaches
     # fold N (loso; same manifest, folds and seed). Its inputs must be this configuration's.
     teacher: str | None = None
@@ -236,6 +239,7 @@ _FRACTIONS: dict[str, tuple[float, float, bool]] = {
     "shift_augment": (0.0, 1.0, True),
     "unit_augment": (0.0, 1.0, True),
     "polarity_augment": (0.0, 1.0, True),
+    "spect_sim": (0.0, 1.0, True),
     "distill_weight": (0.0, 1.0, True),
     "group_balance": (0.0, 1.0, True),
     "source_balance": (0.0, 1.0, True),

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from sorter.model.network import SorterNet, build_network, load_pretrained
 from sorter.model.spec import ModelSpec
-from train.augment import PHYSICAL_UNITS, augment_batch
+from train.augment import PHYSICAL_UNITS, augment_batch, simulate_spect
 from train.calibrate import softmax_np
 from train.config import FitConfig
 from train.data import ImageSet
@@ -149,14 +149,28 @@ def train_one_epoch(
     raw_all, feat_all = torch.from_numpy(images.raw), torch.from_numpy(images.features)
     unitless_all = ~frames_of(images.labels, PHYSICAL_UNITS)
     flippable_all = frames_of(images.labels, config.polarity_labels)
+    emission_all = frames_of(images.labels, ["NM"])
+    # The PET frames a simulated SPECT is made from, drawn as the sampler draws PT (none when off).
+    donors = frames_of(images.labels, ["PT"]) & (config.spect_sim > 0)
+    donors_raw, donors_feat, donors_weights = raw_all[donors], feat_all[donors], weights[donors]
     losses: list[float] = []
     bar = tqdm(picks.split(config.batch_size), desc="train", unit="batch", leave=False, disable=not progress)
     for batch in bar:
         if len(batch) < 2:  # BatchNorm needs two samples
             continue
-        x, f = augment_batch(
+        raw, feat = simulate_spect(
             raw_all[batch],
             feat_all[batch],
+            emission_all[batch],
+            donors_raw,
+            donors_feat,
+            donors_weights,
+            gen,
+            config.spect_sim,
+        )
+        x, f = augment_batch(
+            raw,
+            feat,
             spec.preprocess,
             gen,
             config.shift_augment,
