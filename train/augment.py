@@ -347,11 +347,11 @@ def simulate_spect(
 
     The simulation is :func:`spect_from_pet` of a frame drawn from ``donors_raw`` (N, S, S: the
     training set's PET frames) with ``donors_weights`` (N,; the sampler's, so every PET source is
-    as likely), whose features go with it. The label stays the
-    flagged frame's (NM): the network sees SPECT-like images made from distributions it otherwise
-    knows only as PET, so that blur, matrix and counting noise, which tell the two apart, are what
-    it learns rather than the few SPECT sources' anatomy and scale. ``rate`` 0, no flagged frame
-    or no donor draws nothing from ``gen``.
+    as likely), whose features go with it. The label stays the flagged frame's (NM): the network
+    sees SPECT-like images made from distributions it otherwise knows only as PET, so that blur,
+    matrix and counting noise, which tell the two apart, are what it learns rather than the few
+    SPECT sources' anatomy and scale. ``rate`` 0, no flagged frame or no donor draws nothing
+    from ``gen``.
     """
     if rate <= 0 or len(donors_raw) == 0 or not emission.any():
         return raw, features
