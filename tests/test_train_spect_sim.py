@@ -141,7 +141,7 @@ def test_training_draws_simulations_for_nm_only_when_on(rate: float, tmp_path, m
         if (frame == frame[0, 0]).all():  # a CT or NM frame as stored
             kinds.append("NM" if float(frame[0, 0]) in nm_values else "CT")
             assert float(frame[0, 0]) in nm_values | ct_values
-        else:  # a PET frame as stored, or a simulation (counts, far below the PET's Bq/ml)
+        else:  # the PET frame as stored, or a simulation made from it (blurred, noisy, rescaled)
             kinds.append("PT" if torch.equal(frame, images_pt) else "simulated")
     assert kinds.count("CT") > 0 and kinds.count("PT") > 0
     if rate == 0:

@@ -298,6 +298,8 @@ SPECT_POST_SIGMA = (0.5, 1.5)
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Blur frames (B, S, S) with a separable Gaussian of ``sigma`` pixels, edges replicated."""
+    # By hand rather than torchvision's gaussian_blur, which pads by reflection: this is the blur
+    # the README's spect_sim runs measured, and a change of edge handling would move them.
     radius = max(1, math.ceil(3 * sigma))
     taps = torch.arange(-radius, radius + 1, dtype=x.dtype)
     kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
