@@ -63,6 +63,13 @@ class FitConfig:
     # Probability that a frame drawn for NM is replaced by a training PET frame degraded into a
     # simulated SPECT (train/augment.py, simulate_spect), labelled NM. 0 = off.
     spect_sim: float = 0.0
+    # Probability that a frame of a tomographic label is drawn as a small field of view: a crop of
+    # a third to three fifths of the frame instead of three quarters to all of it (train/augment.py,
+    # _geometry). Scanners reconstruct extremities, inner ears and hearts on small fields of view
+    # with no air around the body, which a network that learnt CT from its air never saw. 0 = off.
+    zoom_augment: float = 0.0
+    # The labels whose frames zoom_augment may crop: those reconstructed on a chosen field of view.
+    zoom_labels: tuple[str, ...] = ("CT", "MR")
     # Knowledge distillation: a teacher artefact (fit), or a loso run whose fold-N/model.pt teaches
     # fold N (loso; same manifest, folds and seed). Its inputs must be this configuration's.
     teacher: str | None = None
@@ -240,6 +247,7 @@ _FRACTIONS: dict[str, tuple[float, float, bool]] = {
     "unit_augment": (0.0, 1.0, True),
     "polarity_augment": (0.0, 1.0, True),
     "spect_sim": (0.0, 1.0, True),
+    "zoom_augment": (0.0, 1.0, True),
     "distill_weight": (0.0, 1.0, True),
     "group_balance": (0.0, 1.0, True),
     "source_balance": (0.0, 1.0, True),
@@ -267,9 +275,10 @@ def _check_ranges(config: FitConfig) -> None:
             raise ValueError(f"{name} must be in [{low:g}, {high:g}{bracket}, not {value}")
     # Against the taxonomy, not the run's labels: a run without NM simply has no NM frame to invert.
     known = [label.value for label in ALL_LABELS]
-    stray = sorted(set(config.polarity_labels) - set(known))
-    if stray:
-        raise ValueError(f"polarity_labels names {', '.join(stray)}, not among the labels {', '.join(known)}")
+    for name in ("polarity_labels", "zoom_labels"):
+        stray = sorted(set(getattr(config, name)) - set(known))
+        if stray:
+            raise ValueError(f"{name} names {', '.join(stray)}, not among the labels {', '.join(known)}")
     if config.mixup < 0:
         raise ValueError(f"mixup is a Beta distribution's alpha: {config.mixup} is negative")
 

@@ -150,6 +150,7 @@ def train_one_epoch(
     unitless_all = ~frames_of(images.labels, PHYSICAL_UNITS)
     flippable_all = frames_of(images.labels, config.polarity_labels)
     emission_all = frames_of(images.labels, ["NM"])
+    zoomable_all = frames_of(images.labels, config.zoom_labels)
     # The PET frames a simulated SPECT is made from, drawn as the sampler draws PT (none when off).
     donors = frames_of(images.labels, ["PT"]) & (config.spect_sim > 0)
     donors_raw, donors_feat, donors_weights = raw_all[donors], feat_all[donors], weights[donors]
@@ -178,6 +179,8 @@ def train_one_epoch(
             config.unit_augment,
             flippable_all[batch],
             config.polarity_augment,
+            zoomable_all[batch],
+            config.zoom_augment,
         )
         x = x.to(device, memory_format=torch.channels_last)
         f, y = f.to(device), targets_all[batch].to(device)
