@@ -20,7 +20,7 @@ import torch
 
 from sorter.model.artefact import load_artefact
 from train.config import load_run_config
-from train.runs import images_for, select_rows
+from train.runs import images_for, loso_run_argument, select_rows
 
 
 def probe(run: Path, fold: int, sources: list[str]) -> dict[str, dict[str, dict[str, int]]]:
@@ -61,7 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--run", type=Path, required=True, help="a sorter-train loso run")
+    parser.add_argument("--run", type=loso_run_argument, required=True, help="a sorter-train loso run")
     parser.add_argument("--fold", type=int, required=True, help="the fold that holds the sources out")
     parser.add_argument("--sources", required=True, help="comma-separated manifest sources")
     parser.add_argument("--out", type=Path, help="also write the counts here (JSON)")
