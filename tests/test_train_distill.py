@@ -29,7 +29,7 @@ def test_the_shipped_recipes_resolve():
     from train.config import resolve_config
 
     recipes = sorted((Path(__file__).resolve().parents[1] / "train" / "recipes").glob("*.yaml"))
-    assert len(recipes) == 17
+    assert len(recipes) == 18
     configs = {path.stem: resolve_config("default", path) for path in recipes}
     assert configs["pretrained"].pretrained and configs["pretrained"].arch == "efficientnet_lite0"
     for n in (1, 2):  # the larger candidates: the bundled recipe but for the backbone
@@ -66,6 +66,8 @@ def test_the_shipped_recipes_resolve():
     assert replace(configs["spect-sim"], spect_sim=0.0) == resolve_config("default")
     zoom = configs["pretrained-spect-sim-zoom"]  # and small fields of view of CT and MR on top
     assert zoom.zoom_augment > 0 and replace(zoom, zoom_augment=0.0) == spect
+    body = configs["pretrained-spect-sim-zoom-body"]  # the same crops, kept on the body
+    assert body.zoom_on_body and replace(body, zoom_on_body=False) == zoom
     assert configs["student"].teacher and configs["student"].arch == "mobilenet_v3_small"
     assert configs["student"].preprocess() == configs["pretrained"].preprocess()  # the same inputs
     # The bundled ensemble's partner and its leave-sources-out twin: the main network's inputs.

@@ -40,7 +40,9 @@ Small fields of view (``zoom``, 0 = off): scanners reconstruct extremities, inne
 hearts and spines on a small field of view, with no air around the body. A network that
 learnt CT from the air around a trunk calls such a slice something else (the sarcoma
 study's extremity CT, cropped around the tumour, US). Cropping frames of the chosen labels
-to a third to three fifths of their side teaches them without it.
+to a third to three fifths of their side teaches them without it. Placed anywhere in the
+frame, such a crop of a trunk can hold air alone; ``zoom_on_body`` centres it on a pixel of
+the body instead, as a scanner's small field of view is centred on the anatomy.
 """
 
 from __future__ import annotations
@@ -70,6 +72,30 @@ def _scale(x: torch.Tensor, params: PreprocessParams) -> torch.Tensor:
 
 #: The side of a ``zoom`` crop, as a fraction of the frame's (``_geometry`` draws 0.75 to 1 otherwise).
 ZOOM_SCALE = (0.33, 0.6)
+#: ``zoom_on_body``: a pixel is body when above this share of its frame's range (minimum to the
+#: 99th percentile, so that a few bright pixels do not lift it): CT's soft tissue and table, not
+#: its air.
+BODY_LEVEL = 0.1
+
+
+def _body_boxes(raw: torch.Tensor) -> torch.Tensor:
+    """Each frame's body bounding box (N, 4: left, right, top, bottom) in ``affine_grid``'s -1 to 1.
+
+    A frame with no pixel above the level (a blank frame) gets the whole frame.
+    """
+    n, h, w = raw.shape
+    flat = raw.flatten(1).float()
+    low = flat.min(dim=1).values
+    high = torch.quantile(flat, 0.99, dim=1)
+    body = (flat > (low + BODY_LEVEL * (high - low))[:, None]).view(n, h, w)
+    edges = []
+    for hits, size in ((body.any(dim=1), w), (body.any(dim=2), h)):
+        first = hits.float().argmax(dim=1)
+        last = size - 1 - hits.flip(1).float().argmax(dim=1)
+        blank = ~hits.any(dim=1)
+        first, last = torch.where(blank, 0, first), torch.where(blank, size - 1, last)
+        edges += [2 * first / size - 1, 2 * (last + 1) / size - 1]
+    return torch.stack(edges, 1)
 
 
 def _geometry(
@@ -78,9 +104,11 @@ def _geometry(
     gen: torch.Generator,
     zoomable: torch.Tensor | None = None,
     zoom: float = 0.0,
+    on_body: bool = False,
 ) -> torch.Tensor:
     n = raw.shape[0]
     scale = torch.empty(n).uniform_(0.75, 1.0, generator=gen)
+    fires = torch.zeros(n, dtype=torch.bool)
     if zoom > 0 and zoomable is not None:  # nothing drawn when off: runs without it stay bit for bit
         fires = (torch.rand(n, generator=gen) < zoom) & zoomable
         scale = torch.where(fires, torch.empty(n).uniform_(*ZOOM_SCALE, generator=gen), scale)
@@ -90,6 +118,16 @@ def _geometry(
     sx, sy = scale * aspect.sqrt() * flip, scale / aspect.sqrt()
     tx = (1 - scale) * torch.empty(n).uniform_(-1, 1, generator=gen)
     ty = (1 - scale) * torch.empty(n).uniform_(-1, 1, generator=gen)
+    if on_body and bool(fires.any()):
+        # The crop inside the body's box where it fits, centred on the body where it does not
+        # (an extremity smaller than the field of view), and always inside the frame.
+        box, half, reach = _body_boxes(raw[fires]), scale[fires], 1 - scale[fires]
+        for axis, t in ((0, tx), (2, ty)):
+            low, high = box[:, axis] + half, box[:, axis + 1] - half
+            middle = (box[:, axis] + box[:, axis + 1]) / 2
+            low, high = torch.where(low > high, middle, low), torch.where(low > high, middle, high)
+            centre = low + (high - low) * torch.rand(len(half), generator=gen)
+            t[fires] = torch.maximum(torch.minimum(centre, reach), -reach)
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.stack(
         [torch.stack([cos * sx, -sin * sy, tx], 1), torch.stack([sin * sx, cos * sy, ty], 1)], 1
@@ -274,6 +312,7 @@ def augment_batch(
     polarity: float = 0.0,
     zoomable: torch.Tensor | None = None,
     zoom: float = 0.0,
+    zoom_on_body: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment cached frames (B, R, R) in physical units into network input (B, C, S, S).
 
@@ -283,14 +322,16 @@ def augment_batch(
     polarity (the configuration's ``polarity_labels``); ``polarity`` is the probability that such a frame is
     inverted (:func:`polarity_flip`). ``zoomable`` (B,) flags the frames whose label is reconstructed
     on a chosen field of view (the configuration's ``zoom_labels``); ``zoom`` is the probability
-    that such a frame is cropped to a small field of view (:data:`ZOOM_SCALE`).
+    that such a frame is cropped to a small field of view (:data:`ZOOM_SCALE`), centred on a
+    pixel of the body with ``zoom_on_body`` (:data:`BODY_LEVEL`), anywhere otherwise.
     """
     raw = raw.float()
     if unitless is not None:
         raw = unit_gain(raw, unitless, gen, units)
     if flippable is not None:
         raw = polarity_flip(raw, flippable, gen, polarity)
-    small = acquisition_shift(_geometry(raw, params.input_size, gen, zoomable, zoom), gen, shift)
+    framed = _geometry(raw, params.input_size, gen, zoomable, zoom, zoom_on_body)
+    small = acquisition_shift(framed, gen, shift)
     channels = []
     for name in params.channels:
         if name == "scaled":

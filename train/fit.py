@@ -181,6 +181,7 @@ def train_one_epoch(
             config.polarity_augment,
             zoomable_all[batch],
             config.zoom_augment,
+            config.zoom_on_body,
         )
         x = x.to(device, memory_format=torch.channels_last)
         f, y = f.to(device), targets_all[batch].to(device)
