@@ -29,7 +29,7 @@ def test_the_shipped_recipes_resolve():
     from train.config import resolve_config
 
     recipes = sorted((Path(__file__).resolve().parents[1] / "train" / "recipes").glob("*.yaml"))
-    assert len(recipes) == 18
+    assert len(recipes) == 19
     configs = {path.stem: resolve_config("default", path) for path in recipes}
     assert configs["pretrained"].pretrained and configs["pretrained"].arch == "efficientnet_lite0"
     for n in (1, 2):  # the larger candidates: the bundled recipe but for the backbone
@@ -68,6 +68,8 @@ def test_the_shipped_recipes_resolve():
     assert zoom.zoom_augment > 0 and replace(zoom, zoom_augment=0.0) == spect
     body = configs["pretrained-spect-sim-zoom-body"]  # the same crops, kept on the body
     assert body.zoom_on_body and replace(body, zoom_on_body=False) == zoom
+    body_xr = configs["pretrained-spect-sim-zoom-body-xr"]  # radiographs cropped too
+    assert body_xr.zoom_labels == ("CT", "MR", "XR") and replace(body_xr, zoom_labels=("CT", "MR")) == body
     assert configs["student"].teacher and configs["student"].arch == "mobilenet_v3_small"
     assert configs["student"].preprocess() == configs["pretrained"].preprocess()  # the same inputs
     # The bundled ensemble's partner and its leave-sources-out twin: the main network's inputs.
