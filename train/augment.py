@@ -41,8 +41,8 @@ hearts and spines on a small field of view, with no air around the body. A netwo
 learnt CT from the air around a trunk calls such a slice something else (the sarcoma
 study's extremity CT, cropped around the tumour, US). Cropping frames of the chosen labels
 to a third to three fifths of their side teaches them without it. Placed anywhere in the
-frame, such a crop of a trunk can hold air alone; ``zoom_on_body`` centres it on a pixel of
-the body instead, as a scanner's small field of view is centred on the anatomy.
+frame, such a crop of a trunk can hold air alone; ``zoom_on_body`` keeps it inside the body's
+bounding box instead, as a scanner's small field of view is placed on the anatomy.
 """
 
 from __future__ import annotations
@@ -322,8 +322,8 @@ def augment_batch(
     polarity (the configuration's ``polarity_labels``); ``polarity`` is the probability that such a frame is
     inverted (:func:`polarity_flip`). ``zoomable`` (B,) flags the frames whose label is reconstructed
     on a chosen field of view (the configuration's ``zoom_labels``); ``zoom`` is the probability
-    that such a frame is cropped to a small field of view (:data:`ZOOM_SCALE`), centred on a
-    pixel of the body with ``zoom_on_body`` (:data:`BODY_LEVEL`), anywhere otherwise.
+    that such a frame is cropped to a small field of view (:data:`ZOOM_SCALE`), inside the body's
+    bounding box with ``zoom_on_body`` (:func:`_body_boxes`), anywhere otherwise.
     """
     raw = raw.float()
     if unitless is not None:

@@ -70,8 +70,8 @@ class FitConfig:
     zoom_augment: float = 0.0
     # The labels whose frames zoom_augment may crop: those reconstructed on a chosen field of view.
     zoom_labels: tuple[str, ...] = ("CT", "MR")
-    # Centre a zoom_augment crop on a pixel of the body (above a tenth of the frame's range)
-    # instead of anywhere in the frame, where a crop of a trunk can hold air alone.
+    # Keep a zoom_augment crop inside the body's bounding box (pixels above a tenth of the frame's
+    # range) instead of anywhere in the frame, where a crop of a trunk can hold air alone.
     zoom_on_body: bool = False
     # Knowledge distillation: a teacher artefact (fit), or a loso run whose fold-N/model.pt teaches
     # fold N (loso; same manifest, folds and seed). Its inputs must be this configuration's.
