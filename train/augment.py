@@ -124,10 +124,10 @@ def _geometry(
         box, half, reach = _body_boxes(raw[fires]), scale[fires], 1 - scale[fires]
         for axis, t in ((0, tx), (2, ty)):
             low, high = box[:, axis] + half, box[:, axis + 1] - half
-            middle = (box[:, axis] + box[:, axis + 1]) / 2
-            low, high = torch.where(low > high, middle, low), torch.where(low > high, middle, high)
+            middle, fits = (box[:, axis] + box[:, axis + 1]) / 2, low <= high
+            low, high = torch.where(fits, low, middle), torch.where(fits, high, middle)
             centre = low + (high - low) * torch.rand(len(half), generator=gen)
-            t[fires] = torch.maximum(torch.minimum(centre, reach), -reach)
+            t[fires] = centre.clamp(-reach, reach)
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.stack(
         [torch.stack([cos * sx, -sin * sy, tx], 1), torch.stack([sin * sx, cos * sy, ty], 1)], 1
